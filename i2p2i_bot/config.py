@@ -1,0 +1,288 @@
+"""Typed settings, loaded once from TOML and the environment, validated with one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+DEFAULT_GENERATOR = "CompVis/stable-diffusion-v1-4"
+DEFAULT_CLIP = "ViT-L-14/openai"
+DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
+
+ModelPreset = Literal["default", "smoke"]
+InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
+SchedulerName = Literal["dpm", "pndm"]
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or out of range; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    preset: ModelPreset = "default"
+    generator: str = DEFAULT_GENERATOR
+    clip: str = DEFAULT_CLIP
+    caption: str = DEFAULT_CAPTION
+    device: str = "auto"
+    cache_dir: str = ""
+
+    def validate(self) -> None:
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"models.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})")
+        for key in ("generator", "clip", "caption"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"models.{key} must name a hub id or a local directory")
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    max_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_side: int = 16384
+
+    def validate(self) -> None:
+        _at_least("intake.max_bytes", self.max_bytes, 1024)
+        _at_least("intake.max_pixels", self.max_pixels, 64 * 64)
+        _at_least("intake.max_side", self.max_side, 64)
+
+
+@dataclass(frozen=True)
+class InterrogateSettings:
+    mode: InterrogateMode = "best"
+    min_flavors: int = 8
+    max_flavors: int = 32
+    negative_max_flavors: int = 16
+    drop_artists: bool = False
+    use_default_banned_terms: bool = True
+    banned_terms: list[str] = field(default_factory=list)
+    label_batch_size: int = 1024
+
+    def validate(self) -> None:
+        _between("interrogate.min_flavors", self.min_flavors, 1, 64)
+        _between("interrogate.max_flavors", self.max_flavors, self.min_flavors, 64)
+        _between("interrogate.negative_max_flavors", self.negative_max_flavors, 1, 64)
+        _between("interrogate.label_batch_size", self.label_batch_size, 1, 65536)
+        if any(not term.strip() for term in self.banned_terms):
+            raise ConfigError("interrogate.banned_terms must not contain empty strings")
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    steps: int = 25
+    max_steps: int = 100
+    scheduler: SchedulerName = "dpm"
+    guidance: float = 7.5
+    width: int = 512
+    height: int = 512
+    min_side: int = 256
+    max_side: int = 768
+    max_count: int = 8
+    negative_prompt: str = ""
+    safety_checker: bool = True
+
+    def validate(self) -> None:
+        _between("generate.max_steps", self.max_steps, 1, 500)
+        _between("generate.steps", self.steps, 1, self.max_steps)
+        if not 0.0 <= self.guidance <= 30.0:
+            raise ConfigError(f"generate.guidance must be between 0 and 30 (got {self.guidance})")
+        for key in ("min_side", "max_side", "width", "height"):
+            value = getattr(self, key)
+            if value % 8:
+                raise ConfigError(f"generate.{key} must be a multiple of 8 (got {value})")
+        _between("generate.min_side", self.min_side, 8, 4096)
+        _between("generate.max_side", self.max_side, self.min_side, 4096)
+        _between("generate.width", self.width, self.min_side, self.max_side)
+        _between("generate.height", self.height, self.min_side, self.max_side)
+        _between("generate.max_count", self.max_count, 1, 64)
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    max_batch_images: int = 8
+    max_queued_jobs_per_user: int = 5
+    max_images_per_job: int = 8
+    max_queued_jobs: int = 500
+    max_attempts: int = 3
+    job_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        _between("queue.max_batch_images", self.max_batch_images, 1, 64)
+        _between("queue.max_queued_jobs_per_user", self.max_queued_jobs_per_user, 1, 10_000)
+        _between("queue.max_images_per_job", self.max_images_per_job, 1, 64)
+        _between("queue.max_queued_jobs", self.max_queued_jobs, 1, 1_000_000)
+        _between("queue.max_attempts", self.max_attempts, 1, 100)
+        if self.job_timeout_s <= 0:
+            raise ConfigError(f"queue.job_timeout_s must be positive (got {self.job_timeout_s})")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    path: str = "i2p2i.sqlite3"
+
+
+@dataclass(frozen=True)
+class DiscordSettings:
+    # The token is a secret: it is read from DISCORD_TOKEN only, never from a file that might be shared.
+    token: str = field(default="", repr=False)
+    api_base: str = "https://discord.com/api/v10"
+    gateway_url: str = "wss://gateway.discord.gg/"
+    admin_role_ids: list[int] = field(default_factory=list)
+    sync_guild_id: int = 0
+
+    def validate(self) -> None:
+        if not self.api_base.startswith(("http://", "https://")):
+            raise ConfigError(f"discord.api_base must be an http(s) URL (got {self.api_base!r})")
+        if not self.gateway_url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"discord.gateway_url must be a ws(s) URL (got {self.gateway_url!r})")
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str = "data"
+    models: ModelSettings = field(default_factory=ModelSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    interrogate: InterrogateSettings = field(default_factory=InterrogateSettings)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def cache_path(self) -> Path:
+        """Where smoke models and label-embedding tables are kept."""
+        if self.models.cache_dir:
+            return Path(self.models.cache_dir).expanduser()
+        return self.data_path / "cache"
+
+    @property
+    def database_path(self) -> Path:
+        path = Path(self.store.path).expanduser()
+        return path if path.is_absolute() else self.data_path / path
+
+    def with_preset(self, preset: ModelPreset) -> Settings:
+        return dataclasses.replace(self, models=dataclasses.replace(self.models, preset=preset))
+
+
+# Environment variables that override settings: secrets and paths, which differ per host.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "DISCORD_TOKEN": ("discord", "token"),
+    "I2P2I_DATA_DIR": ("", "data_dir"),
+    "I2P2I_DATABASE": ("store", "path"),
+    "I2P2I_CACHE_DIR": ("models", "cache_dir"),
+    "I2P2I_DEVICE": ("models", "device"),
+}
+
+
+def load_settings(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read settings from a TOML file (optional) and the environment; raise ConfigError on any problem."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env.get(var):
+            table = raw.setdefault(section, {}) if section else raw
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section} must be a table")
+            table[key] = env[var]
+    if "token" in raw.get("discord", {}) and not env.get("DISCORD_TOKEN"):
+        raise ConfigError("discord.token cannot be set in the config file; set the DISCORD_TOKEN variable")
+    return _build(Settings, raw, "")
+
+
+def _build(cls: type[Any], raw: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown setting {prefix}{key}")
+    values: dict[str, Any] = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        full = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(raw[name], dict):
+                raise ConfigError(f"{full} must be a table")
+            values[name] = _build(hint, raw[name], f"{full}.")
+        else:
+            values[name] = _coerce(full, hint, raw[name])
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key} must be one of {allowed} (got {value!r})")
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list (got {value!r})")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported setting type for {key}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{key} must be true or false (got {value!r})")
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a whole number (got {value!r})") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number (got {value!r})")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number (got {value!r})") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number (got {value!r})")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (got {value!r})")
+        return value
+    raise TypeError(f"unsupported setting type for {key}: {hint!r}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be at least {low} (got {value})")
+
+
+def _between(key: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be between {low} and {high} (got {value})")

@@ -1,0 +1,155 @@
+"""The one thread that owns the GPU: every model call runs here, submitted from asyncio or plain threads."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first: a member waiting on a prompt card beats a batch of images."""
+
+    URGENT = 0
+    INTERROGATE = 10
+    GENERATE = 20
+
+
+class GpuClosed(RuntimeError):
+    """The GPU thread is stopping and takes no new work."""
+
+
+class GpuOutOfMemory(Exception):
+    """Even a single image does not fit in GPU memory; the message is meant for the user."""
+
+
+@dataclass(order=True)
+class _Task:
+    priority: int
+    seq: int
+    fn: Callable[..., Any] = field(compare=False)
+    args: tuple[Any, ...] = field(compare=False)
+    kwargs: dict[str, Any] = field(compare=False)
+    future: concurrent.futures.Future[Any] = field(compare=False)
+
+
+_STOP = object()
+
+
+class GpuWorker:
+    """A single daemon thread that runs submitted callables in priority order, surviving every failure."""
+
+    def __init__(self, name: str = "i2p2i-gpu") -> None:
+        self._queue: queue.PriorityQueue[_Task] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def submit(
+        self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any
+    ) -> concurrent.futures.Future[R]:
+        """Queue fn(*args, **kwargs) for the GPU thread; the future carries its result or exception."""
+        future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise GpuClosed("the GPU worker is shutting down")
+            self._queue.put(_Task(int(priority), next(self._seq), fn, args, kwargs, future))
+        return future
+
+    async def run(self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any) -> R:
+        """Run fn on the GPU thread and await its result without blocking the event loop."""
+        future = self.submit(fn, *args, priority=priority, **kwargs)
+        return await asyncio.wrap_future(future)
+
+    def close(self, wait: bool = True, timeout_s: float | None = None) -> None:
+        """Stop taking work; queued tasks still run, then the thread exits."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                # Sorts after every real task, so queued work drains first.
+                stop = concurrent.futures.Future[Any]()
+                self._queue.put(_Task(1 << 30, next(self._seq), lambda: _STOP, (), {}, stop))
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            task = self._queue.get()
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = task.fn(*task.args, **task.kwargs)
+            except BaseException as exc:  # the thread must outlive any model failure
+                task.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    log.error("GPU task raised %r; the GPU thread keeps running", exc)
+                continue
+            if result is _STOP:
+                task.future.set_result(None)
+                return
+            task.future.set_result(result)
+
+
+def split_on_oom(
+    run: Callable[[Sequence[T]], list[R]],
+    items: Sequence[T],
+    *,
+    on_split: Callable[[int], None] | None = None,
+) -> list[R]:
+    """Run a batch; on CUDA out-of-memory run each half instead, down to single items.
+
+    Results keep the order of items. A single item that still does not fit raises GpuOutOfMemory.
+    """
+    try:
+        return run(items)
+    except torch.cuda.OutOfMemoryError:
+        _release_cached_memory()
+        if len(items) <= 1:
+            raise GpuOutOfMemory(
+                "The GPU ran out of memory even for a single image; try a smaller size."
+            ) from None
+        half = (len(items) + 1) // 2
+        log.warning("CUDA out of memory at batch %d; retrying as %d + %d", len(items), half, len(items) - half)
+        if on_split is not None:
+            on_split(half)
+        return split_on_oom(run, items[:half], on_split=on_split) + split_on_oom(
+            run, items[half:], on_split=on_split
+        )
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def resolve_device(setting: str) -> torch.device:
+    """Turn the models.device setting into a torch device; 'auto' prefers CUDA."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"models.device is {setting!r} but CUDA is not available on this machine")
+    return device
