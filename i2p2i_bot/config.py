@@ -35,7 +35,9 @@ class ModelSettings:
 
     def validate(self) -> None:
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"models.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})")
+            raise ConfigError(
+                f"models.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})"
+            )
         for key in ("generator", "clip", "caption"):
             if not getattr(self, key).strip():
                 raise ConfigError(f"models.{key} must name a hub id or a local directory")

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from PIL import Image
+
+from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.gpu import split_on_oom
+from i2p2i_bot.models import ModelUnavailable
+
+log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
 
@@ -51,3 +62,232 @@ class BatchResult:
     images: tuple[GeneratedImage, ...]
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+
+
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One user's request: N images of one prompt with one parameter set (None = the configured default)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    count: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+
+
+SCHEDULERS = ("dpm", "pndm")
+
+
+def plan(
+    request: GenerationRequest, settings: GenerateSettings, model: str
+) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
+    """Validate a request against the settings and fix its parameters and seeds (check_inputs, then run)."""
+    prompt = request.prompt.strip()
+    if not prompt:
+        raise GenerationError("The prompt is empty; write what the image should show.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise GenerationError(f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+    negative = (
+        request.negative_prompt if request.negative_prompt is not None else settings.negative_prompt
+    ).strip()
+    if len(negative) > MAX_PROMPT_CHARS:
+        raise GenerationError(
+            f"The negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}."
+        )
+    if not 1 <= request.count <= settings.max_count:
+        raise GenerationError(f"The count must be between 1 and {settings.max_count} (got {request.count}).")
+    steps = settings.steps if request.steps is None else request.steps
+    if not 1 <= steps <= settings.max_steps:
+        raise GenerationError(f"Steps must be between 1 and {settings.max_steps} (got {steps}).")
+    guidance = settings.guidance if request.guidance is None else float(request.guidance)
+    if not 0.0 <= guidance <= 30.0:
+        raise GenerationError(f"Guidance must be between 0 and 30 (got {guidance:g}).")
+    width = settings.width if request.width is None else request.width
+    height = settings.height if request.height is None else request.height
+    for name, side in (("width", width), ("height", height)):
+        if side % 8 or not settings.min_side <= side <= settings.max_side:
+            raise GenerationError(
+                f"The {name} must be a multiple of 8 between {settings.min_side} and {settings.max_side} "
+                f"(got {side})."
+            )
+    scheduler = settings.scheduler if request.scheduler is None else request.scheduler
+    if scheduler not in SCHEDULERS:
+        raise GenerationError(f"The scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler!r}).")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise GenerationError(f"The seed must be a whole number from 0 to {MAX_SEED} (got {request.seed}).")
+    first = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
+    seeds = [(first + i) % (MAX_SEED + 1) for i in range(request.count)]
+    params = GenerationParams(model, steps, guidance, width, height, scheduler)
+    return params, tuple(ImageSpec(prompt, negative, seed) for seed in seeds)
+
+
+ImageEmbedder = Callable[[Sequence[Image.Image]], torch.Tensor]
+
+
+class Generator:
+    """A resident Stable Diffusion pipeline; every method runs on the GPU thread."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        settings: GenerateSettings,
+        model: str,
+        *,
+        embed_images: ImageEmbedder | None = None,
+    ) -> None:
+        from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+
+        self.pipe = pipe
+        self.settings = settings
+        self.model = model
+        self.embed_images = embed_images
+        self.device = pipe.device
+        config = pipe.scheduler.config
+        self._schedulers = {
+            "dpm": DPMSolverMultistepScheduler.from_config(config),
+            "pndm": PNDMScheduler.from_config(config),
+        }
+        pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(
+        cls,
+        source: str,
+        settings: GenerateSettings,
+        device: torch.device,
+        *,
+        embed_images: ImageEmbedder | None = None,
+    ) -> Generator:
+        from diffusers import StableDiffusionPipeline
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        extra: dict[str, Any] = {}
+        if not settings.safety_checker:
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **extra)
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(
+                f"Stable Diffusion model {source!r} could not be loaded ({exc}); run `i2p2i download-models` "
+                "where there is internet, or use --models smoke to check the install"
+            ) from exc
+        return cls(pipe.to(device), settings, source, embed_images=embed_images)
+
+    def plan(self, request: GenerationRequest) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
+        return plan(request, self.settings, self.model)
+
+    def token_count(self, text: str) -> int:
+        """CLIP tokens in text, counting the start and end tokens, as the text encoder sees them."""
+        return len(self.pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
+
+    def prompt_warnings(self, prompt: str, label: str = "prompt") -> list[str]:
+        """Say which words of a prompt Stable Diffusion will not read, instead of cutting them silently."""
+        limit = int(self.pipe.tokenizer.model_max_length)
+        ids = self.pipe.tokenizer(prompt, truncation=False, verbose=False).input_ids
+        if len(ids) <= limit:
+            return []
+        ignored = self.pipe.tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+        return [
+            f"The {label} is {len(ids) - 2} tokens and Stable Diffusion reads only {limit - 2}; "
+            f"this end is ignored: “{ignored}”"
+        ]
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        source_embedding: tuple[float, ...] | None = None,
+        on_step: StepCallback | None = None,
+        batch_size: int = 8,
+    ) -> BatchResult:
+        """Plan a request and run it in batches of at most batch_size images."""
+        params, specs = self.plan(request)
+        if source_embedding is not None:
+            specs = tuple(ImageSpec(s.prompt, s.negative_prompt, s.seed, source_embedding) for s in specs)
+        images: list[GeneratedImage] = []
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+        for start in range(0, len(specs), batch_size):
+            result = self.generate_batch(params, specs[start : start + batch_size], on_step=on_step)
+            images.extend(result.images)
+            for key, value in result.timings_s.items():
+                timings[key] = timings.get(key, 0.0) + value
+            warnings.extend(w for w in result.warnings if w not in warnings)
+        return BatchResult(tuple(images), timings, tuple(warnings))
+
+    def generate_batch(
+        self,
+        params: GenerationParams,
+        specs: Sequence[ImageSpec],
+        on_step: StepCallback | None = None,
+    ) -> BatchResult:
+        """Make one image per spec, in order; on CUDA out-of-memory the batch is split and retried."""
+        if params.model != self.model:
+            raise ValueError(f"batch is for model {params.model!r}, this generator holds {self.model!r}")
+        started = time.perf_counter()
+        warnings: list[str] = []
+        for prompt in dict.fromkeys(s.prompt for s in specs):
+            warnings += self.prompt_warnings(prompt)
+        for negative in dict.fromkeys(s.negative_prompt for s in specs if s.negative_prompt):
+            warnings += self.prompt_warnings(negative, "negative prompt")
+        outputs = split_on_oom(lambda chunk: self._run_pipeline(params, chunk, on_step), list(specs))
+        pipeline_s = time.perf_counter() - started
+        fidelities = self._fidelities([img for img, _ in outputs], specs)
+        images = tuple(
+            GeneratedImage(spec, img, nsfw, fid)
+            for spec, (img, nsfw), fid in zip(specs, outputs, fidelities, strict=True)
+        )
+        timings = {
+            "pipeline_s": pipeline_s,
+            "fidelity_s": time.perf_counter() - started - pipeline_s,
+            "total_s": time.perf_counter() - started,
+        }
+        return BatchResult(images, timings, tuple(warnings))
+
+    def _run_pipeline(
+        self,
+        params: GenerationParams,
+        specs: Sequence[ImageSpec],
+        on_step: StepCallback | None,
+    ) -> list[tuple[Image.Image, bool]]:
+        self.pipe.scheduler = self._schedulers[params.scheduler]
+        # One CPU generator per image: its latents depend on its seed alone, whatever the batch.
+        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
+
+        def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if on_step is not None:
+                on_step(step + 1, params.steps)
+            return kwargs
+
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt=[s.prompt for s in specs],
+                negative_prompt=[s.negative_prompt for s in specs],
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance,
+                width=params.width,
+                height=params.height,
+                generator=generators,
+                callback_on_step_end=step_end,
+            )
+        flags = out.nsfw_content_detected or [False] * len(specs)
+        return [(img, bool(flag)) for img, flag in zip(out.images, flags, strict=True)]
+
+    def _fidelities(self, images: Sequence[Image.Image], specs: Sequence[ImageSpec]) -> list[float | None]:
+        wanted = [i for i, s in enumerate(specs) if s.source_embedding is not None]
+        scores: list[float | None] = [None] * len(specs)
+        if not wanted or self.embed_images is None:
+            return scores
+        embeds = self.embed_images([images[i] for i in wanted]).float().cpu()
+        for row, i in enumerate(wanted):
+            source = torch.tensor(specs[i].source_embedding, dtype=torch.float32)
+            scores[i] = float(embeds[row] @ (source / source.norm()))
+        return scores

@@ -79,7 +79,9 @@ class GpuWorker:
             self._queue.put(_Task(int(priority), next(self._seq), fn, args, kwargs, future))
         return future
 
-    async def run(self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any) -> R:
+    async def run(
+        self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any
+    ) -> R:
         """Run fn on the GPU thread and await its result without blocking the event loop."""
         future = self.submit(fn, *args, priority=priority, **kwargs)
         return await asyncio.wrap_future(future)
@@ -132,7 +134,8 @@ def split_on_oom(
                 "The GPU ran out of memory even for a single image; try a smaller size."
             ) from None
         half = (len(items) + 1) // 2
-        log.warning("CUDA out of memory at batch %d; retrying as %d + %d", len(items), half, len(items) - half)
+        rest = len(items) - half
+        log.warning("CUDA out of memory at batch %d; retrying as %d + %d", len(items), half, rest)
         if on_split is not None:
             on_split(half)
         return split_on_oom(run, items[:half], on_split=on_split) + split_on_oom(

@@ -1,8 +1,48 @@
-"""CLIP Interrogator service: image → prompt in several modes, with CLIP scores."""
+"""CLIP Interrogator service: image → prompt in several modes, with CLIP scores.
+
+The prompt-building algorithms are clip-interrogator 0.6's (caption, flavour chain, fast, classic,
+negative), and its packaged label lists are used. What differs is how labels are ranked: every label
+embedding lives in one resident tensor on the model's device and a ranking is one matmul and a top-k,
+where the stock code rebuilds the tensor from ~100k numpy rows on every call and ranks large tables
+approximately, chunk by chunk.
+"""
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from i2p2i_bot.config import InterrogateMode, InterrogateSettings
+from i2p2i_bot.models import ModelUnavailable, open_clip_name
+from i2p2i_bot.terms import BannedTerms
+
+log = logging.getLogger(__name__)
+
+MODES: tuple[InterrogateMode, ...] = ("best", "fast", "classic", "negative", "candidates")
+# Tables whose labels may follow the caption, in this order in the resident tensor; "negative" comes last.
+FLAVOR_TABLES = ("artists", "flavors", "mediums", "movements", "trendings")
+# How many top flavours the best and negative chains consider (clip-interrogator's flavor_intermediate_count).
+INTERMEDIATE_COUNT = 2048
+CLASSIC_FLAVORS = 3
+_SITES = (
+    "Artstation", "behance", "cg society", "cgsociety", "deviantart", "dribble", "flickr", "instagram",
+    "pexels", "pinterest", "pixabay", "pixiv", "polycount", "reddit", "shutterstock", "tumblr", "unsplash",
+    "zbrush central",
+)  # fmt: skip
+
+
+class InterrogateError(Exception):
+    """A request a user can fix (unknown mode...); the message is one sentence for them."""
 
 
 @dataclass(frozen=True)
@@ -28,3 +68,470 @@ class Interrogation:
     image_embedding: tuple[float, ...]
     models: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def label_tables(data_path: Path | None = None) -> dict[str, list[str]]:
+    """clip-interrogator's label tables, built exactly as its Interrogator builds them."""
+    from clip_interrogator.clip_interrogator import load_list
+
+    if data_path is None:
+        import clip_interrogator
+
+        data_path = Path(clip_interrogator.__file__).parent / "data"
+    raw_artists = load_list(str(data_path), "artists.txt")
+    trendings = list(_SITES)
+    trendings += [f"trending on {s}" for s in _SITES]
+    trendings += [f"featured on {s}" for s in _SITES]
+    trendings += [f"{s} contest winner" for s in _SITES]
+    return {
+        "artists": [f"by {a}" for a in raw_artists] + [f"inspired by {a}" for a in raw_artists],
+        "flavors": load_list(str(data_path), "flavors.txt"),
+        "mediums": load_list(str(data_path), "mediums.txt"),
+        "movements": load_list(str(data_path), "movements.txt"),
+        "trendings": trendings,
+        "negative": load_list(str(data_path), "negative.txt"),
+    }
+
+
+class ClipEncoder:
+    """An open_clip model with its preprocessing and tokenizer, returning normalised embeddings."""
+
+    def __init__(self, model: Any, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Any,
+                 device: torch.device, name: str) -> None:  # fmt: skip
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.name = name
+        self.context_length = int(getattr(tokenizer, "context_length", 77))
+
+    @classmethod
+    def load(cls, source: str, device: torch.device) -> ClipEncoder:
+        import open_clip
+
+        name, pretrained = open_clip_name(source)
+        precision = "fp16" if device.type == "cuda" else "fp32"
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, precision=precision, device=device
+            )
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ModelUnavailable(
+                f"CLIP model {source!r} could not be loaded ({exc}); run `i2p2i download-models` where there "
+                "is internet, or use --models smoke to check the install"
+            ) from exc
+        tokenizer = open_clip.get_tokenizer(name)
+        return cls(model, preprocess, tokenizer, device, source)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
+        features = self.model.encode_image(batch).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[start : start + batch_size]).to(self.device)
+            features = self.model.encode_text(tokens).float()
+            parts.append(features / features.norm(dim=-1, keepdim=True))
+        return torch.cat(parts) if parts else torch.empty(0, 0, device=self.device)
+
+    def at_max_length(self, text: str) -> bool:
+        """True when text fills CLIP's whole context, so adding to it would be cut off."""
+        return bool(self.tokenize([text])[0][-1] != 0)
+
+    def truncate_to_fit(self, text: str) -> str:
+        """Drop trailing comma-separated parts until the prompt fits CLIP's context (as stock does)."""
+        parts = text.split(", ")
+        new_text = parts[0]
+        for part in parts[1:]:
+            if self.at_max_length(new_text + part):
+                break
+            new_text += ", " + part
+        return new_text
+
+
+class Captioner:
+    """A BLIP caption model and its processor."""
+
+    def __init__(self, model: Any, processor: Any, device: torch.device, max_new_tokens: int = 32) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def load(cls, source: str, device: torch.device) -> Captioner:
+        from transformers import AutoProcessor, BlipForConditionalGeneration
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        try:
+            model = BlipForConditionalGeneration.from_pretrained(source, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(source)
+        except OSError as exc:
+            raise ModelUnavailable(
+                f"caption model {source!r} could not be loaded ({exc}); run `i2p2i download-models` where "
+                "there is internet, or use --models smoke to check the install"
+            ) from exc
+        return cls(model.to(device), processor, device)
+
+    @torch.inference_mode()
+    def caption(self, image: Image.Image) -> str:
+        inputs = self.processor(images=image, return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        tokens = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        return str(self.processor.batch_decode(tokens, skip_special_tokens=True)[0]).strip()
+
+
+class LabelBank:
+    """Every label's CLIP text embedding in one resident tensor, ranked by matmul and top-k."""
+
+    def __init__(self, tables: dict[str, list[str]], embeds: torch.Tensor) -> None:
+        self.labels: list[str] = []
+        self.slices: dict[str, slice] = {}
+        for name, labels in tables.items():
+            self.slices[name] = slice(len(self.labels), len(self.labels) + len(labels))
+            self.labels.extend(labels)
+        if embeds.shape[0] != len(self.labels):
+            raise ValueError(f"{embeds.shape[0]} embeddings for {len(self.labels)} labels")
+        self.embeds = embeds
+        self.tables = {name: self.labels[s] for name, s in self.slices.items()}
+
+    @classmethod
+    def build(
+        cls,
+        clip: ClipEncoder,
+        tables: dict[str, list[str]],
+        cache_dir: Path | None,
+        *,
+        model_key: str,
+        batch_size: int = 1024,
+        progress: bool = False,
+    ) -> LabelBank:
+        """Embed every label, or load the embeddings cached for this model and these exact lists."""
+        from safetensors.torch import load_file, save_file
+
+        digest = hashlib.sha256(model_key.encode())
+        for name, labels in tables.items():
+            digest.update(f"\0{name}\0".encode())
+            digest.update("\n".join(labels).encode())
+        key = digest.hexdigest()
+        path = None
+        if cache_dir is not None:
+            slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)[-60:]
+            path = cache_dir / "labels" / f"{slug}-{key[:16]}.safetensors"
+            if path.exists():
+                try:
+                    stored = load_file(str(path))
+                    if bytes(stored["key"].tolist()).decode() == key:
+                        log.info("label embeddings loaded from %s", path)
+                        return cls(tables, stored["embeds"].to(clip.device, _bank_dtype(clip.device)))
+                except Exception:  # a damaged cache is rebuilt, never trusted
+                    log.warning("label cache %s is unreadable; rebuilding it", path, exc_info=True)
+        labels = [label for name in tables for label in tables[name]]
+        parts = []
+        chunks = range(0, len(labels), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="Embedding labels (once per model)", unit="batch")
+        for start in chunks:
+            parts.append(clip.encode_texts(labels[start : start + batch_size], batch_size=batch_size))
+        embeds = torch.cat(parts) if parts else torch.empty(0, 1)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(
+                {
+                    "embeds": embeds.half().cpu().contiguous(),
+                    "key": torch.tensor(list(key.encode()), dtype=torch.uint8),
+                },
+                str(tmp),
+            )
+            os.replace(tmp, path)
+        # Stored as fp16 like clip-interrogator's cache, so cached and fresh tables rank identically.
+        return cls(tables, embeds.half().to(clip.device, _bank_dtype(clip.device)))
+
+    def top(
+        self, features: torch.Tensor, tables: Sequence[str], count: int, *, reverse: bool = False
+    ) -> list[str]:
+        """The labels of the given contiguous tables most (reversed: least) similar to the image."""
+        start = min(self.slices[t].start for t in tables)
+        stop = max(self.slices[t].stop for t in tables)
+        if sum(self.slices[t].stop - self.slices[t].start for t in tables) != stop - start:
+            raise ValueError(f"tables {tables} are not contiguous in the bank")
+        sims = self.embeds[start:stop] @ features.to(self.embeds.dtype)
+        if reverse:
+            sims = -sims
+        count = min(count, stop - start)
+        idx = torch.topk(sims.float(), count).indices.tolist()
+        return [self.labels[start + i] for i in idx]
+
+
+def _bank_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What every mode needs from an image, computed once: its caption and CLIP embedding."""
+
+    caption: str
+    embedding: torch.Tensor  # [D], normalised, float32 on the CLIP device
+
+
+class Interrogator:
+    """Builds prompts for images; all methods run on the GPU thread."""
+
+    def __init__(
+        self,
+        clip: ClipEncoder,
+        captioner: Captioner,
+        bank: LabelBank,
+        settings: InterrogateSettings,
+        *,
+        models: dict[str, str] | None = None,
+        feature_cache_size: int = 64,
+    ) -> None:
+        self.clip = clip
+        self.captioner = captioner
+        self.bank = bank
+        self.settings = settings
+        self.models = models or {"clip": clip.name}
+        self.flavor_tables = tuple(t for t in FLAVOR_TABLES if not (settings.drop_artists and t == "artists"))
+        self._features: collections.OrderedDict[str, ImageFeatures] = collections.OrderedDict()
+        self._feature_cache_size = feature_cache_size
+
+    @classmethod
+    def load(
+        cls,
+        clip_source: str,
+        caption_source: str,
+        settings: InterrogateSettings,
+        device: torch.device,
+        cache_dir: Path | None,
+        *,
+        tables: dict[str, list[str]] | None = None,
+        progress: bool = False,
+    ) -> Interrogator:
+        clip = ClipEncoder.load(clip_source, device)
+        captioner = Captioner.load(caption_source, device)
+        banned = BannedTerms.from_settings(settings)
+        source_tables = tables if tables is not None else label_tables()
+        kept = {
+            name: [label for label in labels if banned.allows(label)]
+            for name, labels in source_tables.items()
+        }
+        if settings.drop_artists:
+            kept["artists"] = []
+        bank = LabelBank.build(
+            clip,
+            kept,
+            cache_dir,
+            model_key=_model_key(clip_source),
+            batch_size=settings.label_batch_size,
+            progress=progress,
+        )
+        return cls(clip, captioner, bank, settings, models={"clip": clip_source, "caption": caption_source})
+
+    # --- features -------------------------------------------------------------------------------------
+
+    def features(self, image: Image.Image, key: str | None = None) -> ImageFeatures:
+        """Caption and CLIP embedding of an image; with a key (the image's sha256) they are reused."""
+        if key is not None and key in self._features:
+            self._features.move_to_end(key)
+            return self._features[key]
+        caption = self.captioner.caption(image)
+        embedding = self.clip.encode_images([image])[0]
+        result = ImageFeatures(caption, embedding)
+        if key is not None:
+            self._features[key] = result
+            while len(self._features) > self._feature_cache_size:
+                self._features.popitem(last=False)
+        return result
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Normalised CLIP embeddings of images, [N, D] float32; for fidelity scores."""
+        return self.clip.encode_images(images)
+
+    # --- modes ----------------------------------------------------------------------------------------
+
+    def interrogate(self, image: Image.Image, mode: str = "best", key: str | None = None) -> Interrogation:
+        """Describe an image in one mode; caption and image features are shared across modes."""
+        if mode not in MODES:
+            raise InterrogateError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+        started = time.perf_counter()
+        had_features = key is not None and key in self._features
+        feats = self.features(image, key)
+        timings = {"features_s": 0.0 if had_features else time.perf_counter() - started}
+        ranked_at = time.perf_counter()
+        result = self.describe(feats, mode)
+        timings["prompt_s"] = time.perf_counter() - ranked_at
+        timings["total_s"] = time.perf_counter() - started
+        return Interrogation(
+            mode=result.mode,
+            prompt=result.prompt,
+            score=result.score,
+            caption=result.caption,
+            negative=result.negative,
+            candidates=result.candidates,
+            image_embedding=result.image_embedding,
+            models=dict(self.models),
+            timings_s=timings,
+        )
+
+    def describe(self, feats: ImageFeatures, mode: str) -> Interrogation:
+        """Build the prompt for a mode from precomputed features."""
+        s = self.settings
+        negative: str | None = None
+        if mode == "fast":
+            candidates = [self._scored("fast", self.fast(feats, s.max_flavors), feats)]
+        elif mode == "classic":
+            candidates = [self._scored("classic", self.classic(feats, CLASSIC_FLAVORS), feats)]
+        elif mode == "negative":
+            negative = self.negative(feats, s.negative_max_flavors)
+            candidates = [self._scored("negative", negative, feats)]
+        elif mode == "best":
+            chain = self.best_chain(feats, s.min_flavors, s.max_flavors)
+            prompts = {
+                "caption": feats.caption,
+                "classic": self.classic(feats, s.max_flavors),
+                "fast": self.fast(feats, s.max_flavors),
+                "best": chain,
+            }
+            candidates = self._score_all(prompts, feats)
+        else:  # candidates
+            prompts = {
+                "best": self.best_chain(feats, s.min_flavors, s.max_flavors),
+                "fast": self.fast(feats, s.max_flavors),
+                "classic": self.classic(feats, CLASSIC_FLAVORS),
+            }
+            candidates = sorted(self._score_all(prompts, feats), key=lambda c: -c.score)
+            negative = self.negative(feats, s.negative_max_flavors)
+            candidates.append(self._scored("negative", negative, feats))
+        positive = [c for c in candidates if c.mode != "negative"] or candidates
+        chosen = max(positive, key=lambda c: c.score)
+        return Interrogation(
+            mode=mode,
+            prompt=chosen.prompt,
+            score=chosen.score,
+            caption=feats.caption,
+            negative=negative,
+            candidates=tuple(candidates),
+            image_embedding=tuple(feats.embedding.tolist()),
+            models=dict(self.models),
+        )
+
+    def fast(self, feats: ImageFeatures, max_flavors: int) -> str:
+        """Caption plus the top-ranked labels of every flavour table."""
+        tops = self.bank.top(feats.embedding, self.flavor_tables, max_flavors)
+        return self.clip.truncate_to_fit(", ".join([feats.caption, *tops]))
+
+    def classic(self, feats: ImageFeatures, max_flavors: int) -> str:
+        """Caption, medium, artist, trending, movement, then flavours: the original interrogator's format."""
+        emb = feats.embedding
+        medium = self._top1("mediums", emb)
+        artist = self._top1("artists", emb) if "artists" in self.flavor_tables else ""
+        trending = self._top1("trendings", emb)
+        movement = self._top1("movements", emb)
+        flaves = ", ".join(self.bank.top(emb, ["flavors"], max_flavors))
+        head = f"{medium} {artist}".strip()
+        parts = [p for p in (trending, movement, flaves) if p]
+        if medium and feats.caption.startswith(medium):
+            prompt = ", ".join([f"{feats.caption} {artist}".strip(), *parts])
+        else:
+            prompt = ", ".join([p for p in (feats.caption, head) if p] + parts)
+        return self.clip.truncate_to_fit(prompt)
+
+    def best_chain(self, feats: ImageFeatures, min_flavors: int, max_flavors: int) -> str:
+        """Greedily append the flavour that most raises CLIP similarity, starting from the caption."""
+        flaves = self.bank.top(feats.embedding, self.flavor_tables, INTERMEDIATE_COUNT)
+        start_sim = self.similarity(feats, feats.caption)
+        return self.chain(feats, flaves, feats.caption, start_sim, min_flavors, max_flavors)
+
+    def negative(self, feats: ImageFeatures, max_flavors: int) -> str:
+        """Chain the labels least like the image: a starting point for a negative prompt."""
+        flaves = self.bank.top(feats.embedding, ["flavors"], INTERMEDIATE_COUNT, reverse=True)
+        flaves += self.bank.tables["negative"]
+        return self.chain(feats, flaves, "", 0.0, 1, max_flavors, reverse=True)
+
+    def chain(
+        self,
+        feats: ImageFeatures,
+        phrases: Sequence[str],
+        best_prompt: str,
+        best_sim: float,
+        min_count: int,
+        max_count: int,
+        *,
+        reverse: bool = False,
+    ) -> str:
+        """clip-interrogator's chain, scoring every 'prompt, phrase' extension in one batched encode."""
+        remaining = list(dict.fromkeys(phrases))
+        if not remaining:
+            return best_prompt
+        sign = -1.0 if reverse else 1.0
+        if not best_prompt:
+            best_prompt = self._rank_top(feats, remaining, reverse=reverse)
+            # The stock code compares negated scores against an un-negated start here; keep one sign.
+            best_sim = sign * self.similarity(feats, best_prompt)
+            remaining.remove(best_prompt)
+        curr_prompt, curr_sim = best_prompt, best_sim
+        for idx in range(max_count):
+            if not remaining:
+                break
+            best = self._rank_top(feats, [f"{curr_prompt}, {f}" for f in remaining], reverse=reverse)
+            flave = best[len(curr_prompt) + 2 :]
+            prompt = f"{curr_prompt}, {flave}"
+            sim = sign * self.similarity(feats, prompt)
+            if sim > best_sim:
+                best_prompt, best_sim = prompt, sim
+            if sim > curr_sim or idx < min_count:
+                curr_prompt, curr_sim = prompt, sim
+            else:
+                break
+            if self.clip.at_max_length(curr_prompt):
+                break
+            remaining.remove(flave)
+        return best_prompt
+
+    # --- scoring --------------------------------------------------------------------------------------
+
+    def similarity(self, feats: ImageFeatures, text: str) -> float:
+        return float(self.clip.encode_texts([text])[0] @ feats.embedding)
+
+    def similarities(self, feats: ImageFeatures, texts: Sequence[str]) -> list[float]:
+        return [
+            float(v) for v in self.clip.encode_texts(texts, self.settings.label_batch_size) @ feats.embedding
+        ]
+
+    def _rank_top(self, feats: ImageFeatures, texts: Sequence[str], *, reverse: bool = False) -> str:
+        sims = self.clip.encode_texts(texts, self.settings.label_batch_size) @ feats.embedding
+        return texts[int((-sims if reverse else sims).argmax())]
+
+    def _top1(self, table: str, embedding: torch.Tensor) -> str:
+        found = self.bank.top(embedding, [table], 1)
+        return found[0] if found else ""
+
+    def _scored(self, mode: str, prompt: str, feats: ImageFeatures) -> Candidate:
+        return Candidate(mode, prompt, self.similarity(feats, prompt))
+
+    def _score_all(self, prompts: dict[str, str], feats: ImageFeatures) -> list[Candidate]:
+        scores = self.similarities(feats, list(prompts.values()))
+        return [Candidate(mode, p, s) for (mode, p), s in zip(prompts.items(), scores, strict=True)]
+
+
+def _model_key(source: str) -> str:
+    """Identify a CLIP model for the label cache; local weights are identified by size and time too."""
+    path = Path(source.removeprefix("local-dir:")).expanduser()
+    if not path.is_dir():
+        return source
+    stamps = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.iterdir())]
+    return f"{path.resolve()}|{'|'.join(stamps)}"

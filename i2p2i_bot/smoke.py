@@ -1,0 +1,244 @@
+"""Tiny random models of the real classes, for checking an install and for tests.
+
+They are written with the libraries' own savers and loaded back through the same loaders as the real
+weights, so everything but the numbers is exercised. Their images are noise and their prompts nonsense.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Bump when the tiny architectures change, so old caches are rebuilt instead of half-matching.
+SMOKE_VERSION = 1
+SMOKE_WARNING = (
+    "Using the smoke models: tiny random networks, so the images are noise and the prompts nonsense."
+)
+
+# Words for the tiny caption model's vocabulary, so its random captions are at least made of words.
+_CAPTION_WORDS = (
+    "a an the of with on in and at by near under over photo picture painting drawing image view close up "
+    "man woman child dog cat bird horse tree trees flower flowers house city street road car boat river lake "
+    "sea beach mountain mountains sky cloud clouds sun moon night day snow rain forest field garden room "
+    "table chair window door wall book cup plate food bread fruit apple orange red blue green yellow black "
+    "white brown grey pink purple small large old young tall short happy sitting standing walking running "
+    "holding looking wearing hat shirt dress coat glasses astronaut space rocket suit flag helmet coffee "
+    "cake kitten painting portrait landscape statue bridge tower castle church train plane bicycle"
+).split()
+
+
+@dataclass(frozen=True)
+class SmokeModels:
+    """Directories of the three tiny models, each loadable by the production loaders."""
+
+    generator: Path
+    clip: Path
+    caption: Path
+
+
+def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
+    """Build the tiny models under cache_dir once; later calls reuse them."""
+    root = cache_dir / f"smoke-v{SMOKE_VERSION}"
+    models = SmokeModels(root / "generator", root / "clip", root / "caption")
+    if (root / "complete").exists():
+        return models
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smoke-", dir=cache_dir))
+    try:
+        log.info("building smoke models in %s", root)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _build_clip(staging / "clip")
+            _build_caption(staging / "caption")
+            _build_generator(staging / "generator")
+        (staging / "complete").write_text("ok\n")
+        try:
+            os.rename(staging, root)
+        except OSError:
+            # Another process finished first; its copy is as good as ours.
+            if not (root / "complete").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return models
+
+
+def clip_tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's real BPE vocabulary and merges, from the copy shipped in open_clip's wheel."""
+    import open_clip.tokenizer as oc_tok
+
+    byte_values = list(oc_tok.bytes_to_unicode().values())
+    with gzip.open(oc_tok.default_bpe()) as f:
+        merges_text = f.read().decode("utf-8").split("\n")
+    merges = [(a, b) for a, b in (m.split() for m in merges_text[1 : 49152 - 256 - 2 + 1])]
+    tokens = byte_values + [v + "</w>" for v in byte_values] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def _build_clip(directory: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_model
+
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    directory.mkdir(parents=True)
+    (directory / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}), encoding="utf-8"
+    )
+    model = open_clip.CLIP(**model_cfg)
+    save_model(model, str(directory / "open_clip_model.safetensors"))
+
+
+def _build_caption(directory: Path) -> None:
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    directory.mkdir(parents=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = specials + sorted(set(_CAPTION_WORDS))
+    tokenizer = BertTokenizer(
+        vocab={tok: i for i, tok in enumerate(vocab)},
+        do_lower_case=True,
+        bos_token="[DEC]",
+        model_max_length=512,
+    )
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
+    )
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "encoder_hidden_size": 32,
+            "max_position_embeddings": 64,
+            "bos_token_id": vocab.index("[DEC]"),
+            "pad_token_id": vocab.index("[PAD]"),
+            "sep_token_id": vocab.index("[SEP]"),
+            "eos_token_id": vocab.index("[SEP]"),
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        projection_dim=32,
+    )
+    model = BlipForConditionalGeneration(config)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def _build_generator(directory: Path) -> None:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = clip_tokenizer_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    # Four blocks, like SD's VAE, so latents are 1/8 of the image side as with the real model.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    # The scheduler settings of CompVis/stable-diffusion-v1-4.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    safety_checker = StableDiffusionSafetyChecker(
+        CLIPConfig(
+            text_config={
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 1000,
+                "bos_token_id": 0,
+                "eos_token_id": 2,
+                "pad_token_id": 1,
+            },
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            projection_dim=32,
+        )
+    )
+    feature_extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=True,
+    )
+    pipe.save_pretrained(directory)
