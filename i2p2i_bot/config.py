@@ -18,6 +18,7 @@ DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
 ModelPreset = Literal["default", "smoke"]
 InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
 SchedulerName = Literal["dpm", "pndm"]
+SynchronousMode = Literal["NORMAL", "FULL"]
 
 
 class ConfigError(Exception):
@@ -64,13 +65,18 @@ class InterrogateSettings:
     drop_artists: bool = False
     use_default_banned_terms: bool = True
     banned_terms: list[str] = field(default_factory=list)
+    labels_dir: str = ""
     label_batch_size: int = 1024
+    caption_max_tokens: int = 32
 
     def validate(self) -> None:
         _between("interrogate.min_flavors", self.min_flavors, 1, 64)
         _between("interrogate.max_flavors", self.max_flavors, self.min_flavors, 64)
         _between("interrogate.negative_max_flavors", self.negative_max_flavors, 1, 64)
         _between("interrogate.label_batch_size", self.label_batch_size, 1, 65536)
+        _between("interrogate.caption_max_tokens", self.caption_max_tokens, 4, 128)
+        if self.labels_dir and not Path(self.labels_dir).expanduser().is_dir():
+            raise ConfigError(f"interrogate.labels_dir {self.labels_dir!r} is not a directory")
         if any(not term.strip() for term in self.banned_terms):
             raise ConfigError("interrogate.banned_terms must not contain empty strings")
 
@@ -113,6 +119,10 @@ class QueueSettings:
     max_queued_jobs: int = 500
     max_attempts: int = 3
     job_timeout_s: float = 600.0
+    # Events a slow subscriber may fall behind by before its oldest step-progress events are dropped.
+    subscriber_buffer: int = 256
+    # On SIGTERM/SIGINT, how long to let the running batch finish before leaving it to the next start.
+    stop_grace_s: float = 30.0
 
     def validate(self) -> None:
         _between("queue.max_batch_images", self.max_batch_images, 1, 64)
@@ -122,11 +132,22 @@ class QueueSettings:
         _between("queue.max_attempts", self.max_attempts, 1, 100)
         if self.job_timeout_s <= 0:
             raise ConfigError(f"queue.job_timeout_s must be positive (got {self.job_timeout_s})")
+        _between("queue.subscriber_buffer", self.subscriber_buffer, 8, 1_000_000)
+        if self.stop_grace_s < 0:
+            raise ConfigError(f"queue.stop_grace_s must not be negative (got {self.stop_grace_s})")
 
 
 @dataclass(frozen=True)
 class StoreSettings:
     path: str = "i2p2i.sqlite3"
+    busy_timeout_ms: int = 5000
+    # NORMAL survives any crash of the process; FULL also survives a power cut, at a cost per commit.
+    synchronous: SynchronousMode = "NORMAL"
+
+    def validate(self) -> None:
+        if not self.path.strip():
+            raise ConfigError("store.path must name a database file")
+        _between("store.busy_timeout_ms", self.busy_timeout_ms, 0, 600_000)
 
 
 @dataclass(frozen=True)

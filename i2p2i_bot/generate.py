@@ -190,11 +190,14 @@ class Generator:
 
     def prompt_warnings(self, prompt: str, label: str = "prompt") -> list[str]:
         """Say which words of a prompt Stable Diffusion will not read, instead of cutting them silently."""
-        limit = int(self.pipe.tokenizer.model_max_length)
-        ids = self.pipe.tokenizer(prompt, truncation=False, verbose=False).input_ids
+        tokenizer = self.pipe.tokenizer
+        limit = int(tokenizer.model_max_length)
+        encoded = tokenizer(prompt, truncation=False, verbose=False, return_offsets_mapping=True)
+        ids = encoded.input_ids
         if len(ids) <= limit:
             return []
-        ignored = self.pipe.tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+        # Position limit-1 is the first token past the window (the window ends with the end token).
+        ignored = prompt[encoded.offset_mapping[limit - 1][0] :].strip()
         return [
             f"The {label} is {len(ids) - 2} tokens and Stable Diffusion reads only {limit - 2}; "
             f"this end is ignored: “{ignored}”"

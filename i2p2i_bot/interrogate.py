@@ -34,6 +34,7 @@ FLAVOR_TABLES = ("artists", "flavors", "mediums", "movements", "trendings")
 # How many top flavours the best and negative chains consider (clip-interrogator's flavor_intermediate_count).
 INTERMEDIATE_COUNT = 2048
 CLASSIC_FLAVORS = 3
+LABEL_FILES = ("artists.txt", "flavors.txt", "mediums.txt", "movements.txt", "negative.txt")
 _SITES = (
     "Artstation", "behance", "cg society", "cgsociety", "deviantart", "dribble", "flickr", "instagram",
     "pexels", "pinterest", "pixabay", "pixiv", "polycount", "reddit", "shutterstock", "tumblr", "unsplash",
@@ -78,6 +79,9 @@ def label_tables(data_path: Path | None = None) -> dict[str, list[str]]:
         import clip_interrogator
 
         data_path = Path(clip_interrogator.__file__).parent / "data"
+    for name in LABEL_FILES:
+        if not (data_path / name).is_file():
+            raise ModelUnavailable(f"label list {data_path / name} is missing")
     raw_artists = load_list(str(data_path), "artists.txt")
     trendings = list(_SITES)
     trendings += [f"trending on {s}" for s in _SITES]
@@ -168,7 +172,7 @@ class Captioner:
         self.max_new_tokens = max_new_tokens
 
     @classmethod
-    def load(cls, source: str, device: torch.device) -> Captioner:
+    def load(cls, source: str, device: torch.device, max_new_tokens: int = 32) -> Captioner:
         from transformers import AutoProcessor, BlipForConditionalGeneration
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -180,7 +184,7 @@ class Captioner:
                 f"caption model {source!r} could not be loaded ({exc}); run `i2p2i download-models` where "
                 "there is internet, or use --models smoke to check the install"
             ) from exc
-        return cls(model.to(device), processor, device)
+        return cls(model.to(device), processor, device, max_new_tokens)
 
     @torch.inference_mode()
     def caption(self, image: Image.Image) -> str:
@@ -318,13 +322,12 @@ class Interrogator:
         device: torch.device,
         cache_dir: Path | None,
         *,
-        tables: dict[str, list[str]] | None = None,
         progress: bool = False,
     ) -> Interrogator:
         clip = ClipEncoder.load(clip_source, device)
-        captioner = Captioner.load(caption_source, device)
+        captioner = Captioner.load(caption_source, device, max_new_tokens=settings.caption_max_tokens)
         banned = BannedTerms.from_settings(settings)
-        source_tables = tables if tables is not None else label_tables()
+        source_tables = label_tables(Path(settings.labels_dir).expanduser() if settings.labels_dir else None)
         kept = {
             name: [label for label in labels if banned.allows(label)]
             for name, labels in source_tables.items()

@@ -1,0 +1,486 @@
+"""The command line: describe images, generate from prompts, and the image → prompt → images batch flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from PIL import Image, PngImagePlugin
+
+from i2p2i_bot import __version__
+from i2p2i_bot.config import ConfigError, Settings, load_settings
+from i2p2i_bot.generate import (
+    BatchResult,
+    GeneratedImage,
+    GenerationError,
+    GenerationParams,
+    GenerationRequest,
+)
+from i2p2i_bot.images import ImageError, image_sha256, open_image
+from i2p2i_bot.interrogate import MODES, InterrogateError, Interrogation
+from i2p2i_bot.models import ModelUnavailable, download_models, resolve_models
+from i2p2i_bot.terms import BannedTerms
+
+log = logging.getLogger("i2p2i")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class InputError(Exception):
+    """One input cannot be used; the message is one line, and the other inputs go on."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="i2p2i",
+        description="Image → prompt → image with CLIP Interrogator and Stable Diffusion.",
+    )
+    parser.add_argument("--version", action="version", version=f"i2p2i {__version__}")
+    parser.add_argument("--config", metavar="PATH", help="settings file (TOML); see config.example.toml")
+    parser.add_argument(
+        "--models",
+        choices=("default", "smoke"),
+        help="'smoke' uses tiny random models to check an install (noise images); default: from the config",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    describe = sub.add_parser("describe", help="turn images into prompts")
+    describe.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    describe.add_argument("--mode", choices=MODES, help="prompt style (default: from the config, 'best')")
+    describe.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+
+    generate = sub.add_parser("generate", help="make images from a prompt")
+    generate.add_argument("prompt")
+    _add_generation_options(generate)
+
+    imagine = sub.add_parser(
+        "imagine-from", help="image → prompt → edited prompt → new images, for each image"
+    )
+    imagine.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    imagine.add_argument("--mode", choices=MODES, help="prompt style (default: from the config, 'best')")
+    imagine.add_argument("--append", metavar="TEXT", help="add this to every prompt")
+    imagine.add_argument(
+        "--remove",
+        metavar="TERM",
+        action="append",
+        default=[],
+        help="remove this word or phrase (repeatable)",
+    )
+    imagine.add_argument("--prompt", metavar="TEXT", help="use this prompt instead of the interrogated one")
+    _add_generation_options(imagine)
+
+    sub.add_parser("download-models", help="fetch the configured models into the Hugging Face cache")
+    return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--count", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--seed", type=int, help="first seed; image k uses seed+k (default: random)")
+    parser.add_argument("--negative", metavar="TEXT", help="negative prompt (default: from the config)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: from the config, 25)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default 512)")
+    parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512)")
+    parser.add_argument(
+        "--scheduler", choices=("dpm", "pndm"), help="dpm (fast, default) or pndm (the original)"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default="out", help="where to write images and JSON (default ./out)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        settings = load_settings(args.config)
+        if args.models:
+            settings = settings.with_preset(args.models)
+    except ConfigError as exc:
+        print(f"i2p2i: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    progress = not args.quiet and sys.stderr.isatty()
+    try:
+        if args.command == "download-models":
+            return _download(settings)
+        if args.command == "describe":
+            return _describe(settings, args, progress)
+        if args.command == "generate":
+            return _generate(settings, args, progress)
+        return _imagine_from(settings, args, progress)
+    except ModelUnavailable as exc:
+        print(f"i2p2i: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GenerationError as exc:
+        print(f"i2p2i: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("i2p2i: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- commands -------------------------------------------------------------------------------------------
+
+
+def _download(settings: Settings) -> int:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        print("i2p2i: HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it first", file=sys.stderr)
+        return EXIT_USAGE
+    sources = resolve_models(settings)
+    try:
+        for line in download_models(sources):
+            print(line)
+    except Exception as exc:  # network and hub errors come in many types; the message is what matters
+        print(f"i2p2i: download failed: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    mode = args.mode or settings.interrogate.mode
+    engine = _load_engine(settings, progress)
+    failed = 0
+    for path in _progress(list(_expand_inputs(args.images)), progress, "Describing"):
+        try:
+            image, sha = _read_image(path, settings)
+            result = engine.interrogate(image, mode, key=sha)
+        except (InputError, ImageError, InterrogateError) as exc:
+            failed += 1
+            _fail(path, exc)
+            continue
+        if args.json:
+            print(json.dumps({"source": str(path), "source_sha256": sha, **_interrogation_json(result)}))
+        else:
+            _print_interrogation(path, result, sys.stdout)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    banned = BannedTerms.from_settings(settings.interrogate)
+    _refuse_banned(banned, args.prompt, "prompt")
+    engine = _load_engine(settings, progress)
+    request = _request(args, args.prompt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    params, result = _run_generation(engine, request, None, progress, "Generating")
+    stem = _unique_stem(out, _slug(args.prompt))
+    files = _write_images(out, stem, result.images, engine.models)
+    record = {
+        "prompt": request.prompt,
+        **_result_json(engine, params, result, files),
+        "created_at": _now(),
+    }
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for path in files:
+        print(path)
+    return EXIT_OK
+
+
+def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    mode = args.mode or settings.interrogate.mode
+    banned = BannedTerms.from_settings(settings.interrogate)
+    for text, label in ((args.prompt, "prompt"), (args.append, "appended text"), (args.negative, "negative")):
+        if text:
+            _refuse_banned(banned, text, label)
+    sources = list(_expand_inputs(args.images))
+    # Validate the generation options once, before loading models, so a typo costs nothing.
+    _check_request(settings, args)
+    engine = _load_engine(settings, progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in _progress(sources, progress, "Images"):
+        try:
+            image, sha = _read_image(path, settings)
+            interrogation = engine.interrogate(image, mode, key=sha)
+            original = interrogation.prompt
+            prompt = args.prompt or edit_prompt(original, append=args.append, remove=args.remove)
+            found = banned.find(prompt)
+            if found:
+                raise InputError(
+                    f"the prompt contains banned terms ({', '.join(found)}); nothing was generated"
+                )
+            request = _request(args, prompt)
+            params, result = _run_generation(
+                engine, request, interrogation.image_embedding, progress, path.name
+            )
+        except (InputError, ImageError, InterrogateError, GenerationError) as exc:
+            failed += 1
+            _fail(path, exc)
+            continue
+        stem = _unique_stem(out, _slug(path.stem))
+        files = _write_images(out, stem, result.images, engine.models)
+        record = {
+            "source": str(path),
+            "source_sha256": sha,
+            "mode": mode,
+            "original_prompt": original,
+            "prompt": prompt,
+            "edits": {"append": args.append, "remove": args.remove, "prompt": args.prompt},
+            "interrogation": _interrogation_json(interrogation),
+            **_result_json(engine, params, result, files),
+            "created_at": _now(),
+        }
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for warning in result.warnings:
+            print(f"warning: {path}: {warning}", file=sys.stderr)
+        print(f"{path} → {out / (stem + '.json')} ({len(files)} images)")
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+# --- prompt editing -------------------------------------------------------------------------------------
+
+
+def edit_prompt(prompt: str, *, append: str | None = None, remove: Sequence[str] = ()) -> str:
+    """Apply the batch edits: drop every comma-separated part equal to a removed term, delete the term as
+    a whole word elsewhere, then append text. Matching ignores case."""
+    parts = [p.strip() for p in prompt.split(",")]
+    for term in (t.strip() for t in remove):
+        if not term:
+            continue
+        pattern = re.compile(rf"(?<!\w){re.escape(term)}(?!\w)", re.IGNORECASE)
+        parts = [re.sub(r"\s{2,}", " ", pattern.sub("", p)).strip() for p in parts]
+    parts = [p for p in parts if p]
+    if append:
+        parts.extend(p.strip() for p in append.split(",") if p.strip())
+    return ", ".join(parts)
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+
+def _load_engine(settings: Settings, progress: bool) -> Any:
+    from i2p2i_bot.engine import Engine
+
+    return Engine.load(settings, progress=progress)
+
+
+def _expand_inputs(items: Sequence[str]) -> Iterator[Path]:
+    """Files as given, and the images inside folders (not recursive), sorted by name."""
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            yield path
+
+
+def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
+    try:
+        size = path.stat().st_size
+        if size > settings.intake.max_bytes:
+            # Let intake word the refusal, without reading a huge file first.
+            open_image(b"\0" * (settings.intake.max_bytes + 1), settings.intake)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except IsADirectoryError:
+        raise InputError("is a folder with no images") from None
+    except PermissionError:
+        raise InputError("permission denied") from None
+    return open_image(data, settings.intake), image_sha256(data)
+
+
+def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=args.negative,
+        count=args.count,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+    )
+
+
+def _check_request(settings: Settings, args: argparse.Namespace) -> None:
+    from i2p2i_bot.generate import plan
+
+    plan(_request(args, args.prompt or "placeholder"), settings.generate, "check")
+
+
+def _run_generation(
+    engine: Any,
+    request: GenerationRequest,
+    source_embedding: tuple[float, ...] | None,
+    progress: bool,
+    label: str,
+) -> tuple[GenerationParams, BatchResult]:
+    params, _ = engine.generator.plan(request)  # validate before showing a bar
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        steps = request.steps or engine.settings.generate.steps
+        batches = -(-request.count // engine.settings.queue.max_batch_images)
+        bar = tqdm(total=steps * batches, desc=label, unit="step", leave=False)
+
+    def on_step(step: int, total: int) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        return params, engine.generate(request, source_embedding=source_embedding, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _write_images(
+    out: Path, stem: str, images: Sequence[GeneratedImage], models: dict[str, str]
+) -> list[Path]:
+    files = []
+    for k, item in enumerate(images, start=1):
+        path = out / f"{stem}-{k}.png"
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", json.dumps(_png_parameters(item, models)))
+        tmp = path.with_suffix(".png.tmp")
+        item.image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+        files.append(path)
+    return files
+
+
+def _png_parameters(item: GeneratedImage, models: dict[str, str]) -> dict[str, Any]:
+    return {
+        "prompt": item.spec.prompt,
+        "negative_prompt": item.spec.negative_prompt,
+        "seed": item.spec.seed,
+        "generator": models.get("generator"),
+    }
+
+
+def _result_json(
+    engine: Any, params: GenerationParams, result: BatchResult, files: Sequence[Path]
+) -> dict[str, Any]:
+    first = result.images[0].spec if result.images else None
+    images = [
+        {
+            "file": path.name,
+            "seed": item.spec.seed,
+            "nsfw": item.nsfw,
+            "fidelity": None if item.fidelity is None else round(item.fidelity, 6),
+        }
+        for path, item in zip(files, result.images, strict=True)
+    ]
+    ranked = sorted(
+        (i for i in images if i["fidelity"] is not None), key=lambda i: -float(i["fidelity"] or 0.0)
+    )
+    return {
+        "negative_prompt": first.negative_prompt if first else "",
+        "params": {k: v for k, v in asdict(params).items() if k != "model"},
+        "models": engine.models,
+        "smoke": engine.sources.smoke,
+        "images": images,
+        "by_fidelity": [i["file"] for i in ranked],
+        "warnings": list(result.warnings),
+        "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
+    }
+
+
+def _interrogation_json(result: Interrogation) -> dict[str, Any]:
+    return {
+        "mode": result.mode,
+        "prompt": result.prompt,
+        "score": round(result.score, 6),
+        "caption": result.caption,
+        "negative": result.negative,
+        "candidates": [
+            {"mode": c.mode, "prompt": c.prompt, "score": round(c.score, 6)} for c in result.candidates
+        ],
+        "models": result.models,
+        "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
+    }
+
+
+def _print_interrogation(path: Path, result: Interrogation, stream: TextIO) -> None:
+    print(f"{path}:", file=stream)
+    if result.mode in ("candidates", "best") and len(result.candidates) > 1:
+        for c in result.candidates:
+            print(f"  [{c.mode:9s} {c.score:+.3f}] {c.prompt}", file=stream)
+    else:
+        print(f"  [{result.mode} {result.score:+.3f}] {result.prompt}", file=stream)
+    if result.negative and result.mode != "candidates":
+        print(f"  negative: {result.negative}", file=stream)
+
+
+def _refuse_banned(banned: BannedTerms, text: str, label: str) -> None:
+    found = banned.find(text)
+    if found:
+        raise GenerationError(
+            f"The {label} contains banned terms ({', '.join(found)}); remove them and try again."
+        )
+
+
+def _fail(path: Path, exc: Exception) -> None:
+    print(f"i2p2i: {path}: {exc}", file=sys.stderr)
+
+
+def _progress(items: list[Path], enabled: bool, desc: str) -> Any:
+    if not enabled or len(items) < 2:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="image")
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return slug[:limit].rstrip("-") or "image"
+
+
+def _unique_stem(out: Path, stem: str) -> str:
+    """A stem whose JSON does not exist yet, so runs and same-named sources never overwrite each other."""
+    candidate, n = stem, 1
+    while (out / f"{candidate}.json").exists():
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (load bars, deprecation notes) off a user's terminal unless --verbose."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        diffusers.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

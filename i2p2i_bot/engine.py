@@ -1,0 +1,89 @@
+"""The engine: interrogator and generator loaded together, sharing one device and one CLIP."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from i2p2i_bot.config import Settings
+from i2p2i_bot.generate import (
+    BatchResult,
+    GenerationParams,
+    GenerationRequest,
+    Generator,
+    ImageSpec,
+    StepCallback,
+)
+from i2p2i_bot.gpu import resolve_device
+from i2p2i_bot.interrogate import Interrogation, Interrogator
+from i2p2i_bot.models import ModelSources, resolve_models
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    """Every model the product uses, resident; call it only from the thread that owns the GPU."""
+
+    settings: Settings
+    sources: ModelSources
+    interrogator: Interrogator
+    generator: Generator
+    load_s: float
+
+    @classmethod
+    def load(cls, settings: Settings, *, progress: bool = False) -> Engine:
+        started = time.perf_counter()
+        sources = resolve_models(settings)
+        device = resolve_device(settings.models.device)
+        log.info("loading models on %s: %s", device, sources.as_dict())
+        interrogator = Interrogator.load(
+            sources.clip,
+            sources.caption,
+            settings.interrogate,
+            device,
+            settings.cache_path,
+            progress=progress,
+        )
+        generator = Generator.load(
+            sources.generator, settings.generate, device, embed_images=interrogator.embed_images
+        )
+        load_s = time.perf_counter() - started
+        log.info("models loaded in %.1f s", load_s)
+        engine = cls(settings, sources, interrogator, generator, load_s)
+        interrogator.models = {k: v for k, v in engine.models.items() if k != "generator"}
+        return engine
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Model names as they should be recorded next to results."""
+        names = self.sources.as_dict()
+        if self.sources.smoke:
+            names = {key: f"smoke:{key}" for key in names}
+        return names
+
+    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
+        return self.interrogator.interrogate(image, mode, key=key)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        source_embedding: tuple[float, ...] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> BatchResult:
+        return self.generator.generate(
+            request,
+            source_embedding=source_embedding,
+            on_step=on_step,
+            batch_size=self.settings.queue.max_batch_images,
+        )
+
+    def generate_batch(
+        self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
+    ) -> BatchResult:
+        return self.generator.generate_batch(params, specs, on_step=on_step)

@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny models built once per run, short label lists, settings that point at them."""
+
+from __future__ import annotations
+
+import os
+
+# Before any Hugging Face library is imported: a test that reaches for the network is a bug.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from i2p2i_bot.config import GenerateSettings, InterrogateSettings, ModelSettings, Settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.smoke import SmokeModels, ensure_smoke_models
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Short label lists, so tables embed in a blink. Some entries hold default banned terms on purpose.
+SHORT_LABELS = {
+    "artists.txt": [
+        "Claude Monet",
+        "Vincent van Gogh",
+        "Hokusai",
+        "Frida Kahlo",
+        "Ansel Adams",
+        "Greg Rutkowski",
+    ],
+    "flavors.txt": [
+        "highly detailed",
+        "sharp focus",
+        "trending on artstation",
+        "soft lighting",
+        "golden hour",
+        "cinematic",
+        "octane render",
+        "4k",
+        "8k",
+        "bokeh",
+        "studio portrait",
+        "dramatic sky",
+        "muted colors",
+        "vibrant colors",
+        "oil on canvas",
+        "matte painting",
+        "concept art",
+        "film grain",
+        "wide angle",
+        "macro photograph",
+        "sexy pose",
+        "nude portrait",
+        "symmetrical",
+        "intricate",
+        "volumetric lighting",
+        "pastel palette",
+        "high contrast",
+        "low angle",
+        "overcast",
+        "ethereal",
+    ],
+    "mediums.txt": ["a photograph", "a painting", "a digital painting", "a sketch", "a 3d render"],
+    "movements.txt": ["impressionism", "surrealism", "art nouveau", "pop art", "photorealism"],
+    "negative.txt": ["blurry", "low quality", "deformed", "watermark", "oversaturated"],
+}
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_models(smoke_cache: Path) -> SmokeModels:
+    return ensure_smoke_models(smoke_cache)
+
+
+@pytest.fixture(scope="session")
+def labels_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("labels")
+    for name, lines in SHORT_LABELS.items():
+        (directory / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def base_settings(tmp_path_factory: pytest.TempPathFactory, smoke_cache: Path, labels_dir: Path) -> Settings:
+    """Smoke models, short labels, small fast images."""
+    return Settings(
+        data_dir=str(tmp_path_factory.mktemp("data")),
+        models=ModelSettings(preset="smoke", cache_dir=str(smoke_cache), device="cpu"),
+        interrogate=InterrogateSettings(labels_dir=str(labels_dir), min_flavors=2, max_flavors=6),
+        generate=GenerateSettings(steps=3, width=64, height=64, min_side=64, max_side=128),
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(base_settings: Settings, smoke_models: SmokeModels) -> Engine:
+    return Engine.load(base_settings)
+
+
+@pytest.fixture
+def settings(base_settings: Settings, tmp_path: Path) -> Settings:
+    """base_settings with a fresh data directory per test."""
+    return dataclasses.replace(base_settings, data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> Image.Image:
+    """A real photograph shipped inside scikit-image's wheel."""
+    import skimage.data
+
+    return Image.fromarray(skimage.data.astronaut())

@@ -1,0 +1,229 @@
+"""The command line end to end with the smoke models, on a real photograph."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from i2p2i_bot.cli import edit_prompt, main
+from i2p2i_bot.config import Settings
+
+
+@pytest.fixture
+def config_file(base_settings: Settings, tmp_path: Path) -> Path:
+    """A TOML file for the smoke models, short labels and 64-pixel images."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+data_dir = "{tmp_path / "data"}"
+[models]
+preset = "smoke"
+cache_dir = "{base_settings.models.cache_dir}"
+device = "cpu"
+[interrogate]
+labels_dir = "{base_settings.interrogate.labels_dir}"
+min_flavors = 2
+max_flavors = 6
+[generate]
+steps = 2
+width = 64
+height = 64
+min_side = 64
+max_side = 128
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path, astronaut: Image.Image) -> Path:
+    """A folder with two real photographs (PNG and JPEG) and a file that is not an image."""
+    import skimage.data
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut.save(folder / "astronaut.png")
+    Image.fromarray(skimage.data.chelsea()).save(folder / "cat.jpg", quality=90)
+    (folder / "notes.png").write_text("this is not an image")
+    return folder
+
+
+def test_imagine_from_writes_images_and_json(
+    config_file: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """imagine-from PHOTO -n 2 writes two PNGs and a JSON record with prompts, seeds and fidelity."""
+    out = tmp_path / "out"
+    source = str(photos / "astronaut.png")
+    options = ["-n", "2", "--seed", "77", "--mode", "fast", "--append", "oil painting", "--out", str(out)]
+    code = main(["--config", str(config_file), "imagine-from", source, *options])
+    assert code == 0
+    record = json.loads((out / "astronaut.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut-1.png", "astronaut-2.png", "astronaut.json"]
+    assert record["mode"] == "fast"
+    assert record["original_prompt"] == record["interrogation"]["prompt"]
+    assert record["prompt"] == record["original_prompt"] + ", oil painting"
+    assert (
+        record["source_sha256"]
+        == __import__("hashlib").sha256((photos / "astronaut.png").read_bytes()).hexdigest()
+    )
+    assert [i["seed"] for i in record["images"]] == [77, 78]
+    assert record["params"] == {"steps": 2, "guidance": 7.5, "width": 64, "height": 64, "scheduler": "dpm"}
+    assert record["smoke"] is True and record["models"]["generator"] == "smoke:generator"
+    for item in record["images"]:
+        assert -1.0 <= item["fidelity"] <= 1.0 and item["nsfw"] is False
+        with Image.open(out / item["file"]) as png:
+            assert png.size == (64, 64)
+            params = json.loads(png.text["parameters"])
+        assert params["seed"] == item["seed"] and params["prompt"] == record["prompt"]
+    fids = {i["file"]: i["fidelity"] for i in record["images"]}
+    assert record["by_fidelity"] == sorted(fids, key=lambda f: -fids[f])
+    assert "astronaut.json" in capsys.readouterr().out
+
+
+def test_one_bad_file_does_not_stop_the_others(
+    config_file: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder with a broken file: the good images are done, the bad one gets one line, exit code 1."""
+    out = tmp_path / "out"
+    code = main(
+        [
+            "--config",
+            str(config_file),
+            "-q",
+            "imagine-from",
+            str(photos),
+            "--mode",
+            "classic",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 1
+    assert sorted(p.name for p in out.glob("*.json")) == ["astronaut.json", "cat.json"]
+    err = capsys.readouterr().err
+    err_lines = [line for line in err.splitlines() if "notes.png" in line]
+    assert len(err_lines) == 1 and "not an image" in err_lines[0]
+    assert "Traceback" not in err
+
+
+def test_prompt_override(config_file: Path, photos: Path, tmp_path: Path) -> None:
+    """--prompt replaces the interrogated prompt and is recorded as the edit."""
+    out = tmp_path / "out"
+    options = ["--prompt", "a tabby cat", "--out", str(out)]
+    code = main(["--config", str(config_file), "imagine-from", str(photos / "cat.jpg"), *options])
+    assert code == 0
+    record = json.loads((out / "cat.json").read_text())
+    assert record["prompt"] == "a tabby cat" and record["edits"]["prompt"] == "a tabby cat"
+    assert record["original_prompt"] != "a tabby cat"
+    assert len(record["images"]) == 1
+
+
+def test_banned_append_is_refused_before_loading(
+    config_file: Path, photos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Appending a banned term stops at once with one sentence naming it."""
+    code = main(["--config", str(config_file), "imagine-from", str(photos), "--append", "NSFW"])
+    assert code == 2
+    assert "banned terms (nsfw)" in capsys.readouterr().err
+
+
+def test_describe_json_lines(config_file: Path, photos: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """describe --json prints one JSON object per readable image, with scored candidates."""
+    code = main(["--config", str(config_file), "describe", str(photos), "--mode", "candidates", "--json"])
+    assert code == 1  # notes.png is not an image
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["source"]).name for r in rows] == ["astronaut.png", "cat.jpg"]
+    for row in rows:
+        assert [c["mode"] for c in row["candidates"]][-1] == "negative"
+        assert all(-1 <= c["score"] <= 1 for c in row["candidates"])
+
+
+def test_generate_command(config_file: Path, tmp_path: Path) -> None:
+    """generate PROMPT -n 3 writes three images and a record; a second run never overwrites the first."""
+    out = tmp_path / "gen"
+    for _ in range(2):
+        assert (
+            main(
+                [
+                    "--config",
+                    str(config_file),
+                    "generate",
+                    "A red kite!",
+                    "-n",
+                    "3",
+                    "--seed",
+                    "5",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "a-red-kite-1.png", "a-red-kite-2-1.png", "a-red-kite-2-2.png", "a-red-kite-2-3.png",
+        "a-red-kite-2.json", "a-red-kite-2.png", "a-red-kite-3.png", "a-red-kite.json",
+    ]  # fmt: skip
+    record = json.loads((out / "a-red-kite.json").read_text())
+    assert [i["seed"] for i in record["images"]] == [5, 6, 7]
+    assert all(i["fidelity"] is None for i in record["images"])
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", "x", "-n", "99"], "The count must be between 1 and 8 (got 99)."),
+        (["generate", "x", "--width", "65"], "The width must be a multiple of 8"),
+    ],
+)
+def test_bad_options_are_one_line(
+    config_file: Path, args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invalid generation options exit 2 with one line and no traceback."""
+    assert main(["--config", str(config_file), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config with an unknown key exits 2 naming the key."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[generate]\nsteppes = 3\n")
+    assert main(["--config", str(path), "describe", "x.png"]) == 2
+    assert capsys.readouterr().err.strip() == "i2p2i: unknown setting generate.steppes"
+
+
+def test_download_models_refuses_when_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    """download-models says plainly that HF_HUB_OFFLINE forbids downloads, instead of trying."""
+    assert main(["download-models"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_module_entry_point() -> None:
+    """`python -m i2p2i_bot --help` lists the commands."""
+    out = subprocess.run(
+        [sys.executable, "-m", "i2p2i_bot", "--help"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    for command in ("describe", "generate", "imagine-from", "download-models"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    ("prompt", "append", "remove", "expected"),
+    [
+        ("a cat, highly detailed, 4k", None, ["4k"], "a cat, highly detailed"),
+        ("a cat, highly detailed, 4k", "oil", ["Highly Detailed"], "a cat, 4k, oil"),
+        ("a black cat on a black mat", None, ["black"], "a cat on a mat"),
+        ("a cat, blackness", None, ["black"], "a cat, blackness"),
+        ("a cat", ", watercolor,", [], "a cat, watercolor"),
+    ],
+)
+def test_edit_prompt(prompt: str, append: str | None, remove: list[str], expected: str) -> None:
+    """Removed terms go as whole words or whole parts; appended text joins with a comma."""
+    assert edit_prompt(prompt, append=append, remove=remove) == expected

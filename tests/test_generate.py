@@ -1,0 +1,183 @@
+"""Stable Diffusion service with the tiny pipeline: validation, seeds, safety, fidelity, OOM splitting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from i2p2i_bot.config import GenerateSettings, Settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.generate import GenerationError, GenerationRequest, Generator, ImageSpec, plan
+from i2p2i_bot.smoke import SmokeModels
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"prompt": "   "}, "The prompt is empty"),
+        ({"count": 0}, "The count must be between 1 and 8 (got 0)"),
+        ({"count": 9}, "The count must be between 1 and 8 (got 9)"),
+        ({"width": 100}, "The width must be a multiple of 8 between 64 and 128 (got 100)"),
+        ({"height": 256}, "The height must be a multiple of 8 between 64 and 128 (got 256)"),
+        ({"steps": 0}, "Steps must be between 1 and 100 (got 0)"),
+        ({"guidance": 31.0}, "Guidance must be between 0 and 30"),
+        ({"seed": -1}, "The seed must be a whole number from 0 to 4294967295 (got -1)"),
+        ({"scheduler": "euler"}, "The scheduler must be one of dpm, pndm"),
+        ({"prompt": "x" * 4001}, "The prompt is 4001 characters; the limit is 4000."),
+    ],
+)
+def test_invalid_requests_are_refused_before_running(
+    base_settings: Settings, changes: dict, needle: str
+) -> None:
+    """Each invalid request raises GenerationError with one sentence naming the problem."""
+    request = dataclasses.replace(GenerationRequest("a red bicycle"), **changes)
+    with pytest.raises(GenerationError) as info:
+        plan(request, base_settings.generate, "model")
+    assert needle in str(info.value)
+
+
+def test_plan_fills_defaults_and_consecutive_seeds(base_settings: Settings) -> None:
+    """Unset parameters take the settings' defaults; image k gets seed + k."""
+    params, specs = plan(GenerationRequest("a cat", count=3, seed=4294967294), base_settings.generate, "m")
+    assert (params.steps, params.width, params.height, params.scheduler) == (3, 64, 64, "dpm")
+    assert [s.seed for s in specs] == [4294967294, 4294967295, 0]
+    assert {s.prompt for s in specs} == {"a cat"}
+    _, random_specs = plan(GenerationRequest("a cat", count=2), base_settings.generate, "m")
+    assert random_specs[1].seed == (random_specs[0].seed + 1) % 2**32
+
+
+def test_same_seed_same_pixels_and_different_seeds_differ(engine: Engine) -> None:
+    """An image is reproducible from its seed alone; other seeds give other images."""
+    first = engine.generate(GenerationRequest("a lighthouse at dusk", count=2, seed=1234))
+    again = engine.generate(GenerationRequest("a lighthouse at dusk", count=1, seed=1234))
+    alone = engine.generate(GenerationRequest("a lighthouse at dusk", count=1, seed=1235))
+    assert [i.spec.seed for i in first.images] == [1234, 1235]
+    a, b = first.images
+    assert a.image.size == (64, 64) and a.image.mode == "RGB"
+    assert np.array_equal(pixels(a.image), pixels(again.images[0].image))
+    assert np.abs(pixels(a.image) - pixels(b.image)).mean() > 5
+    # Batched or alone, an image depends on its seed only (up to float rounding across batch sizes).
+    assert np.abs(pixels(b.image) - pixels(alone.images[0].image)).max() <= 2
+
+
+def test_schedulers_are_selectable(engine: Engine) -> None:
+    """DPM-Solver++ is the default; PNDM, the original scheduler, gives a different image."""
+    dpm = engine.generate(GenerationRequest("a forest", seed=7))
+    assert type(engine.generator.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    pndm = engine.generate(GenerationRequest("a forest", seed=7, scheduler="pndm"))
+    assert type(engine.generator.pipe.scheduler).__name__ == "PNDMScheduler"
+    assert not np.array_equal(pixels(dpm.images[0].image), pixels(pndm.images[0].image))
+
+
+def test_steps_are_reported(engine: Engine) -> None:
+    """The step callback sees every denoising step of every batch."""
+    seen: list[tuple[int, int]] = []
+    engine.generate(GenerationRequest("a boat", count=2, steps=4), on_step=lambda k, n: seen.append((k, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_long_prompts_are_reported_not_cut_silently(engine: Engine) -> None:
+    """A prompt past CLIP's 77 tokens yields a warning that quotes the ignored words."""
+    words = [f"word{i}" for i in range(60)]
+    result = engine.generate(GenerationRequest(" ".join(words), seed=1))
+    (warning,) = result.warnings
+    assert "Stable Diffusion reads only 75" in warning
+    assert "word59" in warning and "word0 " not in warning
+    assert engine.generate(GenerationRequest("short", seed=1)).warnings == ()
+
+
+def test_fidelity_is_the_clip_cosine_to_the_source(engine: Engine, astronaut: Image.Image) -> None:
+    """Fidelity is None without a source, 1.0 against itself, and the CLIP cosine otherwise."""
+    plain = engine.generate(GenerationRequest("a portrait", seed=3))
+    assert plain.images[0].fidelity is None
+    own = engine.interrogator.embed_images([plain.images[0].image])[0]
+    same = engine.generate(GenerationRequest("a portrait", seed=3), source_embedding=tuple(own.tolist()))
+    assert same.images[0].fidelity == pytest.approx(1.0, abs=1e-4)
+    source = engine.interrogator.embed_images([astronaut])[0]
+    scored = engine.generate(GenerationRequest("a portrait", seed=3), source_embedding=tuple(source.tolist()))
+    assert scored.images[0].fidelity == pytest.approx(float(own @ source), abs=1e-4)
+
+
+def test_safety_checker_flags_are_reported(engine: Engine) -> None:
+    """Images the safety checker flags are reported as nsfw and blacked out; others are not."""
+    checker = engine.generator.pipe.safety_checker
+    clean = engine.generate(GenerationRequest("a meadow", seed=11))
+    assert [i.nsfw for i in clean.images] == [False]
+    saved = checker.concept_embeds_weights.data.clone()
+    checker.concept_embeds_weights.data.fill_(-2.0)  # every concept now scores above its threshold
+    try:
+        flagged = engine.generate(GenerationRequest("a meadow", count=2, seed=11))
+    finally:
+        checker.concept_embeds_weights.data.copy_(saved)
+    assert [i.nsfw for i in flagged.images] == [True, True]
+    assert pixels(flagged.images[0].image).max() == 0
+
+
+def test_safety_checker_can_be_switched_off(base_settings: Settings, smoke_models: SmokeModels) -> None:
+    """With safety_checker = false the pipeline loads without it and flags nothing."""
+    settings = dataclasses.replace(base_settings.generate, safety_checker=False)
+    generator = Generator.load(str(smoke_models.generator), settings, torch.device("cpu"))
+    assert generator.pipe.safety_checker is None
+    result = generator.generate(GenerationRequest("a meadow", seed=11))
+    assert [i.nsfw for i in result.images] == [False]
+
+
+def test_cross_prompt_batches_keep_each_spec(engine: Engine) -> None:
+    """One batch may hold several users' prompts; each image matches its own spec run alone."""
+    params, _ = engine.generator.plan(GenerationRequest("x"))
+    specs = [ImageSpec("a red car", "", 21), ImageSpec("a blue house", "blurry", 22)]
+    batch = engine.generate_batch(params, specs)
+    assert [i.spec for i in batch.images] == specs
+    for item in batch.images:
+        alone = engine.generate_batch(params, [item.spec]).images[0]
+        assert np.abs(pixels(item.image) - pixels(alone.image)).max() <= 2
+
+
+def test_out_of_memory_splits_the_batch(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a batch of 4 runs out of CUDA memory, it is split and every image still comes back, in order."""
+    pipe = engine.generator.pipe
+    reference = engine.generate(GenerationRequest("a tower", count=4, seed=50))
+    original_call = type(pipe).__call__
+    sizes: list[int] = []
+
+    def tight_memory(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(len(kwargs["prompt"]))
+        if len(kwargs["prompt"]) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", tight_memory)
+    result = engine.generate(GenerationRequest("a tower", count=4, seed=50))
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    assert [i.spec.seed for i in result.images] == [50, 51, 52, 53]
+    for got, want in zip(result.images, reference.images, strict=True):
+        assert np.abs(pixels(got.image) - pixels(want.image)).max() <= 2
+
+
+def test_batches_follow_max_batch_images(engine: Engine) -> None:
+    """A request larger than max_batch_images runs as several batches with the right seeds."""
+    queue = dataclasses.replace(engine.settings.queue, max_batch_images=2)
+    small = dataclasses.replace(engine, settings=dataclasses.replace(engine.settings, queue=queue))
+    seen: list[tuple[int, int]] = []
+    result = small.generate(
+        GenerationRequest("a kite", count=5, seed=90, steps=1), on_step=lambda k, n: seen.append((k, n))
+    )
+    assert [i.spec.seed for i in result.images] == [90, 91, 92, 93, 94]
+    assert len(seen) == 3  # three batches of one step each: 2 + 2 + 1
+
+
+def test_settings_bound_the_sizes(base_settings: Settings) -> None:
+    """Generation settings reject sizes outside their own bounds."""
+    with pytest.raises(GenerationError):
+        plan(GenerationRequest("a", width=136), base_settings.generate, "m")
+    roomy = GenerateSettings(min_side=64, max_side=1024)
+    params, _ = plan(GenerationRequest("a", width=1024, height=64), roomy, "m")
+    assert (params.width, params.height) == (1024, 64)

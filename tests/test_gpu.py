@@ -1,0 +1,97 @@
+"""The GPU thread: one owner for every model call, priorities, survival, and OOM splitting."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from i2p2i_bot.gpu import GpuClosed, GpuOutOfMemory, GpuWorker, Priority, split_on_oom
+
+
+async def test_runs_on_the_worker_thread() -> None:
+    """Awaited work runs on the one GPU thread and returns its value."""
+    gpu = GpuWorker()
+    try:
+        name = await gpu.run(lambda: threading.current_thread().name)
+        assert name == "i2p2i-gpu"
+        assert await gpu.run(lambda a, b=0: a + b, 2, b=3) == 5
+    finally:
+        gpu.close()
+
+
+async def test_interrogation_jumps_the_generation_queue() -> None:
+    """Queued work runs by priority, then in submission order."""
+    gpu = GpuWorker()
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        blocker = gpu.submit(gate.wait)
+        futures = [
+            gpu.submit(order.append, "gen-1", priority=Priority.GENERATE),
+            gpu.submit(order.append, "gen-2", priority=Priority.GENERATE),
+            gpu.submit(order.append, "describe", priority=Priority.INTERROGATE),
+        ]
+        gate.set()
+        await asyncio.wrap_future(blocker)
+        for f in futures:
+            await asyncio.wrap_future(f)
+        assert order == ["describe", "gen-1", "gen-2"]
+    finally:
+        gpu.close()
+
+
+async def test_thread_survives_failures() -> None:
+    """An exception reaches the caller and the thread keeps serving."""
+    gpu = GpuWorker()
+
+    def boom() -> None:
+        raise RuntimeError("model exploded")
+
+    try:
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await gpu.run(boom)
+        assert await gpu.run(lambda: 42) == 42
+        assert gpu.thread.is_alive()
+    finally:
+        gpu.close()
+
+
+def test_close_drains_then_refuses() -> None:
+    """Closing lets queued work finish and refuses new work."""
+    gpu = GpuWorker()
+    gate = threading.Event()
+    gpu.submit(gate.wait)
+    done = gpu.submit(lambda: "finished")
+    threading.Timer(0.05, gate.set).start()
+    gpu.close(wait=True, timeout_s=10)
+    assert done.result(timeout=1) == "finished"
+    assert not gpu.thread.is_alive()
+    with pytest.raises(GpuClosed):
+        gpu.submit(lambda: None)
+
+
+def test_split_on_oom_halves_until_it_fits() -> None:
+    """A batch that runs out of memory is retried in halves; results keep their order."""
+    calls: list[int] = []
+
+    def run(items):  # type: ignore[no-untyped-def]
+        calls.append(len(items))
+        if len(items) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return [i * 10 for i in items]
+
+    assert split_on_oom(run, list(range(8))) == [0, 10, 20, 30, 40, 50, 60, 70]
+    assert calls == [8, 4, 2, 2, 4, 2, 2]
+
+
+def test_split_on_oom_gives_up_at_one() -> None:
+    """When a single item does not fit, the error is one sentence for the user."""
+
+    def run(items):  # type: ignore[no-untyped-def]
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(GpuOutOfMemory, match="even for a single image"):
+        split_on_oom(run, [1, 2, 3])
