@@ -25,7 +25,7 @@ from i2p2i_bot.generate import (
     GenerationParams,
     GenerationRequest,
 )
-from i2p2i_bot.images import ImageError, image_sha256, open_image
+from i2p2i_bot.images import ImageError, check_declared, image_sha256, open_image
 from i2p2i_bot.interrogate import MODES, InterrogateError, Interrogation
 from i2p2i_bot.models import ModelUnavailable, download_models, resolve_models
 from i2p2i_bot.terms import BannedTerms
@@ -286,10 +286,8 @@ def _expand_inputs(items: Sequence[str]) -> Iterator[Path]:
 
 def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
     try:
-        size = path.stat().st_size
-        if size > settings.intake.max_bytes:
-            # Let intake word the refusal, without reading a huge file first.
-            open_image(b"\0" * (settings.intake.max_bytes + 1), settings.intake)
+        # The size cap is checked before reading, so a huge file costs nothing.
+        check_declared(path.stat().st_size, None, None, None, settings.intake)
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputError("no such file") from None
@@ -470,16 +468,13 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        import diffusers
-        import transformers
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        diffusers.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

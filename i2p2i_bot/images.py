@@ -1,0 +1,321 @@
+"""Image intake: untrusted upload bytes in, one decoded RGB picture out, or a sentence saying why not."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import IntakeSettings
+
+log = logging.getLogger(__name__)
+
+# Pillow format ids tried on the bytes; identification is by content, so a file's name or declared content
+# type never picks the decoder. Everything else stays out, above all EPS/PS (Pillow runs Ghostscript on
+# them), PDF and SVG, and the long tail of rarely fuzzed decoders (ICO, PSD, PCX, FITS...).
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+
+# Transparent areas are filled with mid-grey: CLIP reads a black or white matte as part of the picture
+# ("on a black background", "isolated on white") and that leaks into the prompt; grey biases it least.
+BACKGROUND_RGB: tuple[int, int, int] = (128, 128, 128)
+
+DEFAULT_LIMITS = IntakeSettings()
+
+NOT_AN_IMAGE = f"That file is not an image I can read ({FORMAT_NAMES})."
+EMPTY_FILE = "That file is empty."
+DAMAGED_IMAGE = "That image is damaged or incomplete, so I can't read it."
+
+# What Pillow raises on malformed input. A decoder fed hostile bytes fails in many ways, each of them the
+# file's fault; other exception types are bugs and propagate.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    SyntaxError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    EOFError,
+    ZeroDivisionError,
+    OverflowError,
+    MemoryError,
+    struct.error,
+)
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+_MB = 1024 * 1024
+
+
+class ImageError(Exception):
+    """An upload that cannot be used; the message is one sentence meant for the member who sent it."""
+
+
+@dataclass(frozen=True)
+class Intake:
+    """A decoded upload: the picture to interrogate plus what callers need to cache and describe it."""
+
+    image: Image.Image  # RGB, fully loaded, upright, first frame only
+    sha256: str  # hex digest of the uploaded bytes
+    format: str  # Pillow's id for what the bytes turned out to be: "PNG", "JPEG", "MPO", "WEBP", ...
+    original_size: tuple[int, int]  # (width, height) as decoded, before EXIF rotation
+
+
+def image_sha256(data: bytes) -> str:
+    """Hex SHA-256 of the raw upload, the key under which its results are cached."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_image(data: bytes, limits: IntakeSettings = DEFAULT_LIMITS) -> Image.Image:
+    """Decode an upload into a fully loaded RGB image, or raise ImageError with a sentence for the user."""
+    return _decode(data, limits)[0]
+
+
+def load_intake(data: bytes, limits: IntakeSettings = DEFAULT_LIMITS) -> Intake:
+    """Decode an upload like open_image and keep its hash, format and stored size alongside."""
+    image, image_format, original_size = _decode(data, limits)
+    return Intake(image=image, sha256=image_sha256(data), format=image_format, original_size=original_size)
+
+
+def check_declared(
+    size_bytes: int,
+    width: int | None,
+    height: int | None,
+    content_type: str | None,
+    limits: IntakeSettings = DEFAULT_LIMITS,
+) -> None:
+    """Reject an attachment from the metadata Discord sends with it, before spending a download on it.
+
+    None (or an empty content type) means "not known" and passes; open_image checks the real bytes anyway.
+    """
+    if content_type is not None and content_type.strip():
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if not media_type.startswith("image/"):
+            raise ImageError(NOT_AN_IMAGE)
+    _check_byte_size(size_bytes, limits)
+    if width is not None and height is not None:
+        _check_dimensions(width, height, limits)
+        return
+    for side in (width, height):
+        if side is not None and side > limits.max_side:
+            raise ImageError(
+                f"That image has a side of {side} pixels; "
+                f"the longest side allowed is {limits.max_side} pixels."
+            )
+
+
+def _decode(data: bytes, limits: IntakeSettings) -> tuple[Image.Image, str, tuple[int, int]]:
+    _check_byte_size(len(data), limits)
+    canvas = _declared_canvas(data)
+    if canvas is not None:
+        _check_dimensions(*canvas, limits)
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as source:
+            # Image.open only reads headers; the pixel buffer is allocated by load(), so check first.
+            if min(source.size) < 1:
+                raise ImageError(DAMAGED_IMAGE)
+            _check_dimensions(*source.size, limits)
+            # Only the current frame is decoded; the rest of an animation is never read or counted.
+            source.load()
+            image_format = source.format or "unknown"
+            original_size = source.size
+            return _to_rgb(_upright(source)), image_format, original_size
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(NOT_AN_IMAGE) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard (module-global MAX_IMAGE_PIXELS) fired before ours could. Its warning only
+        # arrives here as an exception under an "error" warnings filter; filters are not changed here
+        # because warnings.catch_warnings is process-global and unsafe across threads.
+        raise ImageError(_bomb_message(str(exc), limits)) from exc
+    except _DECODE_ERRORS as exc:
+        log.debug("undecodable upload (%d bytes)", len(data), exc_info=True)
+        raise ImageError(DAMAGED_IMAGE) from exc
+
+
+def _check_byte_size(size_bytes: int, limits: IntakeSettings) -> None:
+    if size_bytes <= 0:
+        raise ImageError(EMPTY_FILE)
+    if size_bytes > limits.max_bytes:
+        raise ImageError(
+            f"That file is {_describe_bytes(size_bytes, round_up=True)}; "
+            f"the limit is {_describe_bytes(limits.max_bytes, round_up=False)}."
+        )
+
+
+def _check_dimensions(width: int, height: int, limits: IntakeSettings) -> None:
+    if width * height > limits.max_pixels:
+        limit = _describe_pixels(limits.max_pixels)
+        raise ImageError(f"That image is {width}×{height} pixels; the limit is {limit}.")
+    if max(width, height) > limits.max_side:
+        raise ImageError(
+            f"That image is {width}×{height} pixels; the longest side allowed is {limits.max_side} pixels."
+        )
+
+
+def _bomb_message(pillow_message: str, limits: IntakeSettings) -> str:
+    limit = _describe_pixels(limits.max_pixels)
+    found = _BOMB_PIXELS.search(pillow_message)
+    if found is None:
+        return f"That image has too many pixels; the limit is {limit}."
+    return f"That image is about {_describe_pixels(int(found.group(1)))}; the limit is {limit}."
+
+
+def _describe_pixels(pixels: int) -> str:
+    if pixels < 100_000:
+        return f"{pixels:,} pixels"
+    tenths = round(pixels / 100_000)
+    number = f"{tenths // 10:,}" if tenths % 10 == 0 else f"{tenths / 10:,.1f}"
+    return f"{number} megapixels"
+
+
+def _describe_bytes(size_bytes: int, *, round_up: bool) -> str:
+    # Binary megabytes, labelled "MB" as Discord labels its own upload limits.
+    # An oversized file rounds up, so it never reads as equal to the limit it broke.
+    for unit, name in ((_MB, "MB"), (1024, "KB")):
+        if size_bytes >= unit:
+            tenths = size_bytes * 10 / unit
+            value = (math.ceil(tenths) if round_up else round(tenths)) / 10
+            return f"{value:g} {name}"
+    return f"{size_bytes} bytes"
+
+
+def _declared_canvas(data: bytes) -> tuple[int, int] | None:
+    """The size a GIF, WebP or PNG header declares, read before Pillow sees the bytes; None otherwise.
+
+    GIF and WebP are the decoders that allocate a canvas while *opening* (GIF's first-frame disposal
+    buffer, libwebp's animation canvas), guarded inside Pillow only by the global Image.MAX_IMAGE_PIXELS;
+    reading their size first makes our own limit hold even where that global is raised or disabled. PNG
+    allocates nothing until load(), which the check after opening covers; reading its header here just
+    lets a PNG bomb be described by its dimensions rather than by Pillow's pixel count.
+    """
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return _gif_canvas(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_canvas(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack_from(">II", data, 16)
+        return width, height
+    return None
+
+
+def _gif_canvas(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 13:
+        return None
+    width, height = struct.unpack_from("<HH", data, 6)
+    flags = data[10]
+    pos = 13
+    if flags & 0x80:
+        pos += 3 << ((flags & 7) + 1)
+    # Walk to the first image descriptor exactly as Pillow's GIF reader does, quirks included: stray
+    # bytes are skipped one at a time, and after an extension's first sub-block Pillow reads sub-blocks
+    # until an empty one even when that first block was itself empty. A walk that followed the
+    # specification instead could be steered to a decoy descriptor. A first frame reaching past the
+    # logical screen grows the canvas, as in Pillow.
+    while pos < len(data):
+        block = data[pos]
+        if block == 0x3B:  # trailer
+            break
+        if block == 0x2C:
+            if pos + 9 >= len(data):
+                break
+            left, top, frame_width, frame_height = struct.unpack_from("<HHHH", data, pos + 1)
+            return max(width, left + frame_width), max(height, top + frame_height)
+        if block != 0x21:
+            pos += 1
+            continue
+        label = data[pos + 1] if pos + 1 < len(data) else None
+        first, pos = _gif_sub_block(data, pos + 2)
+        if label == 0xFE:  # comment: stops at the first empty sub-block
+            while first:
+                first, pos = _gif_sub_block(data, pos)
+            continue
+        if label == 0xFF and first.startswith(b"NETSCAPE2.0"):
+            _, pos = _gif_sub_block(data, pos)
+        rest, pos = _gif_sub_block(data, pos)
+        while rest:
+            rest, pos = _gif_sub_block(data, pos)
+    return width, height
+
+
+def _gif_sub_block(data: bytes, pos: int) -> tuple[bytes, int]:
+    """One GIF data sub-block at pos and the position after it; empty at a zero length byte or the end."""
+    if pos >= len(data) or data[pos] == 0:
+        return b"", pos + 1
+    end = pos + 1 + data[pos]
+    return data[pos + 1 : end], end
+
+
+def _webp_canvas(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; metadata that cannot be parsed just leaves the image as stored."""
+    try:
+        transposed = ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS:
+        log.debug("ignoring unreadable EXIF orientation", exc_info=True)
+        return image
+    return image if transposed is None else transposed
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded mode to RGB, transparent areas composited onto BACKGROUND_RGB."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _deep_to_l(image)
+    elif image.mode == "La":  # premultiplied; Pillow converts it to nothing but LA
+        image = image.convert("LA")
+    if image.mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in image.info:
+        # P, L and RGB images carry transparency as a colour key in info; convert("RGBA") applies it.
+        rgba = image.convert("RGBA")
+        flattened = Image.new("RGB", rgba.size, BACKGROUND_RGB)
+        flattened.paste(rgba, mask=rgba)
+        return flattened
+    # CMYK is converted without its ICC profile: parsing untrusted profiles is more attack surface than
+    # the small colour shift is worth to CLIP.
+    return image.convert("RGB")
+
+
+def _deep_to_l(image: Image.Image) -> Image.Image:
+    """Map a 16-bit, 32-bit integer or float greyscale image onto 8 bits (L, or LA with a colour key).
+
+    Pillow's own convert("L") clips these at 255 instead of scaling, which turns most 16-bit photos white.
+    """
+    values: np.ndarray
+    if image.mode.startswith("I;16"):
+        # Sixteen bits have a known range: 65535 / 257 = 255. float32 holds them exactly.
+        values = np.asarray(image, dtype=np.float32)
+        scaled = values / 257.0
+    else:
+        # 32-bit integers and floats have no fixed range (a float TIFF may hold 0..1, 0..255 or physical
+        # units), so the image's own finite min..max is stretched onto 0..255, NaN and -inf counting as the
+        # minimum and +inf as the maximum. A flat image has no range to stretch and is taken as already
+        # on the 0..255 scale. float64, so that the subtraction cannot overflow for float32 extremes.
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+        scaled = (values - low) / (high - low) * 255.0 if high > low else values
+    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    key = image.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (grey, alpha))
+    return grey
