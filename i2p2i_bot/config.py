@@ -242,7 +242,7 @@ def _build(cls: type[Any], raw: dict[str, Any], prefix: str) -> Any:
             continue
         hint = hints[name]
         full = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(raw[name], dict):
                 raise ConfigError(f"{full} must be a table")
             values[name] = _build(hint, raw[name], f"{full}.")

@@ -177,7 +177,7 @@ class Captioner:
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         try:
-            model = BlipForConditionalGeneration.from_pretrained(source, dtype=dtype)
+            model: Any = BlipForConditionalGeneration.from_pretrained(source, dtype=dtype)
             processor = AutoProcessor.from_pretrained(source)
         except OSError as exc:
             raise ModelUnavailable(
