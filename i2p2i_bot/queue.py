@@ -1,0 +1,866 @@
+"""The fair per-user batch scheduler, durable through the store, and the batch seam GPU workers pull from.
+
+Each member has a FIFO of jobs; members are served round-robin, one image each per pass, so nobody waits
+behind another member's backlog. A GPU batch is filled with compatible images (same GenerationParams) from
+several members in that order; a job may span batches. Every state change is committed to the store before
+it is announced to subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import enum
+import functools
+import itertools
+import logging
+import random
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from i2p2i_bot.config import QueueSettings
+from i2p2i_bot.events import EventHub, Subscription
+from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, ImageSpec
+from i2p2i_bot.jobs import (
+    SEED_LIMIT,
+    EventKind,
+    Job,
+    JobEvent,
+    JobRefused,
+    JobRequest,
+    JobStatus,
+    Position,
+)
+from i2p2i_bot.store import ForgetResult, JobChange, Store, StoredImage
+
+log = logging.getLogger(__name__)
+
+# Weight of the newest batch in the measured throughput.
+_RATE_SMOOTHING = 0.3
+_EMBEDDING_CACHE_SIZE = 128
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    job_id: int
+    index: int
+    spec: ImageSpec
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Images that share one GPU call; results must come back in the order of `items`."""
+
+    id: int
+    params: GenerationParams
+    items: tuple[BatchItem, ...]
+
+    @functools.cached_property
+    def specs(self) -> tuple[ImageSpec, ...]:
+        return tuple(item.spec for item in self.items)
+
+    @functools.cached_property
+    def job_ids(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(item.job_id for item in self.items))
+
+
+class FailureKind(enum.StrEnum):
+    # The jobs cannot succeed as asked (a user-fixable error, out of memory at one image, a timeout).
+    PERMANENT = "permanent"
+    # Something went wrong that may not happen again: retry, charging an attempt where the blame is clear.
+    TRANSIENT = "transient"
+    # The worker stopped before finishing: put the images back, charging nobody.
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class BatchFailure:
+    reason: str
+    kind: FailureKind = FailureKind.TRANSIENT
+
+
+class BatchSource(Protocol):
+    """The seam between the scheduler and what runs batches: the GPU thread now, remote workers later."""
+
+    async def next_batch(self) -> Batch | None:
+        """Wait for the next batch; None means the source is closed and the worker should stop."""
+        ...
+
+    def batch_progress(self, batch: Batch, step: int, total_steps: int) -> None:
+        """Report denoising progress; cheap and never blocking."""
+        ...
+
+    async def batch_result(self, batch: Batch, outcome: BatchResult | BatchFailure) -> None:
+        """Hand back a batch's images (in item order) or why it failed; returns once the result is stored."""
+        ...
+
+    def close(self) -> None:
+        """Stop handing out batches; results of batches already out are still taken."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A batch result waiting to be recorded."""
+
+    batch: Batch
+    outcome: BatchResult | BatchFailure
+    written: list[tuple[BatchItem, GeneratedImage]]
+    hashes: list[str]
+    future: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class _Submission:
+    request: JobRequest
+    embedding: tuple[float, ...] | None
+    future: asyncio.Future[Job]
+
+
+class _Active:
+    """A queued or running job as the scheduler sees it, with its changing state. Lives on the event loop."""
+
+    __slots__ = (
+        "attempts",
+        "count",
+        "done",
+        "embedding",
+        "error",
+        "id",
+        "in_flight",
+        "job",
+        "owner",
+        "params",
+        "pending",
+        "solo",
+        "started_at",
+        "status",
+    )
+
+    def __init__(
+        self,
+        job: Job,
+        pending: deque[int],
+        embedding: tuple[float, ...] | None,
+        *,
+        done: int = 0,
+        solo: bool = False,
+    ) -> None:
+        self.job = job  # as submitted or recovered; `snapshot()` adds the current state
+        self.id = job.id
+        self.owner = job.owner_id
+        self.count = job.count
+        self.params = job.params
+        self.status = job.status
+        self.attempts = job.attempts
+        self.error = job.error
+        self.started_at = job.started_at
+        self.pending = pending
+        self.embedding = embedding
+        self.in_flight: set[int] = set()
+        self.done = done
+        # After a failure shared by several jobs, each one retries alone so the blame lands on the right job.
+        self.solo = solo
+
+    def snapshot(self, finished_at: float | None = None) -> Job:
+        return dataclasses.replace(
+            self.job,
+            status=self.status,
+            attempts=self.attempts,
+            error=self.error,
+            started_at=self.started_at,
+            finished_at=finished_at,
+        )
+
+
+class JobQueue:
+    """Fair scheduler and job lifecycle. Create with `JobQueue.open`, which brings back unfinished jobs."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: QueueSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.events = EventHub(settings.subscriber_buffer)
+        self._active: dict[int, _Active] = {}
+        # Members with images waiting, least recently served first; each holds its jobs with pending images.
+        self._users: OrderedDict[int, deque[_Active]] = OrderedDict()
+        self._owner_jobs: Counter[int] = Counter()
+        # Submissions waiting for their group commit, with the places they hold under the caps.
+        self._intake: list[_Submission] = []
+        self._reserved: Counter[int] = Counter()
+        self._reserved_total = 0
+        self._keyed: dict[str, asyncio.Future[Job]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        # Batch results whose files are written, waiting to be recorded together.
+        self._finished: list[_Finished] = []
+        self._recorder: asyncio.Task[None] | None = None
+        self._pending_images: Counter[int] = Counter()
+        self._in_flight_images = 0
+        self._outstanding: dict[int, tuple[Batch, float]] = {}
+        self._batch_ids = itertools.count(1)
+        self._embeddings: OrderedDict[int, tuple[float, ...] | None] = OrderedDict()
+        self._images_per_s: float | None = None
+        self._lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._paused = False
+
+    @classmethod
+    async def open(
+        cls,
+        store: Store,
+        settings: QueueSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> JobQueue:
+        queue = cls(store, settings, clock=clock, rng=rng)
+        await queue._recover()
+        return queue
+
+    # -- observation ----------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Measured throughput, smoothed over recent batches; None before the first batch."""
+        return self._images_per_s
+
+    def active_jobs(self, owner_id: int | None = None) -> list[Job]:
+        """Queued and running jobs in submission order, optionally for one member."""
+        return [a.snapshot() for a in self._active.values() if owner_id is None or a.owner == owner_id]
+
+    def subscribe(
+        self, *, job_id: int | None = None, owner_id: int | None = None, maxsize: int | None = None
+    ) -> Subscription:
+        """Events for one job, one member or all; a subscription to a job no longer active is empty."""
+        subscription = self.events.subscribe(job_id=job_id, owner_id=owner_id, maxsize=maxsize)
+        if job_id is not None and job_id not in self._active:
+            subscription.close()
+        return subscription
+
+    def position(self, job_id: int) -> Position | None:
+        """Images ahead of a queued or running job and when it should be done; None if it is not active.
+
+        Round-robin gives every other member one image per image of ours: a member ahead of ours in the ring
+        gets at most one more than we have ahead of a given image, a member behind it at most as many. The
+        estimate ignores that incompatible parameters wait for their own batches.
+        """
+        active = self._active.get(job_id)
+        if active is None:
+            return None
+        owner = active.owner
+        mine = len(active.pending)
+        images_left = mine + len(active.in_flight)
+        if not mine:
+            until_done = self._in_flight_images
+            return Position(job_id, active.status, 0, images_left, self._eta(until_done))
+        own_ahead = 0
+        for other in self._users[owner]:
+            if other is active:
+                break
+            own_ahead += len(other.pending)
+        through = own_ahead + mine
+        others_ahead = others_through = 0
+        before = True
+        for user in self._users:
+            if user == owner:
+                before = False
+                continue
+            waiting = self._pending_images[user]
+            others_ahead += min(waiting, own_ahead + 1 if before else own_ahead)
+            others_through += min(waiting, through if before else through - 1)
+        images_ahead = self._in_flight_images + own_ahead + others_ahead
+        until_done = self._in_flight_images + through + others_through
+        return Position(job_id, active.status, images_ahead, images_left, self._eta(until_done))
+
+    def _eta(self, images: int) -> float | None:
+        return images / self._images_per_s if self._images_per_s else None
+
+    async def join(self) -> None:
+        """Wait until no job is queued, running or being submitted."""
+        await self._idle.wait()
+
+    # -- requests from members ------------------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> Job:
+        """Validate against the caps, store the job, queue it and announce it; return the stored job.
+
+        Submissions that arrive together are stored with one commit (group commit); each caller still gets its
+        job only after that commit. A caller cancelled while waiting does not withdraw its job.
+        """
+        self._check(request)
+        key = request.request_key
+        if key is not None:
+            existing = await self._job_with_key(key)
+            if existing is not None:
+                return existing
+        embedding = None
+        if request.interrogation_id is not None:
+            embedding = await self._embedding(request.interrogation_id)
+            if embedding is None:
+                raise JobRefused("The prompt card this came from no longer exists; describe the image again.")
+        if key is not None and key in self._keyed:  # the same key arrived while we looked things up
+            return await asyncio.shield(self._keyed[key])
+        self._reserve(request.owner_id)
+        submission = _Submission(request, embedding, asyncio.get_running_loop().create_future())
+        self._intake.append(submission)
+        if key is not None:
+            self._keyed[key] = submission.future
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_intake(), name="i2p2i-job-intake")
+        return await asyncio.shield(submission.future)
+
+    async def _job_with_key(self, key: str) -> Job | None:
+        if key in self._keyed:
+            return await asyncio.shield(self._keyed[key])
+        return await self._store.job_by_request_key(key)
+
+    def _reserve(self, owner: int) -> None:
+        """Check the caps and hold a place under them; no await may come between the check and the hold."""
+        if self._closed:
+            raise JobRefused("The bot is shutting down and takes no new jobs; try again in a minute.")
+        cap = self._settings.max_queued_jobs_per_user
+        if self._owner_jobs[owner] + self._reserved[owner] >= cap:
+            raise JobRefused(
+                f"You already have {_count(cap, 'job')} queued, the most allowed; "
+                "wait for one to finish or cancel one."
+            )
+        total = self._settings.max_queued_jobs
+        if len(self._active) + self._reserved_total >= total:
+            raise JobRefused(f"The queue is full ({_count(total, 'job')}); try again in a few minutes.")
+        self._reserved[owner] += 1
+        self._reserved_total += 1
+        self._idle.clear()
+
+    async def _flush_intake(self) -> None:
+        """Store waiting submissions in groups, one commit per group, then queue and announce them."""
+        try:
+            while self._intake:
+                async with self._lock:
+                    group, self._intake = self._intake, []
+                    await self._store_group(group)
+        finally:
+            self._flusher = None
+            left, self._intake = self._intake, []
+            for submission in left:  # only when this task was cancelled
+                self._settle(submission)
+                submission.future.set_exception(
+                    JobRefused("The bot is shutting down; try again in a minute.")
+                )
+            self._note_if_idle()
+
+    async def _store_group(self, group: list[_Submission]) -> None:
+        now = self._clock()
+        try:
+            jobs = await self._store.insert_jobs(
+                [(s.request, s.request.seeds(self._rng)) for s in group], now
+            )
+        except BaseException as exc:
+            for submission in group:
+                self._settle(submission)
+                if not submission.future.done():
+                    submission.future.set_exception(exc)
+            self._note_if_idle()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for submission, job in zip(group, jobs, strict=True):
+            self._settle(submission)
+            active = _Active(job, deque(range(job.count)), submission.embedding)
+            self._add(active)
+            self._publish(EventKind.QUEUED, active)
+            if not submission.future.done():
+                submission.future.set_result(job)
+
+    def _settle(self, submission: _Submission) -> None:
+        owner = submission.request.owner_id
+        self._reserved[owner] -= 1
+        self._reserved_total -= 1
+        if not self._reserved[owner]:
+            del self._reserved[owner]
+        if submission.request.request_key is not None:
+            self._keyed.pop(submission.request.request_key, None)
+
+    def _check(self, request: JobRequest) -> None:
+        cap = self._settings.max_images_per_job
+        if request.count < 1:
+            raise JobRefused("Ask for at least one image.")
+        if request.count > cap:
+            raise JobRefused(f"You asked for {request.count} images; the most per job is {cap}.")
+        if request.seed is not None and not 0 <= request.seed < SEED_LIMIT:
+            raise JobRefused(f"Seeds run from 0 to {SEED_LIMIT - 1}.")
+        if not request.prompt.strip():
+            raise JobRefused("The prompt is empty; write a few words.")
+
+    async def cancel(self, job_id: int, user_id: int, *, admin: bool = False) -> Job:
+        """Cancel a queued job, or the images a running one has not made yet; only its owner or an admin may.
+
+        Images already stored are kept; images on the GPU right now are discarded when they arrive.
+        """
+        async with self._lock:
+            active = self._active.get(job_id)
+            job = active.snapshot() if active is not None else await self._store.get_job(job_id)
+            if job is None:
+                raise JobRefused(f"There is no job #{job_id}.")
+            if job.owner_id != user_id and not admin:
+                raise JobRefused(f"Only the member who queued job #{job_id} can cancel it.")
+            if active is None:
+                raise JobRefused(f"Job #{job_id} is already {job.status}; there is nothing left to cancel.")
+            now = self._clock()
+            await self._store.save_changes(
+                [JobChange(job_id, JobStatus.CANCELLED, job.attempts, False, None, None, now)]
+            )
+            self._remove(active)
+            active.status = JobStatus.CANCELLED
+            active.error = None
+            self._publish(EventKind.CANCELLED, active)
+            return active.snapshot(finished_at=now)
+
+    async def forget(self, user_id: int) -> ForgetResult:
+        """Delete a member's whole history; their queued and running jobs are cancelled first."""
+        async with self._lock:
+            result = await self._store.forget_user(user_id)
+            for active in [a for a in self._active.values() if a.owner == user_id]:
+                self._remove(active)
+                active.status = JobStatus.CANCELLED
+                self._publish(EventKind.CANCELLED, active, error="history deleted")
+            return result
+
+    # -- the batch seam -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop handing out batches and taking jobs; results of batches already out are still stored."""
+        self._closed = True
+        self._wakeup.set()
+
+    def pause(self) -> None:
+        """Hand out no new batches (jobs are still taken); the batch on the GPU finishes."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wakeup.set()
+
+    async def next_batch(self) -> Batch | None:
+        while True:
+            async with self._lock:
+                if self._closed:
+                    return None
+                plan = [] if self._paused else self._plan()
+                if plan:
+                    return await self._dispatch(plan)
+                self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def batch_progress(self, batch: Batch, step: int, total_steps: int) -> None:
+        if batch.id not in self._outstanding:
+            return
+        for job_id in batch.job_ids:
+            active = self._active.get(job_id)
+            if active is not None:
+                self._publish(EventKind.STEP, active, step=step, total_steps=total_steps)
+
+    async def batch_result(self, batch: Batch, outcome: BatchResult | BatchFailure) -> None:
+        handed_out = self._outstanding.pop(batch.id, None)
+        if handed_out is None:
+            log.warning(
+                "ignoring a result for batch %d, which is not out (a duplicate or a stale worker)", batch.id
+            )
+            return
+        self._in_flight_images -= len(batch.items)
+        hashes: list[str] = []
+        written: list[tuple[BatchItem, GeneratedImage]] = []
+        if isinstance(outcome, BatchResult):
+            if len(outcome.images) != len(batch.items):
+                log.error(
+                    "batch %d: %d images came back for %d", batch.id, len(outcome.images), len(batch.items)
+                )
+                outcome = BatchFailure(
+                    f"the engine returned {len(outcome.images)} images for {len(batch.items)}"
+                )
+            else:
+                self._measure(len(batch.items), self._clock() - handed_out[1])
+                # Files are written outside the lock (they are the slow part); rows are added under it.
+                written = [
+                    (item, image)
+                    for item, image in zip(batch.items, outcome.images, strict=True)
+                    if item.job_id in self._active
+                ]
+                try:
+                    hashes = await asyncio.to_thread(
+                        self._store.write_image_files, [(i.job_id, i.index, g.image) for i, g in written]
+                    )
+                except OSError as exc:
+                    log.exception("batch %d: could not write its images", batch.id)
+                    outcome = BatchFailure(f"the images could not be saved ({exc.strerror or exc})")
+        finished = _Finished(batch, outcome, written, hashes, asyncio.get_running_loop().create_future())
+        self._finished.append(finished)
+        if self._recorder is None:
+            self._recorder = asyncio.create_task(self._record_finished(), name="i2p2i-batch-results")
+        await asyncio.shield(finished.future)
+
+    def _measure(self, images: int, elapsed_s: float) -> None:
+        if elapsed_s > 0:
+            rate = images / elapsed_s
+            previous = self._images_per_s
+            self._images_per_s = rate if previous is None else previous + _RATE_SMOOTHING * (rate - previous)
+
+    async def _record_finished(self) -> None:
+        """Record batch results as they come, all results waiting at one moment in one transaction."""
+        try:
+            while self._finished:
+                async with self._lock:
+                    group, self._finished = self._finished, []
+                    try:
+                        for finished in group:
+                            if isinstance(finished.outcome, BatchFailure):
+                                await self._record_failure(finished.batch, finished.outcome)
+                        results = [f for f in group if isinstance(f.outcome, BatchResult)]
+                        discarded = await self._record_images(results) if results else []
+                    except BaseException as exc:
+                        for finished in group:
+                            if not finished.future.done():
+                                finished.future.set_exception(exc)
+                        if not isinstance(exc, Exception):
+                            raise
+                        continue
+                if discarded:
+                    await asyncio.to_thread(self._store.remove_image_files, discarded)
+                for finished in group:
+                    if not finished.future.done():
+                        finished.future.set_result(None)
+        finally:
+            self._recorder = None
+            left, self._finished = self._finished, []
+            for finished in left:  # only when this task was cancelled
+                finished.future.cancel()
+
+    # -- scheduling -----------------------------------------------------------------------------------
+
+    def _plan(self) -> list[tuple[_Active, int]]:
+        """The next batch: one image per member per pass, in ring order, all with the first job's params."""
+        if not self._users:
+            return []
+        limit = self._settings.max_batch_images
+        head = next(iter(self._users.values()))[0]
+        if head.solo:
+            return [(head, index) for index in itertools.islice(head.pending, limit)]
+        params = head.params
+        plan: list[tuple[_Active, int]] = []
+        streams: list[Iterator[tuple[_Active, int]]] = []
+        for jobs in self._users.values():
+            stream = _compatible(jobs, params)
+            item = next(stream, None)
+            if item is None:
+                continue
+            plan.append(item)
+            if len(plan) == limit:
+                return plan
+            streams.append(stream)
+        while streams:
+            still: list[Iterator[tuple[_Active, int]]] = []
+            for stream in streams:
+                item = next(stream, None)
+                if item is None:
+                    continue
+                plan.append(item)
+                if len(plan) == limit:
+                    return plan
+                still.append(stream)
+            streams = still
+        return plan
+
+    async def _dispatch(self, plan: list[tuple[_Active, int]]) -> Batch:
+        now = self._clock()
+        jobs = list(dict.fromkeys(active for active, _ in plan))
+        await self._store.mark_running([a.id for a in jobs], now)
+        last_served: dict[int, int] = {}
+        for position, (active, index) in enumerate(plan):
+            taken = active.pending.popleft()
+            assert taken == index, "a batch must take each job's images in order"
+            active.in_flight.add(index)
+            owner = active.owner
+            self._drop_pending(owner, 1)
+            last_served[owner] = position
+        for owner in last_served:
+            queue = self._users[owner]
+            while queue and not queue[0].pending:
+                queue.popleft()
+            if not queue:
+                del self._users[owner]
+        for owner in sorted(last_served, key=last_served.__getitem__):
+            if owner in self._users:
+                self._users.move_to_end(owner)
+        batch = Batch(
+            next(self._batch_ids),
+            jobs[0].params,
+            tuple(BatchItem(a.id, index, a.job.spec(index, a.embedding)) for a, index in plan),
+        )
+        self._outstanding[batch.id] = (batch, self._clock())
+        self._in_flight_images += len(plan)
+        for active in jobs:
+            if active.status is JobStatus.QUEUED:
+                active.status = JobStatus.RUNNING
+                active.started_at = now
+                self._publish(EventKind.STARTED, active)
+        return batch
+
+    async def _record_images(self, results: list[_Finished]) -> list[tuple[int, int]]:
+        """Store batches' images and the jobs they finish; return (job, index) of files nobody wants now."""
+        now = self._clock()
+        rows: list[StoredImage] = []
+        discarded: list[tuple[int, int]] = []
+        made: dict[int, list[int]] = {}
+        sent: dict[int, list[int]] = {}
+        for finished in results:
+            for item in finished.batch.items:
+                sent.setdefault(item.job_id, []).append(item.index)
+            for (item, generated), sha256 in zip(finished.written, finished.hashes, strict=True):
+                if item.job_id not in self._active:  # cancelled or forgotten while the files were written
+                    discarded.append((item.job_id, item.index))
+                    continue
+                seed = item.spec.seed
+                rows.append(
+                    StoredImage(
+                        item.job_id, item.index, seed, generated.nsfw, generated.fidelity, sha256, now
+                    )
+                )
+                made.setdefault(item.job_id, []).append(item.index)
+        changes = []
+        for job_id, indices in sent.items():
+            active = self._active.get(job_id)
+            if active is None:
+                continue
+            if active.done + len(made.get(job_id, ())) == active.count:
+                changes.append(JobChange(job_id, JobStatus.COMPLETE, active.attempts, False, None, None, now))
+            else:
+                in_flight = len(active.in_flight) > len(indices)
+                changes.append(JobChange(job_id, JobStatus.RUNNING, active.attempts, in_flight, active.error))
+        await self._store.save_changes(changes, rows)
+        for change in changes:
+            active = self._active[change.job_id]
+            active.in_flight.difference_update(sent[change.job_id])
+            for index in made.get(change.job_id, ()):
+                active.done += 1
+                path = self._store.image_file(change.job_id, index)
+                self._publish(EventKind.IMAGE, active, image_index=index, image_path=path)
+            if change.status is JobStatus.COMPLETE:
+                self._remove(active)
+                active.status = JobStatus.COMPLETE
+                self._publish(EventKind.FINISHED, active)
+        return discarded
+
+    async def _record_failure(self, batch: Batch, failure: BatchFailure) -> None:
+        now = self._clock()
+        sent = _indices_by_job(batch)
+        blamed = len(sent) == 1
+        changes: dict[int, JobChange] = {}
+        for job_id in sent:
+            active = self._active.get(job_id)
+            if active is None:
+                continue
+            attempts = active.attempts + int(failure.kind is FailureKind.TRANSIENT and blamed)
+            if failure.kind is FailureKind.PERMANENT or attempts >= self._settings.max_attempts:
+                reason = failure.reason
+                if failure.kind is not FailureKind.PERMANENT:
+                    reason = f"{reason} (gave up after {_count(attempts, 'try', 'tries')})"
+                changes[job_id] = JobChange(job_id, JobStatus.FAILED, attempts, False, reason, None, now)
+            else:
+                error = failure.reason if failure.kind is FailureKind.TRANSIENT else active.error
+                changes[job_id] = JobChange(job_id, JobStatus.RUNNING, attempts, False, error)
+        await self._store.save_changes(list(changes.values()))
+        log.warning(
+            "batch %d (%d images) failed (%s): %s", batch.id, len(batch.items), failure.kind, failure.reason
+        )
+        for job_id, change in changes.items():
+            active = self._active[job_id]
+            active.attempts = change.attempts
+            active.error = change.error
+            if change.status is JobStatus.FAILED:
+                self._remove(active)
+                active.status = JobStatus.FAILED
+                self._publish(EventKind.FAILED, active, error=change.error)
+        # Reversed, so that after each member moves to the front of the ring they keep their order.
+        for job_id, change in reversed(changes.items()):
+            if change.status is JobStatus.FAILED:
+                continue
+            active = self._active[job_id]
+            back = sent[job_id]
+            active.in_flight.difference_update(back)
+            active.solo = active.solo or (failure.kind is FailureKind.TRANSIENT and not blamed)
+            self._requeue(active, back)
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+
+    def _add(self, active: _Active) -> None:
+        owner = active.owner
+        self._active[active.id] = active
+        self._owner_jobs[owner] += 1
+        if active.pending:
+            self._pending_images[owner] += len(active.pending)
+            queue = self._users.get(owner)
+            if queue is None:
+                self._users[owner] = deque([active])
+            else:
+                _insert_by_id(queue, active)
+        self._idle.clear()
+        self._wakeup.set()
+
+    def _requeue(self, active: _Active, indices: list[int]) -> None:
+        """Put images back at the front of their job, and the member at the front of the ring."""
+        owner = active.owner
+        was_waiting = bool(active.pending)
+        active.pending = deque(sorted({*active.pending, *indices}))
+        self._pending_images[owner] += len(indices)
+        queue = self._users.setdefault(owner, deque())
+        if not was_waiting:
+            _insert_by_id(queue, active)
+        self._users.move_to_end(owner, last=False)
+        self._wakeup.set()
+
+    def _remove(self, active: _Active) -> None:
+        owner = active.owner
+        del self._active[active.id]
+        self._owner_jobs[owner] -= 1
+        if not self._owner_jobs[owner]:
+            del self._owner_jobs[owner]
+        if active.pending:
+            self._drop_pending(owner, len(active.pending))
+            active.pending.clear()
+            queue = self._users[owner]
+            queue.remove(active)
+            if not queue:
+                del self._users[owner]
+        self._note_if_idle()
+
+    def _note_if_idle(self) -> None:
+        if not self._active and not self._reserved_total:
+            self._idle.set()
+
+    def _drop_pending(self, owner: int, n: int) -> None:
+        self._pending_images[owner] -= n
+        if self._pending_images[owner] <= 0:
+            del self._pending_images[owner]
+
+    def _publish(
+        self,
+        kind: EventKind,
+        active: _Active,
+        *,
+        step: int = 0,
+        total_steps: int = 0,
+        image_index: int | None = None,
+        image_path: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        event = JobEvent(
+            kind,
+            active.id,
+            active.owner,
+            active.done,
+            active.count,
+            step,
+            total_steps,
+            image_index,
+            image_path,
+            error,
+        )
+        self.events.publish(event)
+
+    async def _embedding(self, interrogation_id: int) -> tuple[float, ...] | None:
+        """Source embeddings, shared between the jobs made from one interrogation."""
+        if interrogation_id in self._embeddings:
+            self._embeddings.move_to_end(interrogation_id)
+            return self._embeddings[interrogation_id]
+        embedding = await self._store.interrogation_embedding(interrogation_id)
+        self._embeddings[interrogation_id] = embedding
+        if len(self._embeddings) > _EMBEDDING_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    async def _recover(self) -> None:
+        """Bring back unfinished jobs: queued ones in order, running ones with only their missing images."""
+        async with self._lock:
+            rows = await self._store.active_jobs()
+            running = [job.id for job, _ in rows if job.status is JobStatus.RUNNING]
+            stored = await self._store.stored_indices(running)
+            await asyncio.to_thread(self._store.remove_temp_files, running)
+            now = self._clock()
+            changes: list[JobChange] = []
+            revived: list[tuple[Job, set[int], bool]] = []
+            for job, in_flight in rows:
+                done = stored.get(job.id, set())
+                attempts = job.attempts + int(in_flight)
+                if len(done) >= job.count:
+                    changes.append(JobChange(job.id, JobStatus.COMPLETE, attempts, False, None, None, now))
+                elif attempts >= self._settings.max_attempts:
+                    reason = f"generation was interrupted or failed {_count(attempts, 'time')}; giving up"
+                    changes.append(JobChange(job.id, JobStatus.FAILED, attempts, False, reason, None, now))
+                else:
+                    if in_flight:
+                        changes.append(JobChange(job.id, job.status, attempts, False, job.error))
+                    revived.append((dataclasses.replace(job, attempts=attempts), done, in_flight))
+            await self._store.save_changes(changes)
+            for job, done, interrupted in revived:
+                embedding = None
+                if job.interrogation_id is not None:
+                    embedding = await self._embedding(job.interrogation_id)
+                pending = deque(i for i in range(job.count) if i not in done)
+                self._add(_Active(job, pending, embedding, done=len(done), solo=interrupted))
+        if rows:
+            log.info(
+                "recovered %d unfinished jobs (%d running, %d given up or already complete)",
+                len(rows),
+                len(running),
+                len(changes) - sum(1 for c in changes if c.status is JobStatus.RUNNING),
+            )
+
+
+def _indices_by_job(batch: Batch) -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
+    for item in batch.items:
+        found.setdefault(item.job_id, []).append(item.index)
+    return found
+
+
+def _compatible(jobs: deque[_Active], params: GenerationParams) -> Iterator[tuple[_Active, int]]:
+    """A member's images that can join a batch: their FIFO's head jobs with the same params, in order."""
+    for active in jobs:
+        if active.solo or active.params != params:
+            return
+        for index in active.pending:
+            yield active, index
+
+
+def _insert_by_id(queue: deque[_Active], active: _Active) -> None:
+    if not queue or queue[-1].id < active.id:
+        queue.append(active)  # a new job: the usual case
+        return
+    ids = [a.id for a in queue]
+    queue.insert(bisect.bisect(ids, active.id), active)
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"

@@ -1,0 +1,860 @@
+"""The SQLite history and job store: one aiosqlite connection, numbered migrations, every query in one place.
+
+Image files live beside the database, under `images_dir/<job id>/<index>.png`; the images table records them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.resources
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import time
+from array import array
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+from PIL import Image
+
+from i2p2i_bot.config import Settings
+from i2p2i_bot.generate import GenerationParams
+from i2p2i_bot.interrogate import Candidate, Interrogation
+from i2p2i_bot.jobs import Delivery, Job, JobRequest, JobStatus
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# SQLite allows 32766 bound variables; stay far below it in IN (...) lists.
+_IN_CHUNK = 500
+
+
+class StoreError(Exception):
+    """The database cannot be used by this version of the code (for example, a newer schema)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def packaged_migrations() -> tuple[Migration, ...]:
+    """The numbered SQL files shipped in i2p2i_bot/migrations, in order."""
+    folder = importlib.resources.files("i2p2i_bot").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    return tuple(sorted(found, key=lambda m: m.version))
+
+
+@dataclass(frozen=True)
+class JobChange:
+    """A job's new state, written by the queue in the same transaction as the images that caused it."""
+
+    job_id: int
+    status: JobStatus
+    attempts: int
+    in_flight: bool
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    job_id: int
+    index: int
+    seed: int
+    nsfw: bool
+    fidelity: float | None
+    sha256: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job with the images stored for it so far: what /info shows and what a reroll starts from."""
+
+    job: Job
+    images: tuple[StoredImage, ...]
+
+
+@dataclass(frozen=True)
+class StoredInterrogation:
+    """One member's interrogation request and its result (computed for them or served from the cache)."""
+
+    id: int
+    result_id: int
+    user_id: int
+    guild_id: int | None
+    channel_id: int | None
+    source_sha256: str
+    cached: bool
+    created_at: float
+    interrogation: Interrogation
+
+
+@dataclass(frozen=True)
+class UserStats:
+    user_id: int
+    jobs: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    interrogations: int = 0
+    cache_hits: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+
+
+@dataclass(frozen=True)
+class GlobalStats:
+    users: int = 0
+    jobs: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    interrogations: int = 0
+    cache_hits: int = 0
+    # Mean seconds from a job's start to its completion, over complete jobs.
+    mean_job_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    jobs: int
+    images: int
+    interrogations: int
+
+
+class Store:
+    """The job and history store. Open with `Store.open`; every method may be awaited from the event loop."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, images_dir: Path) -> None:
+        self._db = db
+        self.path = path
+        self.images_dir = images_dir
+        self._images_root = str(images_dir)
+        # One connection carries every statement; the lock keeps each transaction's statements together.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        images_dir: str | Path,
+        busy_timeout_ms: int = 5000,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        migrations: Sequence[Migration] | None = None,
+    ) -> Store:
+        """Connect, set the pragmas and apply any migrations the file has not seen, all in one transaction."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL (got {synchronous!r})")
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode survives any process crash; only a power cut can lose the last commits.
+            await db.execute(f"PRAGMA synchronous = {synchronous}")
+            await db.execute("PRAGMA foreign_keys = ON")
+            store = cls(db, path, Path(images_dir))
+            await store._migrate(packaged_migrations() if migrations is None else migrations)
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> Store:
+        return await cls.open(
+            settings.database_path,
+            images_dir=settings.data_path / "images",
+            busy_timeout_ms=settings.store.busy_timeout_ms,
+            synchronous=settings.store.synchronous,
+        )
+
+    async def close(self) -> None:
+        """Close the connection; the last one out folds the WAL back into the database file."""
+        async with self._lock:
+            await self._db.close()
+
+    async def _migrate(self, migrations: Sequence[Migration]) -> None:
+        versions = [m.version for m in migrations]
+        if versions != list(range(1, len(versions) + 1)):
+            raise StoreError(f"migrations must be numbered 1, 2, 3... without gaps (got {versions})")
+        current = await self.schema_version()
+        if current > len(migrations):
+            raise StoreError(
+                f"{self.path} has schema version {current}, newer than this code knows ({len(migrations)})"
+            )
+        pending = [m for m in migrations if m.version > current]
+        if not pending:
+            return
+        script = "\n".join(
+            [
+                "BEGIN IMMEDIATE;",
+                *(m.sql for m in pending),
+                f"PRAGMA user_version = {pending[-1].version};",
+                "COMMIT;",
+            ]
+        )
+        async with self._lock:
+            try:
+                await self._db.executescript(script)
+            except BaseException:
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
+                raise
+
+    async def schema_version(self) -> int:
+        rows = await self._fetchall("PRAGMA user_version")
+        return int(rows[0][0])
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    async def _fetchall(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[sqlite3.Row]:
+        async with self._lock:
+            return list(await self._db.execute_fetchall(query, params))
+
+    async def _execute(self, query: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> int:
+        """Run one statement in its own transaction; return the number of rows it changed."""
+        async with self._lock, self._db.execute(query, params) as cursor:
+            return cursor.rowcount
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    # -- jobs -----------------------------------------------------------------------------------------
+
+    async def insert_job(self, request: JobRequest, seeds: Sequence[int], now: float | None = None) -> Job:
+        """Store a new queued job with its seeds and return it."""
+        (job,) = await self.insert_jobs([(request, seeds)], now)
+        return job
+
+    async def insert_jobs(
+        self, entries: Sequence[tuple[JobRequest, Sequence[int]]], now: float | None = None
+    ) -> list[Job]:
+        """Store new queued jobs, in order, with one commit for all of them; return them with their ids."""
+        now = time.time() if now is None else now
+        for request, seeds in entries:
+            if len(seeds) != request.count:
+                raise ValueError(f"{len(seeds)} seeds for {request.count} images")
+        values = [_job_values(request, seeds, now) for request, seeds in entries]
+        columns = """
+            owner_id, guild_id, channel_id, origin, request_key, parent_job_id, interrogation_id,
+            source_sha256, prompt, negative_prompt, count, seeds, model, steps, guidance, width, height,
+            scheduler, status, created_at, delivery_channel_id, delivery_message_id, interaction_token,
+            interaction_expires_at
+        """
+        if len(values) == 1:
+            query = f"""
+                INSERT INTO jobs ({columns}) VALUES ({", ".join("?" * 24)})
+                RETURNING id
+            """
+            ids = [row["id"] for row in await self._fetchall(query, values[0])]
+        else:
+            # One transaction with the ids chosen up front: RETURNING does not promise the rows' order, and
+            # the write lock held by BEGIN IMMEDIATE keeps anyone else from taking these ids meanwhile.
+            async with self._transaction() as db:
+                query = """
+                    SELECT MAX(
+                        COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
+                        COALESCE((SELECT MAX(id) FROM jobs), 0)
+                    ) AS last
+                """
+                last = next(iter(await db.execute_fetchall(query)))["last"]
+                ids = list(range(last + 1, last + 1 + len(values)))
+                query = f"""INSERT INTO jobs (id, {columns}) VALUES ({", ".join("?" * 25)})"""
+                await db.executemany(query, [(job_id, *row) for job_id, row in zip(ids, values, strict=True)])
+        return [
+            _job_from_request(job_id, request, seeds, now)
+            for job_id, (request, seeds) in zip(ids, entries, strict=True)
+        ]
+
+    async def get_job(self, job_id: int) -> Job | None:
+        query = """SELECT * FROM jobs WHERE id = ?"""
+        rows = await self._fetchall(query, (job_id,))
+        return _job_from_row(rows[0]) if rows else None
+
+    async def job_by_request_key(self, request_key: str) -> Job | None:
+        query = """SELECT * FROM jobs WHERE request_key = ?"""
+        rows = await self._fetchall(query, (request_key,))
+        return _job_from_row(rows[0]) if rows else None
+
+    async def active_jobs(self) -> list[tuple[Job, bool]]:
+        """Queued and running jobs in the order they were submitted, each with its in-flight flag."""
+        query = """SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY id"""
+        rows = await self._fetchall(query)
+        return [(_job_from_row(row), bool(row["in_flight"])) for row in rows]
+
+    async def stored_indices(self, job_ids: Iterable[int]) -> dict[int, set[int]]:
+        """For each job, the indices of the images already stored."""
+        found: dict[int, set[int]] = {}
+        ids = list(job_ids)
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            query = f"""SELECT job_id, image_index FROM images WHERE job_id IN ({marks})"""
+            for row in await self._fetchall(query, chunk):
+                found.setdefault(row["job_id"], set()).add(row["image_index"])
+        return found
+
+    async def save_changes(self, changes: Sequence[JobChange], images: Sequence[StoredImage] = ()) -> None:
+        """Record new images and job states in one transaction.
+
+        A job that is already final (cancelled, say) keeps its state: the update only touches active jobs.
+        """
+        if not changes and not images:
+            return
+        async with self._transaction() as db:
+            if images:
+                query = """
+                    INSERT INTO images (job_id, image_index, seed, nsfw, fidelity, sha256, created_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?)
+                """
+                await db.executemany(
+                    query,
+                    [
+                        (i.job_id, i.index, i.seed, int(i.nsfw), i.fidelity, i.sha256, i.created_at)
+                        for i in images
+                    ],
+                )
+            if changes:
+                query = """
+                    UPDATE jobs
+                    SET status = ?, attempts = ?, in_flight = ?, error = ?,
+                        started_at = COALESCE(started_at, ?), finished_at = ?
+                    WHERE id = ? AND status IN ('queued', 'running')
+                """
+                await db.executemany(
+                    query,
+                    [
+                        (
+                            c.status.value,
+                            c.attempts,
+                            int(c.in_flight),
+                            c.error,
+                            c.started_at,
+                            c.finished_at,
+                            c.job_id,
+                        )
+                        for c in changes
+                    ],
+                )
+
+    async def mark_running(self, job_ids: Sequence[int], now: float) -> None:
+        """Mark jobs as running with images on the GPU, in one statement (so one commit)."""
+        for start in range(0, len(job_ids), _IN_CHUNK):
+            chunk = list(job_ids[start : start + _IN_CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            query = f"""
+                UPDATE jobs
+                SET status = 'running', in_flight = 1, started_at = COALESCE(started_at, ?)
+                WHERE id IN ({marks}) AND status IN ('queued', 'running')
+            """
+            await self._execute(query, [now, *chunk])
+
+    async def set_delivery(self, job_id: int, delivery: Delivery) -> None:
+        """Remember where a job's results go (the bot's status message, a fresh interaction token...)."""
+        query = """
+            UPDATE jobs
+            SET delivery_channel_id = ?, delivery_message_id = ?, interaction_token = ?,
+                interaction_expires_at = ?
+            WHERE id = ?
+        """
+        await self._execute(
+            query,
+            (
+                delivery.channel_id,
+                delivery.message_id,
+                delivery.interaction_token,
+                delivery.token_expires_at,
+                job_id,
+            ),
+        )
+
+    async def mark_delivered(self, job_id: int, now: float | None = None) -> None:
+        """The job's final message was sent; the interaction token is no longer needed, so it is dropped."""
+        query = """UPDATE jobs SET delivered_at = ?, interaction_token = NULL WHERE id = ?"""
+        await self._execute(query, (time.time() if now is None else now, job_id))
+
+    async def undelivered_jobs(self, limit: int = 100) -> list[Job]:
+        """Final jobs whose result was never sent (the bot was down, or stopped right after they finished)."""
+        query = """
+            SELECT * FROM jobs
+            WHERE delivered_at IS NULL AND status IN ('complete', 'failed', 'cancelled')
+            ORDER BY id LIMIT ?
+        """
+        return [_job_from_row(row) for row in await self._fetchall(query, (limit,))]
+
+    # -- image files ----------------------------------------------------------------------------------
+
+    def image_path(self, job_id: int, index: int) -> Path:
+        return Path(self.image_file(job_id, index))
+
+    def image_file(self, job_id: int, index: int) -> str:
+        """The PNG's path as a string (cheaper than a Path where many are made)."""
+        return f"{self._images_root}{os.sep}{job_id}{os.sep}{index}.png"
+
+    def write_image_files(self, images: Sequence[tuple[int, int, Image.Image]]) -> list[str]:
+        """Write (job id, index, image) as PNG files and return their sha256s. Blocking: run it off the loop.
+
+        Each file is written under a temporary name and renamed, so a kill never leaves half a PNG.
+        """
+        hashes = []
+        made: set[int] = set()
+        suffix = f".{os.getpid()}.tmp"
+        for job_id, index, image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data = buffer.getvalue()
+            folder = f"{self._images_root}{os.sep}{job_id}"
+            if job_id not in made:
+                try:
+                    os.mkdir(folder)
+                except FileExistsError:
+                    pass
+                except FileNotFoundError:
+                    os.makedirs(folder, exist_ok=True)
+                made.add(job_id)
+            temp = f"{folder}{os.sep}.{index}.png{suffix}"
+            with open(temp, "wb") as file:
+                file.write(data)
+            os.replace(temp, f"{folder}{os.sep}{index}.png")
+            hashes.append(hashlib.sha256(data).hexdigest())
+        return hashes
+
+    def remove_image_files(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Delete the files of images that were made but will not be recorded. Blocking."""
+        for job_id, index in keys:
+            path = self.image_path(job_id, index)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder of a job with no image left (or still in use)
+                path.parent.rmdir()
+
+    def remove_temp_files(self, job_ids: Iterable[int]) -> None:
+        """Delete half-written files a killed process left in these jobs' folders. Blocking."""
+        for job_id in job_ids:
+            folder = self.images_dir / str(job_id)
+            if folder.is_dir():
+                for temp in folder.glob(".*.tmp"):
+                    temp.unlink(missing_ok=True)
+
+    # -- interrogations -------------------------------------------------------------------------------
+
+    async def find_interrogation(
+        self, source_sha256: str, mode: str, models: Mapping[str, str]
+    ) -> tuple[int, Interrogation] | None:
+        """The cached result for these image bytes, mode and models, with its result id, if there is one."""
+        query = """SELECT * FROM interrogation_results WHERE source_sha256 = ? AND mode = ? AND models = ?"""
+        rows = await self._fetchall(query, (source_sha256, mode, _models_key(models)))
+        return (rows[0]["id"], _interrogation_from_row(rows[0])) if rows else None
+
+    async def add_interrogation(
+        self,
+        interrogation: Interrogation,
+        *,
+        source_sha256: str,
+        user_id: int,
+        models: Mapping[str, str] | None = None,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+        now: float | None = None,
+    ) -> StoredInterrogation:
+        """Store a freshly computed result (once per key) and this member's request for it."""
+        now = time.time() if now is None else now
+        models_key = _models_key(interrogation.models if models is None else models)
+        async with self._transaction() as db:
+            query = """
+                INSERT INTO interrogation_results (
+                    source_sha256, mode, models, prompt, score, caption, negative, candidates,
+                    image_embedding, timings, created_at
+                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (source_sha256, mode, models) DO NOTHING
+            """
+            await db.execute(
+                query,
+                (
+                    source_sha256,
+                    interrogation.mode,
+                    models_key,
+                    interrogation.prompt,
+                    interrogation.score,
+                    interrogation.caption,
+                    interrogation.negative,
+                    json.dumps([[c.mode, c.prompt, c.score] for c in interrogation.candidates]),
+                    _embedding_blob(interrogation.image_embedding),
+                    json.dumps(interrogation.timings_s),
+                    now,
+                ),
+            )
+            query = (
+                """SELECT id FROM interrogation_results WHERE source_sha256 = ? AND mode = ? AND models = ?"""
+            )
+            rows = await db.execute_fetchall(query, (source_sha256, interrogation.mode, models_key))
+            result_id = next(iter(rows))["id"]
+            request_id = await self._insert_request(db, result_id, user_id, guild_id, channel_id, False, now)
+        return StoredInterrogation(
+            request_id, result_id, user_id, guild_id, channel_id, source_sha256, False, now, interrogation
+        )
+
+    async def add_cache_hit(
+        self,
+        result_id: int,
+        interrogation: Interrogation,
+        *,
+        source_sha256: str,
+        user_id: int,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+        now: float | None = None,
+    ) -> StoredInterrogation:
+        """Record a member's request that was answered from the cache."""
+        now = time.time() if now is None else now
+        async with self._transaction() as db:
+            request_id = await self._insert_request(db, result_id, user_id, guild_id, channel_id, True, now)
+        return StoredInterrogation(
+            request_id, result_id, user_id, guild_id, channel_id, source_sha256, True, now, interrogation
+        )
+
+    @staticmethod
+    async def _insert_request(
+        db: aiosqlite.Connection,
+        result_id: int,
+        user_id: int,
+        guild_id: int | None,
+        channel_id: int | None,
+        cached: bool,
+        now: float,
+    ) -> int:
+        query = """
+            INSERT INTO interrogations (result_id, user_id, guild_id, channel_id, cached, created_at)
+            VALUES (?, ?, ?, ?, ?, ?)
+            RETURNING id
+        """
+        rows = await db.execute_fetchall(query, (result_id, user_id, guild_id, channel_id, int(cached), now))
+        return int(next(iter(rows))["id"])
+
+    async def get_interrogation(self, interrogation_id: int) -> StoredInterrogation | None:
+        query = """
+            SELECT i.id AS request_id, i.user_id, i.guild_id, i.channel_id, i.cached,
+                   i.created_at AS requested_at, r.*
+            FROM interrogations AS i JOIN interrogation_results AS r ON r.id = i.result_id
+            WHERE i.id = ?
+        """
+        rows = await self._fetchall(query, (interrogation_id,))
+        return _stored_interrogation_from_row(rows[0]) if rows else None
+
+    async def interrogation_embedding(self, interrogation_id: int) -> tuple[float, ...] | None:
+        """The source image's CLIP embedding for an interrogation request, or None if it is gone."""
+        query = """
+            SELECT r.image_embedding
+            FROM interrogations AS i JOIN interrogation_results AS r ON r.id = i.result_id
+            WHERE i.id = ?
+        """
+        rows = await self._fetchall(query, (interrogation_id,))
+        return _embedding_from_blob(rows[0]["image_embedding"]) if rows else None
+
+    # -- history --------------------------------------------------------------------------------------
+
+    async def recent_jobs(self, owner_id: int, limit: int = 10) -> list[Job]:
+        query = """SELECT * FROM jobs WHERE owner_id = ? ORDER BY id DESC LIMIT ?"""
+        return [_job_from_row(row) for row in await self._fetchall(query, (owner_id, limit))]
+
+    async def recent_interrogations(self, user_id: int, limit: int = 10) -> list[StoredInterrogation]:
+        query = """
+            SELECT i.id AS request_id, i.user_id, i.guild_id, i.channel_id, i.cached,
+                   i.created_at AS requested_at, r.*
+            FROM interrogations AS i JOIN interrogation_results AS r ON r.id = i.result_id
+            WHERE i.user_id = ?
+            ORDER BY i.id DESC LIMIT ?
+        """
+        return [_stored_interrogation_from_row(row) for row in await self._fetchall(query, (user_id, limit))]
+
+    async def search_jobs(self, text: str, *, owner_id: int | None = None, limit: int = 10) -> list[Job]:
+        """Jobs whose prompt contains the text (case-insensitive for ASCII), newest first."""
+        query = """
+            SELECT * FROM jobs
+            WHERE prompt LIKE ? ESCAPE '\\' AND (? IS NULL OR owner_id = ?)
+            ORDER BY id DESC LIMIT ?
+        """
+        rows = await self._fetchall(query, (_like_pattern(text), owner_id, owner_id, limit))
+        return [_job_from_row(row) for row in rows]
+
+    async def search_interrogations(
+        self, text: str, *, user_id: int | None = None, limit: int = 10
+    ) -> list[StoredInterrogation]:
+        """Interrogations whose prompt contains the text, newest first."""
+        query = """
+            SELECT i.id AS request_id, i.user_id, i.guild_id, i.channel_id, i.cached,
+                   i.created_at AS requested_at, r.*
+            FROM interrogations AS i JOIN interrogation_results AS r ON r.id = i.result_id
+            WHERE r.prompt LIKE ? ESCAPE '\\' AND (? IS NULL OR i.user_id = ?)
+            ORDER BY i.id DESC LIMIT ?
+        """
+        rows = await self._fetchall(query, (_like_pattern(text), user_id, user_id, limit))
+        return [_stored_interrogation_from_row(row) for row in rows]
+
+    async def job_record(self, job_id: int) -> JobRecord | None:
+        job = await self.get_job(job_id)
+        if job is None:
+            return None
+        query = """SELECT * FROM images WHERE job_id = ? ORDER BY image_index"""
+        images = tuple(_image_from_row(row) for row in await self._fetchall(query, (job_id,)))
+        return JobRecord(job, images)
+
+    async def user_stats(self, user_id: int) -> UserStats:
+        query = """SELECT status, COUNT(*) AS n FROM jobs WHERE owner_id = ? GROUP BY status"""
+        jobs = {row["status"]: row["n"] for row in await self._fetchall(query, (user_id,))}
+        query = """
+            SELECT
+                (SELECT COUNT(*) FROM images AS im JOIN jobs AS j ON j.id = im.job_id WHERE j.owner_id = ?1)
+                    AS images,
+                (SELECT COUNT(*) FROM interrogations WHERE user_id = ?1) AS interrogations,
+                (SELECT COUNT(*) FROM interrogations WHERE user_id = ?1 AND cached = 1) AS cache_hits,
+                (SELECT MIN(t) FROM (
+                    SELECT MIN(created_at) AS t FROM jobs WHERE owner_id = ?1
+                    UNION ALL SELECT MIN(created_at) FROM interrogations WHERE user_id = ?1)) AS first_at,
+                (SELECT MAX(t) FROM (
+                    SELECT MAX(created_at) AS t FROM jobs WHERE owner_id = ?1
+                    UNION ALL SELECT MAX(created_at) FROM interrogations WHERE user_id = ?1)) AS last_at
+        """
+        (row,) = await self._fetchall(query, (user_id,))
+        return UserStats(
+            user_id,
+            jobs,
+            row["images"],
+            row["interrogations"],
+            row["cache_hits"],
+            row["first_at"],
+            row["last_at"],
+        )
+
+    async def global_stats(self) -> GlobalStats:
+        query = """SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"""
+        jobs = {row["status"]: row["n"] for row in await self._fetchall(query)}
+        query = """
+            SELECT
+                (SELECT COUNT(*) FROM (
+                    SELECT owner_id FROM jobs UNION SELECT user_id FROM interrogations)) AS users,
+                (SELECT COUNT(*) FROM images) AS images,
+                (SELECT COUNT(*) FROM interrogations) AS interrogations,
+                (SELECT COUNT(*) FROM interrogations WHERE cached = 1) AS cache_hits,
+                (SELECT AVG(finished_at - started_at) FROM jobs WHERE status = 'complete') AS mean_job_s
+        """
+        (row,) = await self._fetchall(query)
+        return GlobalStats(
+            row["users"], jobs, row["images"], row["interrogations"], row["cache_hits"], row["mean_job_s"]
+        )
+
+    async def forget_user(self, user_id: int) -> ForgetResult:
+        """Delete one member's jobs, images (rows and files) and interrogations.
+
+        Cached results nobody else asked for go too. Call it through JobQueue.forget, which first takes the
+        member's active jobs off the queue, so no batch writes into a job that no longer exists.
+        """
+        async with self._transaction() as db:
+            query = """SELECT id FROM jobs WHERE owner_id = ?"""
+            job_ids = [row["id"] for row in await db.execute_fetchall(query, (user_id,))]
+            query = """
+                SELECT COUNT(*) AS n FROM images WHERE job_id IN (SELECT id FROM jobs WHERE owner_id = ?)
+            """
+            images = next(iter(await db.execute_fetchall(query, (user_id,))))["n"]
+            query = """DELETE FROM jobs WHERE owner_id = ?"""
+            await db.execute(query, (user_id,))
+            query = """DELETE FROM interrogations WHERE user_id = ?"""
+            async with db.execute(query, (user_id,)) as cursor:
+                interrogations = cursor.rowcount
+            query = """
+                DELETE FROM interrogation_results
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM interrogations AS i WHERE i.result_id = interrogation_results.id
+                )
+            """
+            await db.execute(query)
+        await asyncio.to_thread(self._remove_job_folders, job_ids)
+        return ForgetResult(len(job_ids), images, interrogations)
+
+    def _remove_job_folders(self, job_ids: Iterable[int]) -> None:
+        for job_id in job_ids:
+            shutil.rmtree(self.images_dir / str(job_id), ignore_errors=True)
+
+
+# -- row mapping --------------------------------------------------------------------------------------
+
+
+def _job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        owner_id=row["owner_id"],
+        prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        params=GenerationParams(
+            model=row["model"],
+            steps=row["steps"],
+            guidance=row["guidance"],
+            width=row["width"],
+            height=row["height"],
+            scheduler=row["scheduler"],
+        ),
+        seeds=tuple(json.loads(row["seeds"])),
+        status=JobStatus(row["status"]),
+        created_at=row["created_at"],
+        origin=row["origin"],
+        guild_id=row["guild_id"],
+        channel_id=row["channel_id"],
+        interrogation_id=row["interrogation_id"],
+        source_sha256=row["source_sha256"],
+        parent_job_id=row["parent_job_id"],
+        request_key=row["request_key"],
+        attempts=row["attempts"],
+        error=row["error"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        delivery=Delivery(
+            channel_id=row["delivery_channel_id"],
+            message_id=row["delivery_message_id"],
+            interaction_token=row["interaction_token"],
+            token_expires_at=row["interaction_expires_at"],
+        ),
+        delivered_at=row["delivered_at"],
+    )
+
+
+def _job_values(request: JobRequest, seeds: Sequence[int], now: float) -> tuple[Any, ...]:
+    params = request.params
+    delivery = request.delivery
+    return (
+        request.owner_id,
+        request.guild_id,
+        request.channel_id,
+        request.origin,
+        request.request_key,
+        request.parent_job_id,
+        request.interrogation_id,
+        request.source_sha256,
+        request.prompt,
+        request.negative_prompt,
+        request.count,
+        json.dumps(list(seeds)),
+        params.model,
+        params.steps,
+        params.guidance,
+        params.width,
+        params.height,
+        params.scheduler,
+        JobStatus.QUEUED.value,
+        now,
+        delivery.channel_id,
+        delivery.message_id,
+        delivery.interaction_token,
+        delivery.token_expires_at,
+    )
+
+
+def _job_from_request(job_id: int, request: JobRequest, seeds: Sequence[int], now: float) -> Job:
+    return Job(
+        id=job_id,
+        owner_id=request.owner_id,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        params=request.params,
+        seeds=tuple(seeds),
+        status=JobStatus.QUEUED,
+        created_at=now,
+        origin=request.origin,
+        guild_id=request.guild_id,
+        channel_id=request.channel_id,
+        interrogation_id=request.interrogation_id,
+        source_sha256=request.source_sha256,
+        parent_job_id=request.parent_job_id,
+        request_key=request.request_key,
+        delivery=request.delivery,
+    )
+
+
+def _image_from_row(row: sqlite3.Row) -> StoredImage:
+    return StoredImage(
+        job_id=row["job_id"],
+        index=row["image_index"],
+        seed=row["seed"],
+        nsfw=bool(row["nsfw"]),
+        fidelity=row["fidelity"],
+        sha256=row["sha256"],
+        created_at=row["created_at"],
+    )
+
+
+def _interrogation_from_row(row: sqlite3.Row) -> Interrogation:
+    return Interrogation(
+        mode=row["mode"],
+        prompt=row["prompt"],
+        score=row["score"],
+        caption=row["caption"],
+        negative=row["negative"],
+        candidates=tuple(
+            Candidate(mode, prompt, score) for mode, prompt, score in json.loads(row["candidates"])
+        ),
+        image_embedding=_embedding_from_blob(row["image_embedding"]),
+        models=json.loads(row["models"]),
+        timings_s=json.loads(row["timings"]),
+    )
+
+
+def _stored_interrogation_from_row(row: sqlite3.Row) -> StoredInterrogation:
+    return StoredInterrogation(
+        id=row["request_id"],
+        result_id=row["id"],
+        user_id=row["user_id"],
+        guild_id=row["guild_id"],
+        channel_id=row["channel_id"],
+        source_sha256=row["source_sha256"],
+        cached=bool(row["cached"]),
+        created_at=row["requested_at"],
+        interrogation=_interrogation_from_row(row),
+    )
+
+
+def _models_key(models: Mapping[str, str]) -> str:
+    return json.dumps(dict(models), sort_keys=True, separators=(",", ":"))
+
+
+def _embedding_blob(values: Sequence[float]) -> bytes:
+    floats = array("f", values)
+    if sys.byteorder == "big":
+        floats.byteswap()
+    return floats.tobytes()
+
+
+def _embedding_from_blob(blob: bytes) -> tuple[float, ...]:
+    floats = array("f")
+    floats.frombytes(blob)
+    if sys.byteorder == "big":
+        floats.byteswap()
+    return tuple(floats)
+
+
+def _like_pattern(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"

@@ -1,0 +1,66 @@
+"""A zero-cost stand-in for the Stable Diffusion service: tiny solid images whose colour encodes the seed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from PIL import Image
+
+from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, ImageSpec, StepCallback
+
+
+def seed_colour(seed: int) -> tuple[int, int, int]:
+    return (seed & 0xFF, (seed >> 8) & 0xFF, (seed >> 16) & 0xFF)
+
+
+class FakeEngine:
+    """Records every batch it is given; can fail, block on a gate, or call a hook when a batch starts."""
+
+    def __init__(
+        self,
+        *,
+        side: int = 8,
+        fail: Callable[[GenerationParams, Sequence[ImageSpec]], Exception | None] | None = None,
+        on_batch: Callable[[int, GenerationParams, Sequence[ImageSpec]], None] | None = None,
+    ) -> None:
+        self.side = side
+        self.fail = fail
+        self.on_batch = on_batch
+        self.batches: list[tuple[GenerationParams, tuple[ImageSpec, ...]]] = []
+        self.step_threads: set[threading.Thread] = set()
+        # While cleared, a batch waits here after it started (tests release it); set by default.
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def generate_batch(
+        self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
+    ) -> BatchResult:
+        self.batches.append((params, tuple(specs)))
+        if self.on_batch is not None:
+            self.on_batch(len(self.batches), params, specs)
+        self.entered.set()
+        self.gate.wait()
+        for step in range(1, params.steps + 1):
+            if on_step is not None:
+                self.step_threads.add(threading.current_thread())
+                on_step(step, params.steps)
+        if self.fail is not None:
+            error = self.fail(params, specs)
+            if error is not None:
+                raise error
+        images = tuple(
+            GeneratedImage(
+                spec,
+                Image.new("RGB", (self.side, self.side), seed_colour(spec.seed)),
+                nsfw=False,
+                fidelity=0.5 if spec.source_embedding is not None else None,
+            )
+            for spec in specs
+        )
+        return BatchResult(images, {"total": 0.0})
+
+    def owners_by_batch(self, owner_of_prompt: Callable[[str], str]) -> list[list[str]]:
+        """For each recorded batch, who each image was for, read from its prompt."""
+        return [[owner_of_prompt(spec.prompt) for spec in specs] for _, specs in self.batches]

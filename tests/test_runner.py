@@ -1,0 +1,264 @@
+"""The runner on a real GPU thread with a zero-cost engine: order, files, progress, timeouts, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from i2p2i_bot.config import QueueSettings
+from i2p2i_bot.generate import GenerationError, GenerationParams, ImageSpec
+from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.interrogate import Interrogation
+from i2p2i_bot.interrogation_cache import InterrogationCache
+from i2p2i_bot.jobs import EventKind, JobRequest
+from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.store import Store
+from tests.fake_engine import FakeEngine, seed_colour
+
+PARAMS = GenerationParams("tiny", 3, 7.5, 64, 64, "dpm")
+A, B, C = 1, 2, 3
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def gpu() -> Iterator[GpuWorker]:
+    worker = GpuWorker()
+    yield worker
+    worker.close(timeout_s=5)
+
+
+def request(owner: int, count: int = 1, prompt: str | None = None) -> JobRequest:
+    return JobRequest(owner, prompt or f"user {owner}", PARAMS, count=count)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for something another thread does; the limit only keeps a broken test from hanging."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never became true")
+
+
+async def statuses(store: Store, *job_ids: int) -> list[str]:
+    jobs = [await store.get_job(job_id) for job_id in job_ids]
+    return [job.status.value if job else "missing" for job in jobs]
+
+
+async def test_a_late_single_image_lands_in_the_first_or_second_batch(store: Store, gpu: GpuWorker) -> None:
+    """With the runner going, A queues 5 jobs of 8 then B 1 image: B's image is in batch 1 or 2."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=8))
+    engine = FakeEngine()
+    engine.gate.clear()  # the first batch stays on the GPU while the members queue their jobs
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    runner.start()
+    for _ in range(5):
+        await queue.submit(request(A, 8))
+    await queue.submit(request(B, 1))
+    engine.gate.set()
+    await queue.join()
+    await runner.stop()
+    owners = engine.owners_by_batch(lambda prompt: prompt)
+    assert len(owners) == 6
+    assert [i for i, batch in enumerate(owners) if "user 2" in batch] in ([0], [1])
+    assert sum(batch.count("user 1") for batch in owners) == 40
+
+
+async def test_three_users_in_the_recorded_batches(store: Store, gpu: GpuWorker) -> None:
+    """The engine receives batches that interleave three members round-robin, and every image is stored."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=3))
+    engine = FakeEngine()
+    for owner, count in ((A, 3), (A, 3), (B, 2), (C, 1)):
+        await queue.submit(request(owner, count, prompt="ABC"[owner - 1]))
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    runner.start()
+    await queue.join()
+    await runner.stop()
+    assert engine.owners_by_batch(lambda prompt: prompt) == [
+        ["A", "B", "C"],
+        ["A", "B", "A"],
+        ["A", "A", "A"],
+    ]
+    assert (await store.global_stats()).images == 9
+
+
+async def test_images_are_stored_as_pngs_with_their_seed_and_hash(store: Store, gpu: GpuWorker) -> None:
+    """Each image becomes images/<job>/<index>.png; its pixels match its seed and its row holds its sha256."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=2))
+    runner = JobRunner(queue, FakeEngine(), gpu, timeout_s=30)
+    runner.start()
+    job = await queue.submit(JobRequest(A, "x", PARAMS, count=3, seed=70000))
+    await queue.join()
+    await runner.stop()
+    record = await store.job_record(job.id)
+    assert record is not None and record.job.status.value == "complete"
+    assert [(i.index, i.seed) for i in record.images] == [(0, 70000), (1, 70001), (2, 70002)]
+    for image in record.images:
+        path = store.image_path(job.id, image.index)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == image.sha256
+        assert Image.open(path).getpixel((0, 0)) == seed_colour(image.seed)
+
+
+async def test_step_progress_hops_from_the_gpu_thread_to_subscribers(store: Store, gpu: GpuWorker) -> None:
+    """on_step runs on the GPU thread and reaches subscribers as step k/n events, in order, up to n/n."""
+    queue = await JobQueue.open(store, QueueSettings())
+    engine = FakeEngine()
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    job = await queue.submit(request(A, 2))
+    subscription = queue.subscribe(job_id=job.id)
+    runner.start()
+    events = [event async for event in subscription]
+    await runner.stop()
+    assert engine.step_threads == {gpu.thread}
+    kinds = [e.kind for e in events]
+    assert kinds[0] is EventKind.STARTED and kinds[-3:] == [
+        EventKind.IMAGE,
+        EventKind.IMAGE,
+        EventKind.FINISHED,
+    ]
+    # A loop that falls behind sees fewer steps, never an old one after a newer one, and always the last.
+    steps = [(e.step, e.total_steps) for e in events[1:-3]]
+    assert steps and steps == sorted(set(steps)) and steps[-1] == (3, 3)
+    assert {e.kind for e in events[1:-3]} == {EventKind.STEP}
+
+
+async def test_a_batch_past_the_timeout_fails_and_the_queue_goes_on(store: Store, gpu: GpuWorker) -> None:
+    """A batch still running after job_timeout_s fails its jobs with the reason; the next job completes."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=1))
+    engine = FakeEngine()
+    engine.gate.clear()
+    runner = JobRunner(queue, engine, gpu, timeout_s=0.2)
+    runner.start()
+    stuck = await queue.submit(request(A))
+    waiting = queue.subscribe(job_id=stuck.id)
+    later = await queue.submit(request(B))
+    events = [event async for event in waiting]
+    engine.gate.set()
+    await queue.join()
+    await runner.stop()
+    assert [e.kind for e in events][-1] is EventKind.FAILED
+    failed = await store.job_record(stuck.id)
+    assert failed is not None and failed.images == ()
+    assert failed.job.error == "generation took longer than 0.2 s and was abandoned"
+    assert await statuses(store, later.id) == ["complete"]
+
+
+async def test_engine_errors_become_permanent_or_retried_failures(store: Store, gpu: GpuWorker) -> None:
+    """A GenerationError fails the job at once with its sentence; an unexpected one is retried, then fails."""
+
+    def fail(params: GenerationParams, specs: Sequence[ImageSpec]) -> Exception | None:
+        if specs[0].prompt == "too big":
+            return GenerationError("Images can be at most 768 pixels wide.")
+        return RuntimeError("CUDA error") if specs[0].prompt == "flaky" else None
+
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=1, max_attempts=2))
+    engine = FakeEngine(fail=fail)
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    big = await queue.submit(request(A, prompt="too big"))
+    flaky = await queue.submit(request(B, prompt="flaky"))
+    runner.start()
+    await queue.join()
+    await runner.stop()
+    big_job, flaky_job = await store.get_job(big.id), await store.get_job(flaky.id)
+    assert big_job is not None and flaky_job is not None
+    assert (big_job.status.value, big_job.attempts, big_job.error) == (
+        "failed",
+        0,
+        "Images can be at most 768 pixels wide.",
+    )
+    assert (flaky_job.status.value, flaky_job.attempts) == ("failed", 2)
+    assert (
+        flaky_job.error == "generation failed with an internal error (RuntimeError) (gave up after 2 tries)"
+    )
+    assert [specs[0].prompt for _, specs in engine.batches] == ["too big", "flaky", "flaky"]
+
+
+async def test_an_interrogation_overtakes_a_waiting_batch(store: Store, gpu: GpuWorker) -> None:
+    """Interrogations share the GPU thread with priority: one submitted after a batch still runs first."""
+    order: list[str] = []
+    engine = FakeEngine(on_batch=lambda n, params, specs: order.append("generate"))
+    queue = await JobQueue.open(store, QueueSettings())
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    busy = threading.Event()
+    gpu.submit(busy.wait, 5)  # something long already on the GPU thread
+    runner.start()
+    await queue.submit(request(A))
+    await until(lambda: gpu.pending() == 1)  # the batch waits behind it
+
+    def interrogate() -> Interrogation:
+        order.append("interrogate")
+        return Interrogation("best", "a cat", 0.3, "a cat", None, (), (1.0, 0.0))
+
+    cache = InterrogationCache(store, gpu)
+    asking = asyncio.create_task(
+        cache.interrogate(interrogate, source_sha256="s", mode="best", models={"clip": "c"}, user_id=B)
+    )
+    await until(lambda: gpu.pending() == 2)
+    busy.set()
+    described = await asking
+    await queue.join()
+    await runner.stop()
+    assert order == ["interrogate", "generate"]
+    assert described.interrogation.prompt == "a cat" and not described.cached
+
+
+async def test_stop_lets_the_running_batch_finish_and_takes_no_more(store: Store, gpu: GpuWorker) -> None:
+    """On stop, the batch on the GPU is finished and stored; queued jobs stay queued for the next start."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=1))
+    engine = FakeEngine()
+    engine.gate.clear()
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    first = await queue.submit(request(A))
+    second = await queue.submit(request(B))
+    task = runner.start()
+    await asyncio.to_thread(engine.entered.wait, 5)
+    stopping = asyncio.create_task(runner.stop(grace_s=30))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    engine.gate.set()
+    await stopping
+    assert task.done() and queue.closed
+    assert await statuses(store, first.id, second.id) == ["complete", "queued"]
+    assert len(engine.batches) == 1
+
+
+async def test_stop_after_the_grace_period_hands_the_batch_back_uncharged(
+    store: Store, gpu: GpuWorker
+) -> None:
+    """A batch still running after the grace period is handed back uncharged and redone on the next start."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=2))
+    engine = FakeEngine()
+    engine.gate.clear()
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    job = await queue.submit(request(A, 2))
+    runner.start()
+    try:
+        await asyncio.to_thread(engine.entered.wait, 5)
+        await runner.stop(grace_s=0.05)
+        stopped = await store.get_job(job.id)
+        assert stopped is not None and (stopped.status.value, stopped.attempts) == ("running", 0)
+        assert await store.stored_indices([job.id]) == {}
+    finally:
+        engine.gate.set()
+
+    revived = await JobQueue.open(store, QueueSettings(max_batch_images=2))
+    assert [(j.id, j.attempts) for j in revived.active_jobs()] == [(job.id, 0)]
+    again = JobRunner(revived, FakeEngine(), gpu, timeout_s=30)
+    again.start()
+    await revived.join()
+    await again.stop()
+    assert await statuses(store, job.id) == ["complete"]
+    assert await store.stored_indices([job.id]) == {job.id: {0, 1}}

@@ -1,0 +1,311 @@
+"""The SQLite store: migrations, jobs and images, the interrogation cache, history queries and /forget."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from i2p2i_bot.generate import GenerationParams
+from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.interrogate import Candidate, Interrogation
+from i2p2i_bot.interrogation_cache import InterrogationCache
+from i2p2i_bot.jobs import Delivery, JobRequest, JobStatus
+from i2p2i_bot.store import (
+    JobChange,
+    Migration,
+    Store,
+    StoredImage,
+    StoreError,
+    packaged_migrations,
+)
+
+PARAMS = GenerationParams("tiny", 2, 7.5, 64, 64, "dpm")
+
+
+async def open_store(tmp_path: Path, migrations: list[Migration] | None = None) -> Store:
+    return await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images", migrations=migrations)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await open_store(tmp_path)
+    yield store
+    await store.close()
+
+
+def make_interrogation(prompt: str = "a cat, oil painting", mode: str = "best") -> Interrogation:
+    return Interrogation(
+        mode=mode,
+        prompt=prompt,
+        score=0.31,
+        caption="a cat",
+        negative=None,
+        candidates=(Candidate(mode, prompt, 0.31), Candidate(mode, "a dog", 0.12)),
+        image_embedding=(0.6, 0.8, 0.0),
+        models={"clip": "ViT-L-14/openai"},
+        timings_s={"clip": 0.5},
+    )
+
+
+def tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
+    """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
+    store = await open_store(tmp_path)
+    try:
+        assert await store.schema_version() == len(packaged_migrations()) == 1
+        rows = await store._fetchall("PRAGMA journal_mode")
+        assert rows[0][0] == "wal"
+        rows = await store._fetchall("PRAGMA foreign_keys")
+        assert rows[0][0] == 1
+    finally:
+        await store.close()
+    assert {"jobs", "images", "interrogations", "interrogation_results"} <= tables(tmp_path / "db.sqlite3")
+
+
+async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: Path) -> None:
+    """Reopening applies only migrations past user_version and keeps the data already there."""
+    first = list(packaged_migrations())
+    store = await open_store(tmp_path, first)
+    job = await store.insert_job(JobRequest(7, "kept", PARAMS), [1])
+    await store.close()
+
+    note = "ALTER TABLE jobs ADD COLUMN note TEXT; CREATE TABLE extra (x);"
+    second = [*first, Migration(2, "0002_note.sql", note)]
+    store = await open_store(tmp_path, second)
+    try:
+        assert await store.schema_version() == 2
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.prompt == "kept"
+        columns = {row["name"] for row in await store._fetchall("PRAGMA table_info(jobs)")}
+        assert "note" in columns
+    finally:
+        await store.close()
+    # A third open must not run 0002 again (CREATE TABLE extra would fail if it did).
+    store = await open_store(tmp_path, second)
+    assert await store.schema_version() == 2
+    await store.close()
+
+
+async def test_a_failing_migration_leaves_the_file_untouched(tmp_path: Path) -> None:
+    """Pending migrations run in one transaction: if the last fails, the ones before it roll back too."""
+    first = list(packaged_migrations())
+    await (await open_store(tmp_path, first)).close()
+    broken = [
+        *first,
+        Migration(2, "0002_ok.sql", "CREATE TABLE added (x);"),
+        Migration(3, "0003_bad.sql", "ALTER TABLE no_such_table ADD COLUMN y;"),
+    ]
+    with pytest.raises(sqlite3.OperationalError):
+        await open_store(tmp_path, broken)
+    store = await open_store(tmp_path, first)
+    try:
+        assert await store.schema_version() == 1
+    finally:
+        await store.close()
+    assert "added" not in tables(tmp_path / "db.sqlite3")
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A file written by a newer version of the code is not opened by an older one."""
+    first = list(packaged_migrations())
+    await (await open_store(tmp_path, [*first, Migration(2, "0002_x.sql", "CREATE TABLE x (y);")])).close()
+    with pytest.raises(StoreError, match="schema version 2"):
+        await open_store(tmp_path, first)
+
+
+async def test_job_round_trip_and_delivery(store: Store) -> None:
+    """A job comes back with its seeds, parameters and delivery data; delivery marks drop the token."""
+    request = JobRequest(
+        5,
+        "a lighthouse",
+        PARAMS,
+        count=3,
+        negative_prompt="blurry",
+        guild_id=1,
+        channel_id=2,
+        delivery=Delivery(channel_id=2, interaction_token="tok", token_expires_at=900.0),
+    )
+    job = await store.insert_job(request, [10, 11, 12], now=100.0)
+    again = await store.get_job(job.id)
+    assert again == job
+    assert job.seeds == (10, 11, 12) and job.params == PARAMS and job.status is JobStatus.QUEUED
+    assert job.delivery.interaction_token == "tok" and job.created_at == 100.0
+
+    await store.set_delivery(job.id, Delivery(channel_id=2, message_id=99, interaction_token="tok"))
+    await store.save_changes([JobChange(job.id, JobStatus.COMPLETE, 0, False, None, 101.0, 102.0)])
+    assert [j.id for j in await store.undelivered_jobs()] == [job.id]
+    await store.mark_delivered(job.id, now=103.0)
+    done = await store.get_job(job.id)
+    assert done is not None
+    assert done.delivery.message_id == 99 and done.delivery.interaction_token is None
+    assert done.delivered_at == 103.0 and await store.undelivered_jobs() == []
+
+
+async def test_an_image_cannot_be_stored_twice(store: Store) -> None:
+    """(job, index) is unique in the images table, so a retried batch can never add an image again."""
+    job = await store.insert_job(JobRequest(1, "x", PARAMS, count=2), [1, 2])
+    image = StoredImage(job.id, 0, 1, False, None, "ab" * 32, 1.0)
+    await store.save_changes([], [image])
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.save_changes([], [image])
+    assert await store.stored_indices([job.id]) == {job.id: {0}}
+
+
+async def test_final_jobs_ignore_late_changes(store: Store) -> None:
+    """A change for a job that is already final (a cancelled one, say) does not bring it back."""
+    job = await store.insert_job(JobRequest(1, "x", PARAMS), [1])
+    await store.save_changes([JobChange(job.id, JobStatus.CANCELLED, 0, False, None, None, 5.0)])
+    await store.save_changes([JobChange(job.id, JobStatus.RUNNING, 0, True)])
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.status is JobStatus.CANCELLED
+
+
+async def test_image_files_are_written_whole_with_their_hash(store: Store) -> None:
+    """PNG files land at images/<job>/<index>.png with the sha256 the store returns and no temp files left."""
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    (digest,) = await asyncio.to_thread(store.write_image_files, [(3, 1, image)])
+    path = store.image_path(3, 1)
+    assert path == store.images_dir / "3" / "1.png"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert Image.open(path).getpixel((0, 0)) == (10, 20, 30)
+    assert [p.name for p in path.parent.iterdir()] == ["1.png"]
+
+
+async def test_interrogation_cache_hit(store: Store) -> None:
+    """The same bytes, mode and models are computed once; later requests get the stored result, as cached."""
+    gpu = GpuWorker()
+    calls: list[str] = []
+
+    def run(mode: str = "best") -> Interrogation:
+        calls.append(mode)
+        return make_interrogation(mode=mode)
+
+    try:
+        cache = InterrogationCache(store, gpu)
+        sha = hashlib.sha256(b"image bytes").hexdigest()
+        models = {"clip": "ViT-L-14/openai", "caption": "blip"}
+        first = await cache.interrogate(run, source_sha256=sha, mode="best", models=models, user_id=1)
+        second = await cache.interrogate(run, source_sha256=sha, mode="best", models=dict(models), user_id=2)
+        assert calls == ["best"]
+        assert not first.cached and second.cached
+        assert second.result_id == first.result_id and second.id != first.id
+        assert second.interrogation.prompt == "a cat, oil painting"
+        assert second.interrogation.candidates == first.interrogation.candidates
+        assert second.interrogation.image_embedding == pytest.approx((0.6, 0.8, 0.0), abs=1e-7)
+
+        await cache.interrogate(lambda: run("fast"), source_sha256=sha, mode="fast", models=models, user_id=1)
+        await cache.interrogate(run, source_sha256=sha, mode="best", models={"clip": "other"}, user_id=1)
+        assert calls == ["best", "fast", "best"]
+        assert [i.cached for i in await store.recent_interrogations(2)] == [True]
+        assert await store.interrogation_embedding(second.id) == second.interrogation.image_embedding
+    finally:
+        gpu.close()
+
+
+async def test_identical_interrogations_in_flight_share_one_run(store: Store) -> None:
+    """Two members asking about the same image at once cause one GPU call; both get a history row."""
+    gpu = GpuWorker()
+    calls = 0
+    release = threading.Event()
+
+    def run() -> Interrogation:
+        nonlocal calls
+        calls += 1
+        release.wait(5)
+        return make_interrogation()
+
+    try:
+        cache = InterrogationCache(store, gpu)
+        ask = [
+            cache.interrogate(run, source_sha256="s", mode="best", models={"clip": "c"}, user_id=user)
+            for user in (1, 2)
+        ]
+        tasks = [asyncio.create_task(a) for a in ask]
+        await asyncio.sleep(0.05)
+        release.set()
+        first, second = await asyncio.gather(*tasks)
+        assert calls == 1
+        assert (first.cached, second.cached) == (False, True)
+        assert first.result_id == second.result_id
+    finally:
+        gpu.close()
+
+
+async def test_history_queries(store: Store) -> None:
+    """Recent jobs, prompt search (with LIKE wildcards taken literally), a job's record and the stats."""
+    a1 = await store.insert_job(JobRequest(1, "red fox in snow", PARAMS), [1], now=10.0)
+    a2 = await store.insert_job(JobRequest(1, "100% blue_sky", PARAMS, count=2), [2, 3], now=20.0)
+    b1 = await store.insert_job(JobRequest(2, "red car", PARAMS), [4], now=30.0)
+    await store.save_changes(
+        [JobChange(a2.id, JobStatus.COMPLETE, 0, False, None, 21.0, 25.0)],
+        [StoredImage(a2.id, i, 2 + i, i == 1, 0.4, f"{i:064x}", 24.0) for i in range(2)],
+    )
+    fox = make_interrogation("red fox, sketch")
+    await store.add_interrogation(fox, source_sha256="f", user_id=1, now=5.0)
+
+    assert [j.id for j in await store.recent_jobs(1)] == [a2.id, a1.id]
+    assert [j.id for j in await store.recent_jobs(1, limit=1)] == [a2.id]
+    assert [j.id for j in await store.search_jobs("RED")] == [b1.id, a1.id]
+    assert [j.id for j in await store.search_jobs("red", owner_id=1)] == [a1.id]
+    assert [j.id for j in await store.search_jobs("0% b")] == [a2.id]
+    assert [j.id for j in await store.search_jobs("_s")] == [a2.id]
+    assert await store.search_jobs("d_c") == []
+    assert [i.interrogation.prompt for i in await store.search_interrogations("fox")] == ["red fox, sketch"]
+
+    record = await store.job_record(a2.id)
+    assert record is not None and record.job.status is JobStatus.COMPLETE
+    assert [(i.index, i.seed, i.nsfw) for i in record.images] == [(0, 2, False), (1, 3, True)]
+    assert await store.job_record(999) is None
+
+    stats = await store.user_stats(1)
+    assert stats.jobs == {"queued": 1, "complete": 1}
+    assert (stats.images, stats.interrogations, stats.cache_hits) == (2, 1, 0)
+    assert (stats.first_at, stats.last_at) == (5.0, 20.0)
+    overall = await store.global_stats()
+    assert overall.users == 2 and overall.images == 2 and overall.jobs == {"queued": 2, "complete": 1}
+    assert overall.mean_job_s == pytest.approx(4.0)
+
+
+async def test_forget_user_deletes_only_their_history(store: Store) -> None:
+    """/forget removes one member's jobs, image rows and files and interrogations; others keep theirs."""
+    mine = await store.insert_job(JobRequest(1, "mine", PARAMS), [1])
+    theirs = await store.insert_job(JobRequest(2, "theirs", PARAMS), [2])
+    for job in (mine, theirs):
+        (digest,) = await asyncio.to_thread(store.write_image_files, [(job.id, 0, Image.new("RGB", (2, 2)))])
+        await store.save_changes([], [StoredImage(job.id, 0, job.seeds[0], False, None, digest, 1.0)])
+    shared = await store.add_interrogation(make_interrogation("shared"), source_sha256="s", user_id=1)
+    await store.add_cache_hit(shared.result_id, shared.interrogation, source_sha256="s", user_id=2)
+    await store.add_interrogation(make_interrogation("private"), source_sha256="p", user_id=1)
+
+    result = await store.forget_user(1)
+
+    assert (result.jobs, result.images, result.interrogations) == (1, 1, 2)
+    assert await store.get_job(mine.id) is None and not store.image_path(mine.id, 0).parent.exists()
+    assert await store.get_job(theirs.id) is not None and store.image_path(theirs.id, 0).exists()
+    assert await store.recent_interrogations(1) == []
+    assert [i.interrogation.prompt for i in await store.recent_interrogations(2)] == ["shared"]
+    assert await store.find_interrogation("p", "best", {"clip": "ViT-L-14/openai"}) is None
+    assert await store.find_interrogation("s", "best", {"clip": "ViT-L-14/openai"}) is not None
+
+
+async def test_job_ids_are_never_reused(store: Store) -> None:
+    """Ids rise in submission order, also for jobs stored together; a forgotten id is never given again."""
+    jobs = await store.insert_jobs([(JobRequest(1, f"p{i}", PARAMS), [i]) for i in range(3)])
+    assert [j.id for j in jobs] == [1, 2, 3] and [j.prompt for j in jobs] == ["p0", "p1", "p2"]
+    assert [await store.get_job(j.id) for j in jobs] == jobs
+    await store.insert_job(JobRequest(2, "last", PARAMS), [9])
+    await store.forget_user(2)
+    again = await store.insert_jobs([(JobRequest(1, "x", PARAMS), [1]), (JobRequest(1, "y", PARAMS), [2])])
+    assert [j.id for j in again] == [5, 6]
+    assert (await store.insert_job(JobRequest(1, "z", PARAMS), [3])).id == 7
