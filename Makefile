@@ -1,8 +1,9 @@
-# Two entry points: `make run` and `make test`. Each builds its own virtualenv on first use.
+# Two entry points: `make run` (the bot; pass options with ARGS="--config my.toml") and `make test`.
+# Each builds its own virtualenv on first use.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-ARGS ?= --help
+ARGS ?=
 
 .PHONY: run test lint clean
 
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/i2p2i $(ARGS)
+	$(PY) bot.py $(ARGS)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -22,7 +23,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy i2p2i_bot
+	$(VENV)/bin/mypy i2p2i_bot cogs bot.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

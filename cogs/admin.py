@@ -1,0 +1,71 @@
+"""Admin commands: the whole queue, cancelling any job, pausing and resuming the GPU.
+
+Admins are the application's owner and members with a role listed in discord.admin_role_ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.history import queue_message
+from i2p2i_bot.replies import Refusal
+
+if TYPE_CHECKING:
+    from i2p2i_bot.app import I2P2IBot
+
+log = logging.getLogger("i2p2i.admin")
+
+
+class AdminCog(commands.GroupCog, name="Admin", group_name="admin", group_description="Run the i2p2i queue"):
+    def __init__(self, bot: I2P2IBot) -> None:
+        self.bot = bot
+        super().__init__()
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if not self.bot.is_admin(interaction.user):
+            raise Refusal("Only the bot's owner and members with an admin role can use /admin.")
+        return True
+
+    @app_commands.command(name="queue", description="Every queued and running job")
+    async def queue(self, interaction: discord.Interaction) -> None:
+        jobs = self.bot.queue.active_jobs()
+        state = "paused" if self.bot.queue.paused else "running"
+        if not jobs:
+            await interaction.response.send_message(f"The queue is empty ({state}).", ephemeral=True)
+            return
+        embed, view = queue_message(self.bot, jobs, everyone=True)
+        await interaction.response.send_message(
+            f"The queue is {state}.", embed=embed, view=view, ephemeral=True
+        )
+
+    @app_commands.command(name="cancel", description="Cancel any member's job")
+    @app_commands.describe(job_id="The job's number")
+    async def cancel(self, interaction: discord.Interaction, job_id: app_commands.Range[int, 1]) -> None:
+        job = await self.bot.queue.cancel(job_id, interaction.user.id, admin=True)
+        log.info("admin %d cancelled job %d of user %d", interaction.user.id, job.id, job.owner_id)
+        await interaction.response.send_message(
+            f"Cancelled job #{job.id} of <@{job.owner_id}>.", ephemeral=True
+        )
+
+    @app_commands.command(name="pause", description="Stop starting new batches (the running one finishes)")
+    async def pause(self, interaction: discord.Interaction) -> None:
+        self.bot.queue.pause()
+        log.info("admin %d paused the queue", interaction.user.id)
+        await interaction.response.send_message(
+            "Paused: no new batches start; jobs are still accepted.", ephemeral=True
+        )
+
+    @app_commands.command(name="resume", description="Start batches again")
+    async def resume(self, interaction: discord.Interaction) -> None:
+        self.bot.queue.resume()
+        log.info("admin %d resumed the queue", interaction.user.id)
+        await interaction.response.send_message("Resumed.", ephemeral=True)
+
+
+async def setup(bot: I2P2IBot) -> None:
+    await bot.add_cog(AdminCog(bot))

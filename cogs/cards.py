@@ -1,0 +1,274 @@
+"""How prompt cards, job messages and results look: embeds, files and text, within Discord's limits."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import discord
+from PIL import Image
+
+from i2p2i_bot.interrogate import Interrogation
+from i2p2i_bot.jobs import Job, JobStatus, Position
+from i2p2i_bot.store import StoredImage, StoredInterrogation
+
+COLOR = discord.Colour(0x5865F2)
+COLOR_DONE = discord.Colour(0x57F287)
+COLOR_FAILED = discord.Colour(0xED4245)
+EMBED_DESCRIPTION_MAX = 4096
+FIELD_VALUE_MAX = 1024
+MAX_FILES = 10
+THUMBNAIL_NAME = "source.jpg"
+MODE_LABELS = {
+    "best": "Best: caption plus the flavours that raise the CLIP score most",
+    "fast": "Fast: caption plus the top-ranked labels",
+    "classic": "Classic: caption, medium, artist, movement",
+    "negative": "Negative: what the image is not (for a negative prompt)",
+    "candidates": "Candidates: best, fast and classic with scores",
+}
+
+
+def clip(text: str, limit: int) -> str:
+    """Text cut to a Discord limit with an ellipsis, never silently."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def code(text: str, limit: int) -> str:
+    """A copyable block that fits in `limit` characters."""
+    body = clip(text.replace("```", "'''"), limit - 8)
+    return f"```\n{body}\n```"
+
+
+def thumbnail_file(image: Image.Image, side: int = 256) -> discord.File:
+    copy = image.copy()
+    copy.thumbnail((side, side))
+    buffer = io.BytesIO()
+    copy.save(buffer, format="JPEG", quality=85)
+    buffer.seek(0)
+    return discord.File(buffer, filename=THUMBNAIL_NAME)
+
+
+def prompt_card(
+    stored: StoredInterrogation, owner: discord.abc.User, *, banned: Sequence[str] = ()
+) -> discord.Embed:
+    """The prompt card: the prompt (or every candidate with its score) and the negative suggestion."""
+    result: Interrogation = stored.interrogation
+    embed = discord.Embed(colour=COLOR, title=f"Prompt · {result.mode}")
+    if result.mode == "candidates":
+        embed.description = "Pick a candidate below, or edit one."
+        positives = [c for c in result.candidates if c.mode != "negative"]
+        for k, candidate in enumerate(positives, start=1):
+            embed.add_field(
+                name=f"#{k} {candidate.mode} · CLIP {candidate.score:.3f}",
+                value=code(candidate.prompt, FIELD_VALUE_MAX),
+                inline=False,
+            )
+    else:
+        embed.description = code(result.prompt, EMBED_DESCRIPTION_MAX)
+        embed.add_field(name="CLIP score", value=f"{result.score:.3f}", inline=True)
+    if result.negative and result.mode != "negative":
+        embed.add_field(
+            name="Negative suggestion", value=code(result.negative, FIELD_VALUE_MAX), inline=False
+        )
+    if banned:
+        embed.add_field(
+            name="Cannot generate",
+            value=f"This description contains banned terms ({', '.join(banned)}); edit it first.",
+            inline=False,
+        )
+    embed.set_thumbnail(url=f"attachment://{THUMBNAIL_NAME}")
+    took = result.timings_s.get("total_s")
+    footer = [f"for {owner.display_name}", f"card {stored.id}"]
+    footer.append("cached" if stored.cached else (f"{took:.1f} s" if took is not None else ""))
+    embed.set_footer(text=" · ".join(p for p in footer if p))
+    return embed
+
+
+def candidate_prompts(result: Interrogation) -> list[str]:
+    """The prompts a card's 'Use #k' buttons stand for, in card order."""
+    if result.mode == "candidates":
+        return [c.prompt for c in result.candidates if c.mode != "negative"]
+    return [result.prompt]
+
+
+def status_text(
+    job: Job, position: Position | None, *, step: tuple[int, int] | None = None, images_done: int = 0
+) -> str:
+    """The one-line status of a queued or running job."""
+    if job.status is JobStatus.QUEUED or (position is not None and position.status is JobStatus.QUEUED):
+        if position is None:
+            return f"⏳ Job #{job.id} is queued."
+        ahead = position.images_ahead
+        eta = f", about {_duration(position.eta_s)} to go" if position.eta_s else ""
+        if ahead == 0:
+            return f"⏳ Job #{job.id} is next in line{eta}."
+        return f"⏳ Job #{job.id} is queued: {ahead} image{'s' * (ahead != 1)} ahead{eta}."
+    parts = [f"🎨 Job #{job.id}: making {job.count} image{'s' * (job.count != 1)}"]
+    if images_done:
+        parts.append(f"{images_done}/{job.count} done")
+    if step is not None:
+        parts.append(f"step {step[0]}/{step[1]}")
+    return " · ".join(parts) + "…"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min"
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    blobs: list[tuple[str, bytes]]
+    withheld_nsfw: int
+    left_out: int
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.blobs]
+
+    def files(self) -> list[discord.File]:
+        """Fresh file objects for one send (discord.py closes them after each request)."""
+        return [discord.File(io.BytesIO(data), filename=name) for name, data in self.blobs]
+
+
+def result_files(
+    images: Sequence[tuple[StoredImage, Image.Image]], limit_bytes: int, *, job_id: int
+) -> ResultFiles:
+    """A grid of every image plus the single images, best fidelity first, within the upload limit.
+
+    Images the safety checker flagged are never posted (they are blacked out anyway); the grid comes first,
+    then singles while they fit; if even the grid does not fit, it is sent as JPEG.
+    """
+    safe = [(meta, img) for meta, img in images if not meta.nsfw]
+    safe.sort(key=lambda pair: -(pair[0].fidelity if pair[0].fidelity is not None else -2.0))
+    withheld = len(images) - len(safe)
+    if not safe:
+        return ResultFiles([], withheld, 0)
+    budget = limit_bytes - 64 * 1024  # room for the multipart envelope and the JSON payload
+    blobs: list[tuple[str, bytes]] = []
+    if len(safe) > 1:
+        grid = _grid([img for _, img in safe])
+        data = _encode(grid, "PNG")
+        name = f"job{job_id}-grid.png"
+        if len(data) > budget:
+            data, name = _encode(grid, "JPEG"), f"job{job_id}-grid.jpg"
+        if len(data) <= budget:
+            blobs.append((name, data))
+            budget -= len(data)
+    left_out = 0
+    for meta, img in safe:
+        if len(blobs) >= MAX_FILES:
+            left_out += 1
+            continue
+        data = _encode(img, "PNG")
+        name = f"job{job_id}-{meta.index + 1}-seed{meta.seed}.png"
+        if len(data) > budget:
+            data, name = _encode(img, "JPEG"), name.replace(".png", ".jpg")
+        if len(data) > budget:
+            left_out += 1
+            continue
+        blobs.append((name, data))
+        budget -= len(data)
+    return ResultFiles(blobs, withheld, left_out)
+
+
+def _grid(images: Sequence[Image.Image]) -> Image.Image:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), (32, 32, 32))
+    for k, img in enumerate(images):
+        grid.paste(img.resize((width, height)), ((k % cols) * width, (k // cols) * height))
+    return grid
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        image.convert("RGB").save(buffer, format="JPEG", quality=90)
+    else:
+        image.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def result_embed(
+    job: Job, images: Sequence[StoredImage], files: ResultFiles, owner_mention: str
+) -> discord.Embed:
+    """The finished job: its prompt, and each image's seed and fidelity, best first."""
+    failed = job.status is JobStatus.FAILED
+    cancelled = job.status is JobStatus.CANCELLED
+    colour = COLOR_FAILED if failed else (COLOR if cancelled else COLOR_DONE)
+    title = f"Job #{job.id}" + (" · failed" if failed else " · cancelled" if cancelled else "")
+    embed = discord.Embed(colour=colour, title=title, description=code(job.prompt, 1500))
+    if job.negative_prompt:
+        embed.add_field(name="Negative", value=clip(job.negative_prompt, FIELD_VALUE_MAX), inline=False)
+    ranked = sorted(images, key=lambda m: -(m.fidelity if m.fidelity is not None else -2.0))
+    lines = []
+    for meta in ranked:
+        fid = f"fidelity {meta.fidelity:.3f}" if meta.fidelity is not None else "no source"
+        flag = " · withheld by the safety checker" if meta.nsfw else ""
+        lines.append(f"#{meta.index + 1} seed `{meta.seed}` · {fid}{flag}")
+    if lines:
+        embed.add_field(
+            name="Images (closest to the source first)", value=clip("\n".join(lines), FIELD_VALUE_MAX)
+        )
+    notes = []
+    if failed and job.error:
+        notes.append(f"Failed: {job.error}")
+    if cancelled:
+        notes.append(f"Cancelled after {len(images)} of {job.count} images.")
+    if files.withheld_nsfw:
+        notes.append(f"{files.withheld_nsfw} image(s) withheld: the safety checker flagged them.")
+    if files.left_out:
+        notes.append(
+            f"{files.left_out} image(s) did not fit in this channel's upload limit; use Info for seeds."
+        )
+    if notes:
+        embed.add_field(name="Notes", value=clip("\n".join(notes), FIELD_VALUE_MAX), inline=False)
+    p = job.params
+    embed.set_footer(text=f"{p.width}×{p.height} · {p.steps} steps · guidance {p.guidance:g} · {p.scheduler}")
+    if files.names:
+        embed.set_image(url=f"attachment://{files.names[0]}")
+    return embed
+
+
+def info_embed(job: Job, images: Sequence[StoredImage], models: dict[str, str]) -> discord.Embed:
+    """Everything about a job, for the Info button and /job."""
+    p = job.params
+    embed = discord.Embed(colour=COLOR, title=f"Job #{job.id} · {job.status}")
+    embed.add_field(name="Prompt", value=code(job.prompt, FIELD_VALUE_MAX), inline=False)
+    if job.negative_prompt:
+        embed.add_field(name="Negative", value=code(job.negative_prompt, FIELD_VALUE_MAX), inline=False)
+    embed.add_field(name="Size", value=f"{p.width}×{p.height}")
+    embed.add_field(name="Steps", value=str(p.steps))
+    embed.add_field(name="Guidance", value=f"{p.guidance:g}")
+    embed.add_field(name="Scheduler", value=p.scheduler)
+    embed.add_field(name="Seeds", value=", ".join(f"`{s}`" for s in job.seeds))
+    embed.add_field(name="Owner", value=f"<@{job.owner_id}>")
+    if images:
+        per_image = [
+            f"#{m.index + 1} `{m.seed}` · "
+            + (f"fidelity {m.fidelity:.3f}" if m.fidelity is not None else "no source")
+            + (" · flagged" if m.nsfw else "")
+            for m in sorted(images, key=lambda m: m.index)
+        ]
+        embed.add_field(name="Images", value=clip("\n".join(per_image), FIELD_VALUE_MAX), inline=False)
+    embed.add_field(
+        name="Models", value=clip("\n".join(f"{k}: {v}" for k, v in models.items()), 1024), inline=False
+    )
+    timing = [f"queued <t:{int(job.created_at)}:R>"]
+    if job.started_at and job.finished_at:
+        timing.append(f"ran {job.finished_at - job.started_at:.1f} s")
+    if job.attempts:
+        timing.append(f"{job.attempts} retr{'ies' if job.attempts != 1 else 'y'}")
+    embed.add_field(name="Timing", value=" · ".join(timing), inline=False)
+    if job.parent_job_id:
+        embed.add_field(name="Rerolled from", value=f"job #{job.parent_job_id}")
+    if job.error:
+        embed.add_field(name="Error", value=clip(job.error, FIELD_VALUE_MAX), inline=False)
+    return embed

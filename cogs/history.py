@@ -1,0 +1,175 @@
+"""A member's own history: /history, /job, /queue and /forget. Every answer is ephemeral."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.cards import COLOR, clip, info_embed, status_text
+from cogs.generation import JobButton, job_view
+from i2p2i_bot.jobs import Job, JobStatus
+from i2p2i_bot.replies import Refusal, report_error
+
+if TYPE_CHECKING:
+    from i2p2i_bot.app import I2P2IBot
+
+log = logging.getLogger("i2p2i.history")
+PAGE_SIZE = 5
+HISTORY_LIMIT = 50
+
+
+class HistoryCog(commands.Cog, name="History"):
+    def __init__(self, bot: I2P2IBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="history", description="Your recent jobs and prompts")
+    @app_commands.describe(query="Only jobs whose prompt contains this text")
+    async def history(self, interaction: discord.Interaction, query: str | None = None) -> None:
+        store = self.bot.store
+        user = interaction.user.id
+        if query:
+            jobs = await store.search_jobs(query, owner_id=user, limit=HISTORY_LIMIT)
+            cards = await store.search_interrogations(query, user_id=user, limit=HISTORY_LIMIT)
+        else:
+            jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT)
+            cards = await store.recent_interrogations(user, limit=HISTORY_LIMIT)
+        lines = [
+            f"**Job #{j.id}** · {j.status} · {j.count} image(s) · <t:{int(j.created_at)}:R>\n"
+            f"> {clip(j.prompt, 180)}"
+            for j in jobs
+        ]
+        for c in cards:
+            when = f"<t:{int(c.created_at)}:R>"
+            lines.append(
+                f"**Card {c.id}** · {c.interrogation.mode} · {when}\n> {clip(c.interrogation.prompt, 180)}"
+            )
+        if not lines:
+            found = f" matching “{clip(query, 100)}”" if query else ""
+            await interaction.response.send_message(f"You have no history{found} yet.", ephemeral=True)
+            return
+        view = Pager(lines, title="Your history" + (f" · “{clip(query, 60)}”" if query else ""), owner=user)
+        await interaction.response.send_message(embed=view.page(), view=view, ephemeral=True)
+
+    @app_commands.command(name="job", description="Show a past job of yours, with working buttons")
+    @app_commands.describe(job_id="The job's number, as shown on its message")
+    async def job(self, interaction: discord.Interaction, job_id: app_commands.Range[int, 1]) -> None:
+        record = await self.bot.store.job_record(job_id)
+        if record is None:
+            raise Refusal(f"There is no job #{job_id}.")
+        job = record.job
+        if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
+            raise Refusal(f"Job #{job_id} is not yours.")
+        running = not job.status.finished
+        embed = info_embed(job, record.images, self.bot.engine.models)
+        await interaction.response.send_message(
+            embed=embed, view=job_view(job, running=running), ephemeral=True
+        )
+
+    @app_commands.command(name="queue", description="Your queued and running jobs, with Cancel buttons")
+    async def queue(self, interaction: discord.Interaction) -> None:
+        jobs = self.bot.queue.active_jobs(owner_id=interaction.user.id)
+        if not jobs:
+            await interaction.response.send_message("You have nothing queued.", ephemeral=True)
+            return
+        embed, view = queue_message(self.bot, jobs)
+        await interaction.response.send_message(embed=embed, view=view, ephemeral=True)
+
+    @app_commands.command(name="forget", description="Delete your whole history: prompts, jobs and images")
+    async def forget(self, interaction: discord.Interaction) -> None:
+        stats = await self.bot.store.user_stats(interaction.user.id)
+        total = sum(stats.jobs.values())
+        view = ForgetConfirm(interaction.user.id)
+        await interaction.response.send_message(
+            f"This deletes {total} job(s), {stats.images} image(s) and {stats.interrogations} prompt(s) of "
+            "yours, and cancels anything you have queued. It cannot be undone.",
+            view=view,
+            ephemeral=True,
+        )
+
+
+def queue_message(
+    bot: I2P2IBot, jobs: list[Job], *, everyone: bool = False
+) -> tuple[discord.Embed, discord.ui.View]:
+    """The queue as an embed, with a Cancel button for each of the first jobs."""
+    lines = []
+    for job in jobs[:20]:
+        position = bot.queue.position(job.id)
+        owner = f" · <@{job.owner_id}>" if everyone else ""
+        lines.append(f"{status_text(job, position)}{owner}\n> {clip(job.prompt, 120)}")
+    more = f"\n… and {len(jobs) - 20} more" if len(jobs) > 20 else ""
+    embed = discord.Embed(colour=COLOR, title="Queue", description=clip("\n".join(lines) + more, 4000))
+    if bot.queue.images_per_s:
+        embed.set_footer(text=f"{bot.queue.images_per_s:.2f} images/s lately")
+    view = discord.ui.View(timeout=None)
+    for job in jobs[:20]:
+        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            view.add_item(JobButton("cancel", job.id, label=f"Cancel #{job.id}"))
+    return embed, view
+
+
+class Pager(discord.ui.View):
+    """Previous / next over ephemeral pages; in memory, as ephemeral messages are short-lived."""
+
+    def __init__(self, lines: list[str], *, title: str, owner: int) -> None:
+        super().__init__(timeout=600)
+        self.lines, self.title, self.owner, self.index = lines, title, owner, 0
+        self.pages = max(1, -(-len(lines) // PAGE_SIZE))
+        self._sync()
+
+    def page(self) -> discord.Embed:
+        chunk = self.lines[self.index * PAGE_SIZE : (self.index + 1) * PAGE_SIZE]
+        embed = discord.Embed(colour=COLOR, title=self.title, description=clip("\n\n".join(chunk), 4000))
+        embed.set_footer(text=f"Page {self.index + 1} of {self.pages}")
+        return embed
+
+    def _sync(self) -> None:
+        self.previous.disabled = self.index == 0
+        self.next.disabled = self.index >= self.pages - 1
+
+    @discord.ui.button(label="Previous", style=discord.ButtonStyle.secondary)
+    async def previous(self, interaction: discord.Interaction, button: discord.ui.Button[Pager]) -> None:
+        self.index = max(0, self.index - 1)
+        self._sync()
+        await interaction.response.edit_message(embed=self.page(), view=self)
+
+    @discord.ui.button(label="Next", style=discord.ButtonStyle.secondary)
+    async def next(self, interaction: discord.Interaction, button: discord.ui.Button[Pager]) -> None:
+        self.index = min(self.pages - 1, self.index + 1)
+        self._sync()
+        await interaction.response.edit_message(embed=self.page(), view=self)
+
+
+class ForgetConfirm(discord.ui.View):
+    def __init__(self, user_id: int) -> None:
+        super().__init__(timeout=120)
+        self.user_id = user_id
+
+    @discord.ui.button(label="Delete everything", style=discord.ButtonStyle.danger)
+    async def confirm(
+        self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirm]
+    ) -> None:
+        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        try:
+            if interaction.user.id != self.user_id:
+                raise Refusal("Only the member who asked can confirm this.")
+            result = await bot.queue.forget(self.user_id)
+            log.info("user %d forgot their history", self.user_id)
+            await interaction.response.edit_message(
+                content=f"Deleted {result.jobs} job(s), {result.images} image(s) and {result.interrogations} "
+                "prompt(s).",
+                view=None,
+            )
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+    @discord.ui.button(label="Keep it", style=discord.ButtonStyle.secondary)
+    async def keep(self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirm]) -> None:
+        await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+
+
+async def setup(bot: I2P2IBot) -> None:
+    await bot.add_cog(HistoryCog(bot))

@@ -1,0 +1,395 @@
+"""/imagine-from and "Imagine from image": an image becomes a prompt card with buttons.
+
+Who may press what: the card's buttons (Generate, Edit prompt, Use #k, Re-describe) belong to the member
+who asked for the card; admins may use them too. Anyone else is told to run the command themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+from PIL import Image
+
+from cogs.cards import MODE_LABELS, candidate_prompts, prompt_card, thumbnail_file
+from cogs.generation import JobOrder, PromptModal, start_job
+from i2p2i_bot.images import ImageError, check_declared, load_intake
+from i2p2i_bot.interrogate import MODES
+from i2p2i_bot.replies import Refusal, report_error
+from i2p2i_bot.store import StoredInterrogation
+
+if TYPE_CHECKING:
+    from i2p2i_bot.app import I2P2IBot
+
+log = logging.getLogger("i2p2i.imagine")
+
+# Discord's own file hosts; anything else (and any redirect) is refused, so a crafted URL cannot make the bot
+# fetch from elsewhere.
+DISCORD_MEDIA_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class ImagineCog(commands.Cog, name="Imagine"):
+    def __init__(self, bot: I2P2IBot) -> None:
+        self.bot = bot
+        self.menu = app_commands.ContextMenu(name="Imagine from image", callback=self.imagine_from_message)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.menu)
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_S))
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
+        if self.session is not None:
+            await self.session.close()
+
+    @app_commands.command(
+        name="imagine-from", description="Turn an image into a prompt, then make new images"
+    )
+    @app_commands.describe(
+        image="The picture to describe",
+        mode="Prompt style (default: best)",
+        count="How many images the Generate button makes (default 4)",
+    )
+    @app_commands.choices(mode=[app_commands.Choice(name=MODE_LABELS[m][:100], value=m) for m in MODES])
+    async def imagine_from(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        mode: app_commands.Choice[str] | None = None,
+        count: app_commands.Range[int, 1, 64] | None = None,
+    ) -> None:
+        await self.describe(interaction, image_source(image), mode.value if mode else None, count)
+
+    async def imagine_from_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        sources = message_images(message)
+        if not sources:
+            raise Refusal("That message has no image attachment or embedded image to describe.")
+        if len(sources) == 1:
+            await self.describe(interaction, sources[0], None, None)
+            return
+        view = ChooseImageView(self, sources, interaction.user.id)
+        await interaction.response.send_message("Which image should I describe?", view=view, ephemeral=True)
+
+    # -- the flow ----------------------------------------------------------------------------------------
+
+    async def describe(
+        self, interaction: discord.Interaction, source: ImageSource, mode: str | None, count: int | None
+    ) -> None:
+        """Check, download, decode, interrogate and post the card; user errors become one sentence."""
+        bot = self.bot
+        settings = bot.settings
+        mode = mode or settings.interrogate.mode
+        count = count or min(4, settings.queue.max_images_per_job)
+        if count > settings.queue.max_images_per_job:
+            raise Refusal(
+                f"You asked for {count} images; the most per job is {settings.queue.max_images_per_job}."
+            )
+        limit = min(
+            settings.intake.max_bytes, int(getattr(interaction, "attachment_size_limit", 0) or 1 << 62)
+        )
+        check_declared(source.size or 0, source.width, source.height, source.content_type, settings.intake)
+        await interaction.response.defer(thinking=True)
+        try:
+            data = await self.download(source, limit)
+            intake = await asyncio.to_thread(load_intake, data, settings.intake)
+            await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
+            stored = await self.interrogate(interaction, intake.image, intake.sha256, mode)
+        except (ImageError, Refusal) as exc:
+            await withdraw(interaction, str(exc))
+            return
+        await interaction.followup.send(**card_message(bot, stored, interaction.user, count, intake.image))
+
+    async def interrogate(
+        self, interaction: discord.Interaction, image: Image.Image, sha256: str, mode: str
+    ) -> StoredInterrogation:
+        bot = self.bot
+        engine = bot.engine
+        log.info("describing %s for user %d in mode %s", sha256[:12], interaction.user.id, mode)
+        return await bot.interrogations.interrogate(
+            lambda: engine.interrogate(image, mode, key=sha256),
+            source_sha256=sha256,
+            mode=mode,
+            models={k: v for k, v in engine.models.items() if k != "generator"},
+            user_id=interaction.user.id,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+        )
+
+    async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
+        """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
+        assert self.session is not None
+        allowed = DISCORD_MEDIA_HOSTS | {yarl.URL(self.bot.settings.discord.api_base).host or ""}
+        url = yarl.URL(source.url)
+        if url.host not in allowed or url.scheme not in ("https", "http"):
+            raise Refusal("I only download images hosted by Discord; attach the file instead.")
+        try:
+            async with self.session.get(url, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise Refusal("Discord would not give me that file any more; upload it again.")
+                chunks, total = [], 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    total += len(chunk)
+                    if total > limit_bytes:
+                        raise ImageError(
+                            f"That file is larger than the {limit_bytes // (1024 * 1024)} MB limit."
+                        )
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("download of %s failed: %s", url.with_query(None), exc)
+            raise Refusal("I could not download that image; try again in a moment.") from None
+
+
+# -- what a source image is ---------------------------------------------------------------------------------
+
+
+class ImageSource:
+    """An image a member pointed at: an attachment or an embed's image, with what Discord says of it."""
+
+    def __init__(
+        self,
+        url: str,
+        filename: str,
+        size: int | None,
+        width: int | None,
+        height: int | None,
+        content_type: str | None,
+    ) -> None:
+        self.url = url
+        self.filename = filename
+        self.size = size
+        self.width = width
+        self.height = height
+        self.content_type = content_type
+
+
+def image_source(attachment: discord.Attachment) -> ImageSource:
+    return ImageSource(
+        attachment.url,
+        attachment.filename,
+        attachment.size,
+        attachment.width,
+        attachment.height,
+        attachment.content_type,
+    )
+
+
+def message_images(message: discord.Message) -> list[ImageSource]:
+    """The message's image attachments, then its embeds' images (through Discord's media proxy)."""
+    found = [
+        image_source(a)
+        for a in message.attachments
+        if (a.content_type or "").startswith("image/") or a.width is not None
+    ]
+    for embed in message.embeds:
+        for media in (embed.image, embed.thumbnail):
+            url = media.proxy_url or media.url
+            if url:
+                name = Path(yarl.URL(url).path).name or "embedded image"
+                found.append(ImageSource(url, name, None, media.width, media.height, None))
+                break
+    return found
+
+
+def save_source(directory: Path, sha256: str, image: Image.Image) -> Path:
+    """Keep the normalised source, so Re-describe works after a restart. Blocking."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{sha256}.png"
+    if not path.exists():
+        temp = path.with_suffix(".png.tmp")
+        image.save(temp, format="PNG")
+        temp.replace(path)
+    return path
+
+
+async def withdraw(interaction: discord.Interaction, message: str) -> None:
+    """Replace a public 'thinking…' placeholder with an ephemeral sentence, so a mistake stays private."""
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.delete_original_response()
+    await interaction.followup.send(message, ephemeral=True)
+
+
+def card_message(
+    bot: I2P2IBot, stored: StoredInterrogation, owner: discord.abc.User, count: int, image: Image.Image | None
+) -> dict[str, Any]:
+    result = stored.interrogation
+    banned = bot.banned.find(result.prompt)
+    message: dict[str, Any] = {
+        "embed": prompt_card(stored, owner, banned=banned),
+        "view": card_view(stored, count, blocked=bool(banned)),
+    }
+    if image is not None:
+        message["file"] = thumbnail_file(image)
+    return message
+
+
+def card_view(stored: StoredInterrogation, count: int, *, blocked: bool = False) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    card = stored.id
+    generate = CardButton("gen", card, count, label=f"Generate ×{count}", style=discord.ButtonStyle.success)
+    generate.item.disabled = blocked
+    view.add_item(generate)
+    view.add_item(CardButton("edit", card, count, label="Edit prompt", emoji="✏️"))
+    prompts = candidate_prompts(stored.interrogation)
+    if len(prompts) > 1:
+        for k in range(1, min(len(prompts), 3) + 1):
+            view.add_item(CardButton("use", card, count, k=k, label=f"Use #{k}"))
+    view.add_item(ModeSelect(card, count, current=stored.interrogation.mode))
+    return view
+
+
+async def _owned_card(bot: I2P2IBot, interaction: discord.Interaction, card_id: int) -> StoredInterrogation:
+    stored = await bot.store.get_interrogation(card_id)
+    if stored is None:
+        raise Refusal("That card's history was deleted; run /imagine-from again.")
+    if stored.user_id != interaction.user.id and not bot.is_admin(interaction.user):
+        raise Refusal(
+            f"This card belongs to <@{stored.user_id}>; run /imagine-from (or right-click the image → "
+            "Apps → Imagine from image) to get your own."
+        )
+    return stored
+
+
+class CardButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"i2p:card:(?P<action>gen|edit|use):(?P<card>\d+):(?P<count>\d+)(?::(?P<k>\d+))?",
+):
+    """Generate, Edit prompt and Use #k; the card's prompts are read back from SQLite on every press."""
+
+    def __init__(
+        self,
+        action: str,
+        card: int,
+        count: int,
+        *,
+        k: int | None = None,
+        label: str = "",
+        style: discord.ButtonStyle = discord.ButtonStyle.secondary,
+        emoji: str | None = None,
+    ) -> None:
+        custom_id = f"i2p:card:{action}:{card}:{count}" + (f":{k}" if k is not None else "")
+        super().__init__(
+            discord.ui.Button(label=label or action, style=style, emoji=emoji, custom_id=custom_id)
+        )
+        self.action, self.card, self.count, self.k = action, card, count, k
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> CardButton:
+        k = int(match["k"]) if match["k"] else None
+        return cls(match["action"], int(match["card"]), int(match["count"]), k=k)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        try:
+            stored = await _owned_card(bot, interaction, self.card)
+            result = stored.interrogation
+            prompts = candidate_prompts(result)
+            prompt = prompts[(self.k or 1) - 1] if (self.k or 1) <= len(prompts) else result.prompt
+            order = JobOrder(
+                prompt=prompt,
+                negative_prompt="",
+                count=min(self.count, bot.settings.queue.max_images_per_job),
+                interrogation_id=stored.id,
+                source_sha256=stored.source_sha256,
+                origin="card",
+            )
+            if self.action == "edit":
+                modal = PromptModal(order, max_count=bot.settings.queue.max_images_per_job)
+                await interaction.response.send_modal(modal)
+                return
+            await start_job(bot, interaction, order)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+
+class ModeSelect(
+    discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:card:mode:(?P<card>\d+):(?P<count>\d+)"
+):
+    """Re-describe the card's image in another mode, in place."""
+
+    def __init__(self, card: int, count: int, *, current: str | None = None) -> None:
+        options = [
+            discord.SelectOption(
+                label=f"Re-describe: {m}", value=m, description=MODE_LABELS[m][:100], default=False
+            )
+            for m in MODES
+            if m != current
+        ]
+        super().__init__(
+            discord.ui.Select(
+                custom_id=f"i2p:card:mode:{card}:{count}", placeholder="Re-describe…", options=options
+            )
+        )
+        self.card, self.count = card, count
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> ModeSelect:
+        return cls(int(match["card"]), int(match["count"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        mode = self.item.values[0]
+        try:
+            stored = await _owned_card(bot, interaction, self.card)
+            path = bot.sources_dir / f"{stored.source_sha256}.png"
+            if not path.exists():
+                raise Refusal("I no longer have that image; run /imagine-from again.")
+            await interaction.response.defer()
+            image = await asyncio.to_thread(_open_png, path)
+            cog = bot.get_cog("Imagine")
+            assert isinstance(cog, ImagineCog)
+            fresh = await cog.interrogate(interaction, image, stored.source_sha256, mode)
+            message = card_message(bot, fresh, interaction.user, self.count, None)
+            await interaction.edit_original_response(**message)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+
+def _open_png(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class ChooseImageView(discord.ui.View):
+    """When a message holds several images: pick one (ephemeral, so it can live in memory)."""
+
+    def __init__(self, cog: ImagineCog, sources: list[ImageSource], user_id: int) -> None:
+        super().__init__(timeout=600)
+        self.cog, self.sources, self.user_id = cog, sources[:25], user_id
+        select: discord.ui.Select[ChooseImageView] = discord.ui.Select(
+            placeholder="Choose an image",
+            options=[
+                discord.SelectOption(label=f"{k + 1}. {s.filename}"[:100], value=str(k))
+                for k, s in enumerate(self.sources)
+            ],
+        )
+        select.callback = self.chosen  # type: ignore[method-assign]
+        self.select = select
+        self.add_item(select)
+
+    async def chosen(self, interaction: discord.Interaction) -> None:
+        try:
+            source = self.sources[int(self.select.values[0])]
+            await self.cog.describe(interaction, source, None, None)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+
+async def setup(bot: I2P2IBot) -> None:
+    bot.add_dynamic_items(CardButton, ModeSelect)
+    await bot.add_cog(ImagineCog(bot))

@@ -1,0 +1,245 @@
+"""The Discord application: the bot, the services its cogs use, and a clean start and stop.
+
+This module and replies.py are the package's only Discord code; the engine and the job system never
+import discord, and nothing here imports the cogs except by extension name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from i2p2i_bot.config import ConfigError, Settings, load_settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.gpu import GpuWorker, Priority
+from i2p2i_bot.interrogation_cache import InterrogationCache
+from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.replies import report_error
+from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.store import Store
+from i2p2i_bot.terms import BannedTerms
+
+log = logging.getLogger("i2p2i.bot")
+
+# Loaded one by one; a broken cog is logged and the others still load.
+EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.results", "cogs.history", "cogs.admin")
+EXIT_CONFIG = 2
+
+EngineLoader = Callable[[Settings], Any]
+
+
+class I2P2ITree(app_commands.CommandTree["I2P2IBot"]):
+    """The command tree with the one error handler every command shares."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await report_error(interaction, error)
+
+
+class I2P2IBot(commands.Bot):
+    """The bot. Services are created in setup_hook, before the gateway connects."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine_loader: EngineLoader | None = None,
+        extensions: Sequence[str] = EXTENSIONS,
+        **options: Any,
+    ) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = (
+            True  # channels and roles; attachments arrive inside interactions, no privileged intent
+        )
+        options.setdefault(
+            "allowed_mentions", discord.AllowedMentions(everyone=False, roles=False, users=True)
+        )
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            tree_cls=I2P2ITree,
+            **options,
+        )
+        self.settings = settings
+        self.extension_names = tuple(extensions)
+        self.failed_extensions: list[str] = []
+        self._engine_loader: EngineLoader = engine_loader or (lambda s: Engine.load(s))
+        self.banned = BannedTerms.from_settings(settings.interrogate)
+        self.sources_dir = settings.data_path / "sources"
+        self.store: Store
+        self.gpu: GpuWorker
+        self.engine: Any
+        self.queue: JobQueue
+        self.interrogations: InterrogationCache
+        self.runner: JobRunner
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def setup_hook(self) -> None:
+        settings = self.settings
+        self.store = await Store.from_settings(settings)
+        self.gpu = GpuWorker()
+        # Models load on the GPU thread, which owns them from then on.
+        self.engine = await self.gpu.run(self._engine_loader, settings, priority=Priority.URGENT)
+        self.queue = await JobQueue.open(self.store, settings.queue)
+        self.interrogations = InterrogationCache(self.store, self.gpu)
+        self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
+        self.runner.start()
+        for name in self.extension_names:
+            try:
+                await self.load_extension(name)
+            except Exception:
+                self.failed_extensions.append(name)
+                log.exception("extension %s failed to load; the others go on", name)
+        await self.sync_commands()
+        log.info("setup done: %d commands, extensions %s", len(self.tree.get_commands()), self.extensions)
+
+    async def close(self) -> None:
+        if self._closing:
+            return await super().close()
+        self._closing = True
+        log.info("shutting down: no new jobs; the running batch may finish")
+        if hasattr(self, "runner"):
+            await self.runner.stop(self.settings.queue.stop_grace_s)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await super().close()
+        if hasattr(self, "gpu"):
+            await asyncio.to_thread(self.gpu.close, True, self.settings.queue.stop_grace_s)
+        if hasattr(self, "store"):
+            await self.store.close()
+        log.info("stopped")
+
+    def spawn(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
+        """Run a background task whose reference is kept and whose failure is logged with its traceback."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """One log line per interaction: what, by whom, where; never its token."""
+        data: dict[str, Any] = dict(interaction.data or {})
+        what = data.get("name") or data.get("custom_id") or "?"
+        log.info(
+            "interaction %s: %s %r by user %s in channel %s",
+            interaction.id,
+            interaction.type.name,
+            what,
+            interaction.user.id,
+            interaction.channel_id,
+        )
+
+    # -- commands ----------------------------------------------------------------------------------------
+
+    async def sync_commands(self) -> bool:
+        """Sync application commands only when they differ from the last sync; True when it synced."""
+        guild_id = self.settings.discord.sync_guild_id
+        guild = discord.Object(guild_id) if guild_id else None
+        if guild is not None:
+            self.tree.copy_global_to(guild=guild)
+        payload = [command.to_dict(self.tree) for command in self.tree._get_all_commands(guild=guild)]
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        marker = self.settings.data_path / "commands-synced.json"
+        scope = str(guild_id or "global")
+        synced: dict[str, str] = {}
+        with contextlib.suppress(OSError, ValueError):
+            synced = json.loads(marker.read_text(encoding="utf-8"))
+        if synced.get(scope) == digest:
+            log.info("commands unchanged since the last sync; not syncing")
+            return False
+        await self.tree.sync(guild=guild)
+        synced[scope] = digest
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(synced), encoding="utf-8")
+        log.info("synced %d commands (%s)", len(payload), scope)
+        return True
+
+    # -- permissions -------------------------------------------------------------------------------------
+
+    def is_admin(self, user: discord.abc.User) -> bool:
+        """The application's owner, or a member with one of the configured admin roles."""
+        if self.owner_id is not None and user.id == self.owner_id:
+            return True
+        if self.owner_ids and user.id in self.owner_ids:
+            return True
+        roles = getattr(user, "roles", ())
+        admin_roles = set(self.settings.discord.admin_role_ids)
+        return any(role.id in admin_roles for role in roles)
+
+
+def apply_endpoints(settings: Settings) -> None:
+    """Point discord.py at the configured REST base and gateway (a proxy, or a test double).
+
+    Both are class attributes in discord.py, so this is process-wide; one bot runs per process.
+    """
+    from discord.gateway import DiscordWebSocket
+    from discord.http import Route
+
+    Route.BASE = settings.discord.api_base.rstrip("/")
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord.gateway_url)
+
+
+def create_bot(settings: Settings, *, engine_loader: EngineLoader | None = None, **options: Any) -> I2P2IBot:
+    """The bot that bot.py runs, built the same way for tests."""
+    apply_endpoints(settings)
+    return I2P2IBot(settings, engine_loader=engine_loader, **options)
+
+
+def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
+    """bot.py's body: settings, token check, run until SIGTERM/SIGINT; returns the exit code."""
+    discord.utils.setup_logging(level=logging.INFO)
+    try:
+        settings = load_settings(config_path)
+        if models:
+            settings = settings.with_preset(models)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        print(f"bot.py: {exc}")
+        return EXIT_CONFIG
+    token = settings.discord.token
+    if not token:
+        print("bot.py: DISCORD_TOKEN is not set; put the bot's token in that environment variable")
+        return EXIT_CONFIG
+    bot = create_bot(settings)
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task[None]] = []
+
+        def stop() -> None:
+            if not stopping:
+                stopping.append(asyncio.create_task(bot.close()))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        async with bot:
+            try:
+                await bot.start(token)
+            except discord.LoginFailure:
+                print("bot.py: Discord rejected the token in DISCORD_TOKEN; check it in the Developer Portal")
+                return EXIT_CONFIG
+            if stopping:
+                await stopping[0]
+        return 0
+
+    return asyncio.run(runner())

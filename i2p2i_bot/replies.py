@@ -1,0 +1,83 @@
+"""What a member is told when something goes wrong: one sentence for their mistakes, an error id for ours."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import discord
+from discord import app_commands
+
+from i2p2i_bot.generate import GenerationError
+from i2p2i_bot.gpu import GpuOutOfMemory
+from i2p2i_bot.images import ImageError
+from i2p2i_bot.interrogate import InterrogateError
+from i2p2i_bot.jobs import JobRefused
+
+log = logging.getLogger("i2p2i.discord")
+
+
+class Refusal(Exception):
+    """Something a member may not do or must fix (not their job, a banned term...); one sentence for them."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    Refusal,
+    ImageError,
+    JobRefused,
+    GenerationError,
+    InterrogateError,
+    GpuOutOfMemory,
+)
+
+
+def user_message(error: BaseException) -> str | None:
+    """The sentence for an error the member caused, or None when it is a bug."""
+    if isinstance(error, app_commands.CommandInvokeError | app_commands.TransformerError):
+        error = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    if isinstance(error, app_commands.CommandOnCooldown):
+        return f"Slow down a little: try again in {error.retry_after:.0f} s."
+    if isinstance(error, app_commands.CheckFailure | app_commands.MissingPermissions):
+        return "You are not allowed to use that here."
+    return None
+
+
+async def report_error(interaction: discord.Interaction, error: BaseException) -> None:
+    """Tell the member what went wrong, ephemerally, whether or not the interaction was answered yet."""
+    message = user_message(error)
+    if message is None:
+        error_id = secrets.token_hex(4)
+        log.error(
+            "error %s in interaction %s (user %s)",
+            error_id,
+            interaction.id,
+            interaction.user.id,
+            exc_info=error,
+        )
+        message = f"Sorry, something went wrong on my side (error id `{error_id}`); it has been logged."
+    else:
+        log.info("refused interaction %s for user %s: %s", interaction.id, interaction.user.id, message)
+    await reply(interaction, message)
+
+
+async def reply(interaction: discord.Interaction, message: str) -> None:
+    """An ephemeral answer, as the first response or a followup; in the channel once the token is gone."""
+    try:
+        if not interaction.response.is_done():
+            await interaction.response.send_message(message, ephemeral=True)
+            return
+        if not interaction.is_expired():
+            await interaction.followup.send(message, ephemeral=True)
+            return
+    except discord.HTTPException as exc:
+        log.info("interaction %s could not be answered (%s); using the channel", interaction.id, exc.status)
+    channel = interaction.channel
+    if isinstance(channel, discord.abc.Messageable):
+        try:
+            await channel.send(f"{interaction.user.mention} {message}", silent=True)
+            return
+        except discord.HTTPException:
+            pass
+    log.warning("could not tell user %s: %s", interaction.user.id, message)

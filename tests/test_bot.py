@@ -1,0 +1,608 @@
+"""The bot end to end: the real discord.py client, the smoke engine and the loopback Discord."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from i2p2i_bot.config import Settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.gpu import Priority
+from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord, running_fake_discord
+
+FOLLOWUP = "POST /webhooks/{app}/{token}"
+# A real photograph's PNG cut in half: the header is fine, the pixels are not all there.
+TRUNCATED_PNG = png_bytes(Image.effect_noise((128, 128), 64).convert("RGB"))[:6000]
+EDIT_FOLLOWUP = "PATCH /webhooks/{app}/{token}/messages/{message}"
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    async with running_fake_discord() as server:
+        yield server
+
+
+@pytest.fixture
+def settings_for(base_settings: Settings, tmp_path: Path):
+    def make(server: FakeDiscord, **queue: object) -> Settings:
+        return bot_settings(base_settings, tmp_path / "data", server, **queue)
+
+    return make
+
+
+def card_ids(message) -> list[str]:
+    return message.custom_ids()
+
+
+async def test_happy_path(
+    discord_server: FakeDiscord, settings_for, engine: Engine, astronaut: Image.Image
+) -> None:
+    """/imagine-from → card → Generate → progress → result files → Reroll → Info → Delete."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        commands = {c["name"] for c in server.synced_commands()}
+        assert {
+            "imagine-from",
+            "history",
+            "job",
+            "queue",
+            "forget",
+            "admin",
+            "Imagine from image",
+        } <= commands
+
+        upload = server.add_attachment(png_bytes(astronaut), "astronaut.png")
+        slash = await server.push_slash("imagine-from", {"image": upload, "count": 2})
+        await slash.wait_followup(timeout_s=20)
+        assert slash.callbacks()[0].json["type"] == 5
+        card = slash.original
+        assert card is not None and not card.ephemeral
+        embed = card.embeds[0]
+        assert embed["title"] == "Prompt · best"
+        stored = await bot.store.get_interrogation(int(card.custom_ids()[0].split(":")[3]))
+        assert stored is not None and stored.interrogation.prompt in embed["description"]
+        assert card.attachments[0].filename == "source.jpg"
+        gen_id = next(c for c in card.custom_ids() if c.startswith("i2p:card:gen:"))
+
+        press = await server.push_button(card, gen_id)
+        await press.wait_followup(timeout_s=30)
+        job_message = press.original
+        assert job_message is not None and "Job #1" in job_message.content
+        assert "i2p:job:cancel:1" in job_message.custom_ids()
+
+        done = await server.wait_until(lambda: press.original.attachments or None, timeout_s=20)
+        assert done
+        result = press.original
+        names = [a.filename for a in result.attachments]
+        assert names[0] == "job1-grid.png" and len(names) == 3
+        assert sum(a.size for a in result.attachments) <= slash.payload["attachment_size_limit"]
+        assert "job 1 is done" in result.content.lower() or "job #1 is done" in result.content
+        assert {"i2p:job:reroll:1", "i2p:job:edit:1", "i2p:job:info:1", "i2p:job:delete:1"} <= set(
+            result.custom_ids()
+        )
+        record = await bot.store.job_record(1)
+        assert record is not None and record.job.status == "complete" and len(record.images) == 2
+        single = Image.open(io.BytesIO(result.file(names[1])))
+        assert single.size == (64, 64)
+
+        reroll = await server.push_button(result, "i2p:job:reroll:1")
+        await reroll.wait_followup(timeout_s=30)
+        await server.wait_until(lambda: reroll.original.attachments or None, timeout_s=20)
+        second = await bot.store.job_record(2)
+        assert second is not None and second.job.parent_job_id == 1 and second.job.prompt == record.job.prompt
+        assert set(second.job.seeds).isdisjoint(record.job.seeds)
+
+        info = await server.push_button(result, "i2p:job:info:1")
+        answer = await info.wait_response()
+        assert answer.json["type"] == 4 and answer.json["data"]["flags"] & 64
+        assert "Job #1" in answer.json["data"]["embeds"][0]["title"]
+
+        await server.push_button(result, "i2p:job:delete:1")
+        await server.wait_until(lambda: server.message(result.id).deleted or None, timeout_s=10)
+
+
+async def describe(
+    server: FakeDiscord, image: Image.Image, *, user: str = "alice", count: int = 1, **options
+):
+    """Run /imagine-from and return (interaction handle, card message)."""
+    upload = server.add_attachment(png_bytes(image), "photo.png")
+    handle = await server.push_slash("imagine-from", {"image": upload, "count": count, **options}, user=user)
+    await handle.wait_followup(timeout_s=60)
+    return handle, handle.original
+
+
+async def eventually(fetch, check, timeout_s: float = 10.0):
+    """Poll an async fetch until check passes; returns the value (or fails after timeout_s)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = await fetch()
+        if check(value):
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still {value!r} after {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
+def button(message, prefix: str) -> str:
+    return next(c for c in message.custom_ids() if c.startswith(prefix))
+
+
+@contextlib.contextmanager
+def gpu_blocked(bot):
+    """Hold the GPU thread, so queued jobs wait until the block ends."""
+    gate = threading.Event()
+    bot.gpu.submit(gate.wait, priority=Priority.URGENT)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+async def ephemeral_answer(handle) -> str:
+    """The text of an ephemeral reply, whether sent as the callback or as a followup."""
+    call = await handle.wait_response()
+    data = call.json.get("data") or {}
+    if data.get("content"):
+        assert data["flags"] & 64
+        return data["content"]
+    followup = await handle.wait_call(FOLLOWUP)
+    assert followup.json["flags"] & 64
+    return followup.json["content"]
+
+
+async def test_context_menu(
+    discord_server: FakeDiscord, settings_for, engine: Engine, astronaut: Image.Image
+) -> None:
+    """'Imagine from image' on a member's message with one image posts a prompt card for it."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine):
+        upload = server.add_attachment(png_bytes(astronaut), "astro.png", ephemeral=False)
+        posted = await server.post_user_message("general", "bob", "look at this", attachments=[upload])
+        handle = await server.push_message_command("Imagine from image", posted)
+        await handle.wait_followup(timeout_s=60)
+        assert handle.original.embeds[0]["title"].startswith("Prompt")
+        assert any(c.startswith("i2p:card:gen:") for c in handle.original.custom_ids())
+
+
+async def test_context_menu_without_image(discord_server: FakeDiscord, settings_for, engine: Engine) -> None:
+    """A message with no image gets one ephemeral sentence."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine):
+        posted = await server.post_user_message("general", "bob", "just words")
+        handle = await server.push_message_command("Imagine from image", posted)
+        assert "no image" in await ephemeral_answer(handle)
+
+
+@pytest.mark.parametrize(
+    ("data", "filename", "content_type", "needle"),
+    [
+        (b"x" * (26 * 1024 * 1024), "huge.png", "image/png", "the limit is 25 MB"),
+        (b"hello, not an image", "notes.png", "text/plain", "not an image I can read"),
+        (TRUNCATED_PNG, "broken.png", "image/png", "damaged or incomplete"),
+    ],
+)
+async def test_bad_attachments_get_one_sentence(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    data: bytes,
+    filename: str,
+    content_type: str,
+    needle: str,
+) -> None:
+    """Too big, not an image, or broken: an ephemeral sentence, and no public card."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine):
+        upload = server.add_attachment(data, filename, content_type=content_type)
+        handle = await server.push_slash("imagine-from", {"image": upload})
+        assert needle in await ephemeral_answer(handle)
+        public = [m for m in server.messages_in("general") if not m.ephemeral and not m.deleted]
+        assert public == []
+
+
+async def test_decompression_bomb_is_refused_before_download(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+) -> None:
+    """An image declaring 30000×30000 pixels is refused from its metadata; the file is never fetched."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine):
+        upload = server.add_attachment(
+            b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "bomb.png", content_type="image/png", width=30000, height=30000
+        )
+        handle = await server.push_slash("imagine-from", {"image": upload})
+        assert "30000×30000" in await ephemeral_answer(handle)
+        assert server.calls(route="GET /attachments/{channel}/{attachment}/{filename}") == []
+
+
+async def test_non_owner_buttons_are_refused(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Bob pressing Edit on Alice's card, or Delete and Cancel on her job, gets an ephemeral refusal."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        edit = await server.push_button(card, button(card, "i2p:card:edit:"), user="bob")
+        assert "This card belongs to" in await ephemeral_answer(edit)
+        with gpu_blocked(bot):
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            status = press.original
+            cancel = await server.push_button(status, "i2p:job:cancel:1", user="bob")
+            assert "Only <@" in await ephemeral_answer(cancel)
+            assert bot.queue.active_jobs()[0].id == 1
+        done = await server.wait_until(lambda: press.original.attachments or None, timeout_s=30)
+        assert done
+        delete = await server.push_button(press.original, "i2p:job:delete:1", user="bob")
+        assert "Only <@" in await ephemeral_answer(delete)
+        assert not server.message(press.original.id).deleted
+
+
+async def test_owner_cancels_a_queued_job(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """The owner's Cancel stops a queued job; its message says so and no image is made."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        with gpu_blocked(bot):
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            cancel = await server.push_button(press.original, "i2p:job:cancel:1")
+            assert "Cancelled job #1" in await ephemeral_answer(cancel)
+        await server.wait_until(lambda: "cancelled" in str(press.original.embeds) or None, timeout_s=20)
+        record = await bot.store.job_record(1)
+        assert record.job.status == "cancelled" and record.images == ()
+
+
+async def test_edit_modal_generates_with_typed_values(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Edit prompt opens a prefilled modal; its prompt, negative, count and seed make the job."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+        await edit.wait_response()
+        stored = await bot.store.get_interrogation(1)
+        fields = {c["components"][0]["label"]: c["components"][0] for c in edit.modal["components"]}
+        assert fields["Prompt"]["value"] == stored.interrogation.prompt
+        submit = await server.push_modal_submit(
+            edit,
+            {
+                "Prompt": "a red fox in snow",
+                "Negative prompt": "blurry",
+                "Images (1–8)": "2",
+                "Seed (blank for random)": "42",
+            },
+        )
+        await submit.wait_followup(timeout_s=30)
+        await server.wait_until(lambda: submit.original.attachments or None, timeout_s=30)
+        job = (await bot.store.job_record(1)).job
+        assert (job.prompt, job.negative_prompt, job.seeds) == ("a red fox in snow", "blurry", (42, 43))
+
+
+async def test_edit_modal_bad_input_is_echoed(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A count that is not a number gets a sentence that quotes it and gives the typed prompt back."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+        await edit.wait_response()
+        submit = await server.push_modal_submit(edit, {"Prompt": "my careful prompt", "Images (1–8)": "lots"})
+        text = await ephemeral_answer(submit)
+        assert "you typed “lots”" in text and "my careful prompt" in text
+        assert bot.queue.active_jobs() == [] and await bot.store.get_job(1) is None
+
+
+async def test_banned_prompt_is_refused(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A typed prompt with a banned term is refused with a sentence naming it."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+        await edit.wait_response()
+        submit = await server.push_modal_submit(edit, {"Prompt": "a NSFW poster"})
+        assert "banned terms (nsfw)" in await ephemeral_answer(submit)
+        assert await bot.store.get_job(1) is None
+
+
+async def test_expired_token_delivers_in_the_channel(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """When the token dies before the job ends, the result goes to the channel with a mention."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        with gpu_blocked(bot):
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            press.expire()
+        posted = await server.wait_for(route="POST /channels/{channel}/messages", timeout_s=30)
+        assert f"<@{server.user('alice').id}>" in posted.json["content"]
+        assert posted.files and posted.files[0].filename.startswith("job1")
+        assert await eventually(lambda: bot.store.get_job(1), lambda job: job.delivered_at is not None)
+
+
+async def test_deleted_channel_delivers_by_dm(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Token gone and channel deleted: the owner gets the result by DM."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        with gpu_blocked(bot):
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            press.expire()
+            await server.delete_channel("general")
+        await server.wait_until(lambda: server.dm_messages("alice") or None, timeout_s=30)
+        dm = server.dm_messages("alice")[0]
+        assert "could not be posted" in dm.content and dm.attachments
+        assert await eventually(lambda: bot.store.get_job(1), lambda job: job.delivered_at is not None)
+
+
+async def test_rate_limits_and_server_errors_on_followups_are_retried(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A 429 and a 500 on the result's webhook edit are retried by discord.py; the result arrives once."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine):
+        _, card = await describe(server, astronaut)
+        server.rate_limit_next(EDIT_FOLLOWUP, times=1, retry_after_s=0.05)
+        server.fail_next(EDIT_FOLLOWUP, status=500, times=1)
+        press = await server.push_button(card, button(card, "i2p:card:gen:"))
+        await press.wait_followup(timeout_s=30)
+        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+        statuses = [c.status for c in server.calls(route=EDIT_FOLLOWUP)]
+        assert 429 in statuses and 500 in statuses and statuses[-1] == 200
+        assert len([m for m in server.messages_in("general") if m.attachments and not m.deleted]) == 2
+
+
+async def test_buttons_work_after_a_restart(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A card made before a restart still generates afterwards: its state comes from SQLite."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine):
+        _, card = await describe(server, astronaut)
+    async with running_i2p2i(settings, server, engine) as bot:
+        press = await server.push_button(card, button(card, "i2p:card:gen:"))
+        await press.wait_followup(timeout_s=30)
+        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+        assert (await bot.store.get_job(1)).interrogation_id == 1
+
+
+async def test_gateway_disconnect_mid_job(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """The gateway drops while a job waits; the bot resumes, delivers, and still answers new commands."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        with gpu_blocked(bot):
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            mark = server.frame_mark()
+            server.drop_connection()
+            await server.wait_for_frame(op=6, since=mark, timeout_s=30)  # RESUME
+        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+        _, second = await describe(server, astronaut)
+        assert second.embeds
+
+
+async def test_two_users_are_served_fairly(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Alice queues two jobs, then Bob one: Bob's images come before Alice's second job."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server, max_batch_images=1), server, engine) as bot:
+        _, alice_card = await describe(server, astronaut, user="alice", count=2)
+        _, bob_card = await describe(server, astronaut, user="bob", count=1)
+        with gpu_blocked(bot):
+            for user, card in (("alice", alice_card), ("alice", alice_card), ("bob", bob_card)):
+                press = await server.push_button(card, button(card, "i2p:card:gen:"), user=user)
+                await press.wait_followup(timeout_s=30)
+        await bot.queue.join()
+        finished = {job_id: (await bot.store.get_job(job_id)).finished_at for job_id in (1, 2, 3)}
+        assert finished[3] < finished[2]
+
+
+async def test_upload_limit_is_respected(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """With a tiny upload limit, the bot posts what fits and says what it left out."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine):
+        _, card = await describe(server, astronaut, count=4)
+        press = await server.push_button(card, button(card, "i2p:card:gen:"), attachment_size_limit=96 * 1024)
+        await press.wait_followup(timeout_s=30)
+        await server.wait_until(lambda: "done" in press.original.content or None, timeout_s=60)
+        total = sum(a.size for a in press.original.attachments)
+        assert total <= 96 * 1024
+
+
+async def test_history_queue_job_and_forget(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """/history lists the job, /job shows it with buttons, /queue is empty after, /forget deletes it all."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        press = await server.push_button(card, button(card, "i2p:card:gen:"))
+        await press.wait_followup(timeout_s=30)
+        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+        history = await server.push_slash("history")
+        data = (await history.wait_response()).json["data"]
+        assert data["flags"] & 64 and "Job #1" in data["embeds"][0]["description"]
+        job = await server.push_slash("job", {"job_id": 1})
+        data = (await job.wait_response()).json["data"]
+        assert "i2p:job:reroll:1" in str(data["components"])
+        queue = await server.push_slash("queue")
+        assert "nothing queued" in (await queue.wait_response()).json["data"]["content"]
+        forget = await server.push_slash("forget")
+        await forget.wait_response()
+        confirm_id = next(c for c in forget.original.custom_ids() if c)
+        confirm = await server.push_button(forget.original, confirm_id)
+        await confirm.wait_response()
+        assert "Deleted 1 job(s)" in (await confirm.wait_response()).json["data"]["content"]
+        assert await bot.store.get_job(1) is None
+
+
+async def test_queue_position_and_throttled_progress(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A waiting job shows its place at once; progress edits on one message are at least 1.5 s apart."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server, max_batch_images=1), server, engine) as bot:
+        _, alice_card = await describe(server, astronaut, user="alice", count=2)
+        _, bob_card = await describe(server, astronaut, user="bob", count=1)
+        with gpu_blocked(bot):
+            first = await server.push_button(alice_card, button(alice_card, "i2p:card:gen:"), user="alice")
+            await first.wait_followup(timeout_s=30)
+            second = await server.push_button(bob_card, button(bob_card, "i2p:card:gen:"), user="bob")
+            await second.wait_followup(timeout_s=30)
+            ahead = bot.queue.position(2).images_ahead
+            assert ahead >= 1
+            assert f"Job #2 is queued: {ahead} image{'s' * (ahead != 1)} ahead" in second.original.content
+            await asyncio.sleep(2)  # progress edits pile up while the GPU is held
+        await server.wait_until(lambda: second.original.attachments or None, timeout_s=60)
+        progress_edits = 0
+        for handle in (first, second):
+            edits = [
+                c
+                for c in server.calls(route=EDIT_FOLLOWUP)
+                if c.params.get("token") == handle.token and not c.files and c.status == 200
+            ]
+            times = [c.at for c in edits]
+            progress_edits += len(times)
+            assert all(b - a >= 1.45 for a, b in itertools.pairwise(times)), times
+        assert progress_edits >= 3  # the throttle had edits to space out
+
+
+async def test_flagged_images_are_withheld(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Images the safety checker flags are never posted; the result says how many were withheld."""
+    server = discord_server
+    checker = engine.generator.pipe.safety_checker
+    saved = checker.concept_embeds_weights.data.clone()
+    checker.concept_embeds_weights.data.fill_(-2.0)
+    try:
+        async with running_i2p2i(settings_for(server), server, engine) as bot:
+            _, card = await describe(server, astronaut, count=2)
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            await server.wait_until(lambda: "done" in press.original.content or None, timeout_s=60)
+            assert press.original.attachments == []
+            assert "2 image(s) withheld" in str(press.original.embeds[0])
+            record = await bot.store.job_record(1)
+            assert [m.nsfw for m in record.images] == [True, True]
+    finally:
+        checker.concept_embeds_weights.data.copy_(saved)
+
+
+async def test_candidates_card_and_redescribe(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A candidates card scores each prompt and offers Use #k; Re-describe redoes the card in place."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut, mode="candidates")
+        fields = card.embeds[0]["fields"]
+        heads = [f["name"].split(" · ")[0] for f in fields[:3]]
+        assert [h[:2] for h in heads] == ["#1", "#2", "#3"]
+        assert sorted(h.split()[1] for h in heads) == ["best", "classic", "fast"]
+        scores = [float(f["name"].rsplit("CLIP ", 1)[1]) for f in fields[:3]]
+        assert scores == sorted(scores, reverse=True)
+        use2 = button(card, "i2p:card:use:")
+        assert use2.endswith(":1")
+        press = await server.push_button(card, use2.removesuffix(":1") + ":2")
+        await press.wait_followup(timeout_s=30)
+        stored = await bot.store.get_interrogation(1)
+        positives = [c for c in stored.interrogation.candidates if c.mode != "negative"]
+        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+        assert (await bot.store.get_job(1)).prompt == positives[1].prompt
+        select_id = button(card, "i2p:card:mode:")
+        redo = await server.push_select(card, select_id, ["fast"])
+        await server.wait_until(
+            lambda: "Prompt · fast" in str(server.message(card.id).embeds) or None, timeout_s=30
+        )
+        assert redo.callbacks()[0].json["type"] == 6
+
+
+async def test_missing_token_exits_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bot.py without DISCORD_TOKEN stops with exit code 2 and one line."""
+    import bot as entry
+
+    monkey = pytest.MonkeyPatch()
+    monkey.delenv("DISCORD_TOKEN", raising=False)
+    try:
+        assert entry.main([]) == 2
+    finally:
+        monkey.undo()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["bot.py: DISCORD_TOKEN is not set; put the bot's token in that environment variable"]
