@@ -91,6 +91,11 @@ class I2P2IBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         settings = self.settings
+        info = await self.application_info()
+        if info.team is not None:
+            self.owner_ids = {member.id for member in info.team.members}
+        else:
+            self.owner_id = info.owner.id
         self.store = await Store.from_settings(settings)
         self.gpu = GpuWorker()
         # Models load on the GPU thread, which owns them from then on.

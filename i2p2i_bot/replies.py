@@ -17,8 +17,11 @@ from i2p2i_bot.jobs import JobRefused
 log = logging.getLogger("i2p2i.discord")
 
 
-class Refusal(Exception):
-    """Something a member may not do or must fix (not their job, a banned term...); one sentence for them."""
+class Refusal(app_commands.AppCommandError):
+    """Something a member may not do or must fix (not their job, a banned term...); one sentence for them.
+
+    An AppCommandError, so that raised from a check it still reaches the tree's error handler.
+    """
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (

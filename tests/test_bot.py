@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import itertools
 import threading
@@ -606,3 +607,36 @@ async def test_missing_token_exits_with_one_line(tmp_path: Path, capsys: pytest.
         monkey.undo()
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["bot.py: DISCORD_TOKEN is not set; put the bot's token in that environment variable"]
+
+
+async def test_admin_commands(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Members cannot use /admin; the application owner and admin-role members can pause, list and cancel."""
+    server = discord_server
+    settings = settings_for(server)
+    moderator_role = server.role("Moderator").id
+    settings = dataclasses.replace(
+        settings, discord=dataclasses.replace(settings.discord, admin_role_ids=[moderator_role])
+    )
+    async with running_i2p2i(settings, server, engine) as bot:
+        refused = await server.push_slash("admin pause", user="alice")
+        assert "Only the bot's owner" in await ephemeral_answer(refused)
+        assert not bot.queue.paused
+        paused = await server.push_slash("admin pause", user="owner")
+        assert "Paused" in await ephemeral_answer(paused)
+        assert bot.queue.paused
+        _, card = await describe(server, astronaut)
+        press = await server.push_button(card, button(card, "i2p:card:gen:"))
+        await press.wait_followup(timeout_s=30)
+        listing = await server.push_slash("admin queue", user="mod")
+        data = (await listing.wait_response()).json["data"]
+        assert "paused" in data["content"] and "Job #1" in data["embeds"][0]["description"]
+        cancel = await server.push_slash("admin cancel", {"job_id": 1}, user="mod")
+        assert "Cancelled job #1" in await ephemeral_answer(cancel)
+        resumed = await server.push_slash("admin resume", user="owner")
+        assert "Resumed" in await ephemeral_answer(resumed)
+        assert (await bot.store.get_job(1)).status == "cancelled"
