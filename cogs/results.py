@@ -76,10 +76,9 @@ class Results(commands.Cog):
         """After a restart: follow active jobs again and deliver finished ones that never were."""
         await self.bot.wait_until_ready()
         for job in self.bot.queue.active_jobs():
-            if job.delivery.message_id is not None:
-                self._tracked.setdefault(
-                    job.id, _Tracked(job, job.delivery, DEFAULT_UPLOAD_LIMIT, dirty=True)
-                )
+            if job.delivery.message_id is not None and job.id not in self._tracked:
+                # The old interaction's upload limit is not kept; Discord's default is the floor.
+                self.track(job, job.delivery, DEFAULT_UPLOAD_LIMIT)
         for job in await self.bot.store.undelivered_jobs():
             await self._deliver(job.id, DEFAULT_UPLOAD_LIMIT)
 

@@ -640,3 +640,28 @@ async def test_admin_commands(
         resumed = await server.push_slash("admin resume", user="owner")
         assert "Resumed" in await ephemeral_answer(resumed)
         assert (await bot.store.get_job(1)).status == "cancelled"
+
+
+async def test_job_queued_before_a_restart_is_delivered_after(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A job still queued when the bot stops is run and delivered by the next start, exactly once."""
+    server = discord_server
+    settings = settings_for(server, stop_grace_s=0.2)
+    async with running_i2p2i(settings, server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        with gpu_blocked(bot):
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            await bot.close()
+    async with running_i2p2i(settings, server, engine) as bot:
+        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+        job = await eventually(lambda: bot.store.get_job(1), lambda j: j.delivered_at is not None)
+        assert job.status == "complete"
+        record = await bot.store.job_record(1)
+        assert sorted(m.index for m in record.images) == [0]
+        results = [c for c in server.calls(route=EDIT_FOLLOWUP) if c.files]
+        assert len(results) == 1
