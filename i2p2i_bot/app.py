@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -213,18 +214,21 @@ def create_bot(settings: Settings, *, engine_loader: EngineLoader | None = None,
 
 def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
     """bot.py's body: settings, token check, run until SIGTERM/SIGINT; returns the exit code."""
-    discord.utils.setup_logging(level=logging.INFO)
     try:
         settings = load_settings(config_path)
         if models:
             settings = settings.with_preset(models)  # type: ignore[arg-type]
     except ConfigError as exc:
-        print(f"bot.py: {exc}")
+        print(f"bot.py: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     token = settings.discord.token
     if not token:
-        print("bot.py: DISCORD_TOKEN is not set; put the bot's token in that environment variable")
+        print(
+            "bot.py: DISCORD_TOKEN is not set; put the bot's token in that environment variable",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
+    discord.utils.setup_logging(level=logging.INFO)
     bot = create_bot(settings)
 
     async def runner() -> int:
@@ -241,7 +245,10 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
             try:
                 await bot.start(token)
             except discord.LoginFailure:
-                print("bot.py: Discord rejected the token in DISCORD_TOKEN; check it in the Developer Portal")
+                print(
+                    "bot.py: Discord rejected the token in DISCORD_TOKEN; check it in the Developer Portal",
+                    file=sys.stderr,
+                )
                 return EXIT_CONFIG
             if stopping:
                 await stopping[0]

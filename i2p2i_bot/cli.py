@@ -103,10 +103,21 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # A handler of our own for this run, removed afterwards, so main() can also be called as a function.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return _run(args)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+
+
+def _run(args: argparse.Namespace) -> int:
     if not args.verbose:
         _quiet_libraries()
     try:
@@ -175,6 +186,7 @@ def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> i
 def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
     banned = BannedTerms.from_settings(settings.interrogate)
     _refuse_banned(banned, args.prompt, "prompt")
+    _check_request(settings, args)  # before loading models, so a typo costs nothing
     engine = _load_engine(settings, progress)
     request = _request(args, args.prompt)
     out = Path(args.out)

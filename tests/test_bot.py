@@ -605,7 +605,7 @@ async def test_missing_token_exits_with_one_line(tmp_path: Path, capsys: pytest.
         assert entry.main([]) == 2
     finally:
         monkey.undo()
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert out == ["bot.py: DISCORD_TOKEN is not set; put the bot's token in that environment variable"]
 
 

@@ -35,10 +35,10 @@ MessageRef = StoredMessage | int
 class FakeDiscord:
     """A loopback Discord for the real discord.py client.
 
-    ``await server.start()`` listens on a free port of 127.0.0.1; point discord.py at it with
-    ``server.patch_discord()`` (or the ``api_base``/``gateway_url`` settings). Every HTTP request becomes a
-    RecordedCall (``calls()``, ``wait_for()``); an unknown route answers 404 and is kept in ``unknown_calls``
-    so ``assert_clean()`` fails the test.
+    ``await server.start()`` listens on 127.0.0.1 at ``port`` (by default 0: a free port); point discord.py
+    at it with ``server.patch_discord()`` (or the ``api_base``/``gateway_url`` settings). Every HTTP request
+    becomes a RecordedCall (``calls()``, ``wait_for()``); an unknown route answers 404 and is kept in
+    ``unknown_calls`` so ``assert_clean()`` fails the test.
     """
 
     def __init__(
@@ -49,6 +49,7 @@ class FakeDiscord:
         heartbeat_interval_ms: int = 41_250,
         token_lifetime_s: float = ix.TOKEN_LIFETIME_S,
         ack_deadline_s: float | None = None,
+        port: int = 0,
     ) -> None:
         self.world = world or World.default()
         self.token = token
@@ -71,6 +72,7 @@ class FakeDiscord:
         self._changed: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self._listen_port = port
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -80,8 +82,13 @@ class FakeDiscord:
         app.router.add_route("*", "/{tail:.*}", self._handle_http)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
+        site = web.TCPSite(self._runner, "127.0.0.1", self._listen_port)
+        try:
+            await site.start()
+        except OSError:  # e.g. the fixed port is in use
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         self._port = self._runner.addresses[0][1]
         self.attachments.set_base_url(self.base_url)
         log.debug("fake Discord listening on %s", self.base_url)
