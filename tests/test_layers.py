@@ -1,0 +1,41 @@
+"""The layering rules: the engine and job system never import discord; every extension loads."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import i2p2i_bot
+
+DISCORD_MODULES = {"i2p2i_bot.app", "i2p2i_bot.replies"}
+
+
+def test_engine_modules_do_not_import_discord() -> None:
+    """Importing every engine and job-system module leaves discord (and the cogs) unloaded."""
+    names = sorted(
+        f"i2p2i_bot.{m.name}"
+        for m in pkgutil.iter_modules(i2p2i_bot.__path__)
+        if f"i2p2i_bot.{m.name}" not in DISCORD_MODULES and m.name != "__main__"
+    )
+    assert "i2p2i_bot.queue" in names and "i2p2i_bot.engine" in names
+    code = (
+        "import sys, importlib\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m == 'discord' or m.startswith(('discord.', 'cogs')))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_cog_module_imports() -> None:
+    """Each extension in the bot's list imports on its own and has a setup function."""
+    from i2p2i_bot.app import EXTENSIONS
+
+    for name in EXTENSIONS:
+        module = importlib.import_module(name)
+        assert callable(module.setup), name
