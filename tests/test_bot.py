@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import io
 import itertools
+import os
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from i2p2i_bot.gpu import Priority
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, running_fake_discord
 
+ROOT = Path(__file__).resolve().parent.parent
 FOLLOWUP = "POST /webhooks/{app}/{token}"
 # A real photograph's PNG cut in half: the header is fine, the pixels are not all there.
 TRUNCATED_PNG = png_bytes(Image.effect_noise((128, 128), 64).convert("RGB"))[:6000]
@@ -665,3 +669,88 @@ async def test_job_queued_before_a_restart_is_delivered_after(
         assert sorted(m.index for m in record.images) == [0]
         results = [c for c in server.calls(route=EDIT_FOLLOWUP) if c.files]
         assert len(results) == 1
+
+
+async def test_rejected_token_exits_with_one_line(discord_server: FakeDiscord, tmp_path: Path) -> None:
+    """bot.py with a token Discord refuses stops with exit code 2 and one line, before loading models."""
+    server = discord_server
+    config = tmp_path / "bot.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[discord]\napi_base = "{server.api_base}"\n'
+        f'gateway_url = "{server.gateway_url}"\n',
+        encoding="utf-8",
+    )
+    env = {**os.environ, "DISCORD_TOKEN": "not-the-right-token", "HF_HUB_OFFLINE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bot.py"), "--config", str(config),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 2
+    lines = [line for line in err.decode().splitlines() if line.startswith("bot.py:")]
+    assert lines == ["bot.py: Discord rejected the token in DISCORD_TOKEN; check it in the Developer Portal"]
+    assert "Traceback" not in err.decode()
+
+
+async def test_undeliverable_job_stays_undelivered(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Token expired, channel deleted and DMs closed: the job is kept as undelivered, not lost."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        with gpu_blocked(bot):
+            press = await server.push_button(card, button(card, "i2p:card:gen:"))
+            await press.wait_followup(timeout_s=30)
+            press.expire()
+            await server.delete_channel("general")
+            server.block_dms("alice")
+        await server.wait_for(route="POST /channels/{channel}/messages", predicate=lambda c: c.status == 403,
+                              timeout_s=30)  # fmt: skip
+        await asyncio.sleep(0.2)
+        job = await bot.store.get_job(1)
+        assert job.status == "complete" and job.delivered_at is None
+        assert [j.id for j in await bot.store.undelivered_jobs()] == [1]
+
+
+async def test_context_menu_with_several_images_offers_a_choice(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A message with two images gets a private picker; the picked image becomes the card."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        first = server.add_attachment(png_bytes(astronaut), "astro.png", ephemeral=False)
+        second = server.add_attachment(png_bytes(astronaut.rotate(90)), "turned.png", ephemeral=False)
+        posted = await server.post_user_message("general", "bob", "two", attachments=[first, second])
+        handle = await server.push_message_command("Imagine from image", posted)
+        answer = (await handle.wait_response()).json["data"]
+        assert answer["flags"] & 64 and "Which image" in answer["content"]
+        picker = handle.original
+        select_id = picker.custom_ids()[0]
+        pick = await server.push_select(picker, select_id, ["1"])
+        await pick.wait_followup(timeout_s=60)
+        stored = await bot.store.get_interrogation(1)
+        turned = hashlib.sha256(png_bytes(astronaut.rotate(90))).hexdigest()
+        assert stored.source_sha256 == turned
+        assert pick.original.embeds[0]["title"].startswith("Prompt")
+
+
+async def test_commands_sync_only_when_changed(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+) -> None:
+    """A restart with the same commands does not sync again."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine):
+        pass
+    async with running_i2p2i(settings, server, engine):
+        pass
+    assert len(server.calls(route="PUT /applications/{app}/commands")) == 1
