@@ -196,6 +196,9 @@ class JobQueue:
         self._active: dict[int, _Active] = {}
         # Members with images waiting, least recently served first; each holds its jobs with pending images.
         self._users: OrderedDict[int, deque[_Active]] = OrderedDict()
+        # When each member was last served (a count of images handed out); orders newcomers into the ring.
+        self._last_served: dict[int, int] = {}
+        self._served_images = 0
         self._owner_jobs: Counter[int] = Counter()
         # Submissions waiting for their group commit, with the places they hold under the caps.
         self._intake: list[_Submission] = []
@@ -611,8 +614,10 @@ class JobQueue:
             if not queue:
                 del self._users[owner]
         for owner in sorted(last_served, key=last_served.__getitem__):
+            self._last_served[owner] = self._served_images + last_served[owner]
             if owner in self._users:
                 self._users.move_to_end(owner)
+        self._served_images += len(plan)
         batch = Batch(
             next(self._batch_ids),
             jobs[0].params,
@@ -722,11 +727,20 @@ class JobQueue:
             self._pending_images[owner] += len(active.pending)
             queue = self._users.get(owner)
             if queue is None:
-                self._users[owner] = deque([active])
+                self._join_ring(owner, deque([active]))
             else:
                 _insert_by_id(queue, active)
         self._idle.clear()
         self._wakeup.set()
+
+    def _join_ring(self, owner: int, jobs: deque[_Active]) -> None:
+        """Least recently served first: a member with nothing queued joins ahead of everyone served since
+        their own last turn, so a newcomer is not made to wait behind the member who was just served."""
+        served = self._last_served.get(owner, -1)
+        later = [user for user in self._users if self._last_served.get(user, -1) > served]
+        self._users[owner] = jobs
+        for user in later:
+            self._users.move_to_end(user)
 
     def _requeue(self, active: _Active, indices: list[int]) -> None:
         """Put images back at the front of their job, and the member at the front of the ring."""

@@ -104,7 +104,8 @@ async def test_a_single_image_is_not_stuck_behind_a_backlog(store: Store, tmp_pa
         await other_store.close()
     assert late.id not in [i.job_id for i in before.items]
     assert {i.job_id for i in before.items} == {a_jobs[0].id}
-    assert [i.job_id for i in second.items][:2] == [a_jobs[1].id, late.id]
+    # B has not been served yet and A just was, so B's image leads the next batch.
+    assert [i.job_id for i in second.items][:2] == [late.id, a_jobs[1].id]
 
 
 async def test_three_users_are_served_round_robin(store: Store) -> None:
@@ -544,3 +545,19 @@ async def test_pause_holds_batches_and_resume_releases_them(store: Store) -> Non
     queue.resume()
     batch = await asyncio.wait_for(waiting, 5)
     assert batch is not None and batch.job_ids == (job.id,)
+
+
+async def test_a_newcomer_goes_before_the_member_just_served(store: Store) -> None:
+    """With batches of one, B arriving while A's image runs gets the next turn, not A's second image."""
+    queue = await make_queue(store, max_batch_images=1)
+    engine = FakeEngine()
+    first_a = await queue.submit(request(A, 2))
+    running = await take(queue)
+    b_job = await queue.submit(request(B, 1))
+    assert queue.position(b_job.id).images_ahead == 1  # only the image on the GPU
+    await finish(queue, engine, running)
+    nxt = await take(queue)
+    assert [i.job_id for i in nxt.items] == [b_job.id]
+    await finish(queue, engine, nxt)
+    last = await take(queue)
+    assert [i.job_id for i in last.items] == [first_a.id]
