@@ -26,6 +26,7 @@ from i2p2i_bot.config import ConfigError, Settings, load_settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
 from i2p2i_bot.interrogation_cache import InterrogationCache
+from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.replies import report_error
 from i2p2i_bot.runner import JobRunner
@@ -249,6 +250,9 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                     "bot.py: Discord rejected the token in DISCORD_TOKEN; check it in the Developer Portal",
                     file=sys.stderr,
                 )
+                return EXIT_CONFIG
+            except ModelUnavailable as exc:
+                print(f"bot.py: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
             if stopping:
                 await stopping[0]

@@ -754,3 +754,24 @@ async def test_commands_sync_only_when_changed(
     async with running_i2p2i(settings, server, engine):
         pass
     assert len(server.calls(route="PUT /applications/{app}/commands")) == 1
+
+
+async def test_missing_models_stop_the_bot_with_one_line(discord_server: FakeDiscord, tmp_path: Path) -> None:
+    """Models that are not there stop bot.py with exit code 2 and a line saying how to get them."""
+    server = discord_server
+    config = tmp_path / "bot.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[models]\nclip = "local-dir:{tmp_path / "no-clip"}"\n'
+        f'[discord]\napi_base = "{server.api_base}"\ngateway_url = "{server.gateway_url}"\n',
+        encoding="utf-8",
+    )
+    env = {**os.environ, "DISCORD_TOKEN": server.token, "HF_HUB_OFFLINE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bot.py"), "--config", str(config),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 2
+    lines = [line for line in err.decode().splitlines() if line.startswith("bot.py:")]
+    assert len(lines) == 1 and "could not be loaded" in lines[0] and "download-models" in lines[0]
+    assert "Traceback" not in err.decode()
