@@ -40,33 +40,45 @@ class InputError(Exception):
     """One input cannot be used; the message is one line, and the other inputs go on."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="i2p2i",
-        description="Image → prompt → image with CLIP Interrogator and Stable Diffusion.",
-    )
-    parser.add_argument("--version", action="version", version=f"i2p2i {__version__}")
-    parser.add_argument("--config", metavar="PATH", help="settings file (TOML); see config.example.toml")
-    parser.add_argument(
+def _global_options() -> argparse.ArgumentParser:
+    """Options taken before or after the command (`--models smoke describe x`, `describe x --models smoke`).
+
+    Their defaults are suppressed here, so a value given after the command wins and one given before it
+    is not overwritten by the subcommand's defaults.
+    """
+    options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    options.add_argument("--config", metavar="PATH", help="settings file (TOML); see config.example.toml")
+    options.add_argument(
         "--models",
         choices=("default", "smoke"),
         help="'smoke' uses tiny random models to check an install (noise images); default: from the config",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    options.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    options.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _global_options()
+    parser = argparse.ArgumentParser(
+        prog="i2p2i",
+        description="Image → prompt → image with CLIP Interrogator and Stable Diffusion.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"i2p2i {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    describe = sub.add_parser("describe", help="turn images into prompts")
+    describe = sub.add_parser("describe", help="turn images into prompts", parents=[common])
     describe.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     describe.add_argument("--mode", choices=MODES, help="prompt style (default: from the config, 'best')")
     describe.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
 
-    generate = sub.add_parser("generate", help="make images from a prompt")
+    generate = sub.add_parser("generate", help="make images from a prompt", parents=[common])
     generate.add_argument("prompt")
     _add_generation_options(generate)
 
     imagine = sub.add_parser(
-        "imagine-from", help="image → prompt → edited prompt → new images, for each image"
+        "imagine-from", help="image → prompt → edited prompt → new images, for each image", parents=[common]
     )
     imagine.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     imagine.add_argument("--mode", choices=MODES, help="prompt style (default: from the config, 'best')")
@@ -81,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--prompt", metavar="TEXT", help="use this prompt instead of the interrogated one")
     _add_generation_options(imagine)
 
-    sub.add_parser("download-models", help="fetch the configured models into the Hugging Face cache")
+    sub.add_parser(
+        "download-models", help="fetch the configured models into the Hugging Face cache", parents=[common]
+    )
     return parser
 
 
@@ -101,8 +115,21 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+GLOBAL_DEFAULTS = {"config": None, "models": None, "verbose": False, "quiet": False}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    # Filled in afterwards: the option actions are shared with the subcommands, so defaults set on the
+    # top-level parser would overwrite a value given before the command.
+    for key, value in GLOBAL_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     # A handler of our own for this run, removed afterwards, so main() can also be called as a function.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -227,3 +227,38 @@ def test_module_entry_point() -> None:
 def test_edit_prompt(prompt: str, append: str | None, remove: list[str], expected: str) -> None:
     """Removed terms go as whole words or whole parts; appended text joins with a comma."""
     assert edit_prompt(prompt, append=append, remove=remove) == expected
+
+
+def test_global_options_work_after_the_command(
+    base_settings: Settings, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`imagine-from PHOTO -n 2 --models smoke --out DIR` (options after the command) writes 2 PNGs + JSON."""
+    monkeypatch.setenv("I2P2I_CACHE_DIR", base_settings.models.cache_dir)
+    monkeypatch.setenv("I2P2I_DATA_DIR", str(tmp_path / "data"))
+    config = tmp_path / "small.toml"
+    labels = base_settings.interrogate.labels_dir
+    config.write_text(
+        f'[interrogate]\nlabels_dir = "{labels}"\n'
+        "[generate]\nsteps = 2\nwidth = 64\nheight = 64\nmin_side = 64\n"
+    )
+    out = tmp_path / "out"
+    photo = str(photos / "astronaut.png")
+    assert (
+        main(
+            [
+                "imagine-from",
+                photo,
+                "-n",
+                "2",
+                "--models",
+                "smoke",
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut-1.png", "astronaut-2.png", "astronaut.json"]
+    assert json.loads((out / "astronaut.json").read_text())["smoke"] is True
