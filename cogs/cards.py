@@ -196,9 +196,7 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def result_embed(
-    job: Job, images: Sequence[StoredImage], files: ResultFiles, owner_mention: str
-) -> discord.Embed:
+def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) -> discord.Embed:
     """The finished job: its prompt, and each image's seed and fidelity, best first."""
     failed = job.status is JobStatus.FAILED
     cancelled = job.status is JobStatus.CANCELLED

@@ -137,6 +137,13 @@ async def eventually(fetch, check, timeout_s: float = 10.0):
         await asyncio.sleep(0.02)
 
 
+async def generate(server: FakeDiscord, card, **context):
+    """Press a card's Generate button and wait for the job's message."""
+    press = await server.push_button(card, button(card, "i2p:card:gen:"), **context)
+    await press.wait_followup(timeout_s=30)
+    return press
+
+
 def button(message, prefix: str) -> str:
     return next(c for c in message.custom_ids() if c.startswith(prefix))
 
@@ -243,8 +250,7 @@ async def test_non_owner_buttons_are_refused(
         edit = await server.push_button(card, button(card, "i2p:card:edit:"), user="bob")
         assert "This card belongs to" in await ephemeral_answer(edit)
         with gpu_blocked(bot):
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             status = press.original
             cancel = await server.push_button(status, "i2p:job:cancel:1", user="bob")
             assert "Only <@" in await ephemeral_answer(cancel)
@@ -267,8 +273,7 @@ async def test_owner_cancels_a_queued_job(
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
         with gpu_blocked(bot):
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             cancel = await server.push_button(press.original, "i2p:job:cancel:1")
             assert "Cancelled job #1" in await ephemeral_answer(cancel)
         await server.wait_until(lambda: "cancelled" in str(press.original.embeds) or None, timeout_s=20)
@@ -352,8 +357,7 @@ async def test_expired_token_delivers_in_the_channel(
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
         with gpu_blocked(bot):
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             press.expire()
         posted = await server.wait_for(route="POST /channels/{channel}/messages", timeout_s=30)
         assert f"<@{server.user('alice').id}>" in posted.json["content"]
@@ -372,8 +376,7 @@ async def test_deleted_channel_delivers_by_dm(
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
         with gpu_blocked(bot):
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             press.expire()
             await server.delete_channel("general")
         await server.wait_until(lambda: server.dm_messages("alice") or None, timeout_s=30)
@@ -394,8 +397,7 @@ async def test_rate_limits_and_server_errors_on_followups_are_retried(
         _, card = await describe(server, astronaut)
         server.rate_limit_next(EDIT_FOLLOWUP, times=1, retry_after_s=0.05)
         server.fail_next(EDIT_FOLLOWUP, status=500, times=1)
-        press = await server.push_button(card, button(card, "i2p:card:gen:"))
-        await press.wait_followup(timeout_s=30)
+        press = await generate(server, card)
         await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
         statuses = [c.status for c in server.calls(route=EDIT_FOLLOWUP)]
         assert 429 in statuses and 500 in statuses and statuses[-1] == 200
@@ -414,8 +416,7 @@ async def test_buttons_work_after_a_restart(
     async with running_i2p2i(settings, server, engine):
         _, card = await describe(server, astronaut)
     async with running_i2p2i(settings, server, engine) as bot:
-        press = await server.push_button(card, button(card, "i2p:card:gen:"))
-        await press.wait_followup(timeout_s=30)
+        press = await generate(server, card)
         await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
         assert (await bot.store.get_job(1)).interrogation_id == 1
 
@@ -431,8 +432,7 @@ async def test_gateway_disconnect_mid_job(
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
         with gpu_blocked(bot):
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             mark = server.frame_mark()
             server.drop_connection()
             await server.wait_for_frame(op=6, since=mark, timeout_s=30)  # RESUME
@@ -454,8 +454,7 @@ async def test_two_users_are_served_fairly(
         _, bob_card = await describe(server, astronaut, user="bob", count=1)
         with gpu_blocked(bot):
             for user, card in (("alice", alice_card), ("alice", alice_card), ("bob", bob_card)):
-                press = await server.push_button(card, button(card, "i2p:card:gen:"), user=user)
-                await press.wait_followup(timeout_s=30)
+                await generate(server, card, user=user)
         await bot.queue.join()
         finished = {job_id: (await bot.store.get_job(job_id)).finished_at for job_id in (1, 2, 3)}
         assert finished[3] < finished[2]
@@ -471,8 +470,7 @@ async def test_upload_limit_is_respected(
     server = discord_server
     async with running_i2p2i(settings_for(server), server, engine):
         _, card = await describe(server, astronaut, count=4)
-        press = await server.push_button(card, button(card, "i2p:card:gen:"), attachment_size_limit=96 * 1024)
-        await press.wait_followup(timeout_s=30)
+        press = await generate(server, card, attachment_size_limit=96 * 1024)
         await server.wait_until(lambda: "done" in press.original.content or None, timeout_s=60)
         total = sum(a.size for a in press.original.attachments)
         assert total <= 96 * 1024
@@ -488,8 +486,7 @@ async def test_history_queue_job_and_forget(
     server = discord_server
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
-        press = await server.push_button(card, button(card, "i2p:card:gen:"))
-        await press.wait_followup(timeout_s=30)
+        press = await generate(server, card)
         await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
         history = await server.push_slash("history")
         data = (await history.wait_response()).json["data"]
@@ -520,10 +517,8 @@ async def test_queue_position_and_throttled_progress(
         _, alice_card = await describe(server, astronaut, user="alice", count=2)
         _, bob_card = await describe(server, astronaut, user="bob", count=1)
         with gpu_blocked(bot):
-            first = await server.push_button(alice_card, button(alice_card, "i2p:card:gen:"), user="alice")
-            await first.wait_followup(timeout_s=30)
-            second = await server.push_button(bob_card, button(bob_card, "i2p:card:gen:"), user="bob")
-            await second.wait_followup(timeout_s=30)
+            first = await generate(server, alice_card, user="alice")
+            second = await generate(server, bob_card, user="bob")
             ahead = bot.queue.position(2).images_ahead
             assert ahead >= 1
             assert f"Job #2 is queued: {ahead} image{'s' * (ahead != 1)} ahead" in second.original.content
@@ -556,8 +551,7 @@ async def test_flagged_images_are_withheld(
     try:
         async with running_i2p2i(settings_for(server), server, engine) as bot:
             _, card = await describe(server, astronaut, count=2)
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             await server.wait_until(lambda: "done" in press.original.content or None, timeout_s=60)
             assert press.original.attachments == []
             assert "2 image(s) withheld" in str(press.original.embeds[0])
@@ -634,8 +628,7 @@ async def test_admin_commands(
         assert "Paused" in await ephemeral_answer(paused)
         assert bot.queue.paused
         _, card = await describe(server, astronaut)
-        press = await server.push_button(card, button(card, "i2p:card:gen:"))
-        await press.wait_followup(timeout_s=30)
+        await generate(server, card)
         listing = await server.push_slash("admin queue", user="mod")
         data = (await listing.wait_response()).json["data"]
         assert "paused" in data["content"] and "Job #1" in data["embeds"][0]["description"]
@@ -658,8 +651,7 @@ async def test_job_queued_before_a_restart_is_delivered_after(
     async with running_i2p2i(settings, server, engine) as bot:
         _, card = await describe(server, astronaut)
         with gpu_blocked(bot):
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             await bot.close()
     async with running_i2p2i(settings, server, engine) as bot:
         await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
@@ -703,8 +695,7 @@ async def test_undeliverable_job_stays_undelivered(
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
         with gpu_blocked(bot):
-            press = await server.push_button(card, button(card, "i2p:card:gen:"))
-            await press.wait_followup(timeout_s=30)
+            press = await generate(server, card)
             press.expire()
             await server.delete_channel("general")
             server.block_dms("alice")
