@@ -1,0 +1,486 @@
+"""Generation throughput: stock diffusers StableDiffusionPipeline against ours, in one process.
+
+Stock is `StableDiffusionPipeline.from_pretrained` as its documentation uses it (fp16 on CUDA, diffusers'
+default SDPA attention, safety checker on), at batch 1. Ours is `Generator.load` + `generate_batch` at each
+batch size; then the job system (JobQueue, JobRunner and GpuWorker with a temporary store) with several
+members submitting at once; then the largest batch again with the interrogation models resident beside it
+and every image scored for fidelity, as the product runs. Both sides use the same scheduler, steps,
+guidance, size, prompts and seeds; stock is measured and unloaded before ours loads, so each peak-memory
+figure is its own. The compute floor is the UNet and VAE-decoder FLOPs of one image (counted, not assumed)
+over the device's measured dense matmul rate. Prints a table, writes JSON, ends with the headline figures:
+
+    python bench/generate.py [--random-weights] [--batches 1,2,4,8] [--steps N] [--size PX] [--users N]
+
+With no flag the smoke models run at a small size (wiring, not speed); --random-weights runs the real SD
+v1-4, ViT-L-14 and BLIP-large architectures with random weights (see bench/models.py). Run it as a file: it
+imports its siblings in bench/ (measure, models) from the folder Python puts first on the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from measure import (
+    Measurement,
+    count,
+    count_or_zero,
+    default_json_path,
+    environment,
+    fmt,
+    headline,
+    measure,
+    peak_bytes,
+    print_table,
+    release,
+    reset_peak,
+    synchronize,
+    write_json,
+)
+from models import BenchModels, bench_models
+
+from i2p2i_bot.config import GenerateSettings, InterrogateSettings, QueueSettings
+from i2p2i_bot.generate import SCHEDULERS, GenerationParams, GenerationRequest, Generator, ImageSpec
+from i2p2i_bot.gpu import GpuWorker, resolve_device
+from i2p2i_bot.jobs import EventKind, JobRequest
+from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.store import Store
+
+log = logging.getLogger(__name__)
+DEFAULT_CACHE = Path(os.environ.get("I2P2I_BENCH_CACHE", Path.home() / ".cache" / "i2p2i-bench"))
+PROMPTS = (
+    "an astronaut riding a horse on the moon, highly detailed, digital painting",
+    "a lighthouse on a cliff at sunset, oil on canvas, dramatic sky",
+    "a red fox sleeping in fresh snow, macro photograph, soft lighting",
+    "a cozy reading room with tall windows, warm light, concept art",
+    "a futuristic city street in the rain, neon signs, cinematic",
+    "a bowl of ramen on a wooden table, studio photograph, 8k",
+    "a sailing ship in a storm, matte painting, volumetric lighting",
+    "portrait of an old fisherman, charcoal sketch, high contrast",
+)
+FIRST_SEED = 1000
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a way of making images and what it achieved."""
+
+    run: str
+    batch: str
+    images: int
+    seconds: float  # median seconds for `images` images
+    peak_bytes: int | None
+    per_batch_s: float | None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Run every row, print the table and the headline line, write the JSON; return the headline figures."""
+    args = _parser().parse_args(argv)
+    load_at_start = os.getloadavg()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = resolve_device(args.device)
+    batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+    if not batches or batches[0] < 1:
+        raise SystemExit(f"--batches takes positive whole numbers (got {args.batches!r})")
+    cache_dir = Path(args.cache_dir).expanduser()
+    models = bench_models(cache_dir, random_weights=args.random_weights, device=device)
+    size = args.size or (512 if models.random_weights else 128)
+    steps = args.steps or (25 if models.random_weights else 10)
+    jobs_per_user = args.jobs_per_user or (4 if device.type == "cuda" else 2)
+    settings = GenerateSettings(
+        steps=steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        width=size,
+        height=size,
+        min_side=min(size, 256),
+        max_side=max(size, 768),
+        max_count=max([*batches, args.images_per_job]),
+    )
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    floor = _compute_floor(models.generator, size, steps, args.guidance)
+    peak_tflops = args.peak_tflops or _matmul_tflops(device, dtype)
+    floor_images_per_s = peak_tflops * 1e12 / floor["per_image_flops"]
+    reps, warmup = args.reps, args.warmup
+
+    # Stock first, then unloaded, so its weights do not count in our peak memory.
+    stock_row, stock_image = _stock(models, settings, device, dtype, warmup=warmup, reps=reps)
+    release(device)
+
+    generator = Generator.load(str(models.generator), settings, device)
+    params, _ = generator.plan(GenerationRequest("x"))
+    rows = [stock_row]
+    first_image = None
+    for batch in batches:
+        run = functools.partial(generator.generate_batch, params, _specs(batch))
+        timing, result = measure(run, device, warmup=warmup, reps=reps)
+        rows.append(_row("ours", str(batch), batch, timing, per_batch=True))
+        if batch == 1:
+            first_image = result.images[0].image
+    jobs = asyncio.run(
+        _through_jobs(generator, params, device, args.users, jobs_per_user, args.images_per_job, max(batches))
+    )
+    rows.append(jobs.row)
+    rows.append(
+        _resident(generator, params, models, device, cache_dir, args.labels, max(batches), warmup, reps)
+    )
+
+    same_pixels = None
+    if first_image is not None:
+        diff = np.abs(np.asarray(first_image, np.int16) - np.asarray(stock_image, np.int16))
+        same_pixels = int(diff.max())
+    stock_rate = stock_row.images_per_s
+    ours_best = max(rows[1 : 1 + len(batches)], key=lambda r: r.images_per_s)
+    payload: dict[str, Any] = {
+        "benchmark": "generate",
+        "environment": environment(device, load_at_start),
+        "models": {"kind": models.kind, "generator": str(models.generator), "precision": str(dtype)},
+        "settings": {
+            "size": size,
+            "steps": steps,
+            "guidance": args.guidance,
+            "scheduler": args.scheduler,
+            "batches": batches,
+            "users": args.users,
+            "jobs_per_user": jobs_per_user,
+            "images_per_job": args.images_per_job,
+            "warmup": warmup,
+            "reps": reps,
+        },
+        "compute_floor": {
+            **floor,
+            "peak_tflops": peak_tflops,
+            "peak_tflops_source": "given" if args.peak_tflops else "measured dense matmul",
+            "images_per_s": floor_images_per_s,
+        },
+        "stock_vs_ours_batch1_max_pixel_difference": same_pixels,
+        "jobs": jobs.details,
+        "rows": [
+            {
+                "run": r.run,
+                "batch": r.batch,
+                "images": r.images,
+                "seconds": r.seconds,
+                "images_per_s": r.images_per_s,
+                "s_per_image": 1 / r.images_per_s,
+                "s_per_batch": r.per_batch_s,
+                "peak_gib": None if r.peak_bytes is None else r.peak_bytes / 2**30,
+                "ratio_to_stock": r.images_per_s / stock_rate,
+                "floor_pct": 100 * r.images_per_s / floor_images_per_s,
+            }
+            for r in rows
+        ],
+    }
+    figures = {
+        "ours_images_per_s": ours_best.images_per_s,
+        "ours_batch": float(ours_best.batch),
+        "stock_images_per_s": stock_rate,
+        "ratio": ours_best.images_per_s / stock_rate,
+        f"users{args.users}_images_per_s": jobs.row.images_per_s,
+        f"users{args.users}_ratio": jobs.row.images_per_s / stock_rate,
+    }
+    batch4 = next((r for r in rows if r.run == "ours" and r.batch == "4"), None)
+    if batch4 is not None and batch4.per_batch_s is not None:
+        figures["batch4_s"] = batch4.per_batch_s
+    figures["floor_pct"] = 100 * ours_best.images_per_s / floor_images_per_s
+    if rows[-1].peak_bytes is not None:
+        figures["resident_peak_gib"] = rows[-1].peak_bytes / 2**30
+    payload["headline"] = figures
+    json_out = Path(args.json_out) if args.json_out else default_json_path("generate", device, models.kind)
+    write_json(json_out, payload)
+    _print_report(payload, rows, stock_rate, floor_images_per_s, json_out)
+    print(headline(figures))
+    return figures
+
+
+def _parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the real SD v1-4, ViT-L-14 and BLIP-large architectures with random weights (built once, "
+        "~4.3 GB)",
+    )
+    parser.add_argument("--batches", default="1,2,4,8", help="our batch sizes, comma-separated")
+    parser.add_argument("--size", type=count, help="image side in pixels (default 512; smoke models 128)")
+    parser.add_argument("--steps", type=count, help="denoising steps (default 25; 10 for the smoke models)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--scheduler", default="dpm", choices=SCHEDULERS)
+    parser.add_argument("--reps", type=count, default=5, help="timed runs per row")
+    parser.add_argument("--warmup", type=count_or_zero, default=1, help="untimed runs per row first")
+    parser.add_argument("--users", type=count, default=4, help="members submitting at once to the job system")
+    parser.add_argument("--jobs-per-user", type=count, help="jobs per member (default 4 on CUDA, 2 on CPU)")
+    parser.add_argument("--images-per-job", type=count, default=4)
+    parser.add_argument("--labels", help="short label lists for the interrogation models (default: packaged)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's dense rate for the compute floor (default: measured)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="models and label tables (reused)")
+    parser.add_argument("--json-out", help="default: bench/results/generate-<device>.json")
+    return parser
+
+
+def _specs(count: int, offset: int = 0) -> list[ImageSpec]:
+    return [
+        ImageSpec(PROMPTS[(offset + i) % len(PROMPTS)], "", FIRST_SEED + offset + i) for i in range(count)
+    ]
+
+
+def _row(run: str, batch: str, images: int, timing: Measurement, *, per_batch: bool) -> Row:
+    return Row(run, batch, images, timing.median_s, timing.peak_bytes, timing.median_s if per_batch else None)
+
+
+def _stock(
+    models: BenchModels,
+    settings: GenerateSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    warmup: int,
+    reps: int,
+) -> tuple[Row, Any]:
+    """diffusers' own pipeline at batch 1 with our scheduler; returns its row and its first image."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    pipe: Any = StableDiffusionPipeline.from_pretrained(str(models.generator), dtype=dtype).to(device)
+    scheduler_class = {"dpm": DPMSolverMultistepScheduler, "pndm": PNDMScheduler}[settings.scheduler]
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    spec = _specs(1)[0]
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return pipe(
+                spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                height=settings.height,
+                width=settings.width,
+                generator=torch.Generator("cpu").manual_seed(spec.seed),
+            )
+
+    timing, out = measure(call, device, warmup=warmup, reps=reps)
+    # The pipeline is freed when this returns: nothing else holds it.
+    return _row("stock diffusers", "1", 1, timing, per_batch=True), out.images[0]
+
+
+@dataclass(frozen=True)
+class JobsOutcome:
+    row: Row
+    details: dict[str, Any]
+
+
+async def _through_jobs(
+    generator: Generator,
+    params: GenerationParams,
+    device: torch.device,
+    users: int,
+    jobs_per_user: int,
+    images_per_job: int,
+    batch: int,
+) -> JobsOutcome:
+    """Members submit all their jobs at once; timed from the first submission to the last stored image."""
+    total_jobs = users * jobs_per_user
+    settings = QueueSettings(
+        max_batch_images=batch,
+        max_queued_jobs_per_user=jobs_per_user,
+        max_images_per_job=images_per_job,
+        max_queued_jobs=max(total_jobs, 1),
+    )
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="i2p2i-bench-", dir=shm) as tmp:
+        folder = Path(tmp)
+        store = await Store.open(folder / "bench.sqlite3", images_dir=folder / "images")
+        gpu = GpuWorker()
+        try:
+            queue = await JobQueue.open(store, settings)
+            runner = JobRunner(queue, generator, gpu, timeout_s=settings.job_timeout_s)
+            subscription = queue.subscribe()
+            queued_at: dict[int, float] = {}
+            latencies: list[float] = []
+            finished = 0
+
+            async def listen() -> None:
+                nonlocal finished
+                async for event in subscription:
+                    if event.kind is EventKind.QUEUED:
+                        queued_at[event.job_id] = time.perf_counter()
+                    elif event.kind is EventKind.FINISHED:
+                        finished += 1
+                        latencies.append(time.perf_counter() - queued_at.pop(event.job_id))
+
+            async def member(user: int) -> None:
+                for j in range(jobs_per_user):
+                    spec = _specs(1, offset=user * jobs_per_user + j)[0]
+                    await queue.submit(
+                        JobRequest(user + 1, spec.prompt, params, count=images_per_job, seed=spec.seed)
+                    )
+
+            listener = asyncio.create_task(listen())
+            reset_peak(device)
+            started = time.perf_counter()
+            runner.start()
+            await asyncio.gather(*(member(user) for user in range(users)))
+            await queue.join()
+            await asyncio.get_running_loop().run_in_executor(None, synchronize, device)
+            elapsed = time.perf_counter() - started
+            peak = peak_bytes(device)
+            await runner.stop()
+            subscription.close()
+            await listener
+        finally:
+            gpu.close()
+            await store.close()
+    if finished != total_jobs:
+        raise SystemExit(f"the job system finished {finished} of {total_jobs} jobs")
+    images = total_jobs * images_per_job
+    per_batch_s = elapsed / runner.batches_run
+    row = Row(f"ours, job system, {users} users", f"<={batch}", images, elapsed, peak, per_batch_s)
+    details = {
+        "users": users,
+        "jobs": total_jobs,
+        "images": images,
+        "gpu_batches": runner.batches_run,
+        "mean_images_per_batch": images / runner.batches_run,
+        "elapsed_s": elapsed,
+        "job_latency_median_s": statistics.median(latencies),
+        "job_latency_max_s": max(latencies),
+    }
+    return JobsOutcome(row, details)
+
+
+def _resident(
+    generator: Generator,
+    params: GenerationParams,
+    models: BenchModels,
+    device: torch.device,
+    cache_dir: Path,
+    labels: str | None,
+    batch: int,
+    warmup: int,
+    reps: int,
+) -> Row:
+    """The largest batch with the interrogation models (and their label table) loaded and fidelity scored."""
+    import skimage.data
+    from PIL import Image
+
+    from i2p2i_bot.interrogate import Interrogator
+
+    settings = InterrogateSettings(labels_dir=str(Path(labels).expanduser()) if labels else "")
+    interrogator = Interrogator.load(str(models.clip), str(models.caption), settings, device, cache_dir)
+    source = interrogator.interrogate(Image.fromarray(skimage.data.astronaut()), "fast")
+    generator.embed_images = interrogator.embed_images
+    specs = [ImageSpec(s.prompt, s.negative_prompt, s.seed, source.image_embedding) for s in _specs(batch)]
+    try:
+        timing, _ = measure(lambda: generator.generate_batch(params, specs), device, warmup=warmup, reps=reps)
+    finally:
+        generator.embed_images = None
+    return _row("ours + interrogation models, fidelity", str(batch), batch, timing, per_batch=True)
+
+
+def _compute_floor(generator_dir: Path, size: int, steps: int, guidance: float) -> dict[str, Any]:
+    """FLOPs of one image: UNet forwards (two per step with guidance) and one VAE decode, counted on meta."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(generator_dir / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(generator_dir / "vae"))
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.empty(1, unet.config.in_channels, size // scale, size // scale, device="meta")
+    context = torch.empty(1, 77, unet.config.cross_attention_dim, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, torch.tensor([500], device="meta"), context)
+    unet_flops = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        vae.decode(latents)
+    vae_flops = counter.get_total_flops()
+    # diffusers skips the unconditional pass when guidance is 1 or less.
+    forwards = steps * (2 if guidance > 1 else 1)
+    return {
+        "unet_forward_tflop": unet_flops / 1e12,
+        "unet_forwards_per_image": forwards,
+        "vae_decode_tflop": vae_flops / 1e12,
+        "per_image_flops": forwards * unet_flops + vae_flops,
+    }
+
+
+def _matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's dense matmul rate in the pipeline's precision: the practical peak for the floor."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing, _ = measure(lambda: a @ b, device, warmup=2, reps=10 if device.type == "cuda" else 5)
+    return 2 * n**3 / min(timing.runs_s) / 1e12
+
+
+def _print_report(
+    payload: dict[str, Any], rows: list[Row], stock_rate: float, floor_rate: float, json_out: Path
+) -> None:
+    env, s, jobs = payload["environment"], payload["settings"], payload["jobs"]
+    floor = payload["compute_floor"]
+    print(
+        f"generation: stock diffusers {env['versions']['diffusers']} vs ours, {payload['models']['kind']} "
+        f"models ({payload['models']['precision']}) on {env['device_name']} [{env['device']}], "
+        f"{env['torch_threads']} threads, host load {env['load_average_at_start'][0]:.2f} at start"
+    )
+    print(
+        f"{s['size']}x{s['size']}, {s['steps']} steps {s['scheduler']}, guidance {s['guidance']:g}; "
+        f"median of {s['reps']} runs after {s['warmup']} warm-up"
+    )
+    print(
+        f"compute floor: {floor['unet_forwards_per_image']} x {floor['unet_forward_tflop']:.4g} TFLOP UNet + "
+        f"{floor['vae_decode_tflop']:.4g} TFLOP VAE decode per image at {floor['peak_tflops']:.4g} TFLOP/s "
+        f"({floor['peak_tflops_source']}) = {floor_rate:.4g} images/s"
+    )
+    print(
+        f"job system: {jobs['users']} users x {s['jobs_per_user']} jobs x {s['images_per_job']} images in "
+        f"{jobs['gpu_batches']} GPU batches; job latency median {jobs['job_latency_median_s']:.2f} s, "
+        f"max {jobs['job_latency_max_s']:.2f} s"
+    )
+    diff = payload["stock_vs_ours_batch1_max_pixel_difference"]
+    if diff is not None:
+        print(f"stock and ours at batch 1, same seed: largest pixel difference {diff} of 255")
+    print()
+    print_table(
+        ["run", "batch", "images/s", "s/image", "s/batch", "peak GiB", "x stock", "% floor"],
+        [
+            [
+                r.run,
+                r.batch,
+                fmt(r.images_per_s, 3),
+                fmt(1 / r.images_per_s, 3),
+                fmt(r.per_batch_s, 3),
+                fmt(None if r.peak_bytes is None else r.peak_bytes / 2**30, 2),
+                fmt(r.images_per_s / stock_rate, 2),
+                fmt(100 * r.images_per_s / floor_rate, 1),
+            ]
+            for r in rows
+        ],
+    )
+    print()
+    print(f"JSON: {json_out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The benchmark scripts run end to end on the smoke models and report what they promise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from i2p2i_bot.interrogate import MODES
+from i2p2i_bot.smoke import SmokeModels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, argv: list[str]) -> str:
+    """Run a benchmark as its documentation says, `python bench/<script>`, offline; return its stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def _headline(out: str) -> dict[str, float]:
+    """The last printed line as key=value pairs; every value must be a positive number."""
+    last = out.strip().splitlines()[-1]
+    figures = dict(pair.split("=", 1) for pair in last.split())
+    values = {key: float(value) for key, value in figures.items()}
+    assert all(math.isfinite(v) and v > 0 for v in values.values()), last
+    return values
+
+
+def _environment_ok(env: dict[str, Any]) -> None:
+    assert env["device"] == "cpu" and env["device_name"] and env["date"]
+    assert set(env["versions"]) == {
+        "torch",
+        "diffusers",
+        "transformers",
+        "open-clip-torch",
+        "clip-interrogator",
+    }
+
+
+def test_generate_bench_runs_on_smoke_models(
+    smoke_models: SmokeModels, smoke_cache: Path, labels_dir: Path, tmp_path: Path
+) -> None:
+    """generate.py times stock, each batch, the job system and the resident row, then prints its headline."""
+    json_out = tmp_path / "generate.json"
+    argv = ["--device", "cpu", "--cache-dir", str(smoke_cache), "--labels", str(labels_dir),
+            "--size", "64", "--steps", "2", "--batches", "1,2", "--reps", "1", "--warmup", "1",
+            "--users", "4", "--jobs-per-user", "1", "--images-per-job", "2",
+            "--json-out", str(json_out)]  # fmt: skip
+    figures = _headline(_run("generate.py", argv))
+    expected = {"ours_images_per_s", "ours_batch", "stock_images_per_s", "ratio", "users4_images_per_s",
+                "users4_ratio", "floor_pct"}  # fmt: skip
+    assert expected <= set(figures) and "resident_peak_gib" not in figures  # no device memory on CPU
+
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "generate" and payload["models"]["kind"] == "smoke"
+    _environment_ok(payload["environment"])
+    runs = [(row["run"], row["batch"]) for row in payload["rows"]]
+    assert runs == [
+        ("stock diffusers", "1"),
+        ("ours", "1"),
+        ("ours", "2"),
+        ("ours, job system, 4 users", "<=2"),
+        ("ours + interrogation models, fidelity", "2"),
+    ]
+    for row in payload["rows"]:
+        assert row["images_per_s"] > 0 and row["peak_gib"] is None
+        assert row["ratio_to_stock"] > 0 and row["floor_pct"] > 0
+    assert payload["rows"][0]["ratio_to_stock"] == 1.0
+    assert payload["jobs"]["images"] == 8 and payload["jobs"]["gpu_batches"] >= 4
+    assert payload["compute_floor"]["unet_forwards_per_image"] == 4  # two steps, guided
+    # Same pipeline, scheduler, seed and prompt: stock's image and ours agree.
+    assert payload["stock_vs_ours_batch1_max_pixel_difference"] <= 2
+    assert payload["headline"] == pytest.approx(figures, rel=0.01)
+
+
+def test_interrogate_bench_runs_on_smoke_models(
+    smoke_models: SmokeModels, smoke_cache: Path, labels_dir: Path, tmp_path: Path
+) -> None:
+    """interrogate.py times stock and ours in every mode and says whether their prompts agree."""
+    json_out = tmp_path / "interrogate.json"
+    argv = ["--device", "cpu", "--cache-dir", str(smoke_cache), "--labels", str(labels_dir),
+            "--reps", "1", "--warmup", "0", "--json-out", str(json_out)]  # fmt: skip
+    figures = _headline(_run("interrogate.py", argv))
+    assert {f"{mode}_ms" for mode in MODES} | {f"{mode}_ratio" for mode in MODES} == set(figures)
+
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "interrogate" and payload["models"]["kind"] == "smoke"
+    _environment_ok(payload["environment"])
+    assert set(payload["modes"]) == set(MODES)
+    for mode, result in payload["modes"].items():
+        assert result["stock_ms"] > 0 and result["ours_ms"] > 0
+        assert result["ratio"] == pytest.approx(result["stock_ms"] / result["ours_ms"])
+        assert result["ours_prompt"]
+        if mode == "candidates":  # stock has no such mode, so there is no single prompt to compare
+            assert result["same_prompt"] is None
+        else:
+            assert isinstance(result["same_prompt"], bool)
+    # Short lists fit in one of stock's chunks, so its ranking is exact and the prompts must agree.
+    assert all(payload["modes"][mode]["same_prompt"] for mode in ("fast", "classic", "best"))
+    assert payload["labels"]["total"] > 0 and payload["load_s"]["stock"] > 0
+    components = payload["ours_components"]
+    assert components["caption_ms"] > 0 and components["image_embedding_ms"] > 0
+    assert components["chain_round_tokenize_ms"] > 0 and components["chain_round_ms"] > 0
