@@ -173,7 +173,14 @@ class JobButton(
     async def _delete(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
         await _owned_job(bot, interaction, self.job_id, admin_ok=True)
         await interaction.response.defer()
-        await interaction.delete_original_response()
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            # A result posted in the channel after the token expired is the bot's own message, not the
+            # interaction webhook's: delete it as the bot.
+            if interaction.message is None:
+                raise
+            await interaction.message.delete()
         log.info("job %d's message deleted by user %d", self.job_id, interaction.user.id)
 
 

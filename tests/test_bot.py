@@ -766,3 +766,23 @@ async def test_missing_models_stop_the_bot_with_one_line(discord_server: FakeDis
     lines = [line for line in err.decode().splitlines() if line.startswith("bot.py:")]
     assert len(lines) == 1 and "could not be loaded" in lines[0] and "download-models" in lines[0]
     assert "Traceback" not in err.decode()
+
+
+async def test_delete_works_on_a_result_posted_in_the_channel(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Delete on a result the bot posted itself (after the token expired) removes that message."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        with gpu_blocked(bot):
+            press = await generate(server, card)
+            press.expire()
+        posted = await server.wait_for(route="POST /channels/{channel}/messages", timeout_s=30)
+        message = server.message(int(posted.response["id"]))
+        delete = await server.push_button(message, "i2p:job:delete:1")
+        await delete.wait_response()
+        await server.wait_until(lambda: server.message(message.id).deleted or None, timeout_s=10)
