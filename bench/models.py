@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from i2p2i_bot.smoke import clip_tokenizer_vocab, ensure_smoke_models
+from i2p2i_bot.smoke import SD14_SCHEDULER, clip_tokenizer_vocab, ensure_smoke_models
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +241,7 @@ def _build_stable_diffusion(directory: Path, device: torch.device) -> None:
     vocab, merges = clip_tokenizer_vocab()
     # The tokenizers backend wants (a, b) pairs, though the annotation says strings.
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
-    # The scheduler settings of CompVis/stable-diffusion-v1-4.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
+    scheduler = PNDMScheduler(**SD14_SCHEDULER)
     with torch.device(device):
         # Any: diffusers' model classes do not declare nn.Module's half() to type checkers.
         unet: Any = UNet2DConditionModel(**SD_UNET)

@@ -38,6 +38,18 @@ _CAPTION_WORDS = (
 ).split()
 
 
+# The scheduler settings of CompVis/stable-diffusion-v1-4, shared by every pipeline we build ourselves.
+SD14_SCHEDULER: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
 @dataclass(frozen=True)
 class SmokeModels:
     """Directories of the three tiny models, each loadable by the production loaders."""
@@ -199,16 +211,7 @@ def _build_generator(directory: Path) -> None:
         norm_num_groups=4,
         sample_size=64,
     )
-    # The scheduler settings of CompVis/stable-diffusion-v1-4.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
+    scheduler = PNDMScheduler(**SD14_SCHEDULER)
     safety_checker = StableDiffusionSafetyChecker(
         CLIPConfig(
             text_config={
