@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from i2p2i_bot.clip_text import TextEncoder
 from i2p2i_bot.config import InterrogateMode, InterrogateSettings
 from i2p2i_bot.models import ModelUnavailable, open_clip_name
 from i2p2i_bot.terms import BannedTerms
@@ -109,6 +110,7 @@ class ClipEncoder:
         self.dtype = next(model.parameters()).dtype
         self.name = name
         self.context_length = int(getattr(tokenizer, "context_length", 77))
+        self.text = TextEncoder(self.model, tokenizer, device, self.context_length)
 
     @classmethod
     def load(cls, source: str, device: torch.device) -> ClipEncoder:
@@ -137,17 +139,21 @@ class ClipEncoder:
         features = self.model.encode_image(batch).float()
         return features / features.norm(dim=-1, keepdim=True)
 
-    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
-        parts = []
-        for start in range(0, len(texts), batch_size):
-            tokens = self.tokenize(texts[start : start + batch_size]).to(self.device)
-            features = self.model.encode_text(tokens).float()
-            parts.append(features / features.norm(dim=-1, keepdim=True))
-        return torch.cat(parts) if parts else torch.empty(0, 0, device=self.device)
+        """[N, D] normalised float32 embeddings, equal to stock `encode_text` on the stock tokens."""
+        if not texts:
+            return torch.empty(0, 0, device=self.device)
+        parts = [self.text.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return torch.cat(parts)
+
+    def encode_extensions(self, prompt: str, phrases: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
+        """Embeddings of every f"{prompt}, {phrase}" (the phrases alone for an empty prompt)."""
+        return self.text.encode_extensions(prompt, phrases, batch_size=batch_size)
 
     def at_max_length(self, text: str) -> bool:
         """True when text fills CLIP's whole context, so adding to it would be cut off."""
+        if self.text.tokens.supported:
+            return len(self.text.tokens.ids(text)) + 2 >= self.context_length
         return bool(self.tokenize([text])[0][-1] != 0)
 
     def truncate_to_fit(self, text: str) -> str:
@@ -490,8 +496,7 @@ class Interrogator:
         for idx in range(max_count):
             if not remaining:
                 break
-            best = self._rank_top(feats, [f"{curr_prompt}, {f}" for f in remaining], reverse=reverse)
-            flave = best[len(curr_prompt) + 2 :]
+            flave = self._rank_top(feats, remaining, curr_prompt, reverse=reverse)
             prompt = f"{curr_prompt}, {flave}"
             sim = sign * self.similarity(feats, prompt)
             if sim > best_sim:
@@ -515,9 +520,13 @@ class Interrogator:
             float(v) for v in self.clip.encode_texts(texts, self.settings.label_batch_size) @ feats.embedding
         ]
 
-    def _rank_top(self, feats: ImageFeatures, texts: Sequence[str], *, reverse: bool = False) -> str:
-        sims = self.clip.encode_texts(texts, self.settings.label_batch_size) @ feats.embedding
-        return texts[int((-sims if reverse else sims).argmax())]
+    def _rank_top(
+        self, feats: ImageFeatures, phrases: Sequence[str], prompt: str = "", *, reverse: bool = False
+    ) -> str:
+        """The phrase whose f"{prompt}, {phrase}" (or the phrase alone) is most (reversed: least) like it."""
+        embeds = self.clip.encode_extensions(prompt, phrases, self.settings.label_batch_size)
+        sims = embeds @ feats.embedding
+        return phrases[int((-sims if reverse else sims).argmax())]
 
     def _top1(self, table: str, embedding: torch.Tensor) -> str:
         found = self.bank.top(embedding, [table], 1)
