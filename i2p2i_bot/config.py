@@ -19,6 +19,7 @@ ModelPreset = Literal["default", "smoke"]
 InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
 SchedulerName = Literal["dpm", "pndm"]
 SynchronousMode = Literal["NORMAL", "FULL"]
+CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
 
 
 class ConfigError(Exception):
@@ -94,6 +95,12 @@ class GenerateSettings:
     max_count: int = 8
     negative_prompt: str = ""
     safety_checker: bool = True
+    # The fast path (see i2p2i_bot/acceleration.py).
+    channels_last: bool = True
+    fuse_qkv: bool = True
+    vae_slicing_from: int = 0
+    compile: CompileMode = "off"
+    compile_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
 
     def validate(self) -> None:
         _between("generate.max_steps", self.max_steps, 1, 500)
@@ -109,6 +116,11 @@ class GenerateSettings:
         _between("generate.width", self.width, self.min_side, self.max_side)
         _between("generate.height", self.height, self.min_side, self.max_side)
         _between("generate.max_count", self.max_count, 1, 64)
+        _between("generate.vae_slicing_from", self.vae_slicing_from, 0, 64)
+        if not self.compile_buckets or sorted(set(self.compile_buckets)) != self.compile_buckets:
+            raise ConfigError("generate.compile_buckets must be batch sizes in increasing order, each once")
+        for size in self.compile_buckets:
+            _between("generate.compile_buckets", size, 1, 64)
 
 
 @dataclass(frozen=True)

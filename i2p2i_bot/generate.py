@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from i2p2i_bot.acceleration import UnetBuckets, apply_layout_and_fusion, use_vae_slicing
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import split_on_oom
 from i2p2i_bot.models import ModelUnavailable
@@ -142,6 +143,7 @@ class Generator:
         model: str,
         *,
         embed_images: ImageEmbedder | None = None,
+        compile_backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
@@ -150,12 +152,32 @@ class Generator:
         self.model = model
         self.embed_images = embed_images
         self.device = pipe.device
+        self.fast_path = apply_layout_and_fusion(pipe, settings)
+        self.buckets: UnetBuckets | None = None
+        if settings.compile != "off":
+            self.buckets = UnetBuckets(
+                pipe,
+                settings.compile,
+                settings.compile_buckets,
+                (settings.width, settings.height),
+                backend=compile_backend,
+            )
         config = pipe.scheduler.config
         self._schedulers = {
             "dpm": DPMSolverMultistepScheduler.from_config(config),
             "pndm": PNDMScheduler.from_config(config),
         }
         pipe.set_progress_bar_config(disable=True)
+        if self.buckets is not None:
+            self.buckets.warm(self._warm_bucket)
+            if self.buckets.failed is None:
+                self.fast_path.append(f"compiled:{settings.compile}")
+        log.info("generator fast path: %s", ", ".join(self.fast_path) or "none")
+
+    def _warm_bucket(self, batch: int) -> None:
+        s = self.settings
+        params = GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)
+        self._pipeline_call(params, [ImageSpec("warm-up", "", seed) for seed in range(batch)], None)
 
     @classmethod
     def load(
@@ -261,7 +283,22 @@ class Generator:
         specs: Sequence[ImageSpec],
         on_step: StepCallback | None,
     ) -> list[tuple[Image.Image, bool]]:
+        buckets = self.buckets
+        bucket = None if buckets is None else buckets.bucket_for(len(specs), params.width, params.height)
+        if buckets is None or bucket is None:
+            return self._pipeline_call(params, specs, on_step)
+        padded = [*specs, *[specs[-1]] * (bucket - len(specs))]
+        with buckets.selected(True):
+            return self._pipeline_call(params, padded, on_step)[: len(specs)]
+
+    def _pipeline_call(
+        self,
+        params: GenerationParams,
+        specs: Sequence[ImageSpec],
+        on_step: StepCallback | None,
+    ) -> list[tuple[Image.Image, bool]]:
         self.pipe.scheduler = self._schedulers[params.scheduler]
+        use_vae_slicing(self.pipe, self.settings, len(specs))
         # One CPU generator per image: its latents depend on its seed alone, whatever the batch.
         generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
 
