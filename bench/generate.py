@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -29,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ from measure import (
 )
 from models import BenchModels, bench_models
 
-from i2p2i_bot.config import GenerateSettings, InterrogateSettings, QueueSettings
+from i2p2i_bot.config import CompileMode, GenerateSettings, InterrogateSettings, QueueSettings
 from i2p2i_bot.generate import SCHEDULERS, GenerationParams, GenerationRequest, Generator, ImageSpec
 from i2p2i_bot.gpu import GpuWorker, resolve_device
 from i2p2i_bot.jobs import EventKind, JobRequest
@@ -113,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         min_side=min(size, 256),
         max_side=max(size, 768),
         max_count=max([*batches, args.images_per_job]),
+        compile=args.compile,
+        compile_buckets=batches,
     )
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     floor = _compute_floor(models.generator, size, steps, args.guidance)
@@ -124,9 +127,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     stock_row, stock_image = _stock(models, settings, device, dtype, warmup=warmup, reps=reps)
     release(device)
 
+    # The fast path one step at a time, at the largest batch: each step is kept only where it pays.
+    steps_rows = (
+        _fast_path_steps(models, settings, device, max(batches), warmup=warmup, reps=reps)
+        if args.fast_path_steps
+        else []
+    )
+
     generator = Generator.load(str(models.generator), settings, device)
     params, _ = generator.plan(GenerationRequest("x"))
-    rows = [stock_row]
+    rows = [stock_row, *steps_rows]
     first_image = None
     for batch in batches:
         run = functools.partial(generator.generate_batch, params, _specs(batch))
@@ -147,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         diff = np.abs(np.asarray(first_image, np.int16) - np.asarray(stock_image, np.int16))
         same_pixels = int(diff.max())
     stock_rate = stock_row.images_per_s
-    ours_best = max(rows[1 : 1 + len(batches)], key=lambda r: r.images_per_s)
+    ours_rows = [r for r in rows if r.run == "ours"]
+    ours_best = max(ours_rows, key=lambda r: r.images_per_s)
     payload: dict[str, Any] = {
         "benchmark": "generate",
         "environment": environment(device, load_at_start),
@@ -171,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             "images_per_s": floor_images_per_s,
         },
         "stock_vs_ours_batch1_max_pixel_difference": same_pixels,
+        "fast_path": generator.fast_path,
+        "compile_warmup_s": None if generator.buckets is None else generator.buckets.warmup_s,
         "jobs": jobs.details,
         "rows": [
             {
@@ -233,10 +246,50 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peak-tflops", type=float, help="the device's dense rate for the compute floor (default: measured)"
     )
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=get_args(CompileMode),
+        help="torch.compile mode for our UNet, compiled for each of --batches at start (default off)",
+    )
+    parser.add_argument(
+        "--no-fast-path-steps",
+        dest="fast_path_steps",
+        action="store_false",
+        help="skip the rows that add the fast path's steps one at a time",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="models and label tables (reused)")
     parser.add_argument("--json-out", help="default: bench/results/generate-<device>.json")
     return parser
+
+
+def _fast_path_steps(
+    models: BenchModels,
+    settings: GenerateSettings,
+    device: torch.device,
+    batch: int,
+    *,
+    warmup: int,
+    reps: int,
+) -> list[Row]:
+    """Our generator at one batch size with none, then each, of the uncompiled fast-path steps."""
+    variants = [
+        ("ours, fp16/SDPA only" if device.type == "cuda" else "ours, no fast path", False, False),
+        ("ours + channels-last", True, False),
+        ("ours + channels-last + fused QKV", True, True),
+    ]
+    rows = []
+    for name, channels_last, fuse_qkv in variants:
+        variant = dataclasses.replace(settings, channels_last=channels_last, fuse_qkv=fuse_qkv, compile="off")
+        generator = Generator.load(str(models.generator), variant, device)
+        params, _ = generator.plan(GenerationRequest("x"))
+        run = functools.partial(generator.generate_batch, params, _specs(batch))
+        timing, _ = measure(run, device, warmup=warmup, reps=reps)
+        rows.append(_row(name, str(batch), batch, timing, per_batch=True))
+        del generator, run
+        release(device)
+    return rows
 
 
 def _specs(count: int, offset: int = 0) -> list[ImageSpec]:
@@ -458,6 +511,13 @@ def _print_report(
         f"{jobs['gpu_batches']} GPU batches; job latency median {jobs['job_latency_median_s']:.2f} s, "
         f"max {jobs['job_latency_max_s']:.2f} s"
     )
+    warm = payload["compile_warmup_s"]
+    compiled = (
+        ""
+        if not warm
+        else " (compile at start: " + ", ".join(f"batch {b} {t:.0f} s" for b, t in warm.items()) + ")"
+    )
+    print(f"our fast path: {', '.join(payload['fast_path']) or 'none'}{compiled}")
     diff = payload["stock_vs_ours_batch1_max_pixel_difference"]
     if diff is not None:
         print(f"stock and ours at batch 1, same seed: largest pixel difference {diff} of 255")
