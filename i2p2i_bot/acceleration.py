@@ -7,11 +7,14 @@
   start. A batch is padded up to the next bucket with copies of its last image, which are thrown away;
   every image has its own seed and noise, so padding cannot change the others beyond float rounding.
   Other sizes run the uncompiled UNet, and a UNet that fails to compile is left uncompiled with a warning.
+- the safety checker's and the fidelity score's CLIP input made from the decoded tensor on the device,
+  instead of a round trip through PIL on the CPU (`pipeline_class`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from i2p2i_bot.clip_pixels import clip_input
 from i2p2i_bot.config import GenerateSettings
 
 log = logging.getLogger(__name__)
@@ -97,3 +101,38 @@ class UnetBuckets:
                 return
             self.warmup_s[bucket] = time.perf_counter() - started
             log.info("compiled UNet warmed for batch %d in %.1f s", bucket, self.warmup_s[bucket])
+
+
+@functools.cache
+def pipeline_class() -> type[Any]:
+    """StableDiffusionPipeline whose safety checker input is prepared on the device.
+
+    It also keeps the decoded pixels (in [0, 1], on the device) of its last call in `decoded`, so the
+    fidelity score needs no trip through PIL either. Everything else is the stock pipeline.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    stock: Any = StableDiffusionPipeline
+
+    class DevicePostprocessPipeline(stock):
+        decoded: torch.Tensor | None = None
+
+        def run_safety_checker(self, image: Any, device: torch.device, dtype: torch.dtype) -> Any:
+            if not torch.is_tensor(image):
+                return super().run_safety_checker(image, device, dtype)
+            pixels = (image / 2 + 0.5).clamp(0, 1)
+            self.decoded = pixels
+            if self.safety_checker is None:
+                return image, None
+            extractor = self.feature_extractor
+            crop = extractor.crop_size
+            clip = clip_input(
+                pixels,
+                shortest_edge=int(extractor.size["shortest_edge"]),
+                crop=(int(crop["height"]), int(crop["width"])),
+                mean=extractor.image_mean,
+                std=extractor.image_std,
+            )
+            return self.safety_checker(images=image, clip_input=clip.to(dtype))
+
+    return DevicePostprocessPipeline

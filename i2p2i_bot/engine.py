@@ -50,7 +50,11 @@ class Engine:
             progress=progress,
         )
         generator = Generator.load(
-            sources.generator, settings.generate, device, embed_images=interrogator.embed_images
+            sources.generator,
+            settings.generate,
+            device,
+            embed_images=interrogator.embed_images,
+            embed_pixels=interrogator.embed_pixels,
         )
         load_s = time.perf_counter() - started
         log.info("models loaded in %.1f s", load_s)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from i2p2i_bot.acceleration import UnetBuckets, apply_layout_and_fusion, use_vae_slicing
+from i2p2i_bot.acceleration import UnetBuckets, apply_layout_and_fusion, pipeline_class, use_vae_slicing
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import split_on_oom
 from i2p2i_bot.models import ModelUnavailable
@@ -131,6 +131,10 @@ def plan(
 
 
 ImageEmbedder = Callable[[Sequence[Image.Image]], torch.Tensor]
+# Embeds decoded images still on the device: [N, 3, H, W] in [0, 1] → [N, D].
+PixelEmbedder = Callable[[torch.Tensor], torch.Tensor]
+# What the pipeline gives for one image: the picture, its safety flag, its decoded pixels if kept.
+_Made = tuple[Image.Image, bool, torch.Tensor | None]
 
 
 class Generator:
@@ -143,6 +147,7 @@ class Generator:
         model: str,
         *,
         embed_images: ImageEmbedder | None = None,
+        embed_pixels: PixelEmbedder | None = None,
         compile_backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
@@ -151,6 +156,7 @@ class Generator:
         self.settings = settings
         self.model = model
         self.embed_images = embed_images
+        self.embed_pixels = embed_pixels
         self.device = pipe.device
         self.fast_path = apply_layout_and_fusion(pipe, settings)
         self.buckets: UnetBuckets | None = None
@@ -187,21 +193,20 @@ class Generator:
         device: torch.device,
         *,
         embed_images: ImageEmbedder | None = None,
+        embed_pixels: PixelEmbedder | None = None,
     ) -> Generator:
-        from diffusers import StableDiffusionPipeline
-
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         extra: dict[str, Any] = {}
         if not settings.safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **extra)
+            pipe = pipeline_class().from_pretrained(source, dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(
                 f"Stable Diffusion model {source!r} could not be loaded ({exc}); run `i2p2i download-models` "
                 "where there is internet, or use --models smoke to check the install"
             ) from exc
-        return cls(pipe.to(device), settings, source, embed_images=embed_images)
+        return cls(pipe.to(device), settings, source, embed_images=embed_images, embed_pixels=embed_pixels)
 
     def plan(self, request: GenerationRequest) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
         return plan(request, self.settings, self.model)
@@ -265,10 +270,10 @@ class Generator:
             warnings += self.prompt_warnings(negative, "negative prompt")
         outputs = split_on_oom(lambda chunk: self._run_pipeline(params, chunk, on_step), list(specs))
         pipeline_s = time.perf_counter() - started
-        fidelities = self._fidelities([img for img, _ in outputs], specs)
+        fidelities = self._fidelities(outputs, specs)
         images = tuple(
             GeneratedImage(spec, img, nsfw, fid)
-            for spec, (img, nsfw), fid in zip(specs, outputs, fidelities, strict=True)
+            for spec, (img, nsfw, _), fid in zip(specs, outputs, fidelities, strict=True)
         )
         timings = {
             "pipeline_s": pipeline_s,
@@ -282,7 +287,7 @@ class Generator:
         params: GenerationParams,
         specs: Sequence[ImageSpec],
         on_step: StepCallback | None,
-    ) -> list[tuple[Image.Image, bool]]:
+    ) -> list[_Made]:
         buckets = self.buckets
         bucket = None if buckets is None else buckets.bucket_for(len(specs), params.width, params.height)
         if buckets is None or bucket is None:
@@ -296,7 +301,7 @@ class Generator:
         params: GenerationParams,
         specs: Sequence[ImageSpec],
         on_step: StepCallback | None,
-    ) -> list[tuple[Image.Image, bool]]:
+    ) -> list[_Made]:
         self.pipe.scheduler = self._schedulers[params.scheduler]
         use_vae_slicing(self.pipe, self.settings, len(specs))
         # One CPU generator per image: its latents depend on its seed alone, whatever the batch.
@@ -319,14 +324,26 @@ class Generator:
                 callback_on_step_end=step_end,
             )
         flags = out.nsfw_content_detected or [False] * len(specs)
-        return [(img, bool(flag)) for img, flag in zip(out.images, flags, strict=True)]
+        decoded = getattr(self.pipe, "decoded", None)
+        rows: list[torch.Tensor | None] = [None] * len(specs)
+        if decoded is not None:
+            self.pipe.decoded = None
+            rows = list(decoded)
+        return [(img, bool(flag), row) for img, flag, row in zip(out.images, flags, rows, strict=True)]
 
-    def _fidelities(self, images: Sequence[Image.Image], specs: Sequence[ImageSpec]) -> list[float | None]:
+    def _fidelities(self, outputs: Sequence[_Made], specs: Sequence[ImageSpec]) -> list[float | None]:
         wanted = [i for i, s in enumerate(specs) if s.source_embedding is not None]
         scores: list[float | None] = [None] * len(specs)
-        if not wanted or self.embed_images is None:
+        if not wanted:
             return scores
-        embeds = self.embed_images([images[i] for i in wanted]).float().cpu()
+        pixels = [px for i in wanted if (px := outputs[i][2]) is not None]
+        if self.embed_pixels is not None and len(pixels) == len(wanted):
+            embeds = self.embed_pixels(torch.stack(pixels))
+        elif self.embed_images is not None:
+            embeds = self.embed_images([outputs[i][0] for i in wanted])
+        else:
+            return scores
+        embeds = embeds.float().cpu()
         for row, i in enumerate(wanted):
             source = torch.tensor(specs[i].source_embedding, dtype=torch.float32)
             scores[i] = float(embeds[row] @ (source / source.norm()))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from i2p2i_bot.clip_pixels import clip_input
 from i2p2i_bot.clip_text import TextEncoder
 from i2p2i_bot.config import InterrogateMode, InterrogateSettings
 from i2p2i_bot.models import ModelUnavailable, open_clip_name
@@ -137,6 +138,25 @@ class ClipEncoder:
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
         features = self.model.encode_image(batch).float()
+        return features / features.norm(dim=-1, keepdim=True)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embeddings of decoded images ([N, 3, H, W] in [0, 1], any device), preprocessed on the device."""
+        cfg = getattr(self.model.visual, "preprocess_cfg", {})
+        size = cfg.get("size", ())
+        if cfg.get("resize_mode") != "shortest" or cfg.get("interpolation") != "bicubic" or len(size) != 2:
+            from torchvision.transforms.functional import to_pil_image
+
+            return self.encode_images([to_pil_image(p.float().cpu()) for p in pixels])
+        batch = clip_input(
+            pixels.to(self.device),
+            shortest_edge=min(size),
+            crop=(int(size[0]), int(size[1])),
+            mean=cfg["mean"],
+            std=cfg["std"],
+        )
+        features = self.model.encode_image(batch.to(self.dtype)).float()
         return features / features.norm(dim=-1, keepdim=True)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> torch.Tensor:
@@ -369,6 +389,10 @@ class Interrogator:
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Normalised CLIP embeddings of images, [N, D] float32; for fidelity scores."""
         return self.clip.encode_images(images)
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """As embed_images, for decoded images still on the device ([N, 3, H, W] in [0, 1])."""
+        return self.clip.encode_pixels(pixels)
 
     # --- modes ----------------------------------------------------------------------------------------
 

@@ -152,3 +152,69 @@ def test_a_unet_that_fails_to_compile_runs_uncompiled(
     assert generator.fast_path == ["channels_last", "fused_qkv"]
     assert generator.buckets.bucket_for(1, settings.width, settings.height) is None
     assert largest_difference(pixels(generator, 3), plain_images) <= ROUNDING
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (512, 768), (600, 400)])
+def test_device_clip_input_matches_the_clip_image_processor(shape: tuple[int, int]) -> None:
+    """Resize, crop and normalise on the device agree with transformers' PIL path to pixel rounding."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from i2p2i_bot.clip_pixels import clip_input
+
+    extractor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    noise = torch.rand(1, 3, shape[0] // 16, shape[1] // 16, generator=torch.Generator().manual_seed(0))
+    pixels = torch.nn.functional.interpolate(noise, size=shape, mode="bilinear")
+    picture = Image.fromarray((pixels[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    stock = extractor(picture, return_tensors="pt").pixel_values
+    ours = clip_input(
+        pixels, shortest_edge=224, crop=(224, 224), mean=extractor.image_mean, std=extractor.image_std
+    )
+    assert ours.shape == stock.shape == (1, 3, 224, 224)
+    # One level of 255 is 0.0146 after CLIP's normalisation: allow about two.
+    assert float((ours - stock).abs().max()) < 0.03
+    assert float((ours - stock).abs().mean()) < 0.01
+
+
+def test_device_postprocessing_keeps_stock_pixels_flags_and_fidelity(
+    smoke_models: SmokeModels, base_settings: Settings, engine: Any
+) -> None:
+    """Ours and stock StableDiffusionPipeline make identical pixels; safety and fidelity inputs agree."""
+    from diffusers import StableDiffusionPipeline
+
+    from i2p2i_bot.acceleration import pipeline_class
+
+    kwargs = {"num_inference_steps": 3, "width": 64, "height": 64, "output_type": "pil"}
+    prompts = ["a red fox in snow", "a lighthouse at dusk"]
+    stock = StableDiffusionPipeline.from_pretrained(str(smoke_models.generator), dtype=torch.float32)
+    ours = pipeline_class().from_pretrained(str(smoke_models.generator), dtype=torch.float32)
+    outputs = []
+    for pipe in (stock, ours):
+        generators = [torch.Generator().manual_seed(seed) for seed in (5, 6)]
+        outputs.append(pipe(prompt=prompts, generator=generators, **kwargs))
+    for a, b in zip(outputs[0].images, outputs[1].images, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert outputs[0].nsfw_content_detected == outputs[1].nsfw_content_detected
+    assert ours.decoded is not None and ours.decoded.shape == (2, 3, 64, 64)
+    # The decoded pixels are the images before rounding to 8 bits.
+    rounded = (ours.decoded.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(rounded[0], np.asarray(outputs[1].images[0]))
+
+    # Fidelity from the device tensor agrees with fidelity from the PIL images.
+    interrogator = engine.interrogator
+    from_pixels = interrogator.embed_pixels(ours.decoded)
+    from_pil = interrogator.embed_images(outputs[1].images)
+    cosines = (from_pixels * from_pil).sum(dim=-1)
+    assert float(cosines.min()) > 0.999
+
+
+def test_the_engine_scores_fidelity_without_a_trip_through_pil(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(images: Any) -> Any:
+        raise AssertionError("fidelity went through PIL")
+
+    monkeypatch.setattr(engine.generator, "embed_images", refuse)
+    source = tuple(torch.nn.functional.normalize(torch.ones(32), dim=0).tolist())
+    result = engine.generate(GenerationRequest("a meadow", count=2, seed=3), source_embedding=source)
+    assert all(item.fidelity is not None and -1.0 <= item.fidelity <= 1.0 for item in result.images)
