@@ -25,6 +25,7 @@ from discord.ext import commands
 from i2p2i_bot.config import ConfigError, Settings, load_settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
+from i2p2i_bot.health import HEALTH_FILE, BotStatus, run_heartbeat
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.queue import JobQueue
@@ -93,6 +94,10 @@ class I2P2IBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         settings = self.settings
+        # First, so the heartbeat says "starting" while the models load; close() cancels it with the rest.
+        self.spawn(
+            run_heartbeat(settings.data_path / HEALTH_FILE, self.health_status), name="i2p2i-heartbeat"
+        )
         info = await self.application_info()
         if info.team is not None:
             self.owner_ids = {member.id for member in info.team.members}
@@ -143,6 +148,26 @@ class I2P2IBot(commands.Bot):
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    def health_status(self) -> BotStatus:
+        """What the heartbeat file reports; during setup_hook some services do not exist yet."""
+        queue: JobQueue | None = getattr(self, "queue", None)
+        gpu: GpuWorker | None = getattr(self, "gpu", None)
+        runner: JobRunner | None = getattr(self, "runner", None)
+        jobs = queue.active_jobs() if queue is not None else []
+        running = sum(job.status == "running" for job in jobs)
+        runner_task = runner._task if runner is not None else None
+        ws = self.ws
+        ready = self.is_ready()
+        return BotStatus(
+            state="stopping" if self._closing else "ready" if ready else "starting",
+            gateway_connected=ready and not self.is_closed() and ws is not None and ws.open,
+            queued_jobs=len(jobs) - running,
+            running_jobs=running,
+            gpu_worker_alive=gpu is not None and gpu.thread.is_alive(),
+            runner_alive=runner_task is not None and not runner_task.done(),
+            queue_paused=queue is not None and queue.paused,
+        )
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """One log line per interaction: what, by whom, where; never its token."""

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from PIL import Image, PngImagePlugin
 
 from i2p2i_bot import __version__
+from i2p2i_bot.backup import BackupError, backup_database
 from i2p2i_bot.config import ConfigError, Settings, load_settings
 from i2p2i_bot.generate import (
     BatchResult,
@@ -25,6 +26,7 @@ from i2p2i_bot.generate import (
     GenerationParams,
     GenerationRequest,
 )
+from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
 from i2p2i_bot.images import ImageError, check_declared, image_sha256, open_image
 from i2p2i_bot.interrogate import MODES, InterrogateError, Interrogation
 from i2p2i_bot.models import ModelUnavailable, download_models, resolve_models
@@ -96,6 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "download-models", help="fetch the configured models into the Hugging Face cache", parents=[common]
     )
+
+    health = sub.add_parser(
+        "health",
+        help="check the running bot's heartbeat: exit 0 when it is healthy, 1 (with the reason) when not",
+        parents=[common],
+    )
+    health.add_argument(
+        "--file", metavar="PATH", help=f"the heartbeat file (default: DATA_DIR/{HEALTH_FILE})"
+    )
+    health.add_argument(
+        "--max-age",
+        metavar="S",
+        type=float,
+        default=STALE_AFTER_S,
+        help=f"oldest heartbeat that counts as alive, in seconds (default {STALE_AFTER_S:.0f})",
+    )
+
+    backup = sub.add_parser(
+        "backup",
+        help="copy the database consistently, even while the bot runs, and check the copy",
+        parents=[common],
+    )
+    backup.add_argument("dest", metavar="DEST", help="a new file, or a folder to put a dated copy in")
     return parser
 
 
@@ -144,8 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         root.setLevel(previous_level)
 
 
+# Commands that never load a model: they skip the model libraries' start-up cost (health runs every 30 s).
+OPERATIONS_COMMANDS = ("health", "backup")
+
+
 def _run(args: argparse.Namespace) -> int:
-    if not args.verbose:
+    if not args.verbose and args.command not in OPERATIONS_COMMANDS:
         _quiet_libraries()
     try:
         settings = load_settings(args.config)
@@ -155,6 +184,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"i2p2i: {exc}", file=sys.stderr)
         return EXIT_USAGE
     progress = not args.quiet and sys.stderr.isatty()
+    if args.command == "health":
+        return _health(settings, args)
+    if args.command == "backup":
+        return _backup(settings, args)
     try:
         if args.command == "download-models":
             return _download(settings)
@@ -188,6 +221,34 @@ def _download(settings: Settings) -> int:
     except Exception as exc:  # network and hub errors come in many types; the message is what matters
         print(f"i2p2i: download failed: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    if args.max_age <= 0:
+        print("i2p2i: --max-age must be a positive number of seconds", file=sys.stderr)
+        return EXIT_USAGE
+    path = Path(args.file) if args.file else settings.data_path / HEALTH_FILE
+    report = check_health(path, stale_after_s=args.max_age)
+    if report.healthy:
+        print(report.reason)
+        return EXIT_OK
+    print(f"i2p2i: unhealthy: {report.reason}", file=sys.stderr)
+    return EXIT_SOME_FAILED
+
+
+def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        result = backup_database(
+            settings.database_path, args.dest, busy_timeout_ms=settings.store.busy_timeout_ms
+        )
+    except BackupError as exc:
+        print(f"i2p2i: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    print(
+        f"{result.source} → {result.dest} ({result.size_bytes} bytes, schema version "
+        f"{result.schema_version}, integrity ok)"
+    )
     return EXIT_OK
 
 

@@ -262,3 +262,24 @@ def test_global_options_work_after_the_command(
     )
     assert sorted(p.name for p in out.iterdir()) == ["astronaut-1.png", "astronaut-2.png", "astronaut.json"]
     assert json.loads((out / "astronaut.json").read_text())["smoke"] is True
+
+
+def test_operations_commands_skip_the_model_libraries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`health` and `backup` are listed in --help and never set up the model libraries (health runs often)."""
+    from i2p2i_bot import cli
+
+    help_text = cli.build_parser().format_help()
+    assert "health" in help_text and "backup" in help_text
+
+    def forbidden() -> None:
+        raise AssertionError("an operations command set up the model libraries")
+
+    monkeypatch.setattr(cli, "_quiet_libraries", forbidden)
+    monkeypatch.setenv("I2P2I_DATA_DIR", str(tmp_path / "data"))
+    assert main(["health"]) == 1
+    assert main(["backup", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("i2p2i: unhealthy: no heartbeat file at ")
+    assert err[1] == f"i2p2i: there is no database at {tmp_path / 'data' / 'i2p2i.sqlite3'}"
