@@ -12,25 +12,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, get_args
 
 from PIL import Image, PngImagePlugin
 
 from i2p2i_bot import __version__
 from i2p2i_bot.backup import BackupError, backup_database
-from i2p2i_bot.config import ConfigError, Settings, load_settings
-from i2p2i_bot.generate import (
-    BatchResult,
-    GeneratedImage,
-    GenerationError,
-    GenerationParams,
-    GenerationRequest,
-)
+from i2p2i_bot.config import ConfigError, InterrogateMode, Settings, load_settings
 from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
 from i2p2i_bot.images import ImageError, check_declared, image_sha256, open_image
-from i2p2i_bot.interrogate import MODES, InterrogateError, Interrogation
-from i2p2i_bot.models import ModelUnavailable, download_models, resolve_models
 from i2p2i_bot.terms import BannedTerms
+
+# The model modules import torch (seconds of start-up): the commands that need them import them, so
+# `i2p2i health`, which Docker runs every 30 s, and `i2p2i backup` start at once.
+if TYPE_CHECKING:
+    from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, GenerationRequest
+    from i2p2i_bot.interrogate import Interrogation
+
+MODES: tuple[str, ...] = get_args(InterrogateMode)
 
 log = logging.getLogger("i2p2i")
 
@@ -188,6 +187,9 @@ def _run(args: argparse.Namespace) -> int:
         return _health(settings, args)
     if args.command == "backup":
         return _backup(settings, args)
+    from i2p2i_bot.generate import GenerationError
+    from i2p2i_bot.models import ModelUnavailable
+
     try:
         if args.command == "download-models":
             return _download(settings)
@@ -214,6 +216,8 @@ def _download(settings: Settings) -> int:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         print("i2p2i: HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it first", file=sys.stderr)
         return EXIT_USAGE
+    from i2p2i_bot.models import download_models, resolve_models
+
     sources = resolve_models(settings)
     try:
         for line in download_models(sources):
@@ -253,6 +257,8 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    from i2p2i_bot.interrogate import InterrogateError
+
     mode = args.mode or settings.interrogate.mode
     engine = _load_engine(settings, progress)
     failed = 0
@@ -296,6 +302,9 @@ def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> i
 
 
 def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
+    from i2p2i_bot.generate import GenerationError
+    from i2p2i_bot.interrogate import InterrogateError
+
     mode = args.mode or settings.interrogate.mode
     banned = BannedTerms.from_settings(settings.interrogate)
     for text, label in ((args.prompt, "prompt"), (args.append, "appended text"), (args.negative, "negative")):
@@ -399,6 +408,8 @@ def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
 
 
 def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
+    from i2p2i_bot.generate import GenerationRequest
+
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=args.negative,
@@ -524,6 +535,8 @@ def _print_interrogation(path: Path, result: Interrogation, stream: TextIO) -> N
 
 
 def _refuse_banned(banned: BannedTerms, text: str, label: str) -> None:
+    from i2p2i_bot.generate import GenerationError
+
     found = banned.find(text)
     if found:
         raise GenerationError(

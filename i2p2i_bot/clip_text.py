@@ -54,8 +54,19 @@ class TextTokens:
         self.sot = int(getattr(tokenizer, "sot_token_id", 0))
         self.eot = int(getattr(tokenizer, "eot_token_id", 0))
         self._cache: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self._pieces: collections.OrderedDict[str, list[int] | None] = collections.OrderedDict()
         self._cache_size = cache_size
         self.comma = self.ids(",") if self.supported else []
+
+    def piece(self, text: str) -> list[int] | None:
+        """The ids of a text that composes with others (see `joinable`), else None; both cached."""
+        if text in self._pieces:
+            return self._pieces[text]
+        found = self.ids(text) if joinable(text) else None
+        self._pieces[text] = found
+        if len(self._pieces) > self._cache_size:
+            self._pieces.popitem(last=False)
+        return found
 
     def ids(self, text: str) -> list[int]:
         found = self._cache.get(text)
@@ -128,9 +139,10 @@ class TextEncoder:
         prefix = self._prefix_ids(prompt)
         if prefix is None:
             return self._encode_texts_batched(texts, batch_size)
+        pieces = [self.tokens.piece(phrase) for phrase in phrases]
         bodies = [
-            [*prefix, *self.tokens.ids(phrase)] if joinable(phrase) else self.tokens.tokenizer.encode(text)
-            for phrase, text in zip(phrases, texts, strict=True)
+            [*prefix, *piece] if piece is not None else self.tokens.tokenizer.encode(text)
+            for piece, text in zip(pieces, texts, strict=True)
         ]
         parts = [
             self._encode_bodies(bodies[start : start + batch_size], prefix)
@@ -231,10 +243,7 @@ def _project(model: Any, pooled: torch.Tensor) -> torch.Tensor:
 
 def _pad(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     width = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out.to(device)
+    return torch.tensor([[*r, *[0] * (width - len(r))] for r in rows], dtype=torch.long).to(device)
 
 
 def _causal_argmax_pooling(model: Any, context_length: int) -> bool:

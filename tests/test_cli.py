@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -283,3 +284,18 @@ def test_operations_commands_skip_the_model_libraries(
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("i2p2i: unhealthy: no heartbeat file at ")
     assert err[1] == f"i2p2i: there is no database at {tmp_path / 'data' / 'i2p2i.sqlite3'}"
+
+
+def test_operations_commands_never_import_torch(tmp_path: Path) -> None:
+    """`i2p2i health` runs every 30 s in Docker: in a fresh interpreter it must not pay for torch."""
+    script = (
+        "import sys\n"
+        "from i2p2i_bot.cli import main\n"
+        f"codes = [main(['health', '--file', {str(tmp_path / 'health.json')!r}]),\n"
+        f"         main(['backup', {str(tmp_path)!r}])]\n"
+        "heavy = ('torch', 'diffusers', 'open_clip', 'transformers')\n"
+        "print(codes, sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {**os.environ, "I2P2I_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "[1, 1] []"
