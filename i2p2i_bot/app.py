@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.replies import report_error
 from i2p2i_bot.runner import JobRunner
-from i2p2i_bot.store import Store
+from i2p2i_bot.store import Store, StoreError
 from i2p2i_bot.terms import BannedTerms
 
 log = logging.getLogger("i2p2i.bot")
@@ -278,6 +279,13 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                 return EXIT_CONFIG
             except ModelUnavailable as exc:
                 print(f"bot.py: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            except (StoreError, sqlite3.DatabaseError) as exc:
+                print(
+                    f"bot.py: the database {settings.database_path} cannot be used ({exc}); see "
+                    '"Upgrading" and "Backing up the database" in the README',
+                    file=sys.stderr,
+                )
                 return EXIT_CONFIG
             if stopping:
                 await stopping[0]

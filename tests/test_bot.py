@@ -768,6 +768,47 @@ async def test_missing_models_stop_the_bot_with_one_line(discord_server: FakeDis
     assert "Traceback" not in err.decode()
 
 
+@pytest.mark.parametrize("damage", ["newer schema", "not a database"])
+async def test_an_unusable_database_stops_the_bot_with_one_line(
+    discord_server: FakeDiscord, tmp_path: Path, damage: str
+) -> None:
+    """A database from a newer version, or a file that is no database, stops bot.py with one line."""
+    import sqlite3
+
+    server = discord_server
+    data = tmp_path / "data"
+    data.mkdir()
+    database = data / "i2p2i.sqlite3"
+    if damage == "newer schema":
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            db.execute("PRAGMA user_version = 99")
+    else:
+        database.write_bytes(b"this is not a database, it only has its name" * 100)
+    before = database.read_bytes()
+    config = tmp_path / "bot.toml"
+    config.write_text(
+        f'data_dir = "{data}"\n'
+        f'[discord]\napi_base = "{server.api_base}"\ngateway_url = "{server.gateway_url}"\n',
+        encoding="utf-8",
+    )
+    env = {**os.environ, "DISCORD_TOKEN": server.token, "HF_HUB_OFFLINE": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bot.py"), "--config", str(config), "--models", "smoke",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 2
+    lines = [line for line in err.decode().splitlines() if line.startswith("bot.py:")]
+    assert len(lines) == 1 and f"the database {database} cannot be used" in lines[0], err.decode()
+    assert "Traceback" not in err.decode()
+    if damage == "newer schema":  # refused, not migrated
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (99,)
+            assert db.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    else:
+        assert database.read_bytes() == before
+
+
 async def test_delete_works_on_a_result_posted_in_the_channel(
     discord_server: FakeDiscord,
     settings_for,
