@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import gc
 import itertools
 import logging
 import queue
@@ -128,22 +129,25 @@ def split_on_oom(
     try:
         return run(items)
     except torch.cuda.OutOfMemoryError:
-        _release_cached_memory()
-        if len(items) <= 1:
-            raise GpuOutOfMemory(
-                "The GPU ran out of memory even for a single image; try a smaller size."
-            ) from None
-        half = (len(items) + 1) // 2
-        rest = len(items) - half
-        log.warning("CUDA out of memory at batch %d; retrying as %d + %d", len(items), half, rest)
-        if on_split is not None:
-            on_split(half)
-        return split_on_oom(run, items[:half], on_split=on_split) + split_on_oom(
-            run, items[half:], on_split=on_split
-        )
+        # Nothing more happens in the handler: its exception's traceback holds the failed attempt's frames and
+        # with them every tensor they made, so memory could be neither freed nor reused by a retry from here.
+        pass
+    _release_cached_memory()
+    if len(items) <= 1:
+        raise GpuOutOfMemory("The GPU ran out of memory even for a single image; try a smaller size.")
+    half = (len(items) + 1) // 2
+    rest = len(items) - half
+    log.warning("CUDA out of memory at batch %d; retrying as %d + %d", len(items), half, rest)
+    if on_split is not None:
+        on_split(half)
+    return split_on_oom(run, items[:half], on_split=on_split) + split_on_oom(
+        run, items[half:], on_split=on_split
+    )
 
 
 def _release_cached_memory() -> None:
+    # Tensors of the failed attempt that sit in reference cycles are only freed by a collection.
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .config import IntakeSettings
 
@@ -32,6 +32,11 @@ DEFAULT_LIMITS = IntakeSettings()
 NOT_AN_IMAGE = f"That file is not an image I can read ({FORMAT_NAMES})."
 EMPTY_FILE = "That file is empty."
 DAMAGED_IMAGE = "That image is damaged or incomplete, so I can't read it."
+# For bytes that start like an allowed format but that no decoder accepts: naming the format they claim reads
+# better than "not an image" to a member who knows they sent a TIFF.
+UNREADABLE_VARIANT = (
+    "That {kind} file is damaged or uses a feature I can't read; try saving it again as PNG or JPEG."
+)
 
 # What Pillow raises on malformed input. A decoder fed hostile bytes fails in many ways, each of them the
 # file's fault; other exception types are bugs and propagate.
@@ -51,6 +56,12 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 _MB = 1024 * 1024
+# Pixels converted at a time from deep (16-bit, 32-bit, float) images: numpy works on float64 copies, so a
+# whole 40-megapixel image at once would cost over a gigabyte; bands of this size keep it to a few megabytes.
+_BAND_PIXELS = 1 << 18
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ICC_SEGMENT = b"ICC_PROFILE\x00"
 
 
 class ImageError(Exception):
@@ -116,7 +127,18 @@ def _decode(data: bytes, limits: IntakeSettings) -> tuple[Image.Image, str, tupl
     if canvas is not None:
         _check_dimensions(*canvas, limits)
     try:
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as source:
+        source = _open(data)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard (module-global MAX_IMAGE_PIXELS) fired before ours could. Its warning only
+        # arrives here as an exception under an "error" warnings filter; filters are not changed here
+        # because warnings.catch_warnings is process-global and unsafe across threads.
+        raise ImageError(_bomb_message(str(exc), limits)) from exc
+    except _DECODE_ERRORS as exc:
+        # No decoder took the bytes, or one gave up inside the headers: name the format they claim, if any.
+        kind = _claimed_format(data)
+        raise ImageError(NOT_AN_IMAGE if kind is None else UNREADABLE_VARIANT.format(kind=kind)) from exc
+    try:
+        with source:
             # Image.open only reads headers; the pixel buffer is allocated by load(), so check first.
             if min(source.size) < 1:
                 raise ImageError(DAMAGED_IMAGE)
@@ -126,18 +148,107 @@ def _decode(data: bytes, limits: IntakeSettings) -> tuple[Image.Image, str, tupl
             image_format = source.format or "unknown"
             original_size = source.size
             return _to_rgb(_upright(source)), image_format, original_size
-    except ImageError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageError(NOT_AN_IMAGE) from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # Pillow's own guard (module-global MAX_IMAGE_PIXELS) fired before ours could. Its warning only
-        # arrives here as an exception under an "error" warnings filter; filters are not changed here
-        # because warnings.catch_warnings is process-global and unsafe across threads.
-        raise ImageError(_bomb_message(str(exc), limits)) from exc
     except _DECODE_ERRORS as exc:
         log.debug("undecodable upload (%d bytes)", len(data), exc_info=True)
         raise ImageError(DAMAGED_IMAGE) from exc
+
+
+def _open(data: bytes) -> Image.Image:
+    """Image.open restricted to the allowed formats, with a second try without the colour profiles.
+
+    Pillow parses ICC profiles while opening and gives up on the whole file when one is malformed (a PNG
+    iCCP chunk with an unknown compression method, a JPEG APP2 segment cut short), although the pixels
+    are fine and browsers show them. Intake never applies profiles, so such files are opened again
+    without them. A file that fails for another reason fails the same way twice and keeps its first error.
+    """
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except _DECODE_ERRORS as exc:  # UnidentifiedImageError among them
+        first = exc
+    stripped = _without_colour_profiles(data)
+    if stripped is None:
+        raise first
+    try:
+        return Image.open(io.BytesIO(stripped), formats=ALLOWED_FORMATS)
+    except _DECODE_ERRORS:
+        raise first from None
+
+
+def _without_colour_profiles(data: bytes) -> bytes | None:
+    """The bytes of a PNG or JPEG without its ICC profile chunks; None if it is neither or has none.
+
+    What the walk cannot parse (a chunk or segment running past the end, anything after a JPEG's first
+    scan) is kept unchanged for the decoder to judge.
+    """
+    if data.startswith(_PNG_SIGNATURE):
+        return _png_without_iccp(data)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_without_icc(data)
+    return None
+
+
+def _png_without_iccp(data: bytes) -> bytes | None:
+    kept = [data[:8]]
+    pos = 8
+    removed = False
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"iCCP":
+            removed = True
+        else:
+            kept.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    kept.append(data[pos:])
+    return b"".join(kept) if removed else None
+
+
+def _jpeg_without_icc(data: bytes) -> bytes | None:
+    kept = [data[:2]]
+    pos = 2
+    removed = False
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            kept.append(data[pos : pos + 1])
+            pos += 1
+            continue
+        if marker == 0xDA or marker == 0xD9 or 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            break  # start of scan, end of image, or a marker without a length: nothing more to drop
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            break
+        if marker == 0xE2 and data[pos + 4 : pos + 4 + len(_ICC_SEGMENT)] == _ICC_SEGMENT:
+            removed = True
+        else:
+            kept.append(data[pos:end])
+        pos = end
+    kept.append(data[pos:])
+    return b"".join(kept) if removed else None
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The allowed format whose signature the bytes start with, by its usual name; None if none."""
+    if data.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    # "BM" alone starts plenty of text; a BMP header also has four reserved zero bytes.
+    if data[:2] == b"BM" and data[6:10] == bytes(4):
+        return "BMP"
+    return None
 
 
 def _check_byte_size(size_bytes: int, limits: IntakeSettings) -> None:
@@ -267,55 +378,88 @@ def _webp_canvas(data: bytes) -> tuple[int, int] | None:
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; metadata that cannot be parsed just leaves the image as stored."""
+    """Apply the EXIF orientation; metadata that cannot be parsed just leaves the image as stored.
+
+    In place: the decoded file is ours alone, and Pillow's copying variant would duplicate every upright
+    picture (most of them) only to throw the original away.
+    """
     try:
-        transposed = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except _DECODE_ERRORS:
         log.debug("ignoring unreadable EXIF orientation", exc_info=True)
-        return image
-    return image if transposed is None else transposed
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any decoded mode to RGB, transparent areas composited onto BACKGROUND_RGB."""
+    """Any decoded mode to RGB, transparent areas composited onto BACKGROUND_RGB, with no metadata.
+
+    Nothing of the upload's metadata survives: Pillow's PNG and JPEG writers copy `info` (an ICC profile,
+    a comment) into every file later saved from the image, which would carry whatever the upload held
+    (a malformed profile, a script in a comment) into the bot's own thumbnails and stored sources.
+    """
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _deep_to_l(image)
-    elif image.mode == "La":  # premultiplied; Pillow converts it to nothing but LA
-        image = image.convert("LA")
-    if image.mode in ("LA", "PA", "RGBA", "RGBa") or "transparency" in image.info:
+        rgb = _deep_to_rgb(image)
+    elif image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info:
         # P, L and RGB images carry transparency as a colour key in info; convert("RGBA") applies it.
-        rgba = image.convert("RGBA")
-        flattened = Image.new("RGB", rgba.size, BACKGROUND_RGB)
-        flattened.paste(rgba, mask=rgba)
-        return flattened
-    # CMYK is converted without its ICC profile: parsing untrusted profiles is more attack surface than
-    # the small colour shift is worth to CLIP.
-    return image.convert("RGB")
+        if image.mode == "La":  # premultiplied; Pillow converts it to nothing but LA
+            image = image.convert("LA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, BACKGROUND_RGB)
+        rgb.paste(rgba, mask=rgba)
+    else:
+        # CMYK is converted without its ICC profile: parsing untrusted profiles is more attack surface than
+        # the small colour shift is worth to CLIP.
+        rgb = image.convert("RGB")
+    rgb.info = {}
+    return rgb
 
 
-def _deep_to_l(image: Image.Image) -> Image.Image:
-    """Map a 16-bit, 32-bit integer or float greyscale image onto 8 bits (L, or LA with a colour key).
+def _deep_to_rgb(image: Image.Image) -> Image.Image:
+    """Map a 16-bit, 32-bit integer or float greyscale image onto 8-bit grey, colour key onto BACKGROUND_RGB.
 
     Pillow's own convert("L") clips these at 255 instead of scaling, which turns most 16-bit photos white.
+    The work is done in bands of rows, so memory beyond the result stays small whatever the image's size.
     """
-    values: np.ndarray
-    if image.mode.startswith("I;16"):
-        # Sixteen bits have a known range: 65535 / 257 = 255. float32 holds them exactly.
-        values = np.asarray(image, dtype=np.float32)
-        scaled = values / 257.0
-    else:
+    width, height = image.size
+    rows = max(1, _BAND_PIXELS // width)
+    bands = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+    sixteen = image.mode.startswith("I;16")
+    low = high = 0.0
+    if not sixteen:
         # 32-bit integers and floats have no fixed range (a float TIFF may hold 0..1, 0..255 or physical
         # units), so the image's own finite min..max is stretched onto 0..255, NaN and -inf counting as the
-        # minimum and +inf as the maximum. A flat image has no range to stretch and is taken as already
-        # on the 0..255 scale. float64, so that the subtraction cannot overflow for float32 extremes.
-        values = np.asarray(image, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
-        scaled = (values - low) / (high - low) * 255.0 if high > low else values
-    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+        # minimum and +inf as the maximum. A flat image has no range to stretch and is taken as already on
+        # the 0..255 scale.
+        low, high = math.inf, -math.inf
+        for top, bottom in bands:
+            values = _band(image, top, bottom)
+            finite = values[np.isfinite(values)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+        if low > high:
+            low = high = 0.0
     key = image.info.get("transparency")
-    if isinstance(key, int) and not isinstance(key, bool):
-        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
-        return Image.merge("LA", (grey, alpha))
-    return grey
+    keyed = isinstance(key, int) and not isinstance(key, bool)
+    grey = Image.new("L", image.size)
+    transparent = Image.new("L", image.size) if keyed else None
+    for top, bottom in bands:
+        values = _band(image, top, bottom)
+        if sixteen:
+            scaled = values / 257.0  # sixteen bits have a known range: 65535 / 257 = 255
+        else:
+            values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+            scaled = (values - low) / (high - low) * 255.0 if high > low else values
+        grey.paste(Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)), (0, top))
+        if transparent is not None:
+            transparent.paste(Image.fromarray(np.where(values == key, 255, 0).astype(np.uint8)), (0, top))
+    rgb = grey.convert("RGB")
+    del grey
+    if transparent is not None:
+        rgb.paste(BACKGROUND_RGB, mask=transparent)
+    return rgb
+
+
+def _band(image: Image.Image, top: int, bottom: int) -> np.ndarray:
+    """Rows top..bottom as float64, which holds 16- and 32-bit integers exactly and cannot overflow when
+    float32 extremes are subtracted."""
+    return np.asarray(image.crop((0, top, image.width, bottom)), dtype=np.float64)

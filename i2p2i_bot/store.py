@@ -221,6 +221,13 @@ class Store:
         rows = await self._fetchall("PRAGMA user_version")
         return int(rows[0][0])
 
+    async def integrity_problems(self) -> list[str]:
+        """What SQLite's own checks find wrong in the file (pages, indexes, foreign keys); empty if sound."""
+        problems = [str(row[0]) for row in await self._fetchall("PRAGMA integrity_check") if row[0] != "ok"]
+        for table, rowid, parent, _ in await self._fetchall("PRAGMA foreign_key_check"):
+            problems.append(f"row {rowid} of {table} refers to a missing row of {parent}")
+        return problems
+
     # -- plumbing -------------------------------------------------------------------------------------
 
     async def _fetchall(

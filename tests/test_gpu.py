@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 
 import pytest
 import torch
@@ -95,3 +96,37 @@ def test_split_on_oom_gives_up_at_one() -> None:
 
     with pytest.raises(GpuOutOfMemory, match="even for a single image"):
         split_on_oom(run, [1, 2, 3])
+
+
+def test_split_on_oom_lets_go_of_the_failed_attempt_before_retrying() -> None:
+    """Every retry starts with nothing of a failed attempt still alive, so its memory can be reused.
+
+    A retry made inside the except block would run while the traceback still pins the failed call's
+    frame, and so every tensor it had made: on a GPU, the halves would then run out of memory as well.
+    """
+    made: list[weakref.ref[torch.Tensor]] = []
+    alive_when_called: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        alive_when_called.append(sum(ref() is not None for ref in made))
+        activations = torch.ones(len(items), 256)  # what a real attempt would hold on the GPU
+        made.append(weakref.ref(activations))
+        if len(items) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return [int(row.sum()) + item for row, item in zip(activations, items, strict=True)]
+
+    assert split_on_oom(run, list(range(8))) == [256 + i for i in range(8)]
+    assert len(alive_when_called) == 7 and set(alive_when_called) == {0}
+
+
+def test_split_on_oom_reports_each_split_and_does_not_chain_the_cuda_error() -> None:
+    """on_split hears the size of each first half; the final error carries no CUDA traceback to log."""
+    halves: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(GpuOutOfMemory) as caught:
+        split_on_oom(run, [1, 2, 3, 4, 5], on_split=halves.append)
+    assert halves == [3, 2, 1]  # 5 → 3 + 2, 3 → 2 + 1, 2 → 1 + 1, and the first single item fails
+    assert caught.value.__cause__ is None and caught.value.__context__ is None

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import random
 import struct
 import subprocess
+import sys
 import time
+import tracemalloc
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,12 +29,27 @@ from i2p2i_bot.images import (
     BACKGROUND_RGB,
     DAMAGED_IMAGE,
     NOT_AN_IMAGE,
+    UNREADABLE_VARIANT,
     ImageError,
     check_declared,
     image_sha256,
     load_intake,
     open_image,
 )
+from tests.fuzz_intake import (
+    FUZZ_LIMITS,
+    check_intake,
+    jpeg_assemble,
+    jpeg_segments,
+    png_assemble,
+    png_chunks,
+    seed_corpus,
+    structured_mutation,
+)
+
+# Every case must end, image or ImageError, well within this (they take milliseconds): a generous bound
+# that turns a decoder stuck in a loop into a failure instead of a hung run.
+pytestmark = pytest.mark.timeout(120)
 
 GREY = BACKGROUND_RGB
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {
@@ -105,6 +125,70 @@ def webp_declaring(width: int, height: int, kind: str = "VP8X") -> bytes:
         body = b"\x2f" + ((width - 1) | (height - 1) << 14).to_bytes(4, "little") + b"\x00"
     chunk = kind.encode() + struct.pack("<I", len(body)) + body
     return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def tiff_bytes(
+    width: int,
+    height: int,
+    data: bytes,
+    *,
+    samples: int = 1,
+    bits: int = 8,
+    sample_format: int = 1,
+    photometric: int = 1,
+    extra_samples: tuple[int, ...] = (),
+    order: str = "<",
+) -> bytes:
+    """An uncompressed one-strip TIFF built tag by tag, for layouts Pillow cannot write (16-bit RGB...).
+
+    sample_format: 1 unsigned, 2 signed, 3 float; photometric: 1 grey, 2 RGB, 5 CMYK.
+    """
+
+    def build(strip_at: int) -> tuple[bytes, int]:
+        tags = [
+            (256, 4, [width]),
+            (257, 4, [height]),
+            (258, 3, [bits] * samples),
+            (259, 3, [1]),
+            (262, 3, [photometric]),
+            (273, 4, [strip_at]),
+            (277, 3, [samples]),
+            (278, 4, [height]),
+            (279, 4, [len(data)]),
+            (284, 3, [1]),
+            (339, 3, [sample_format] * samples),
+        ]
+        if extra_samples:
+            tags.append((338, 3, list(extra_samples)))
+        tags.sort()
+        values_at = 8 + 2 + 12 * len(tags) + 4
+        entries, values = bytearray(), bytearray()
+        for tag, kind, numbers in tags:
+            packed = b"".join(struct.pack(order + ("H" if kind == 3 else "I"), n) for n in numbers)
+            if len(packed) <= 4:
+                field = packed.ljust(4, b"\0")
+            else:
+                field = struct.pack(order + "I", values_at + len(values))
+                values += packed
+            entries += struct.pack(order + "HHI", tag, kind, len(numbers)) + field
+        head = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", 8)
+        return head + struct.pack(order + "H", len(tags)) + entries + bytes(4) + values, values_at + len(
+            values
+        )
+
+    _, strip_at = build(0)
+    header, _ = build(strip_at)
+    return header + data
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small valid JPEG whose frame header (SOF0) is rewritten to claim width×height."""
+    segments, rest = jpeg_segments(encode(gradient(), "JPEG"))
+    frame = [i for i, (marker, _) in enumerate(segments) if marker == 0xC0]
+    body = bytearray(segments[frame[0]][1])
+    struct.pack_into(">HH", body, 1, height, width)
+    segments[frame[0]] = (0xC0, bytes(body))
+    return jpeg_assemble(segments, rest)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -325,6 +409,82 @@ def test_32_bit_integer_tiff_is_stretched_by_its_own_range() -> None:
     assert pixels(open_image(data))[0, :, 0].tolist() == [0, 128, 255]
 
 
+def test_cmyk_tiff_becomes_rgb_of_the_same_colour() -> None:
+    """A CMYK TIFF (Pillow's own and a hand-built one) turns cyan into cyan and full black into black."""
+    cmyk = Image.new("CMYK", (4, 4), (255, 0, 0, 0))
+    assert pixels(open_image(encode(cmyk, "TIFF")))[0, 0].tolist() == [0, 255, 255]
+    built = tiff_bytes(2, 1, bytes([255, 0, 0, 0, 0, 0, 0, 255]), samples=4, photometric=5)
+    assert Image.open(io.BytesIO(built)).mode == "CMYK"
+    image = open_image(built)
+    assert [image.getpixel((x, 0)) for x in range(2)] == [(0, 255, 255), (0, 0, 0)]
+
+
+def test_lab_tiff_becomes_rgb() -> None:
+    """A CIELAB TIFF decodes to RGB: full lightness is white, none is black, positive a* is red."""
+    colours = {(255, 128, 128): "white", (0, 128, 128): "black", (128, 200, 128): "red"}
+    for lab, name in colours.items():
+        data = encode(Image.new("LAB", (2, 2), lab), "TIFF")
+        assert Image.open(io.BytesIO(data)).mode == "LAB"
+        red, green, blue = open_image(data).getpixel((1, 1))
+        if name == "white":
+            assert min(red, green, blue) >= 250
+        elif name == "black":
+            assert max(red, green, blue) <= 5
+        else:
+            assert red > 200 and green < 60 and blue < 150
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
+def test_sixteen_bit_greyscale_tiff_is_scaled_in_either_byte_order(order: str) -> None:
+    """A 16-bit greyscale TIFF (I;16 or I;16B) maps 0..65535 onto 0..255 like a 16-bit PNG."""
+    values = np.array([0, 1000, 25700, 65535], dtype=order + "u2")
+    data = tiff_bytes(4, 1, values.tobytes(), bits=16, order=order)
+    assert Image.open(io.BytesIO(data)).mode == ("I;16" if order == "<" else "I;16B")
+    image = open_image(data)
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (4, 4, 4), (100, 100, 100), (255,) * 3]
+
+
+def test_sixteen_bit_rgb_and_rgba_tiffs_keep_their_colours() -> None:
+    """16-bit RGB and RGBA TIFFs come back as 8-bit RGB within one level of value/257, alpha onto grey."""
+    rgb = np.array([[[0, 1000, 65535], [25700, 51400, 12850]]], dtype="<u2")
+    image = open_image(tiff_bytes(2, 1, rgb.tobytes(), samples=3, bits=16, photometric=2))
+    assert np.abs(pixels(image) - rgb / 257).max() <= 1
+    rgba = np.array([[[65535, 0, 0, 0], [0, 65535, 0, 65535]]], dtype="<u2")
+    data = tiff_bytes(2, 1, rgba.tobytes(), samples=4, bits=16, photometric=2, extra_samples=(2,))
+    image = open_image(data)
+    assert [image.getpixel((x, 0)) for x in range(2)] == [GREY, (0, 255, 0)]
+
+
+def test_signed_sixteen_bit_tiff_is_stretched_by_its_own_range() -> None:
+    """A signed 16-bit TIFF (Pillow's mode I) maps its min..max onto 0..255."""
+    values = np.array([-32768, 0, 32767], dtype="<i2")
+    data = tiff_bytes(3, 1, values.tobytes(), bits=16, sample_format=2)
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    assert pixels(open_image(data))[0, :, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize(
+    ("samples", "bits", "dtype"),
+    [(3, 32, np.float32), (1, 64, np.float64), (1, 16, np.float16)],
+    ids=["float32-rgb", "float64-grey", "float16-grey"],
+)
+def test_float_tiffs_pillow_cannot_decode_name_their_format(samples: int, bits: int, dtype: Any) -> None:
+    """Float layouts Pillow has no mode for are refused with a sentence that says the TIFF is the problem."""
+    photometric = 2 if samples == 3 else 1
+    data = tiff_bytes(
+        2,
+        1,
+        np.zeros(2 * samples, dtype).tobytes(),
+        samples=samples,
+        bits=bits,
+        sample_format=3,
+        photometric=photometric,
+    )
+    with pytest.raises(ImageError) as caught:
+        open_image(data)
+    assert str(caught.value) == UNREADABLE_VARIANT.format(kind="TIFF")
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "GIF"])
 def test_one_bit_image_is_black_and_white(fmt: str) -> None:
     """A 1-bit image decodes to pure black and pure white RGB pixels."""
@@ -395,7 +555,61 @@ def test_broken_exif_is_ignored(exif: bytes) -> None:
     assert np.abs(pixels(image)[2, 2] - (255, 0, 0)).max() <= 20
 
 
+EXIF_LOOP = (  # an IFD whose Exif sub-IFD pointer points back at itself
+    b"II*\x00\x08\x00\x00\x00" + struct.pack("<H", 1) + struct.pack("<HHII", 0x8769, 4, 1, 8) + bytes(4)
+)
+EXIF_HUGE_COUNT = b"II*\x00\x08\x00\x00\x00" + struct.pack("<H", 0xFFFF) + bytes(40)
+EXIF_GIANT_VALUE = (  # one ASCII entry claiming 2 GB of text
+    b"II*\x00\x08\x00\x00\x00"
+    + struct.pack("<H", 1)
+    + struct.pack("<HHII", 0x010E, 2, 0x7FFFFFFF, 26)
+    + bytes(4)
+)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data", "ignore::UserWarning")
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize(
+    "exif",
+    [
+        EXIF_LOOP,
+        EXIF_HUGE_COUNT,
+        EXIF_GIANT_VALUE,
+        b"MM\x00*\xff\xff\xff\xff",
+        orientation(0),
+        orientation(9),
+        orientation(65535),
+        b"garbage exif",
+    ],
+    ids=[
+        "ifd-loop",
+        "huge-count",
+        "giant-value",
+        "offset-past-end",
+        "orient-0",
+        "orient-9",
+        "orient-65535",
+        "junk",
+    ],
+)
+@pytest.mark.timeout(30)
+def test_hostile_exif_leaves_the_picture_as_stored(fmt: str, exif: bytes) -> None:
+    """EXIF that loops, lies about its size or names no valid orientation leaves the picture unrotated."""
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    payload = b"Exif\x00\x00" + exif if fmt == "JPEG" else exif
+    image = open_image(encode(marked(), fmt, exif=payload, **options))
+    assert image.size == (40, 20)
+    assert np.abs(pixels(image)[2, 2] - (255, 0, 0)).max() <= 20
+    assert np.abs(pixels(image)[17, 37]).max() <= 20
+
+
 # --- broken and hostile files -------------------------------------------------------------------------------
+
+
+def rejection_sentences(fmt: str) -> set[str]:
+    """What a damaged file of this format may be told: damaged, or (cut inside its header) unreadable."""
+    kind = {"WEBP": "WebP", "MPO": "JPEG", "APNG": "PNG"}.get(fmt.upper(), fmt.upper())
+    return {DAMAGED_IMAGE, UNREADABLE_VARIANT.format(kind=kind)}
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -406,7 +620,7 @@ def test_truncated_files_are_rejected(fmt: str, fraction: float) -> None:
     cut = max(1, int(len(data) * fraction))
     with pytest.raises(ImageError) as caught:
         open_image(data[:cut])
-    assert str(caught.value) in (DAMAGED_IMAGE, NOT_AN_IMAGE)
+    assert str(caught.value) in rejection_sentences(fmt) | {NOT_AN_IMAGE}
 
 
 def test_jpeg_missing_only_its_end_marker_is_rejected() -> None:
@@ -426,24 +640,53 @@ SEED_FILES: dict[str, bytes] = {
     "TIFF": encode(gradient(), "TIFF"),
     "APNG": encode(gradient(), "PNG", save_all=True, append_images=[gradient().rotate(180)]),
 }
+# Every allowed format's main variants: palette, 16-bit, interlaced, animated, progressive, CMYK, LZW...
+HOSTILE_SEEDS = seed_corpus()
 
 
 def rgb_or_image_error(data: bytes, limits: IntakeSettings = images.DEFAULT_LIMITS) -> str:
-    """Decode and report which of the two allowed outcomes happened; any other exception propagates."""
-    try:
-        image = open_image(data, limits)
-    except ImageError as exc:
-        assert str(exc).endswith(".") and "\n" not in str(exc)
-        return "error"
-    assert image.mode == "RGB" and min(image.size) >= 1
-    return "image"
+    """Decode and report which of the two allowed outcomes happened; any other exception propagates.
+
+    An ImageError must be one sentence; an image must be RGB and carry none of the upload's metadata.
+    """
+    return check_intake(data, limits)
+
+
+def cut_offsets(length: int) -> list[int]:
+    """Every offset inside the first 64 bytes (the headers), 48 spread over the body, and the last 16."""
+    spread = {1 + (length - 2) * i // 47 for i in range(48)}
+    return sorted(({*range(1, 65), *spread, *range(length - 16, length)}) & set(range(1, length)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", sorted(HOSTILE_SEEDS))
+@pytest.mark.timeout(60)
+def test_truncation_at_any_offset_gives_the_whole_picture_or_image_error(name: str) -> None:
+    """Each format cut at ~130 offsets: an ImageError naming the damage, or exactly the full file's pixels.
+
+    A file may legally end early (a GIF without its trailer, an APNG or MPO after its first picture);
+    then the first picture must be complete, never half-decoded rows.
+    """
+    data = HOSTILE_SEEDS[name]
+    whole = pixels(open_image(data))
+    errors = 0
+    for cut in cut_offsets(len(data)):
+        try:
+            image = open_image(data[:cut])
+        except ImageError as exc:
+            errors += 1
+            assert str(exc) in rejection_sentences(name.split("-")[0]) | {NOT_AN_IMAGE}, (cut, str(exc))
+            continue
+        assert np.array_equal(pixels(image), whole), f"cut at {cut} of {len(data)} gave a partial picture"
+    assert errors >= 64  # at least every cut inside the headers was refused
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
-@pytest.mark.parametrize("fmt", sorted(SEED_FILES))
-def test_header_bit_flips_give_an_image_or_image_error(fmt: str) -> None:
+@pytest.mark.parametrize("name", sorted(HOSTILE_SEEDS))
+@pytest.mark.timeout(60)
+def test_header_bit_flips_give_an_image_or_image_error(name: str) -> None:
     """Flipping each bit of the first 48 bytes yields an RGB image or ImageError, never another exception."""
-    data = SEED_FILES[fmt]
+    data = HOSTILE_SEEDS[name]
     outcomes = set()
     for position in range(min(48, len(data))):
         for bit in range(8):
@@ -462,16 +705,202 @@ def test_header_bit_flips_give_an_image_or_image_error(fmt: str) -> None:
         b'<svg xmlns="http://www.w3.org/2000/svg"><rect width="10" height="10"/></svg>',
         b"\x00" * 64,
         b"PK\x03\x04" + bytes(60),
-        b"\x89PNG\r\n\x1a\n",
+        b"BMW is a car maker" * 4,
     ],
-    ids=["text", "html", "svg-xml", "svg", "zeros", "zip", "png-signature-only"],
+    ids=["text", "html", "svg-xml", "svg", "zeros", "zip", "text-starting-bm"],
 )
 def test_files_that_are_not_images_are_rejected(data: bytes) -> None:
     """Text, HTML, SVG and other non-images get the "not an image" sentence whatever the file was called."""
     with pytest.raises(ImageError) as caught:
         open_image(data)
-    assert str(caught.value) in (NOT_AN_IMAGE, DAMAGED_IMAGE)
+    assert str(caught.value) == NOT_AN_IMAGE
     assert "PNG, JPEG, WebP, GIF, BMP or TIFF" in NOT_AN_IMAGE
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"\x89PNG\r\n\x1a\n", "PNG"),
+        (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 3, 9, 0, 0, 0)), "PNG"),
+        (b"\xff\xd8\xff\xe0" + bytes(40), "JPEG"),
+        (b"GIF89a", "GIF"),
+        (b"RIFF\x20\x00\x00\x00WEBPJUNK" + bytes(20), "WebP"),
+        (b"II*\x00\xff\xff\xff\x00", "TIFF"),
+        (b"MM\x00*\x00\x00\x00\x08\x00\x00", "TIFF"),
+        (b"BM" + bytes(12) + b"\xff" * 40, "BMP"),
+    ],
+    ids=["png-signature", "png-bad-ihdr", "jpeg", "gif", "webp", "tiff-le", "tiff-be", "bmp"],
+)
+def test_broken_header_of_an_allowed_format_names_that_format(data: bytes, kind: str) -> None:
+    """Bytes that start like an allowed format but that no decoder takes say which format they claim."""
+    with pytest.raises(ImageError) as caught:
+        open_image(data)
+    assert str(caught.value) == UNREADABLE_VARIANT.format(kind=kind)
+
+
+# --- colour profiles, metadata and polyglots ---------------------------------------------------------------
+
+OPAQUE = (10, 200, 30)
+
+
+def with_png_chunk(data: bytes, kind: bytes, body: bytes) -> bytes:
+    """The PNG with one more chunk (valid length and CRC) straight after IHDR."""
+    chunks, tail = png_chunks(data)
+    return png_assemble([chunks[0], (kind, body), *chunks[1:]], tail)
+
+
+def with_jpeg_segment(data: bytes, marker: int, body: bytes, count: int = 1) -> bytes:
+    """The JPEG with `count` copies of one more marker segment straight after SOI."""
+    segments, rest = jpeg_segments(data)
+    return jpeg_assemble([(marker, body)] * count + segments, rest)
+
+
+def flat(fmt: str) -> bytes:
+    return encode(Image.new("RGB", (8, 8), OPAQUE), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.parametrize(
+    "iccp",
+    [
+        b"icc\x00\x00" + zlib.compress(b"\x00\x00\x01\x00 this is no ICC profile" * 20),
+        b"icc\x00\x00" + b"not zlib at all",
+        b"icc\x00\x05" + zlib.compress(b"profile"),  # unknown compression method
+        b"icc-profile-name-without-its-terminator" * 3,
+        b"icc\x00\x00" + zlib.compress(bytes(50_000_000), 9),  # inflates past Pillow's 1 MB cap
+        b"",
+    ],
+    ids=["not-a-profile", "not-zlib", "unknown-method", "no-terminator", "zlib-bomb", "empty"],
+)
+@pytest.mark.timeout(30)
+def test_png_with_a_broken_icc_profile_still_decodes(iccp: bytes) -> None:
+    """A garbage iCCP chunk is ignored (intake applies no profiles): the pixels come back as stored."""
+    data = with_png_chunk(flat("PNG"), b"iCCP", iccp)
+    tracemalloc.start()
+    try:
+        image = open_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.size == (8, 8) and np.all(pixels(image) == OPAQUE)
+    assert peak < 16 * 2**20  # the 50 MB zlib bomb is never inflated
+    assert image.info == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        (b"ICC_PROFILE\x00\x01\x01" + b"garbage" * 10, 1),
+        (b"ICC_PROFILE\x00\x03\x02" + b"chunk three of two", 1),
+        (b"ICC_PROFILE\x00\x00\x00" + b"chunk zero of zero", 1),
+        (b"ICC_PROFILE\x00\x01\x02" + b"same chunk twice", 2),
+        (b"ICC_PROFILE\x00", 1),  # cut short before its sequence numbers
+        (b"ICC_PROFILE\x00\x01", 1),
+        (b"ICC_", 1),
+    ],
+    ids=["garbage", "seq-past-count", "seq-zero", "duplicate", "no-seq", "half-seq", "short-name"],
+)
+def test_jpeg_with_a_broken_icc_segment_still_decodes(body: bytes, count: int) -> None:
+    """Broken APP2 ICC_PROFILE segments are ignored: the pixels come back as stored."""
+    image = open_image(with_jpeg_segment(flat("JPEG"), 0xE2, body, count))
+    assert image.size == (8, 8)
+    assert np.abs(pixels(image) - OPAQUE).max() <= 3
+    assert image.info == {}
+
+
+def test_icc_stripping_leaves_other_failures_alone(forbid_load: None) -> None:
+    """A PNG broken for another reason as well as its profile keeps its own sentence after the retry."""
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 3, 9, 0, 0, 0))  # no such bit depth
+    broken = with_png_chunk(b"\x89PNG\r\n\x1a\n" + ihdr, b"iCCP", b"icc\x00\x05")
+    with pytest.raises(ImageError) as caught:
+        open_image(broken)
+    assert str(caught.value) == UNREADABLE_VARIANT.format(kind="PNG")
+
+
+PHP = b"<?php system($_GET['c']); ?>"
+GIF_JS = b"GIF89a/*" + encode(Image.new("P", (8, 8), 1), "GIF")[8:] + b"*/=1;alert(document.domain);"
+
+
+def png_with_text(text: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", text)
+    info.add_text("Packed", text, zip=True)
+    return encode(Image.new("RGB", (8, 8), OPAQUE), "PNG", pnginfo=info)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        flat("PNG") + b"PK\x03\x04" + bytes(26) + b"PK\x05\x06" + bytes(18),
+        flat("PNG") + b"<html><script>alert(1)</script></html>",
+        png_with_text(PHP.decode()),
+        encode(Image.new("RGB", (8, 8), OPAQUE), "JPEG", quality=95, comment=PHP),
+        flat("JPEG") + PHP,
+        flat("JPEG") + b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF",
+        flat("GIF") + b"<script>alert(1)</script>",
+    ],
+    ids=["png+zip", "png+html", "png-php-text", "jpeg-php-comment", "jpeg+php", "jpeg+pdf", "gif+html"],
+)
+def test_polyglots_decode_to_their_picture_without_the_payload(data: bytes) -> None:
+    """An image with a ZIP, HTML, PHP or PDF riding along decodes to its pixels; the payload is dropped."""
+    image = open_image(data)
+    assert image.size == (8, 8)
+    assert np.abs(pixels(image) - OPAQUE).max() <= 3
+    assert image.info == {}
+
+
+def test_gif_javascript_polyglot_is_just_a_wide_gif() -> None:
+    """GIF89a/*...*/ JavaScript is read as the GIF its bytes describe: width 0x2A2F, blank rows, no script."""
+    image = open_image(GIF_JS)
+    assert image.size == (0x2A2F, 8) and image.mode == "RGB" and image.info == {}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(Image.new("RGB", (8, 8), OPAQUE), "JPEG", quality=95, comment=PHP),
+        with_png_chunk(flat("PNG"), b"iCCP", b"icc\x00\x00" + zlib.compress(b"NOT A PROFILE " + PHP)),
+        with_jpeg_segment(flat("JPEG"), 0xE2, b"ICC_PROFILE\x00\x01\x01NOT A PROFILE " + PHP),
+        png_with_text(PHP.decode()),
+        encode(Image.new("RGB", (8, 8), OPAQUE), "WEBP", exif=b"Exif\x00\x00" + PHP, lossless=True),
+    ],
+    ids=["jpeg-comment", "png-icc", "jpeg-icc", "png-text", "webp-exif"],
+)
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_files_saved_from_the_normalised_image_carry_nothing_of_the_upload(data: bytes, fmt: str) -> None:
+    """Thumbnails and stored sources are saved from the normalised image; none may re-emit the payload.
+
+    Pillow's writers copy `info` (an ICC profile, a JPEG comment) into what they save, so a normalised
+    image that kept the upload's info would publish its payload again in the bot's own files.
+    """
+    saved = encode(open_image(data), fmt)
+    assert b"<?php" not in saved and b"NOT A PROFILE" not in saved
+    assert Image.open(io.BytesIO(saved)).info.get("icc_profile") in (None, b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        (
+            b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"><rect width="9" height="9"/></svg>',
+            "image/png",
+        ),
+        (b"<!DOCTYPE html><html><script>alert(1)</script></html>", "image/png"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "image/png"),
+        (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "image/png"),
+        (b"%PDF-1.4\n" + encode(gradient(), "JPEG"), "image/png"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>" + encode(gradient(), "PNG"), "image/png"),
+    ],
+    ids=["svg", "html", "eps", "pdf", "pdf-with-jpeg", "svg-then-png"],
+)
+def test_non_images_named_png_pass_the_metadata_check_and_fail_on_their_bytes(
+    data: bytes, content_type: str
+) -> None:
+    """Discord derives the content type from the name, so the lie passes check_declared; the bytes do not."""
+    check_declared(len(data), None, None, content_type)
+    with pytest.raises(ImageError) as caught:
+        open_image(data)
+    assert str(caught.value) == NOT_AN_IMAGE
 
 
 EPS = (
@@ -697,6 +1126,222 @@ def test_global_pillow_settings_are_left_alone() -> None:
     assert after == before
 
 
+@pytest.mark.parametrize(
+    "declaring",
+    [jpeg_declaring, lambda width, height: tiff_bytes(width, height, bytes(16))],
+    ids=["jpeg", "tiff"],
+)
+@pytest.mark.parametrize("size", [(65535, 65535), (20000, 20000), (8000, 8000), (65000, 1)])
+@pytest.mark.parametrize("pillow_guard", [True, False], ids=["pillow-guard", "no-pillow-guard"])
+def test_jpeg_and_tiff_declaring_huge_sizes_are_refused_from_the_header(
+    declaring: Callable[[int, int], bytes],
+    size: tuple[int, int],
+    pillow_guard: bool,
+    forbid_load: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A small JPEG or TIFF whose header claims a huge size is refused before any pixel is decoded."""
+    if not pillow_guard:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    data = declaring(*size)
+    assert len(data) < 2048
+    with pytest.raises(ImageError) as caught:
+        open_image(data)
+    width, height = size
+    message = str(caught.value)
+    if width * height > 2 * 89_478_485 and pillow_guard:  # Pillow's own guard answers first
+        assert message.startswith("That image is about ") and message.endswith("the limit is 40 megapixels.")
+    elif width * height > 40_000_000:
+        assert message == f"That image is {width}×{height} pixels; the limit is 40 megapixels."
+    else:
+        assert message == f"That image is {width}×{height} pixels; the longest side allowed is 16384 pixels."
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_one_pixel_image_in_every_format(fmt: str) -> None:
+    """A 1×1 image in every allowed format decodes to that one pixel."""
+    options = {"lossless": True} if fmt == "WEBP" else {"quality": 95} if fmt == "JPEG" else {}
+    image = open_image(encode(Image.new("RGB", (1, 1), (200, 40, 90)), fmt, **options))
+    assert image.size == (1, 1)
+    assert np.abs(pixels(image)[0, 0] - (200, 40, 90)).max() <= (4 if fmt == "JPEG" else 0)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"])
+@pytest.mark.parametrize("tall", [True, False], ids=["1xN", "Nx1"])
+def test_longest_allowed_line_decodes_in_every_format(fmt: str, tall: bool) -> None:
+    """A one-pixel line as long as allowed (WebP: its own 16383 maximum) decodes whole, end pixel included."""
+    length = 16383 if fmt == "WEBP" else 16384
+    size = (1, length) if tall else (length, 1)
+    line = Image.new("RGB", size, (0, 0, 0))
+    line.putpixel((size[0] - 1, size[1] - 1), (255, 255, 255))
+    options = {"lossless": True} if fmt == "WEBP" else {"quality": 100} if fmt == "JPEG" else {}
+    image = open_image(encode(line, fmt, **options))
+    assert image.size == size
+    assert min(image.getpixel((size[0] - 1, size[1] - 1))) >= 200 and max(image.getpixel((0, 0))) <= 60
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF"])
+@pytest.mark.parametrize("size", [(1, 65000), (65000, 1)], ids=["1x65000", "65000x1"])
+def test_lines_longer_than_the_side_limit_are_refused_from_the_header(
+    fmt: str, size: tuple[int, int], forbid_load: None
+) -> None:
+    """1×65000 and 65000×1 have few pixels but break the side limit; no format decodes them first."""
+    data = encode(Image.new("L", size, 9), fmt)
+    with pytest.raises(ImageError) as caught:
+        open_image(data)
+    width, height = size
+    assert str(caught.value) == (
+        f"That image is {width}×{height} pixels; the longest side allowed is 16384 pixels."
+    )
+
+
+def apng_bytes(frames: int) -> bytes:
+    """A 1×1 greyscale APNG: frame 0 at level 200, every later frame at level 16."""
+
+    def control(seq: int) -> bytes:
+        return struct.pack(">IIIIIHHBB", seq, 1, 1, 0, 0, 1, 100, 0, 0)
+
+    chunks = [
+        (b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)),
+        (b"acTL", struct.pack(">II", frames, 0)),
+        (b"fcTL", control(0)),
+        (b"IDAT", zlib.compress(b"\x00\xc8")),
+    ]
+    later = zlib.compress(b"\x00\x10")
+    for seq in range(1, 2 * frames - 1, 2):
+        chunks += [(b"fcTL", control(seq)), (b"fdAT", struct.pack(">I", seq + 1) + later)]
+    return png_assemble([*chunks, (b"IEND", b"")])
+
+
+@pytest.mark.timeout(60)
+def test_apng_with_thousands_of_frames_reads_only_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 5000-frame APNG is answered from frame 0 alone; Pillow is never asked to seek further."""
+    data = apng_bytes(5000)
+    assert Image.open(io.BytesIO(data)).n_frames == 5000
+    seen: list[int] = []
+    original = PngImagePlugin.PngImageFile._seek
+
+    def record(self: PngImagePlugin.PngImageFile, frame: int, *args: Any) -> None:
+        seen.append(frame)
+        original(self, frame, *args)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "_seek", record)
+    assert open_image(data).getpixel((0, 0)) == (200, 200, 200)
+    assert set(seen) <= {0}
+
+
+@pytest.mark.timeout(60)
+def test_webp_with_thousands_of_frames_reads_only_the_first() -> None:
+    """A 2000-frame animated WebP yields frame 0, found without decoding the rest."""
+    frames = [Image.new("RGB", (1, 1), (255, 0, 0) if i % 2 == 0 else (0, 0, 255)) for i in range(2000)]
+    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=10)
+    assert Image.open(io.BytesIO(data)).n_frames == 2000
+    assert open_image(data).getpixel((0, 0)) == (255, 0, 0)
+
+
+# Decoding runs in a fresh interpreter so that its peak resident memory is the decode's alone.
+MEASURE_DECODE = """
+import json, sys, tracemalloc
+from pathlib import Path
+from i2p2i_bot.images import ImageError, open_image
+
+def status_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+data = Path(sys.argv[1]).read_bytes()
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # restart the peak (VmHWM) from the current resident size
+before_kib = status_kib("VmRSS")
+tracemalloc.start()
+try:
+    image = open_image(data)
+    outcome = [image.mode, image.width, image.height, list(image.getpixel((0, 0)))]
+except ImageError as exc:
+    outcome = str(exc)
+traced_peak = tracemalloc.get_traced_memory()[1]
+tracemalloc.stop()
+growth = (status_kib("VmHWM") - before_kib) * 1024
+print(json.dumps({"outcome": outcome, "traced_peak": traced_peak, "rss_growth": growth}))
+"""
+BOMB_SIDE = 6000  # 36 megapixels: just under the 40-megapixel limit, so these are decoded, not refused
+# The most an accepted picture may cost: its decoded pixels in the widest mode Pillow gives it (4 bytes a
+# pixel for RGBA, I and F), the 3-byte RGB result, and a little more. Measured here: 5 to 9.4. Converting
+# whole images at once (float64 copies of 16-bit and float pictures, a spare RGBA copy) cost 16 to 44.
+RSS_BYTES_PER_PIXEL = 11
+TRACED_PEAK_BYTES = 32 * 2**20  # Python and numpy allocations never hold a whole-image copy
+
+
+def keyed_sixteen_bit_png() -> bytes:
+    values = np.zeros((BOMB_SIDE, BOMB_SIDE), dtype=np.uint16)
+    values[0, :] = 1000
+    return encode(Image.fromarray(values), "PNG", transparency=1000)
+
+
+BOMBS: dict[str, Callable[[], bytes]] = {
+    "png-grey": lambda: encode(Image.new("L", (BOMB_SIDE, BOMB_SIDE)), "PNG"),
+    "png-rgba": lambda: encode(Image.new("RGBA", (BOMB_SIDE, BOMB_SIDE)), "PNG"),
+    "png-16bit": lambda: encode(Image.fromarray(np.zeros((BOMB_SIDE, BOMB_SIDE), np.uint16)), "PNG"),
+    "png-16bit-keyed": keyed_sixteen_bit_png,
+    "gif": lambda: encode(Image.new("P", (BOMB_SIDE, BOMB_SIDE)), "GIF"),
+    "tiff-float": lambda: encode(
+        Image.fromarray(np.zeros((BOMB_SIDE, BOMB_SIDE), np.float32)),
+        "TIFF",
+        compression="tiff_adobe_deflate",
+    ),
+}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads resident memory from /proc")
+@pytest.mark.parametrize("name", sorted(BOMBS))
+@pytest.mark.timeout(180)
+def test_decompression_bombs_under_the_limit_decode_within_a_memory_bound(name: str, tmp_path: Path) -> None:
+    """A few-hundred-KB file that inflates to 36 megapixels decodes within 11 bytes a pixel of memory.
+
+    These files are allowed (under 40 MP), so the bound is on what decoding them may cost: peak resident
+    memory of a fresh process, and peak Python/numpy allocations traced by tracemalloc.
+    """
+    data = BOMBS[name]()
+    assert len(data) < 300_000  # a real bomb: over 100× smaller than what it decodes to
+    path = tmp_path / "bomb"
+    path.write_bytes(data)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_DECODE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    expected_corner = list(GREY) if name in ("png-rgba", "png-16bit-keyed") else [0, 0, 0]  # transparent
+    assert report["outcome"] == ["RGB", BOMB_SIDE, BOMB_SIDE, expected_corner]
+    assert report["traced_peak"] < TRACED_PEAK_BYTES, report
+    assert report["rss_growth"] < RSS_BYTES_PER_PIXEL * BOMB_SIDE * BOMB_SIDE, report
+
+
+@pytest.mark.parametrize("kind", [b"zTXt", b"iTXt"])
+@pytest.mark.parametrize("after_pixels", [False, True], ids=["before-idat", "after-idat"])
+@pytest.mark.timeout(60)
+def test_png_text_chunk_bomb_is_bounded(kind: bytes, after_pixels: bool) -> None:
+    """100 compressed text chunks of 1 MB each (a 100 KB file) end as an ImageError with little memory."""
+    body = b"k\x00\x00" if kind == b"zTXt" else b"k\x00\x01\x00\x00\x00"
+    bomb = [(kind, body + zlib.compress(bytes(1_000_000), 9))] * 100
+    chunks, tail = png_chunks(flat("PNG"))
+    where = len(chunks) - 1 if after_pixels else 1
+    data = png_assemble(chunks[:where] + bomb + chunks[where:], tail)
+    assert len(data) < 200_000
+    tracemalloc.start()
+    try:
+        outcome = rgb_or_image_error(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome == "error"
+    assert peak < TRACED_PEAK_BYTES
+
+
 # --- check_declared -----------------------------------------------------------------------------------------
 
 
@@ -767,9 +1412,6 @@ def test_check_declared_uses_given_limits() -> None:
 
 # --- properties ---------------------------------------------------------------------------------------------
 
-# Tight limits keep each example fast: a mutated header can legally declare a large canvas. The property
-# (an RGB image or ImageError, nothing else) does not depend on where the limits sit.
-FUZZ_LIMITS = IntakeSettings(max_pixels=250_000, max_side=4096)
 MAGIC_PREFIXES = [
     b"\x89PNG\r\n\x1a\n",
     b"\xff\xd8\xff",
@@ -821,3 +1463,47 @@ def test_arbitrary_bytes_give_an_image_or_image_error(data: bytes | tuple[bytes,
 def test_mutated_images_give_an_image_or_image_error(data: bytes) -> None:
     """Random byte changes and truncations of valid PNG/JPEG/GIF/BMP/WebP/TIFF/APNG files never escape."""
     rgb_or_image_error(data, FUZZ_LIMITS)
+
+
+# Seed names by container, for the structure-aware mutations (tests/fuzz_intake.py holds the mutators).
+CONTAINERS = {
+    "png": ("png", "apng"),
+    "jpeg": ("jpeg", "mpo"),
+    "gif": ("gif",),
+    "bmp": ("bmp",),
+    "webp": ("webp",),
+    "tiff": ("tiff",),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("container", sorted(CONTAINERS))
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_structure_aware_mutations_give_an_image_or_image_error(container: str, data: st.DataObject) -> None:
+    """Chunk, block, segment and header-field mutations that keep the framing valid never escape intake.
+
+    PNG chunks keep valid CRCs, GIF blocks their sub-block framing, JPEG segments their lengths, TIFF
+    directories their layout: byte noise rarely gets past those checks, these reach the decoders behind.
+    """
+    names = [name for name in sorted(HOSTILE_SEEDS) if name.split("-")[0] in CONTAINERS[container]]
+    mutated = HOSTILE_SEEDS[data.draw(st.sampled_from(names), label="seed")]
+    rng = data.draw(st.randoms(use_true_random=False), label="rng")
+    for _ in range(data.draw(st.integers(1, 3), label="rounds")):
+        mutated = structured_mutation(mutated, rng)
+    rgb_or_image_error(mutated, FUZZ_LIMITS)
+
+
+def test_png_mutations_keep_every_chunk_checksum_valid() -> None:
+    """The PNG mutator's output always has correct chunk lengths and CRCs, so it is not refused for those."""
+    rng = random.Random(1234)
+    for round_ in range(300):
+        mutated = structured_mutation(HOSTILE_SEEDS[["png", "apng", "png-palette-trns"][round_ % 3]], rng)
+        pos = 8
+        while pos + 12 <= len(mutated):
+            (length,) = struct.unpack_from(">I", mutated, pos)
+            if pos + 12 + length > len(mutated):
+                break  # the unparsed tail a mutation may append (a ZIP, HTML)
+            kind_and_body = mutated[pos + 4 : pos + 8 + length]
+            assert struct.unpack_from(">I", mutated, pos + 8 + length)[0] == zlib.crc32(kind_and_body)
+            pos += 12 + length
