@@ -16,6 +16,7 @@ import functools
 import itertools
 import logging
 import random
+import sqlite3
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # Weight of the newest batch in the measured throughput.
 _RATE_SMOOTHING = 0.3
+# Pauses between tries when the database refuses to record batch results.
+_RECORD_RETRY_FIRST_S = 0.5
+_RECORD_RETRY_MAX_S = 30.0
 _EMBEDDING_CACHE_SIZE = 128
 
 
@@ -531,29 +535,55 @@ class JobQueue:
             self._images_per_s = rate if previous is None else previous + _RATE_SMOOTHING * (rate - previous)
 
     async def _record_finished(self) -> None:
-        """Record batch results as they come, all results waiting at one moment in one transaction."""
+        """Record batch results as they come, all results waiting at one moment in one transaction.
+
+        A database that refuses the write for a while (locked past the busy timeout, disk full, I/O
+        error) is waited for, with growing pauses, and the results not yet recorded are tried again:
+        nothing in memory changes until a transaction commits, so a retry cannot apply anything twice.
+        Generation stops meanwhile, because the runner waits for its results to be stored.
+        """
+        pause_s = _RECORD_RETRY_FIRST_S
         try:
             while self._finished:
+                recorded: list[_Finished] = []
+                discarded: list[tuple[int, int]] = []
+                refused: sqlite3.OperationalError | None = None
                 async with self._lock:
                     group, self._finished = self._finished, []
                     try:
                         for finished in group:
                             if isinstance(finished.outcome, BatchFailure):
                                 await self._record_failure(finished.batch, finished.outcome)
+                                recorded.append(finished)
                         results = [f for f in group if isinstance(f.outcome, BatchResult)]
-                        discarded = await self._record_images(results) if results else []
+                        if results:
+                            discarded = await self._record_images(results)
+                        recorded.extend(results)
+                    except sqlite3.OperationalError as exc:
+                        refused = exc
+                        self._finished[:0] = [f for f in group if f not in recorded]
                     except BaseException as exc:
                         for finished in group:
-                            if not finished.future.done():
+                            if finished not in recorded and not finished.future.done():
                                 finished.future.set_exception(exc)
                         if not isinstance(exc, Exception):
                             raise
-                        continue
                 if discarded:
                     await asyncio.to_thread(self._store.remove_image_files, discarded)
-                for finished in group:
+                for finished in recorded:
                     if not finished.future.done():
                         finished.future.set_result(None)
+                if refused is not None:
+                    log.error(
+                        "the database refused %d batch result(s) (%s); trying again in %g s",
+                        len(self._finished),
+                        refused,
+                        pause_s,
+                    )
+                    await asyncio.sleep(pause_s)
+                    pause_s = min(pause_s * 2, _RECORD_RETRY_MAX_S)
+                else:
+                    pause_s = _RECORD_RETRY_FIRST_S
         finally:
             self._recorder = None
             left, self._finished = self._finished, []

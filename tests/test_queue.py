@@ -561,3 +561,34 @@ async def test_a_newcomer_goes_before_the_member_just_served(store: Store) -> No
     await finish(queue, engine, nxt)
     last = await take(queue)
     assert [i.job_id for i in last.items] == [first_a.id]
+
+
+async def test_a_database_that_refuses_writes_for_a_while_loses_no_result(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While another process holds the write lock, results wait and are recorded once it lets go."""
+    store = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images", busy_timeout_ms=20)
+    try:
+        queue = await make_queue(store)
+        engine = FakeEngine()
+        job = await queue.submit(request(A, count=2))
+        batch = await take(queue)
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        recording = asyncio.create_task(
+            queue.batch_result(batch, engine.generate_batch(batch.params, batch.specs))
+        )
+        await asyncio.sleep(1.2)  # a few refused tries
+        assert not recording.done()
+        assert any("the database refused" in r.getMessage() for r in caplog.records)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await asyncio.wait_for(recording, 60)
+        assert rows(store, "SELECT status, attempts, in_flight FROM jobs") == [("complete", 0, 0)]
+        assert rows(store, "SELECT job_id, image_index FROM images ORDER BY image_index") == [
+            (job.id, 0),
+            (job.id, 1),
+        ]
+        assert queue.active_jobs() == []
+    finally:
+        await store.close()
