@@ -94,6 +94,19 @@ def load_intake(data: bytes, limits: IntakeSettings = DEFAULT_LIMITS) -> Intake:
     return Intake(image=image, sha256=image_sha256(data), format=image_format, original_size=original_size)
 
 
+# Declared types that are images to a browser but never to intake (vector or PostScript): no download.
+_NEVER_DECODED_TYPES = frozenset(
+    {
+        "image/svg+xml",
+        "image/svg",
+        "image/x-eps",
+        "image/eps",
+        "image/x-postscript",
+        "image/vnd.adobe.photoshop",
+    }
+)
+
+
 def check_declared(
     size_bytes: int,
     width: int | None,
@@ -107,7 +120,7 @@ def check_declared(
     """
     if content_type is not None and content_type.strip():
         media_type = content_type.split(";", 1)[0].strip().lower()
-        if not media_type.startswith("image/"):
+        if not media_type.startswith("image/") or media_type in _NEVER_DECODED_TYPES:
             raise ImageError(NOT_AN_IMAGE)
     _check_byte_size(size_bytes, limits)
     if width is not None and height is not None:

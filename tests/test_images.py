@@ -1372,6 +1372,8 @@ def test_check_declared_accepts(
         (1_000, None, None, "text/html", NOT_AN_IMAGE),
         (1_000, None, None, "application/postscript", NOT_AN_IMAGE),
         (1_000, None, None, "application/octet-stream", NOT_AN_IMAGE),
+        (1_000, 64, 64, "image/svg+xml", NOT_AN_IMAGE),
+        (1_000, None, None, "image/x-eps", NOT_AN_IMAGE),
         (0, None, None, "image/png", "That file is empty."),
         (int(31.2 * 1024 * 1024), None, None, "image/png", "That file is 31.2 MB; the limit is 25 MB."),
         (1_000, 20000, 20000, "image/png", "That image is 20000×20000 pixels; the limit is 40 megapixels."),
