@@ -7,9 +7,10 @@ without changing any result:
   token in a batch cannot change any embedding: a batch is encoded at that length, not at 77.
 - The texts share their beginning, so its keys and values are computed once and every text runs only
   its own tokens against them.
-- open_clip's BPE tokenizer splits text into words before merging, so the tokens of "A, B" are the tokens
-  of A, of "," and of B whenever the pieces are plain printable ASCII (no HTML entity, nothing for ftfy
-  to repair) and meet at letters or digits. Labels are tokenized once; other texts go to the tokenizer whole.
+- open_clip's BPE tokenizer cleans the text, then splits it into words at whitespace before merging, so
+  the tokens of "A, B" are the tokens of "A," followed by those of B whenever cleaning cannot reach across
+  the join: both are plain printable ASCII without "&" (nothing for ftfy or the HTML unescaper to change)
+  and neither starts or ends with a space. Labels are tokenized once; other texts go to the tokenizer whole.
 
 Models or tokenizers this does not recognise take the plain path: the stock tokenizer and `encode_text`.
 """
@@ -23,19 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-
 
 def joinable(text: str) -> bool:
-    """True when text tokenizes the same alone as beside ", " (see the module docstring)."""
-    return (
-        bool(text)
-        and text[0] in _ALNUM
-        and text[-1] in _ALNUM
-        and "&" not in text
-        and all(" " <= c <= "~" for c in text)
-        and "  " not in text
-    )
+    """True when text tokenizes the same alone as on either side of ", " (see the module docstring)."""
+    return bool(text) and text == text.strip() and "&" not in text and all(" " <= c <= "~" for c in text)
 
 
 class TextTokens:
@@ -56,7 +48,6 @@ class TextTokens:
         self._cache: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self._pieces: collections.OrderedDict[str, list[int] | None] = collections.OrderedDict()
         self._cache_size = cache_size
-        self.comma = self.ids(",") if self.supported else []
 
     def piece(self, text: str) -> list[int] | None:
         """The ids of a text that composes with others (see `joinable`), else None; both cached."""
@@ -139,41 +130,60 @@ class TextEncoder:
         prefix = self._prefix_ids(prompt)
         if prefix is None:
             return self._encode_texts_batched(texts, batch_size)
-        pieces = [self.tokens.piece(phrase) for phrase in phrases]
-        bodies = [
-            [*prefix, *piece] if piece is not None else self.tokens.tokenizer.encode(text)
-            for piece, text in zip(pieces, texts, strict=True)
-        ]
-        parts = [
-            self._encode_bodies(bodies[start : start + batch_size], prefix)
-            for start in range(0, len(bodies), batch_size)
-        ]
+        head = [self.tokens.sot, *prefix]
+        room = self.context_length - len(head)  # positions left for a phrase and the end token
+        eot = self.tokens.eot
+        # Each text as the tokens after the shared head, or as a whole row when it does not start so.
+        tails: dict[int, list[int]] = {}
+        rows: dict[int, list[int]] = {}
+        for i, (phrase, text) in enumerate(zip(phrases, texts, strict=True)):
+            piece = self.tokens.piece(phrase)
+            if piece is not None and room > 0:
+                tails[i] = [*piece[: room - 1], eot] if len(piece) >= room else [*piece, eot]
+                continue
+            row = self.tokens.row(self.tokens.tokenizer.encode(text) if piece is None else [*prefix, *piece])
+            if room > 0 and row[: len(head)] == head:
+                tails[i] = row[len(head) :]
+            else:
+                rows[i] = row
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            chunk = range(start, min(start + batch_size, len(texts)))
+            parts.append(
+                self._encode_rows(
+                    head,
+                    [(i - start, tails[i]) for i in chunk if i in tails],
+                    [(i - start, rows[i]) for i in chunk if i in rows],
+                    len(chunk),
+                )
+            )
         return torch.cat(parts)
 
     def _prefix_ids(self, prompt: str) -> list[int] | None:
         """Ids every extension of prompt starts with, or None when they cannot be composed."""
         if not self.tokens.supported or (prompt and not joinable(prompt)):
             return None
-        return [*self.tokens.ids(prompt), *self.tokens.comma] if prompt else []
+        return self.tokens.ids(f"{prompt},") if prompt else []
 
-    def _encode_bodies(self, bodies: Sequence[list[int]], prefix: list[int]) -> torch.Tensor:
-        """Rows whose tokens start with the prefix (and go past it) share it; the rest are encoded whole."""
-        rows = [self.tokens.row(body) for body in bodies]
-        shared = 1 + len(prefix)  # the start token and the prefix
-        head = [self.tokens.sot, *prefix]
-        sharing = [
-            i
-            for i, row in enumerate(rows)
-            if self.shares_prefix and prefix and shared < len(row) and row[:shared] == head
-        ]
-        if not sharing:
-            return self.encode_tokens(_pad(rows, self.device))
-        together = self._encode_sharing(head, [rows[i][shared:] for i in sharing])
-        out = together.new_empty(len(rows), together.shape[1])
-        out[sharing] = together
-        rest = sorted(set(range(len(rows))) - set(sharing))
-        if rest:
-            out[rest] = self.encode_tokens(_pad([rows[i] for i in rest], self.device))
+    def _encode_rows(
+        self,
+        head: list[int],
+        tails: list[tuple[int, list[int]]],
+        rows: list[tuple[int, list[int]]],
+        count: int,
+    ) -> torch.Tensor:
+        """Texts given as tails after the shared head share its keys and values; whole rows go alone."""
+        if not self.shares_prefix or len(head) < 2:
+            rows = sorted([*rows, *((i, head + tail) for i, tail in tails)])
+            tails = []
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        if tails:
+            parts.append(([i for i, _ in tails], self._encode_sharing(head, [t for _, t in tails])))
+        if rows:
+            parts.append(([i for i, _ in rows], self.encode_tokens(_pad([r for _, r in rows], self.device))))
+        out = torch.empty(count, parts[0][1].shape[1], device=self.device)
+        for indices, embeds in parts:
+            out[indices] = embeds
         return out
 
     def _encode_sharing(self, prefix: list[int], suffixes: list[list[int]]) -> torch.Tensor:
