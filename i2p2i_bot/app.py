@@ -157,7 +157,6 @@ class I2P2IBot(commands.Bot):
         runner: JobRunner | None = getattr(self, "runner", None)
         jobs = queue.active_jobs() if queue is not None else []
         running = sum(job.status == "running" for job in jobs)
-        runner_task = runner._task if runner is not None else None
         ws = self.ws
         ready = self.is_ready()
         return BotStatus(
@@ -166,7 +165,7 @@ class I2P2IBot(commands.Bot):
             queued_jobs=len(jobs) - running,
             running_jobs=running,
             gpu_worker_alive=gpu is not None and gpu.thread.is_alive(),
-            runner_alive=runner_task is not None and not runner_task.done(),
+            runner_alive=runner is not None and runner.running,
             queue_paused=queue is not None and queue.paused,
         )
 

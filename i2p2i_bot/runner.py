@@ -71,6 +71,11 @@ class JobRunner:
             while storing:
                 await storing.popleft()
 
+    @property
+    def running(self) -> bool:
+        """True from start() until the runner has stopped (or died)."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> asyncio.Task[None]:
         """Run in a background task; its failure is logged with the traceback."""
         if self._task is None:
