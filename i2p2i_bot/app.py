@@ -166,6 +166,7 @@ class I2P2IBot(commands.Bot):
             running_jobs=running,
             gpu_worker_alive=gpu is not None and gpu.thread.is_alive(),
             runner_alive=runner is not None and runner.running,
+            gpu_stuck=ready and gpu is not None and gpu.busy_for_s() > 2 * self.settings.queue.job_timeout_s,
             queue_paused=queue is not None and queue.paused,
         )
 

@@ -10,6 +10,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -59,6 +60,7 @@ class GpuWorker:
         self._seq = itertools.count()
         self._closed = False
         self._lock = threading.Lock()
+        self._busy_since: float | None = None  # time.monotonic() when the running task started
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -68,6 +70,11 @@ class GpuWorker:
 
     def pending(self) -> int:
         return self._queue.qsize()
+
+    def busy_for_s(self) -> float:
+        """How long the thread has been on its current task (0 when idle): a step that never returns shows."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def submit(
         self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any
@@ -103,6 +110,7 @@ class GpuWorker:
             task = self._queue.get()
             if not task.future.set_running_or_notify_cancel():
                 continue
+            self._busy_since = time.monotonic()
             try:
                 result = task.fn(*task.args, **task.kwargs)
             except BaseException as exc:  # the thread must outlive any model failure
@@ -110,6 +118,8 @@ class GpuWorker:
                 if not isinstance(exc, Exception):
                     log.error("GPU task raised %r; the GPU thread keeps running", exc)
                 continue
+            finally:
+                self._busy_since = None
             if result is _STOP:
                 task.future.set_result(None)
                 return

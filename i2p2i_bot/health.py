@@ -50,6 +50,8 @@ class BotStatus:
     gpu_worker_alive: bool
     runner_alive: bool
     queue_paused: bool = False
+    # The GPU thread has been on one task for far longer than any batch may take: a step that never returns.
+    gpu_stuck: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Heartbeat:
                 key: data[key]
                 for key in ("gateway_connected", "gpu_worker_alive", "runner_alive", "queue_paused")
             }
+            flags["gpu_stuck"] = data.get("gpu_stuck", False)  # absent in files from older versions
         except KeyError as exc:
             raise HeartbeatError(f"the field {exc.args[0]} is missing") from None
         if state not in _STATES:
@@ -171,6 +174,11 @@ def check_health(
         return unhealthy("the bot is stopping")
     if not status.gpu_worker_alive:
         return unhealthy("the GPU worker thread has died; restart the bot")
+    if status.gpu_stuck:
+        return unhealthy(
+            "the GPU thread has been on one task for more than twice queue.job_timeout_s; restart the bot "
+            "(queued jobs resume after the restart)"
+        )
     if not status.runner_alive:
         return unhealthy("the job runner has stopped, so no job will run; restart the bot")
     if not status.gateway_connected:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 
 import pytest
@@ -130,3 +131,29 @@ def test_split_on_oom_reports_each_split_and_does_not_chain_the_cuda_error() -> 
         split_on_oom(run, [1, 2, 3, 4, 5], on_split=halves.append)
     assert halves == [3, 2, 1]  # 5 → 3 + 2, 3 → 2 + 1, 2 → 1 + 1, and the first single item fails
     assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
+def test_busy_for_s_shows_how_long_the_current_task_has_run() -> None:
+    """A step that never returns shows as a growing busy time; an idle thread shows zero."""
+    worker = GpuWorker()
+    release = threading.Event()
+    started = threading.Event()
+
+    def hang() -> None:
+        started.set()
+        release.wait(10)
+
+    try:
+        assert worker.busy_for_s() == 0.0
+        future = worker.submit(hang)
+        assert started.wait(5)
+        first = worker.busy_for_s()
+        time.sleep(0.05)
+        assert worker.busy_for_s() > first > 0.0
+        release.set()
+        future.result(5)
+        worker.submit(lambda: None).result(5)
+        assert worker.busy_for_s() == 0.0
+    finally:
+        release.set()
+        worker.close()

@@ -97,6 +97,7 @@ def test_a_failed_write_keeps_the_old_heartbeat(tmp_path: Path, monkeypatch: pyt
         (lambda d: {**d, "state": "dancing"}, "unknown state 'dancing'"),
         (lambda d: {**d, "queued_jobs": -1}, "queued_jobs must be a whole number"),
         (lambda d: {**d, "gateway_connected": "yes"}, "gateway_connected must be true or false"),
+        (lambda d: {**d, "gpu_stuck": 1}, "gpu_stuck must be true or false"),
         (lambda d: {**d, "written_at": "noon"}, "written_at must be a number"),
     ],
 )
@@ -125,6 +126,7 @@ def test_broken_heartbeat_files_are_reported(tmp_path: Path, mutate: Callable, n
         (500.0, {"state": "stopped"}, "the bot stopped at"),
         (1.0, {"gpu_worker_alive": False}, "the GPU worker thread has died"),
         (1.0, {"runner_alive": False}, "the job runner has stopped"),
+        (1.0, {"gpu_stuck": True}, "the GPU thread has been on one task for more than twice"),
         (1.0, {"gateway_connected": False}, "not connected to Discord's gateway"),
     ],
 )
@@ -346,3 +348,12 @@ async def test_the_running_bot_keeps_a_heartbeat(
     assert main(["health"]) == 1
     assert "the bot stopped at" in capsys.readouterr().err
     assert [p.name for p in data.iterdir() if p.name.startswith(f".{HEALTH_FILE}")] == []
+
+
+def test_a_heartbeat_from_before_gpu_stuck_existed_reads_as_not_stuck(tmp_path: Path) -> None:
+    path = write(tmp_path / HEALTH_FILE, 1.0)
+    data = json.loads(path.read_text())
+    del data["gpu_stuck"]
+    path.write_text(json.dumps(data))
+    report = check_health(path, now=NOW)
+    assert report.healthy and report.heartbeat is not None and report.heartbeat.status.gpu_stuck is False
