@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,9 +208,14 @@ def save_source(directory: Path, sha256: str, image: Image.Image) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{sha256}.png"
     if not path.exists():
-        temp = path.with_suffix(".png.tmp")
-        image.save(temp, format="PNG")
-        temp.replace(path)
+        # Members who send the same picture at once each write their own temporary file; the copies are
+        # identical and the replace is atomic, so whichever lands last is as good as the first.
+        temp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            image.save(temp, format="PNG")
+            temp.replace(path)
+        finally:
+            temp.unlink(missing_ok=True)
     return path
 
 

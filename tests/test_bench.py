@@ -124,3 +124,61 @@ def test_interrogate_bench_runs_on_smoke_models(
     assert components["chain_round_stock_ms"] > 0 and components["chain_round_ms"] > 0
     # Our chain round scores the same texts as the stock way, to float rounding.
     assert components["chain_round_max_abs_diff"] < 1e-4
+
+
+def test_bot_bench_measures_lag_and_throughput(
+    smoke_models: SmokeModels, smoke_cache: Path, labels_dir: Path, tmp_path: Path
+) -> None:
+    """bot.py times the event loop idle and under GPU work, then a crowd against a zero-cost engine."""
+    json_out = tmp_path / "bot.json"
+    argv = ["--device", "cpu", "--cache-dir", str(smoke_cache), "--labels", str(labels_dir),
+            "--lag-s", "0.3", "--size", "64", "--steps", "1", "--batch", "1", "--members", "3",
+            "--json-out", str(json_out)]  # fmt: skip
+    figures = _headline(_run("bot.py", argv))
+    assert set(figures) == {
+        "lag_idle_p99_ms",
+        "lag_busy_p99_ms",
+        "lag_busy_max_ms",
+        "interactions_per_s",
+        "serving_lag_max_ms",
+    }
+
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "bot" and payload["tick_ms"] == 10
+    _environment_ok(payload["environment"])
+    assert set(payload["environment"]["bot_versions"]) == {"discord.py", "aiohttp", "aiosqlite"}
+    states = [row["state"] for row in payload["lag"]]
+    assert states[0] == "idle" and states[1].startswith("GPU thread generating") and len(states) == 3
+    for row in payload["lag"]:
+        assert row["ticks"] > 0 and 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert payload["lag"][0]["work_runs"] == 0 and all(row["work_runs"] > 0 for row in payload["lag"][1:])
+    throughput = payload["throughput"]
+    # Three members, ten interactions and three jobs each, every one answered and delivered.
+    assert (throughput["members"], throughput["interactions"], throughput["jobs"]) == (3, 30, 9)
+    assert throughput["failures"] == [] and throughput["ack_p50_ms"] <= throughput["ack_max_ms"]
+    assert throughput["gc_tracked_objects_at_start"] > 0
+    assert all(pause >= 0 for pause in throughput["gc_full_collections_ms"])
+    assert payload["headline"] == pytest.approx(figures, rel=0.01)
+
+
+def test_load_bench_runs_the_crowd(
+    smoke_models: SmokeModels, smoke_cache: Path, labels_dir: Path, tmp_path: Path
+) -> None:
+    """load.py runs the load test's crowd on the smoke models and reports acknowledgement times."""
+    json_out = tmp_path / "load.json"
+    argv = ["--device", "cpu", "--cache-dir", str(smoke_cache), "--labels", str(labels_dir),
+            "--members", "3", "--spread-s", "0.2", "--json-out", str(json_out)]  # fmt: skip
+    figures = _headline(_run("load.py", argv))
+    assert set(figures) == {"ack_p50_ms", "ack_p99_ms", "ack_max_ms", "interactions_per_s"}
+
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "load" and payload["failures"] == []
+    _environment_ok(payload["environment"])
+    assert payload["settings"]["members"] == 3 and payload["settings"]["steps"] == 1
+    assert payload["interactions"] == payload["answered"] == 30
+    assert sum(payload["jobs"].values()) == 9 and set(payload["jobs"]) <= {"complete", "cancelled"}
+    kinds = {row["kind"]: row["count"] for row in payload["ack_ms_by_kind"]}
+    assert kinds["Generate"] == kinds["Reroll"] == kinds["/history"] == 3 and sum(kinds.values()) == 30
+    overall = payload["ack_ms"]
+    assert overall["count"] == 30 and overall["p50"] <= overall["p99"] <= overall["max"]
+    assert payload["headline"] == pytest.approx(figures, rel=0.01)

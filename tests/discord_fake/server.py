@@ -69,6 +69,7 @@ class FakeDiscord:
         self.errors: list[str] = []
         self.started_at = time.time()
         self._calls: list[RecordedCall] = []
+        self._observers: list[Callable[[RecordedCall], None]] = []
         self._changed: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -177,6 +178,20 @@ class FakeDiscord:
             for call in self._calls[since:]
             if (route is None or call.route == route) and (predicate is None or predicate(call))
         ]
+
+    def observe(self, observer: Callable[[RecordedCall], None]) -> Callable[[], None]:
+        """Call ``observer(call)`` as each call is answered; returns a function that stops it.
+
+        For many concurrent waiters (a load test), where each ``wait_for`` re-scanning the whole log on
+        every call would cost time quadratic in the number of calls.
+        """
+        self._observers.append(observer)
+
+        def stop() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return stop
 
     def mark(self) -> int:
         """A position in the call log, for ``since=`` (calls from now on)."""
@@ -789,8 +804,17 @@ class FakeDiscord:
         try:
             response = await self._answer(call, found)
         finally:
+            self._tell_observers(call)
             self._notify()
         return response
+
+    def _tell_observers(self, call: RecordedCall) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(call)
+            except Exception as exc:
+                log.exception("fake Discord: call observer %r failed", observer)
+                self.errors.append(f"call observer {observer!r} raised {exc!r}")
 
     async def _answer(self, call: RecordedCall, found: Any) -> web.StreamResponse:
         if found is None:
