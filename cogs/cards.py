@@ -235,8 +235,10 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
     return embed
 
 
-def info_embed(job: Job, images: Sequence[StoredImage], models: dict[str, str]) -> discord.Embed:
-    """Everything about a job, for the Info button and /job."""
+def info_embed(
+    job: Job, images: Sequence[StoredImage], models: dict[str, str], *, delivery: str | None = None
+) -> discord.Embed:
+    """Everything about a job, for the Info button and /job; ``delivery`` says why a result is not posted."""
     p = job.params
     embed = discord.Embed(colour=COLOR, title=f"Job #{job.id} · {job.status}")
     embed.add_field(name="Prompt", value=code(job.prompt, FIELD_VALUE_MAX), inline=False)
@@ -269,4 +271,6 @@ def info_embed(job: Job, images: Sequence[StoredImage], models: dict[str, str]) 
         embed.add_field(name="Rerolled from", value=f"job #{job.parent_job_id}")
     if job.error:
         embed.add_field(name="Error", value=clip(job.error, FIELD_VALUE_MAX), inline=False)
+    if delivery:
+        embed.add_field(name="Result", value=clip(delivery, FIELD_VALUE_MAX), inline=False)
     return embed

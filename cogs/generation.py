@@ -59,7 +59,8 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, order: JobO
     if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
     expires = interaction.created_at.timestamp() + TOKEN_LIFETIME_S
-    limit = int(getattr(interaction, "attachment_size_limit", 0) or DEFAULT_UPLOAD_LIMIT)
+    # discord.py keeps the interaction's attachment_size_limit as filesize_limit.
+    limit = interaction.filesize_limit or DEFAULT_UPLOAD_LIMIT
     request = JobRequest(
         owner_id=interaction.user.id,
         prompt=order.prompt,
@@ -80,11 +81,15 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, order: JobO
     job = await bot.queue.submit(request)
     log.info("job %d queued by user %d (%d images)", job.id, job.owner_id, job.count)
     text = status_text(job, bot.queue.position(job.id))
-    message = await interaction.followup.send(text, view=job_view(job, running=True), wait=True)
-    delivery = Delivery(interaction.channel_id, message.id, interaction.token, expires)
-    await bot.store.set_delivery(job.id, delivery)
-    if deliverer is not None:  # the Results cog; None only if it failed to load
-        deliverer.track(job, delivery, limit)  # type: ignore[attr-defined]
+    delivery = request.delivery
+    try:
+        message = await interaction.followup.send(text, view=job_view(job, running=True), wait=True)
+        delivery = Delivery(interaction.channel_id, message.id, interaction.token, expires)
+        await bot.store.set_delivery(job.id, delivery)
+    finally:
+        # The job is queued either way; without its status message the result goes to the channel or DM.
+        if deliverer is not None:  # the Results cog; None only if it failed to load
+            deliverer.track(job, delivery, limit)  # type: ignore[attr-defined]
     return job
 
 

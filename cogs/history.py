@@ -11,8 +11,9 @@ from discord.ext import commands
 
 from cogs.cards import COLOR, clip, info_embed, status_text
 from cogs.generation import JobButton, job_view
+from cogs.results import Results
 from i2p2i_bot.jobs import Job, JobStatus
-from i2p2i_bot.replies import Refusal, report_error
+from i2p2i_bot.replies import PrivateView, Refusal, report_error
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -26,6 +27,10 @@ class HistoryCog(commands.Cog, name="History"):
     def __init__(self, bot: I2P2IBot) -> None:
         self.bot = bot
 
+    def _results(self) -> Results | None:
+        cog = self.bot.get_cog("Results")
+        return cog if isinstance(cog, Results) else None
+
     @app_commands.command(name="history", description="Your recent jobs and prompts")
     @app_commands.describe(query="Only jobs whose prompt contains this text")
     async def history(self, interaction: discord.Interaction, query: str | None = None) -> None:
@@ -37,9 +42,11 @@ class HistoryCog(commands.Cog, name="History"):
         else:
             jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT)
             cards = await store.recent_interrogations(user, limit=HISTORY_LIMIT)
+        results = self._results()
         lines = [
-            f"**Job #{j.id}** · {j.status} · {j.count} image(s) · <t:{int(j.created_at)}:R>\n"
-            f"> {clip(j.prompt, 180)}"
+            f"**Job #{j.id}** · {j.status}"
+            + (" · ⚠️ not posted, see /job" if results and results.undeliverable(j.id) else "")
+            + f" · {j.count} image(s) · <t:{int(j.created_at)}:R>\n> {clip(j.prompt, 180)}"
             for j in jobs
         ]
         for c in cards:
@@ -64,7 +71,9 @@ class HistoryCog(commands.Cog, name="History"):
         if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
             raise Refusal(f"Job #{job_id} is not yours.")
         running = not job.status.finished
-        embed = info_embed(job, record.images, self.bot.engine.models)
+        results = self._results()
+        delivery = results.delivery_state(job) if results is not None else None
+        embed = info_embed(job, record.images, self.bot.engine.models, delivery=delivery)
         await interaction.response.send_message(
             embed=embed, view=job_view(job, running=running), ephemeral=True
         )
@@ -111,12 +120,12 @@ def queue_message(
     return embed, view
 
 
-class Pager(discord.ui.View):
+class Pager(PrivateView):
     """Previous / next over ephemeral pages; in memory, as ephemeral messages are short-lived."""
 
     def __init__(self, lines: list[str], *, title: str, owner: int) -> None:
-        super().__init__(timeout=600)
-        self.lines, self.title, self.owner, self.index = lines, title, owner, 0
+        super().__init__(owner, timeout=600)
+        self.lines, self.title, self.index = lines, title, 0
         self.pages = max(1, -(-len(lines) // PAGE_SIZE))
         self._sync()
 
@@ -143,9 +152,11 @@ class Pager(discord.ui.View):
         await interaction.response.edit_message(embed=self.page(), view=self)
 
 
-class ForgetConfirm(discord.ui.View):
+class ForgetConfirm(PrivateView):
+    """Delete everything, or keep it; only the member who ran /forget may press either."""
+
     def __init__(self, user_id: int) -> None:
-        super().__init__(timeout=120)
+        super().__init__(user_id, timeout=120)
         self.user_id = user_id
 
     @discord.ui.button(label="Delete everything", style=discord.ButtonStyle.danger)

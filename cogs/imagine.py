@@ -25,7 +25,7 @@ from cogs.cards import MODE_LABELS, candidate_prompts, prompt_card, thumbnail_fi
 from cogs.generation import JobOrder, PromptModal, start_job
 from i2p2i_bot.images import ImageError, check_declared, load_intake
 from i2p2i_bot.interrogate import MODES
-from i2p2i_bot.replies import Refusal, report_error
+from i2p2i_bot.replies import PrivateView, Refusal, report_error
 from i2p2i_bot.store import StoredInterrogation
 
 if TYPE_CHECKING:
@@ -96,10 +96,12 @@ class ImagineCog(commands.Cog, name="Imagine"):
             raise Refusal(
                 f"You asked for {count} images; the most per job is {settings.queue.max_images_per_job}."
             )
-        limit = min(
-            settings.intake.max_bytes, int(getattr(interaction, "attachment_size_limit", 0) or 1 << 62)
-        )
-        check_declared(source.size or 0, source.width, source.height, source.content_type, settings.intake)
+        # The interaction's filesize_limit is what the bot may upload, not what members may: downloads are
+        # capped by intake.max_bytes alone. A file declared bigger is refused here, before any GET; an embed's
+        # image declares no size, so it passes as one byte and the download's cap does the rest.
+        limit = settings.intake.max_bytes
+        size = source.size if source.size is not None else 1
+        check_declared(size, source.width, source.height, source.content_type, settings.intake)
         await interaction.response.defer(thinking=True)
         try:
             data = await self.download(source, limit)
@@ -371,11 +373,11 @@ def _open_png(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
-class ChooseImageView(discord.ui.View):
+class ChooseImageView(PrivateView):
     """When a message holds several images: pick one (ephemeral, so it can live in memory)."""
 
     def __init__(self, cog: ImagineCog, sources: list[ImageSource], user_id: int) -> None:
-        super().__init__(timeout=600)
+        super().__init__(user_id, timeout=600)
         self.cog, self.sources, self.user_id = cog, sources[:25], user_id
         select: discord.ui.Select[ChooseImageView] = discord.ui.Select(
             placeholder="Choose an image",

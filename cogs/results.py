@@ -1,7 +1,14 @@
 """Delivery: follows every job from queue to result, editing its message and posting its images.
 
 While the interaction token lives, the job's own message is edited; after that the result goes to the
-channel with a mention of the owner, then by DM; failing all three, the job stays undelivered in the store.
+channel with a mention of the owner, then by DM; failing all three, the job stays undelivered in the store
+and the owner can read why in /job.
+
+Each way of posting is tried once, and again only when the failure may pass (Discord still rate limiting
+after discord.py's own retries, a 5xx, a dropped connection): a refusal (expired token, deleted channel,
+missing permission, closed DMs) moves on at once, so no dead token is ever retried in a loop. Posts carry
+the job's nonce, which Discord enforces, so a retry after a lost answer gets the first message back instead
+of posting the result twice.
 """
 
 from __future__ import annotations
@@ -11,14 +18,16 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord.ext import commands
 from PIL import Image
 
-from cogs.cards import result_embed, result_files, status_text
+from cogs.cards import ResultFiles, result_embed, result_files, status_text
 from cogs.generation import DEFAULT_UPLOAD_LIMIT, JobButton, job_view
 from i2p2i_bot.jobs import Delivery, EventKind, Job, JobEvent, JobStatus
 
@@ -31,6 +40,66 @@ log = logging.getLogger("i2p2i.results")
 TOKEN_MARGIN_S = 30
 # Progress edits on one message are at least this far apart.
 EDIT_INTERVAL_S = 1.5
+# Tries per way of posting a result when the failure may pass; discord.py retries each try itself too.
+PATH_TRIES = 2
+# Pause before trying the same way again, times the number of tries so far.
+RETRY_PAUSE_S = 2.0
+
+# What a result posted in the channel after the token expired needs there (docs/permissions.md: 51200).
+CHANNEL_PERMISSIONS = discord.Permissions(
+    view_channel=True, send_messages=True, embed_links=True, attach_files=True
+)
+# Discord's JSON error codes that mean the interaction token cannot be used any more.
+TOKEN_DEAD_CODES = frozenset({10015, 10062, 50027})
+# What a refusal means, for the owner.
+REFUSALS = {
+    10003: "the channel no longer exists",
+    10008: "its message was deleted",
+    10013: "Discord no longer knows your account",
+    50001: "I can no longer see the channel",
+    50007: "your DMs are closed to me",
+    50013: "I may not post or attach files in the channel",
+}
+# Discord's answers, and errors below discord.py: the connection dropped or timed out before an answer.
+DELIVERY_ERRORS: tuple[type[Exception], ...] = (
+    discord.HTTPException,
+    aiohttp.ClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+class Unusable(Exception):
+    """A way of posting that cannot work now, found out before asking Discord."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one way of posting did not work."""
+
+    path: str
+    reason: str
+    transient: bool = False
+    token_dead: bool = False
+    message_gone: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def classify(path: str, exc: BaseException) -> Failure:
+    """Sort an error from Discord into 'may pass', 'token dead', 'message gone' or a plain refusal."""
+    if isinstance(exc, discord.HTTPException):
+        status, code = exc.status, exc.code
+        if status == 401 or code in TOKEN_DEAD_CODES:
+            return Failure(path, "the interaction's 15 minutes were over", token_dead=True)
+        if status == 429:
+            return Failure(path, "Discord kept rate limiting me", transient=True)
+        if status >= 500:
+            return Failure(path, f"Discord kept failing (HTTP {status})", transient=True)
+        reason = REFUSALS.get(code, f"Discord refused (HTTP {status}, code {code})")
+        return Failure(path, reason, message_gone=code in (10003, 10008))
+    return Failure(path, "the connection to Discord kept dropping", transient=True)
 
 
 @dataclass
@@ -42,6 +111,9 @@ class _Tracked:
     images_done: int = 0
     last_edit: float = 0.0
     dirty: bool = False
+    # Set when an edit failed: progress is a courtesy, and the result must not queue behind more edits.
+    progress_off: bool = False
+    sending: bool = False
     editing: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -53,6 +125,8 @@ class Results(commands.Cog):
         self._tracked: dict[int, _Tracked] = {}
         self._early: dict[int, list[JobEvent]] = {}
         self._delivering: set[int] = set()
+        # Why a finished job could not be posted anywhere (until it is, or the bot restarts and retries).
+        self._undeliverable: dict[int, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def cog_load(self) -> None:
@@ -71,6 +145,19 @@ class Results(commands.Cog):
         self._tracked[job.id] = tracked
         for event in self._early.pop(job.id, []):
             self._apply(event)
+
+    def delivery_state(self, job: Job) -> str | None:
+        """For /job: why a finished job's result is not posted; None when it was, or the job is not done."""
+        if not job.status.finished or job.delivered_at is not None:
+            return None
+        if job.id in self._delivering:
+            return "Being posted now."
+        reason = self._undeliverable.get(job.id)
+        return "Not posted yet." if reason is None else f"Could not be posted: {reason}."
+
+    def undeliverable(self, job_id: int) -> str | None:
+        """Why the job's result could not be posted anywhere, when that is what happened."""
+        return self._undeliverable.get(job_id)
 
     async def _recover(self) -> None:
         """After a restart: follow active jobs again and deliver finished ones that never were."""
@@ -99,8 +186,13 @@ class Results(commands.Cog):
             return
         if event.kind.terminal:
             self._tracked.pop(event.job_id, None)
-            limit = tracked.upload_limit
-            self.bot.spawn(self._deliver(event.job_id, limit), name=f"i2p2i-deliver-{event.job_id}")
+            editing = tracked.editing
+            if editing is not None and not editing.done() and not tracked.sending:
+                editing.cancel()  # only waiting for its turn: the result replaces it
+            self.bot.spawn(
+                self._deliver(event.job_id, tracked.upload_limit, after=editing),
+                name=f"i2p2i-deliver-{event.job_id}",
+            )
             return
         if event.kind is EventKind.STEP:
             tracked.step = (event.step, event.total_steps)
@@ -115,7 +207,11 @@ class Results(commands.Cog):
                 if other is not tracked and other.job.status is JobStatus.QUEUED:
                     self._schedule_edit(other)
 
+    # -- progress ------------------------------------------------------------------------------------------
+
     def _schedule_edit(self, tracked: _Tracked) -> None:
+        if tracked.progress_off:
+            return
         tracked.dirty = True
         if tracked.editing is None or tracked.editing.done():
             tracked.editing = self.bot.spawn(
@@ -123,7 +219,8 @@ class Results(commands.Cog):
             )
 
     async def _edit_loop(self, tracked: _Tracked) -> None:
-        while tracked.dirty and tracked.job.id in self._tracked:
+        """One edit at a time per job, at most one per EDIT_INTERVAL_S; events in between are merged."""
+        while tracked.dirty and not tracked.progress_off and tracked.job.id in self._tracked:
             wait = tracked.last_edit + EDIT_INTERVAL_S - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -136,7 +233,11 @@ class Results(commands.Cog):
                 step=tracked.step,
                 images_done=tracked.images_done,
             )
-            await self._edit_status(tracked, text)
+            tracked.sending = True
+            try:
+                await self._edit_status(tracked, text)
+            finally:
+                tracked.sending = False
 
     async def _edit_status(self, tracked: _Tracked, text: str) -> None:
         delivery = tracked.delivery
@@ -144,12 +245,26 @@ class Results(commands.Cog):
             return  # progress is a courtesy; after the token's life only the result is posted
         try:
             await self._webhook(delivery).edit_message(delivery.message_id, content=text)
-        except discord.HTTPException as exc:
+        except DELIVERY_ERRORS as exc:
+            failure = classify("progress", exc)
+            tracked.progress_off = True
             log.info(
-                "progress edit for job %d failed (%s); the result will still be delivered",
+                "progress edit for job %d failed (%s); progress stops, the result will still be posted",
                 tracked.job.id,
-                exc,
+                failure.reason,
             )
+            tracked.delivery = await self._forget_dead_ends(tracked.job.id, delivery, failure)
+
+    async def _forget_dead_ends(self, job_id: int, delivery: Delivery, failure: Failure) -> Delivery:
+        """Drop a dead token or a deleted message from the job's delivery, so nothing tries them again."""
+        if failure.token_dead:
+            delivery = dataclasses.replace(delivery, interaction_token=None, token_expires_at=None)
+        elif failure.message_gone:
+            delivery = dataclasses.replace(delivery, message_id=None)
+        else:
+            return delivery
+        await self.bot.store.set_delivery(job_id, delivery)
+        return delivery
 
     def _webhook(self, delivery: Delivery) -> discord.Webhook:
         assert delivery.interaction_token is not None
@@ -157,12 +272,20 @@ class Results(commands.Cog):
         assert app_id is not None
         return discord.Webhook.partial(app_id, delivery.interaction_token, client=self.bot)
 
-    async def _deliver(self, job_id: int, upload_limit: int) -> None:
+    # -- the result ----------------------------------------------------------------------------------------
+
+    async def _deliver(
+        self, job_id: int, upload_limit: int, *, after: asyncio.Task[None] | None = None
+    ) -> None:
         """Post a finished job: edit its message while the token lives, else the channel, else a DM."""
         if job_id in self._delivering:
             return
         self._delivering.add(job_id)
         try:
+            if after is not None:
+                # A progress edit still in flight shares the webhook; its answer decides whether the token
+                # is alive, and the result must land after it.
+                await asyncio.wait({after})
             record = await self.bot.store.job_record(job_id)
             if record is None or record.job.delivered_at is not None:
                 return
@@ -171,12 +294,24 @@ class Results(commands.Cog):
             files = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
             embed = result_embed(job, record.images, files)
             view = job_view(job, running=False) if job.status is JobStatus.COMPLETE else None
-            delivered = await self._send_result(job, embed, files, view)
+            try:
+                delivered, failures = await self._send_result(job, embed, files, view)
+            except Exception:
+                log.exception("delivering job %d failed on my side", job.id)
+                delivered, failures = None, [Failure("bot", "an error on my side")]
             if delivered:
                 await self.bot.store.mark_delivered(job.id)
+                self._undeliverable.pop(job.id, None)
                 log.info("job %d delivered (%s)", job.id, delivered)
+                await self._point_to_result(job, delivered, failures)
             else:
-                log.error("job %d could not be delivered anywhere; it stays undelivered", job.id)
+                reason = "; ".join(str(f) for f in failures) or "there was nowhere to post it"
+                self._undeliverable[job.id] = _owner_reason(failures)
+                log.error(
+                    "job %d could not be delivered anywhere (%s); it stays undelivered until the next start",
+                    job.id,
+                    reason,
+                )
         finally:
             self._delivering.discard(job_id)
 
@@ -189,37 +324,113 @@ class Results(commands.Cog):
         return loaded
 
     async def _send_result(
-        self, job: Job, embed: discord.Embed, files: Any, view: discord.ui.View | None
-    ) -> str | None:
+        self, job: Job, embed: discord.Embed, files: ResultFiles, view: discord.ui.View | None
+    ) -> tuple[str | None, list[Failure]]:
+        """Try each way of posting in turn; the way that worked (or None) and why the others did not."""
         delivery = job.delivery
         mention = f"<@{job.owner_id}>"
         content = f"{mention} job #{job.id} is done." if job.status is JobStatus.COMPLETE else f"{mention}"
         extra: dict[str, Any] = {"view": view} if view is not None else {}
+        # Discord returns the message already sent with this nonce instead of posting a second one.
+        nonce = f"i2p2i-job-{job.id}"
+        failures: list[Failure] = []
+
         if _token_alive(delivery) and delivery.message_id is not None:
-            try:
+            message_id = delivery.message_id
+
+            async def edit() -> None:
+                if not _token_alive(delivery):  # discord.py may have slept out the token on 429s
+                    raise Unusable("the interaction's 15 minutes were over")
                 await self._webhook(delivery).edit_message(
-                    delivery.message_id, content=content, embed=embed, attachments=files.files(), **extra
+                    message_id, content=content, embed=embed, attachments=files.files(), **extra
                 )
-                return "edited"
-            except discord.HTTPException as exc:
-                log.info("editing job %d's message failed (%s); posting in the channel", job.id, exc)
+
+            failure = await self._attempt("edit", job, edit)
+            if failure is None:
+                return "edited", failures
+            failures.append(failure)
+            await self._forget_dead_ends(job.id, delivery, failure)
+
         channel_id = delivery.channel_id or job.channel_id
         if channel_id is not None:
-            try:
+
+            async def post() -> None:
                 channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
-                if isinstance(channel, discord.abc.Messageable):
-                    await channel.send(content, embed=embed, files=files.files(), **extra)
-                    return "channel"
-            except discord.HTTPException as exc:
-                log.info("channel %s unavailable for job %d (%s); trying a DM", channel_id, job.id, exc)
-        try:
+                if not isinstance(channel, discord.abc.Messageable):
+                    raise Unusable(f"channel {channel_id} is not a text channel")
+                _warn_missing_permissions(channel)
+                await channel.send(content, embed=embed, files=files.files(), nonce=nonce, **extra)
+
+            failure = await self._attempt("channel", job, post)
+            if failure is None:
+                return "channel", failures
+            failures.append(failure)
+
+        async def direct_message() -> None:
             user = self.bot.get_user(job.owner_id) or await self.bot.fetch_user(job.owner_id)
             note = f"Your job #{job.id} could not be posted in its channel, so here it is."
-            await user.send(note, embed=embed, files=files.files(), **extra)
-            return "dm"
-        except discord.HTTPException as exc:
-            log.info("DM to user %d failed for job %d (%s)", job.owner_id, job.id, exc)
-        return None
+            await user.send(note, embed=embed, files=files.files(), nonce=nonce, **extra)
+
+        failure = await self._attempt("dm", job, direct_message)
+        if failure is None:
+            return "dm", failures
+        failures.append(failure)
+        return None, failures
+
+    async def _attempt(self, path: str, job: Job, send: Callable[[], Awaitable[None]]) -> Failure | None:
+        """One way of posting, tried again only while its failure may pass; None when it worked."""
+        failure: Failure | None = None
+        for attempt in range(1, PATH_TRIES + 1):
+            try:
+                await send()
+                return None
+            except (Unusable, discord.ClientException) as exc:
+                return Failure(path, str(exc))
+            except DELIVERY_ERRORS as exc:
+                failure = classify(path, exc)
+                log.info("posting job %d by %s failed (try %d): %s", job.id, path, attempt, exc)
+            if not failure.transient or attempt == PATH_TRIES:
+                break
+            await asyncio.sleep(RETRY_PAUSE_S * attempt)
+        return failure
+
+    async def _point_to_result(self, job: Job, delivered: str, failures: list[Failure]) -> None:
+        """The result went elsewhere while the job's own message still shows progress: say where, once."""
+        delivery = job.delivery
+        edit_failed = next((f for f in failures if f.path == "edit"), None)
+        if delivered == "edited" or edit_failed is None or not edit_failed.transient:
+            return
+        if not _token_alive(delivery) or delivery.message_id is None:
+            return
+        where = "below in this channel" if delivered == "channel" else "to you by DM"
+        try:
+            await self._webhook(delivery).edit_message(
+                delivery.message_id,
+                content=f"Job #{job.id} is done: the result was posted {where}.",
+                view=None,
+            )
+        except DELIVERY_ERRORS as exc:
+            log.info("could not point job %d's message at its result (%s)", job.id, exc)
+
+
+def _warn_missing_permissions(channel: discord.abc.Messageable) -> None:
+    """Name what an admin should grant when the bot lacks a permission a channel post needs.
+
+    The post is still tried: the cached permissions may be stale, and Discord's answer decides.
+    """
+    if not isinstance(channel, discord.abc.GuildChannel):
+        return
+    missing = CHANNEL_PERMISSIONS.value & ~channel.permissions_for(channel.guild.me).value
+    if missing:
+        names = [name for name, held in discord.Permissions(missing) if held]
+        log.warning("missing permissions in channel %s: %s", channel.id, ", ".join(names))
+
+
+def _owner_reason(failures: list[Failure]) -> str:
+    """One sentence for the owner from every way that failed, most telling first."""
+    reasons = [f.reason for f in failures if f.path != "edit"] or [f.reason for f in failures]
+    text = " and ".join(dict.fromkeys(reasons)) or "there was nowhere to post it"
+    return f"{text}. It will be tried again when the bot restarts"
 
 
 def _token_alive(delivery: Delivery) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -34,12 +35,36 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# Discord's refusals, and a connection that dropped before Discord answered.
+ANSWER_ERRORS: tuple[type[Exception], ...] = (
+    discord.HTTPException,
+    aiohttp.ClientError,
+    OSError,
+    TimeoutError,
+)
+
+
+# Discord refusing because the world changed under a reply (the channel or message went, a right was taken
+# away, the token ran out): not a bug, so no traceback, and a sentence instead of an error id.
+WORLD_CHANGED = {
+    10003: "this channel no longer exists",
+    10008: "the message I was answering was deleted",
+    10015: "this interaction has expired",
+    10062: "this interaction has expired",
+    50001: "I can no longer see this channel",
+    50013: "I am missing a permission in this channel",
+    50027: "this interaction has expired",
+}
+
+
 def user_message(error: BaseException) -> str | None:
     """The sentence for an error the member caused, or None when it is a bug."""
     if isinstance(error, app_commands.CommandInvokeError | app_commands.TransformerError):
         error = error.original if isinstance(error, app_commands.CommandInvokeError) else error
     if isinstance(error, USER_ERRORS):
         return str(error)
+    if isinstance(error, discord.HTTPException) and error.code in WORLD_CHANGED:
+        return f"I could not finish that: {WORLD_CHANGED[error.code]}."
     if isinstance(error, app_commands.CommandOnCooldown):
         return f"Slow down a little: try again in {error.retry_after:.0f} s."
     if isinstance(error, app_commands.CheckFailure | app_commands.MissingPermissions):
@@ -74,13 +99,28 @@ async def reply(interaction: discord.Interaction, message: str) -> None:
         if not interaction.is_expired():
             await interaction.followup.send(message, ephemeral=True)
             return
-    except discord.HTTPException as exc:
-        log.info("interaction %s could not be answered (%s); using the channel", interaction.id, exc.status)
+    except ANSWER_ERRORS as exc:
+        log.info("interaction %s could not be answered (%s); using the channel", interaction.id, exc)
     channel = interaction.channel
     if isinstance(channel, discord.abc.Messageable):
         try:
             await channel.send(f"{interaction.user.mention} {message}", silent=True)
             return
-        except discord.HTTPException:
+        except ANSWER_ERRORS:
             pass
     log.warning("could not tell user %s: %s", interaction.user.id, message)
+
+
+class PrivateView(discord.ui.View):
+    """A view only the member it was made for may use; anyone else gets one ephemeral sentence."""
+
+    def __init__(self, owner_id: int, *, timeout: float | None) -> None:
+        super().__init__(timeout=timeout)
+        self.owner_id = owner_id
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        if interaction.user.id == self.owner_id:
+            return True
+        log.info("refused interaction %s for user %s: not their view", interaction.id, interaction.user.id)
+        await reply(interaction, "Only the member who opened this can use it.")
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import time
@@ -42,6 +43,8 @@ _DEFAULT_MESSAGES = {
 }
 
 RateLimitScope = Literal["user", "global", "shared"]
+# When a cut fault closes the connection: before the fake applies the request, or after (the answer is lost).
+CutMoment = Literal["before", "after"]
 
 
 class ApiError(Exception):
@@ -96,6 +99,15 @@ class Fault:
     remaining: int
     where: Callable[[RecordedCall], bool] | None = None
     hits: list[RecordedCall] = dataclasses.field(default_factory=list)
+    # Close the connection instead of answering ``status``/``body`` (see FaultPlan.cut).
+    cut: CutMoment | None = None
+    # Hold the request until ``release()``, then answer it normally (see FaultPlan.hold).
+    gate: asyncio.Event | None = None
+
+    def release(self) -> None:
+        """Let held requests (and any later ones this fault catches) through."""
+        if self.gate is not None:
+            self.gate.set()
 
     def matches(self, call: RecordedCall) -> bool:
         if self.remaining <= 0:
@@ -186,6 +198,42 @@ class FaultPlan:
     ) -> Fault:
         """Answer exactly this status, body and headers (for shapes the other helpers don't cover)."""
         return self._arm(f"custom-{status}", route, status, body, dict(headers or {}), times, where)
+
+    def cut(
+        self,
+        route: str | None,
+        *,
+        times: int = 1,
+        moment: CutMoment = "before",
+        where: Callable[[RecordedCall], bool] | None = None,
+    ) -> Fault:
+        """Close the connection with no answer to the next ``times`` calls (aiohttp: ServerDisconnectedError).
+
+        ``moment="before"``: the request is dropped unapplied. ``"after"``: the fake applies it (a message is
+        posted or edited) and then the answer is lost, as when a connection dies mid-response.
+        """
+        fault = self._arm(f"cut-{moment}", route, 0, None, {}, times, where)
+        fault.cut = moment
+        return fault
+
+    def hold(
+        self,
+        route: str | None,
+        *,
+        times: int = 1,
+        then_cut: CutMoment | None = None,
+        where: Callable[[RecordedCall], bool] | None = None,
+    ) -> Fault:
+        """Keep the next ``times`` matching requests waiting until ``fault.release()``, then answer them.
+
+        While one is held (``fault.hits`` is not empty) the upload is in flight: a test can drop the gateway
+        or change the world at exactly that moment. ``then_cut`` closes the connection on release instead
+        of answering (as ``cut``).
+        """
+        fault = self._arm("hold", route, 0, None, {}, times, where)
+        fault.gate = asyncio.Event()
+        fault.cut = then_cut
+        return fault
 
     def take(self, call: RecordedCall) -> Fault | None:
         """The first armed fault matching ``call``, with one use consumed; None when nothing matches."""

@@ -37,13 +37,18 @@ class StoredAttachment:
     description: str | None = None
     ephemeral: bool = False
     base_url: str = ""
+    # What the payload claims instead of the truth (a size that lies, a URL on another host).
+    declared_size: int | None = None
+    url_override: str | None = None
 
     @property
     def size(self) -> int:
-        return len(self.data)
+        return len(self.data) if self.declared_size is None else self.declared_size
 
     @property
     def url(self) -> str:
+        if self.url_override is not None:
+            return self.url_override
         return f"{self.base_url}/attachments/{self.channel_id}/{self.id}/{self.filename}"
 
     @property
@@ -142,6 +147,8 @@ class StoredMessage:
     interaction_metadata: dict[str, Any] | None = None
     message_reference: dict[str, Any] | None = None
     revisions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # The sender's nonce, echoed back in the create answer (and used by ``enforce_nonce``).
+    nonce: str | None = None
 
     @property
     def ephemeral(self) -> bool:
@@ -196,6 +203,8 @@ class StoredMessage:
             data["interaction_metadata"] = copy.deepcopy(self.interaction_metadata)
         if self.message_reference is not None:
             data["message_reference"] = copy.deepcopy(self.message_reference)
+        if self.nonce is not None:
+            data["nonce"] = self.nonce
         return data
 
     def _snapshot(self) -> dict[str, Any]:
@@ -236,6 +245,18 @@ class MessageStore:
     def get(self, message_id: int) -> StoredMessage | None:
         return self._by_id.get(message_id)
 
+    def by_nonce(self, channel_id: int, author_id: int, nonce: str, *, since: float) -> StoredMessage | None:
+        """The message ``author_id`` sent in the channel with ``nonce`` at or after ``since``, if any."""
+        for message in self._by_id.values():
+            if (
+                message.channel_id == channel_id
+                and message.author.id == author_id
+                and message.nonce == nonce
+                and message.created_at >= since
+            ):
+                return message
+        return None
+
     def in_channel(self, channel_id: int, *, include_deleted: bool = False) -> list[StoredMessage]:
         return [
             m
@@ -268,6 +289,7 @@ class MessageStore:
             flags=(int(body.get("flags") or 0) & _CLIENT_FLAGS) | flags,
         )
         message.content = body.get("content") or ""
+        message.nonce = None if body.get("nonce") is None else str(body["nonce"])
         message.embeds = copy.deepcopy(body.get("embeds") or [])
         message.components = copy.deepcopy(body.get("components") or [])
         if body.get("message_reference"):

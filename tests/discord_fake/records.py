@@ -43,6 +43,8 @@ class RecordedCall:
     status: int | None = None
     response: Any = None
     fault: str | None = None
+    # The fake closed the connection instead of answering (``status`` is set if it applied the request first).
+    cut: bool = False
 
     @property
     def done(self) -> bool:
@@ -59,6 +61,8 @@ class RecordedCall:
 
     def __str__(self) -> str:
         extra = f" [{self.fault}]" if self.fault else ""
+        if self.cut:
+            extra += " [connection cut]"
         files = f" files={[f.filename for f in self.files]}" if self.files else ""
         path = self.path if len(self.path) <= 80 else self.path[:77] + "..."
         return f"#{self.index} {self.method} {path} -> {self.status}{extra}{files}"

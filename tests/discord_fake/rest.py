@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from .server import FakeDiscord
 
 API_PREFIX = "/api/v10"
+# How long Discord remembers a message's nonce for ``enforce_nonce`` ("the past few minutes").
+NONCE_WINDOW_S = 5 * 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +290,14 @@ class RestApi:
         )
         check_message(call.json, call.files, upload_limit_bytes=limit, creating=True)
         body = dict(call.json or {})
+        if body.get("enforce_nonce") and body.get("nonce") is not None:
+            # Discord returns the message this author already sent with this nonce in the last few minutes.
+            since = server.clock.now() - NONCE_WINDOW_S
+            earlier = server.messages.by_nonce(
+                channel.id, server.world.bot_user.id, str(body["nonce"]), since=since
+            )
+            if earlier is not None:
+                return Reply(body=earlier.payload())
         body["flags"] = int(body.get("flags") or 0) & ~EPHEMERAL  # only interaction replies can be ephemeral
         message = server.messages.create(
             channel=channel, author=server.world.bot_user, now=server.clock.now(), body=body, files=call.files
@@ -462,6 +472,8 @@ class RestApi:
         record = self._webhook_interaction(call)
         if record.response_type is None:
             raise ApiError(404, UNKNOWN_WEBHOOK, "Unknown Webhook")
+        if record.channel.deleted:
+            raise ApiError(404, UNKNOWN_CHANNEL, "Unknown Channel")
         body = call.json or {}
         check_message(body, call.files, upload_limit_bytes=record.attachment_size_limit, creating=True)
         original = server.messages.get(record.original_message_id or 0)
@@ -490,7 +502,8 @@ class RestApi:
             if message_id not in (record.original_message_id, *record.followup_ids):
                 message_id = None
         message = self._server.messages.get(message_id or 0)
-        if message is None or message.deleted:
+        if message is None or message.deleted or record.channel.deleted:
+            # A deleted channel takes its messages with it.
             raise ApiError(404, UNKNOWN_MESSAGE, "Unknown Message")
         return record, message
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from aiohttp import BodyPartReader, web
 
 from . import interactions as ix
-from .faults import ApiError, FakeClock, Fault, FaultPlan, RateLimitScope
+from .faults import ApiError, CutMoment, FakeClock, Fault, FaultPlan, RateLimitScope
 from .gateway import CLOSE_UNKNOWN_ERROR, Gateway
 from .harness import patched_discord_urls
 from .interactions import InteractionHandle, InteractionRecord
@@ -732,6 +732,40 @@ class FakeDiscord:
             route, status=status, body=body, headers=headers, times=times, where=predicate
         )
 
+    def cut_next(
+        self,
+        route: str | None,
+        *,
+        times: int = 1,
+        moment: CutMoment = "before",
+        predicate: Callable[[RecordedCall], bool] | None = None,
+    ) -> Fault:
+        """Close the connection, unanswered, on the next ``times`` calls of ``route``.
+
+        ``moment="after"`` applies the request first, so a message exists that the client never heard of.
+        discord.py retries only ECONNRESET on macOS and Windows errnos; on Linux the aiohttp error reaches
+        the caller.
+        """
+        if route is not None:
+            self._check_route(route)
+        return self.faults.cut(route, times=times, moment=moment, where=predicate)
+
+    def hold_next(
+        self,
+        route: str | None,
+        *,
+        times: int = 1,
+        then_cut: CutMoment | None = None,
+        predicate: Callable[[RecordedCall], bool] | None = None,
+    ) -> Fault:
+        """Hold the next ``times`` calls of ``route`` unanswered until ``fault.release()``.
+
+        With ``then_cut`` the connection is closed on release instead of answered (see ``cut_next``).
+        """
+        if route is not None:
+            self._check_route(route)
+        return self.faults.hold(route, times=times, then_cut=then_cut, where=predicate)
+
     async def delete_channel(self, channel: ChannelRef) -> FakeChannel:
         """Delete a channel: REST on it answers 404 10003 Unknown Channel; the bot gets CHANNEL_DELETE."""
         target = self.channel(channel)
@@ -802,7 +836,7 @@ class FakeDiscord:
         )
         self._calls.append(call)
         try:
-            response = await self._answer(call, found)
+            response = await self._answer(call, found, request)
         finally:
             self._tell_observers(call)
             self._notify()
@@ -816,7 +850,9 @@ class FakeDiscord:
                 log.exception("fake Discord: call observer %r failed", observer)
                 self.errors.append(f"call observer {observer!r} raised {exc!r}")
 
-    async def _answer(self, call: RecordedCall, found: Any) -> web.StreamResponse:
+    async def _answer(
+        self, call: RecordedCall, found: Any, request: web.Request | None = None
+    ) -> web.StreamResponse:
         if found is None:
             self.unknown_calls.append(call)
             log.error(
@@ -832,7 +868,12 @@ class FakeDiscord:
         fault = self.faults.take(call)
         if fault is not None:
             call.fault = fault.name
-            return self._reply(call, Reply(fault.status, fault.body), headers=fault.headers)
+            if fault.gate is not None:
+                await fault.gate.wait()  # held: the request is in flight until the test releases it
+            if fault.cut == "before":
+                return self._cut(call, request)
+            if fault.cut is None and fault.gate is None:
+                return self._reply(call, Reply(fault.status, fault.body), headers=fault.headers)
         try:
             reply = await self.rest.handler(spec)(call)
         except ApiError as error:
@@ -842,7 +883,17 @@ class FakeDiscord:
             self.errors.append(f"{spec.key} handler raised {exc!r}")
             # 400, not 500: discord.py would retry a 5xx for seconds before failing.
             reply = Reply(400, {"message": f"fake Discord bug: {exc!r}", "code": 0})
+        if fault is not None and fault.cut == "after":
+            self._reply(call, reply)
+            return self._cut(call, request)
         return self._reply(call, reply)
+
+    def _cut(self, call: RecordedCall, request: web.Request | None) -> web.Response:
+        """Close the connection without an answer; the client sees the server disconnect."""
+        call.cut = True
+        if request is not None and request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=499)
 
     def _reply(
         self, call: RecordedCall, reply: Reply, *, headers: Mapping[str, str] | None = None

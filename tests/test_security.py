@@ -1,0 +1,490 @@
+"""Security: who may press what, what the bot downloads, where its token may appear, what it asks Discord for.
+
+The real bot and the smoke engine against the loopback Discord; every refusal is checked against the
+database and the fake's messages, so "refused" also means "nothing changed".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import pkgutil
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+from PIL import Image
+
+import cogs
+from cogs.results import CHANNEL_PERMISSIONS
+from i2p2i_bot.config import Settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.replies import PrivateView
+from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord, World, running_fake_discord
+from tests.test_bot import describe, ephemeral_answer, eventually, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTACHMENT_GETS = (
+    "GET /attachments/{channel}/{attachment}/{filename}",
+    "GET /media/attachments/{channel}/{attachment}/{filename}",
+)
+# Shaped like a real bot token (base64 user id, timestamp, HMAC), and found nowhere else.
+TOKEN = "MTU3NDQ4NDIxOTExODM1NDQzNQ.GqZ7xK.s3cr3t-T0ken-n0t-t0-b3-f0und-AnywHere_xYz"
+SECRET_DETAIL = "internal-detail-7f3a9c"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeDiscord]:
+    async with running_fake_discord() as fake:
+        yield fake
+
+
+@pytest.fixture
+def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Settings]:
+    def make(fake: FakeDiscord, **queue: Any) -> Settings:
+        return bot_settings(base_settings, tmp_path / "data", fake, **queue)
+
+    return make
+
+
+def database_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, read through a second, read-only connection."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {table: db.execute(f'SELECT * FROM "{table}" ORDER BY rowid').fetchall() for table in tables}
+
+
+def public_messages(server: FakeDiscord) -> dict[int, tuple[Any, ...]]:
+    """What members see: each non-ephemeral message's text, buttons, files, and whether it is gone."""
+    return {
+        m.id: (
+            m.content,
+            json.dumps(m.embeds),
+            m.custom_ids(),
+            [a.filename for a in m.attachments],
+            m.deleted,
+        )
+        for m in server.messages
+        if not m.ephemeral
+    }
+
+
+@dataclasses.dataclass
+class Snapshot:
+    rows: dict[str, list[tuple[Any, ...]]]
+    messages: dict[int, tuple[Any, ...]]
+    active: list[int]
+    paused: bool
+
+
+def snapshot(bot: Any, server: FakeDiscord) -> Snapshot:
+    return Snapshot(
+        database_rows(bot.settings.database_path),
+        public_messages(server),
+        [job.id for job in bot.queue.active_jobs()],
+        bot.queue.paused,
+    )
+
+
+async def refused(handle: Any) -> str:
+    """The refusal a member got: ephemeral, one short note, and no modal opened."""
+    text = await ephemeral_answer(handle)
+    assert handle.response_type != 9
+    assert len(text) <= 200 and "\n" not in text, text
+    return text
+
+
+# -- owner checks --------------------------------------------------------------------------------------------
+
+# Every action of every button and select family, and who may use it: "owner" (and admins), or "anyone"
+# for read-only ones. A family or action the bot registers that is not listed here fails the test below.
+POLICY = {
+    ("job", "cancel"): "owner",
+    ("job", "info"): "anyone",
+    ("job", "reroll"): "owner",
+    ("job", "edit"): "owner",
+    ("job", "delete"): "owner",
+    ("card", "gen"): "owner",
+    ("card", "edit"): "owner",
+    ("card", "use"): "owner",
+    ("card", "mode"): "owner",
+}
+
+
+def registered_actions(bot: Any) -> dict[re.Pattern[str], list[str]]:
+    """The custom_id templates of every DynamicItem the bot registered, with each one's actions."""
+    # discord.py keeps the registered DynamicItem classes by their compiled template.
+    registry: dict[re.Pattern[str], type] = bot._connection._view_store._dynamic_items
+    actions = {}
+    for pattern in registry:
+        found = re.search(r"\(\?P<action>([\w|]+)\)", pattern.pattern)
+        actions[pattern] = found.group(1).split("|") if found else [pattern.pattern.split(":")[2]]
+    return actions
+
+
+async def test_every_button_family_refuses_other_members(
+    server: FakeDiscord, settings_for, engine: Engine, astronaut: Image.Image
+) -> None:
+    """Bob presses each of Alice's buttons and selects: a short private note, and nothing changes anywhere."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut, mode="candidates")
+        done = await generate(server, card)
+        await server.wait_until(lambda: done.original.attachments or None, timeout_s=60)
+        await eventually(lambda: bot.store.get_job(1), lambda job: job.delivered_at is not None)
+        bot.queue.pause()
+        waiting = await generate(server, card)
+        # Its place in the queue is edited in once, right after it is queued; let that happen first.
+        edit = "PATCH /webhooks/{app}/{token}/messages/{message}"
+        await server.wait_for(
+            route=edit, predicate=lambda c: c.params["token"] == waiting.token, timeout_s=30
+        )
+        targets = {
+            ("job", "cancel"): (waiting.original, "i2p:job:cancel:2", None),
+            ("job", "info"): (done.original, "i2p:job:info:1", None),
+            ("job", "reroll"): (done.original, "i2p:job:reroll:1", None),
+            ("job", "edit"): (done.original, "i2p:job:edit:1", None),
+            ("job", "delete"): (done.original, "i2p:job:delete:1", None),
+        }
+        for custom_id in card.custom_ids():
+            action = custom_id.split(":")[2]
+            targets.setdefault(("card", action), (card, custom_id, ["fast"] if action == "mode" else None))
+
+        # Every registered family and action has a policy, and this test presses each of them.
+        for pattern, actions in registered_actions(bot).items():
+            family = pattern.pattern.split(":")[1]
+            for action in actions:
+                assert (family, action) in POLICY, (
+                    f"{pattern.pattern}: who may use {action!r}? add it to POLICY"
+                )
+                _, custom_id, _ = targets[(family, action)]
+                match = pattern.fullmatch(custom_id)
+                assert match is not None and match.groupdict().get("action", action) == action
+        assert set(targets) == set(POLICY)
+
+        for key, (message, custom_id, values) in targets.items():
+            before = snapshot(bot, server)
+            if values is None:
+                handle = await server.push_button(message, custom_id, user="bob")
+            else:
+                handle = await server.push_select(message, custom_id, values, user="bob")
+            if POLICY[key] == "anyone":
+                answer = (await handle.wait_response()).json
+                assert answer["type"] == 4 and answer["data"]["flags"] & 64
+            else:
+                text = await refused(handle)
+                assert f"<@{server.user('alice').id}>" in text, (key, text)
+            assert snapshot(bot, server) == before, key
+        assert [job.id for job in bot.queue.active_jobs()] == [2]
+
+
+def test_every_in_memory_view_checks_its_member() -> None:
+    """Each View class in cogs/ is a PrivateView, so a new one cannot forget the owner check."""
+    found = []
+    for module_info in pkgutil.iter_modules(cogs.__path__):
+        module = importlib.import_module(f"cogs.{module_info.name}")
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, discord.ui.View)
+                and value.__module__ == module.__name__
+            ):
+                found.append(value)
+                assert issubclass(value, PrivateView), f"{value.__qualname__} must check who presses it"
+    assert {view.__name__ for view in found} >= {"Pager", "ForgetConfirm", "ChooseImageView"}
+
+
+async def test_commands_and_private_views_refuse_other_members(
+    server: FakeDiscord, settings_for, engine: Engine, astronaut: Image.Image
+) -> None:
+    """/admin and /job refuse a member; nobody confirms another's /forget or picks from their picker."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        # Every command has a rule: acts on the invoker's own data, or is for the owner and admins.
+        policy = {
+            "imagine-from": "own",
+            "Imagine from image": "own",
+            "history": "own",
+            "queue": "own",
+            "forget": "own",
+            "job": "owner or admin",
+            "admin": "admin",
+        }
+        assert {c.name for c in bot.tree.get_commands()} | {"Imagine from image"} == set(policy)
+        _, card = await describe(server, astronaut, user="alice")
+        bot.queue.pause()
+        await generate(server, card)
+        bot.queue.resume()
+        await eventually(lambda: bot.store.get_job(1), lambda job: job.delivered_at is not None, 60)
+        bot.queue.pause()
+        await generate(server, card)
+        _, bob_card = await describe(server, astronaut.rotate(90), user="bob")
+
+        for name, options in (
+            ("admin pause", {}),
+            ("admin resume", {}),
+            ("admin cancel", {"job_id": 2}),
+            ("admin queue", {}),
+            ("job", {"job_id": 1}),
+        ):
+            before = snapshot(bot, server)
+            text = await refused(await server.push_slash(name, options, user="bob"))
+            assert "Only the bot's owner" in text or "is not yours" in text, (name, text)
+            assert snapshot(bot, server) == before, name
+
+        # Bob asks to forget his history; Alice presses his confirmation's buttons.
+        forget = await server.push_slash("forget", user="bob")
+        await forget.wait_response()
+        for custom_id in forget.original.custom_ids():
+            before = snapshot(bot, server)
+            text = await refused(await server.push_button(forget.original, custom_id, user="alice"))
+            assert "Only the member who opened this" in text
+            assert snapshot(bot, server) == before
+        assert await bot.store.get_interrogation(int(bob_card.custom_ids()[0].split(":")[3])) is not None
+
+        # Alice's private picker for a message with two images: Bob cannot pick for her.
+        first = server.add_attachment(png_bytes(astronaut), "a.png", ephemeral=False)
+        second = server.add_attachment(png_bytes(astronaut.rotate(180)), "b.png", ephemeral=False)
+        posted = await server.post_user_message("general", "bob", "two", attachments=[first, second])
+        picker = await server.push_message_command("Imagine from image", posted, user="alice")
+        await picker.wait_response()
+        before = snapshot(bot, server)
+        pick = await server.push_select(picker.original, picker.original.custom_ids()[0], ["1"], user="bob")
+        assert "Only the member who opened this" in await refused(pick)
+        assert snapshot(bot, server) == before
+
+
+# -- downloads -----------------------------------------------------------------------------------------------
+
+
+def attachment_gets(server: FakeDiscord) -> list[Any]:
+    return [c for c in server.calls() if c.route in ATTACHMENT_GETS]
+
+
+async def test_a_redirecting_attachment_is_not_followed(
+    server: FakeDiscord, settings_for, engine: Engine, astronaut: Image.Image
+) -> None:
+    """An attachment URL that answers 302 to another host is refused; the other host is never asked."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        elsewhere = server.add_attachment(png_bytes(astronaut), "elsewhere.png")
+        target = elsewhere.url.replace("127.0.0.1", "localhost")
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        server.respond_next(ATTACHMENT_GETS[0], status=302, body=None, headers={"Location": target})
+        handle = await server.push_slash("imagine-from", {"image": upload})
+        assert "upload it again" in await ephemeral_answer(handle)
+        (get,) = attachment_gets(server)
+        assert get.status == 302 and get.params["attachment"] == str(upload.id)
+        assert await bot.store.recent_interrogations(server.user("alice").id) == []
+
+
+@pytest.mark.parametrize("where", ["attachment", "embed"])
+async def test_images_off_discord_hosts_are_not_downloaded(
+    server: FakeDiscord, settings_for, engine: Engine, astronaut: Image.Image, where: str
+) -> None:
+    """An attachment or embed image whose URL is on a host other than Discord's is refused without a GET."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png", ephemeral=where == "attachment")
+        foreign = upload.url.replace("127.0.0.1", "localhost")
+        if where == "attachment":
+            upload.url_override = foreign
+            handle = await server.push_slash("imagine-from", {"image": upload})
+        else:
+            embed = {"type": "image", "url": foreign, "image": {"url": foreign, "width": 512, "height": 512}}
+            posted = await server.post_user_message("general", "bob", "look", embeds=[embed])
+            handle = await server.push_message_command("Imagine from image", posted)
+        assert "only download images hosted by Discord" in await ephemeral_answer(handle)
+        assert attachment_gets(server) == []
+        assert await bot.store.recent_interrogations(server.user("alice").id) == []
+
+
+@pytest.mark.parametrize(("declared", "cap_mb"), [(26 * 1024 * 1024, 25), (2 * 1024 * 1024, 1)])
+async def test_declared_size_over_the_cap_is_refused_before_any_get(
+    server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+    declared: int,
+    cap_mb: int,
+) -> None:
+    """The size Discord declares is checked first: a file over intake.max_bytes is never fetched."""
+    settings = settings_for(server)
+    intake = dataclasses.replace(settings.intake, max_bytes=cap_mb * 1024 * 1024)
+    async with running_i2p2i(dataclasses.replace(settings, intake=intake), server, engine):
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        upload.declared_size = declared
+        handle = await server.push_slash("imagine-from", {"image": upload})
+        assert f"the limit is {cap_mb} MB" in await ephemeral_answer(handle)
+        assert attachment_gets(server) == []
+
+
+async def test_a_file_bigger_than_declared_is_cut_off_at_the_cap(
+    server: FakeDiscord, settings_for, engine: Engine
+) -> None:
+    """A declared size that lies does not help: the download stops at the cap, and the file is refused."""
+    settings = settings_for(server)
+    intake = dataclasses.replace(settings.intake, max_bytes=1024 * 1024)
+    async with running_i2p2i(dataclasses.replace(settings, intake=intake), server, engine):
+        upload = server.add_attachment(b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024), "big.png")
+        upload.declared_size = 50 * 1024
+        handle = await server.push_slash("imagine-from", {"image": upload})
+        assert "larger than the 1 MB limit" in await ephemeral_answer(handle)
+        assert len(attachment_gets(server)) == 1
+
+
+# -- the token -----------------------------------------------------------------------------------------------
+
+
+def _format(record: logging.LogRecord) -> str:
+    return logging.Formatter("%(name)s %(levelname)s %(message)s").format(record)
+
+
+async def test_the_token_appears_nowhere(
+    settings_for, engine: Engine, astronaut: Image.Image, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Happy path, errors, a gateway resume and a restart at DEBUG: the token is in no log record, database
+    column, file, request body, file name or message; nor is an internal error's text shown to a member."""
+    caplog.set_level(logging.DEBUG)
+    async with running_fake_discord(token=TOKEN) as server:
+        settings = settings_for(server, stop_grace_s=0.2)
+        assert TOKEN not in repr(settings)
+        async with running_i2p2i(settings, server, engine) as bot:
+            _, card = await describe(server, astronaut)
+            press = await generate(server, card)
+            await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+            # A member's mistake, and a bug of ours with a detail that must stay in the log.
+            bad = server.add_attachment(b"not an image at all", "x.png", content_type="image/png")
+            assert "not an image" in await ephemeral_answer(
+                await server.push_slash("imagine-from", {"image": bad})
+            )
+
+            async def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError(f"store failed: {SECRET_DETAIL}")
+
+            bot.store.recent_jobs = broken  # type: ignore[method-assign]
+            oops = await ephemeral_answer(await server.push_slash("history"))
+            assert "error id" in oops and SECRET_DETAIL not in oops
+            # A late delivery through the bot's own REST session, and a gateway resume.
+            bot.queue.pause()
+            late = await generate(server, card)
+            late.expire()
+            mark = server.frame_mark()
+            server.drop_connection()
+            await server.wait_for_frame(op=6, since=mark, timeout_s=30)
+            bot.queue.resume()
+            await server.wait_for(route="POST /channels/{channel}/messages", timeout_s=60)
+        async with running_i2p2i(settings, server, engine) as bot:  # a restart: a second IDENTIFY
+            await describe(server, astronaut.rotate(90))
+
+        # The token did travel where it must: the Authorization header, IDENTIFY and RESUME.
+        assert any(c.authorization == f"Bot {TOKEN}" for c in server.calls())
+        sent = server.frames(direction="in")
+        assert {f.op for f in sent if TOKEN in json.dumps(f.d)} == {2, 6}
+        assert len([f for f in sent if f.op == 2]) == 2
+
+        for call in server.calls():
+            body = json.dumps([call.path, call.query, call.json, call.response], default=str)
+            assert TOKEN not in body, str(call)
+            assert SECRET_DETAIL not in body, str(call)
+            for upload in call.files:
+                assert TOKEN not in upload.filename and TOKEN.encode() not in upload.data
+        for frame in server.frames(direction="out"):
+            assert TOKEN not in json.dumps(frame.d)
+        for message in server.messages:
+            assert TOKEN not in json.dumps(message.payload())
+
+        data = settings.data_path
+        rows = database_rows(settings.database_path)
+        assert rows["jobs"] and rows["interrogations"]
+        for table, table_rows in rows.items():
+            for row in table_rows:
+                for value in row:
+                    if isinstance(value, str | bytes):
+                        needle: Any = TOKEN if isinstance(value, str) else TOKEN.encode()
+                        assert needle not in value, table
+        files = [path for path in data.rglob("*") if path.is_file()]
+        assert any(path.suffix == ".png" for path in files)
+        for path in files:
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+        records = caplog.get_records("call")
+        assert any(r.name.startswith("discord.http") and r.levelno == logging.DEBUG for r in records)
+        assert any(SECRET_DETAIL in _format(r) for r in records)  # the bug's detail went to the log ...
+        leaks = [_format(r) for r in records if TOKEN in _format(r)]
+        assert leaks == []  # ... and the token went nowhere
+
+
+# -- what the bot asks Discord for ---------------------------------------------------------------------------
+
+
+def _documented_permissions(text: str) -> dict[str, int]:
+    section = text.split("## Channel permissions", 1)[1].split("\n## ", 1)[0]
+    return {
+        name.strip(): int(bit)
+        for name, bit in re.findall(r"^\| ([A-Z][\w ]+?) +\| (\d+) +\|", section, flags=re.MULTILINE)
+    }
+
+
+async def test_permissions_scopes_and_intents_match_the_docs(
+    base_settings: Settings,
+    tmp_path: Path,
+    engine: Engine,
+    astronaut: Image.Image,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """docs/permissions.md names exactly what the bot uses: the channel permissions a late result needs, two
+    scopes, the guilds intent, every command; a bot whose role has only those posts a late result."""
+    docs = (ROOT / "docs" / "permissions.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = _documented_permissions(docs)
+    names = {"View Channels": "view_channel", "Send Messages": "send_messages"}
+    names |= {"Embed Links": "embed_links", "Attach Files": "attach_files"}
+    assert set(table) == set(names)
+    for label, flag in names.items():
+        assert table[label] == discord.Permissions(**{flag: True}).value, label
+    assert sum(table.values()) == CHANNEL_PERMISSIONS.value
+    for text in (docs, readme):
+        assert set(re.findall(r"scope=([\w.+]+)", text)) == {"bot+applications.commands"}
+    scopes = docs.split("## OAuth2 scopes", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^- `([\w.]+)`", scopes, flags=re.MULTILINE) == ["bot", "applications.commands"]
+    intents_section = docs.split("## Gateway intents", 1)[1].split("\n## ", 1)[0]
+    documented = discord.Intents.none()
+    for name in re.findall(r"`(\w+)`", intents_section.splitlines()[1]):
+        setattr(documented, name, True)
+
+    world = World.default()
+    for role in world.guild().roles:
+        # The bot's role grants exactly the documented permissions; @everyone grants nothing on top.
+        role.permissions = CHANNEL_PERMISSIONS.value if role.managed else 0
+    caplog.set_level(logging.INFO)
+    async with running_fake_discord(world) as server:
+        settings = bot_settings(base_settings, tmp_path / "data", server)
+        async with running_i2p2i(settings, server, engine) as bot:
+            assert bot.intents == documented
+            identify = server.frames(op=2, direction="in")[0]
+            assert identify.d["intents"] == documented.value
+            listed = set(re.findall(r"`/([\w-]+)", scopes)) | set(re.findall(r'"([A-Z][\w ]+)"', scopes))
+            assert listed == {c["name"] for c in server.synced_commands()}
+            _, card = await describe(server, astronaut)
+            bot.queue.pause()
+            press = await generate(server, card)
+            press.expire()
+            bot.queue.resume()
+            posted = await server.wait_for(route="POST /channels/{channel}/messages", timeout_s=60)
+            assert posted.ok and posted.files and posted.json["embeds"]
+    assert not [r for r in caplog.get_records("call") if "missing permissions" in r.getMessage()]
+
+
+def test_the_invite_integer_is_the_documented_permissions() -> None:
+    """The invite URLs and the stated integer are the sum of the permissions the bot relies on."""
+    docs = (ROOT / "docs" / "permissions.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    expected = str(CHANNEL_PERMISSIONS.value)
+    assert f"(integer {expected})" in docs
+    for text in (docs, readme):
+        assert set(re.findall(r"permissions=(\d+)", text)) == {expected}
