@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import aiohttp
 import discord
@@ -23,8 +23,8 @@ from PIL import Image
 
 from cogs.cards import MODE_LABELS, candidate_prompts, prompt_card, thumbnail_file
 from cogs.generation import JobOrder, PromptModal, start_job
+from i2p2i_bot.config import InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
-from i2p2i_bot.interrogate import MODES
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
 from i2p2i_bot.store import StoredInterrogation
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
 
 log = logging.getLogger("i2p2i.imagine")
+MODES: tuple[str, ...] = get_args(InterrogateMode)
 
 # Discord's own file hosts; anything else (and any redirect) is refused, so a crafted URL cannot make the bot
 # fetch from elsewhere.
@@ -98,10 +99,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             )
         # The interaction's filesize_limit is what the bot may upload, not what members may: downloads are
         # capped by intake.max_bytes alone. A file declared bigger is refused here, before any GET; an embed's
-        # image declares no size, so it passes as one byte and the download's cap does the rest.
+        # image declares no size, and the download's cap does the rest.
         limit = settings.intake.max_bytes
-        size = source.size if source.size is not None else 1
-        check_declared(size, source.width, source.height, source.content_type, settings.intake)
+        check_declared(source.size, source.width, source.height, source.content_type, settings.intake)
         await interaction.response.defer(thinking=True)
         try:
             data = await self.download(source, limit)
@@ -111,7 +111,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         except (ImageError, Refusal) as exc:
             await withdraw(interaction, str(exc))
             return
-        await interaction.followup.send(**card_message(bot, stored, interaction.user, count, intake.image))
+        # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
+        thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
+        await interaction.followup.send(**card_message(bot, stored, interaction.user, count, thumbnail))
 
     async def interrogate(
         self, interaction: discord.Interaction, image: Image.Image, sha256: str, mode: str
@@ -229,7 +231,11 @@ async def withdraw(interaction: discord.Interaction, message: str) -> None:
 
 
 def card_message(
-    bot: I2P2IBot, stored: StoredInterrogation, owner: discord.abc.User, count: int, image: Image.Image | None
+    bot: I2P2IBot,
+    stored: StoredInterrogation,
+    owner: discord.abc.User,
+    count: int,
+    thumbnail: discord.File | None,
 ) -> dict[str, Any]:
     result = stored.interrogation
     banned = bot.banned.find(result.prompt)
@@ -237,8 +243,8 @@ def card_message(
         "embed": prompt_card(stored, owner, banned=banned),
         "view": card_view(stored, count, blocked=bool(banned)),
     }
-    if image is not None:
-        message["file"] = thumbnail_file(image)
+    if thumbnail is not None:
+        message["file"] = thumbnail
     return message
 
 

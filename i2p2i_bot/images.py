@@ -108,7 +108,7 @@ _NEVER_DECODED_TYPES = frozenset(
 
 
 def check_declared(
-    size_bytes: int,
+    size_bytes: int | None,
     width: int | None,
     height: int | None,
     content_type: str | None,
@@ -117,12 +117,14 @@ def check_declared(
     """Reject an attachment from the metadata Discord sends with it, before spending a download on it.
 
     None (or an empty content type) means "not known" and passes; open_image checks the real bytes anyway.
+    An embedded image declares no size: the download's own cap is what limits it.
     """
     if content_type is not None and content_type.strip():
         media_type = content_type.split(";", 1)[0].strip().lower()
         if not media_type.startswith("image/") or media_type in _NEVER_DECODED_TYPES:
             raise ImageError(NOT_AN_IMAGE)
-    _check_byte_size(size_bytes, limits)
+    if size_bytes is not None:
+        _check_byte_size(size_bytes, limits)
     if width is not None and height is not None:
         _check_dimensions(width, height, limits)
         return
