@@ -45,7 +45,7 @@ class HistoryCog(commands.Cog, name="History"):
         results = self._results()
         lines = [
             f"**Job #{j.id}** · {j.status}"
-            + (" · ⚠️ not posted, see /job" if results and results.undeliverable(j.id) else "")
+            + (" · ⚠️ not posted, see /job" if results and results.undeliverable(j) else "")
             + f" · {j.count} image(s) · <t:{int(j.created_at)}:R>\n> {clip(j.prompt, 180)}"
             for j in jobs
         ]

@@ -152,12 +152,15 @@ class Results(commands.Cog):
             return None
         if job.id in self._delivering:
             return "Being posted now."
-        reason = self._undeliverable.get(job.id)
+        reason = self.undeliverable(job)
         return "Not posted yet." if reason is None else f"Could not be posted: {reason}."
 
-    def undeliverable(self, job_id: int) -> str | None:
-        """Why the job's result could not be posted anywhere, when that is what happened."""
-        return self._undeliverable.get(job_id)
+    def undeliverable(self, job: Job | int) -> str | None:
+        """Why the job's result could not be posted anywhere, when that is what happened (kept in the store
+        across restarts; this run's latest failure first)."""
+        job_id = job if isinstance(job, int) else job.id
+        stored = None if isinstance(job, int) else job.delivery_error
+        return self._undeliverable.get(job_id, stored)
 
     async def _recover(self) -> None:
         """After a restart: follow active jobs again and deliver finished ones that never were."""
@@ -307,6 +310,7 @@ class Results(commands.Cog):
             else:
                 reason = "; ".join(str(f) for f in failures) or "there was nowhere to post it"
                 self._undeliverable[job.id] = _owner_reason(failures)
+                await self.bot.store.mark_undeliverable(job.id, self._undeliverable[job.id])
                 log.error(
                     "job %d could not be delivered anywhere (%s); it stays undelivered until the next start",
                     job.id,

@@ -92,6 +92,8 @@ class Job:
     finished_at: float | None = None
     delivery: Delivery = field(default_factory=Delivery)
     delivered_at: float | None = None
+    # Why the finished job's result could not be posted anywhere, for its owner; None once delivered.
+    delivery_error: str | None = None
 
     @property
     def count(self) -> int:

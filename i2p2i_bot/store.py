@@ -403,8 +403,14 @@ class Store:
 
     async def mark_delivered(self, job_id: int, now: float | None = None) -> None:
         """The job's final message was sent; the interaction token is no longer needed, so it is dropped."""
-        query = """UPDATE jobs SET delivered_at = ?, interaction_token = NULL WHERE id = ?"""
+        query = """
+            UPDATE jobs SET delivered_at = ?, interaction_token = NULL, delivery_error = NULL WHERE id = ?
+        """
         await self._execute(query, (time.time() if now is None else now, job_id))
+
+    async def mark_undeliverable(self, job_id: int, reason: str) -> None:
+        """Every way to post the job's result failed; keep why, for its owner, until it is delivered."""
+        await self._execute("UPDATE jobs SET delivery_error = ? WHERE id = ?", (reason, job_id))
 
     async def undelivered_jobs(self, limit: int = 100) -> list[Job]:
         """Final jobs whose result was never sent (the bot was down, or stopped right after they finished)."""
@@ -746,6 +752,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
             token_expires_at=row["interaction_expires_at"],
         ),
         delivered_at=row["delivered_at"],
+        delivery_error=row["delivery_error"],
     )
 
 

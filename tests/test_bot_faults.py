@@ -607,9 +607,13 @@ async def test_missing_permissions_and_closed_dms_leave_a_reason_for_the_owner(
         assert len(used) == 1 and used[0].status == 401  # the dead token, tried once
         text = await job_embed(server, 1)
         assert "I may not post or attach files in the channel and your DMs are closed to me" in text
-        assert (await bot.store.get_job(1)).delivered_at is None
+        stored = await bot.store.get_job(1)
+        assert stored.delivered_at is None
+        assert "your DMs are closed to me" in (stored.delivery_error or "")
     restart = server.mark()
     async with running_i2p2i(settings, server, engine) as bot:
+        # Before the retry at start, /job already knows why from the store.
+        assert "your DMs are closed to me" in (bot.get_cog("Results").undeliverable(stored) or "")  # type: ignore[union-attr]
         await server.wait_until(lambda: bot.get_cog("Results").undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
         again = [c for c in uploads(server, since=restart) if c.route == POST]
         assert [(c.status, c.response["code"]) for c in again] == [(403, 50013), (403, 50007)]

@@ -63,7 +63,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 1
+        assert await store.schema_version() == len(packaged_migrations()) == 2
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -81,10 +81,11 @@ async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: 
     await store.close()
 
     note = "ALTER TABLE jobs ADD COLUMN note TEXT; CREATE TABLE extra (x);"
-    second = [*first, Migration(2, "0002_note.sql", note)]
+    n = len(first)
+    second = [*first, Migration(n + 1, f"{n + 1:04d}_note.sql", note)]
     store = await open_store(tmp_path, second)
     try:
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == n + 1
         stored = await store.get_job(job.id)
         assert stored is not None and stored.prompt == "kept"
         columns = {row["name"] for row in await store._fetchall("PRAGMA table_info(jobs)")}
@@ -93,7 +94,7 @@ async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: 
         await store.close()
     # A third open must not run 0002 again (CREATE TABLE extra would fail if it did).
     store = await open_store(tmp_path, second)
-    assert await store.schema_version() == 2
+    assert await store.schema_version() == n + 1
     await store.close()
 
 
@@ -101,16 +102,17 @@ async def test_a_failing_migration_leaves_the_file_untouched(tmp_path: Path) -> 
     """Pending migrations run in one transaction: if the last fails, the ones before it roll back too."""
     first = list(packaged_migrations())
     await (await open_store(tmp_path, first)).close()
+    n = len(first)
     broken = [
         *first,
-        Migration(2, "0002_ok.sql", "CREATE TABLE added (x);"),
-        Migration(3, "0003_bad.sql", "ALTER TABLE no_such_table ADD COLUMN y;"),
+        Migration(n + 1, "ok.sql", "CREATE TABLE added (x);"),
+        Migration(n + 2, "bad.sql", "ALTER TABLE no_such_table ADD COLUMN y;"),
     ]
     with pytest.raises(sqlite3.OperationalError):
         await open_store(tmp_path, broken)
     store = await open_store(tmp_path, first)
     try:
-        assert await store.schema_version() == 1
+        assert await store.schema_version() == n
     finally:
         await store.close()
     assert "added" not in tables(tmp_path / "db.sqlite3")
@@ -119,9 +121,37 @@ async def test_a_failing_migration_leaves_the_file_untouched(tmp_path: Path) -> 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     """A file written by a newer version of the code is not opened by an older one."""
     first = list(packaged_migrations())
-    await (await open_store(tmp_path, [*first, Migration(2, "0002_x.sql", "CREATE TABLE x (y);")])).close()
-    with pytest.raises(StoreError, match="schema version 2"):
+    newer = len(first) + 1
+    await (await open_store(tmp_path, [*first, Migration(newer, "x.sql", "CREATE TABLE x (y);")])).close()
+    with pytest.raises(StoreError, match=f"schema version {newer}"):
         await open_store(tmp_path, first)
+
+
+async def test_a_version_1_file_is_upgraded_and_keeps_its_jobs(tmp_path: Path) -> None:
+    """A database from before delivery errors were kept gains the column; its jobs read back unchanged."""
+    first = list(packaged_migrations())[:1]
+    store = await open_store(tmp_path, first)
+    job = await store.insert_job(JobRequest(7, "from version 1", PARAMS, count=2), [1, 2])
+    await store.close()
+    store = await open_store(tmp_path)
+    try:
+        assert await store.schema_version() == len(packaged_migrations())
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.prompt == "from version 1" and stored.seeds == (1, 2)
+        assert stored.delivery_error is None
+        assert await store.integrity_problems() == []
+    finally:
+        await store.close()
+
+
+async def test_an_undeliverable_reason_is_kept_until_delivery(store: Store) -> None:
+    job = await store.insert_job(JobRequest(7, "nowhere to post", PARAMS), [1])
+    await store.mark_undeliverable(job.id, "your DMs are closed to me")
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.delivery_error == "your DMs are closed to me"
+    await store.mark_delivered(job.id, now=50.0)
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.delivery_error is None and stored.delivered_at == 50.0
 
 
 async def test_job_round_trip_and_delivery(store: Store) -> None:
