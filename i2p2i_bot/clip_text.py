@@ -9,8 +9,10 @@ without changing any result:
   its own tokens against them.
 - open_clip's BPE tokenizer cleans the text, then splits it into words at whitespace before merging, so
   the tokens of "A, B" are the tokens of "A," followed by those of B whenever cleaning cannot reach across
-  the join: both are plain printable ASCII without "&" (nothing for ftfy or the HTML unescaper to change)
-  and neither starts or ends with a space. Labels are tokenized once; other texts go to the tokenizer whole.
+  the join: the label is plain printable ASCII without "&" (nothing for ftfy or the HTML unescaper to
+  change), the prompt has no "&" and no control characters, and neither starts or ends with a space. The
+  prompt's side rests on ftfy treating an appended ASCII text as neutral; it is checked for every packaged
+  label that is not plain ASCII. Labels are tokenized once; other texts go to the tokenizer whole.
 
 Models or tokenizers this does not recognise take the plain path: the stock tokenizer and `encode_text`.
 """
@@ -28,6 +30,16 @@ import torch.nn.functional as F
 def joinable(text: str) -> bool:
     """True when text tokenizes the same alone as on either side of ", " (see the module docstring)."""
     return bool(text) and text == text.strip() and "&" not in text and all(" " <= c <= "~" for c in text)
+
+
+def prompt_joinable(text: str) -> bool:
+    """True when "text," and a joinable label after it tokenize as the two apart (module docstring)."""
+    return (
+        bool(text)
+        and text == text.strip()
+        and "&" not in text
+        and not any(c < " " or "\x7f" <= c <= "\x9f" for c in text)
+    )
 
 
 class TextTokens:
@@ -161,7 +173,7 @@ class TextEncoder:
 
     def _prefix_ids(self, prompt: str) -> list[int] | None:
         """Ids every extension of prompt starts with, or None when they cannot be composed."""
-        if not self.tokens.supported or (prompt and not joinable(prompt)):
+        if not self.tokens.supported or (prompt and not prompt_joinable(prompt)):
             return None
         return self.tokens.ids(f"{prompt},") if prompt else []
 

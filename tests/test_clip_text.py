@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from i2p2i_bot.clip_text import TextEncoder, joinable
+from i2p2i_bot.clip_text import TextEncoder, joinable, prompt_joinable
 from i2p2i_bot.interrogate import ClipEncoder, label_tables
 from i2p2i_bot.smoke import SmokeModels
 
@@ -27,7 +27,8 @@ PROMPTS = [
     "a man's hat",
     "a 'quoted' caption'",  # ends with punctuation, which the comma joins: "',"
     "a photo (by someone)",
-    "naïve",  # not ASCII: no shared prefix
+    "naïve",  # not ASCII: still shared, since what follows the prompt is ASCII or tokenized whole
+    "a cat & a dog",  # an HTML-entity character: no shared prefix
     "a cat, " * 11 + "last words",  # long: most extensions are cut at 77 tokens
     "word " * 73 + "end",  # the prompt alone fills the context
 ]
@@ -101,7 +102,14 @@ def test_other_text_towers_take_the_plain_path(clip: ClipEncoder, monkeypatch: p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt", ["a photograph of an astronaut, by greg rutkowski", "a portrait (1887)"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a photograph of an astronaut, by greg rutkowski",
+        "a portrait (1887)",
+        "a mosque, romanized: al-kaʿbah",
+    ],
+)
 def test_composed_tokens_equal_the_tokenizer_on_every_packaged_label(clip: ClipEncoder, prompt: str) -> None:
     """For every joinable label of clip-interrogator's lists, "prompt, label" tokenizes as its pieces."""
     encode = clip.text.tokens.tokenizer.encode
@@ -132,3 +140,18 @@ def test_composed_tokens_equal_the_tokenizer_on_every_packaged_label(clip: ClipE
 )
 def test_joinable(text: str, expected: bool) -> None:
     assert joinable(text) is expected
+
+
+@pytest.mark.slow
+def test_prompts_ending_in_any_packaged_label_compose_with_plain_labels(clip: ClipEncoder) -> None:
+    """A chain's prompt may take a label that is not plain ASCII; what follows it still composes."""
+    encode = clip.text.tokens.tokenizer.encode
+    labels = [label for table in label_tables().values() for label in table]
+    odd = [label for label in labels if not joinable(label) and prompt_joinable(label)]
+    plain = [label for label in labels if joinable(label)][::2500]
+    assert len(odd) > 1000 and len(plain) > 40
+    for tail in odd:
+        prompt = f"a man riding a horse, {tail}"
+        prefix = encode(f"{prompt},")
+        for label in plain:
+            assert encode(f"{prompt}, {label}") == prefix + encode(label), (tail, label)
