@@ -53,38 +53,64 @@ def open_clip_name(source: str) -> tuple[str, str | None]:
     return arch, tag
 
 
+# What each loader reads from a Hugging Face repository, and nothing more: the repositories also hold the
+# same weights as pickles, fp16 copies, checkpoints for other frameworks or non-EMA weights, which would more
+# than double the download. Generator.load calls from_pretrained without variant=: it never reads fp16 files.
+GENERATOR_FILES = (
+    "model_index.json",
+    "*/*.json",  # each component's config, the scheduler's and the tokenizer's files
+    "*/*.txt",  # the tokenizer's merges
+    "*/diffusion_pytorch_model.safetensors",  # unet, vae
+    "*/model.safetensors",  # text_encoder, safety_checker
+)
+CAPTION_FILES = ("*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors")
+# Read by the loaders only when a repository has no safetensors weights, as some older ones do not.
+GENERATOR_PICKLED = ("*/diffusion_pytorch_model.bin", "*/pytorch_model.bin")
+CAPTION_PICKLED = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+
+
 def download_models(sources: ModelSources) -> list[str]:
     """Fetch every configured model into the Hugging Face cache; return a line per model."""
-    import open_clip
-    from huggingface_hub import snapshot_download
-
     lines = []
-    for label, source in (("generator", sources.generator), ("caption", sources.caption)):
+    for label, source, files, pickled in (
+        ("generator", sources.generator, GENERATOR_FILES, GENERATOR_PICKLED),
+        ("caption", sources.caption, CAPTION_FILES, CAPTION_PICKLED),
+    ):
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
-            continue
-        path = snapshot_download(
-            source, allow_patterns=_generator_patterns() if label == "generator" else None
-        )
-        lines.append(f"{label}: {source} → {path}")
-    name, pretrained = open_clip_name(sources.clip)
-    if pretrained is None:
-        lines.append(f"clip: {sources.clip} needs no download")
-    else:
-        open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")
-        lines.append(f"clip: {sources.clip} cached")
+        else:
+            lines.append(f"{label}: {source} → {_fetch_repository(source, files, pickled)}")
+    lines.append(_fetch_clip(sources.clip))
     return lines
 
 
-def _generator_patterns() -> list[str]:
-    # Only what StableDiffusionPipeline loads: skip the duplicate .ckpt and the non-EMA / flax weights.
-    return [
-        "model_index.json",
-        "*/config.json",
-        "*/*.json",
-        "*/*.txt",
-        "*/diffusion_pytorch_model.safetensors",
-        "*/model.safetensors",
-        "*/diffusion_pytorch_model.fp16.safetensors",
-        "*/model.fp16.safetensors",
-    ]
+def _fetch_repository(source: str, files: tuple[str, ...], pickled: tuple[str, ...]) -> str:
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(source, allow_patterns=list(files))
+    weights = [pattern for pattern in files if pattern.endswith(".safetensors")]
+    if not any(next(Path(path).glob(pattern), None) for pattern in weights):
+        path = snapshot_download(source, allow_patterns=list(pickled))
+    return str(path)
+
+
+def _fetch_clip(source: str) -> str:
+    import open_clip
+
+    name, pretrained = open_clip_name(source)
+    if name.startswith("local-dir:"):
+        return f"clip: {source} is a local directory; nothing to download"
+    if pretrained is None:
+        # hf-hub:ID: its config names the weights and the tokenizer, so fetch them the way the loader does.
+        open_clip.create_model_and_transforms(name, device="cpu")
+        open_clip.get_tokenizer(name)
+        return f"clip: {source} cached"
+    config = open_clip.get_pretrained_cfg(name, pretrained)
+    if not config:
+        if Path(pretrained).expanduser().is_file():
+            return f"clip: {source} is a local file; nothing to download"
+        raise ModelUnavailable(f"open_clip knows no pretrained weights {pretrained!r} for {name!r}")
+    # The one file create_model_and_transforms reads for this tag (safetensors first), without building it.
+    path = open_clip.download_pretrained(config)
+    open_clip.get_tokenizer(name)  # packaged for most models; fetched from the Hub for a few (SigLIP)
+    return f"clip: {source} → {path}"

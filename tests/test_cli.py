@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from i2p2i_bot.cli import edit_prompt, main
-from i2p2i_bot.config import Settings
+from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, Settings
+from i2p2i_bot.interrogate import ClipEncoder
+from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models
+from i2p2i_bot.smoke import SmokeModels
 
 
 @pytest.fixture
@@ -204,6 +211,177 @@ def test_download_models_refuses_when_offline(capsys: pytest.CaptureFixture[str]
     """download-models says plainly that HF_HUB_OFFLINE forbids downloads, instead of trying."""
     assert main(["download-models"]) == 2
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+# --- what download-models fetches ------------------------------------------------------------------------
+
+# Exactly what the loaders read. Widening these puts gigabytes of unused weights on every install.
+SD_FILES = [
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/model.safetensors",
+]
+BLIP_FILES = ["*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors"]
+CLIP_FILE = ("timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors")
+# The real repositories' other copies of the weights, none of which a loader reads.
+SD_UNUSED = [
+    *(
+        f"{c}/{w}"
+        for c in ("unet", "vae")
+        for w in ("diffusion_pytorch_model.bin", "diffusion_flax_model.msgpack")
+    ),
+    *(f"{c}/diffusion_pytorch_model.{v}.safetensors" for c in ("unet", "vae") for v in ("fp16", "non_ema")),
+    *(
+        f"{c}/{w}"
+        for c in ("text_encoder", "safety_checker")
+        for w in ("pytorch_model.bin", "flax_model.msgpack")
+    ),
+    *(f"{c}/model.fp16.safetensors" for c in ("text_encoder", "safety_checker")),
+    "v1-variants-scores.jpg",
+]
+BLIP_UNUSED = ["pytorch_model.bin", "tf_model.h5", "README.md"]
+
+
+def default_sources() -> ModelSources:
+    return ModelSources(DEFAULT_GENERATOR, DEFAULT_CLIP, DEFAULT_CAPTION)
+
+
+@pytest.fixture
+def hub_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[Any]]:
+    """Stand-ins for snapshot_download and open_clip's hf_hub_download that record what they are asked for;
+    a snapshot holds one safetensors file per repository unless the repository id says "pickled"."""
+    import huggingface_hub
+    import open_clip.pretrained
+
+    calls: dict[str, list[Any]] = {"snapshot": [], "file": []}
+
+    def snapshot_download(repo_id: str, *, allow_patterns: list[str] | None = None, **_: Any) -> str:
+        calls["snapshot"].append((repo_id, allow_patterns))
+        folder = tmp_path / "hub" / repo_id
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        if "pickled" not in repo_id and not weights.exists():
+            weights.parent.mkdir(parents=True)
+            weights.write_bytes(b"")
+            (folder / "model.safetensors").write_bytes(b"")
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
+    def hf_hub_download(repo_id: str, filename: str, **_: Any) -> str:
+        calls["file"].append((repo_id, filename))
+        return str(tmp_path / "hub" / repo_id / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", hf_hub_download)
+    return calls
+
+
+def test_download_models_fetches_only_what_the_loaders_read(hub_calls: dict[str, list[Any]]) -> None:
+    """The default models: SD v1-4's and BLIP's safetensors weights with their configs and tokenizers (no
+    fp16, pickled, Flax or TensorFlow copies), and the one CLIP file open_clip loads for ViT-L-14/openai."""
+    lines = download_models(default_sources())
+    assert hub_calls["snapshot"] == [(DEFAULT_GENERATOR, SD_FILES), (DEFAULT_CAPTION, BLIP_FILES)]
+    assert hub_calls["file"] == [CLIP_FILE]
+    assert [line.split(":")[0] for line in lines] == ["generator", "caption", "clip"]
+    assert lines[2].endswith("open_clip_model.safetensors")
+
+
+def test_download_models_takes_pickled_weights_when_a_repository_has_no_safetensors(
+    hub_calls: dict[str, list[Any]],
+) -> None:
+    """A repository without safetensors weights gets a second, narrow fetch of the pickled ones."""
+    download_models(ModelSources("someone/pickled-sd", DEFAULT_CLIP, "someone/pickled-blip"))
+    assert hub_calls["snapshot"] == [
+        ("someone/pickled-sd", SD_FILES),
+        ("someone/pickled-sd", ["*/diffusion_pytorch_model.bin", "*/pytorch_model.bin"]),
+        ("someone/pickled-blip", BLIP_FILES),
+        (
+            "someone/pickled-blip",
+            ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"],
+        ),
+    ]
+
+
+def test_the_clip_download_is_the_file_the_loader_reads_first(
+    hub_calls: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ClipEncoder.load's first request for ViT-L-14/openai is the file download-models fetches."""
+    import open_clip.pretrained
+
+    def unreachable(repo_id: str, filename: str, **_: Any) -> str:
+        hub_calls["file"].append((repo_id, filename))
+        raise OSError("offline")
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", unreachable)
+    with pytest.raises(ModelUnavailable):
+        ClipEncoder.load(DEFAULT_CLIP, torch.device("cpu"))
+    assert hub_calls["file"][0] == CLIP_FILE
+
+
+def serve_hub(cache: Path, repositories: dict[str, dict[str, Path | None]]) -> Any:
+    """A snapshot_download that fills a Hugging Face cache the way the real one does: the files matching
+    allow_patterns, and the repository's whole listing in the tree cache (which diffusers reads offline to
+    decide whether a pipeline is complete). A file with no source stands for weights no loader should read."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+    from huggingface_hub.utils import filter_repo_objects
+
+    def snapshot_download(repo_id: str, *, allow_patterns: list[str] | None = None, **_: Any) -> str:
+        files = repositories[repo_id]
+        storage = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        snapshot = storage / "snapshots" / commit
+        for name in filter_repo_objects(sorted(files), allow_patterns=allow_patterns):
+            source = files[name]
+            assert source is not None, f"{repo_id}: {name} is fetched but no loader reads it"
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, snapshot / name)
+        (storage / "refs").mkdir(exist_ok=True)
+        (storage / "refs" / "main").write_text(commit)
+        entries = {name: TreeCacheEntry(size=1, blob_id="0" * 40) for name in files}
+        write_tree_cache(str(storage), commit, entries)
+        return str(snapshot)
+
+    return snapshot_download
+
+
+def test_what_download_models_fetches_loads_offline(
+    smoke_models: SmokeModels, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Served as the real repositories (their files, plus their unused copies of the weights), the fetched
+    files are enough for the production loaders with HF_HUB_OFFLINE=1, as the container runs the bot."""
+    import huggingface_hub
+
+    def repository(folder: Path, unused: list[str]) -> dict[str, Path | None]:
+        files: dict[str, Path | None] = dict.fromkeys(unused)
+        files |= {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+        return files
+
+    home = tmp_path / "hf"
+    repositories = {
+        DEFAULT_GENERATOR: repository(smoke_models.generator, SD_UNUSED),
+        DEFAULT_CAPTION: repository(smoke_models.caption, BLIP_UNUSED),
+    }
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", serve_hub(home / "hub", repositories))
+    download_models(ModelSources(DEFAULT_GENERATOR, str(smoke_models.clip), DEFAULT_CAPTION))
+
+    script = (
+        "import torch\n"
+        "from i2p2i_bot.config import GenerateSettings\n"
+        "from i2p2i_bot.generate import Generator\n"
+        "from i2p2i_bot.interrogate import Captioner\n"
+        "cpu = torch.device('cpu')\n"
+        f"Generator.load({DEFAULT_GENERATOR!r}, GenerateSettings(), cpu)\n"
+        f"Captioner.load({DEFAULT_CAPTION!r}, cpu)\n"
+        "print('loaded')\n"
+    )
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("loaded")
 
 
 def test_module_entry_point() -> None:
