@@ -37,9 +37,13 @@ DAMAGED_IMAGE = "That image is damaged or incomplete, so I can't read it."
 UNREADABLE_VARIANT = (
     "That {kind} file is damaged or uses a feature I can't read; try saving it again as PNG or JPEG."
 )
+# Running out of memory while decoding says nothing about the file being broken: a large but valid picture can
+# meet a process already short of memory, so the member is told that rather than that the file is damaged.
+TOO_MUCH_MEMORY = "That image needs more memory to decode than I can spare; try sending a smaller version."
 
 # What Pillow raises on malformed input. A decoder fed hostile bytes fails in many ways, each of them the
-# file's fault; other exception types are bugs and propagate.
+# file's fault; other exception types are bugs and propagate. MemoryError is not among them: it is not the
+# file's fault, and _decode gives it its own sentence.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes UnidentifiedImageError and "image file is truncated"
     SyntaxError,
@@ -50,7 +54,6 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     ZeroDivisionError,
     OverflowError,
-    MemoryError,
     struct.error,
 )
 
@@ -141,6 +144,17 @@ def _decode(data: bytes, limits: IntakeSettings) -> tuple[Image.Image, str, tupl
     canvas = _declared_canvas(data)
     if canvas is not None:
         _check_dimensions(*canvas, limits)
+    try:
+        return _decode_within_limits(data, limits)
+    except MemoryError as exc:
+        # Raised wherever an allocation failed: opening (GIF and WebP allocate a canvas there), load() or the
+        # conversion to RGB. The limits above keep a valid picture to a few hundred megabytes, so this means
+        # the process itself is short of memory; the operator needs to hear of it, not only the member.
+        log.warning("out of memory decoding an upload (%d bytes)", len(data))
+        raise ImageError(TOO_MUCH_MEMORY) from exc
+
+
+def _decode_within_limits(data: bytes, limits: IntakeSettings) -> tuple[Image.Image, str, tuple[int, int]]:
     try:
         source = _open(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
