@@ -1,30 +1,35 @@
-"""Fuzzing image intake: structure-aware mutators per format, a seed corpus, and an atheris entry point.
+r"""Fuzzing image intake: structure-aware mutators per format, a seed corpus, and an atheris entry point.
 
 The property is intake's whole contract: any bytes decode to an RGB image or raise ImageError with one
 sentence; any other exception, a crash or a hang is a finding. tests/test_images.py runs the same mutators
-under hypothesis with a bounded number of examples on every test run. For open-ended, coverage-guided runs
-(atheris is libFuzzer for Python; it has wheels for CPython 3.11 on Linux):
+under hypothesis with a bounded number of examples on every test run, and replays a fixed corpus built with
+them under a memory and CPU-time cap (replay_bounded). For open-ended, coverage-guided runs (atheris is
+libFuzzer for Python; it has wheels for CPython 3.11 on Linux):
 
     .venv/bin/pip install atheris
-    .venv/bin/python -m tests.fuzz_intake -max_total_time=300 -timeout=10 -rss_limit_mb=2048 fuzz-corpus/
+    .venv/bin/python -m tests.fuzz_intake -max_total_time=300 -timeout=10 -rss_limit_mb=2048 \
+        -artifact_prefix=/tmp/i2p2i-fuzz/ fuzz-corpus/
 
 from the repository root. The seed corpus is written into the corpus folder (created if missing) before the
 run; libFuzzer keeps the inputs that found new coverage there and writes an input that broke the property
-to crash-<sha1>, which `python -m tests.fuzz_intake crash-<sha1>` replays. Half of the mutations are
-libFuzzer's own byte-level ones; the other half understand the container (PNG chunks with valid CRCs, GIF
-blocks, JPEG segments, TIFF directory entries, RIFF chunks, BMP header fields), so they get past the
-checksums and framing that random bytes almost never survive.
+to /tmp/i2p2i-fuzz/crash-<sha1> (the artifact prefix, a folder created if missing; without one libFuzzer
+writes into the working directory, here the repository), which `python -m tests.fuzz_intake
+/tmp/i2p2i-fuzz/crash-<sha1>` replays. Half of the mutations are libFuzzer's own byte-level ones; the other
+half understand the container (PNG chunks with valid CRCs, GIF blocks, JPEG segments, TIFF directory
+entries, RIFF chunks, BMP header fields), so they get past the checksums and framing that random bytes
+almost never survive.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +49,21 @@ Mutator = Callable[[bytes, random.Random], bytes]
 
 def check_intake(data: bytes, limits: IntakeSettings = FUZZ_LIMITS) -> str:
     """Decode and say which of the two allowed outcomes happened; anything else propagates."""
+    return "image" if isinstance(intake_outcome(data, limits), Image.Image) else "error"
+
+
+def intake_outcome(data: bytes, limits: IntakeSettings = FUZZ_LIMITS) -> Image.Image | str:
+    """The normalised image, or the one sentence of the ImageError; any other exception propagates."""
     try:
         image = open_image(data, limits)
     except ImageError as exc:
         message = str(exc)
         assert message.endswith(".") and "\n" not in message, message
         assert not _SECOND_SENTENCE.search(message), message
-        return "error"
+        return message
     assert image.mode == "RGB" and min(image.size) >= 1, (image.mode, image.size)
     assert image.info == {}, image.info
-    return "image"
+    return image
 
 
 # --- seeds --------------------------------------------------------------------------------------------------
@@ -612,6 +622,127 @@ def structured_mutation(data: bytes, rng: random.Random) -> bytes:
     return byte_mutation(data, rng)
 
 
+# --- bounded replay -----------------------------------------------------------------------------------------
+
+# One corpus record: name length, the three limits, data length; then the name (UTF-8) and the data.
+_RECORD = struct.Struct("<HQQQI")
+
+
+def write_corpus(path: Path, inputs: Iterable[tuple[str, bytes, IntakeSettings]]) -> None:
+    """Store named inputs, each with the limits it is decoded under, for replay_bounded to read."""
+    with path.open("wb") as out:
+        for name, data, limits in inputs:
+            encoded = name.encode()
+            out.write(
+                _RECORD.pack(len(encoded), limits.max_bytes, limits.max_pixels, limits.max_side, len(data))
+            )
+            out.write(encoded + data)
+
+
+def read_corpus(path: Path) -> Iterator[tuple[str, bytes, IntakeSettings]]:
+    blob = path.read_bytes()
+    pos = 0
+    while pos < len(blob):
+        name_length, max_bytes, max_pixels, max_side, data_length = _RECORD.unpack_from(blob, pos)
+        pos += _RECORD.size
+        name = blob[pos : pos + name_length].decode()
+        pos += name_length
+        limits = IntakeSettings(max_bytes=max_bytes, max_pixels=max_pixels, max_side=max_side)
+        yield name, blob[pos : pos + data_length], limits
+        pos += data_length
+
+
+class _Memory:
+    """This process's memory figures from /proc. The files stay open: opening them costs far more than
+    reading, and every input of a corpus reads them twice."""
+
+    def __init__(self) -> None:
+        self._status = os.open("/proc/self/status", os.O_RDONLY)
+        self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY)
+
+    def read(self, field: str) -> int:
+        """A VmSize, VmRSS or VmHWM line of /proc/self/status, in bytes."""
+        status = os.pread(self._status, 16384, 0)
+        return int(status.split(b"\n" + field.encode() + b":", 1)[1].split()[0]) * 1024
+
+    def restart_peak(self) -> None:
+        os.write(self._clear_refs, b"5")  # the peak (VmHWM) starts again from the current resident size
+
+
+def replay_bounded(corpus: Path, report: Path, headroom_bytes: int, kill_after_cpu_s: float) -> None:
+    """Decode every input of a corpus file under a memory cap and a CPU-time cap, one JSON line each.
+
+    Meant for a fresh interpreter of its own (Linux only; tests/test_images.py starts one). RLIMIT_AS caps
+    the whole address space at what the interpreter holds after its imports plus headroom_bytes, so
+    Pillow's and libwebp's C allocations count, which tracemalloc never sees, and one over the cap fails
+    inside the decoder as MemoryError instead of taking the machine's memory. RLIMIT_CPU is moved before
+    each input so that one spinning for kill_after_cpu_s ends the process (SIGXCPU), even inside C code
+    that never returns to Python; the lines already written then say which input it was. CPU time is
+    measured rather than wall time, which other work on a shared machine would inflate.
+
+    The first line describes the cap; each later one has the input's name, outcome ("image", "error" or
+    "exception"), sentence or size, CPU seconds, and peak resident memory growth in bytes.
+    """
+    import json
+    import math
+    import resource
+    import time
+
+    # A process killed by SIGXCPU would otherwise leave a core file in the working directory.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Decode every seed once first, so the decoders' lazily imported modules and libraries are in the
+    # baseline rather than charged to the first input that needs them.
+    for data in seed_corpus().values():
+        intake_outcome(data)
+    memory = _Memory()
+    baseline = memory.read("VmSize")
+    cap = baseline + headroom_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
+    try:
+        bytearray(headroom_bytes + 32 * 2**20)  # the headroom and a little: what the cap must refuse
+        cap_holds = False
+    except MemoryError:
+        cap_holds = True
+    with report.open("w") as out:
+
+        def line(record: dict[str, object]) -> None:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+
+        line(
+            {
+                "baseline_vm_bytes": baseline,
+                "cap_bytes": cap,
+                "cap_holds": cap_holds,
+                "torch_loaded": "torch" in sys.modules,
+            }
+        )
+        for name, data, limits in read_corpus(corpus):
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            spent_s = usage.ru_utime + usage.ru_stime
+            resource.setrlimit(
+                resource.RLIMIT_CPU, (math.ceil(spent_s + kill_after_cpu_s), resource.RLIM_INFINITY)
+            )
+            memory.restart_peak()
+            before = memory.read("VmRSS")
+            started = time.process_time()
+            record = {"name": name, **_replay_one(data, limits)}
+            record["cpu_s"] = time.process_time() - started
+            record["rss_growth_bytes"] = memory.read("VmHWM") - before
+            line(record)
+
+
+def _replay_one(data: bytes, limits: IntakeSettings) -> dict[str, object]:
+    # A function of its own so that the decoded image is freed on return, before the next input starts.
+    try:
+        outcome = intake_outcome(data, limits)
+    except Exception as exc:  # reported, not raised: the rest of the corpus still runs
+        return {"outcome": "exception", "message": repr(exc)}
+    if isinstance(outcome, str):
+        return {"outcome": "error", "message": outcome}
+    return {"outcome": "image", "mode": outcome.mode, "size": list(outcome.size)}
+
+
 # --- atheris ------------------------------------------------------------------------------------------------
 
 
@@ -632,6 +763,10 @@ def main(argv: list[str]) -> None:
     import atheris
 
     folders = [Path(arg) for arg in argv[1:] if not arg.startswith("-")]
+    for arg in argv[1:]:
+        # libFuzzer writes crash files under the prefix but does not create its folder.
+        if arg.startswith("-artifact_prefix=") and arg.endswith("/"):
+            Path(arg.split("=", 1)[1]).mkdir(parents=True, exist_ok=True)
     for folder in folders:
         if not folder.is_file():
             folder.mkdir(parents=True, exist_ok=True)

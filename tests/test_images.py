@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,9 @@ from i2p2i_bot.config import IntakeSettings
 from i2p2i_bot.images import (
     BACKGROUND_RGB,
     DAMAGED_IMAGE,
+    EMPTY_FILE,
     NOT_AN_IMAGE,
+    TOO_MUCH_MEMORY,
     UNREADABLE_VARIANT,
     ImageError,
     check_declared,
@@ -38,13 +43,16 @@ from i2p2i_bot.images import (
 )
 from tests.fuzz_intake import (
     FUZZ_LIMITS,
+    byte_mutation,
     check_intake,
+    intake_outcome,
     jpeg_assemble,
     jpeg_segments,
     png_assemble,
     png_chunks,
     seed_corpus,
     structured_mutation,
+    write_corpus,
 )
 
 # Every case must end, image or ImageError, well within this (they take milliseconds): a generous bound
@@ -292,9 +300,14 @@ def test_multi_picture_jpeg_returns_its_first_picture() -> None:
     assert np.abs(pixels(intake.image)[3, 4] - (255, 0, 0)).max() <= 4
 
 
+def many_frame_gif(frames: int) -> bytes:
+    """A 1×1 GIF whose first frame is red and every later one blue."""
+    return gif_bytes((1, 1), [(0, 0, 1, 1, 0)] + [(0, 0, 1, 1, 1)] * (frames - 1))
+
+
 def test_gif_with_thousands_of_frames_reads_only_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 5000-frame GIF is answered from frame 0 alone; no later frame is ever parsed."""
-    data = gif_bytes((1, 1), [(0, 0, 1, 1, 0)] + [(0, 0, 1, 1, 1)] * 4999)
+    data = many_frame_gif(5000)
     assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 5000
     seen: list[int] = []
     original = GifImagePlugin.GifImageFile._seek
@@ -612,6 +625,45 @@ def rejection_sentences(fmt: str) -> set[str]:
     return {DAMAGED_IMAGE, UNREADABLE_VARIANT.format(kind=kind)}
 
 
+# Every sentence open_image may end with: the fixed ones, and the limit sentences with their numbers.
+FIXED_SENTENCES = {NOT_AN_IMAGE, EMPTY_FILE, DAMAGED_IMAGE, TOO_MUCH_MEMORY} | {
+    UNREADABLE_VARIANT.format(kind=kind) for kind in ("PNG", "JPEG", "GIF", "WebP", "TIFF", "BMP")
+}
+_BYTES = r"[\d.]+ (?:MB|KB|bytes)"
+_PIXELS = r"[\d,]+(?:\.\d)? (?:megapixels|pixels)"
+LIMIT_SENTENCE = re.compile(
+    rf"That file is {_BYTES}; the limit is {_BYTES}\."
+    rf"|That image is \d+×\d+ pixels; the limit is {_PIXELS}\."
+    rf"|That image is \d+×\d+ pixels; the longest side allowed is \d+ pixels\."
+    rf"|That image is about {_PIXELS}; the limit is {_PIXELS}\."
+    rf"|That image has too many pixels; the limit is {_PIXELS}\."
+)
+
+
+def is_limit_sentence(message: str) -> bool:
+    return LIMIT_SENTENCE.fullmatch(message) is not None
+
+
+def test_known_sentences_cover_every_refusal_and_nothing_else() -> None:
+    """The sentence check the corpus tests rely on accepts each refusal intake makes and rejects others."""
+    refusals = [
+        (b"", None),
+        (bytes(2048), IntakeSettings(max_bytes=1024)),
+        (png_declaring(30000, 30000), None),
+        (encode(Image.new("L", (1, 65000)), "PNG"), None),
+        (bmp_declaring(30000, 30000), None),
+        (b"\x89PNG\r\n\x1a\n", None),
+        (b"text", None),
+    ]
+    for data, limits in refusals:
+        with pytest.raises(ImageError) as caught:
+            open_image(data, limits or images.DEFAULT_LIMITS)
+        message = str(caught.value)
+        assert message in FIXED_SENTENCES or is_limit_sentence(message), message
+    for other in ("That image is fine.", "Traceback (most recent call last):", DAMAGED_IMAGE + " Sorry."):
+        assert other not in FIXED_SENTENCES and not is_limit_sentence(other)
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 @pytest.mark.parametrize("fraction", [0.0005, 0.01, 0.1, 0.5, 0.9, 0.99])
 def test_truncated_files_are_rejected(fmt: str, fraction: float) -> None:
@@ -681,19 +733,73 @@ def test_truncation_at_any_offset_gives_the_whole_picture_or_image_error(name: s
     assert errors >= 64  # at least every cut inside the headers was refused
 
 
+def header_bit_flips(data: bytes, length: int = 48) -> list[tuple[int, bytes]]:
+    """Every single-bit change within the first `length` bytes, with the position of the changed byte."""
+    flips = []
+    for position in range(min(length, len(data))):
+        for bit in range(8):
+            mutated = bytearray(data)
+            mutated[position] ^= 1 << bit
+            flips.append((position, bytes(mutated)))
+    return flips
+
+
+# The bytes by which each format is recognised; a file with any of them changed is no longer that format.
+SIGNATURE_BYTES: dict[str, tuple[int, ...]] = {
+    "png": tuple(range(8)),
+    "apng": tuple(range(8)),
+    "jpeg": tuple(range(3)),
+    "mpo": tuple(range(3)),
+    "gif": tuple(range(6)),
+    "bmp": tuple(range(2)),
+    "webp": (*range(4), *range(8, 12)),  # RIFF, then WEBP after the size
+    "tiff": tuple(range(4)),
+}
+
+
+def png_checksummed_bytes(data: bytes) -> set[int]:
+    """Positions covered by the CRCs Pillow verifies: type, body and CRC of each chunk before the first IDAT.
+
+    Pillow stops checking at the image data (the decoder reads IDAT), and a length field is not covered.
+    """
+    covered: set[int] = set()
+    pos = 8
+    while pos + 12 <= len(data) and data[pos + 4 : pos + 8] != b"IDAT":
+        (length,) = struct.unpack_from(">I", data, pos)
+        covered.update(range(pos + 4, pos + 12 + length))
+        pos += 12 + length
+    return covered
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("name", sorted(HOSTILE_SEEDS))
 @pytest.mark.timeout(60)
 def test_header_bit_flips_give_an_image_or_image_error(name: str) -> None:
-    """Flipping each bit of the first 48 bytes yields an RGB image or ImageError, never another exception."""
+    """Each bit of the first 48 bytes flipped: this format's refusal sentence, or an RGB image in the limits.
+
+    A flip in the signature, or in a PNG chunk whose CRC Pillow checks, is always refused. Every other
+    format has header fields a decoder can do without (JFIF density, BMP's reserved bytes, GIF palette
+    entries), so some of its flips still give a picture; a change that refused them all would show here.
+    """
     data = HOSTILE_SEEDS[name]
-    outcomes = set()
-    for position in range(min(48, len(data))):
-        for bit in range(8):
-            mutated = bytearray(data)
-            mutated[position] ^= 1 << bit
-            outcomes.add(rgb_or_image_error(bytes(mutated)))
-    assert "error" in outcomes
+    fmt = name.split("-")[0]
+    protected = set(SIGNATURE_BYTES[fmt])
+    if fmt in ("png", "apng"):
+        protected |= png_checksummed_bytes(data)
+    limits = images.DEFAULT_LIMITS
+    refusals = rejection_sentences(fmt) | {NOT_AN_IMAGE}
+    pictures = 0
+    for position, mutated in header_bit_flips(data):
+        outcome = intake_outcome(mutated, limits)
+        if isinstance(outcome, str):
+            assert outcome in refusals or is_limit_sentence(outcome), (position, outcome)
+            continue
+        pictures += 1
+        assert position not in protected, f"a flip at byte {position} was accepted"
+        width, height = outcome.size
+        assert width * height <= limits.max_pixels and max(width, height) <= limits.max_side, outcome.size
+    if fmt not in ("png", "apng"):
+        assert pictures > 0
 
 
 @pytest.mark.parametrize(
@@ -739,6 +845,52 @@ def test_broken_header_of_an_allowed_format_names_that_format(data: bytes, kind:
     assert str(caught.value) == UNREADABLE_VARIANT.format(kind=kind)
 
 
+class StarvedDecoder:
+    """A Pillow decoder whose decode() fails as a real one does when its buffers cannot be allocated."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def decode(self, buffer: bytes) -> tuple[int, int]:
+        raise MemoryError
+
+
+@pytest.mark.parametrize("name", ["png", "png-16bit", "jpeg", "gif", "bmp", "tiff", "tiff-lzw"])
+def test_memory_running_out_in_the_decoder_has_its_own_sentence(
+    name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A MemoryError from the pixel decoder is told as needing more memory, not as a damaged file."""
+    real = Image._getdecoder
+    monkeypatch.setattr(Image, "_getdecoder", lambda *args: StarvedDecoder(real(*args)))
+    with pytest.raises(ImageError) as caught:
+        open_image(HOSTILE_SEEDS[name])
+    assert str(caught.value) == TOO_MUCH_MEMORY
+    assert isinstance(caught.value.__cause__, MemoryError)
+    assert "out of memory" in caplog.text  # the operator hears of it too
+
+
+@pytest.mark.parametrize("stage", ["open", "convert"])
+def test_memory_running_out_while_opening_or_converting_has_its_own_sentence(
+    stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory while opening (GIF and WebP allocate a canvas there) or converting: the same sentence."""
+
+    def starved(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    if stage == "open":
+        monkeypatch.setattr(Image, "open", starved)
+    else:
+        monkeypatch.setattr(images, "_to_rgb", starved)
+    for data in (HOSTILE_SEEDS["gif"], HOSTILE_SEEDS["webp"], HOSTILE_SEEDS["png"]):
+        with pytest.raises(ImageError) as caught:
+            open_image(data)
+        assert str(caught.value) == TOO_MUCH_MEMORY
+
+
 # --- colour profiles, metadata and polyglots ---------------------------------------------------------------
 
 OPAQUE = (10, 200, 30)
@@ -760,6 +912,9 @@ def flat(fmt: str) -> bytes:
     return encode(Image.new("RGB", (8, 8), OPAQUE), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
 
 
+ICC_ZLIB_BOMB = b"icc\x00\x00" + zlib.compress(bytes(50_000_000), 9)  # inflates past Pillow's 1 MB cap
+
+
 @pytest.mark.parametrize(
     "iccp",
     [
@@ -767,7 +922,7 @@ def flat(fmt: str) -> bytes:
         b"icc\x00\x00" + b"not zlib at all",
         b"icc\x00\x05" + zlib.compress(b"profile"),  # unknown compression method
         b"icc-profile-name-without-its-terminator" * 3,
-        b"icc\x00\x00" + zlib.compress(bytes(50_000_000), 9),  # inflates past Pillow's 1 MB cap
+        ICC_ZLIB_BOMB,
         b"",
     ],
     ids=["not-a-profile", "not-zlib", "unknown-method", "no-terminator", "zlib-bomb", "empty"],
@@ -1230,11 +1385,16 @@ def test_apng_with_thousands_of_frames_reads_only_the_first(monkeypatch: pytest.
     assert set(seen) <= {0}
 
 
+def animated_webp(frames: int) -> bytes:
+    """A 1×1 lossless animated WebP alternating red (frame 0) and blue."""
+    pictures = [Image.new("RGB", (1, 1), (255, 0, 0) if i % 2 == 0 else (0, 0, 255)) for i in range(frames)]
+    return encode(pictures[0], "WEBP", save_all=True, append_images=pictures[1:], lossless=True, duration=10)
+
+
 @pytest.mark.timeout(60)
 def test_webp_with_thousands_of_frames_reads_only_the_first() -> None:
     """A 2000-frame animated WebP yields frame 0, found without decoding the rest."""
-    frames = [Image.new("RGB", (1, 1), (255, 0, 0) if i % 2 == 0 else (0, 0, 255)) for i in range(2000)]
-    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=10)
+    data = animated_webp(2000)
     assert Image.open(io.BytesIO(data)).n_frames == 2000
     assert open_image(data).getpixel((0, 0)) == (255, 0, 0)
 
@@ -1292,6 +1452,12 @@ BOMBS: dict[str, Callable[[], bytes]] = {
 }
 
 
+@functools.cache
+def bomb_bytes(name: str) -> bytes:
+    """BOMBS[name], encoded once: the memory test and the bounded corpus both use them."""
+    return BOMBS[name]()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads resident memory from /proc")
 @pytest.mark.parametrize("name", sorted(BOMBS))
 @pytest.mark.timeout(180)
@@ -1301,7 +1467,7 @@ def test_decompression_bombs_under_the_limit_decode_within_a_memory_bound(name: 
     These files are allowed (under 40 MP), so the bound is on what decoding them may cost: peak resident
     memory of a fresh process, and peak Python/numpy allocations traced by tracemalloc.
     """
-    data = BOMBS[name]()
+    data = bomb_bytes(name)
     assert len(data) < 300_000  # a real bomb: over 100× smaller than what it decodes to
     path = tmp_path / "bomb"
     path.write_bytes(data)
@@ -1321,16 +1487,21 @@ def test_decompression_bombs_under_the_limit_decode_within_a_memory_bound(name: 
     assert report["rss_growth"] < RSS_BYTES_PER_PIXEL * BOMB_SIDE * BOMB_SIDE, report
 
 
+def png_text_bomb(kind: bytes, after_pixels: bool) -> bytes:
+    """A small PNG carrying 100 zTXt or iTXt chunks that each inflate to 1 MB, before or after its pixels."""
+    body = b"k\x00\x00" if kind == b"zTXt" else b"k\x00\x01\x00\x00\x00"
+    bomb = [(kind, body + zlib.compress(bytes(1_000_000), 9))] * 100
+    chunks, tail = png_chunks(flat("PNG"))
+    where = len(chunks) - 1 if after_pixels else 1
+    return png_assemble(chunks[:where] + bomb + chunks[where:], tail)
+
+
 @pytest.mark.parametrize("kind", [b"zTXt", b"iTXt"])
 @pytest.mark.parametrize("after_pixels", [False, True], ids=["before-idat", "after-idat"])
 @pytest.mark.timeout(60)
 def test_png_text_chunk_bomb_is_bounded(kind: bytes, after_pixels: bool) -> None:
     """100 compressed text chunks of 1 MB each (a 100 KB file) end as an ImageError with little memory."""
-    body = b"k\x00\x00" if kind == b"zTXt" else b"k\x00\x01\x00\x00\x00"
-    bomb = [(kind, body + zlib.compress(bytes(1_000_000), 9))] * 100
-    chunks, tail = png_chunks(flat("PNG"))
-    where = len(chunks) - 1 if after_pixels else 1
-    data = png_assemble(chunks[:where] + bomb + chunks[where:], tail)
+    data = png_text_bomb(kind, after_pixels)
     assert len(data) < 200_000
     tracemalloc.start()
     try:
@@ -1442,8 +1613,11 @@ def mutated_images(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+# Each example takes milliseconds. The deadline is wall-clock time (hypothesis measures no other kind), so it
+# is set far above that: a shared machine may stall any one example for a while, but not for seconds.
+FUZZ_DEADLINE = timedelta(seconds=5)
 FUZZ_SETTINGS = settings(
-    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=200, deadline=FUZZ_DEADLINE, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -1480,7 +1654,9 @@ CONTAINERS = {
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("container", sorted(CONTAINERS))
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=FUZZ_DEADLINE, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_structure_aware_mutations_give_an_image_or_image_error(container: str, data: st.DataObject) -> None:
     """Chunk, block, segment and header-field mutations that keep the framing valid never escape intake.
@@ -1509,3 +1685,174 @@ def test_png_mutations_keep_every_chunk_checksum_valid() -> None:
             kind_and_body = mutated[pos + 4 : pos + 8 + length]
             assert struct.unpack_from(">I", mutated, pos + 8 + length)[0] == zlib.crc32(kind_and_body)
             pos += 12 + length
+
+
+# --- time and memory bound over the whole hostile corpus ----------------------------------------------------
+
+# What each input of the corpus may cost the decoding process, which runs alone under these caps (see
+# tests/fuzz_intake.replay_bounded). CPU time rather than wall time, as other work on a shared machine slows
+# the wall clock, not the CPU time. The slowest inputs, the 36-megapixel bombs, take up to 0.7 s.
+BOUND_CPU_S = 2.0
+# An input still running after this much CPU time is killed, and the test names it instead of hanging.
+BOUND_KILL_CPU_S = 10.0
+# Address space allowed above the decoding process's own after its imports (about 170 MB: Pillow and numpy,
+# no torch). The 36-megapixel bombs grow resident memory by up to 280 MiB, so the cap is never what refuses
+# a file within the limits, yet it stops any input from taking the machine's memory.
+BOUND_HEADROOM_BYTES = 1 << 30
+# Peak resident growth allowed for any one input: what the largest picture within the limits may cost.
+BOUND_RSS_BYTES = RSS_BYTES_PER_PIXEL * images.DEFAULT_LIMITS.max_pixels
+STRUCTURED_MUTATIONS_PER_SEED = 40
+BYTE_MUTATIONS_PER_SEED = 20
+
+CorpusEntry = tuple[str, bytes, IntakeSettings]
+
+
+def hostile_corpus() -> list[CorpusEntry]:
+    """The inputs the generators in this file make, named, each with the limits it is decoded under.
+
+    Truncations and header bit flips of every seed, fixed-seed structure-aware and byte mutations (as the
+    hypothesis tests draw, at their small limits), thousands of frames, bombs under and over the limits,
+    text-chunk, colour-profile and EXIF bombs.
+    """
+    default = images.DEFAULT_LIMITS
+    corpus: list[CorpusEntry] = []
+    for name, data in sorted(HOSTILE_SEEDS.items()):
+        corpus.append((name, data, default))
+        corpus += [(f"{name} cut at {cut}", data[:cut], default) for cut in cut_offsets(len(data))]
+        corpus += [
+            (f"{name} bit flip {i // 8}.{i % 8}", flipped, default)
+            for i, (_, flipped) in enumerate(header_bit_flips(data))
+        ]
+        rng = random.Random(name)  # a string seed: the same corpus on every run and machine
+        for i in range(STRUCTURED_MUTATIONS_PER_SEED):
+            mutated = data
+            for _ in range(rng.randint(1, 3)):
+                mutated = structured_mutation(mutated, rng)
+            corpus.append((f"{name} structured mutation {i}", mutated, FUZZ_LIMITS))
+        corpus += [
+            (f"{name} byte mutation {i}", byte_mutation(data, rng), FUZZ_LIMITS)
+            for i in range(BYTE_MUTATIONS_PER_SEED)
+        ]
+    corpus += [
+        ("gif with 5000 frames", many_frame_gif(5000), default),
+        ("apng with 5000 frames", apng_bytes(5000), default),
+        ("webp with 2000 frames", animated_webp(2000), default),
+        ("png declaring 30000x30000", png_declaring(30000, 30000), default),
+        ("bmp declaring 30000x30000", bmp_declaring(30000, 30000), default),
+        ("jpeg declaring 65535x65535", jpeg_declaring(65535, 65535), default),
+        ("tiff declaring 65535x65535", tiff_bytes(65535, 65535, bytes(16)), default),
+        ("gif with a 60000x60000 screen", gif_bytes((60000, 60000), [(0, 0, 1, 1, 0)]), default),
+        ("gif with a 30000x30000 frame", gif_bytes((1, 1), [(0, 0, 30000, 30000, 0)], disposal=2), default),
+        ("gif javascript polyglot", GIF_JS, default),
+        ("png with an iccp zlib bomb", with_png_chunk(flat("PNG"), b"iCCP", ICC_ZLIB_BOMB), default),
+    ]
+    corpus += [
+        (f"{kind!r} webp declaring 16000x16000", webp_declaring(16000, 16000, kind), default)
+        for kind in ("VP8X", "VP8 ", "VP8L")
+    ]
+    corpus += [
+        (
+            f"png {kind.decode()} bomb {'after' if after else 'before'} its pixels",
+            png_text_bomb(kind, after),
+            default,
+        )
+        for kind in (b"zTXt", b"iTXt")
+        for after in (False, True)
+    ]
+    corpus += [
+        (f"jpeg with exif {i}", encode(marked(), "JPEG", exif=b"Exif\x00\x00" + exif), default)
+        for i, exif in enumerate([EXIF_LOOP, EXIF_HUGE_COUNT, EXIF_GIANT_VALUE])
+    ]
+    corpus += [(f"bomb {name}", bomb_bytes(name), default) for name in sorted(BOMBS)]
+    return corpus
+
+
+def replay_bounded(
+    corpus: list[CorpusEntry], tmp_path: Path, headroom_bytes: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Decode the corpus in a fresh process under the memory and CPU caps: its cap line and one per input.
+
+    A process that dies (a decoder crashing, or killed for CPU time) fails the test with the input it was on.
+    """
+    corpus_path, report_path = tmp_path / "corpus", tmp_path / "report.jsonl"
+    write_corpus(corpus_path, corpus)
+    replay = (
+        "import sys; from pathlib import Path; from tests.fuzz_intake import replay_bounded; "
+        "replay_bounded(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            replay,
+            str(corpus_path),
+            str(report_path),
+            str(headroom_bytes),
+            str(BOUND_KILL_CPU_S),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    lines = report_path.read_text().splitlines() if report_path.exists() else []
+    records = [json.loads(line) for line in lines]
+    if done.returncode != 0:
+        # The first line describes the cap, so the input that was running is the one after the last line.
+        stuck = repr(corpus[len(records) - 1][0]) if 0 < len(records) <= len(corpus) else "no input"
+        pytest.fail(f"the decoding process ended with {done.returncode} on {stuck}: {done.stderr[-2000:]}")
+    assert len(records) == len(corpus) + 1
+    return records[0], records[1:]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="caps memory with RLIMIT_AS, reads /proc")
+@pytest.mark.timeout(300)
+def test_hostile_corpus_ends_within_a_cpu_and_memory_bound(tmp_path: Path) -> None:
+    """Each of ~14,600 hostile inputs ends as an RGB image or a known sentence, within a CPU and memory bound.
+
+    They are decoded one after another in a process whose address space is capped (RLIMIT_AS counts
+    Pillow's and the codecs' own allocations, which tracemalloc does not see); each must take at most
+    BOUND_CPU_S of CPU time and grow resident memory by at most BOUND_RSS_BYTES.
+    """
+    corpus = hostile_corpus()
+    cap, records = replay_bounded(corpus, tmp_path, BOUND_HEADROOM_BYTES)
+    assert cap["cap_holds"], cap  # the cap really refuses an allocation just over the headroom
+    assert not cap["torch_loaded"]  # intake's baseline is Pillow and numpy alone
+    failures = []
+    for (name, _, limits), record in zip(corpus, records, strict=True):
+        assert record["name"] == name
+        if record["outcome"] == "image":
+            width, height = record["size"]
+            fits = width * height <= limits.max_pixels and max(width, height) <= limits.max_side
+            if record["mode"] != "RGB" or not fits:
+                failures.append(f"{name}: {record['mode']} image of {width}×{height}")
+        elif record["outcome"] == "error":
+            # The memory sentence is known, but here it would mean a file within the limits outgrew the cap.
+            if record["message"] == TOO_MUCH_MEMORY or not (
+                record["message"] in FIXED_SENTENCES or is_limit_sentence(record["message"])
+            ):
+                failures.append(f"{name}: {record['message']}")
+        else:
+            failures.append(f"{name}: {record['message']}")
+        if record["cpu_s"] > BOUND_CPU_S:
+            failures.append(f"{name}: {record['cpu_s']:.2f} s of CPU time")
+        if record["rss_growth_bytes"] > BOUND_RSS_BYTES:
+            failures.append(f"{name}: resident memory grew by {record['rss_growth_bytes'] / 2**20:.0f} MiB")
+    assert not failures, f"{len(failures)} of {len(corpus)} inputs:\n" + "\n".join(failures[:30])
+    outcomes = {record["outcome"] for record in records}
+    assert outcomes == {"image", "error"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="caps memory with RLIMIT_AS, reads /proc")
+@pytest.mark.timeout(120)
+def test_a_picture_larger_than_the_memory_cap_is_told_so_and_the_process_carries_on(tmp_path: Path) -> None:
+    """Under a 64 MiB cap, a 36-megapixel RGBA PNG (144 MB decoded) gets the memory sentence, for real."""
+    corpus: list[CorpusEntry] = [
+        ("bomb png-rgba", bomb_bytes("png-rgba"), images.DEFAULT_LIMITS),
+        ("png", HOSTILE_SEEDS["png"], images.DEFAULT_LIMITS),
+    ]
+    cap, (big, small) = replay_bounded(corpus, tmp_path, 64 * 2**20)
+    assert cap["cap_holds"], cap
+    assert (big["outcome"], big.get("message")) == ("error", TOO_MUCH_MEMORY)
+    assert (small["outcome"], small["size"]) == ("image", [16, 12])
