@@ -1,7 +1,7 @@
 """GPU faults on the real (tiny) engine, through the real runner, queue and store.
 
-Faults are injected into the model itself: CUDA out-of-memory from the UNet for batches over two images,
-a RuntimeError from the VAE decoder, and a denoising step that blocks until released.
+Faults are injected into the model itself: CUDA out-of-memory from the UNet for batches over two images
+or for any, a RuntimeError from the VAE decoder, and a denoising step that blocks until released.
 """
 
 from __future__ import annotations
@@ -118,6 +118,37 @@ async def test_out_of_memory_at_batch_eight_splits_and_every_image_matches_its_s
         assert np.abs(stored_pixels(store, job, image.index) - alone).max() <= PIXEL_TOLERANCE
     # The images are not all alike, so matching them one by one means something.
     assert np.abs(stored_pixels(store, job, 0) - stored_pixels(store, job, 1)).max() > 10
+
+
+@pytest.mark.timeout(600)
+async def test_out_of_memory_even_for_one_image_fails_the_job_with_a_sentence_for_the_user(
+    store: Store, gpu: GpuWorker, engine: Engine, params: GenerationParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA OOM at every UNet call: the batch of 2 splits to 1 + 1, the first single image fails too, and
+    the job fails at once (no retry could fit) with the sentence the member is shown."""
+    unet = engine.generator.pipe.unet
+    images_per_call: list[int] = []
+
+    def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        images_per_call.append(sample.shape[0] // 2)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    patch_module(monkeypatch, unet, "forward", forward)
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=2, max_attempts=3))
+    runner = JobRunner(queue, engine, gpu, timeout_s=300)
+    job = await queue.submit(JobRequest(owner_id=1, prompt="a huge mural", params=params, count=2, seed=9))
+    events = queue.subscribe(job_id=job.id)
+    runner.start()
+    last = [event async for event in events][-1]
+    await finish(queue, runner)
+
+    assert images_per_call == [2, 1]
+    sentence = "The GPU ran out of memory even for a single image; try a smaller size."
+    assert (last.kind, last.error) == (EventKind.FAILED, sentence)
+    record = await store.job_record(job.id)
+    assert record is not None and record.images == ()
+    assert (record.job.status, record.job.attempts, record.job.error) == (JobStatus.FAILED, 0, sentence)
+    assert runner.batches_run == 1
 
 
 @pytest.mark.timeout(600)
