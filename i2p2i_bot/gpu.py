@@ -39,6 +39,17 @@ class GpuOutOfMemory(Exception):
     """Even a single image does not fit in GPU memory; the message is meant for the user."""
 
 
+class GpuFault(RuntimeError):
+    """A CUDA error left the GPU unusable until the process restarts (see cuda_context_lost).
+
+    `ran` is True for the task whose error did it (that error is the cause), False for a task refused unrun.
+    """
+
+    def __init__(self, message: str, *, ran: bool) -> None:
+        super().__init__(message)
+        self.ran = ran
+
+
 @dataclass(order=True)
 class _Task:
     priority: int
@@ -61,6 +72,7 @@ class GpuWorker:
         self._closed = False
         self._lock = threading.Lock()
         self._busy_since: float | None = None  # time.monotonic() when the running task started
+        self._fault: str | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -75,6 +87,15 @@ class GpuWorker:
         """How long the thread has been on its current task (0 when idle): a step that never returns shows."""
         since = self._busy_since
         return 0.0 if since is None else time.monotonic() - since
+
+    @property
+    def device_fault(self) -> str | None:
+        """The CUDA error that made the GPU unusable until a restart (see cuda_context_lost); None if none.
+
+        The task that raised it fails with GpuFault(ran=True); from then on every task fails with
+        GpuFault(ran=False) without running.
+        """
+        return self._fault
 
     def submit(
         self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any
@@ -101,7 +122,7 @@ class GpuWorker:
                 self._closed = True
                 # Sorts after every real task, so queued work drains first.
                 stop = concurrent.futures.Future[Any]()
-                self._queue.put(_Task(1 << 30, next(self._seq), lambda: _STOP, (), {}, stop))
+                self._queue.put(_Task(1 << 30, next(self._seq), _stop, (), {}, stop))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
@@ -110,11 +131,21 @@ class GpuWorker:
             task = self._queue.get()
             if not task.future.set_running_or_notify_cancel():
                 continue
+            if self._fault is not None and task.fn is not _stop:
+                refused = GpuFault(f"the GPU is unusable until a restart ({self._fault})", ran=False)
+                task.future.set_exception(refused)
+                continue
             self._busy_since = time.monotonic()
             try:
                 result = task.fn(*task.args, **task.kwargs)
             except BaseException as exc:  # the thread must outlive any model failure
-                task.future.set_exception(exc)
+                error = exc
+                if self._fault is None and cuda_context_lost(exc):
+                    self._fault = f"{type(exc).__name__}: {exc}"
+                    log.critical("the GPU cannot be used until the process restarts: %s", self._fault)
+                    error = GpuFault(f"the GPU is unusable until a restart ({self._fault})", ran=True)
+                    error.__cause__ = exc
+                task.future.set_exception(error)
                 if not isinstance(exc, Exception):
                     log.error("GPU task raised %r; the GPU thread keeps running", exc)
                 continue
@@ -124,6 +155,30 @@ class GpuWorker:
                 task.future.set_result(None)
                 return
             task.future.set_result(result)
+
+
+def _stop() -> object:
+    return _STOP
+
+
+def cuda_context_lost(exc: BaseException) -> bool:
+    """Whether exc is a CUDA error after which this process can no longer use the GPU.
+
+    Kernel faults (an illegal memory access, a device-side assert, a launch failure) are sticky: CUDA fails
+    every later call in the process, and only a restart gets the GPU back. Other CUDA errors (a bad launch
+    configuration) leave it usable; a synchronisation tells the two apart, and fails only after a sticky one.
+    """
+    if not isinstance(exc, RuntimeError) or not str(exc).startswith("CUDA error"):
+        return False
+    if not torch.cuda.is_initialized():
+        return True  # no context to ask (tests raise such errors on the CPU): take the error at its word
+    try:
+        for index in range(torch.cuda.device_count()):
+            if torch.cuda.memory_reserved(index):  # a device this process works on
+                torch.cuda.synchronize(index)
+    except RuntimeError:
+        return True
+    return False
 
 
 def split_on_oom(

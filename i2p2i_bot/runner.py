@@ -13,13 +13,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from i2p2i_bot.generate import BatchResult, GenerationError, GenerationParams, ImageSpec, StepCallback
-from i2p2i_bot.gpu import GpuClosed, GpuOutOfMemory, GpuWorker, Priority
+from i2p2i_bot.gpu import GpuClosed, GpuFault, GpuOutOfMemory, GpuWorker, Priority
 from i2p2i_bot.queue import Batch, BatchFailure, BatchSource, FailureKind
 
 log = logging.getLogger(__name__)
 
 # Results of finished batches that may wait to be stored while the GPU goes on (their images stay in memory).
 _MAX_UNSTORED_BATCHES = 2
+
+GPU_FAULT_REASON = (
+    "The GPU failed while making these images and can make no more until the bot restarts; "
+    "try again after that."
+)
 
 
 class Generator(Protocol):
@@ -38,6 +43,9 @@ class JobRunner:
     A batch that runs past `timeout_s` fails its jobs and the runner moves on (the GPU thread cannot be
     interrupted, so later batches wait behind it). On stop, the running batch may finish within the grace
     period; otherwise it is handed back as interrupted, so the next start makes its images again.
+
+    A CUDA error that leaves the GPU unusable (GpuWorker.device_fault) fails the batch that hit it, and the
+    runner stops: the jobs still queued wait for a restart instead of all failing the same way.
     """
 
     def __init__(self, source: BatchSource, engine: Generator, gpu: GpuWorker, *, timeout_s: float) -> None:
@@ -59,6 +67,9 @@ class JobRunner:
         storing: deque[asyncio.Task[None]] = deque()
         try:
             while True:
+                if self._gpu.device_fault is not None:
+                    log.critical("the GPU is unusable, so no more batches run; restart the bot to go on")
+                    return
                 batch = await self._source.next_batch()
                 if batch is None:
                     return
@@ -159,6 +170,12 @@ class JobRunner:
             return BatchFailure(str(exc), FailureKind.PERMANENT)
         except GpuClosed:
             return BatchFailure("the GPU worker stopped", FailureKind.INTERRUPTED)
+        except GpuFault as exc:
+            if exc.ran:
+                log.exception("batch %d failed and left the GPU unusable", batch.id)
+                return BatchFailure(GPU_FAULT_REASON, FailureKind.PERMANENT)
+            # Another task broke the GPU before this batch ran: it is not to blame and runs after a restart.
+            return BatchFailure("the GPU is unusable until the bot restarts", FailureKind.INTERRUPTED)
         except Exception as exc:
             log.exception("batch %d failed", batch.id)
             return BatchFailure(f"generation failed with an internal error ({type(exc).__name__})")

@@ -10,7 +10,15 @@ import weakref
 import pytest
 import torch
 
-from i2p2i_bot.gpu import GpuClosed, GpuOutOfMemory, GpuWorker, Priority, split_on_oom
+from i2p2i_bot.gpu import (
+    GpuClosed,
+    GpuFault,
+    GpuOutOfMemory,
+    GpuWorker,
+    Priority,
+    cuda_context_lost,
+    split_on_oom,
+)
 
 
 async def test_runs_on_the_worker_thread() -> None:
@@ -157,3 +165,74 @@ def test_busy_for_s_shows_how_long_the_current_task_has_run() -> None:
     finally:
         release.set()
         worker.close()
+
+
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
+def test_a_cuda_error_is_taken_at_its_word_where_no_cuda_context_exists() -> None:
+    """Only a RuntimeError that CUDA raised counts; out-of-memory and other errors never do."""
+    assert cuda_context_lost(RuntimeError(ILLEGAL_ACCESS))
+    assert cuda_context_lost(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not cuda_context_lost(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not cuda_context_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not cuda_context_lost(ValueError(ILLEGAL_ACCESS))
+
+
+@pytest.mark.parametrize("sticky", [True, False])
+def test_a_synchronisation_tells_a_sticky_cuda_error_from_one_the_gpu_survives(
+    sticky: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a live CUDA context, the error is fatal only if synchronising the device used fails too."""
+    synchronised: list[int] = []
+
+    def synchronize(index: int) -> None:
+        synchronised.append(index)
+        if sticky:
+            raise RuntimeError(ILLEGAL_ACCESS)
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 2**20 if index == 1 else 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    assert cuda_context_lost(RuntimeError("CUDA error: invalid configuration argument")) is sticky
+    assert synchronised == [1]  # not the device this process never touched
+
+
+async def test_after_a_lost_cuda_context_every_task_is_refused_unrun() -> None:
+    """The task that broke the GPU fails with its error as the cause; later ones are refused; close works."""
+    gpu = GpuWorker()
+    ran: list[str] = []
+
+    def fault() -> None:
+        raise RuntimeError(ILLEGAL_ACCESS)
+
+    try:
+        assert gpu.device_fault is None
+        with pytest.raises(GpuFault, match="illegal memory access") as broke:
+            await gpu.run(fault)
+        assert broke.value.ran and isinstance(broke.value.__cause__, RuntimeError)
+        assert gpu.device_fault == f"RuntimeError: {ILLEGAL_ACCESS}"
+        with pytest.raises(GpuFault, match="unusable until a restart") as refused:
+            await gpu.run(ran.append, "later")
+        assert not refused.value.ran
+        assert ran == [] and gpu.thread.is_alive()
+    finally:
+        gpu.close(timeout_s=5)
+    assert not gpu.thread.is_alive()
+
+
+async def test_an_ordinary_error_leaves_the_gpu_usable() -> None:
+    """A model error that is not a CUDA fault is the caller's business alone."""
+    gpu = GpuWorker()
+
+    def boom() -> None:
+        raise RuntimeError("expected all tensors to be on the same device")
+
+    try:
+        with pytest.raises(RuntimeError):
+            await gpu.run(boom)
+        assert gpu.device_fault is None
+        assert await gpu.run(lambda: 7) == 7
+    finally:
+        gpu.close()

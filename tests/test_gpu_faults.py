@@ -1,7 +1,8 @@
 """GPU faults on the real (tiny) engine, through the real runner, queue and store.
 
 Faults are injected into the model itself: CUDA out-of-memory from the UNet for batches over two images
-or for any, a RuntimeError from the VAE decoder, and a denoising step that blocks until released.
+or for any, a RuntimeError from the VAE decoder, a CUDA fault that leaves the GPU unusable, and a denoising
+step that blocks until released.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from i2p2i_bot.generate import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.jobs import EventKind, Job, JobRequest, JobStatus
 from i2p2i_bot.queue import JobQueue
-from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.runner import GPU_FAULT_REASON, JobRunner
 from i2p2i_bot.store import Store
 
 # Stored PNGs against images made alone: batch composition may move a float by an ulp, not a pixel level.
@@ -148,7 +149,45 @@ async def test_out_of_memory_even_for_one_image_fails_the_job_with_a_sentence_fo
     record = await store.job_record(job.id)
     assert record is not None and record.images == ()
     assert (record.job.status, record.job.attempts, record.job.error) == (JobStatus.FAILED, 0, sentence)
-    assert runner.batches_run == 1
+    assert gpu.device_fault is None and runner.batches_run == 1
+
+
+@pytest.mark.timeout(600)
+async def test_a_cuda_fault_fails_its_batch_and_leaves_the_rest_queued_for_a_restart(
+    store: Store, gpu: GpuWorker, engine: Engine, params: GenerationParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An illegal memory access in the UNet poisons a real CUDA context: the jobs in that batch fail once,
+    with a reason, the GPU reports the fault, and the runner stops instead of failing every job behind."""
+    unet = engine.generator.pipe.unet
+    calls: list[int] = []
+
+    def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(sample.shape[0])
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    patch_module(monkeypatch, unet, "forward", forward)
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=2, max_attempts=3))
+    runner = JobRunner(queue, engine, gpu, timeout_s=300)
+    submit = queue.submit
+    # One image each: the first two share batch 1, the third waits for batch 2.
+    in_batch = [
+        await submit(JobRequest(owner_id=owner, prompt="a glitch", params=params, seed=owner))
+        for owner in (1, 2)
+    ]
+    behind = await submit(JobRequest(owner_id=3, prompt="a calm lake", params=params, seed=3))
+    await asyncio.wait_for(runner.start(), timeout=300)
+
+    assert calls == [4]  # one UNet call for the batch: neither split nor retried
+    assert gpu.device_fault == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert not runner.running and runner.batches_run == 1
+    for job in in_batch:
+        record = await store.job_record(job.id)
+        assert record is not None and record.images == ()
+        assert (record.job.status, record.job.attempts) == (JobStatus.FAILED, 0)
+        assert record.job.error == GPU_FAULT_REASON
+    waiting = await store.job_record(behind.id)
+    assert waiting is not None and waiting.job.status is JobStatus.QUEUED and waiting.job.attempts == 0
+    await runner.stop()
 
 
 @pytest.mark.timeout(600)
@@ -166,7 +205,7 @@ async def test_a_model_that_raises_fails_its_job_with_a_reason_and_the_queue_goe
         seeds = {g.initial_seed() for g in (generator if isinstance(generator, list) else [generator]) if g}
         decoded.append(seeds)
         if seeds & poisoned:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
         return original(latents, *args, generator=generator, **kwargs)
 
     original = patch_module(monkeypatch, vae, "decode", decode)

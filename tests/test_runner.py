@@ -13,17 +13,18 @@ from PIL import Image
 
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.generate import GenerationError, GenerationParams, ImageSpec
-from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.gpu import GpuFault, GpuWorker
 from i2p2i_bot.interrogate import Interrogation
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.jobs import EventKind, JobRequest
 from i2p2i_bot.queue import JobQueue
-from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.runner import GPU_FAULT_REASON, JobRunner
 from i2p2i_bot.store import Store
 from tests.fake_engine import FakeEngine, seed_colour
 
 PARAMS = GenerationParams("tiny", 3, 7.5, 64, 64, "dpm")
 A, B, C = 1, 2, 3
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
 
 
 @pytest.fixture
@@ -162,7 +163,9 @@ async def test_engine_errors_become_permanent_or_retried_failures(store: Store, 
     def fail(params: GenerationParams, specs: Sequence[ImageSpec]) -> Exception | None:
         if specs[0].prompt == "too big":
             return GenerationError("Images can be at most 768 pixels wide.")
-        return RuntimeError("CUDA error") if specs[0].prompt == "flaky" else None
+        return (
+            RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR") if specs[0].prompt == "flaky" else None
+        )
 
     queue = await JobQueue.open(store, QueueSettings(max_batch_images=1, max_attempts=2))
     engine = FakeEngine(fail=fail)
@@ -262,3 +265,65 @@ async def test_stop_after_the_grace_period_hands_the_batch_back_uncharged(
     await again.stop()
     assert await statuses(store, job.id) == ["complete"]
     assert await store.stored_indices([job.id]) == {job.id: {0, 1}}
+
+
+async def test_a_batch_that_breaks_the_gpu_fails_and_the_runner_waits_for_a_restart(
+    store: Store, gpu: GpuWorker
+) -> None:
+    """A CUDA fault fails its batch's job at once with a sentence for the user and the runner stops by
+    itself, so the job queued behind it is not failed too; after a restart that job completes."""
+
+    def fail(params: GenerationParams, specs: Sequence[ImageSpec]) -> Exception | None:
+        return RuntimeError(ILLEGAL_ACCESS) if specs[0].prompt == "broken" else None
+
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=1, max_attempts=3))
+    engine = FakeEngine(fail=fail)
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    broken = await queue.submit(request(A, prompt="broken"))
+    behind = await queue.submit(request(B))
+    await asyncio.wait_for(runner.start(), timeout=10)
+    assert not runner.running and gpu.device_fault == f"RuntimeError: {ILLEGAL_ACCESS}"
+    assert len(engine.batches) == 1
+    failed = await store.get_job(broken.id)
+    assert failed is not None
+    assert (failed.status.value, failed.attempts, failed.error) == ("failed", 0, GPU_FAULT_REASON)
+    assert await statuses(store, behind.id) == ["queued"]
+    await runner.stop()
+
+    restarted = GpuWorker()
+    try:
+        revived = await JobQueue.open(store, QueueSettings(max_batch_images=1))
+        again = JobRunner(revived, FakeEngine(), restarted, timeout_s=30)
+        again.start()
+        await revived.join()
+        await again.stop()
+    finally:
+        restarted.close(timeout_s=5)
+    assert await statuses(store, broken.id, behind.id) == ["failed", "complete"]
+
+
+async def test_a_batch_after_another_task_broke_the_gpu_is_handed_back_uncharged(
+    store: Store, gpu: GpuWorker
+) -> None:
+    """A CUDA fault in a task ahead of the batch (an interrogation): the batch never runs, costs its job
+    no attempt, and the runner stops."""
+    release = threading.Event()
+
+    def interrogation_that_breaks_the_gpu() -> None:
+        release.wait(5)
+        raise RuntimeError(ILLEGAL_ACCESS)
+
+    breaking = gpu.submit(interrogation_that_breaks_the_gpu)
+    queue = await JobQueue.open(store, QueueSettings())
+    engine = FakeEngine()
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    job = await queue.submit(request(A))
+    task = runner.start()
+    await until(lambda: gpu.pending() == 1)  # the batch waits behind the interrogation
+    release.set()
+    await asyncio.wait_for(task, timeout=10)
+    assert isinstance(breaking.exception(), GpuFault)
+    assert engine.batches == []
+    handed_back = await store.get_job(job.id)
+    assert handed_back is not None and (handed_back.status.value, handed_back.attempts) == ("running", 0)
+    await runner.stop()
