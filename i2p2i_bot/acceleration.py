@@ -6,7 +6,9 @@
 - a compiled UNet for a few batch sizes ("buckets") at the default image size, compiled and warmed at
   start. A batch is padded up to the next bucket with copies of its last image, which are thrown away;
   every image has its own seed and noise, so padding cannot change the others beyond float rounding.
-  Other sizes run the uncompiled UNet, and a UNet that fails to compile is left uncompiled with a warning.
+  Nothing is compiled after start: a UNet input of a shape not warmed (another size, guidance off) runs
+  uncompiled. A UNet that fails to compile, or whose compiled code fails during a batch, runs uncompiled
+  from then on, with a warning; that batch is made again uncompiled.
 - the safety checker's and the fidelity score's CLIP input made from the decoded tensor on the device,
   instead of a round trip through PIL on the CPU (`pipeline_class`).
 """
@@ -24,6 +26,7 @@ import torch
 
 from i2p2i_bot.clip_pixels import clip_input
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.gpu import cuda_context_lost
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ def use_vae_slicing(pipe: Any, settings: GenerateSettings, batch: int) -> None:
     pipe.vae.use_slicing = bool(settings.vae_slicing_from) and batch >= settings.vae_slicing_from
 
 
+class CompiledUnetFailed(Exception):
+    """The compiled UNet raised during a batch (a recompile, a CUDA graph, a kernel); the eager one works."""
+
+
 class UnetBuckets:
     """The compiled UNet for the bucket batch sizes at one image size; the eager UNet otherwise."""
 
@@ -70,15 +77,24 @@ class UnetBuckets:
         options: dict[str, Any] = {"backend": backend, "fullgraph": False, "dynamic": False}
         if backend == "inductor":
             options["mode"] = mode
-        self.compiled: Any = torch.compile(self.eager, **options)
+        compiled: Any = torch.compile(self.eager, **options)
+        self._compiled_forward = compiled.forward
+        compiled.forward = self._forward
+        self.compiled: Any = compiled
         self.failed: str | None = None
         self.warmup_s: dict[int, float] = {}
+        # UNet batch sizes compiled at start, in rows: two per image with classifier-free guidance, else one.
+        self.warm_rows: set[int] = set()
+        self._warming = False
 
-    def bucket_for(self, batch: int, width: int, height: int) -> int | None:
-        """The padded batch size a request of this size runs at compiled, or None to run it eager."""
+    def bucket_for(self, batch: int, width: int, height: int, rows_per_image: int = 2) -> int | None:
+        """The padded batch size a request runs at compiled, or None to run it eager.
+
+        rows_per_image is the UNet batch per image: 2 with classifier-free guidance, 1 without.
+        """
         if self.failed is not None or (width, height) != self.size:
             return None
-        return next((b for b in self.buckets if b >= batch), None)
+        return next((b for b in self.buckets if b >= batch and b * rows_per_image in self.warm_rows), None)
 
     @contextlib.contextmanager
     def selected(self, compiled: bool) -> Iterator[None]:
@@ -90,17 +106,46 @@ class UnetBuckets:
 
     def warm(self, run: Callable[[int], None]) -> None:
         """Compile every bucket now (run(n) makes a batch of n); on any failure fall back to eager."""
-        for bucket in self.buckets:
-            started = time.perf_counter()
-            try:
-                with self.selected(True):
-                    run(bucket)
-            except Exception as exc:  # torch.compile raises many kinds; the eager UNet still works
-                self.failed = f"{type(exc).__name__}: {exc}"
-                log.warning("the UNet could not be compiled (%s); it runs uncompiled", self.failed)
-                return
-            self.warmup_s[bucket] = time.perf_counter() - started
-            log.info("compiled UNet warmed for batch %d in %.1f s", bucket, self.warmup_s[bucket])
+        self._warming = True
+        try:
+            for bucket in self.buckets:
+                started = time.perf_counter()
+                try:
+                    with self.selected(True):
+                        run(bucket)
+                except Exception as exc:  # torch.compile raises many kinds; the eager UNet still works
+                    self.failed = f"{type(exc).__name__}: {exc}"
+                    log.warning("the UNet could not be compiled (%s); it runs uncompiled", self.failed)
+                    return
+                self.warmup_s[bucket] = time.perf_counter() - started
+                log.info("compiled UNet warmed for batch %d in %.1f s", bucket, self.warmup_s[bucket])
+        finally:
+            self._warming = False
+
+    def give_up(self, exc: CompiledUnetFailed) -> None:
+        """Run uncompiled from now on, after the compiled UNet failed during a batch."""
+        self.failed = str(exc)
+        log.warning(
+            "the compiled UNet failed during a batch (%s); it runs uncompiled from now on",
+            self.failed,
+            exc_info=exc,
+        )
+
+    def _forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._warming:
+            self.warm_rows.add(sample.shape[0])
+            return self._compiled_forward(sample, *args, **kwargs)
+        try:
+            # Compiling takes minutes on the GPU thread, with requests waiting: an input that no code
+            # compiled at start fits (a new shape, any other changed guard) runs eager instead.
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return self._compiled_forward(sample, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the GPU thread splits the batch
+        except Exception as exc:
+            if cuda_context_lost(exc):
+                raise  # the eager UNet cannot run either
+            raise CompiledUnetFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
 @functools.cache

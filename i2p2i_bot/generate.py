@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from i2p2i_bot.acceleration import UnetBuckets, apply_layout_and_fusion, pipeline_class, use_vae_slicing
+from i2p2i_bot.acceleration import (
+    CompiledUnetFailed,
+    UnetBuckets,
+    apply_layout_and_fusion,
+    pipeline_class,
+    use_vae_slicing,
+)
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import split_on_oom
 from i2p2i_bot.models import ModelUnavailable
@@ -289,12 +295,21 @@ class Generator:
         on_step: StepCallback | None,
     ) -> list[_Made]:
         buckets = self.buckets
-        bucket = None if buckets is None else buckets.bucket_for(len(specs), params.width, params.height)
+        bucket = None
+        if buckets is not None:
+            # The pipeline's own rule: classifier-free guidance runs each image's UNet input twice.
+            guided = params.guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+            bucket = buckets.bucket_for(len(specs), params.width, params.height, 2 if guided else 1)
         if buckets is None or bucket is None:
             return self._pipeline_call(params, specs, on_step)
         padded = [*specs, *[specs[-1]] * (bucket - len(specs))]
-        with buckets.selected(True):
-            return self._pipeline_call(params, padded, on_step)[: len(specs)]
+        try:
+            with buckets.selected(True):
+                return self._pipeline_call(params, padded, on_step)[: len(specs)]
+        except CompiledUnetFailed as exc:
+            buckets.give_up(exc)
+        # Made again outside the handler, whose traceback still holds the failed attempt's tensors.
+        return self._pipeline_call(params, specs, on_step)
 
     def _pipeline_call(
         self,

@@ -26,6 +26,38 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
+class CountingBackend:
+    """The "aot_eager" backend, counting compilations and calls of what it compiled; chosen calls raise.
+
+    "aot_eager" traces and partitions the UNet exactly as torch.compile does, without generating kernels,
+    so this runs on any CPU; inductor's code generation is the benchmark's business.
+    """
+
+    def __init__(self) -> None:
+        self.compiles = 0
+        self.calls = 0
+        self.failures: dict[int, Exception] = {}  # call number → what that call raises
+
+    def fail(self, nth_call_from_now: int, error: Exception) -> None:
+        self.failures[self.calls + nth_call_from_now] = error
+
+    def __call__(self, graph: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.compiles += 1
+        compiled = lookup_backend("aot_eager")(graph, inputs)
+
+        def run(*args: Any) -> Any:
+            self.calls += 1
+            if self.calls in self.failures:
+                raise self.failures.pop(self.calls)
+            return compiled(*args)
+
+        # Called as dynamo calls what the backend made (boxed: one list of inputs), whichever it is.
+        run._boxed_call = getattr(compiled, "_boxed_call", False)  # type: ignore[attr-defined]
+        return run
+
+
 def load(smoke_models: SmokeModels, settings: GenerateSettings, **options: Any) -> Generator:
     from diffusers import StableDiffusionPipeline
 
@@ -48,12 +80,17 @@ def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> int:
 
 
 @pytest.fixture(scope="module")
-def plain_images(smoke_models: SmokeModels, base_settings: Settings) -> list[np.ndarray]:
-    """Three images from the pipeline with every fast-path step off: the reference."""
-    plain = settings_for(base_settings, channels_last=False, fuse_qkv=False)
-    generator = load(smoke_models, plain)
+def plain_generator(smoke_models: SmokeModels, base_settings: Settings) -> Generator:
+    """The pipeline with every fast-path step off: the reference."""
+    generator = load(smoke_models, settings_for(base_settings, channels_last=False, fuse_qkv=False))
     assert generator.fast_path == []
-    return pixels(generator, 3)
+    return generator
+
+
+@pytest.fixture(scope="module")
+def plain_images(plain_generator: Generator) -> list[np.ndarray]:
+    """Three images from the reference pipeline."""
+    return pixels(plain_generator, 3)
 
 
 def test_layout_and_fused_projections(
@@ -99,19 +136,20 @@ def test_vae_slicing_decodes_one_image_at_a_time_from_its_threshold(
 def test_compiled_buckets_pad_batches_and_keep_every_image(
     smoke_models: SmokeModels,
     base_settings: Settings,
+    plain_generator: Generator,
     plain_images: list[np.ndarray],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Buckets 1, 2 and 4 compile at load; 3 images run as a padded 4; another size runs uncompiled.
-
-    The "aot_eager" backend traces and partitions the UNet exactly as torch.compile does, without
-    generating kernels, so this runs on any CPU; inductor's code generation is the benchmark's business.
-    """
+    """Buckets 1, 2 and 4 compile at load; 3 images run as a padded 4; with guidance off (one UNet row per
+    image, not two) 1 image runs as a padded 2; another size or an unforeseen shape runs uncompiled, and
+    nothing compiles after load."""
     settings = settings_for(base_settings, compile="default", compile_buckets=[1, 2, 4])
-    generator = load(smoke_models, settings, compile_backend="aot_eager")
+    backend = CountingBackend()
+    generator = load(smoke_models, settings, compile_backend=backend)
     buckets = generator.buckets
     assert buckets is not None and buckets.failed is None
     assert sorted(buckets.warmup_s) == [1, 2, 4]
+    assert buckets.warm_rows == {2, 4, 8} and backend.compiles == 3
     assert generator.fast_path == ["channels_last", "fused_qkv", "compiled:default"]
 
     calls: list[tuple[int, bool]] = []
@@ -128,10 +166,63 @@ def test_compiled_buckets_pad_batches_and_keep_every_image(
     assert generator.pipe.unet is buckets.eager
 
     calls.clear()
+    unguided = pixels(generator, 1, guidance=1.0) + pixels(generator, 3, guidance=1.0)
+    assert calls == [(2, True), (4, True)]
+    reference = pixels(plain_generator, 1, guidance=1.0) + pixels(plain_generator, 3, guidance=1.0)
+    assert largest_difference(unguided, reference) <= ROUNDING
+
+    calls.clear()
     side = settings.width + 8
     other = generator.generate(GenerationRequest("a red fox in snow", count=1, seed=40, width=side))
     assert calls == [(1, False)]
     assert other.images[0].image.size == (side, settings.height)
+
+    # Even selected, the compiled UNet runs a shape it was not compiled for (3 guided images: 6 rows) eager.
+    params, specs = generator.plan(GenerationRequest("a red fox in snow", count=3, seed=40))
+    graph_calls = backend.calls
+    with buckets.selected(True):
+        odd = generator._pipeline_call(params, specs, None)
+    assert backend.calls == graph_calls
+    assert largest_difference([np.asarray(made[0], dtype=np.int16) for made in odd], plain_images) <= ROUNDING
+    assert backend.compiles == 3
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_that_fails_during_a_batch_makes_it_again_uncompiled_and_stays_uncompiled(
+    smoke_models: SmokeModels,
+    base_settings: Settings,
+    plain_images: list[np.ndarray],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A recompile, CUDA graph or kernel error in the compiled UNet mid-batch: the batch is made again
+    uncompiled, with the same images, and later batches never call the compiled UNet. Out-of-memory is
+    still split by the GPU thread, and a CUDA fault still fails the batch: neither turns compilation off."""
+    settings = settings_for(base_settings, compile="default", compile_buckets=[2])
+    backend = CountingBackend()
+    generator = load(smoke_models, settings, compile_backend=backend)
+    buckets = generator.buckets
+    assert buckets is not None and buckets.failed is None
+
+    backend.fail(2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    split = pixels(generator, 2)  # 2 fails, then 1 + 1, each padded to 2
+    assert largest_difference(split, plain_images[:2]) <= ROUNDING
+    backend.fail(1, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        pixels(generator, 2)
+    assert buckets.failed is None
+
+    backend.fail(2, RuntimeError("CUDA graph replay found a freed input"))
+    with caplog.at_level(logging.WARNING, logger="i2p2i_bot.acceleration"):
+        made_again = pixels(generator, 2)
+        assert not backend.failures  # the second compiled call of that batch raised
+        assert "CUDA graph replay found a freed input" in (buckets.failed or "")
+        graph_calls = backend.calls
+        eager = pixels(generator, 2)
+    assert backend.calls == graph_calls
+    assert largest_difference(made_again, eager) == 0
+    assert largest_difference(eager, plain_images[:2]) <= ROUNDING
+    [warning] = [r for r in caplog.records if "failed during a batch" in r.getMessage()]
+    assert warning.exc_info is not None  # once, with the traceback
 
 
 def test_a_unet_that_fails_to_compile_runs_uncompiled(
