@@ -412,14 +412,67 @@ def test_data_volume_environment_and_healthcheck(dockerfile: list[list[Instructi
             env[name] = value
     assert env["I2P2I_DATA_DIR"] == "/data"
     assert env["HF_HOME"].startswith("/data/") and env["XDG_CACHE_HOME"].startswith("/data/")
+    # torch.compile's kernels too, so a restart does not compile the UNet from scratch again.
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/data/cache/")
+    assert env["TRITON_CACHE_DIR"].startswith("/data/cache/")
     assert env["PATH"].startswith("/opt/venv/bin:")
     (check,) = [i for i in final if i.keyword == "HEALTHCHECK"]
     mode, _, command = check.args.partition(" ")
     assert mode == "CMD"
     assert json.loads(command)[:2] == ["i2p2i", "health"]
-    assert float(check.flags["interval"].rstrip("s")) <= 60 and int(check.flags["retries"]) >= 1
+    assert duration_s(check.flags["interval"]) <= 60 and int(check.flags["retries"]) >= 1
+    # The first start fetches ~9 GB: 24 minutes at 50 Mbit/s, before the bot can report healthy.
+    assert duration_s(check.flags["start-period"]) >= 30 * 60
     stop = [i.args for i in final if i.keyword == "STOPSIGNAL"]
     assert stop in ([], ["SIGTERM"])
+
+
+def test_final_stage_has_the_c_compiler_torch_compile_needs(dockerfile: list[list[Instruction]]) -> None:
+    """Triton builds its kernel launchers with a C compiler at run time, and inductor compiles C++ for CPU
+    parts of a graph: the final stage installs gcc, g++ and libc's headers, without recommended extras."""
+    installs = [
+        shlex.split(part.split("apt-get install", 1)[1])
+        for i in dockerfile[-1]
+        if i.keyword == "RUN"
+        for part in i.args.split("&&")
+        if "apt-get install" in part
+    ]
+    assert installs, "the final stage installs no packages"
+    for words in installs:
+        assert "--no-install-recommends" in words
+    packages = {word for words in installs for word in words if not word.startswith("-")}
+    assert {"gcc", "g++", "libc6-dev"} <= packages
+
+
+def constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        assert sep and version and not line.startswith("-"), f"not a name==version pin: {line!r}"
+        pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_the_image_installs_the_tested_versions(dockerfile: list[list[Instruction]]) -> None:
+    """pyproject.toml leaves torch and others open, so the image's install is constrained to the versions
+    the tests passed with; the constraints agree with pyproject's own pins, and the CUDA image matches the
+    CUDA that torch's wheels were built for."""
+    (install,) = [
+        i for stage in dockerfile for i in stage if i.keyword == "RUN" and "-r pyproject.toml" in i.args
+    ]
+    assert "-c docker/constraints.txt" in install.args
+    copied = [i.exec_form()[:-1] for stage in dockerfile for i in stage if i.keyword == "COPY"]
+    assert ["docker/constraints.txt"] in copied
+    pins = constraints()
+    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, op, version = re.match(r"([A-Za-z0-9_.-]+)\s*([=<>!~]*)\s*(.*)", requirement).groups()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        assert key in pins, f"{name} is not pinned in docker/constraints.txt"
+        if op == "==":
+            assert pins[key] == version, f"{name}: pyproject.toml pins {version}, the constraints {pins[key]}"
+    cuda_image = resolve(dockerfile[-1][0].args, global_args(dockerfile))
+    cuda = re.search(r":(\d+\.\d+)\.", cuda_image).group(1)
+    assert pins["cuda-toolkit"].startswith(cuda + "."), (cuda_image, pins["cuda-toolkit"])
 
 
 def test_entrypoint_is_the_copied_script_in_exec_form(dockerfile: list[list[Instruction]]) -> None:
