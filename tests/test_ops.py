@@ -592,9 +592,11 @@ def test_compose_token_volume_and_restart(compose: dict[str, Any]) -> None:
 
 def test_compose_waits_for_the_graceful_stop(compose: dict[str, Any]) -> None:
     """SIGTERM lets the batch finish for queue.stop_grace_s and then waits as long for the GPU thread, so
-    Docker must wait longer than twice that before it kills."""
+    Docker must wait longer than twice that before it kills. An init is PID 1: it reaps the processes
+    torch.compile's workers leave and passes SIGTERM to the bot."""
     (service,) = compose["services"].values()
     assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
+    assert service["init"] is True
     grace = duration_s(service["stop_grace_period"])
     assert grace > 2 * QueueSettings().stop_grace_s
     assert duration_s("1m30s") == 90.0
