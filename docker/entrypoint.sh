@@ -7,7 +7,12 @@
 #   I2P2I_CONFIG           a settings file, passed as --config to the bot and to the download
 #   I2P2I_MODELS           "smoke" or "default", passed as --models
 #   I2P2I_DATA_DIR         the data folder (default /data); HF_HOME (default DATA_DIR/huggingface) holds weights
-# With "fetch-models" as the only argument it fetches (as if always) and exits: the image build uses that.
+#   I2P2I_FETCH_RETRY_S    after a failed fetch, wait this long before exiting (default 60), so that a restart
+#                          policy retries about once a minute; SIGTERM ends the wait at once
+#   HF_HUB_OFFLINE         unset (and TRANSFORMERS_OFFLINE unset): the bot starts with both set to 1, so once
+#                          the models are in place it never reaches the Hub; 0 lets it
+# With "fetch-models" as the only argument it fetches (as if always) and exits: the image build uses that, and
+# `docker compose run --rm bot fetch-models` fetches before the first start.
 set -eu
 
 say() {
@@ -17,6 +22,7 @@ say() {
 data_dir="${I2P2I_DATA_DIR:-/data}"
 export HF_HOME="${HF_HOME:-$data_dir/huggingface}"
 mode="${I2P2I_DOWNLOAD_MODELS:-auto}"
+retry_s="${I2P2I_FETCH_RETRY_S:-60}"
 app_dir="$(cd "$(dirname "$0")/.." && pwd)"
 
 fetch_only=false
@@ -29,6 +35,12 @@ case "$mode" in
     auto | always | never) ;;
     *)
         say "I2P2I_DOWNLOAD_MODELS must be auto, always or never (got '$mode')"
+        exit 2
+        ;;
+esac
+case "$retry_s" in
+    '' | *[!0-9]*)
+        say "I2P2I_FETCH_RETRY_S must be a whole number of seconds (got '$retry_s')"
         exit 2
         ;;
 esac
@@ -72,17 +84,33 @@ case "$mode" in
     auto) [ -e "$marker" ] || fetch=true ;;
 esac
 if [ "$fetch" = true ]; then
-    offline="$(printf '%s' "${HF_HUB_OFFLINE:-}" | tr '[:upper:]' '[:lower:]')"
+    # The Hugging Face libraries read TRANSFORMERS_OFFLINE when HF_HUB_OFFLINE is not set.
+    offline="$(printf '%s' "${HF_HUB_OFFLINE:-${TRANSFORMERS_OFFLINE:-}}" | tr '[:upper:]' '[:lower:]')"
     case "$offline" in
         1 | true | yes)
             say "HF_HUB_OFFLINE is set, so the models are not fetched; the bot uses what the cache has"
             ;;
         *)
-            say "fetching the models into $HF_HOME (about 6 GB the first time)"
+            say "fetching the models into $HF_HOME (about 9 GB the first time)"
             status=0
             i2p2i "$@" download-models || status=$?
             if [ "$status" -ne 0 ]; then
-                say "fetching the models failed (exit $status); the bot is not started"
+                say "fetching the models failed (exit $status); the bot is not started."
+                say "  No internet here, and the weights are already in $HF_HOME or in the image?" \
+                    "Set I2P2I_DOWNLOAD_MODELS=never."
+                say "  Otherwise fetch them once with internet: docker compose run --rm bot fetch-models"
+                if [ "$fetch_only" = false ] && [ "$retry_s" -gt 0 ]; then
+                    # Docker's restart delay doubles up to a minute, but drops back to 0.1 s after any
+                    # run of 10 s or more: a fetch that times out would otherwise be retried at once, forever.
+                    # A second at a time: a trapped SIGTERM runs once the current sleep ends.
+                    trap 'exit "$status"' TERM INT
+                    say "exiting in $retry_s s (I2P2I_FETCH_RETRY_S); a restart policy then tries again"
+                    waited=0
+                    while [ "$waited" -lt "$retry_s" ]; do
+                        sleep 1
+                        waited=$((waited + 1))
+                    done
+                fi
                 exit "$status"
             fi
             date -u +%Y-%m-%dT%H:%M:%SZ >"$marker"
@@ -92,6 +120,12 @@ fi
 
 if [ "$fetch_only" = true ]; then
     exit 0
+fi
+# The models are in place now (fetched, found by the marker, or declared so with never): the bot has no reason
+# to reach the Hub, and must not fetch anything behind the operator's back. HF_HUB_OFFLINE=0 lets it.
+if [ -z "${HF_HUB_OFFLINE:-}" ] && [ -z "${TRANSFORMERS_OFFLINE:-}" ]; then
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    say "starting the bot with HF_HUB_OFFLINE=1 (set HF_HUB_OFFLINE=0 to let it reach the Hugging Face Hub)"
 fi
 # exec: the bot becomes this process, so it gets docker stop's SIGTERM and drains its queue.
 exec python "$app_dir/bot.py" "$@"

@@ -10,9 +10,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
+import time
 import tomllib
 import typing
 from pathlib import Path
@@ -611,14 +613,24 @@ class EntrypointRun:
     returncode: int
     calls: list[str]
     stderr: str
+    offline: dict[str, str]  # each stand-in's HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE, "-" when unset
+
+
+OFFLINE = "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1"
 
 
 @pytest.fixture
 def entrypoint(tmp_path: Path):
-    """Run docker/entrypoint.sh with stand-ins for `i2p2i` and `python` that record how they were called."""
+    """Run docker/entrypoint.sh with stand-ins for `i2p2i` and `python` that record how they were called and
+    whether they were told to stay offline."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
+    env_log = tmp_path / "env.log"
+    record_env = (
+        'printf "%s HF_HUB_OFFLINE=%s TRANSFORMERS_OFFLINE=%s\\n" "$(basename "$0")" '
+        '"${HF_HUB_OFFLINE--}" "${TRANSFORMERS_OFFLINE--}" >> "$STUB_ENV_LOG"\n'
+    )
     stubs = {
         "i2p2i": 'printf "i2p2i %s\\n" "$*" >> "$STUB_LOG"\nexit "${STUB_EXIT:-0}"\n',
         # $$ is this process's id: equal to the entry point's, it shows the entry point exec'd the bot.
@@ -626,31 +638,43 @@ def entrypoint(tmp_path: Path):
     }
     for name, body in stubs.items():
         stub = bin_dir / name
-        stub.write_text("#!/bin/sh\n" + body)
+        stub.write_text("#!/bin/sh\n" + record_env + body)
         stub.chmod(0o755)
     data = tmp_path / "data"
 
-    def run(*args: str, **env: str) -> EntrypointRun:
+    def start(*args: str, **env: str) -> subprocess.Popen[str]:
         log.unlink(missing_ok=True)
+        env_log.unlink(missing_ok=True)
         environment = {
             "PATH": f"{bin_dir}:/usr/bin:/bin",
             "I2P2I_DATA_DIR": str(data),
+            "I2P2I_FETCH_RETRY_S": "0",
             "STUB_LOG": str(log),
+            "STUB_ENV_LOG": str(env_log),
             "HOME": str(tmp_path),
             **env,
         }
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [str(ROOT / "docker" / "entrypoint.sh"), *args],
             env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    def finish(process: subprocess.Popen[str]) -> EntrypointRun:
         _, stderr = process.communicate(timeout=60)
         calls = log.read_text().splitlines() if log.exists() else []
-        return EntrypointRun(process.pid, process.returncode, calls, stderr)
+        lines = env_log.read_text().splitlines() if env_log.exists() else []
+        offline = dict(line.split(" ", 1) for line in lines)
+        return EntrypointRun(process.pid, process.returncode, calls, stderr, offline)
+
+    def run(*args: str, **env: str) -> EntrypointRun:
+        return finish(start(*args, **env))
 
     run.data = data  # type: ignore[attr-defined]
+    run.start = start  # type: ignore[attr-defined]
+    run.finish = finish  # type: ignore[attr-defined]
     return run
 
 
@@ -667,12 +691,15 @@ def test_entrypoint_fetches_once_then_execs_the_bot(entrypoint) -> None:
     assert first.returncode == 0, first.stderr
     bot = f"python {first.pid} {ROOT}/bot.py --models smoke"
     assert first.calls == ["i2p2i --models smoke download-models", bot]
+    # The download may use the network; the bot, with its models in place, is told not to.
+    assert first.offline == {"i2p2i": "HF_HUB_OFFLINE=- TRANSFORMERS_OFFLINE=-", "python": OFFLINE}
     assert len(markers(data)) == 1
     assert not (data / "health.json").exists()  # the last run's heartbeat cannot pass for this one's
 
     second = entrypoint(I2P2I_MODELS="smoke")
     assert second.returncode == 0
     assert second.calls == [f"python {second.pid} {ROOT}/bot.py --models smoke"]
+    assert second.offline == {"python": OFFLINE}
 
 
 def test_entrypoint_fetches_again_when_the_settings_change(entrypoint, tmp_path: Path) -> None:
@@ -693,9 +720,11 @@ def test_entrypoint_fetches_again_when_the_settings_change(entrypoint, tmp_path:
 
 
 def test_entrypoint_modes_and_offline(entrypoint) -> None:
-    """never skips the fetch, always fetches every time, HF_HUB_OFFLINE skips it with a note."""
+    """never skips the fetch, always fetches every time, HF_HUB_OFFLINE skips it with a note; the bot is
+    offline unless HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE says otherwise."""
     never = entrypoint(I2P2I_DOWNLOAD_MODELS="never")
     assert never.returncode == 0 and [c.split()[0] for c in never.calls] == ["python"]
+    assert never.offline == {"python": OFFLINE}
     assert markers(entrypoint.data) == []
     for _ in range(2):
         always = entrypoint(I2P2I_DOWNLOAD_MODELS="always")
@@ -705,19 +734,49 @@ def test_entrypoint_modes_and_offline(entrypoint) -> None:
     offline = entrypoint(HF_HUB_OFFLINE="1")
     assert offline.returncode == 0 and [c.split()[0] for c in offline.calls] == ["python"]
     assert "HF_HUB_OFFLINE is set" in offline.stderr and markers(entrypoint.data) == []
+    assert offline.offline == {"python": "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=-"}
+    legacy = entrypoint(TRANSFORMERS_OFFLINE="1")
+    assert [c.split()[0] for c in legacy.calls] == ["python"]
+    assert legacy.offline == {"python": "HF_HUB_OFFLINE=- TRANSFORMERS_OFFLINE=1"}
+    online = entrypoint(HF_HUB_OFFLINE="0")
+    assert [c.split()[0] for c in online.calls] == ["i2p2i", "python"]
+    assert online.offline["python"] == "HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=-"
     bad = entrypoint(I2P2I_DOWNLOAD_MODELS="sometimes")
     assert bad.returncode == 2 and bad.calls == [] and "must be auto, always or never" in bad.stderr
+    bad = entrypoint(I2P2I_FETCH_RETRY_S="soon")
+    assert bad.returncode == 2 and bad.calls == [] and "whole number of seconds" in bad.stderr
 
 
 def test_entrypoint_does_not_start_the_bot_when_the_fetch_fails(entrypoint) -> None:
-    """A failed download exits with its code, starts nothing and leaves no marker: the next start retries."""
+    """A failed download exits with its code, starts nothing, leaves no marker (the next start retries) and
+    says what to do without internet."""
     failed = entrypoint(STUB_EXIT="3")
     assert failed.returncode == 3
     assert failed.calls == ["i2p2i download-models"]
     assert "the bot is not started" in failed.stderr
+    assert "I2P2I_DOWNLOAD_MODELS=never" in failed.stderr
+    assert "docker compose run --rm bot fetch-models" in failed.stderr
     assert markers(entrypoint.data) == []
     retried = entrypoint()
     assert [c.split()[0] for c in retried.calls] == ["i2p2i", "python"]
+
+
+def test_entrypoint_waits_after_a_failed_fetch_and_stops_on_sigterm(entrypoint) -> None:
+    """After a failed fetch it waits I2P2I_FETCH_RETRY_S before exiting, so a restart policy does not retry
+    at once; SIGTERM (docker stop) ends the wait at once with the fetch's exit code."""
+    process = entrypoint.start(STUB_EXIT="3", I2P2I_FETCH_RETRY_S="120")
+    assert process.stderr is not None
+    lines = []
+    while not any("exiting in 120 s" in line for line in lines):
+        line = process.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    assert process.poll() is None
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    stopped = entrypoint.finish(process)
+    assert time.monotonic() - started < 10
+    assert stopped.returncode == 3 and stopped.calls == ["i2p2i download-models"]
 
 
 def test_entrypoint_fetch_only_and_unwritable_data(entrypoint, tmp_path: Path) -> None:
