@@ -288,6 +288,32 @@ def test_readme_keeps_its_two_commands_and_documents_operations() -> None:
     assert (ROOT / "i2p2i_bot" / "migrations").is_dir()
 
 
+def test_readme_docker_restore_leaves_the_database_to_the_bot_user(tmp_path: Path) -> None:
+    """`docker compose cp` creates root's files, so the recipe puts the copy in place as root and gives it
+    to the image's user; run here (in a folder standing for /data), it moves the old database with its WAL
+    aside and works when there is none."""
+    block = re.search(
+        r"```sh\n(docker compose stop bot\n.*?)```", readme_section("Backing up the database"), re.S
+    )
+    assert block, "the README has no Docker restore recipe"
+    recipe = block.group(1)
+    script = re.search(r"--user root --entrypoint sh bot -c '(.*?)'\n", recipe, re.S)
+    assert script, recipe
+    user = re.search(r"useradd [^&]* (\w+)\s*&&", (ROOT / "Dockerfile").read_text().replace("\\\n", " "))
+    assert user and f"chown {user.group(1)}:{user.group(1)} " in script.group(1)
+    me = f"{os.getuid()}:{os.getgid()}"
+    body = script.group(1).replace("cd /data", 'cd "$DATA"').replace(f"{user.group(1)}:{user.group(1)}", me)
+    for existing in (["i2p2i.sqlite3", "i2p2i.sqlite3-wal", "i2p2i.sqlite3-shm"], []):
+        data = tmp_path / f"data-{len(existing)}"
+        data.mkdir()
+        for name in existing:
+            (data / name).write_text("old")
+        (data / "restore.sqlite3").write_text("backup")
+        subprocess.run(["sh", "-c", body], env={"PATH": "/usr/bin:/bin", "DATA": str(data)}, check=True)
+        assert (data / "i2p2i.sqlite3").read_text() == "backup" and not (data / "restore.sqlite3").exists()
+        assert sorted(p.name for p in (data / "old").iterdir()) == sorted(existing)
+
+
 # --- the Dockerfile -------------------------------------------------------------------------------------
 
 
