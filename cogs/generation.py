@@ -17,7 +17,7 @@ import discord
 from cogs.cards import info_embed, status_text
 from i2p2i_bot.generate import GenerationRequest
 from i2p2i_bot.jobs import Delivery, Job, JobRequest
-from i2p2i_bot.replies import Refusal, report_error
+from i2p2i_bot.replies import ANSWER_ERRORS, Refusal, report_error
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -83,14 +83,37 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, order: JobO
     text = status_text(job, bot.queue.position(job.id))
     delivery = request.delivery
     try:
-        message = await interaction.followup.send(text, view=job_view(job, running=True), wait=True)
-        delivery = Delivery(interaction.channel_id, message.id, interaction.token, expires)
-        await bot.store.set_delivery(job.id, delivery)
+        message = await _post_status(interaction, job, text)
+        if message is not None:
+            delivery = Delivery(interaction.channel_id, message.id, interaction.token, expires)
+            await bot.store.set_delivery(job.id, delivery)
     finally:
         # The job is queued either way; without its status message the result goes to the channel or DM.
         if deliverer is not None:  # the Results cog; None only if it failed to load
             deliverer.track(job, delivery, limit)  # type: ignore[attr-defined]
     return job
+
+
+async def _post_status(interaction: discord.Interaction, job: Job, text: str) -> discord.Message | None:
+    """Post a queued job's status message; None when Discord could not be reached to post it.
+
+    The first follow-up after a deferred answer replaces its "thinking…" placeholder. When that follow-up's
+    answer is lost (a dropped connection, a 5xx), the message may or may not exist: editing the original
+    answer makes it the status message either way, once, and tells the bot its id. A refusal (4xx) made
+    no message and is raised, for the member to hear why.
+    """
+    view = job_view(job, running=True)
+    try:
+        return await interaction.followup.send(text, view=view, wait=True)
+    except ANSWER_ERRORS as exc:
+        if isinstance(exc, discord.HTTPException) and exc.status < 500:
+            raise
+        log.info("job %d: posting its status message failed (%s); editing the original answer", job.id, exc)
+    try:
+        return await interaction.edit_original_response(content=text, view=view)
+    except ANSWER_ERRORS as exc:
+        log.warning("job %d has no status message (%s); its result goes to the channel", job.id, exc)
+        return None
 
 
 # -- buttons ----------------------------------------------------------------------------------------------

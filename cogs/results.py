@@ -8,7 +8,9 @@ Each way of posting is tried once, and again only when the failure may pass (Dis
 after discord.py's own retries, a 5xx, a dropped connection): a refusal (expired token, deleted channel,
 missing permission, closed DMs) moves on at once, so no dead token is ever retried in a loop. Posts carry
 the job's nonce, which Discord enforces, so a retry after a lost answer gets the first message back instead
-of posting the result twice.
+of posting the result twice. Once the result has gone past the edit of its own message, the store forgets
+the interaction token before anything else is posted: a restart after a post whose answer was lost (a crash,
+a kill) goes the same way again, with the same nonce, instead of editing in a second copy.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import discord
 from discord.ext import commands
 from PIL import Image
@@ -30,6 +31,7 @@ from PIL import Image
 from cogs.cards import ResultFiles, result_embed, result_files, status_text
 from cogs.generation import DEFAULT_UPLOAD_LIMIT, JobButton, job_view
 from i2p2i_bot.jobs import Delivery, EventKind, Job, JobEvent, JobStatus
+from i2p2i_bot.replies import ANSWER_ERRORS
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -44,8 +46,11 @@ EDIT_INTERVAL_S = 1.5
 PATH_TRIES = 2
 # Pause before trying the same way again, times the number of tries so far.
 RETRY_PAUSE_S = 2.0
+# After a job could not be posted anywhere: wait this long before the whole delivery is tried again, one
+# entry per new try (about nine hours in all); then only the next start tries again.
+REDELIVERY_DELAYS_S = (60.0, 300.0, 1800.0, 7200.0, 21600.0)
 
-# What a result posted in the channel after the token expired needs there (docs/permissions.md: 51200).
+# What a result posted in the channel after the token expired needs there (docs/permissions.md).
 CHANNEL_PERMISSIONS = discord.Permissions(
     view_channel=True, send_messages=True, embed_links=True, attach_files=True
 )
@@ -60,13 +65,6 @@ REFUSALS = {
     50007: "your DMs are closed to me",
     50013: "I may not post or attach files in the channel",
 }
-# Discord's answers, and errors below discord.py: the connection dropped or timed out before an answer.
-DELIVERY_ERRORS: tuple[type[Exception], ...] = (
-    discord.HTTPException,
-    aiohttp.ClientError,
-    OSError,
-    TimeoutError,
-)
 
 
 class Unusable(Exception):
@@ -87,12 +85,18 @@ class Failure:
         return f"{self.path}: {self.reason}"
 
 
+# The ways of posting that use the interaction's token (the others use the bot's own).
+TOKEN_PATHS = frozenset({"edit", "progress"})
+
+
 def classify(path: str, exc: BaseException) -> Failure:
     """Sort an error from Discord into 'may pass', 'token dead', 'message gone' or a plain refusal."""
     if isinstance(exc, discord.HTTPException):
         status, code = exc.status, exc.code
-        if status == 401 or code in TOKEN_DEAD_CODES:
+        if path in TOKEN_PATHS and (status == 401 or code in TOKEN_DEAD_CODES):
             return Failure(path, "the interaction's 15 minutes were over", token_dead=True)
+        if status == 401:
+            return Failure(path, "Discord no longer accepts my token")
         if status == 429:
             return Failure(path, "Discord kept rate limiting me", transient=True)
         if status >= 500:
@@ -127,6 +131,9 @@ class Results(commands.Cog):
         self._delivering: set[int] = set()
         # Why a finished job could not be posted anywhere (until it is, or the bot restarts and retries).
         self._undeliverable: dict[int, str] = {}
+        # How many times a job's whole delivery has failed in this run, for the pause before the next try.
+        self._failed_deliveries: dict[int, int] = {}
+        self.redelivery_delays_s = REDELIVERY_DELAYS_S
         self._task: asyncio.Task[None] | None = None
 
     async def cog_load(self) -> None:
@@ -248,7 +255,7 @@ class Results(commands.Cog):
             return  # progress is a courtesy; after the token's life only the result is posted
         try:
             await self._webhook(delivery).edit_message(delivery.message_id, content=text)
-        except DELIVERY_ERRORS as exc:
+        except ANSWER_ERRORS as exc:
             failure = classify("progress", exc)
             tracked.progress_off = True
             log.info(
@@ -284,6 +291,7 @@ class Results(commands.Cog):
         if job_id in self._delivering:
             return
         self._delivering.add(job_id)
+        retry_in: float | None = None
         try:
             if after is not None:
                 # A progress edit still in flight shares the webhook; its answer decides whether the token
@@ -305,19 +313,39 @@ class Results(commands.Cog):
             if delivered:
                 await self.bot.store.mark_delivered(job.id)
                 self._undeliverable.pop(job.id, None)
+                self._failed_deliveries.pop(job.id, None)
                 log.info("job %d delivered (%s)", job.id, delivered)
                 await self._point_to_result(job, delivered, failures)
             else:
-                reason = "; ".join(str(f) for f in failures) or "there was nowhere to post it"
-                self._undeliverable[job.id] = _owner_reason(failures)
+                retry_in = self._next_retry_s(job.id)
+                self._undeliverable[job.id] = _owner_reason(failures, retry_in)
                 await self.bot.store.mark_undeliverable(job.id, self._undeliverable[job.id])
                 log.error(
-                    "job %d could not be delivered anywhere (%s); it stays undelivered until the next start",
+                    "job %d could not be delivered anywhere (%s); %s",
                     job.id,
-                    reason,
+                    "; ".join(str(f) for f in failures) or "there was nowhere to post it",
+                    "it stays undelivered until the next start"
+                    if retry_in is None
+                    else f"trying again in {retry_in:g} s",
                 )
         finally:
             self._delivering.discard(job_id)
+        if retry_in is not None:
+            self.bot.spawn(
+                self._deliver_later(job_id, upload_limit, retry_in), name=f"i2p2i-redeliver-{job_id}"
+            )
+
+    def _next_retry_s(self, job_id: int) -> float | None:
+        """How long until a job no way of posting took is tried again; None after the last scheduled try."""
+        failed = self._failed_deliveries.get(job_id, 0)
+        if failed >= len(self.redelivery_delays_s):
+            return None
+        self._failed_deliveries[job_id] = failed + 1
+        return self.redelivery_delays_s[failed]
+
+    async def _deliver_later(self, job_id: int, upload_limit: int, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await self._deliver(job_id, upload_limit)
 
     def _load_images(self, job: Job, stored: Any) -> list[tuple[Any, Image.Image]]:
         loaded = []
@@ -353,7 +381,17 @@ class Results(commands.Cog):
             if failure is None:
                 return "edited", failures
             failures.append(failure)
-            await self._forget_dead_ends(job.id, delivery, failure)
+            # The result goes elsewhere now; if this run ends before the store hears of it, the next start
+            # must not edit a second copy into this message. Pointing at the result still uses the token.
+            await self.bot.store.set_delivery(
+                job.id,
+                dataclasses.replace(
+                    delivery,
+                    interaction_token=None,
+                    token_expires_at=None,
+                    message_id=None if failure.message_gone else delivery.message_id,
+                ),
+            )
 
         channel_id = delivery.channel_id or job.channel_id
         if channel_id is not None:
@@ -390,7 +428,7 @@ class Results(commands.Cog):
                 return None
             except (Unusable, discord.ClientException) as exc:
                 return Failure(path, str(exc))
-            except DELIVERY_ERRORS as exc:
+            except ANSWER_ERRORS as exc:
                 failure = classify(path, exc)
                 log.info("posting job %d by %s failed (try %d): %s", job.id, path, attempt, exc)
             if not failure.transient or attempt == PATH_TRIES:
@@ -413,7 +451,7 @@ class Results(commands.Cog):
                 content=f"Job #{job.id} is done: the result was posted {where}.",
                 view=None,
             )
-        except DELIVERY_ERRORS as exc:
+        except ANSWER_ERRORS as exc:
             log.info("could not point job %d's message at its result (%s)", job.id, exc)
 
 
@@ -430,11 +468,14 @@ def _warn_missing_permissions(channel: discord.abc.Messageable) -> None:
         log.warning("missing permissions in channel %s: %s", channel.id, ", ".join(names))
 
 
-def _owner_reason(failures: list[Failure]) -> str:
-    """One sentence for the owner from every way that failed, most telling first."""
+def _owner_reason(failures: list[Failure], retry_in_s: float | None) -> str:
+    """One sentence for the owner: every way that failed, most telling first, and when it is tried next."""
     reasons = [f.reason for f in failures if f.path != "edit"] or [f.reason for f in failures]
     text = " and ".join(dict.fromkeys(reasons)) or "there was nowhere to post it"
-    return f"{text}. It will be tried again when the bot restarts"
+    if retry_in_s is None:
+        return f"{text}. It will be tried again when the bot restarts"
+    # A Discord timestamp: every reader sees it in their own time zone, relative to now.
+    return f"{text}. It will be tried again <t:{int(time.time() + retry_in_s)}:R>, and when the bot restarts"
 
 
 def _token_alive(delivery: Delivery) -> bool:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import discord
 import discord.http
 import discord.webhook.async_
 import pytest
@@ -49,7 +51,7 @@ def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Setti
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """discord.py's 5xx backoff (1, 3, 5, 7, 9 s) and the bot's retry pause, a hundred times shorter.
+    """discord.py's 5xx backoff (1, 3, 5, 7, 9 s), a hundred times shorter.
 
     Returns the delays discord.py asked for, so a test can still see the backoff it would have waited.
     """
@@ -64,7 +66,6 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     quick.sleep = sleep
     monkeypatch.setattr(discord.http, "asyncio", quick)
     monkeypatch.setattr(discord.webhook.async_, "asyncio", quick)
-    monkeypatch.setattr(cogs.results, "RETRY_PAUSE_S", 0.02)
     return asked
 
 
@@ -316,6 +317,66 @@ async def test_5xx_everywhere_keeps_the_job_undelivered_with_a_reason(
         assert "Job #1** · complete · ⚠️ not posted" in listing
 
 
+async def test_a_result_no_way_could_take_is_tried_again_without_a_restart(
+    server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+    bot_logs: pytest.LogCaptureFixture,
+) -> None:
+    """503 on every upload for a while: undelivered, and /job says when it is tried next; once Discord is
+    well again that try posts it, once, in the channel (the token was left behind at the failed edit)."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        bot.get_cog("Results").redelivery_delays_s = (2.0,)  # type: ignore[union-attr]
+        _, card = await describe(server, astronaut)
+        storm = server.fail_next(None, status=503, times=10_000, predicate=lambda c: bool(c.files))
+        await generate(server, card)
+        await server.wait_until(lambda: bot.get_cog("Results").undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
+        storm.remaining = 0  # Discord answers again
+        stored = await bot.store.get_job(1)
+        assert re.search(
+            r"Discord kept failing \(HTTP 503\)\. "
+            r"It will be tried again <t:\d+:R>, and when the bot restarts$",
+            stored.delivery_error or "",
+        ), stored.delivery_error
+        assert "tried again <t:" in await job_embed(server, 1)
+        failed = len(uploads(server))
+        job = await delivered(bot, 1)
+        assert job.delivery_error is None
+        (posted,) = results_posted(server, 1)
+        assert posted.route == POST and "job #1 is done" in posted.json["content"]
+        assert len(uploads(server)) == failed + 1
+
+
+async def test_redelivery_ends_after_its_last_scheduled_try(
+    server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+    bot_logs: pytest.LogCaptureFixture,
+) -> None:
+    """Discord failing for good: one delivery, then exactly one more per scheduled delay, then the job waits
+    for the next start, and says so."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        bot.get_cog("Results").redelivery_delays_s = (0.05, 0.1)  # type: ignore[union-attr]
+        _, card = await describe(server, astronaut)
+        server.fail_next(None, status=503, times=10_000, predicate=lambda c: bool(c.files))
+        await generate(server, card)
+
+        async def reason() -> str:
+            return (await bot.store.get_job(1)).delivery_error or ""
+
+        final = await eventually(reason, lambda text: text.endswith("tried again when the bot restarts"), 60)
+        assert final == "Discord kept failing (HTTP 503). It will be tried again when the bot restarts"
+        await asyncio.sleep(0.5)  # nothing more is scheduled
+        posts = [c for c in uploads(server) if c.route == POST]
+        assert len(posts) == 3 * 2 * cogs.results.PATH_TRIES  # three deliveries, each channel then DM
+        assert (
+            len([c for c in uploads(server) if c.route == EDIT]) == cogs.results.PATH_TRIES * DISCORD_PY_TRIES
+        )
+        assert results_posted(server, 1) == []
+
+
 # -- connections cut mid-upload ------------------------------------------------------------------------------
 
 
@@ -397,6 +458,47 @@ async def test_gateway_drops_while_the_upload_is_in_flight(
         # Still answering afterwards.
         _, second = await describe(server, astronaut)
         assert second.embeds
+
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+async def test_connection_cut_while_the_job_message_is_posted(
+    server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+    moment: str,
+    bot_logs: pytest.LogCaptureFixture,
+) -> None:
+    """Generate's job message loses its answer (posted or not): the member sees one job message and no
+    error, and the result replaces that message."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        cut = server.cut_next(FOLLOWUP, moment=moment, predicate=lambda c: not c.files)  # type: ignore[arg-type]
+        press = await server.push_button(
+            card, next(c for c in card.custom_ids() if c.startswith("i2p:card:gen:"))
+        )
+        await eventually(lambda: bot.store.get_job(1), lambda job: job is not None and job.delivered_at, 60)
+        assert len(cut.hits) == 1 and cut.hits[0].cut
+        assert len(server.calls(FOLLOWUP, with_token(press.token))) == 1  # no error note after it
+        (posted,) = results_posted(server, 1)
+        assert posted.route == EDIT and posted.params["message"] == str(press.original.id)
+        assert "job #1 is done" in press.original.content and press.original.attachments
+        assert server.calls(POST) == []
+        jobs = [m for m in server.messages_in("general") if "job #" in m.content.lower()]
+        assert [m.id for m in jobs] == [press.original.id]
+
+
+def test_a_401_on_the_bots_own_routes_is_not_an_expired_interaction() -> None:
+    """Only the interaction's webhook can have run out of time; a 401 on a channel post or a DM is the
+    bot's own token."""
+    refused = discord.HTTPException(
+        types.SimpleNamespace(status=401, reason="Unauthorized"), "401: Unauthorized"
+    )
+    assert cogs.results.classify("edit", refused).token_dead
+    for path in ("channel", "dm"):
+        failure = cogs.results.classify(path, refused)
+        assert not failure.token_dead and not failure.transient
+        assert failure.reason == "Discord no longer accepts my token"
 
 
 # -- expired tokens -----------------------------------------------------------------------------------------
