@@ -41,6 +41,10 @@ log = logging.getLogger("i2p2i.bot")
 # Loaded one by one; a broken cog is logged and the others still load.
 EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.results", "cogs.history", "cogs.admin")
 EXIT_CONFIG = 2
+# The GPU failed for good (a CUDA fault, or a task that never returns): only a new process gets it back.
+EXIT_GPU_LOST = 3
+# How often the bot checks that its GPU can still work.
+GPU_WATCH_INTERVAL_S = 5.0
 
 EngineLoader = Callable[[Settings], Any]
 
@@ -91,6 +95,8 @@ class I2P2IBot(commands.Bot):
         self.runner: JobRunner
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # What bot.py exits with once the bot has closed.
+        self.exit_code = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -113,6 +119,7 @@ class I2P2IBot(commands.Bot):
         self.interrogations = InterrogationCache(self.store, self.gpu)
         self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
         self.runner.start()
+        self.spawn(self._watch_gpu(), name="i2p2i-gpu-watch")
         for name in self.extension_names:
             try:
                 await self.load_extension(name)
@@ -155,6 +162,35 @@ class I2P2IBot(commands.Bot):
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
+    def gpu_lost(self) -> str | None:
+        """Why the GPU can do no more work in this process, or None while it can."""
+        gpu: GpuWorker | None = getattr(self, "gpu", None)
+        if gpu is None:
+            return None
+        if gpu.device_fault is not None:
+            return f"a CUDA error left it unusable ({gpu.device_fault})"
+        limit_s = 2 * self.settings.queue.job_timeout_s
+        if gpu.busy_for_s() > limit_s:
+            return f"one task has held it for more than {limit_s:g} s (twice queue.job_timeout_s)"
+        return None
+
+    async def _watch_gpu(self) -> None:
+        """Stop the bot, with EXIT_GPU_LOST, once its GPU can do no more work.
+
+        Only a new process gets the GPU back; a bot that stays up without one would answer every member
+        with a failure. Queued jobs stay in the store, and a service manager (Docker's restart policy,
+        systemd's Restart=) starts the bot again, which resumes them.
+        """
+        while True:
+            reason = self.gpu_lost()
+            if reason is not None:
+                break
+            await asyncio.sleep(GPU_WATCH_INTERVAL_S)
+        log.critical("the GPU can do no more work: %s; stopping so that a restart gets it back", reason)
+        self.exit_code = EXIT_GPU_LOST
+        # Not a child of this task: close() cancels the background tasks, this one included.
+        asyncio.get_running_loop().create_task(self.close(), name="i2p2i-close-gpu-lost")
+
     def health_status(self) -> BotStatus:
         """What the heartbeat file reports; during setup_hook some services do not exist yet."""
         queue: JobQueue | None = getattr(self, "queue", None)
@@ -172,6 +208,7 @@ class I2P2IBot(commands.Bot):
             gpu_worker_alive=gpu is not None and gpu.thread.is_alive(),
             runner_alive=runner is not None and runner.running,
             gpu_stuck=ready and gpu is not None and gpu.busy_for_s() > 2 * self.settings.queue.job_timeout_s,
+            gpu_faulted=gpu is not None and gpu.device_fault is not None,
             queue_paused=queue is not None and queue.paused,
         )
 
@@ -294,6 +331,8 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                 return EXIT_CONFIG
             if stopping:
                 await stopping[0]
-        return 0
+        if bot.exit_code == EXIT_GPU_LOST:
+            print(f"bot.py: stopped because the GPU can do no more work ({bot.gpu_lost()})", file=sys.stderr)
+        return bot.exit_code
 
     return asyncio.run(runner())

@@ -52,6 +52,8 @@ class BotStatus:
     queue_paused: bool = False
     # The GPU thread has been on one task for far longer than any batch may take: a step that never returns.
     gpu_stuck: bool = False
+    # A CUDA error left the GPU unusable until the process restarts (GpuWorker.device_fault).
+    gpu_faulted: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,9 @@ class Heartbeat:
                 key: data[key]
                 for key in ("gateway_connected", "gpu_worker_alive", "runner_alive", "queue_paused")
             }
-            flags["gpu_stuck"] = data.get("gpu_stuck", False)  # absent in files from older versions
+            # Absent in files from older versions.
+            flags["gpu_stuck"] = data.get("gpu_stuck", False)
+            flags["gpu_faulted"] = data.get("gpu_faulted", False)
         except KeyError as exc:
             raise HeartbeatError(f"the field {exc.args[0]} is missing") from None
         if state not in _STATES:
@@ -177,6 +181,11 @@ def check_health(
     if status.gpu_stuck:
         return unhealthy(
             "the GPU thread has been on one task for more than twice queue.job_timeout_s; restart the bot "
+            "(queued jobs resume after the restart)"
+        )
+    if status.gpu_faulted:
+        return unhealthy(
+            "a CUDA error left the GPU unusable until the bot restarts; restart the bot "
             "(queued jobs resume after the restart)"
         )
     if not status.runner_alive:

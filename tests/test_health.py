@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from i2p2i_bot import health
+from i2p2i_bot import app, health
 from i2p2i_bot.cli import main
 from i2p2i_bot.config import Settings
 from i2p2i_bot.generate import GenerationParams
+from i2p2i_bot.gpu import GpuFault
 from i2p2i_bot.health import (
     HEALTH_FILE,
     BotStatus,
@@ -30,7 +31,8 @@ from i2p2i_bot.health import (
     run_heartbeat,
     write_heartbeat,
 )
-from i2p2i_bot.jobs import JobRequest
+from i2p2i_bot.jobs import Job, JobRequest
+from i2p2i_bot.store import Store
 from tests.bot_harness import bot_settings, running_i2p2i
 from tests.discord_fake import FakeDiscord, running_fake_discord
 from tests.fake_engine import FakeEngine
@@ -127,6 +129,7 @@ def test_broken_heartbeat_files_are_reported(tmp_path: Path, mutate: Callable, n
         (1.0, {"gpu_worker_alive": False}, "the GPU worker thread has died"),
         (1.0, {"runner_alive": False}, "the job runner has stopped"),
         (1.0, {"gpu_stuck": True}, "the GPU thread has been on one task for more than twice"),
+        (1.0, {"gpu_faulted": True, "runner_alive": False}, "a CUDA error left the GPU unusable"),
         (1.0, {"gateway_connected": False}, "not connected to Discord's gateway"),
     ],
 )
@@ -273,6 +276,20 @@ async def wait_for(condition: Callable[[], object], timeout_s: float = 20.0) -> 
         await asyncio.sleep(0.01)
 
 
+def current_status(path: Path) -> BotStatus:
+    return read_heartbeat(path).status
+
+
+async def read_job(settings: Settings, job_id: int) -> Job:
+    store = await Store.from_settings(settings)
+    try:
+        job = await store.get_job(job_id)
+    finally:
+        await store.close()
+    assert job is not None
+    return job
+
+
 # --- the running bot ------------------------------------------------------------------------------------
 
 
@@ -353,7 +370,41 @@ async def test_the_running_bot_keeps_a_heartbeat(
 def test_a_heartbeat_from_before_gpu_stuck_existed_reads_as_not_stuck(tmp_path: Path) -> None:
     path = write(tmp_path / HEALTH_FILE, 1.0)
     data = json.loads(path.read_text())
-    del data["gpu_stuck"]
+    del data["gpu_stuck"], data["gpu_faulted"]
     path.write_text(json.dumps(data))
     report = check_health(path, now=NOW)
-    assert report.healthy and report.heartbeat is not None and report.heartbeat.status.gpu_stuck is False
+    assert report.healthy and report.heartbeat is not None
+    assert (report.heartbeat.status.gpu_stuck, report.heartbeat.status.gpu_faulted) == (False, False)
+
+
+async def test_a_lost_gpu_stops_the_bot_with_its_own_exit_code_and_keeps_the_queue(
+    discord_server: FakeDiscord,
+    base_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CUDA fault on the GPU thread: the heartbeat says so, the bot closes itself with EXIT_GPU_LOST (for
+    a service manager to restart it), and the queued job is still queued in the store for that restart."""
+    monkeypatch.setattr(health, "HEARTBEAT_INTERVAL_S", 0.05)
+    monkeypatch.setattr(app, "GPU_WATCH_INTERVAL_S", 0.05)
+    data = tmp_path / "data"
+    path = data / HEALTH_FILE
+    settings = bot_settings(base_settings, data, discord_server, stop_grace_s=5.0)
+    engine = FakeEngine()
+    async with running_i2p2i(settings, discord_server, engine) as bot:
+        await wait_for(lambda: path.exists() and current_status(path).gateway_connected)
+        assert bot.gpu_lost() is None and bot.exit_code == 0
+        bot.queue.pause()  # so the job below waits in the queue whatever the GPU thread does
+        job = await bot.queue.submit(JobRequest(1, "a prompt", PARAMS, seed=1))
+
+        def fault() -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        with pytest.raises(GpuFault):
+            await bot.gpu.run(fault)
+        assert bot.health_status().gpu_faulted
+        await wait_for(bot.is_closed)
+        assert bot.exit_code == app.EXIT_GPU_LOST
+        assert "illegal memory access" in (bot.gpu_lost() or "")
+    stored = await read_job(settings, job.id)
+    assert stored.status == "queued" and stored.attempts == 0
