@@ -37,6 +37,8 @@ MODES: tuple[str, ...] = get_args(InterrogateMode)
 # Discord's own file hosts; anything else (and any redirect) is refused, so a crafted URL cannot make the bot
 # fetch from elsewhere.
 DISCORD_MEDIA_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+# Discord's API hosts serve no files; a proxy or a loopback Discord put in their place (discord.api_base) may.
+DISCORD_API_HOSTS = frozenset({"discord.com", "discordapp.com"})
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -134,9 +136,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
         assert self.session is not None
-        allowed = DISCORD_MEDIA_HOSTS | {yarl.URL(self.bot.settings.discord.api_base).host or ""}
         url = yarl.URL(source.url)
-        if url.host not in allowed or url.scheme not in ("https", "http"):
+        if not downloadable(url, self.bot.settings.discord.api_base):
             raise Refusal("I only download images hosted by Discord; attach the file instead.")
         try:
             async with self.session.get(url, allow_redirects=False) as response:
@@ -154,6 +155,17 @@ class ImagineCog(commands.Cog, name="Imagine"):
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("download of %s failed: %s", url.with_query(None), exc)
             raise Refusal("I could not download that image; try again in a moment.") from None
+
+
+def downloadable(url: yarl.URL, api_base: str) -> bool:
+    """Whether the bot may fetch ``url``: Discord's file hosts over https, or exactly the origin (scheme,
+    host, port) of a proxy or loopback Discord configured as ``discord.api_base``."""
+    if url.scheme == "https" and url.host in DISCORD_MEDIA_HOSTS and url.explicit_port in (None, 443):
+        return True
+    base = yarl.URL(api_base)
+    if base.host in DISCORD_API_HOSTS:
+        return False
+    return (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
 
 
 # -- what a source image is ---------------------------------------------------------------------------------

@@ -50,10 +50,15 @@ RETRY_PAUSE_S = 2.0
 # entry per new try (about nine hours in all); then only the next start tries again.
 REDELIVERY_DELAYS_S = (60.0, 300.0, 1800.0, 7200.0, 21600.0)
 
-# What a result posted in the channel after the token expired needs there (docs/permissions.md).
-CHANNEL_PERMISSIONS = discord.Permissions(
-    view_channel=True, send_messages=True, embed_links=True, attach_files=True
-)
+# What a result posted in the channel after the token expired needs there, by the names Discord's settings
+# show (docs/permissions.md).
+CHANNEL_PERMISSION_NAMES = {
+    "View Channels": discord.Permissions(view_channel=True),
+    "Send Messages": discord.Permissions(send_messages=True),
+    "Embed Links": discord.Permissions(embed_links=True),
+    "Attach Files": discord.Permissions(attach_files=True),
+}
+CHANNEL_PERMISSIONS = discord.Permissions(sum(p.value for p in CHANNEL_PERMISSION_NAMES.values()))
 # Discord's JSON error codes that mean the interaction token cannot be used any more.
 TOKEN_DEAD_CODES = frozenset({10015, 10062, 50027})
 # What a refusal means, for the owner.
@@ -462,10 +467,14 @@ def _warn_missing_permissions(channel: discord.abc.Messageable) -> None:
     """
     if not isinstance(channel, discord.abc.GuildChannel):
         return
-    missing = CHANNEL_PERMISSIONS.value & ~channel.permissions_for(channel.guild.me).value
+    held = channel.permissions_for(channel.guild.me)
+    missing = [name for name, needed in CHANNEL_PERMISSION_NAMES.items() if not needed <= held]
     if missing:
-        names = [name for name, held in discord.Permissions(missing) if held]
-        log.warning("missing permissions in channel %s: %s", channel.id, ", ".join(names))
+        log.warning(
+            "missing permissions in channel %s: %s (grant them to the bot's role there)",
+            channel.id,
+            ", ".join(missing),
+        )
 
 
 def _owner_reason(failures: list[Failure], retry_in_s: float | None) -> str:

@@ -20,11 +20,13 @@ from typing import Any
 
 import discord
 import pytest
+import yarl
 from PIL import Image
 
 import cogs
-from cogs.results import CHANNEL_PERMISSIONS
-from i2p2i_bot.config import Settings
+from cogs.imagine import downloadable
+from cogs.results import CHANNEL_PERMISSION_NAMES, CHANNEL_PERMISSIONS
+from i2p2i_bot.config import DiscordSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.replies import PrivateView
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
@@ -263,6 +265,9 @@ async def test_commands_and_private_views_refuse_other_members(
 # -- downloads -----------------------------------------------------------------------------------------------
 
 
+DEFAULT_API = DiscordSettings().api_base
+
+
 def attachment_gets(server: FakeDiscord) -> list[Any]:
     return [c for c in server.calls() if c.route in ATTACHMENT_GETS]
 
@@ -301,6 +306,30 @@ async def test_images_off_discord_hosts_are_not_downloaded(
         assert "only download images hosted by Discord" in await ephemeral_answer(handle)
         assert attachment_gets(server) == []
         assert await bot.store.recent_interrogations(server.user("alice").id) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "api_base", "allowed"),
+    [
+        ("https://cdn.discordapp.com/attachments/1/2/a.png?ex=1", DEFAULT_API, True),
+        ("https://media.discordapp.net/external/x/https/example.com/a.png", DEFAULT_API, True),
+        ("http://cdn.discordapp.com/attachments/1/2/a.png", DEFAULT_API, False),
+        ("https://cdn.discordapp.com:8443/attachments/1/2/a.png", DEFAULT_API, False),
+        ("https://cdn.discordapp.com.example.com/a.png", DEFAULT_API, False),
+        ("https://cdn.discordapp.com@example.com/a.png", DEFAULT_API, False),
+        ("https://discord.com/api/v10/a.png", DEFAULT_API, False),
+        ("https://example.com/a.png", DEFAULT_API, False),
+        ("http://127.0.0.1:8765/attachments/1/a.png", "http://127.0.0.1:8765/api/v10", True),
+        ("http://127.0.0.1:9999/attachments/1/a.png", "http://127.0.0.1:8765/api/v10", False),
+        ("https://127.0.0.1:8765/attachments/1/a.png", "http://127.0.0.1:8765/api/v10", False),
+        ("https://proxy.example/attachments/1/a.png", "https://proxy.example/api/v10", True),
+    ],
+)
+def test_only_discords_file_hosts_or_the_configured_proxy_are_downloaded_from(
+    url: str, api_base: str, allowed: bool
+) -> None:
+    """https on Discord's file hosts; a proxy's own origin only when one is configured; nothing else."""
+    assert downloadable(yarl.URL(url), api_base) is allowed
 
 
 @pytest.mark.parametrize(("declared", "cap_mb"), [(26 * 1024 * 1024, 25), (2 * 1024 * 1024, 1)])
@@ -442,11 +471,9 @@ async def test_permissions_scopes_and_intents_match_the_docs(
     docs = (ROOT / "docs" / "permissions.md").read_text(encoding="utf-8")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = _documented_permissions(docs)
-    names = {"View Channels": "view_channel", "Send Messages": "send_messages"}
-    names |= {"Embed Links": "embed_links", "Attach Files": "attach_files"}
-    assert set(table) == set(names)
-    for label, flag in names.items():
-        assert table[label] == discord.Permissions(**{flag: True}).value, label
+    assert set(table) == set(CHANNEL_PERMISSION_NAMES)
+    for label, permission in CHANNEL_PERMISSION_NAMES.items():
+        assert table[label] == permission.value, label
     assert sum(table.values()) == CHANNEL_PERMISSIONS.value
     for text in (docs, readme):
         assert set(re.findall(r"scope=([\w.+]+)", text)) == {"bot+applications.commands"}
@@ -477,7 +504,48 @@ async def test_permissions_scopes_and_intents_match_the_docs(
             bot.queue.resume()
             posted = await server.wait_for(route="POST /channels/{channel}/messages", timeout_s=60)
             assert posted.ok and posted.files and posted.json["embeds"]
+            (result,) = [m for m in server.messages_in("general") if m.id == int(posted.response["id"])]
+            assert result.embeds and result.attachments  # Discord kept all of it
     assert not [r for r in caplog.get_records("call") if "missing permissions" in r.getMessage()]
+
+
+@pytest.mark.parametrize("missing", list(CHANNEL_PERMISSION_NAMES))
+async def test_each_documented_permission_is_needed(
+    base_settings: Settings,
+    tmp_path: Path,
+    engine: Engine,
+    astronaut: Image.Image,
+    missing: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bot's role lacks one documented permission: the late result does not arrive whole in the channel
+    (it goes by DM, or without Embed Links Discord drops its embed), and the log names what to grant."""
+    world = World.default()
+    for role in world.guild().roles:
+        role.permissions = (
+            CHANNEL_PERMISSIONS.value & ~CHANNEL_PERMISSION_NAMES[missing].value if role.managed else 0
+        )
+    caplog.set_level(logging.INFO)
+    async with running_fake_discord(world) as server:
+        settings = bot_settings(base_settings, tmp_path / "data", server)
+        async with running_i2p2i(settings, server, engine) as bot:
+            _, card = await describe(server, astronaut)
+            bot.queue.pause()
+            press = await generate(server, card)
+            press.expire()
+            bot.queue.resume()
+            job = await eventually(lambda: bot.store.get_job(1), lambda job: job.delivered_at is not None, 60)
+            assert job.status == "complete"
+            in_channel = [m for m in server.messages_in("general") if m.content.startswith("<@")]
+            if missing == "Embed Links":
+                (result,) = in_channel
+                assert result.attachments and result.embeds == []
+            else:
+                assert in_channel == []
+                (dm,) = server.dm_messages("alice")
+                assert dm.embeds and dm.attachments
+    warnings = [r.getMessage() for r in caplog.get_records("call") if "missing permissions" in r.getMessage()]
+    assert warnings and all(missing in w for w in warnings), warnings
 
 
 def test_the_invite_integer_is_the_documented_permissions() -> None:

@@ -31,6 +31,7 @@ from .validation import check_commands, check_message, check_modal
 from .world import (
     ATTACH_FILES,
     DEFAULT_UPLOAD_LIMIT_BYTES,
+    EMBED_LINKS,
     SEND_MESSAGES,
     VIEW_CHANNEL,
     FakeChannel,
@@ -244,9 +245,27 @@ class RestApi:
         channel = self._server.world.find_channel(_int(call.params["channel"]))
         if channel is None or channel.deleted:
             raise ApiError(404, UNKNOWN_CHANNEL, "Unknown Channel")
-        if channel.denied_bot_permissions & VIEW_CHANNEL:
+        if not self._server.world.bot_permissions_in(channel) & VIEW_CHANNEL:
             raise ApiError(403, MISSING_ACCESS, "Missing Access")
         return channel
+
+    def _check_post(self, call: RecordedCall, channel: FakeChannel, *, creating: bool) -> dict[str, Any]:
+        """The body as Discord keeps it, after the checks of the bot's rights in ``channel``.
+
+        As Discord: files need Attach Files (403 50013); embeds need Embed Links, and without it they are
+        dropped from a message that has other content, and refused (403 50013) from one that has none.
+        """
+        allowed = self._server.world.bot_permissions_in(channel)
+        if creating and not allowed & SEND_MESSAGES:
+            raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
+        if call.files and not allowed & ATTACH_FILES:
+            raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
+        body = dict(call.json or {})
+        if body.get("embeds") and not allowed & EMBED_LINKS:
+            if not (body.get("content") or call.files or body.get("components")):
+                raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
+            body["embeds"] = []
+        return body
 
     def _channel_message(self, call: RecordedCall, channel: FakeChannel) -> StoredMessage:
         message = self._server.messages.get(_int(call.params["message"]))
@@ -277,10 +296,7 @@ class RestApi:
     async def create_message(self, call: RecordedCall) -> Reply:
         server = self._server
         channel = self._channel(call)
-        if channel.denied_bot_permissions & SEND_MESSAGES:
-            raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
-        if call.files and channel.denied_bot_permissions & ATTACH_FILES:
-            raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
+        body = self._check_post(call, channel, creating=True)
         if channel.is_dm and any(user.id in server.dm_blocked for user in channel.recipients):
             raise ApiError(403, CANNOT_DM_USER, "Cannot send messages to this user")
         limit = (
@@ -289,7 +305,6 @@ class RestApi:
             else DEFAULT_UPLOAD_LIMIT_BYTES
         )
         check_message(call.json, call.files, upload_limit_bytes=limit, creating=True)
-        body = dict(call.json or {})
         if body.get("enforce_nonce") and body.get("nonce") is not None:
             # Discord returns the message this author already sent with this nonce in the last few minutes.
             since = server.clock.now() - NONCE_WINDOW_S
@@ -315,10 +330,9 @@ class RestApi:
                 raise ApiError(
                     403, CANNOT_EDIT_OTHERS_MESSAGE, "Cannot edit a message authored by another user"
                 )
-        if call.files and channel.denied_bot_permissions & ATTACH_FILES:
-            raise ApiError(403, MISSING_PERMISSIONS, "Missing Permissions")
+        body = self._check_post(call, channel, creating=False)
         check_message(call.json, call.files, upload_limit_bytes=DEFAULT_UPLOAD_LIMIT_BYTES, creating=False)
-        server.messages.edit(message, now=server.clock.now(), body=call.json, files=call.files)
+        server.messages.edit(message, now=server.clock.now(), body=body, files=call.files)
         await server._message_event("MESSAGE_UPDATE", message)
         return Reply(body=message.payload())
 

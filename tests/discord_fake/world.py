@@ -376,6 +376,20 @@ class World:
                     return channel
         return next((c for c in self.dm_channels.values() if c.id == channel_id), None)
 
+    def bot_permissions_in(self, channel: FakeChannel) -> int:
+        """What the bot may do in ``channel``: its roles in the guild, less what the channel denies it.
+
+        A DM channel allows everything a DM can do.
+        """
+        if channel.guild_id is None:
+            return ALL_PERMISSIONS
+        guild = self.guild(channel.guild_id)
+        member = guild.member(self.bot_user.id)
+        granted = 0 if member is None else guild.permissions_of(member)
+        if granted == ALL_PERMISSIONS:
+            return granted  # administrators ignore overwrites
+        return granted & ~channel.denied_bot_permissions
+
     def dm_channel_for(self, user: FakeUser) -> FakeChannel:
         """The DM channel between the bot and ``user``, made on first use."""
         channel = self.dm_channels.get(user.id)
