@@ -55,16 +55,8 @@ class BotProcess:
 
     async def start(self) -> None:
         """Start bot.py and wait until its gateway session has the guild."""
-        self.starts += 1
         mark = self.server.frame_mark()
-        with (self.logs / f"bot-{self.starts}.log").open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "bot.py", "--config", str(self.config)],
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self._spawn()
 
         def connected() -> bool:
             assert self.process is not None and self.process.poll() is None, self.output()
@@ -73,6 +65,18 @@ class BotProcess:
             )
 
         await self.server.wait_until(connected, timeout_s=START_S, what="bot.py to connect")
+
+    def _spawn(self) -> None:
+        # A plain Popen, not asyncio's: kill() reaps it synchronously, inside the fake's call observer.
+        self.starts += 1
+        with (self.logs / f"bot-{self.starts}.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "bot.py", "--config", str(self.config)],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def kill(self) -> None:
         """SIGKILL, and reap it before anything else happens in this process."""
