@@ -220,7 +220,7 @@ def _download(settings: Settings) -> int:
 
     sources = resolve_models(settings)
     try:
-        for line in download_models(sources):
+        for line in download_models(sources, safety_checker=settings.generate.safety_checker):
             print(line)
     except Exception as exc:  # network and hub errors come in many types; the message is what matters
         print(f"i2p2i: download failed: {exc}", file=sys.stderr)

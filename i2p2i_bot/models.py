@@ -67,30 +67,44 @@ CAPTION_FILES = ("*.json", "*.txt", "model.safetensors", "model-*-of-*.safetenso
 # Read by the loaders only when a repository has no safetensors weights, as some older ones do not.
 GENERATOR_PICKLED = ("*/diffusion_pytorch_model.bin", "*/pytorch_model.bin")
 CAPTION_PICKLED = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+# The safety checker's folder (its weights are 1.2 GB): Generator.load passes safety_checker=None when
+# generate.safety_checker is off, and diffusers then reads nothing from that folder.
+SAFETY_CHECKER_FILES = ("safety_checker/*",)
 
 
-def download_models(sources: ModelSources) -> list[str]:
-    """Fetch every configured model into the Hugging Face cache; return a line per model."""
+def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]:
+    """Fetch every configured model into the Hugging Face cache; return a line per model.
+
+    safety_checker is generate.safety_checker: when it is off, the loader never reads the safety checker,
+    so it is not fetched either.
+    """
+    skipped: tuple[str, ...] = () if safety_checker else SAFETY_CHECKER_FILES
     lines = []
-    for label, source, files, pickled in (
-        ("generator", sources.generator, GENERATOR_FILES, GENERATOR_PICKLED),
-        ("caption", sources.caption, CAPTION_FILES, CAPTION_PICKLED),
+    for label, source, files, pickled, ignored in (
+        ("generator", sources.generator, GENERATOR_FILES, GENERATOR_PICKLED, skipped),
+        ("caption", sources.caption, CAPTION_FILES, CAPTION_PICKLED, ()),
     ):
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
-        else:
-            lines.append(f"{label}: {source} → {_fetch_repository(source, files, pickled)}")
+            continue
+        line = f"{label}: {source} → {_fetch_repository(source, files, pickled, ignored)}"
+        if ignored:
+            line += " (no safety checker: generate.safety_checker is off)"
+        lines.append(line)
     lines.append(_fetch_clip(sources.clip))
     return lines
 
 
-def _fetch_repository(source: str, files: tuple[str, ...], pickled: tuple[str, ...]) -> str:
+def _fetch_repository(
+    source: str, files: tuple[str, ...], pickled: tuple[str, ...], ignored: tuple[str, ...]
+) -> str:
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(source, allow_patterns=list(files))
+    ignore = list(ignored) or None
+    path = snapshot_download(source, allow_patterns=list(files), ignore_patterns=ignore)
     weights = [pattern for pattern in files if pattern.endswith(".safetensors")]
     if not any(next(Path(path).glob(pattern), None) for pattern in weights):
-        path = snapshot_download(source, allow_patterns=list(pickled))
+        path = snapshot_download(source, allow_patterns=list(pickled), ignore_patterns=ignore)
     return str(path)
 
 

@@ -250,15 +250,22 @@ def default_sources() -> ModelSources:
 
 @pytest.fixture
 def hub_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[Any]]:
-    """Stand-ins for snapshot_download and open_clip's hf_hub_download that record what they are asked for;
-    a snapshot holds one safetensors file per repository unless the repository id says "pickled"."""
+    """Stand-ins for snapshot_download and open_clip's hf_hub_download that record what they are asked for
+    (repository, allow_patterns, ignore_patterns); a snapshot holds one safetensors file per repository unless
+    the repository id says "pickled"."""
     import huggingface_hub
     import open_clip.pretrained
 
     calls: dict[str, list[Any]] = {"snapshot": [], "file": []}
 
-    def snapshot_download(repo_id: str, *, allow_patterns: list[str] | None = None, **_: Any) -> str:
-        calls["snapshot"].append((repo_id, allow_patterns))
+    def snapshot_download(
+        repo_id: str,
+        *,
+        allow_patterns: list[str] | None = None,
+        ignore_patterns: list[str] | None = None,
+        **_: Any,
+    ) -> str:
+        calls["snapshot"].append((repo_id, allow_patterns, ignore_patterns))
         folder = tmp_path / "hub" / repo_id
         weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
         if "pickled" not in repo_id and not weights.exists():
@@ -280,25 +287,101 @@ def hub_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list
 def test_download_models_fetches_only_what_the_loaders_read(hub_calls: dict[str, list[Any]]) -> None:
     """The default models: SD v1-4's and BLIP's safetensors weights with their configs and tokenizers (no
     fp16, pickled, Flax or TensorFlow copies), and the one CLIP file open_clip loads for ViT-L-14/openai."""
-    lines = download_models(default_sources())
-    assert hub_calls["snapshot"] == [(DEFAULT_GENERATOR, SD_FILES), (DEFAULT_CAPTION, BLIP_FILES)]
+    lines = download_models(default_sources(), safety_checker=True)
+    assert hub_calls["snapshot"] == [(DEFAULT_GENERATOR, SD_FILES, None), (DEFAULT_CAPTION, BLIP_FILES, None)]
     assert hub_calls["file"] == [CLIP_FILE]
     assert [line.split(":")[0] for line in lines] == ["generator", "caption", "clip"]
     assert lines[2].endswith("open_clip_model.safetensors")
+    assert "safety checker" not in lines[0]
 
 
-def test_download_models_takes_pickled_weights_when_a_repository_has_no_safetensors(
-    hub_calls: dict[str, list[Any]],
-) -> None:
-    """A repository without safetensors weights gets a second, narrow fetch of the pickled ones."""
-    download_models(ModelSources("someone/pickled-sd", DEFAULT_CLIP, "someone/pickled-blip"))
+# The files of SD v1-4's repository that the patterns decide about, as the Hub lists them.
+SD_LISTING = [
+    "model_index.json",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/merges.txt",
+    "tokenizer/vocab.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    *SD_UNUSED,
+]
+
+
+def test_download_models_leaves_out_a_disabled_safety_checker(hub_calls: dict[str, list[Any]]) -> None:
+    """With generate.safety_checker off, SD's safety_checker folder (1.2 GB) is not fetched and the line says
+    so; every other file the loader reads, the feature extractor's config included, still is."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    lines = download_models(default_sources(), safety_checker=False)
     assert hub_calls["snapshot"] == [
-        ("someone/pickled-sd", SD_FILES),
-        ("someone/pickled-sd", ["*/diffusion_pytorch_model.bin", "*/pytorch_model.bin"]),
-        ("someone/pickled-blip", BLIP_FILES),
+        (DEFAULT_GENERATOR, SD_FILES, ["safety_checker/*"]),
+        (DEFAULT_CAPTION, BLIP_FILES, None),
+    ]
+    assert lines[0].endswith("(no safety checker: generate.safety_checker is off)")
+    assert "safety checker" not in lines[1]
+    _, allow, ignore = hub_calls["snapshot"][0]
+    fetched = set(filter_repo_objects(SD_LISTING, allow_patterns=allow, ignore_patterns=ignore))
+    assert fetched == {
+        "model_index.json",
+        "feature_extractor/preprocessor_config.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_download_models_command_follows_the_safety_checker_setting(
+    enabled: bool,
+    hub_calls: dict[str, list[Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`i2p2i download-models` passes generate.safety_checker from the config on to what it fetches."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[generate]\nsafety_checker = {str(enabled).lower()}\n',
+        encoding="utf-8",
+    )
+    assert main(["--config", str(config), "download-models"]) == 0
+    assert hub_calls["snapshot"][0] == (
+        DEFAULT_GENERATOR,
+        SD_FILES,
+        None if enabled else ["safety_checker/*"],
+    )
+    assert ("no safety checker" in capsys.readouterr().out) is not enabled
+
+
+@pytest.mark.parametrize("safety_checker", [True, False])
+def test_download_models_takes_pickled_weights_when_a_repository_has_no_safetensors(
+    safety_checker: bool, hub_calls: dict[str, list[Any]]
+) -> None:
+    """A repository without safetensors weights gets a second, narrow fetch of the pickled ones, which also
+    leaves out a disabled safety checker."""
+    download_models(
+        ModelSources("someone/pickled-sd", DEFAULT_CLIP, "someone/pickled-blip"),
+        safety_checker=safety_checker,
+    )
+    ignored = None if safety_checker else ["safety_checker/*"]
+    assert hub_calls["snapshot"] == [
+        ("someone/pickled-sd", SD_FILES, ignored),
+        ("someone/pickled-sd", ["*/diffusion_pytorch_model.bin", "*/pytorch_model.bin"], ignored),
+        ("someone/pickled-blip", BLIP_FILES, None),
         (
             "someone/pickled-blip",
             ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"],
+            None,
         ),
     ]
 
@@ -326,12 +409,21 @@ def serve_hub(cache: Path, repositories: dict[str, dict[str, Path | None]]) -> A
     from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
     from huggingface_hub.utils import filter_repo_objects
 
-    def snapshot_download(repo_id: str, *, allow_patterns: list[str] | None = None, **_: Any) -> str:
+    def snapshot_download(
+        repo_id: str,
+        *,
+        allow_patterns: list[str] | None = None,
+        ignore_patterns: list[str] | None = None,
+        **_: Any,
+    ) -> str:
         files = repositories[repo_id]
         storage = cache / f"models--{repo_id.replace('/', '--')}"
         commit = hashlib.sha1(repo_id.encode()).hexdigest()
         snapshot = storage / "snapshots" / commit
-        for name in filter_repo_objects(sorted(files), allow_patterns=allow_patterns):
+        chosen = filter_repo_objects(
+            sorted(files), allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        )
+        for name in chosen:
             source = files[name]
             assert source is not None, f"{repo_id}: {name} is fetched but no loader reads it"
             (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
@@ -345,11 +437,13 @@ def serve_hub(cache: Path, repositories: dict[str, dict[str, Path | None]]) -> A
     return snapshot_download
 
 
+@pytest.mark.parametrize("safety_checker", [True, False])
 def test_what_download_models_fetches_loads_offline(
-    smoke_models: SmokeModels, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    safety_checker: bool, smoke_models: SmokeModels, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Served as the real repositories (their files, plus their unused copies of the weights), the fetched
-    files are enough for the production loaders with HF_HUB_OFFLINE=1, as the container runs the bot."""
+    files are enough for the production loaders with HF_HUB_OFFLINE=1, as the container runs the bot; with
+    the safety checker off, without its folder."""
     import huggingface_hub
 
     def repository(folder: Path, unused: list[str]) -> dict[str, Path | None]:
@@ -363,7 +457,12 @@ def test_what_download_models_fetches_loads_offline(
         DEFAULT_CAPTION: repository(smoke_models.caption, BLIP_UNUSED),
     }
     monkeypatch.setattr(huggingface_hub, "snapshot_download", serve_hub(home / "hub", repositories))
-    download_models(ModelSources(DEFAULT_GENERATOR, str(smoke_models.clip), DEFAULT_CAPTION))
+    lines = download_models(
+        ModelSources(DEFAULT_GENERATOR, str(smoke_models.clip), DEFAULT_CAPTION),
+        safety_checker=safety_checker,
+    )
+    snapshot = Path(lines[0].split(" → ")[1].split(" (")[0])
+    assert (snapshot / "safety_checker").is_dir() is safety_checker
 
     script = (
         "import torch\n"
@@ -371,7 +470,8 @@ def test_what_download_models_fetches_loads_offline(
         "from i2p2i_bot.generate import Generator\n"
         "from i2p2i_bot.interrogate import Captioner\n"
         "cpu = torch.device('cpu')\n"
-        f"Generator.load({DEFAULT_GENERATOR!r}, GenerateSettings(), cpu)\n"
+        f"g = Generator.load({DEFAULT_GENERATOR!r}, GenerateSettings(safety_checker={safety_checker}), cpu)\n"
+        f"assert (g.pipe.safety_checker is not None) is {safety_checker}\n"
         f"Captioner.load({DEFAULT_CAPTION!r}, cpu)\n"
         "print('loaded')\n"
     )
