@@ -1,4 +1,7 @@
-"""What a member is told when something goes wrong: one sentence for their mistakes, an error id for ours."""
+"""What a member is told when something goes wrong: one sentence for their mistakes, an error id for ours.
+
+A GPU that failed is the exception among ours: it is logged like a bug, but a sentence says what happens.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import discord
 from discord import app_commands
 
 from i2p2i_bot.generate import GenerationError
-from i2p2i_bot.gpu import GpuOutOfMemory
+from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory
 from i2p2i_bot.images import ImageError
 from i2p2i_bot.interrogate import InterrogateError
 from i2p2i_bot.jobs import JobRefused
@@ -35,6 +38,11 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# A CUDA error left the GPU unusable: the bot stops and its service manager starts it again (app.py's
+# EXIT_GPU_LOST), so nothing in the request was wrong and the same request works after the restart.
+GPU_FAULT_MESSAGE = "The GPU stopped working; the bot is restarting, so try again in a minute."
+
+
 # Discord's refusals, and a connection that dropped before Discord answered.
 ANSWER_ERRORS: tuple[type[Exception], ...] = (
     discord.HTTPException,
@@ -57,10 +65,16 @@ WORLD_CHANGED = {
 }
 
 
+def _unwrapped(error: BaseException) -> BaseException:
+    """The exception a command raised, rather than discord.py's wrapper around it."""
+    return error.original if isinstance(error, app_commands.CommandInvokeError) else error
+
+
 def user_message(error: BaseException) -> str | None:
-    """The sentence for an error the member caused, or None when it is a bug."""
-    if isinstance(error, app_commands.CommandInvokeError | app_commands.TransformerError):
-        error = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+    """The sentence for an error the member caused or a failed GPU, or None when it is a bug."""
+    error = _unwrapped(error)
+    if isinstance(error, GpuFault):
+        return GPU_FAULT_MESSAGE
     if isinstance(error, USER_ERRORS):
         return str(error)
     if isinstance(error, discord.HTTPException) and error.code in WORLD_CHANGED:
@@ -75,6 +89,7 @@ def user_message(error: BaseException) -> str | None:
 async def report_error(interaction: discord.Interaction, error: BaseException) -> None:
     """Tell the member what went wrong, ephemerally, whether or not the interaction was answered yet."""
     message = user_message(error)
+    fault = _unwrapped(error)
     if message is None:
         error_id = secrets.token_hex(4)
         log.error(
@@ -85,6 +100,11 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
             exc_info=error,
         )
         message = f"Sorry, something went wrong on my side (error id `{error_id}`); it has been logged."
+    elif isinstance(fault, GpuFault):
+        # Not the member's doing, and an operator needs the CUDA error behind it (the fault's cause).
+        log.error(
+            "the GPU failed in interaction %s (user %s)", interaction.id, interaction.user.id, exc_info=fault
+        )
     else:
         log.info("refused interaction %s for user %s: %s", interaction.id, interaction.user.id, message)
     await reply(interaction, message)
