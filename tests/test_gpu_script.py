@@ -1,0 +1,154 @@
+"""bench/gpu.sh, the GPU suite as one budgeted command: its phases, their arguments, what it writes and when
+it stops. The benchmarks are replaced by a stand-in interpreter that records each call, so the script's own
+logic runs in a second; the benchmarks themselves are tested in test_bench.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs bench/*.py as a recording that writes its --json-out and prints a headline; anything else (the
+# script's version probe) runs in the real interpreter.
+STAND_IN = """#!/usr/bin/env bash
+if [[ $1 == bench/*.py ]]; then
+  echo "$*" >>"$CALLS"
+  args=("$@")
+  for i in "${!args[@]}"; do
+    [[ ${args[$i]} == --json-out ]] && echo '{}' >"${args[$((i + 1))]}"
+  done
+  name=$(basename "$1" .py)
+  [[ " $FAIL " == *" $name "* && " $*" != *" --random-weights"* && " $*" == *" --reps 1 "* ]] && exit 3
+  echo "${name}_ms=1.5 ${name}_ratio=6"
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def _run(tmp_path: Path, budget: int, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    stand_in = tmp_path / "python"
+    stand_in.write_text(STAND_IN)
+    stand_in.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.touch()
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), str(budget)],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHON": str(stand_in),
+            "REAL_PYTHON": sys.executable,
+            "CALLS": str(calls),
+            "OUT": str(out),
+            "BENCH_CACHE": str(tmp_path / "cache"),
+            "BENCH_WHEELS": str(tmp_path / "no-wheels"),
+            "FAIL": "",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return done, calls.read_text().splitlines(), out
+
+
+def _summary(out: Path) -> dict[str, dict[str, str]]:
+    rows = {}
+    for line in (out / "summary.txt").read_text().splitlines():
+        name, *pairs = line.split()
+        rows[name] = dict(pair.split("=", 1) for pair in pairs)
+    return rows
+
+
+def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
+    done, calls, out = _run(tmp_path, 900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    assert [call.split()[0] for call in calls] == ["bench/generate.py", "bench/interrogate.py"] * 2 + [
+        "bench/generate.py"
+    ] * 2
+    wiring_generate, wiring_interrogate, generate, interrogate, compiled, autotuned = calls
+    for call in (wiring_generate, wiring_interrogate):  # smoke models, short lists, one timed run
+        assert "--random-weights" not in call and "--reps 1" in call and "--labels" in call
+        assert "--device cuda" in call
+    assert "--random-weights" in generate and "--reps" not in generate
+    assert "--random-weights" in interrogate and "--reps 3" in interrogate
+    assert "--compile reduce-overhead --no-fast-path-steps --batches 4,8" in compiled
+    assert "--compile max-autotune-no-cudagraphs" in autotuned
+
+    summary = _summary(out)
+    assert list(summary) == [
+        "wiring-generate",
+        "wiring-interrogate",
+        "generate",
+        "interrogate",
+        "compile-reduce-overhead",
+        "compile-max-autotune-no-cudagraphs",
+    ]
+    assert all(row["rc"] == "0" for row in summary.values())
+    assert summary["interrogate"]["interrogate_ms"] == "1.5" and summary["generate"]["generate_ratio"] == "6"
+
+    # What comes back from a lent machine: at most 8 files, named as its tool allows.
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "env.txt",
+        "generate-compile-max-autotune-no-cudagraphs.json",
+        "generate-compile-reduce-overhead.json",
+        "generate.json",
+        "interrogate.json",
+        "log.txt",
+        "summary.txt",
+    ]
+    assert "torch " in (out / "env.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "interrogate_ms=1.5 interrogate_ratio=6" in log and "done," in log
+    # The wiring phase's short lists are the first lines of the packaged ones.
+    flavors = (tmp_path / "cache" / "labels-short" / "flavors.txt").read_text().splitlines()
+    assert len(flavors) == 100 and all(flavors)
+
+
+def test_a_failed_wiring_check_stops_before_the_big_models(tmp_path: Path) -> None:
+    done, calls, out = _run(tmp_path, 900, FAIL="generate")
+    assert done.returncode == 1
+    assert len(calls) == 1 and "--random-weights" not in calls[0]
+    summary = _summary(out)
+    assert list(summary) == ["wiring-generate"] and summary["wiring-generate"]["rc"] == "3"
+    assert "stopping: the wiring check did not pass" in done.stdout
+
+
+def test_a_phase_that_does_not_fit_is_skipped(tmp_path: Path) -> None:
+    # 60 s: the generator's 45 % is under the 30 s a phase needs at least; interrogation's 70 % is not.
+    done, calls, out = _run(tmp_path, 60, BENCH_MODELS="smoke", BENCH_DEVICE="cpu")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert [call.split()[0] for call in calls] == ["bench/interrogate.py"]
+    summary = _summary(out)
+    assert summary["generate"]["skipped"] == "1" and summary["interrogate"]["rc"] == "0"
+
+
+def test_too_small_a_budget_for_the_wiring_check_runs_nothing(tmp_path: Path) -> None:
+    done, calls, out = _run(tmp_path, 100)
+    assert done.returncode == 1 and calls == []
+    assert list(_summary(out)) == ["wiring-generate"]
+
+
+def test_the_dry_run_uses_the_smoke_models_and_compiles_nothing(tmp_path: Path) -> None:
+    done, calls, out = _run(tmp_path, 900, BENCH_MODELS="smoke", BENCH_DEVICE="cpu")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert len(calls) == 2
+    assert all(
+        "--random-weights" not in call and "--device cpu" in call and "--reps 1" in call for call in calls
+    )
+    assert list(_summary(out)) == ["generate", "interrogate"]
+
+
+def test_a_rerun_can_take_only_the_phases_it_names(tmp_path: Path) -> None:
+    done, calls, out = _run(tmp_path, 900, BENCH_PHASES="compile", BENCH_COMPILE="reduce-overhead")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert len(calls) == 1 and "--compile reduce-overhead" in calls[0] and "--random-weights" in calls[0]
+    assert list(_summary(out)) == ["compile-reduce-overhead"]
