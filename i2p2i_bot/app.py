@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import logging
+import re
 import signal
 import sqlite3
 import sys
@@ -278,7 +279,44 @@ def apply_endpoints(settings: Settings) -> None:
 def create_bot(settings: Settings, *, engine_loader: EngineLoader | None = None, **options: Any) -> I2P2IBot:
     """The bot that bot.py runs, built the same way for tests."""
     apply_endpoints(settings)
+    redact_tokens_in_logs()
     return I2P2IBot(settings, engine_loader=engine_loader, **options)
+
+
+# An interaction's token answers it, edits and deletes its messages for 15 minutes; discord.py puts it in
+# the URLs it logs (requests at DEBUG, rate limits at WARNING) and the gateway logs each event's payload at
+# DEBUG. These are the loggers that write them.
+TOKEN_LOGGERS = ("discord.http", "discord.webhook.async_", "discord.gateway")
+_TOKENS = (
+    # /interactions/{id}/{token}/callback and /webhooks/{application_id}/{token}/...
+    (re.compile(r"(/(?:interactions|webhooks)/\d+/)[^/?#\s'\"]+"), r"\1[token]"),
+    # 'token': '...' in a gateway payload (INTERACTION_CREATE, VOICE_SERVER_UPDATE)
+    (re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]*"""), r"\1[token]"),
+)
+
+
+class RedactTokens(logging.Filter):
+    """Replaces the interaction and webhook tokens in a record's message with [token]."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: the handler reports it, as it would without this filter
+            return True
+        redacted = message
+        for pattern, replacement in _TOKENS:
+            redacted = pattern.sub(replacement, redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def redact_tokens_in_logs() -> None:
+    """Keep tokens out of discord.py's log records, whatever level and handlers logging is set up with."""
+    for name in TOKEN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
 
 
 def run_bot(config_path: str | Path | None, models: str | None = None) -> int:

@@ -14,7 +14,7 @@ import logging
 import pkgutil
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from PIL import Image
 import cogs
 from cogs.imagine import downloadable
 from cogs.results import CHANNEL_PERMISSION_NAMES, CHANNEL_PERMISSIONS
+from i2p2i_bot.app import RedactTokens, redact_tokens_in_logs
 from i2p2i_bot.config import DiscordSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.replies import PrivateView
@@ -377,7 +378,8 @@ async def test_the_token_appears_nowhere(
     settings_for, engine: Engine, astronaut: Image.Image, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Happy path, errors, a gateway resume and a restart at DEBUG: the token is in no log record, database
-    column, file, request body, file name or message; nor is an internal error's text shown to a member."""
+    column, file, request body, file name or message; nor is an internal error's text shown to a member.
+    No interaction token is in discord.py's or the bot's log records either."""
     caplog.set_level(logging.DEBUG)
     async with running_fake_discord(token=TOKEN) as server:
         settings = settings_for(server, stop_grace_s=0.2)
@@ -446,6 +448,117 @@ async def test_the_token_appears_nowhere(
         assert any(SECRET_DETAIL in _format(r) for r in records)  # the bug's detail went to the log ...
         leaks = [_format(r) for r in records if TOKEN in _format(r)]
         assert leaks == []  # ... and the token went nowhere
+
+        # discord.py logged the interactions' callback and followup URLs and their gateway events, without
+        # the tokens in them. (The fake's own records name the tokens it serves, so they are left out.)
+        bot_records = [_format(r) for r in records if r.name.startswith(("discord.", "i2p2i"))]
+        for url in ("/interactions/{id}/[token]/callback", "/webhooks/{id}/[token]/"):
+            pattern = re.escape(url).replace(re.escape("{id}"), r"\d+")
+            assert any(re.search(pattern, text) for text in bot_records), url
+        assert any("INTERACTION_CREATE" in text and "'token': '[token]'" in text for text in bot_records)
+        tokens = [record.token for record in server.interactions.values()]
+        assert len(tokens) >= 4
+        assert [text for text in bot_records if any(token in text for token in tokens)] == []
+
+
+# An interaction token and a webhook token as Discord makes them: URL-safe base64, long.
+INTERACTION_TOKEN = "aW50ZXJhY3Rpb246MTM4NjQ0NTkyOTMzMzY1MjU2NDpaS0x6eGV2S2ZZa3FjVWdTbk9rZkZ2dW1DVjQ3"
+WEBHOOK_TOKEN = "Xq3-4d_9ZpLkVb2mN8rT0wYc7JhGfE1sQaUoI6xCvB5nMlKjHgFdSaPoIuYtReWqAzXsCd"
+
+
+class Received(logging.Handler):
+    """Keeps the records that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def discord_records() -> Iterator[list[logging.LogRecord]]:
+    """The records of discord.py's loggers, at DEBUG, as a handler on each of them receives them."""
+    redact_tokens_in_logs()
+    handler = Received()
+    loggers = [
+        logging.getLogger(name) for name in ("discord.http", "discord.webhook.async_", "discord.gateway")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+    yield handler.records
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_tokens_in_discord_log_urls_and_events_become_a_placeholder(
+    discord_records: list[logging.LogRecord],
+) -> None:
+    """discord.py's own messages, formatted from their arguments, reach a handler with [token] for each
+    token and everything else as it was; a record with no token is left exactly as it was logged."""
+    api = "https://discord.com/api/v10"
+    callback = f"{api}/interactions/1386445929333652564/{INTERACTION_TOKEN}/callback?with_response=true"
+    followup = f"{api}/webhooks/1286445929333652000/{INTERACTION_TOKEN}/messages/@original"
+    http, webhook, gateway = (
+        logging.getLogger(name) for name in ("discord.http", "discord.webhook.async_", "discord.gateway")
+    )
+    http.debug("%s %s with %s has returned %s", "POST", callback, None, 204)
+    http.warning(
+        "We are being rate limited. %s %s responded with 429. Retrying in %.2f seconds.",
+        "POST",
+        f"{api}/webhooks/1286445929333652000/{WEBHOOK_TOKEN}",
+        1.5,
+    )
+    webhook.debug(
+        "Webhook ID %s with %s %s has returned status code %s", 1286445929333652000, "PATCH", followup, 200
+    )
+    event = {
+        "t": "INTERACTION_CREATE",
+        "op": 0,
+        "d": {"id": "1386445929333652564", "token": INTERACTION_TOKEN},
+    }
+    gateway.debug("For Shard ID %s: WebSocket Event: %s", None, event)
+    http.debug("%s %s has received %s", "GET", f"{api}/channels/123/messages/456", {"id": "456"})
+
+    messages = [record.getMessage() for record in discord_records]
+    assert messages == [
+        f"POST {api}/interactions/1386445929333652564/[token]/callback?with_response=true with None has "
+        "returned 204",
+        f"We are being rate limited. POST {api}/webhooks/1286445929333652000/[token] responded with 429. "
+        "Retrying in 1.50 seconds.",
+        f"Webhook ID 1286445929333652000 with PATCH {api}/webhooks/1286445929333652000/[token]/messages/"
+        "@original has returned status code 200",
+        "For Shard ID None: WebSocket Event: {'t': 'INTERACTION_CREATE', 'op': 0, 'd': {'id': "
+        "'1386445929333652564', 'token': '[token]'}}",
+        f"GET {api}/channels/123/messages/456 has received {{'id': '456'}}",
+    ]
+    untouched = discord_records[-1]
+    assert untouched.msg == "%s %s has received %s" and untouched.args == (
+        "GET",
+        f"{api}/channels/123/messages/456",
+        {"id": "456"},
+    )
+    assert all(INTERACTION_TOKEN not in m and WEBHOOK_TOKEN not in m for m in messages)
+
+
+def test_redaction_is_installed_once_on_each_discord_logger() -> None:
+    """Building a second bot, or calling it again, does not stack filters."""
+    redact_tokens_in_logs()
+    redact_tokens_in_logs()
+    for name in ("discord.http", "discord.webhook.async_", "discord.gateway"):
+        filters = logging.getLogger(name).filters
+        assert len([f for f in filters if isinstance(f, RedactTokens)]) == 1, name
+
+
+def test_a_record_whose_arguments_do_not_fit_is_left_for_the_handler_to_report() -> None:
+    """A broken format string does not raise inside the filter (which would reach discord.py's code)."""
+    record = logging.LogRecord("discord.http", logging.DEBUG, __file__, 1, "%s %s", ("one",), None)
+    assert RedactTokens().filter(record) is True
+    assert (record.msg, record.args) == ("%s %s", ("one",))
 
 
 # -- what the bot asks Discord for ---------------------------------------------------------------------------
