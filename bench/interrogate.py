@@ -253,13 +253,38 @@ def _components(
     ours: Interrogator, image: Image.Image, device: torch.device, reps: int, *, chain: bool
 ) -> dict[str, float]:
     """Where our time goes: caption, image embedding and, for the chain modes, one chain round."""
-    caption_time, caption = measure(lambda: ours.captioner.caption(image), device, warmup=0, reps=reps)
+    captioner = ours.captioner
+    caption_time, caption = measure(lambda: captioner.caption(image), device, warmup=1, reps=reps)
     image_time, _ = measure(lambda: ours.clip.encode_images([image]), device, warmup=0, reps=reps)
     parts = {
         "caption_ms": caption_time.median_s * 1e3,
+        "caption_decoder": 1.0 if captioner.decoder is not None else 0.0,
         "caption_clip_tokens": float(int((ours.clip.tokenize([caption])[0] != 0).sum()) - 2),
         "image_embedding_ms": image_time.median_s * 1e3,
     }
+    decoder = captioner.decoder
+    if decoder is not None:
+        # The same caption the stock way: transformers' generate() on the same model and pixels.
+        inputs = captioner.processor(images=image, return_tensors="pt").to(device)
+        pixels = inputs["pixel_values"].to(captioner.dtype)
+
+        def vision() -> torch.Tensor:
+            with torch.inference_mode():
+                return captioner.model.vision_model(pixel_values=pixels)[0]
+
+        def generate() -> list[int]:
+            with torch.inference_mode():
+                out = captioner.model.generate(pixel_values=pixels, max_new_tokens=captioner.max_new_tokens)
+            return [int(t) for t in out[0]]
+
+        generate_time, generated = measure(generate, device, warmup=1, reps=reps)
+        vision_time, embeds = measure(vision, device, warmup=1, reps=reps)
+        decode_time, decoded = measure(lambda: decoder.decode(embeds), device, warmup=1, reps=reps)
+        parts["caption_generate_ms"] = generate_time.median_s * 1e3
+        parts["caption_vision_ms"] = vision_time.median_s * 1e3
+        parts["caption_decode_ms"] = decode_time.median_s * 1e3
+        parts["caption_tokens"] = float(len(decoded) - 1)
+        parts["caption_same_tokens"] = 1.0 if decoded == generated else 0.0
     if chain:
         # A chain round scores "prompt, label" for up to INTERMEDIATE_COUNT labels, starting from the
         # caption: the stock way (tokenize every text, encode at 77 tokens) against ours (composed tokens,
@@ -336,6 +361,13 @@ def _print_report(payload: dict[str, Any], json_out: Path) -> None:
         f"ours, where the time goes: caption {c['caption_ms']:.1f} ms ({c['caption_clip_tokens']:.0f} CLIP "
         f"tokens), image embedding {c['image_embedding_ms']:.1f} ms"
     )
+    if "caption_generate_ms" in c:
+        print(
+            f"caption: vision tower {c['caption_vision_ms']:.1f} ms, then {c['caption_tokens']:.0f} tokens "
+            f"decoded in {c['caption_decode_ms']:.1f} ms; transformers' generate() on the same model "
+            f"{c['caption_generate_ms']:.1f} ms in all, same tokens: "
+            f"{'yes' if c['caption_same_tokens'] else 'no'}"
+        )
     if "chain_round_ms" in c:
         print(
             f"one chain round over {c['chain_round_prompts']:.0f} prompts (caption + label): stock way "

@@ -69,6 +69,7 @@ class InterrogateSettings:
     labels_dir: str = ""
     label_batch_size: int = 1024
     caption_max_tokens: int = 32
+    fast_caption: bool = True
 
     def validate(self) -> None:
         _between("interrogate.min_flavors", self.min_flavors, 1, 64)

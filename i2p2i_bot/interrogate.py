@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from i2p2i_bot.caption_decode import GreedyCaptionDecoder, unsupported_caption_model
 from i2p2i_bot.clip_pixels import clip_input
 from i2p2i_bot.clip_text import TextEncoder
 from i2p2i_bot.config import InterrogateMode, InterrogateSettings
@@ -188,17 +189,28 @@ class ClipEncoder:
 
 
 class Captioner:
-    """A BLIP caption model and its processor."""
+    """A BLIP caption model and its processor; greedy captions by `GreedyCaptionDecoder` where it applies."""
 
-    def __init__(self, model: Any, processor: Any, device: torch.device, max_new_tokens: int = 32) -> None:
+    def __init__(
+        self, model: Any, processor: Any, device: torch.device, max_new_tokens: int = 32, *, fast: bool = True
+    ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.max_new_tokens = max_new_tokens
+        self.decoder: GreedyCaptionDecoder | None = None
+        if fast:
+            reason = unsupported_caption_model(model)
+            if reason is None:
+                self.decoder = GreedyCaptionDecoder(model, max_new_tokens)
+            else:
+                log.info("captions use transformers' generate(): %s", reason)
 
     @classmethod
-    def load(cls, source: str, device: torch.device, max_new_tokens: int = 32) -> Captioner:
+    def load(
+        cls, source: str, device: torch.device, max_new_tokens: int = 32, *, fast: bool = True
+    ) -> Captioner:
         from transformers import AutoProcessor, BlipForConditionalGeneration
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -210,13 +222,16 @@ class Captioner:
                 f"caption model {source!r} could not be loaded ({exc}); run `i2p2i download-models` where "
                 "there is internet, or use --models smoke to check the install"
             ) from exc
-        return cls(model.to(device), processor, device, max_new_tokens)
+        return cls(model.to(device), processor, device, max_new_tokens, fast=fast)
 
     @torch.inference_mode()
     def caption(self, image: Image.Image) -> str:
         inputs = self.processor(images=image, return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        tokens = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        pixels = inputs["pixel_values"].to(self.dtype)
+        if self.decoder is not None:
+            tokens: Any = [self.decoder.decode(self.model.vision_model(pixel_values=pixels)[0])]
+        else:
+            tokens = self.model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens)
         return str(self.processor.batch_decode(tokens, skip_special_tokens=True)[0]).strip()
 
 
@@ -351,7 +366,9 @@ class Interrogator:
         progress: bool = False,
     ) -> Interrogator:
         clip = ClipEncoder.load(clip_source, device)
-        captioner = Captioner.load(caption_source, device, max_new_tokens=settings.caption_max_tokens)
+        captioner = Captioner.load(
+            caption_source, device, max_new_tokens=settings.caption_max_tokens, fast=settings.fast_caption
+        )
         banned = BannedTerms.from_settings(settings)
         source_tables = label_tables(Path(settings.labels_dir).expanduser() if settings.labels_dir else None)
         kept = {

@@ -121,6 +121,9 @@ def test_interrogate_bench_runs_on_smoke_models(
     assert payload["labels"]["total"] > 0 and payload["load_s"]["stock"] > 0
     components = payload["ours_components"]
     assert components["caption_ms"] > 0 and components["image_embedding_ms"] > 0
+    # The fast caption decoder is on, and its tokens are generate()'s.
+    assert components["caption_decoder"] == 1 and components["caption_same_tokens"] == 1
+    assert components["caption_decode_ms"] > 0 and components["caption_generate_ms"] > 0
     assert components["chain_round_stock_ms"] > 0 and components["chain_round_ms"] > 0
     # Our chain round scores the same texts as the stock way, to float rounding.
     assert components["chain_round_max_abs_diff"] < 1e-4

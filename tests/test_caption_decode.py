@@ -1,0 +1,156 @@
+"""The fixed-shape greedy caption decoder gives transformers' generate() tokens, and steps aside where it
+cannot."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from i2p2i_bot.caption_decode import GreedyCaptionDecoder, unsupported_caption_model
+from i2p2i_bot.interrogate import Captioner
+from i2p2i_bot.smoke import SmokeModels
+
+
+def _pictures(count: int, size: int = 96) -> list[Image.Image]:
+    """Rectangles of random colours on random backgrounds: different captions from a random model."""
+    pictures = []
+    for seed in range(count):
+        rnd = random.Random(seed)
+        image = Image.new("RGB", (size, size), tuple(rnd.randrange(256) for _ in range(3)))
+        for _ in range(12):
+            x, y = rnd.randrange(size), rnd.randrange(size)
+            image.paste(tuple(rnd.randrange(256) for _ in range(3)), (x, y, x + size // 4, y + size // 4))
+        pictures.append(image)
+    return pictures
+
+
+def _stock_tokens(captioner: Captioner, image: Image.Image, max_new_tokens: int) -> list[int]:
+    inputs = captioner.processor(images=image, return_tensors="pt")
+    with torch.inference_mode():
+        out = captioner.model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=max_new_tokens)
+    return [int(t) for t in out[0]]
+
+
+def _embeds(captioner: Captioner, image: Image.Image) -> torch.Tensor:
+    inputs = captioner.processor(images=image, return_tensors="pt")
+    with torch.inference_mode():
+        return captioner.model.vision_model(pixel_values=inputs["pixel_values"])[0]
+
+
+@pytest.fixture(scope="module")
+def smoke_captioner(smoke_models: SmokeModels) -> Captioner:
+    return Captioner.load(str(smoke_models.caption), torch.device("cpu"))
+
+
+def _wider_blip() -> Any:
+    """A BLIP whose decoder differs from the smoke one in every dimension the decoder reshapes by."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BlipConfig(
+        text_config={
+            "vocab_size": 90,
+            "hidden_size": 24,
+            "intermediate_size": 40,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "encoder_hidden_size": 48,
+            "max_position_embeddings": 64,
+            "bos_token_id": 5,
+            "pad_token_id": 0,
+            "sep_token_id": 3,
+            "eos_token_id": 3,
+            "initializer_range": 0.3,
+        },
+        vision_config={
+            "hidden_size": 48,
+            "intermediate_size": 50,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 3,
+            "image_size": 32,
+            "patch_size": 8,
+            "initializer_range": 0.5,  # so the image, through cross-attention, steers the caption
+        },
+        projection_dim=16,
+    )
+    return BlipForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("max_new_tokens", [32, 5])
+def test_tokens_equal_generate_on_the_smoke_blip(smoke_captioner: Captioner, max_new_tokens: int) -> None:
+    decoder = GreedyCaptionDecoder(smoke_captioner.model, max_new_tokens)
+    lengths = set()
+    for image in _pictures(8):
+        ours = decoder.decode(_embeds(smoke_captioner, image))
+        assert ours == _stock_tokens(smoke_captioner, image, max_new_tokens)
+        lengths.add(len(ours))
+    if max_new_tokens == 5:
+        assert lengths == {6}  # cut at the limit, as generate() cuts
+    else:
+        assert max(lengths) < 33  # these captions end with [SEP] before the limit
+
+
+def test_tokens_equal_generate_on_another_shape_of_blip() -> None:
+    model = _wider_blip()
+    assert unsupported_caption_model(model) is None
+    decoder = GreedyCaptionDecoder(model, 12)
+    seen = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        pixels = torch.randn(1, 3, 32, 32)
+        with torch.inference_mode():
+            stock = [int(t) for t in model.generate(pixel_values=pixels, max_new_tokens=12)[0]]
+            ours = decoder.decode(model.vision_model(pixel_values=pixels)[0])
+        assert ours == stock
+        seen.add(tuple(ours))
+    assert len(seen) > 1  # the images led to different captions, so the comparison says something
+
+
+def test_buffers_from_one_caption_do_not_leak_into_the_next() -> None:
+    model = _wider_blip()
+    decoder = GreedyCaptionDecoder(model, 12)
+    with torch.inference_mode():
+        first, second = (model.vision_model(pixel_values=torch.randn(1, 3, 32, 32))[0] for _ in range(2))
+    a = decoder.decode(first)
+    b = decoder.decode(second)
+    assert a != b
+    assert decoder.decode(first) == a and decoder.decode(second) == b
+
+
+def test_the_captioner_uses_it_by_default_and_says_the_same(smoke_models: SmokeModels) -> None:
+    fast = Captioner.load(str(smoke_models.caption), torch.device("cpu"))
+    slow = Captioner.load(str(smoke_models.caption), torch.device("cpu"), fast=False)
+    assert fast.decoder is not None and slow.decoder is None
+    captions = [fast.caption(image) for image in _pictures(4)]
+    assert captions == [slow.caption(image) for image in _pictures(4)]
+    assert all(captions)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("num_beams", 3), ("repetition_penalty", 1.3), ("do_sample", True), ("min_length", 5)],
+)
+def test_a_generation_config_beyond_greedy_keeps_generate(
+    smoke_models: SmokeModels, setting: str, value: object
+) -> None:
+    captioner = Captioner.load(str(smoke_models.caption), torch.device("cpu"))
+    setattr(captioner.model.generation_config, setting, value)
+    assert unsupported_caption_model(captioner.model) == f"its generation config sets {setting}={value!r}"
+    again = Captioner(captioner.model, captioner.processor, torch.device("cpu"))
+    assert again.decoder is None
+    with pytest.raises(ValueError, match=setting):
+        GreedyCaptionDecoder(captioner.model, 32)
+    if setting != "do_sample":  # sampling differs per run; the others are deterministic
+        image = _pictures(1)[0]
+        expected = captioner.processor.batch_decode(
+            [_stock_tokens(captioner, image, 32)], skip_special_tokens=True
+        )[0]
+        assert again.caption(image) == expected.strip()
+
+
+def test_a_model_that_is_not_blip_is_refused() -> None:
+    assert unsupported_caption_model(torch.nn.Linear(2, 2)) == "Linear is not BLIP"
