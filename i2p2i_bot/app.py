@@ -317,6 +317,11 @@ def redact_tokens_in_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactTokens) for f in logger.filters):
             logger.addFilter(RedactTokens())
+    # aiosqlite logs every statement at DEBUG with its bound values (a job's interaction token and prompt
+    # among them), with nothing around a token to find it by: those lines stay out even at DEBUG.
+    sql = logging.getLogger("aiosqlite")
+    if sql.level == logging.NOTSET or sql.level < logging.INFO:
+        sql.setLevel(logging.INFO)
 
 
 def run_bot(config_path: str | Path | None, models: str | None = None) -> int:

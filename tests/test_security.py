@@ -669,3 +669,31 @@ def test_the_invite_integer_is_the_documented_permissions() -> None:
     assert f"(integer {expected})" in docs
     for text in (docs, readme):
         assert set(re.findall(r"permissions=(\d+)", text)) == {expected}
+
+
+async def test_sqlite_statements_and_their_values_stay_out_of_a_debug_log(tmp_path: Path) -> None:
+    """aiosqlite logs each statement with its bound values at DEBUG; with the bot's logging none shows."""
+    import aiosqlite
+
+    redact_tokens_in_logs()
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    root = logging.getLogger()
+    handler, level = Collect(level=logging.DEBUG), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        async with aiosqlite.connect(tmp_path / "t.sqlite3") as db:
+            await db.execute("CREATE TABLE t (token TEXT)")
+            await db.execute("INSERT INTO t VALUES (?)", (INTERACTION_TOKEN,))
+            await db.commit()
+        logging.getLogger("i2p2i.test").debug("still logging at DEBUG")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert "still logging at DEBUG" in seen
+    assert all(INTERACTION_TOKEN not in message for message in seen)
