@@ -186,3 +186,22 @@ def test_load_bench_runs_the_crowd(
     overall = payload["ack_ms"]
     assert overall["count"] == 30 and overall["p50"] <= overall["p99"] <= overall["max"]
     assert payload["headline"] == pytest.approx(figures, rel=0.01)
+
+
+def test_memory_bench_counts_weights_and_peaks_on_fake_cuda_tensors(tmp_path: Path) -> None:
+    """memory.py builds the real architectures on fake CUDA tensors: exact weight sizes, ordered peaks."""
+    json_out = tmp_path / "memory.json"
+    argv = ["--batch", "2", "--size", "256", "--labels", "1000", "--json-out", str(json_out)]
+    figures = _headline(_run("memory.py", argv))
+    assert set(figures) == {"stock_peak_gib", "resident_gib", "peak_gib", "peak_sliced_gib"}
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    weights = payload["weights_bytes"]
+    # fp16, two bytes per parameter of the published architectures.
+    assert weights["UNet"] == 2 * 859_520_964 and weights["VAE"] == 2 * 83_653_863
+    assert weights["label table"] == 2 * 1000 * 768
+    # Everything resident holds more than the pipeline alone; slicing lowers the peak.
+    assert figures["stock_peak_gib"] < figures["resident_gib"] < figures["peak_sliced_gib"]
+    assert figures["peak_sliced_gib"] < figures["peak_gib"]
+    peaks = payload["activation_peak_bytes"]
+    assert peaks["sliced"]["VAE decode, 2 images, sliced"] < peaks["ours"]["VAE decode, 2 images"]
+    assert payload["headline"] == pytest.approx(figures, rel=0.01)
