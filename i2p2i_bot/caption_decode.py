@@ -25,6 +25,7 @@ so on fp16 a near-tie between two tokens may rarely resolve the other way.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,6 +85,20 @@ def unsupported_caption_model(model: Any) -> str | None:
 _Saved = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]  # token, keys, values
 
 
+@dataclass
+class _Buffers:
+    """The fixed-shape tensors one step reads and writes (a CUDA graph records their addresses)."""
+
+    image_tokens: int
+    token: torch.Tensor  # [1] the current token; the step overwrites it with the next
+    position: torch.Tensor  # [1] its position
+    slots: torch.Tensor  # [length] 0..length-1, to mask the positions not written yet
+    keys: list[torch.Tensor]  # per layer [1, heads, length, head_dim]
+    values: list[torch.Tensor]
+    cross_keys: list[torch.Tensor]  # per layer [1, heads, image tokens, head_dim]
+    cross_values: list[torch.Tensor]
+
+
 class _Layer:
     """One decoder layer's weights, as the step reads them."""
 
@@ -111,7 +126,6 @@ class GreedyCaptionDecoder:
         reason = unsupported_caption_model(model)
         if reason is not None:
             raise ValueError(f"cannot decode this model greedily: {reason}")
-        self.model = model
         decoder = model.text_decoder
         text = model.config.text_config
         self.max_new_tokens = max_new_tokens
@@ -135,51 +149,52 @@ class GreedyCaptionDecoder:
         self.length = max_new_tokens
         self.graphs = graphs and self.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._buffers: dict[str, Any] | None = None
+        self._buffers: _Buffers | None = None
 
     # --- fixed-shape state ----------------------------------------------------------------------------
 
-    def _allocate(self, image_tokens: int) -> dict[str, Any]:
-        shape = (1, self.heads, self.length, self.head_dim)
-        cross = (1, self.heads, image_tokens, self.head_dim)
-        zeros = {"device": self.device, "dtype": self.dtype}
-        return {
-            "image_tokens": image_tokens,
-            "token": torch.zeros(1, dtype=torch.long, device=self.device),
-            "position": torch.zeros(1, dtype=torch.long, device=self.device),
-            "keys": [torch.zeros(shape, **zeros) for _ in self.layers],
-            "values": [torch.zeros(shape, **zeros) for _ in self.layers],
-            "cross_keys": [torch.zeros(cross, **zeros) for _ in self.layers],
-            "cross_values": [torch.zeros(cross, **zeros) for _ in self.layers],
-            "slots": torch.arange(self.length, device=self.device),
-        }
+    def _allocate(self, image_tokens: int) -> _Buffers:
+        def zeros(tokens: int) -> list[torch.Tensor]:
+            shape = (1, self.heads, tokens, self.head_dim)
+            return [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+
+        return _Buffers(
+            image_tokens=image_tokens,
+            token=torch.zeros(1, dtype=torch.long, device=self.device),
+            position=torch.zeros(1, dtype=torch.long, device=self.device),
+            slots=torch.arange(self.length, device=self.device),
+            keys=zeros(self.length),
+            values=zeros(self.length),
+            cross_keys=zeros(image_tokens),
+            cross_values=zeros(image_tokens),
+        )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[1, n, hidden] → [1, heads, n, head_dim]."""
         return x.view(1, -1, self.heads, self.head_dim).transpose(1, 2)
 
-    def _step(self, b: dict[str, Any]) -> None:
-        """One token: reads b["token"] at b["position"], writes the next token into b["token"]."""
-        position = b["position"]
-        x = self.embed_norm(self.word(b["token"]) + self.position(position)).unsqueeze(0)  # [1, 1, hidden]
-        visible = (b["slots"] <= position).view(1, 1, 1, self.length)
+    def _step(self, b: _Buffers) -> None:
+        """One token: reads b.token at b.position and overwrites it with the next token."""
+        position = b.position
+        x = self.embed_norm(self.word(b.token) + self.position(position)).unsqueeze(0)  # [1, 1, hidden]
+        visible = (b.slots <= position).view(1, 1, 1, self.length)
         for i, layer in enumerate(self.layers):
             q, k, v = F.linear(x, layer.qkv_w, layer.qkv_b).chunk(3, dim=-1)
-            b["keys"][i].index_copy_(2, position, self._heads(k))
-            b["values"][i].index_copy_(2, position, self._heads(v))
+            b.keys[i].index_copy_(2, position, self._heads(k))
+            b.values[i].index_copy_(2, position, self._heads(v))
             context = F.scaled_dot_product_attention(
-                self._heads(q), b["keys"][i], b["values"][i], attn_mask=visible
+                self._heads(q), b.keys[i], b.values[i], attn_mask=visible
             )
             x = layer.attn_norm(layer.attn_out(context.transpose(1, 2).reshape(1, 1, -1)) + x)
             context = F.scaled_dot_product_attention(
-                self._heads(layer.cross_q(x)), b["cross_keys"][i], b["cross_values"][i]
+                self._heads(layer.cross_q(x)), b.cross_keys[i], b.cross_values[i]
             )
             x = layer.cross_norm(layer.cross_out(context.transpose(1, 2).reshape(1, 1, -1)) + x)
             x = layer.ffn_norm(layer.ffn_out(F.gelu(layer.ffn_in(x))) + x)
         h = self.head_norm(F.gelu(self.head_dense(x[:, -1])))
-        b["token"].copy_(self.head_out(h).argmax(dim=-1))
+        b.token.copy_(self.head_out(h).argmax(dim=-1))
 
-    def _run_step(self, b: dict[str, Any]) -> None:
+    def _run_step(self, b: _Buffers) -> None:
         if not self.graphs:
             self._step(b)
             return
@@ -193,9 +208,9 @@ class GreedyCaptionDecoder:
             return  # capturing ran the step once
         self._graph.replay()
 
-    def _capture(self, b: dict[str, Any]) -> torch.cuda.CUDAGraph:
+    def _capture(self, b: _Buffers) -> torch.cuda.CUDAGraph:
         """Record one step on the current buffers; state is restored so the step still runs once."""
-        saved = (b["token"].clone(), [k.clone() for k in b["keys"]], [v.clone() for v in b["values"]])
+        saved = (b.token.clone(), [k.clone() for k in b.keys], [v.clone() for v in b.values])
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -212,12 +227,12 @@ class GreedyCaptionDecoder:
         return graph
 
     @staticmethod
-    def _restore(b: dict[str, Any], saved: _Saved) -> None:
+    def _restore(b: _Buffers, saved: _Saved) -> None:
         token, keys, values = saved
-        b["token"].copy_(token)
-        for buffer, value in zip(b["keys"], keys, strict=True):
+        b.token.copy_(token)
+        for buffer, value in zip(b.keys, keys, strict=True):
             buffer.copy_(value)
-        for buffer, value in zip(b["values"], values, strict=True):
+        for buffer, value in zip(b.values, values, strict=True):
             buffer.copy_(value)
 
     # --- a caption ------------------------------------------------------------------------------------
@@ -227,21 +242,21 @@ class GreedyCaptionDecoder:
         """The caption's token ids, start token first, from one image's vision output [1, tokens, width]."""
         if image_embeds.shape[0] != 1:
             raise ValueError("one image at a time")
-        if self._buffers is None or self._buffers["image_tokens"] != image_embeds.shape[1]:
+        if self._buffers is None or self._buffers.image_tokens != image_embeds.shape[1]:
             self._buffers = self._allocate(image_embeds.shape[1])
             self._graph = None
         b = self._buffers
         for i, layer in enumerate(self.layers):
-            b["cross_keys"][i].copy_(self._heads(layer.cross_k(image_embeds)))
-            b["cross_values"][i].copy_(self._heads(layer.cross_v(image_embeds)))
-        for buffer in (*b["keys"], *b["values"]):
+            b.cross_keys[i].copy_(self._heads(layer.cross_k(image_embeds)))
+            b.cross_values[i].copy_(self._heads(layer.cross_v(image_embeds)))
+        for buffer in (*b.keys, *b.values):
             buffer.zero_()
-        b["token"].fill_(self.bos)
+        b.token.fill_(self.bos)
         tokens = [self.bos]
         for position in range(self.max_new_tokens):
-            b["position"].fill_(position)
+            b.position.fill_(position)
             self._run_step(b)
-            token = int(b["token"].item())
+            token = int(b.token.item())
             tokens.append(token)
             if token == self.eos:
                 break
