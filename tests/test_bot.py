@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from PIL import Image
@@ -21,7 +22,7 @@ from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import Priority
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLLOWUP = "POST /webhooks/{app}/{token}"
@@ -84,9 +85,12 @@ async def test_happy_path(
         assert job_message is not None and "Job #1" in job_message.content
         assert "i2p:job:cancel:1" in job_message.custom_ids()
 
-        done = await server.wait_until(lambda: press.original.attachments or None, timeout_s=20)
+        done = await server.wait_until(
+            lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=20
+        )
         assert done
         result = press.original
+        assert result is not None
         names = [a.filename for a in result.attachments]
         assert names[0] == "job1-grid.png" and len(names) == 3
         assert sum(a.size for a in result.attachments) <= slash.payload["attachment_size_limit"]
@@ -101,7 +105,9 @@ async def test_happy_path(
 
         reroll = await server.push_button(result, "i2p:job:reroll:1")
         await reroll.wait_followup(timeout_s=30)
-        await server.wait_until(lambda: reroll.original.attachments or None, timeout_s=20)
+        await server.wait_until(
+            lambda: cast(StoredMessage, reroll.original).attachments or None, timeout_s=20
+        )
         second = await bot.store.job_record(2)
         assert second is not None and second.job.parent_job_id == 1 and second.job.prompt == record.job.prompt
         assert set(second.job.seeds).isdisjoint(record.job.seeds)
@@ -181,8 +187,10 @@ async def test_context_menu(
         posted = await server.post_user_message("general", "bob", "look at this", attachments=[upload])
         handle = await server.push_message_command("Imagine from image", posted)
         await handle.wait_followup(timeout_s=60)
-        assert handle.original.embeds[0]["title"].startswith("Prompt")
-        assert any(c.startswith("i2p:card:gen:") for c in handle.original.custom_ids())
+        card = handle.original
+        assert card is not None
+        assert card.embeds[0]["title"].startswith("Prompt")
+        assert any(c.startswith("i2p:card:gen:") for c in card.custom_ids())
 
 
 async def test_context_menu_without_image(discord_server: FakeDiscord, settings_for, engine: Engine) -> None:
@@ -278,7 +286,7 @@ async def test_owner_cancels_a_queued_job(
             assert "Cancelled job #1" in await ephemeral_answer(cancel)
         await server.wait_until(lambda: "cancelled" in str(press.original.embeds) or None, timeout_s=20)
         record = await bot.store.job_record(1)
-        assert record.job.status == "cancelled" and record.images == ()
+        assert record is not None and record.job.status == "cancelled" and record.images == ()
 
 
 async def test_edit_modal_generates_with_typed_values(
@@ -294,7 +302,10 @@ async def test_edit_modal_generates_with_typed_values(
         edit = await server.push_button(card, button(card, "i2p:card:edit:"))
         await edit.wait_response()
         stored = await bot.store.get_interrogation(1)
-        fields = {c["components"][0]["label"]: c["components"][0] for c in edit.modal["components"]}
+        assert stored is not None
+        modal = edit.modal
+        assert modal is not None
+        fields = {c["components"][0]["label"]: c["components"][0] for c in modal["components"]}
         assert fields["Prompt"]["value"] == stored.interrogation.prompt
         submit = await server.push_modal_submit(
             edit,
@@ -306,8 +317,12 @@ async def test_edit_modal_generates_with_typed_values(
             },
         )
         await submit.wait_followup(timeout_s=30)
-        await server.wait_until(lambda: submit.original.attachments or None, timeout_s=30)
-        job = (await bot.store.job_record(1)).job
+        await server.wait_until(
+            lambda: cast(StoredMessage, submit.original).attachments or None, timeout_s=30
+        )
+        record = await bot.store.job_record(1)
+        assert record is not None
+        job = record.job
         assert (job.prompt, job.negative_prompt, job.seeds) == ("a red fox in snow", "blurry", (42, 43))
 
 
@@ -418,7 +433,8 @@ async def test_buttons_work_after_a_restart(
     async with running_i2p2i(settings, server, engine) as bot:
         press = await generate(server, card)
         await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
-        assert (await bot.store.get_job(1)).interrogation_id == 1
+        job = await bot.store.get_job(1)
+        assert job is not None and job.interrogation_id == 1
 
 
 async def test_gateway_disconnect_mid_job(
@@ -456,8 +472,13 @@ async def test_two_users_are_served_fairly(
             for user, card in (("alice", alice_card), ("alice", alice_card), ("bob", bob_card)):
                 await generate(server, card, user=user)
         await bot.queue.join()
-        finished = {job_id: (await bot.store.get_job(job_id)).finished_at for job_id in (1, 2, 3)}
-        assert finished[3] < finished[2]
+        finished: dict[int, float | None] = {}
+        for job_id in (1, 2, 3):
+            job = await bot.store.get_job(job_id)
+            assert job is not None
+            finished[job_id] = job.finished_at
+        bob_done, alice_second_done = finished[3], finished[2]
+        assert bob_done is not None and alice_second_done is not None and bob_done < alice_second_done
 
 
 async def test_upload_limit_is_respected(
@@ -498,8 +519,10 @@ async def test_history_queue_job_and_forget(
         assert "nothing queued" in (await queue.wait_response()).json["data"]["content"]
         forget = await server.push_slash("forget")
         await forget.wait_response()
-        confirm_id = next(c for c in forget.original.custom_ids() if c)
-        confirm = await server.push_button(forget.original, confirm_id)
+        asked = forget.original
+        assert asked is not None
+        confirm_id = next(c for c in asked.custom_ids() if c)
+        confirm = await server.push_button(asked, confirm_id)
         await confirm.wait_response()
         assert "Deleted 1 job(s)" in (await confirm.wait_response()).json["data"]["content"]
         assert await bot.store.get_job(1) is None
@@ -519,7 +542,9 @@ async def test_queue_position_and_throttled_progress(
         with gpu_blocked(bot):
             first = await generate(server, alice_card, user="alice")
             second = await generate(server, bob_card, user="bob")
-            ahead = bot.queue.position(2).images_ahead
+            position = bot.queue.position(2)
+            assert position is not None
+            ahead = position.images_ahead
             assert ahead >= 1
             assert f"Job #2 is queued: {ahead} image{'s' * (ahead != 1)} ahead" in second.original.content
             await asyncio.sleep(2)  # progress edits pile up while the GPU is held
@@ -556,7 +581,7 @@ async def test_flagged_images_are_withheld(
             assert press.original.attachments == []
             assert "2 image(s) withheld" in str(press.original.embeds[0])
             record = await bot.store.job_record(1)
-            assert [m.nsfw for m in record.images] == [True, True]
+            assert record is not None and [m.nsfw for m in record.images] == [True, True]
     finally:
         checker.concept_embeds_weights.data.copy_(saved)
 
@@ -582,9 +607,11 @@ async def test_candidates_card_and_redescribe(
         press = await server.push_button(card, use2.removesuffix(":1") + ":2")
         await press.wait_followup(timeout_s=30)
         stored = await bot.store.get_interrogation(1)
+        assert stored is not None
         positives = [c for c in stored.interrogation.candidates if c.mode != "negative"]
-        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
-        assert (await bot.store.get_job(1)).prompt == positives[1].prompt
+        await server.wait_until(lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=60)
+        job = await bot.store.get_job(1)
+        assert job is not None and job.prompt == positives[1].prompt
         select_id = button(card, "i2p:card:mode:")
         redo = await server.push_select(card, select_id, ["fast"])
         await server.wait_until(
@@ -658,7 +685,7 @@ async def test_job_queued_before_a_restart_is_delivered_after(
         job = await eventually(lambda: bot.store.get_job(1), lambda j: j.delivered_at is not None)
         assert job.status == "complete"
         record = await bot.store.job_record(1)
-        assert sorted(m.index for m in record.images) == [0]
+        assert record is not None and sorted(m.index for m in record.images) == [0]
         results = [c for c in server.calls(route=EDIT_FOLLOWUP) if c.files]
         assert len(results) == 1
 
@@ -703,7 +730,7 @@ async def test_undeliverable_job_stays_undelivered(
                               timeout_s=30)  # fmt: skip
         await asyncio.sleep(0.2)
         job = await bot.store.get_job(1)
-        assert job.status == "complete" and job.delivered_at is None
+        assert job is not None and job.status == "complete" and job.delivered_at is None
         assert [j.id for j in await bot.store.undelivered_jobs()] == [1]
 
 
@@ -723,13 +750,16 @@ async def test_context_menu_with_several_images_offers_a_choice(
         answer = (await handle.wait_response()).json["data"]
         assert answer["flags"] & 64 and "Which image" in answer["content"]
         picker = handle.original
+        assert picker is not None
         select_id = picker.custom_ids()[0]
         pick = await server.push_select(picker, select_id, ["1"])
         await pick.wait_followup(timeout_s=60)
         stored = await bot.store.get_interrogation(1)
+        assert stored is not None
         turned = hashlib.sha256(png_bytes(astronaut.rotate(90))).hexdigest()
         assert stored.source_sha256 == turned
-        assert pick.original.embeds[0]["title"].startswith("Prompt")
+        card = pick.original
+        assert card is not None and card.embeds[0]["title"].startswith("Prompt")
 
 
 async def test_commands_sync_only_when_changed(

@@ -25,6 +25,7 @@ from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
+from tests.discord_fake.faults import RateLimitScope
 from tests.discord_fake.world import ATTACH_FILES, SEND_MESSAGES, VIEW_CHANNEL
 from tests.test_bot import describe, eventually, generate, gpu_blocked
 
@@ -140,7 +141,7 @@ async def test_429_storm_on_progress_edits_stops_progress_not_the_result(
     settings_for,
     engine: Engine,
     astronaut: Image.Image,
-    scope: str,
+    scope: RateLimitScope,
     bot_logs: pytest.LogCaptureFixture,
 ) -> None:
     """Every progress edit answered 429 while three jobs move through the queue one by one: each job's
@@ -152,7 +153,7 @@ async def test_429_storm_on_progress_edits_stops_progress_not_the_result(
         await settled(server, presses)
         storm = server.rate_limit_next(
             EDIT, times=10_000, retry_after_s=0.02, scope=scope, predicate=progress
-        )  # type: ignore[arg-type]
+        )
         for job_id in (1, 2, 3):
             # Let each job's edit throttle open again, so the queue moving makes the bot edit every waiting
             # job's message: without the stop, job 3 would be edited (and retried) at each step of the queue.
@@ -184,7 +185,7 @@ async def test_429_storm_on_the_result_upload(
     settings_for,
     engine: Engine,
     astronaut: Image.Image,
-    scope: str,
+    scope: RateLimitScope,
     times: int,
     expected: str,
     bot_logs: pytest.LogCaptureFixture,
@@ -197,7 +198,7 @@ async def test_429_storm_on_the_result_upload(
             times=times,
             retry_after_s=0.02,
             scope=scope,
-            predicate=lambda c: bool(c.files),  # type: ignore[arg-type]
+            predicate=lambda c: bool(c.files),
         )
         press = await generate(server, card)
         await delivered(bot, 1)
@@ -302,7 +303,7 @@ async def test_5xx_everywhere_keeps_the_job_undelivered_with_a_reason(
         await generate(server, card)
         await server.wait_until(lambda: bot.get_cog("Results").undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
         job = await bot.store.get_job(1)
-        assert job.status == "complete" and job.delivered_at is None
+        assert job is not None and job.status == "complete" and job.delivered_at is None
         assert [j.id for j in await bot.store.undelivered_jobs()] == [1]
         edits = [c for c in uploads(server) if c.route == EDIT]
         posts = [c for c in uploads(server) if c.route == POST]
@@ -334,6 +335,7 @@ async def test_a_result_no_way_could_take_is_tried_again_without_a_restart(
         await server.wait_until(lambda: bot.get_cog("Results").undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
         storm.remaining = 0  # Discord answers again
         stored = await bot.store.get_job(1)
+        assert stored is not None
         assert re.search(
             r"Discord kept failing \(HTTP 503\)\. "
             r"It will be tried again <t:\d+:R>, and when the bot restarts$",
@@ -364,7 +366,9 @@ async def test_redelivery_ends_after_its_last_scheduled_try(
         await generate(server, card)
 
         async def reason() -> str:
-            return (await bot.store.get_job(1)).delivery_error or ""
+            job = await bot.store.get_job(1)
+            assert job is not None
+            return job.delivery_error or ""
 
         final = await eventually(reason, lambda text: text.endswith("tried again when the bot restarts"), 60)
         assert final == "Discord kept failing (HTTP 503). It will be tried again when the bot restarts"
@@ -481,19 +485,21 @@ async def test_connection_cut_while_the_job_message_is_posted(
         assert len(cut.hits) == 1 and cut.hits[0].cut
         assert len(server.calls(FOLLOWUP, with_token(press.token))) == 1  # no error note after it
         (posted,) = results_posted(server, 1)
-        assert posted.route == EDIT and posted.params["message"] == str(press.original.id)
-        assert "job #1 is done" in press.original.content and press.original.attachments
+        answered = press.original
+        assert answered is not None
+        assert posted.route == EDIT and posted.params["message"] == str(answered.id)
+        assert "job #1 is done" in answered.content and answered.attachments
         assert server.calls(POST) == []
         jobs = [m for m in server.messages_in("general") if "job #" in m.content.lower()]
-        assert [m.id for m in jobs] == [press.original.id]
+        assert [m.id for m in jobs] == [answered.id]
 
 
 def test_a_401_on_the_bots_own_routes_is_not_an_expired_interaction() -> None:
     """Only the interaction's webhook can have run out of time; a 401 on a channel post or a DM is the
     bot's own token."""
-    refused = discord.HTTPException(
-        types.SimpleNamespace(status=401, reason="Unauthorized"), "401: Unauthorized"
-    )
+    # A stand-in for aiohttp's response: HTTPException reads only its status and reason.
+    response: Any = types.SimpleNamespace(status=401, reason="Unauthorized")
+    refused = discord.HTTPException(response, "401: Unauthorized")
     assert cogs.results.classify("edit", refused).token_dead
     for path in ("channel", "dm"):
         failure = cogs.results.classify(path, refused)
@@ -675,7 +681,7 @@ async def test_missing_permissions_after_the_token_expired_fall_back_to_a_dm(
             await server.deny_bot_permissions("general", denied)
         await delivered(bot, 1)
         channel = str(server.channel("general").id)
-        refused = server.calls(POST, lambda c: c.params["channel"] == channel and c.files)
+        refused = server.calls(POST, lambda c: c.params["channel"] == channel and bool(c.files))
         assert [(c.status, c.response["code"]) for c in refused] == [(403, code)]
         (posted,) = results_posted(server, 1)
         assert posted.params["channel"] != channel
@@ -710,7 +716,7 @@ async def test_missing_permissions_and_closed_dms_leave_a_reason_for_the_owner(
         text = await job_embed(server, 1)
         assert "I may not post or attach files in the channel and your DMs are closed to me" in text
         stored = await bot.store.get_job(1)
-        assert stored.delivered_at is None
+        assert stored is not None and stored.delivered_at is None
         assert "your DMs are closed to me" in (stored.delivery_error or "")
     restart = server.mark()
     async with running_i2p2i(settings, server, engine) as bot:

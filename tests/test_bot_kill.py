@@ -172,6 +172,7 @@ async def test_sigkill_after_the_result_is_posted_then_a_restart_leaves_one_resu
         slash = await server.push_slash("imagine-from", {"image": upload, "count": 1})
         await slash.wait_followup(timeout_s=60)
         card = slash.original
+        assert card is not None
         generate = next(c for c in card.custom_ids() if c.startswith("i2p:card:gen:"))
         refused_edits = None
         if case == "channel after a failed edit":
@@ -211,7 +212,8 @@ async def test_sigkill_after_the_result_is_posted_then_a_restart_leaves_one_resu
         assert result.id == int(killed[0].response["id"])
         assert server.dm_messages("alice") == []
         if case == "edit":
-            assert result.id == press.original.id
+            answered = press.original
+            assert answered is not None and result.id == answered.id
         with sqlite3.connect(database) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     except BaseException:

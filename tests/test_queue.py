@@ -554,7 +554,8 @@ async def test_a_newcomer_goes_before_the_member_just_served(store: Store) -> No
     first_a = await queue.submit(request(A, 2))
     running = await take(queue)
     b_job = await queue.submit(request(B, 1))
-    assert queue.position(b_job.id).images_ahead == 1  # only the image on the GPU
+    position = queue.position(b_job.id)
+    assert position is not None and position.images_ahead == 1  # only the image on the GPU
     await finish(queue, engine, running)
     nxt = await take(queue)
     assert [i.job_id for i in nxt.items] == [b_job.id]

@@ -31,7 +31,7 @@ from i2p2i_bot.config import DiscordSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.replies import PrivateView
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, World, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage, World, running_fake_discord
 from tests.test_bot import describe, ephemeral_answer, eventually, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ async def test_every_button_family_refuses_other_members(
         await server.wait_for(
             route=edit, predicate=lambda c: c.params["token"] == waiting.token, timeout_s=30
         )
-        targets = {
+        targets: dict[tuple[str, str], tuple[StoredMessage, str, list[str] | None]] = {
             ("job", "cancel"): (waiting.original, "i2p:job:cancel:2", None),
             ("job", "info"): (done.original, "i2p:job:info:1", None),
             ("job", "reroll"): (done.original, "i2p:job:reroll:1", None),
@@ -244,9 +244,11 @@ async def test_commands_and_private_views_refuse_other_members(
         # Bob asks to forget his history; Alice presses his confirmation's buttons.
         forget = await server.push_slash("forget", user="bob")
         await forget.wait_response()
-        for custom_id in forget.original.custom_ids():
+        confirmation = forget.original
+        assert confirmation is not None
+        for custom_id in confirmation.custom_ids():
             before = snapshot(bot, server)
-            text = await refused(await server.push_button(forget.original, custom_id, user="alice"))
+            text = await refused(await server.push_button(confirmation, custom_id, user="alice"))
             assert "Only the member who opened this" in text
             assert snapshot(bot, server) == before
         assert await bot.store.get_interrogation(int(bob_card.custom_ids()[0].split(":")[3])) is not None
@@ -258,7 +260,9 @@ async def test_commands_and_private_views_refuse_other_members(
         picker = await server.push_message_command("Imagine from image", posted, user="alice")
         await picker.wait_response()
         before = snapshot(bot, server)
-        pick = await server.push_select(picker.original, picker.original.custom_ids()[0], ["1"], user="bob")
+        choice = picker.original
+        assert choice is not None
+        pick = await server.push_select(choice, choice.custom_ids()[0], ["1"], user="bob")
         assert "Only the member who opened this" in await refused(pick)
         assert snapshot(bot, server) == before
 
