@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from i2p2i_bot.cli import edit_prompt, main
 from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, Settings
@@ -86,7 +86,7 @@ def test_imagine_from_writes_images_and_json(
     for item in record["images"]:
         assert -1.0 <= item["fidelity"] <= 1.0 and item["nsfw"] is False
         with Image.open(out / item["file"]) as png:
-            assert png.size == (64, 64)
+            assert isinstance(png, PngImagePlugin.PngImageFile) and png.size == (64, 64)
             params = json.loads(png.text["parameters"])
         assert params["seed"] == item["seed"] and params["prompt"] == record["prompt"]
     fids = {i["file"]: i["fidelity"] for i in record["images"]}

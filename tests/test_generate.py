@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def test_out_of_memory_splits_the_batch(engine: Engine, monkeypatch: pytest.Monk
     original_call = type(pipe).__call__
     sizes: list[int] = []
 
-    def tight_memory(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def tight_memory(self: object, *args: Any, **kwargs: Any) -> Any:
         sizes.append(len(kwargs["prompt"]))
         if len(kwargs["prompt"]) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_split_on_oom_halves_until_it_fits() -> None:
     """A batch that runs out of memory is retried in halves; results keep their order."""
     calls: list[int] = []
 
-    def run(items):  # type: ignore[no-untyped-def]
+    def run(items: Sequence[int]) -> list[int]:
         calls.append(len(items))
         if len(items) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -100,7 +101,7 @@ def test_split_on_oom_halves_until_it_fits() -> None:
 def test_split_on_oom_gives_up_at_one() -> None:
     """When a single item does not fit, the error is one sentence for the user."""
 
-    def run(items):  # type: ignore[no-untyped-def]
+    def run(items: Sequence[int]) -> list[int]:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(GpuOutOfMemory, match="even for a single image"):
@@ -116,7 +117,7 @@ def test_split_on_oom_lets_go_of_the_failed_attempt_before_retrying() -> None:
     made: list[weakref.ref[torch.Tensor]] = []
     alive_when_called: list[int] = []
 
-    def run(items: list[int]) -> list[int]:
+    def run(items: Sequence[int]) -> list[int]:
         alive_when_called.append(sum(ref() is not None for ref in made))
         activations = torch.ones(len(items), 256)  # what a real attempt would hold on the GPU
         made.append(weakref.ref(activations))
@@ -132,7 +133,7 @@ def test_split_on_oom_reports_each_split_and_does_not_chain_the_cuda_error() -> 
     """on_split hears the size of each first half; the final error carries no CUDA traceback to log."""
     halves: list[int] = []
 
-    def run(items: list[int]) -> list[int]:
+    def run(items: Sequence[int]) -> list[int]:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(GpuOutOfMemory) as caught:

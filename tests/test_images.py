@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import EpsImagePlugin, GifImagePlugin, Image, ImageFile, PngImagePlugin
+from PIL import EpsImagePlugin, GifImagePlugin, Image, ImageFile, PngImagePlugin, WebPImagePlugin
 from skimage import data as skdata
 
 from i2p2i_bot import images
@@ -438,7 +438,9 @@ def test_lab_tiff_becomes_rgb() -> None:
     for lab, name in colours.items():
         data = encode(Image.new("LAB", (2, 2), lab), "TIFF")
         assert Image.open(io.BytesIO(data)).mode == "LAB"
-        red, green, blue = open_image(data).getpixel((1, 1))
+        pixel = open_image(data).getpixel((1, 1))
+        assert isinstance(pixel, tuple)
+        red, green, blue = pixel
         if name == "white":
             assert min(red, green, blue) >= 250
         elif name == "black":
@@ -1332,7 +1334,9 @@ def test_longest_allowed_line_decodes_in_every_format(fmt: str, tall: bool) -> N
     options = {"lossless": True} if fmt == "WEBP" else {"quality": 100} if fmt == "JPEG" else {}
     image = open_image(encode(line, fmt, **options))
     assert image.size == size
-    assert min(image.getpixel((size[0] - 1, size[1] - 1))) >= 200 and max(image.getpixel((0, 0))) <= 60
+    end, start = image.getpixel((size[0] - 1, size[1] - 1)), image.getpixel((0, 0))
+    assert isinstance(end, tuple) and isinstance(start, tuple)
+    assert min(end) >= 200 and max(start) <= 60
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF"])
@@ -1372,7 +1376,8 @@ def apng_bytes(frames: int) -> bytes:
 def test_apng_with_thousands_of_frames_reads_only_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 5000-frame APNG is answered from frame 0 alone; Pillow is never asked to seek further."""
     data = apng_bytes(5000)
-    assert Image.open(io.BytesIO(data)).n_frames == 5000
+    opened = Image.open(io.BytesIO(data))
+    assert isinstance(opened, PngImagePlugin.PngImageFile) and opened.n_frames == 5000
     seen: list[int] = []
     original = PngImagePlugin.PngImageFile._seek
 
@@ -1395,7 +1400,8 @@ def animated_webp(frames: int) -> bytes:
 def test_webp_with_thousands_of_frames_reads_only_the_first() -> None:
     """A 2000-frame animated WebP yields frame 0, found without decoding the rest."""
     data = animated_webp(2000)
-    assert Image.open(io.BytesIO(data)).n_frames == 2000
+    opened = Image.open(io.BytesIO(data))
+    assert isinstance(opened, WebPImagePlugin.WebPImageFile) and opened.n_frames == 2000
     assert open_image(data).getpixel((0, 0)) == (255, 0, 0)
 
 

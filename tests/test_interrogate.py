@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -97,9 +98,14 @@ def test_banned_terms_never_appear(engine: Engine, astronaut: Image.Image) -> No
 def test_features_are_computed_once_per_image(engine: Engine, astronaut: Image.Image) -> None:
     """Caption and image embedding are shared by every mode asked for the same image."""
     interrogator = engine.interrogator
-    calls = []
+    calls: list[int] = []
     original = interrogator.captioner.caption
-    interrogator.captioner.caption = lambda image: calls.append(1) or original(image)  # type: ignore[method-assign]
+
+    def counted_caption(image: Image.Image) -> str:
+        calls.append(1)
+        return original(image)
+
+    interrogator.captioner.caption = counted_caption  # type: ignore[method-assign]
     try:
         key = "features-once"
         first = interrogator.interrogate(astronaut, "fast", key=key)
@@ -138,7 +144,7 @@ def test_label_cache_is_keyed_by_model_and_lists(smoke_models: SmokeModels, tmp_
     files = list((tmp_path / "labels").iterdir())
     assert len(files) == 1
 
-    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
         raise AssertionError("encoded again despite the cache")
 
     original = clip.encode_texts

@@ -493,13 +493,17 @@ def test_the_image_installs_the_tested_versions(dockerfile: list[list[Instructio
     assert ["docker/constraints.txt"] in copied
     pins = constraints()
     for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
-        name, op, version = re.match(r"([A-Za-z0-9_.-]+)\s*([=<>!~]*)\s*(.*)", requirement).groups()
+        parsed = re.match(r"([A-Za-z0-9_.-]+)\s*([=<>!~]*)\s*(.*)", requirement)
+        assert parsed is not None
+        name, op, version = parsed.groups()
         key = re.sub(r"[-_.]+", "-", name).lower()
         assert key in pins, f"{name} is not pinned in docker/constraints.txt"
         if op == "==":
             assert pins[key] == version, f"{name}: pyproject.toml pins {version}, the constraints {pins[key]}"
     cuda_image = resolve(dockerfile[-1][0].args, global_args(dockerfile))
-    cuda = re.search(r":(\d+\.\d+)\.", cuda_image).group(1)
+    cuda_version = re.search(r":(\d+\.\d+)\.", cuda_image)
+    assert cuda_version is not None
+    cuda = cuda_version.group(1)
     assert pins["cuda-toolkit"].startswith(cuda + "."), (cuda_image, pins["cuda-toolkit"])
 
 
@@ -792,7 +796,7 @@ def test_entrypoint_waits_after_a_failed_fetch_and_stops_on_sigterm(entrypoint) 
     at once; SIGTERM (docker stop) ends the wait at once with the fetch's exit code."""
     process = entrypoint.start(STUB_EXIT="3", I2P2I_FETCH_RETRY_S="120")
     assert process.stderr is not None
-    lines = []
+    lines: list[str] = []
     while not any("exiting in 120 s" in line for line in lines):
         line = process.stderr.readline()
         assert line, "".join(lines)
