@@ -21,9 +21,12 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# bench/ on its own: its scripts import their siblings as top-level modules, which makes bench/bot.py
+# a second module `bot` beside bot.py.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy i2p2i_bot cogs bot.py
+	$(VENV)/bin/mypy i2p2i_bot cogs bot.py tests
+	$(VENV)/bin/mypy bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
