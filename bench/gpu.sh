@@ -126,10 +126,10 @@ else
   compile_modes=${BENCH_COMPILE-}
 fi
 
-phase generate 45 300 -- "$python" bench/generate.py "${common[@]}" "${big[@]}" --json-out "$out/generate.json"
+phase generate 60 300 -- "$python" bench/generate.py "${common[@]}" "${big[@]}" --json-out "$out/generate.json"
 iargs=("${big[@]}")
 [[ $models == random-weights ]] && iargs+=(--reps 3)
-phase interrogate 70 360 -- "$python" bench/interrogate.py "${common[@]}" "${iargs[@]}" \
+phase interrogate 90 360 -- "$python" bench/interrogate.py "${common[@]}" "${iargs[@]}" \
   --json-out "$out/interrogate.json"
 for mode in $compile_modes; do
   phase "compile-$mode" 90 480 -- "$python" bench/generate.py "${common[@]}" "${big[@]}" --compile "$mode" \
