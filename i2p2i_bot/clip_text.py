@@ -12,7 +12,9 @@ without changing any result:
   the join: the label is plain printable ASCII without "&" (nothing for ftfy or the HTML unescaper to
   change), the prompt has no "&" and no control characters, and neither starts or ends with a space. The
   prompt's side rests on ftfy treating an appended ASCII text as neutral; it is checked for every packaged
-  label that is not plain ASCII. Labels are tokenized once; other texts go to the tokenizer whole.
+  label that is not plain ASCII. Labels are tokenized once. A text with any other label is cleaned whole,
+  as the tokenizer would, and only its part after the prompt is split and run through BPE
+  (`TextTokens.joined`).
 
 Models or tokenizers this does not recognise take the plain path: the stock tokenizer and `encode_text`.
 """
@@ -59,6 +61,8 @@ class TextTokens:
         self.eot = int(getattr(tokenizer, "eot_token_id", 0))
         self._cache: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self._pieces: collections.OrderedDict[str, list[int] | None] = collections.OrderedDict()
+        self._split: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self._cleaned: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._cache_size = cache_size
 
     def piece(self, text: str) -> list[int] | None:
@@ -78,6 +82,38 @@ class TextTokens:
             self._cache[text] = found
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        return found
+
+    def joined(self, head: str, text: str) -> list[int]:
+        """The ids of text, which begins with head + " ", reusing head's cached ids where that is exact.
+
+        open_clip's encode() cleans the whole text, then splits it into words and punctuation, none of
+        which spans a space. So when the cleaned text is the cleaned head, one space, and a rest, its ids
+        are the head's followed by the rest's, whatever cleaning did inside each: only the cleaning (ftfy
+        on the whole text) is repeated, never the split and BPE of the head.
+        """
+        cleaned = self.tokenizer.clean_fn(text)
+        head_cleaned = self._cleaned.get(head)
+        if head_cleaned is None:
+            head_cleaned = self._cleaned[head] = self.tokenizer.clean_fn(head)
+            if len(self._cleaned) > 64:
+                self._cleaned.popitem(last=False)
+        if head_cleaned and cleaned.startswith(head_cleaned + " "):
+            return [*self.ids(head), *self._split_ids(cleaned[len(head_cleaned) + 1 :])]
+        return self._split_ids(cleaned)
+
+    def _split_ids(self, cleaned: str) -> list[int]:
+        """encode() after its cleaning step: words and punctuation, each through BPE; cached."""
+        found = self._split.get(cleaned)
+        if found is None:
+            tok = self.tokenizer
+            found = []
+            for word in tok.pat.findall(cleaned):
+                word = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+                found.extend(tok.encoder[piece] for piece in tok.bpe(word).split(" "))
+            self._split[cleaned] = found
+            if len(self._split) > self._cache_size:
+                self._split.popitem(last=False)
         return found
 
     def row(self, body: Sequence[int]) -> list[int]:
@@ -153,7 +189,13 @@ class TextEncoder:
             if piece is not None and room > 0:
                 tails[i] = [*piece[: room - 1], eot] if len(piece) >= room else [*piece, eot]
                 continue
-            row = self.tokens.row(self.tokens.tokenizer.encode(text) if piece is None else [*prefix, *piece])
+            if piece is not None:
+                body = [*prefix, *piece]
+            elif prompt:
+                body = self.tokens.joined(f"{prompt},", text)
+            else:
+                body = self.tokens.ids(text)
+            row = self.tokens.row(body)
             if room > 0 and row[: len(head)] == head:
                 tails[i] = row[len(head) :]
             else:

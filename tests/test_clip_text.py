@@ -123,6 +123,42 @@ def test_composed_tokens_equal_the_tokenizer_on_every_packaged_label(clip: ClipE
     assert checked > 0.9 * len(labels)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a photograph of an astronaut, by greg rutkowski",
+        "a portrait (1887), by Adélaïde Labille-Guiard",
+        "a mosque, romanized: al-kaʿbah",
+    ],
+)
+def test_texts_with_other_labels_reuse_the_prompt_tokens_exactly(
+    clip: ClipEncoder, prompt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels that do not compose (not ASCII, "&") are cleaned whole; their ids are still the tokenizer's,
+    and for nearly all of them only the part after the prompt is split and run through BPE."""
+    tokens = clip.text.tokens
+    encode, clean = tokens.tokenizer.encode, tokens.tokenizer.clean_fn
+    split: list[str] = []
+    original = tokens._split_ids
+
+    def recording(cleaned: str) -> list[int]:
+        split.append(cleaned)
+        return original(cleaned)
+
+    monkeypatch.setattr(tokens, "_split_ids", recording)
+    labels = [label for table in label_tables().values() for label in table]
+    others = [label for label in labels if not joinable(label)] + ["rock & roll", "&amp; co", "Ｗｉｄｅ"]
+    assert len(others) > 1000
+    whole = 0
+    for label in others:
+        text = f"{prompt}, {label}"
+        split.clear()
+        assert tokens.joined(f"{prompt},", text) == encode(text), label
+        whole += split == [clean(text)]
+    assert whole < 0.05 * len(others)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
