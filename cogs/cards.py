@@ -94,9 +94,16 @@ def candidate_prompts(result: Interrogation) -> list[str]:
 
 
 def status_text(
-    job: Job, position: Position | None, *, step: tuple[int, int] | None = None, images_done: int = 0
+    job: Job,
+    position: Position | None,
+    *,
+    step: tuple[int, int] | None = None,
+    images_done: int = 0,
+    held: str | None = None,
 ) -> str:
-    """The one-line status of a queued or running job."""
+    """The one-line status of a queued or running job; ``held`` says why it waits for a restart."""
+    if held is not None:
+        return f"⏸️ Job #{job.id}: {held}; they will be made once the bot has restarted."
     if job.status is JobStatus.QUEUED or (position is not None and position.status is JobStatus.QUEUED):
         if position is None:
             return f"⏳ Job #{job.id} is queued."

@@ -42,6 +42,8 @@ log = logging.getLogger("i2p2i.results")
 TOKEN_MARGIN_S = 30
 # Progress edits on one message are at least this far apart.
 EDIT_INTERVAL_S = 1.5
+# How long the way down waits for the edits that tell members their jobs resume after the restart.
+HELD_NOTICE_TIMEOUT_S = 5.0
 # Tries per way of posting a result when the failure may pass; discord.py retries each try itself too.
 PATH_TRIES = 2
 # Pause before trying the same way again, times the number of tries so far.
@@ -118,6 +120,10 @@ class _Tracked:
     upload_limit: int
     step: tuple[int, int] | None = None
     images_done: int = 0
+    # Why the job waits for a restart (the GPU failed under it), once the queue says so.
+    held: str | None = None
+    # The status text the message shows now, as far as this run knows.
+    shown: str | None = None
     last_edit: float = 0.0
     dirty: bool = False
     # Set when an edit failed: progress is a courtesy, and the result must not queue behind more edits.
@@ -150,6 +156,24 @@ class Results(commands.Cog):
         self._subscription.close()
         if self._task is not None:
             self._task.cancel()
+        await self._announce_held()
+
+    async def _announce_held(self) -> None:
+        """On the way down, tell the members whose jobs the GPU failed under that they resume after the
+        restart: the bot closes soon after the fault, often before the throttled edit's turn came."""
+        while self._subscription.pending():
+            event = self._subscription.get_nowait()
+            tracked = self._tracked.get(event.job_id)
+            if event.kind is EventKind.HELD and tracked is not None:
+                tracked.held = event.error
+        edits = []
+        for tracked in self._tracked.values():
+            text = status_text(tracked.job, None, held=tracked.held)
+            if tracked.held is not None and not tracked.progress_off and tracked.shown != text:
+                edits.append(self._edit_status(tracked, text))
+        if edits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*edits, return_exceptions=True), HELD_NOTICE_TIMEOUT_S)
 
     def track(self, job: Job, delivery: Delivery, upload_limit: int) -> None:
         """Start following a job whose status message now exists; replay events that came first."""
@@ -215,6 +239,8 @@ class Results(commands.Cog):
             tracked.images_done = event.images_done
         elif event.kind is EventKind.STARTED:
             tracked.job = _with_status(tracked.job, JobStatus.RUNNING)
+        elif event.kind is EventKind.HELD:
+            tracked.held = event.error
         self._schedule_edit(tracked)
         if event.kind in (EventKind.STARTED, EventKind.IMAGE):
             # The queue moved: everyone still waiting has a new position.
@@ -247,6 +273,7 @@ class Results(commands.Cog):
                 self.bot.queue.position(tracked.job.id),
                 step=tracked.step,
                 images_done=tracked.images_done,
+                held=tracked.held,
             )
             tracked.sending = True
             try:
@@ -260,6 +287,7 @@ class Results(commands.Cog):
             return  # progress is a courtesy; after the token's life only the result is posted
         try:
             await self._webhook(delivery).edit_message(delivery.message_id, content=text)
+            tracked.shown = text
         except ANSWER_ERRORS as exc:
             failure = classify("progress", exc)
             tracked.progress_off = True

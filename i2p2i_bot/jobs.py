@@ -135,6 +135,8 @@ class EventKind(enum.StrEnum):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # The GPU failed while the job's images were on it: the job waits, unfinished, for the bot's restart.
+    HELD = "held"
 
     @property
     def terminal(self) -> bool:

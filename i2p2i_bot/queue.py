@@ -79,6 +79,10 @@ class FailureKind(enum.StrEnum):
     TRANSIENT = "transient"
     # The worker stopped before finishing: put the images back, charging nobody.
     INTERRUPTED = "interrupted"
+    # The GPU broke while the batch ran and only a new process gets it back: the jobs stay in flight in the
+    # store, so the next start charges each an attempt and runs it alone. A job that breaks the GPU every
+    # time fails after max_attempts starts; the jobs that shared its batch finish.
+    FAULTED = "faulted"
 
 
 @dataclass(frozen=True)
@@ -710,6 +714,9 @@ class JobQueue:
     async def _record_failure(self, batch: Batch, failure: BatchFailure) -> None:
         now = self._clock()
         sent = _indices_by_job(batch)
+        if failure.kind is FailureKind.FAULTED:
+            await self._hold(batch, sent, failure.reason)
+            return
         blamed = len(sent) == 1
         changes: dict[int, JobChange] = {}
         for job_id in sent:
@@ -746,6 +753,19 @@ class JobQueue:
             active.in_flight.difference_update(back)
             active.solo = active.solo or (failure.kind is FailureKind.TRANSIENT and not blamed)
             self._requeue(active, back)
+
+    async def _hold(self, batch: Batch, sent: dict[int, list[int]], reason: str) -> None:
+        """Leave a faulted batch's jobs running and in flight, with the reason, for the next start."""
+        held = [self._active[job_id] for job_id in sent if job_id in self._active]
+        await self._store.save_changes(
+            [JobChange(a.id, JobStatus.RUNNING, a.attempts, True, reason) for a in held]
+        )
+        log.warning(
+            "batch %d (%d images) broke the GPU; its jobs wait for a restart", batch.id, len(batch.items)
+        )
+        for active in held:
+            active.error = reason
+            self._publish(EventKind.HELD, active, error=reason)
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -861,6 +881,8 @@ class JobQueue:
                     changes.append(JobChange(job.id, JobStatus.COMPLETE, attempts, False, None, None, now))
                 elif attempts >= self._settings.max_attempts:
                     reason = f"generation was interrupted or failed {_count(attempts, 'time')}; giving up"
+                    if job.error:
+                        reason = f"{job.error} (gave up after {_count(attempts, 'try', 'tries')})"
                     changes.append(JobChange(job.id, JobStatus.FAILED, attempts, False, reason, None, now))
                 else:
                     if in_flight:

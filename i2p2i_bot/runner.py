@@ -21,10 +21,8 @@ log = logging.getLogger(__name__)
 # Results of finished batches that may wait to be stored while the GPU goes on (their images stay in memory).
 _MAX_UNSTORED_BATCHES = 2
 
-GPU_FAULT_REASON = (
-    "The GPU failed while making these images and can make no more until the bot restarts; "
-    "try again after that."
-)
+# Why a job waits for a restart, and, after max_attempts of them, why it failed.
+GPU_FAULT_REASON = "the GPU failed while making these images"
 
 
 class Generator(Protocol):
@@ -44,8 +42,9 @@ class JobRunner:
     interrupted, so later batches wait behind it). On stop, the running batch may finish within the grace
     period; otherwise it is handed back as interrupted, so the next start makes its images again.
 
-    A CUDA error that leaves the GPU unusable (GpuWorker.device_fault) fails the batch that hit it, and the
-    runner stops: the jobs still queued wait for a restart instead of all failing the same way.
+    A CUDA error that leaves the GPU unusable (GpuWorker.device_fault) holds the batch that hit it for the
+    next start (FailureKind.FAULTED), and the runner stops: every job waits for the restart instead of
+    failing on a GPU that can do no more.
     """
 
     def __init__(self, source: BatchSource, engine: Generator, gpu: GpuWorker, *, timeout_s: float) -> None:
@@ -173,7 +172,7 @@ class JobRunner:
         except GpuFault as exc:
             if exc.ran:
                 log.exception("batch %d failed and left the GPU unusable", batch.id)
-                return BatchFailure(GPU_FAULT_REASON, FailureKind.PERMANENT)
+                return BatchFailure(GPU_FAULT_REASON, FailureKind.FAULTED)
             # Another task broke the GPU before this batch ran: it is not to blame and runs after a restart.
             return BatchFailure("the GPU is unusable until the bot restarts", FailureKind.INTERRUPTED)
         except Exception as exc:

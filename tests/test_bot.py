@@ -18,9 +18,11 @@ from typing import cast
 import pytest
 from PIL import Image
 
+from i2p2i_bot import app
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import Priority
+from i2p2i_bot.store import Store
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 
@@ -857,3 +859,44 @@ async def test_delete_works_on_a_result_posted_in_the_channel(
         delete = await server.push_button(message, "i2p:job:delete:1")
         await delete.wait_response()
         await server.wait_until(lambda: server.message(message.id).deleted or None, timeout_s=10)
+
+
+async def test_a_gpu_fault_mid_job_is_explained_and_the_restart_delivers(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The UNet hits a CUDA error under a member's job: its message says the images come after the
+    restart, the bot stops with EXIT_GPU_LOST, and the next start makes and posts them (one attempt)."""
+    monkeypatch.setattr(app, "GPU_WATCH_INTERVAL_S", 0.05)
+    server = discord_server
+    settings = settings_for(server)
+    unet = engine.generator.pipe.unet
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    async with running_i2p2i(settings, server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        monkeypatch.setitem(vars(unet), "forward", broken)
+        press = await generate(server, card)
+        await eventually(lambda: asyncio.sleep(0, bot.is_closed()), bool, timeout_s=60)
+        assert bot.exit_code == app.EXIT_GPU_LOST
+    store = await Store.from_settings(settings)
+    try:
+        held = await store.get_job(1)
+    finally:
+        await store.close()
+    assert held is not None and (held.status, held.attempts) == ("running", 0)
+    assert press.original.content == (
+        "⏸️ Job #1: the GPU failed while making these images; they will be made once the bot has restarted."
+    )
+    monkeypatch.delitem(vars(unet), "forward")
+    async with running_i2p2i(settings, server, engine) as bot:
+        await server.wait_until(lambda: press.original.attachments or None, timeout_s=60)
+        job = await eventually(lambda: bot.store.get_job(1), lambda j: j.delivered_at is not None)
+        assert (job.status, job.attempts, job.error) == ("complete", 1, None)
+        results = [c for c in server.calls(route=EDIT_FOLLOWUP) if c.files]
+        assert len(results) == 1

@@ -153,11 +153,12 @@ async def test_out_of_memory_even_for_one_image_fails_the_job_with_a_sentence_fo
 
 
 @pytest.mark.timeout(600)
-async def test_a_cuda_fault_fails_its_batch_and_leaves_the_rest_queued_for_a_restart(
+async def test_a_cuda_fault_holds_its_batch_and_the_rest_for_a_restart(
     store: Store, gpu: GpuWorker, engine: Engine, params: GenerationParams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An illegal memory access in the UNet poisons a real CUDA context: the jobs in that batch fail once,
-    with a reason, the GPU reports the fault, and the runner stops instead of failing every job behind."""
+    """An illegal memory access in the UNet poisons a real CUDA context: the jobs in that batch stay in
+    flight with the reason, for the next start to charge and retry, the GPU reports the fault, and the
+    runner stops instead of failing every job behind."""
     unet = engine.generator.pipe.unet
     calls: list[int] = []
 
@@ -180,11 +181,12 @@ async def test_a_cuda_fault_fails_its_batch_and_leaves_the_rest_queued_for_a_res
     assert calls == [4]  # one UNet call for the batch: neither split nor retried
     assert gpu.device_fault == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert not runner.running and runner.batches_run == 1
+    in_flight = {job.id: flag for job, flag in await store.active_jobs()}
     for job in in_batch:
         record = await store.job_record(job.id)
         assert record is not None and record.images == ()
-        assert (record.job.status, record.job.attempts) == (JobStatus.FAILED, 0)
-        assert record.job.error == GPU_FAULT_REASON
+        assert (record.job.status, record.job.attempts) == (JobStatus.RUNNING, 0)
+        assert record.job.error == GPU_FAULT_REASON and in_flight[job.id]
     waiting = await store.job_record(behind.id)
     assert waiting is not None and waiting.job.status is JobStatus.QUEUED and waiting.job.attempts == 0
     await runner.stop()

@@ -267,39 +267,69 @@ async def test_stop_after_the_grace_period_hands_the_batch_back_uncharged(
     assert await store.stored_indices([job.id]) == {job.id: {0, 1}}
 
 
-async def test_a_batch_that_breaks_the_gpu_fails_and_the_runner_waits_for_a_restart(
+async def test_a_batch_that_breaks_the_gpu_waits_for_a_restart_and_only_its_culprit_fails(
     store: Store, gpu: GpuWorker
 ) -> None:
-    """A CUDA fault fails its batch's job at once with a sentence for the user and the runner stops by
-    itself, so the job queued behind it is not failed too; after a restart that job completes."""
+    """A CUDA fault holds its batch's jobs, in flight, with the reason and a HELD event, and the runner
+    stops, so the job behind is not failed too. Each restart charges the held jobs an attempt and runs
+    them alone: the job that shared the batch finishes, and the job that breaks the GPU every time fails
+    after max_attempts with the reason."""
 
     def fail(params: GenerationParams, specs: Sequence[ImageSpec]) -> Exception | None:
-        return RuntimeError(ILLEGAL_ACCESS) if specs[0].prompt == "broken" else None
+        return RuntimeError(ILLEGAL_ACCESS) if any(s.prompt == "broken" for s in specs) else None
 
-    queue = await JobQueue.open(store, QueueSettings(max_batch_images=1, max_attempts=3))
+    settings = QueueSettings(max_batch_images=2, max_attempts=3)
+    queue = await JobQueue.open(store, settings)
     engine = FakeEngine(fail=fail)
     runner = JobRunner(queue, engine, gpu, timeout_s=30)
     broken = await queue.submit(request(A, prompt="broken"))
-    behind = await queue.submit(request(B))
-    await asyncio.wait_for(runner.start(), timeout=10)
+    beside = await queue.submit(request(B))
+    behind = await queue.submit(request(C))
+    with queue.subscribe() as events:
+        await asyncio.wait_for(runner.start(), timeout=10)
+        seen = [events.get_nowait() for _ in range(events.pending())]
     assert not runner.running and gpu.device_fault == f"RuntimeError: {ILLEGAL_ACCESS}"
-    assert len(engine.batches) == 1
-    failed = await store.get_job(broken.id)
-    assert failed is not None
-    assert (failed.status.value, failed.attempts, failed.error) == ("failed", 0, GPU_FAULT_REASON)
-    assert await statuses(store, behind.id) == ["queued"]
+    assert [len(specs) for _, specs in engine.batches] == [2]
+    held = [(e.job_id, e.error) for e in seen if e.kind is EventKind.HELD]
+    assert held == [(broken.id, GPU_FAULT_REASON), (beside.id, GPU_FAULT_REASON)]
+    assert not any(e.kind.terminal for e in seen)
+    rows = {
+        job.id: (job.status.value, job.attempts, in_flight, job.error)
+        for job, in_flight in await store.active_jobs()
+    }
+    assert rows == {
+        broken.id: ("running", 0, True, GPU_FAULT_REASON),
+        beside.id: ("running", 0, True, GPU_FAULT_REASON),
+        behind.id: ("queued", 0, False, None),
+    }
     await runner.stop()
 
-    restarted = GpuWorker()
-    try:
-        revived = await JobQueue.open(store, QueueSettings(max_batch_images=1))
-        again = JobRunner(revived, FakeEngine(), restarted, timeout_s=30)
-        again.start()
-        await revived.join()
-        await again.stop()
-    finally:
-        restarted.close(timeout_s=5)
-    assert await statuses(store, broken.id, behind.id) == ["failed", "complete"]
+    starts = 0
+    while await store.active_jobs():
+        starts += 1
+        assert starts <= settings.max_attempts, "the held jobs never settled"
+        restarted = GpuWorker()
+        try:
+            revived = await JobQueue.open(store, settings)
+            again = JobRunner(revived, engine, restarted, timeout_s=30)
+            stopped, joined = again.start(), asyncio.ensure_future(revived.join())
+            await asyncio.wait({stopped, joined}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            joined.cancel()
+            await again.stop()
+        finally:
+            restarted.close(timeout_s=5)
+
+    # The culprit ran in the shared batch, then alone at each start until its attempts ran out.
+    culprit_runs = [specs for _, specs in engine.batches if any(s.prompt == "broken" for s in specs)]
+    assert [len(specs) for specs in culprit_runs] == [2, 1, 1]
+    assert starts == 3
+    failed = await store.get_job(broken.id)
+    assert failed is not None and (failed.status.value, failed.attempts) == ("failed", 3)
+    assert failed.error == f"{GPU_FAULT_REASON} (gave up after 3 tries)"
+    assert await statuses(store, beside.id, behind.id) == ["complete", "complete"]
+    assert await store.stored_indices([beside.id, behind.id]) == {beside.id: {0}, behind.id: {0}}
+    finished = await store.get_job(beside.id)
+    assert finished is not None and (finished.attempts, finished.error) == (1, None)
 
 
 async def test_a_batch_after_another_task_broke_the_gpu_is_handed_back_uncharged(
