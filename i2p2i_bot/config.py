@@ -16,6 +16,7 @@ DEFAULT_CLIP = "ViT-L-14/openai"
 DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
 
 ModelPreset = Literal["default", "smoke"]
+WarmUp = Literal["auto", "on", "off"]
 InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
 SchedulerName = Literal["dpm", "pndm"]
 SynchronousMode = Literal["NORMAL", "FULL"]
@@ -34,6 +35,8 @@ class ModelSettings:
     caption: str = DEFAULT_CAPTION
     device: str = "auto"
     cache_dir: str = ""
+    # Run each model once at start so the first request is as fast as the rest; "auto": on CUDA only.
+    warm_up: WarmUp = "auto"
 
     def validate(self) -> None:
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):

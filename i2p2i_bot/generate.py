@@ -186,6 +186,12 @@ class Generator:
                 self.fast_path.append(f"compiled:{settings.compile}")
         log.info("generator fast path: %s", ", ".join(self.fast_path) or "none")
 
+    def warm_up(self, source_embedding: tuple[float, ...] | None = None) -> None:
+        """One image of two steps at the default size, through every stage a member's batch takes."""
+        s = self.settings
+        params = GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)
+        self.generate_batch(params, [ImageSpec("warm-up", "", 0, source_embedding)])
+
     def _warm_bucket(self, batch: int) -> None:
         s = self.settings
         params = GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
+from torch.nn.modules.module import register_module_forward_hook
 
-from i2p2i_bot.config import QueueSettings, Settings
+from i2p2i_bot.config import QueueSettings, Settings, WarmUp
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import GenerationRequest
 from i2p2i_bot.gpu import GpuWorker
@@ -56,3 +59,30 @@ async def test_jobs_run_on_the_real_engine(
     finally:
         gpu.close()
         await store.close()
+
+
+def test_warm_up_runs_each_model_at_load_and_changes_no_result(
+    base_settings: Settings, engine: Engine, astronaut: Image.Image
+) -> None:
+    """models.warm_up = "on" runs the caption model, CLIP's image tower and the UNet while loading ("auto"
+    does on CUDA only, so not here); the warmed engine's prompt and pixels equal the cold engine's."""
+    assert base_settings.models.warm_up == "auto" and engine.warm_up_s is None
+
+    def load(warm_up: WarmUp) -> tuple[Engine, set[str]]:
+        called: set[str] = set()
+        hook = register_module_forward_hook(lambda module, args, output: called.add(type(module).__name__))
+        try:
+            models = dataclasses.replace(base_settings.models, warm_up=warm_up)
+            return Engine.load(dataclasses.replace(base_settings, models=models)), called
+        finally:
+            hook.remove()
+
+    cold, cold_calls = load("off")
+    warm, warm_calls = load("on")
+    assert cold.warm_up_s is None and warm.warm_up_s is not None and warm.warm_up_s > 0
+    assert {"BlipVisionModel", "VisionTransformer", "UNet2DConditionModel"} <= (warm_calls - cold_calls)
+    assert warm.interrogator._features == {}  # the blank picture is not remembered as anyone's image
+    assert warm.interrogate(astronaut, "fast").prompt == cold.interrogate(astronaut, "fast").prompt
+    request = GenerationRequest("a red kite", seed=7)
+    warm_pixels = np.asarray(warm.generate(request).images[0].image)
+    assert np.array_equal(warm_pixels, np.asarray(cold.generate(request).images[0].image))
