@@ -122,6 +122,7 @@ def test_interrogate_bench_runs_on_smoke_models(
     assert payload["labels"]["total"] > 0 and payload["load_s"]["stock"] > 0
     components = payload["ours_components"]
     assert components["caption_ms"] > 0 and components["image_embedding_ms"] > 0
+    assert payload["first_fast_call_ms"] > 0
     # The fast caption decoder is on, and its tokens are generate()'s.
     assert components["caption_decoder"] == 1 and components["caption_same_tokens"] == 1
     assert components["caption_decode_ms"] > 0 and components["caption_generate_ms"] > 0
