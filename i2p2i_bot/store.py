@@ -642,18 +642,18 @@ class Store:
         jobs = {row["status"]: row["n"] for row in await self._fetchall(query, (user_id,))}
         query = """
             SELECT
-                (SELECT COUNT(*) FROM images AS im JOIN jobs AS j ON j.id = im.job_id WHERE j.owner_id = ?1)
-                    AS images,
-                (SELECT COUNT(*) FROM interrogations WHERE user_id = ?1) AS interrogations,
-                (SELECT COUNT(*) FROM interrogations WHERE user_id = ?1 AND cached = 1) AS cache_hits,
+                (SELECT COUNT(*) FROM images AS im JOIN jobs AS j ON j.id = im.job_id
+                    WHERE j.owner_id = :user) AS images,
+                (SELECT COUNT(*) FROM interrogations WHERE user_id = :user) AS interrogations,
+                (SELECT COUNT(*) FROM interrogations WHERE user_id = :user AND cached = 1) AS cache_hits,
                 (SELECT MIN(t) FROM (
-                    SELECT MIN(created_at) AS t FROM jobs WHERE owner_id = ?1
-                    UNION ALL SELECT MIN(created_at) FROM interrogations WHERE user_id = ?1)) AS first_at,
+                    SELECT MIN(created_at) AS t FROM jobs WHERE owner_id = :user
+                    UNION ALL SELECT MIN(created_at) FROM interrogations WHERE user_id = :user)) AS first_at,
                 (SELECT MAX(t) FROM (
-                    SELECT MAX(created_at) AS t FROM jobs WHERE owner_id = ?1
-                    UNION ALL SELECT MAX(created_at) FROM interrogations WHERE user_id = ?1)) AS last_at
+                    SELECT MAX(created_at) AS t FROM jobs WHERE owner_id = :user
+                    UNION ALL SELECT MAX(created_at) FROM interrogations WHERE user_id = :user)) AS last_at
         """
-        (row,) = await self._fetchall(query, (user_id,))
+        (row,) = await self._fetchall(query, {"user": user_id})
         return UserStats(
             user_id,
             jobs,
