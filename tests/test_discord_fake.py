@@ -6,7 +6,7 @@ import asyncio
 import io
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import discord
 import pytest
@@ -90,6 +90,9 @@ class TinyBot(commands.Bot):
         )
         self.release_late = asyncio.Event()
         self.late_errors: list[discord.HTTPException] = []
+        # Set once /choose's view is stored: discord.py stores it after Discord answered the callback, so a
+        # click pushed the moment the fake answered could beat it (and be dropped, as discord.py would).
+        self.style_offered = asyncio.Event()
 
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         """No pause: discord.py sleeps 5 s before each later IDENTIFY, for Discord's identify rate limit."""
@@ -131,6 +134,7 @@ def _commands() -> list[app_commands.Command | app_commands.ContextMenu]:
     @app_commands.command(description="Offer a choice of styles.")
     async def choose(interaction: discord.Interaction) -> None:
         await interaction.response.send_message("pick a style", view=StyleView())
+        cast(TinyBot, interaction.client).style_offered.set()
 
     @app_commands.command(description="Reply, edit, follow up, edit that, then delete the reply.")
     async def steps(interaction: discord.Interaction) -> None:
@@ -249,6 +253,7 @@ async def test_select_defers_update_then_edits_its_message(server: FakeDiscord, 
     """A select choice answered with a deferred update (type 6); @original then edits the select's message."""
     offer = await server.push_slash("choose")
     await offer.wait_response()
+    await asyncio.wait_for(bot.style_offered.wait(), timeout=5)
     assert offer.original is not None and offer.original.custom_ids() == ["t:style"]
     pick = await server.push_select(offer.original, "t:style", ["ink"], user="bob")
     edit = await pick.wait_call("PATCH /webhooks/{app}/{token}/messages/{message}")
