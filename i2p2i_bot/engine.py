@@ -18,7 +18,7 @@ from i2p2i_bot.generate import (
     ImageSpec,
     StepCallback,
 )
-from i2p2i_bot.gpu import resolve_device
+from i2p2i_bot.gpu import cuda_context_lost, resolve_device
 from i2p2i_bot.interrogate import Interrogation, Interrogator
 from i2p2i_bot.models import ModelSources, resolve_models
 
@@ -63,18 +63,24 @@ class Engine:
         interrogator.models = {k: v for k, v in engine.models.items() if k != "generator"}
         warm_up = settings.models.warm_up
         if warm_up == "on" or (warm_up == "auto" and device.type == "cuda"):
-            engine.warm_up()
+            try:
+                engine.warm_up()
+            except Exception as exc:
+                if cuda_context_lost(exc):
+                    raise
+                # Whatever broke here breaks a member's request too, and is reported there.
+                log.warning("the warm-up failed; the first request pays for it", exc_info=True)
         return engine
 
     def warm_up(self) -> float:
-        """Interrogate a blank picture and make one image from it, both untimed by anyone.
+        """Interrogate a blank picture in the default mode and make one image from it, timed by nobody.
 
         On CUDA the first call of each model pays for lazy kernel loading, cuBLAS and cuDNN set-up and the
         caption decoder's graph capture; this moves that cost from the first member's request to start-up.
         """
         started = time.perf_counter()
         blank = Image.new("RGB", (512, 512), (128, 128, 128))
-        described = self.interrogator.interrogate(blank, "fast")
+        described = self.interrogator.interrogate(blank, self.settings.interrogate.mode)
         self.generator.warm_up(described.image_embedding)
         self.warm_up_s = time.perf_counter() - started
         log.info("models warmed up in %.1f s", self.warm_up_s)

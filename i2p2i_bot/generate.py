@@ -188,14 +188,15 @@ class Generator:
 
     def warm_up(self, source_embedding: tuple[float, ...] | None = None) -> None:
         """One image of two steps at the default size, through every stage a member's batch takes."""
-        s = self.settings
-        params = GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)
-        self.generate_batch(params, [ImageSpec("warm-up", "", 0, source_embedding)])
+        self.generate_batch(self._warm_up_params(), [ImageSpec("warm-up", "", 0, source_embedding)])
 
     def _warm_bucket(self, batch: int) -> None:
+        specs = [ImageSpec("warm-up", "", seed) for seed in range(batch)]
+        self._pipeline_call(self._warm_up_params(), specs, None)
+
+    def _warm_up_params(self) -> GenerationParams:
         s = self.settings
-        params = GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)
-        self._pipeline_call(params, [ImageSpec("warm-up", "", seed) for seed in range(batch)], None)
+        return GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)
 
     @classmethod
     def load(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
+import pytest
 from PIL import Image
 from torch.nn.modules.module import register_module_forward_hook
 
 from i2p2i_bot.config import QueueSettings, Settings, WarmUp
 from i2p2i_bot.engine import Engine
-from i2p2i_bot.generate import GenerationRequest
+from i2p2i_bot.generate import GenerationRequest, Generator
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.queue import JobQueue
@@ -86,3 +88,28 @@ def test_warm_up_runs_each_model_at_load_and_changes_no_result(
     request = GenerationRequest("a red kite", seed=7)
     warm_pixels = np.asarray(warm.generate(request).images[0].image)
     assert np.array_equal(warm_pixels, np.asarray(cold.generate(request).images[0].image))
+
+
+def test_a_failed_warm_up_leaves_a_working_engine_unless_it_broke_the_gpu(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error in the warm-up is logged and loading goes on (a request would meet it again and say so);
+    a CUDA fault stops the load, since the GPU is lost for the whole process."""
+    settings = dataclasses.replace(
+        base_settings, models=dataclasses.replace(base_settings.models, warm_up="on")
+    )
+    errors = iter([ValueError("odd shape"), RuntimeError("CUDA error: an illegal memory access")])
+
+    def broken(self: Generator, source_embedding: object = None) -> None:
+        raise next(errors)
+
+    monkeypatch.setattr(Generator, "warm_up", broken)
+    with caplog.at_level(logging.WARNING, logger="i2p2i_bot.engine"):
+        engine = Engine.load(settings)
+    assert engine.warm_up_s is None
+    assert [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.engine"] == [
+        "the warm-up failed; the first request pays for it"
+    ]
+    assert engine.interrogate(Image.new("RGB", (64, 64)), "fast").prompt
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        Engine.load(settings)
