@@ -330,6 +330,8 @@ async def test_a_batch_that_breaks_the_gpu_waits_for_a_restart_and_only_its_culp
     assert await store.stored_indices([beside.id, behind.id]) == {beside.id: {0}, behind.id: {0}}
     finished = await store.get_job(beside.id)
     assert finished is not None and (finished.attempts, finished.error) == (1, None)
+    after = await store.get_job(behind.id)
+    assert after is not None and after.attempts == 0
 
 
 async def test_a_batch_after_another_task_broke_the_gpu_is_handed_back_uncharged(
