@@ -66,8 +66,8 @@ print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
-for name in ("diffusers", "transformers", "open_clip_torch", "clip-interrogator", "triton", "timm", "tokenizers",
-             "huggingface_hub", "safetensors", "accelerate", "numpy", "pillow", "aiosqlite"):
+for name in ("diffusers", "transformers", "open_clip_torch", "clip-interrogator", "scikit-image", "triton", "timm",
+             "tokenizers", "huggingface_hub", "safetensors", "accelerate", "numpy", "pillow", "aiosqlite"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
