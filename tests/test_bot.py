@@ -882,7 +882,7 @@ async def test_a_gpu_fault_mid_job_is_explained_and_the_restart_delivers(
         _, card = await describe(server, astronaut)
         monkeypatch.setitem(vars(unet), "forward", broken)
         press = await generate(server, card)
-        await eventually(lambda: asyncio.sleep(0, bot.is_closed()), bool, timeout_s=60)
+        await server.wait_until(lambda: bot.is_closed() or None, timeout_s=60)
         assert bot.exit_code == app.EXIT_GPU_LOST
     store = await Store.from_settings(settings)
     try:
