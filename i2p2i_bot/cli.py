@@ -260,12 +260,12 @@ def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> i
     from i2p2i_bot.interrogate import InterrogateError
 
     mode = args.mode or settings.interrogate.mode
-    engine = _load_engine(settings, progress)
+    interrogator = _load_interrogator(settings, progress)
     failed = 0
     for path in _progress(list(_expand_inputs(args.images)), progress, "Describing"):
         try:
             image, sha = _read_image(path, settings)
-            result = engine.interrogate(image, mode, key=sha)
+            result = interrogator.interrogate(image, mode, key=sha)
         except (InputError, ImageError, InterrogateError) as exc:
             failed += 1
             _fail(path, exc)
@@ -381,6 +381,12 @@ def _load_engine(settings: Settings, progress: bool) -> Any:
     from i2p2i_bot.engine import Engine
 
     return Engine.load(settings, progress=progress)
+
+
+def _load_interrogator(settings: Settings, progress: bool) -> Any:
+    from i2p2i_bot.engine import load_interrogator
+
+    return load_interrogator(settings, progress=progress)
 
 
 def _expand_inputs(items: Sequence[str]) -> Iterator[Path]:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
 
 from i2p2i_bot.config import Settings
@@ -42,14 +43,7 @@ class Engine:
         sources = resolve_models(settings)
         device = resolve_device(settings.models.device)
         log.info("loading models on %s: %s", device, sources.as_dict())
-        interrogator = Interrogator.load(
-            sources.clip,
-            sources.caption,
-            settings.interrogate,
-            device,
-            settings.cache_path,
-            progress=progress,
-        )
+        interrogator = _interrogator(settings, sources, device, progress)
         generator = Generator.load(
             sources.generator,
             settings.generate,
@@ -60,7 +54,6 @@ class Engine:
         load_s = time.perf_counter() - started
         log.info("models loaded in %.1f s", load_s)
         engine = cls(settings, sources, interrogator, generator, load_s)
-        interrogator.models = {k: v for k, v in engine.models.items() if k != "generator"}
         warm_up = settings.models.warm_up
         if warm_up == "on" or (warm_up == "auto" and device.type == "cuda"):
             try:
@@ -89,10 +82,7 @@ class Engine:
     @property
     def models(self) -> dict[str, str]:
         """Model names as they should be recorded next to results."""
-        names = self.sources.as_dict()
-        if self.sources.smoke:
-            names = {key: f"smoke:{key}" for key in names}
-        return names
+        return self.sources.recorded()
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
         return self.interrogator.interrogate(image, mode, key=key)
@@ -115,3 +105,23 @@ class Engine:
         self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
     ) -> BatchResult:
         return self.generator.generate_batch(params, specs, on_step=on_step)
+
+
+def load_interrogator(settings: Settings, *, progress: bool = False) -> Interrogator:
+    """The interrogator alone, for work that makes no images: no Stable Diffusion in memory."""
+    sources = resolve_models(settings)
+    device = resolve_device(settings.models.device)
+    log.info(
+        "loading the interrogation models on %s: clip %s, caption %s", device, sources.clip, sources.caption
+    )
+    return _interrogator(settings, sources, device, progress)
+
+
+def _interrogator(
+    settings: Settings, sources: ModelSources, device: torch.device, progress: bool
+) -> Interrogator:
+    interrogator = Interrogator.load(
+        sources.clip, sources.caption, settings.interrogate, device, settings.cache_path, progress=progress
+    )
+    interrogator.models = {k: v for k, v in sources.recorded().items() if k != "generator"}
+    return interrogator

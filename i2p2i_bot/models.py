@@ -28,6 +28,12 @@ class ModelSources:
     def as_dict(self) -> dict[str, str]:
         return {"generator": self.generator, "clip": self.clip, "caption": self.caption}
 
+    def recorded(self) -> dict[str, str]:
+        """Model names as they should be recorded next to results (the smoke models by role alone)."""
+        if self.smoke:
+            return {key: f"smoke:{key}" for key in self.as_dict()}
+        return self.as_dict()
+
 
 def resolve_models(settings: Settings) -> ModelSources:
     """Turn the models settings into sources; the smoke preset builds its tiny models on first use."""

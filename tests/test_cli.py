@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from i2p2i_bot.cli import edit_prompt, main
 from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, Settings
+from i2p2i_bot.generate import Generator
 from i2p2i_bot.interrogate import ClipEncoder
 from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models
 from i2p2i_bot.smoke import SmokeModels
@@ -141,13 +142,22 @@ def test_banned_append_is_refused_before_loading(
     assert "banned terms (nsfw)" in capsys.readouterr().err
 
 
-def test_describe_json_lines(config_file: Path, photos: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """describe --json prints one JSON object per readable image, with scored candidates."""
+def test_describe_json_lines(
+    config_file: Path, photos: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """describe --json prints one JSON object per readable image, with scored candidates, and never loads
+    Stable Diffusion, which it does not use."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("describe loaded the generator")
+
+    monkeypatch.setattr(Generator, "load", refuse)
     code = main(["--config", str(config_file), "describe", str(photos), "--mode", "candidates", "--json"])
     assert code == 1  # notes.png is not an image
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [Path(r["source"]).name for r in rows] == ["astronaut.png", "cat.jpg"]
     for row in rows:
+        assert row["models"] == {"clip": "smoke:clip", "caption": "smoke:caption"}
         assert [c["mode"] for c in row["candidates"]][-1] == "negative"
         assert all(-1 <= c["score"] <= 1 for c in row["candidates"])
 
