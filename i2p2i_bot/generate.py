@@ -331,7 +331,8 @@ class Generator:
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
-                on_step(step + 1, params.steps)
+                # Counted in the steps asked for: PNDM makes one UNet pass more than its steps.
+                on_step(-(-(step + 1) * params.steps // pipe.num_timesteps), params.steps)
             return kwargs
 
         with torch.inference_mode():

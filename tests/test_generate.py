@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.engine import Engine
@@ -79,10 +81,15 @@ def test_schedulers_are_selectable(engine: Engine) -> None:
 
 
 def test_steps_are_reported(engine: Engine) -> None:
-    """The step callback sees every denoising step of every batch."""
+    """The step callback sees every denoising step of every batch, counted in the steps asked for."""
     seen: list[tuple[int, int]] = []
     engine.generate(GenerationRequest("a boat", count=2, steps=4), on_step=lambda k, n: seen.append((k, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    # PNDM runs the UNet once more than its steps (its first step twice); progress still ends at 4 of 4.
+    seen.clear()
+    pndm = GenerationRequest("a boat", steps=4, scheduler="pndm")
+    engine.generate(pndm, on_step=lambda k, n: seen.append((k, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4), (4, 4)]
 
 
 def test_long_prompts_are_reported_not_cut_silently(engine: Engine) -> None:
@@ -182,3 +189,43 @@ def test_settings_bound_the_sizes(base_settings: Settings) -> None:
     roomy = GenerateSettings(min_side=64, max_side=1024)
     params, _ = plan(GenerationRequest("a", width=1024, height=64), roomy, "m")
     assert (params.width, params.height) == (1024, 64)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the operators whose result the host must wait for on a GPU (a value or a shape read back)."""
+
+    READS = frozenset(
+        {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "unique_dim"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.name().split("::")[-1].split(".")[0]
+        if name in self.READS:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_the_denoising_loop_reads_nothing_back_per_step(engine: Engine, guidance: float) -> None:
+    """With the default scheduler and progress reporting on, a batch reads values back from the device a
+    fixed number of times, whatever its steps: no step waits for the GPU to finish the one before."""
+    request = GenerationRequest("a lighthouse", count=2, seed=5, guidance=guidance)
+    params, specs = engine.generator.plan(request)
+    assert params.scheduler == "dpm"
+    reads = []
+    for steps in (3, 6):
+        seen: list[tuple[int, int]] = []
+        with _HostReads() as counter:
+            engine.generate_batch(dataclasses.replace(params, steps=steps), specs, _recorder(seen))
+        assert seen == [(k, steps) for k in range(1, steps + 1)]
+        reads.append(counter.calls)
+    assert reads[0] == reads[1]
+    assert sum(reads[0].values()) <= 2  # DPM-Solver finding its first step in the schedule
+
+
+def _recorder(seen: list[tuple[int, int]]) -> Any:
+    return lambda step, total: seen.append((step, total))
