@@ -27,7 +27,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -39,6 +39,7 @@ from measure import (
     count,
     count_or_zero,
     default_json_path,
+    device_syncs,
     environment,
     fmt,
     headline,
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         rows.append(_row("ours", str(batch), batch, timing, per_batch=True))
         if batch == 1:
             first_image = result.images[0].image
+    syncs = _device_syncs(generator, params, device)
     jobs = asyncio.run(
         _through_jobs(generator, params, device, args.users, jobs_per_user, args.images_per_job, max(batches))
     )
@@ -185,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "stock_vs_ours_batch1_max_pixel_difference": same_pixels,
         "fast_path": generator.fast_path,
         "compile_warmup_s": None if generator.buckets is None else generator.buckets.warmup_s,
+        "device_syncs": syncs,
         "jobs": jobs.details,
         "rows": [
             {
@@ -214,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if batch4 is not None and batch4.per_batch_s is not None:
         figures["batch4_s"] = batch4.per_batch_s
     figures["floor_pct"] = 100 * ours_best.images_per_s / floor_images_per_s
+    if syncs is not None and "per_step" in syncs:
+        figures["syncs_per_step"] = syncs["per_step"]
     if resident[0].peak_bytes is not None:
         figures["resident_peak_gib"] = resident[0].peak_bytes / 2**30
         if len(resident) > 1 and resident[1].peak_bytes is not None:
@@ -303,6 +308,27 @@ def _specs(count: int, offset: int = 0) -> list[ImageSpec]:
 
 def _row(run: str, batch: str, images: int, timing: Measurement, *, per_batch: bool) -> Row:
     return Row(run, batch, images, timing.median_s, timing.peak_bytes, timing.median_s if per_batch else None)
+
+
+def _device_syncs(
+    generator: Generator, params: GenerationParams, device: torch.device
+) -> dict[str, Any] | None:
+    """How often one image's batch makes the host wait for the GPU, at 2 and at 4 steps (None off CUDA).
+
+    The difference is what each step adds: 0 when no step waits for the one before it to finish.
+    """
+    if device.type != "cuda":
+        return None
+
+    def batch_of(steps: int) -> Callable[[], object]:
+        return lambda: generator.generate_batch(dataclasses.replace(params, steps=steps), _specs(1))
+
+    try:
+        counts = {steps: device_syncs(batch_of(steps), device) for steps in (2, 4)}
+    except Exception as exc:  # a debugging aid of torch's: its failure must not cost the other figures
+        log.warning("could not count device syncs: %s", exc, exc_info=True)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"2_steps": counts[2], "4_steps": counts[4], "per_step": ((counts[4] or 0) - (counts[2] or 0)) / 2}
 
 
 def _stock(
@@ -533,6 +559,12 @@ def _print_report(
         else " (compile at start: " + ", ".join(f"batch {b} {t:.0f} s" for b, t in warm.items()) + ")"
     )
     print(f"our fast path: {', '.join(payload['fast_path']) or 'none'}{compiled}")
+    syncs = payload["device_syncs"]
+    if syncs is not None and "per_step" in syncs:
+        print(
+            f"host waits for the GPU in a batch of one image: {syncs['2_steps']} at 2 steps, "
+            f"{syncs['4_steps']} at 4 steps ({syncs['per_step']:g} per step)"
+        )
     diff = payload["stock_vs_ours_batch1_max_pixel_difference"]
     if diff is not None:
         print(f"stock and ours at batch 1, same seed: largest pixel difference {diff} of 255")

@@ -84,6 +84,23 @@ def measure(fn: Callable[[], T], device: torch.device, *, warmup: int, reps: int
     return Measurement(tuple(runs), peak), result
 
 
+def device_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """How many times fn made the host wait for the device, by torch's sync debug mode; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("called a synchronizing" in str(w.message) for w in caught)
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         synchronize(device)
