@@ -287,22 +287,24 @@ class LabelBank:
             from tqdm import tqdm
 
             chunks = tqdm(chunks, desc="Embedding labels (once per model)", unit="batch")
+        # Stored as fp16 like clip-interrogator's cache, so cached and fresh tables rank identically; each
+        # batch is halved as it comes, so the float32 table never exists whole.
         for start in chunks:
-            parts.append(clip.encode_texts(labels[start : start + batch_size], batch_size=batch_size))
-        embeds = torch.cat(parts) if parts else torch.empty(0, 1)
+            parts.append(clip.encode_texts(labels[start : start + batch_size], batch_size=batch_size).half())
+        embeds = torch.cat(parts) if parts else torch.empty(0, 1, dtype=torch.float16)
+        del parts
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file(
                 {
-                    "embeds": embeds.half().cpu().contiguous(),
+                    "embeds": embeds.cpu().contiguous(),
                     "key": torch.tensor(list(key.encode()), dtype=torch.uint8),
                 },
                 str(tmp),
             )
             os.replace(tmp, path)
-        # Stored as fp16 like clip-interrogator's cache, so cached and fresh tables rank identically.
-        return cls(tables, embeds.half().to(clip.device, _bank_dtype(clip.device)))
+        return cls(tables, embeds.to(clip.device, _bank_dtype(clip.device)))
 
     def top(
         self, features: torch.Tensor, tables: Sequence[str], count: int, *, reverse: bool = False
