@@ -17,6 +17,7 @@ DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
 
 ModelPreset = Literal["default", "smoke"]
 WarmUp = Literal["auto", "on", "off"]
+Precision = Literal["auto", "fp16", "fp32"]
 InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
 SchedulerName = Literal["dpm", "pndm"]
 SynchronousMode = Literal["NORMAL", "FULL"]
@@ -34,6 +35,8 @@ class ModelSettings:
     clip: str = DEFAULT_CLIP
     caption: str = DEFAULT_CAPTION
     device: str = "auto"
+    # The models' floating-point precision; "auto": fp16 on CUDA, fp32 on a CPU.
+    precision: Precision = "auto"
     cache_dir: str = ""
     # Run each model once at start so the first request is as fast as the rest; "auto": on CUDA only.
     warm_up: WarmUp = "auto"

@@ -19,7 +19,7 @@ from i2p2i_bot.generate import (
     ImageSpec,
     StepCallback,
 )
-from i2p2i_bot.gpu import cuda_context_lost, resolve_device
+from i2p2i_bot.gpu import cuda_context_lost, resolve_device, resolve_dtype
 from i2p2i_bot.interrogate import Interrogation, Interrogator
 from i2p2i_bot.models import ModelSources, resolve_models
 
@@ -42,7 +42,8 @@ class Engine:
         started = time.perf_counter()
         sources = resolve_models(settings)
         device = resolve_device(settings.models.device)
-        log.info("loading models on %s: %s", device, sources.as_dict())
+        dtype = resolve_dtype(settings.models.precision, device)
+        log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
         interrogator = _interrogator(settings, sources, device, progress)
         generator = Generator.load(
             sources.generator,
@@ -50,6 +51,7 @@ class Engine:
             device,
             embed_images=interrogator.embed_images,
             embed_pixels=interrogator.embed_pixels,
+            dtype=dtype,
         )
         load_s = time.perf_counter() - started
         log.info("models loaded in %.1f s", load_s)
@@ -121,7 +123,13 @@ def _interrogator(
     settings: Settings, sources: ModelSources, device: torch.device, progress: bool
 ) -> Interrogator:
     interrogator = Interrogator.load(
-        sources.clip, sources.caption, settings.interrogate, device, settings.cache_path, progress=progress
+        sources.clip,
+        sources.caption,
+        settings.interrogate,
+        device,
+        settings.cache_path,
+        dtype=resolve_dtype(settings.models.precision, device),
+        progress=progress,
     )
     interrogator.models = {k: v for k, v in sources.recorded().items() if k != "generator"}
     return interrogator

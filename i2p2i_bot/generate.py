@@ -20,7 +20,7 @@ from i2p2i_bot.acceleration import (
     use_vae_slicing,
 )
 from i2p2i_bot.config import GenerateSettings
-from i2p2i_bot.gpu import split_on_oom
+from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.models import ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -207,13 +207,13 @@ class Generator:
         *,
         embed_images: ImageEmbedder | None = None,
         embed_pixels: PixelEmbedder | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Generator:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
         extra: dict[str, Any] = {}
         if not settings.safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipe = pipeline_class().from_pretrained(source, dtype=dtype, **extra)
+            pipe = pipeline_class().from_pretrained(source, dtype=dtype or default_dtype(device), **extra)
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(
                 f"Stable Diffusion model {source!r} could not be loaded ({exc}); run `i2p2i download-models` "

@@ -217,6 +217,18 @@ def _release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The models' precision where nothing else is asked: fp16 on CUDA, fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """Turn the models.precision setting into a dtype; 'auto' is `default_dtype`."""
+    if setting == "auto":
+        return default_dtype(device)
+    return {"fp16": torch.float16, "fp32": torch.float32}[setting]
+
+
 def resolve_device(setting: str) -> torch.device:
     """Turn the models.device setting into a torch device; 'auto' prefers CUDA."""
     if setting == "auto":

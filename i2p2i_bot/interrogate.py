@@ -26,6 +26,7 @@ from i2p2i_bot.caption_decode import GreedyCaptionDecoder, unsupported_caption_m
 from i2p2i_bot.clip_pixels import clip_input
 from i2p2i_bot.clip_text import TextEncoder
 from i2p2i_bot.config import InterrogateMode, InterrogateSettings
+from i2p2i_bot.gpu import default_dtype
 from i2p2i_bot.models import ModelUnavailable, open_clip_name
 from i2p2i_bot.terms import BannedTerms
 
@@ -109,17 +110,17 @@ class ClipEncoder:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = _input_dtype(model.visual)
         self.name = name
         self.context_length = int(getattr(tokenizer, "context_length", 77))
         self.text = TextEncoder(self.model, tokenizer, device, self.context_length)
 
     @classmethod
-    def load(cls, source: str, device: torch.device) -> ClipEncoder:
+    def load(cls, source: str, device: torch.device, dtype: torch.dtype | None = None) -> ClipEncoder:
         import open_clip
 
         name, pretrained = open_clip_name(source)
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = "fp16" if (dtype or default_dtype(device)) == torch.float16 else "fp32"
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, precision=precision, device=device
@@ -197,7 +198,7 @@ class Captioner:
         self.model = model.eval()
         self.processor = processor
         self.device = device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = _input_dtype(model.vision_model)
         self.max_new_tokens = max_new_tokens
         self.decoder: GreedyCaptionDecoder | None = None
         if fast:
@@ -209,13 +210,20 @@ class Captioner:
 
     @classmethod
     def load(
-        cls, source: str, device: torch.device, max_new_tokens: int = 32, *, fast: bool = True
+        cls,
+        source: str,
+        device: torch.device,
+        max_new_tokens: int = 32,
+        *,
+        fast: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> Captioner:
         from transformers import AutoProcessor, BlipForConditionalGeneration
 
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
         try:
-            model: Any = BlipForConditionalGeneration.from_pretrained(source, dtype=dtype)
+            model: Any = BlipForConditionalGeneration.from_pretrained(
+                source, dtype=dtype or default_dtype(device)
+            )
             processor = AutoProcessor.from_pretrained(source)
         except OSError as exc:
             raise ModelUnavailable(
@@ -277,7 +285,7 @@ class LabelBank:
                     stored = load_file(str(path))
                     if bytes(stored["key"].tolist()).decode() == key:
                         log.info("label embeddings loaded from %s", path)
-                        return cls(tables, stored["embeds"].to(clip.device, _bank_dtype(clip.device)))
+                        return cls(tables, stored["embeds"].to(clip.device, clip.dtype))
                 except Exception:  # a damaged cache is rebuilt, never trusted
                     log.warning("label cache %s is unreadable; rebuilding it", path, exc_info=True)
         labels = [label for name in tables for label in tables[name]]
@@ -304,7 +312,7 @@ class LabelBank:
                 str(tmp),
             )
             os.replace(tmp, path)
-        return cls(tables, embeds.to(clip.device, _bank_dtype(clip.device)))
+        return cls(tables, embeds.to(clip.device, clip.dtype))
 
     def top(
         self, features: torch.Tensor, tables: Sequence[str], count: int, *, reverse: bool = False
@@ -322,8 +330,16 @@ class LabelBank:
         return [self.labels[start + i] for i in idx]
 
 
-def _bank_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
+def _input_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module's input must have: its first convolution's or linear layer's.
+
+    open_clip's fp16 precision halves those layers alone; embeddings and norms stay float32 and are cast
+    where the model uses them, so the first parameter is no guide.
+    """
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear):
+            return layer.weight.dtype
+    return next(module.parameters()).dtype
 
 
 @dataclass(frozen=True)
@@ -365,11 +381,16 @@ class Interrogator:
         device: torch.device,
         cache_dir: Path | None,
         *,
+        dtype: torch.dtype | None = None,
         progress: bool = False,
     ) -> Interrogator:
-        clip = ClipEncoder.load(clip_source, device)
+        clip = ClipEncoder.load(clip_source, device, dtype)
         captioner = Captioner.load(
-            caption_source, device, max_new_tokens=settings.caption_max_tokens, fast=settings.fast_caption
+            caption_source,
+            device,
+            max_new_tokens=settings.caption_max_tokens,
+            fast=settings.fast_caption,
+            dtype=dtype,
         )
         banned = BannedTerms.from_settings(settings)
         source_tables = label_tables(Path(settings.labels_dir).expanduser() if settings.labels_dir else None)

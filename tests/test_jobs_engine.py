@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torch.nn.modules.module import register_module_forward_hook
 
@@ -14,6 +15,7 @@ from i2p2i_bot.config import QueueSettings, Settings, WarmUp
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import GenerationRequest, Generator
 from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.interrogate import MODES
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.runner import JobRunner
@@ -113,3 +115,32 @@ def test_a_failed_warm_up_leaves_a_working_engine_unless_it_broke_the_gpu(
     assert engine.interrogate(Image.new("RGB", (64, 64)), "fast").prompt
     with pytest.raises(RuntimeError, match="illegal memory access"):
         Engine.load(settings)
+
+
+def test_the_engine_runs_in_half_precision_as_on_cuda(
+    base_settings: Settings, engine: Engine, astronaut: Image.Image
+) -> None:
+    """models.precision = "fp16" loads every model in fp16 (CUDA's default, here on the CPU): each mode
+    interrogates, images are made and scored, and they match the fp32 engine's within half precision."""
+    models = dataclasses.replace(base_settings.models, precision="fp16", warm_up="on")
+    half = Engine.load(dataclasses.replace(base_settings, models=models))
+    assert half.warm_up_s is not None  # the warm-up ran every stage without an error
+    interrogator, pipe = half.interrogator, half.generator.pipe
+    assert interrogator.clip.model.visual.conv1.weight.dtype == torch.float16
+    assert interrogator.clip.dtype == interrogator.captioner.dtype == torch.float16
+    assert interrogator.bank.embeds.dtype == torch.float16
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
+    caption = interrogator.features(astronaut).caption
+    prompts = {mode: half.interrogate(astronaut, mode).prompt for mode in MODES}
+    assert all(prompts.values()), prompts
+    for mode in ("best", "fast", "classic", "candidates"):
+        assert prompts[mode].startswith(caption + ", "), (mode, prompts[mode])
+    assert set(prompts["fast"].removeprefix(caption + ", ").split(", ")) <= set(interrogator.bank.labels)
+    source = tuple(interrogator.embed_images([astronaut])[0].float().tolist())
+    request = GenerationRequest("a red kite", count=2, seed=7)
+    made = half.generate(request, source_embedding=source).images
+    reference = engine.generate(request, source_embedding=source).images
+    for got, want in zip(made, reference, strict=True):
+        assert got.fidelity is not None and want.fidelity is not None
+        assert got.fidelity == pytest.approx(want.fidelity, abs=0.01)
+        assert np.abs(np.asarray(got.image, np.int16) - np.asarray(want.image, np.int16)).max() <= 8
