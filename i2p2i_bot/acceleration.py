@@ -134,18 +134,26 @@ class UnetBuckets:
     def _forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self._warming:
             self.warm_rows.add(sample.shape[0])
-            return self._compiled_forward(sample, *args, **kwargs)
+            return _owned(self._compiled_forward(sample, *args, **kwargs))
         try:
             # Compiling takes minutes on the GPU thread, with requests waiting: an input that no code
             # compiled at start fits (a new shape, any other changed guard) runs eager instead.
             with torch.compiler.set_stance("eager_on_recompile"):
-                return self._compiled_forward(sample, *args, **kwargs)
+                return _owned(self._compiled_forward(sample, *args, **kwargs))
         except torch.OutOfMemoryError:
             raise  # the GPU thread splits the batch
         except Exception as exc:
             if cuda_context_lost(exc):
                 raise  # the eager UNet cannot run either
             raise CompiledUnetFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _owned(output: Any) -> Any:
+    """The compiled UNet's output, copied: the CUDA-graph modes return one static buffer per shape that the
+    next call overwrites, and a scheduler may keep an output across steps (PNDM does without guidance)."""
+    if isinstance(output, tuple):
+        return tuple(t.clone() if torch.is_tensor(t) else t for t in output)
+    return type(output)(sample=output.sample.clone())
 
 
 @functools.cache
