@@ -315,6 +315,11 @@ class Generator:
                 return self._pipeline_call(params, padded, on_step)[: len(specs)]
         except CompiledUnetFailed as exc:
             buckets.give_up(exc)
+        except torch.OutOfMemoryError:
+            if bucket == len(specs):
+                raise  # the GPU thread splits the batch, and each part finds its own bucket
+            # The padding did not fit: its halves would be padded up again, so this batch runs at its size.
+            log.info("a batch of %d padded to %d ran out of memory; it runs uncompiled", len(specs), bucket)
         # Made again outside the handler, whose traceback still holds the failed attempt's tensors.
         return self._pipeline_call(params, specs, on_step)
 

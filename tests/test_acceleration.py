@@ -245,6 +245,14 @@ def test_a_compiled_unet_that_fails_during_a_batch_makes_it_again_uncompiled_and
     backend.fail(2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     split = pixels(generator, 2)  # 2 fails, then 1 + 1, each padded to 2
     assert largest_difference(split, plain_images[:2]) <= ROUNDING
+    # One image padded to 2 that runs out of memory is made at its own size, uncompiled (padding its
+    # halves up to 2 again would never fit); the compiled UNet stays on.
+    graph_calls = backend.calls
+    backend.fail(1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    alone = pixels(generator, 1)
+    assert backend.calls == graph_calls + 1 and not backend.failures
+    assert largest_difference(alone, plain_images[:1]) <= ROUNDING
+    assert buckets.failed is None
     backend.fail(1, RuntimeError("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         pixels(generator, 2)
