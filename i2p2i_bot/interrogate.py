@@ -443,6 +443,8 @@ class Interrogator:
         started = time.perf_counter()
         had_features = key is not None and key in self._features
         feats = self.features(image, key)
+        if not had_features and self.clip.device.type == "cuda":
+            torch.cuda.synchronize(self.clip.device)  # the image embedding's time counts as the features'
         timings = {"features_s": 0.0 if had_features else time.perf_counter() - started}
         ranked_at = time.perf_counter()
         result = self.describe(feats, mode)
