@@ -201,6 +201,8 @@ class GreedyCaptionDecoder:
         if self._graph is None:
             try:
                 self._graph = self._capture(b)
+            except torch.OutOfMemoryError:
+                raise  # this caption fails and says so; the next one tries the capture again
             except RuntimeError as exc:  # a driver or build without graph support: stay eager
                 log.warning("caption decoding runs without CUDA graphs: %s", exc)
                 self.graphs = False
@@ -211,18 +213,25 @@ class GreedyCaptionDecoder:
     def _capture(self, b: _Buffers) -> torch.cuda.CUDAGraph:
         """Record one step on the current buffers; state is restored so the step still runs once."""
         saved = (b.token.clone(), [k.clone() for k in b.keys], [v.clone() for v in b.values])
+        current = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up on a side stream, as graph capture asks
-                self._restore(b, saved)
-                self._step(b)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._restore(b, saved)
+        stream.wait_stream(current)
+        # Whatever fails, the buffers are left as they came, after the side stream's work: the eager
+        # fallback then runs this step on them.
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up on a side stream, as graph capture asks
+                    self._restore(b, saved)
+                    self._step(b)
+        finally:
+            current.wait_stream(stream)
+            self._restore(b, saved)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(b)
-        self._restore(b, saved)
+        try:
+            with torch.cuda.graph(graph):
+                self._step(b)
+        finally:
+            self._restore(b, saved)
         graph.replay()
         return graph
 

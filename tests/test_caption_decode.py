@@ -3,6 +3,7 @@ cannot."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -162,3 +163,67 @@ def test_a_generation_config_beyond_greedy_keeps_generate(
 
 def test_a_model_that_is_not_blip_is_refused() -> None:
     assert unsupported_caption_model(torch.nn.Linear(2, 2)) == "Linear is not BLIP"
+
+
+class _StandInStream:
+    """torch.cuda's streams on a CPU: work runs at once, so waiting for a stream is nothing."""
+
+    def __init__(self, device: Any = None) -> None:
+        self.waits = 0
+
+    def wait_stream(self, other: Any) -> None:
+        self.waits += 1
+
+
+def _cpu_stand_ins_for_graph_capture(
+    monkeypatch: pytest.MonkeyPatch, graph_error: Exception
+) -> _StandInStream:
+    """Streams that run on the CPU; a graph capture that raises graph_error."""
+    current = _StandInStream()
+    monkeypatch.setattr(torch.cuda, "Stream", _StandInStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+
+    def refuse(graph: Any) -> Any:
+        raise graph_error
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    return current
+
+
+@pytest.mark.parametrize("failing_warm_up_step", [None, 2])
+def test_a_failed_graph_capture_leaves_the_caption_as_generate_makes_it(
+    smoke_captioner: Captioner, monkeypatch: pytest.MonkeyPatch, failing_warm_up_step: int | None
+) -> None:
+    """A capture refused by the driver, or a warm-up step that raises in the middle, falls back to eager
+    steps on buffers restored as they were: the caption equals generate()'s and graphs stay off."""
+    current = _cpu_stand_ins_for_graph_capture(monkeypatch, RuntimeError("CUDA graphs are not supported"))
+    decoder = GreedyCaptionDecoder(smoke_captioner.model, 32)
+    decoder.graphs = True  # as on CUDA
+    steps = 0
+    step = decoder._step
+
+    def counted(b: Any) -> None:
+        nonlocal steps
+        steps += 1
+        step(b)  # the step runs, then (if chosen) the error comes, as from a kernel launched asynchronously
+        if steps == failing_warm_up_step:
+            raise RuntimeError("CUDA error: operation failed on the side stream")
+
+    monkeypatch.setattr(decoder, "_step", counted)
+    image = _pictures(1)[0]
+    assert decoder.decode(_embeds(smoke_captioner, image)) == _stock_tokens(smoke_captioner, image, 32)
+    assert decoder.graphs is False and current.waits == 1  # the current stream waited for the side stream
+
+
+def test_out_of_memory_during_the_capture_fails_that_caption_and_the_next_one_tries_again(
+    smoke_captioner: Captioner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _cpu_stand_ins_for_graph_capture(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    decoder = GreedyCaptionDecoder(smoke_captioner.model, 32)
+    decoder.graphs = True
+    embeds = _embeds(smoke_captioner, _pictures(1)[0])
+    with pytest.raises(torch.OutOfMemoryError):
+        decoder.decode(embeds)
+    assert decoder.graphs is True  # not given up for good: memory may be free next time
