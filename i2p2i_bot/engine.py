@@ -19,7 +19,7 @@ from i2p2i_bot.generate import (
     ImageSpec,
     StepCallback,
 )
-from i2p2i_bot.gpu import cuda_context_lost, resolve_device, resolve_dtype
+from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
 from i2p2i_bot.interrogate import Interrogation, Interrogator
 from i2p2i_bot.models import ModelSources, resolve_models
 
@@ -87,7 +87,10 @@ class Engine:
         return self.sources.recorded()
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
-        return self.interrogator.interrogate(image, mode, key=key)
+        return out_of_memory_as(
+            "The GPU ran out of memory while describing this image; try again in a moment.",
+            lambda: self.interrogator.interrogate(image, mode, key=key),
+        )
 
     def generate(
         self,

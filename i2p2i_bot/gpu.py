@@ -210,6 +210,16 @@ def split_on_oom(
     )
 
 
+def out_of_memory_as(message: str, run: Callable[[], R]) -> R:
+    """run(), with CUDA out-of-memory turned into GpuOutOfMemory(message) once its memory is released."""
+    try:
+        return run()
+    except torch.cuda.OutOfMemoryError:
+        pass  # as in split_on_oom: the handler's traceback would keep the failed attempt's tensors alive
+    _release_cached_memory()
+    raise GpuOutOfMemory(message)
+
+
 def _release_cached_memory() -> None:
     # Tensors of the failed attempt that sit in reference cycles are only freed by a collection.
     gc.collect()

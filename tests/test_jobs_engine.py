@@ -14,10 +14,11 @@ from torch.nn.modules.module import register_module_forward_hook
 from i2p2i_bot.config import QueueSettings, Settings, WarmUp
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import GenerationRequest, Generator
-from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.gpu import GpuOutOfMemory, GpuWorker
 from i2p2i_bot.interrogate import MODES
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.replies import user_message
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.store import Store
 
@@ -144,3 +145,21 @@ def test_the_engine_runs_in_half_precision_as_on_cuda(
         assert got.fidelity is not None and want.fidelity is not None
         assert got.fidelity == pytest.approx(want.fidelity, abs=0.01)
         assert np.abs(np.asarray(got.image, np.int16) - np.asarray(want.image, np.int16)).max() <= 8
+
+
+def test_running_out_of_gpu_memory_while_describing_is_one_sentence_and_the_next_call_works(
+    engine: Engine, astronaut: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captioner = engine.interrogator.captioner
+    caption = captioner.caption
+
+    def full(image: Image.Image) -> str:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(captioner, "caption", full)
+    with pytest.raises(GpuOutOfMemory) as info:
+        engine.interrogate(astronaut, "fast")
+    assert str(info.value) == "The GPU ran out of memory while describing this image; try again in a moment."
+    assert user_message(info.value) == str(info.value)
+    monkeypatch.setattr(captioner, "caption", caption)
+    assert engine.interrogate(astronaut, "fast").prompt
