@@ -488,7 +488,8 @@ def _resident(
         gpu, Interrogator.load, str(models.clip), str(models.caption), settings, device, cache_dir
     )
     source = _on(gpu, interrogator.interrogate, Image.fromarray(skimage.data.astronaut()), "fast")
-    generator.embed_images = interrogator.embed_images
+    # As the engine wires them: decoded pixels go to CLIP on the device, PIL images as the fallback.
+    generator.embed_images, generator.embed_pixels = interrogator.embed_images, interrogator.embed_pixels
     specs = [ImageSpec(s.prompt, s.negative_prompt, s.seed, source.image_embedding) for s in _specs(batch)]
     run = functools.partial(_on, gpu, generator.generate_batch, params, specs)
     rows = []
@@ -502,7 +503,7 @@ def _resident(
             timing, _ = measure(run, device, warmup=warmup, reps=reps)
             rows.append(_row("  the same, VAE slicing", str(batch), batch, timing, per_batch=True))
     finally:
-        generator.embed_images = None
+        generator.embed_images = generator.embed_pixels = None
         generator.settings = unsliced
     return rows
 

@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ours_built = _stamps(ours_cache) != before
     # What the first member after a start waits without models.warm_up: kernels load, graphs are captured.
     first_call, _ = measure(lambda: ours.interrogate(image, "fast"), device, warmup=0, reps=1)
-    stock_cache = cache_dir / "stock-labels" / f"{models.kind}-{_fingerprint(models.clip)}"
+    precision = str(ours.clip.dtype).removeprefix("torch.")
+    stock_cache = cache_dir / "stock-labels" / f"{models.kind}-{_fingerprint(models.clip)}-{precision}"
     before = _stamps(stock_cache)
     stock_load, stock = measure(
         lambda: _stock(ours, settings, labels_dir, stock_cache), device, warmup=0, reps=1
@@ -104,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         timed = ours_results[args.warmup :]
         caption = ours_out.caption
         results[mode] = _mode_result(mode, stock_time, stock_out, ours_time, ours_out, timed)
+        results[mode].update(_given_our_caption(stock, ours, image, mode, settings, ours_out))
+
+    # In fp16 the two captions may part at a near-tied token; the prompts then differ from there on.
+    stock_caption = stock.generate_caption(image)
 
     chain_modes = {"best", "negative", "candidates"} & set(modes)
     components = _components(ours, image, device, reps, chain=bool(chain_modes))
@@ -135,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         },
         "first_fast_call_ms": first_call.median_s * 1000,
         "caption": caption,
+        "stock_caption": stock_caption,
         "modes": results,
         "ours_components": components,
     }
@@ -197,7 +203,7 @@ def _stock(ours: Interrogator, settings: InterrogateSettings, labels_dir: Path |
         caption_max_length=settings.caption_max_tokens,
         download_cache=False,
         cache_path=str(cache),
-        device=ours.clip.device.type,
+        device=str(ours.clip.device),
         quiet=True,
         **kwargs,
     )
@@ -219,6 +225,33 @@ def _stock_calls(stock: Any, image: Image.Image, s: InterrogateSettings) -> dict
             stock.interrogate_negative(image, max_flavors=s.negative_max_flavors),
         ),
     }
+
+
+def _given_our_caption(
+    stock: Any, ours: Interrogator, image: Image.Image, mode: str, s: InterrogateSettings, out: Interrogation
+) -> dict[str, Any]:
+    """Stock's prompt again (untimed) from our caption, so a caption that parted at a near-tied token does
+    not hide whether the ranking agrees; when the prompts still differ, our prompt's CLIP score against the
+    image minus stock's (both by the same CLIP): 0 or more means ours describes the image as well."""
+    calls = {
+        "fast": lambda: stock.interrogate_fast(image, max_flavors=s.max_flavors, caption=out.caption),
+        "classic": lambda: stock.interrogate_classic(image, caption=out.caption),
+        "best": lambda: stock.interrogate(
+            image, min_flavors=s.min_flavors, max_flavors=s.max_flavors, caption=out.caption
+        ),
+    }
+    if mode not in calls:
+        return {}
+    prompt = calls[mode]()
+    found: dict[str, Any] = {"stock_prompt_given_our_caption": prompt, "same_prompt_given_our_caption": False}
+    if prompt == out.prompt:
+        found["same_prompt_given_our_caption"] = True
+    else:
+        feats = ours.features(image)
+        found["score_lead_given_our_caption"] = ours.similarity(feats, out.prompt) - ours.similarity(
+            feats, prompt
+        )
+    return found
 
 
 def _mode_result(
@@ -340,11 +373,17 @@ def _print_report(payload: dict[str, Any], json_out: Path) -> None:
         f"first fast call after load: {payload['first_fast_call_ms']:.1f} ms (untimed warm-ups follow; "
         "models.warm_up moves this to start-up)"
     )
-    print(f"caption: {payload['caption']!r}")
+    stock_caption = (
+        "" if payload["stock_caption"] == payload["caption"] else f"; stock's: {payload['stock_caption']!r}"
+    )
+    print(f"caption: {payload['caption']!r}{stock_caption}")
     print()
     rows = []
     for mode, r in payload["modes"].items():
         same = {True: "yes", False: "no", None: "n/a"}[r["same_prompt"]]
+        given = {True: "yes", False: "no", None: "n/a"}[r.get("same_prompt_given_our_caption")]
+        if "score_lead_given_our_caption" in r:
+            given += f" (ours {r['score_lead_given_our_caption']:+.1e})"
         rows.append(
             [
                 mode,
@@ -355,11 +394,12 @@ def _print_report(payload: dict[str, Any], json_out: Path) -> None:
                 fmt(r["ours_prompt_ms"], 1),
                 fmt(r["ours_peak_gib"], 2),
                 same,
+                given,
             ]
         )
     print_table(
         ["mode", "stock ms", "ours ms", "x stock", "ours caption+image ms", "ours prompt ms", "ours peak GiB",
-         "same prompt"],
+         "same prompt", "same from our caption"],
         rows,
     )  # fmt: skip
     c = payload["ours_components"]

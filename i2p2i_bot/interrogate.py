@@ -271,7 +271,9 @@ class LabelBank:
         """Embed every label, or load the embeddings cached for this model and these exact lists."""
         from safetensors.torch import load_file, save_file
 
-        digest = hashlib.sha256(model_key.encode())
+        # Keyed by the precision the labels are encoded in too: fp16 and fp32 encodes round differently,
+        # and a table from the other could flip a near-tie between two labels.
+        digest = hashlib.sha256(f"{model_key}\0{clip.dtype}".encode())
         for name, labels in tables.items():
             digest.update(f"\0{name}\0".encode())
             digest.update("\n".join(labels).encode())

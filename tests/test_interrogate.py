@@ -136,8 +136,9 @@ def test_drop_artists(base_settings: Settings, smoke_models: SmokeModels, astron
             assert " by " not in f" {candidate.prompt}", candidate.prompt
 
 
-def test_label_cache_is_keyed_by_model_and_lists(smoke_models: SmokeModels, tmp_path: Path) -> None:
-    """A second build loads cached embeddings without encoding; changed lists build a new cache file."""
+def test_label_cache_is_keyed_by_model_precision_and_lists(smoke_models: SmokeModels, tmp_path: Path) -> None:
+    """A second build loads cached embeddings without encoding; changed lists, another model or another
+    precision build a new cache file."""
     clip = ClipEncoder.load(str(smoke_models.clip), CPU)
     tables = {"flavors": ["red", "green", "blue"], "negative": ["ugly"]}
     first = LabelBank.build(clip, tables, tmp_path, model_key="tiny")
@@ -157,6 +158,9 @@ def test_label_cache_is_keyed_by_model_and_lists(smoke_models: SmokeModels, tmp_
     LabelBank.build(clip, {"flavors": ["red", "green"], "negative": ["ugly"]}, tmp_path, model_key="tiny")
     LabelBank.build(clip, tables, tmp_path, model_key="other-model")
     assert len(list((tmp_path / "labels").iterdir())) == 3
+    half = ClipEncoder.load(str(smoke_models.clip), CPU, torch.float16)
+    assert LabelBank.build(half, tables, tmp_path, model_key="tiny").embeds.dtype == torch.float16
+    assert len(list((tmp_path / "labels").iterdir())) == 4
 
 
 def test_damaged_label_cache_is_rebuilt(smoke_models: SmokeModels, tmp_path: Path) -> None:
