@@ -44,7 +44,7 @@ class Engine:
         device = resolve_device(settings.models.device)
         dtype = resolve_dtype(settings.models.precision, device)
         log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
-        interrogator = _interrogator(settings, sources, device, progress)
+        interrogator = _interrogator(settings, sources, device, dtype, progress)
         generator = Generator.load(
             sources.generator,
             settings.generate,
@@ -119,11 +119,13 @@ def load_interrogator(settings: Settings, *, progress: bool = False) -> Interrog
     log.info(
         "loading the interrogation models on %s: clip %s, caption %s", device, sources.clip, sources.caption
     )
-    return _interrogator(settings, sources, device, progress)
+    return _interrogator(
+        settings, sources, device, resolve_dtype(settings.models.precision, device), progress
+    )
 
 
 def _interrogator(
-    settings: Settings, sources: ModelSources, device: torch.device, progress: bool
+    settings: Settings, sources: ModelSources, device: torch.device, dtype: torch.dtype, progress: bool
 ) -> Interrogator:
     interrogator = Interrogator.load(
         sources.clip,
@@ -131,7 +133,7 @@ def _interrogator(
         settings.interrogate,
         device,
         settings.cache_path,
-        dtype=resolve_dtype(settings.models.precision, device),
+        dtype=dtype,
         progress=progress,
     )
     interrogator.models = {k: v for k, v in sources.recorded().items() if k != "generator"}
