@@ -290,9 +290,10 @@ def _fast_path_steps(
     warmup: int,
     reps: int,
 ) -> list[Row]:
-    """Our generator at one batch size with none, then each, of the uncompiled fast-path steps."""
+    """Our generator at one batch size with none, each, and both of the uncompiled fast-path steps."""
     variants = [
         ("ours, fp16/SDPA only" if device.type == "cuda" else "ours, no fast path", False, False),
+        ("ours + fused QKV", False, True),
         ("ours + channels-last", True, False),
         ("ours + channels-last + fused QKV", True, True),
     ]

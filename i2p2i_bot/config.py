@@ -21,7 +21,9 @@ Precision = Literal["auto", "fp16", "fp32"]
 InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
 SchedulerName = Literal["dpm", "pndm"]
 SynchronousMode = Literal["NORMAL", "FULL"]
-CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"]
+CompileMode = Literal[
+    "auto", "off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"
+]
 
 
 class ConfigError(Exception):
@@ -103,10 +105,11 @@ class GenerateSettings:
     negative_prompt: str = ""
     safety_checker: bool = True
     # The fast path (see i2p2i_bot/acceleration.py).
-    channels_last: bool = True
+    channels_last: bool = False
     fuse_qkv: bool = True
     vae_slicing_from: int = 0
-    compile: CompileMode = "off"
+    # "auto": "reduce-overhead" on CUDA, "off" elsewhere.
+    compile: CompileMode = "auto"
     compile_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
 
     def validate(self) -> None:

@@ -16,6 +16,7 @@ from i2p2i_bot.acceleration import (
     CompiledUnetFailed,
     UnetBuckets,
     apply_layout_and_fusion,
+    compile_mode,
     pipeline_class,
     use_vae_slicing,
 )
@@ -166,10 +167,11 @@ class Generator:
         self.device = pipe.device
         self.fast_path = apply_layout_and_fusion(pipe, settings)
         self.buckets: UnetBuckets | None = None
-        if settings.compile != "off":
+        mode = compile_mode(settings, self.device)
+        if mode != "off":
             self.buckets = UnetBuckets(
                 pipe,
-                settings.compile,
+                mode,
                 settings.compile_buckets,
                 (settings.width, settings.height),
                 backend=compile_backend,
@@ -183,7 +185,7 @@ class Generator:
         if self.buckets is not None:
             self.buckets.warm(self._warm_bucket)
             if self.buckets.failed is None:
-                self.fast_path.append(f"compiled:{settings.compile}")
+                self.fast_path.append(f"compiled:{mode}")
         log.info("generator fast path: %s", ", ".join(self.fast_path) or "none")
 
     def warm_up(self, source_embedding: tuple[float, ...] | None = None) -> None:

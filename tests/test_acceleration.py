@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from i2p2i_bot.acceleration import compile_mode
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.generate import GenerationRequest, Generator
 from i2p2i_bot.smoke import SmokeModels
@@ -116,12 +117,26 @@ def plain_images(plain_generator: Generator) -> list[np.ndarray]:
     return pixels(plain_generator, 3)
 
 
+def test_compile_auto_is_cuda_graphs_on_cuda_and_off_elsewhere(smoke_models: SmokeModels) -> None:
+    """The default compiles on CUDA only; a mode set by hand is used on any device."""
+    auto = GenerateSettings()
+    assert auto.compile == "auto"
+    assert compile_mode(auto, torch.device("cuda", 0)) == "reduce-overhead"
+    assert compile_mode(auto, torch.device("cpu")) == "off"
+    chosen = dataclasses.replace(auto, compile="max-autotune-no-cudagraphs")
+    assert compile_mode(chosen, torch.device("cpu")) == "max-autotune-no-cudagraphs"
+    assert compile_mode(dataclasses.replace(auto, compile="off"), torch.device("cuda")) == "off"
+    # Loaded on the CPU with the defaults, nothing is compiled.
+    generator = load(smoke_models, GenerateSettings(steps=4))
+    assert generator.buckets is None and generator.fast_path == ["fused_qkv"]
+
+
 def test_layout_and_fused_projections(
     smoke_models: SmokeModels, base_settings: Settings, plain_images: list[np.ndarray]
 ) -> None:
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
-    generator = load(smoke_models, settings_for(base_settings))
+    generator = load(smoke_models, settings_for(base_settings, channels_last=True, fuse_qkv=True))
     assert generator.fast_path == ["channels_last", "fused_qkv"]
     unet = generator.pipe.unet
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -173,7 +188,7 @@ def test_compiled_buckets_pad_batches_and_keep_every_image(
     assert buckets is not None and buckets.failed is None
     assert sorted(buckets.warmup_s) == [1, 2, 4]
     assert buckets.warm_rows == {2, 4, 8} and backend.compiles == 3
-    assert generator.fast_path == ["channels_last", "fused_qkv", "compiled:default"]
+    assert generator.fast_path == ["fused_qkv", "compiled:default"]
 
     calls: list[tuple[int, bool]] = []
     original = generator._pipeline_call
@@ -287,7 +302,7 @@ def test_a_unet_that_fails_to_compile_runs_uncompiled(
     assert generator.buckets is not None
     assert "no compiler on this machine" in (generator.buckets.failed or "")
     assert any("could not be compiled" in r.getMessage() for r in caplog.records)
-    assert generator.fast_path == ["channels_last", "fused_qkv"]
+    assert generator.fast_path == ["fused_qkv"]
     assert generator.buckets.bucket_for(1, settings.width, settings.height) is None
     assert largest_difference(pixels(generator, 3), plain_images) <= ROUNDING
 

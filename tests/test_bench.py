@@ -75,6 +75,7 @@ def test_generate_bench_runs_on_smoke_models(
     assert runs == [
         ("stock diffusers", "1"),
         ("ours, no fast path", "2"),
+        ("ours + fused QKV", "2"),
         ("ours + channels-last", "2"),
         ("ours + channels-last + fused QKV", "2"),
         ("ours", "1"),
@@ -91,7 +92,7 @@ def test_generate_bench_runs_on_smoke_models(
     assert payload["compute_floor"]["unet_forwards_per_image"] == 4  # two steps, guided
     # Same pipeline, scheduler, seed and prompt: stock's image and ours agree.
     assert payload["stock_vs_ours_batch1_max_pixel_difference"] <= 2
-    assert payload["fast_path"] == ["channels_last", "fused_qkv"] and payload["compile_warmup_s"] is None
+    assert payload["fast_path"] == ["fused_qkv"] and payload["compile_warmup_s"] is None
     assert payload["headline"] == pytest.approx(figures, rel=0.01)
 
 
