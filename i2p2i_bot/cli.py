@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, get_args
@@ -380,6 +380,9 @@ def edit_prompt(prompt: str, *, append: str | None = None, remove: Sequence[str]
 def _load_engine(settings: Settings, progress: bool) -> Any:
     from i2p2i_bot.engine import Engine
 
+    if settings.generate.compile == "auto":
+        # "auto" compiles for the long-running bot; a command's few batches would wait minutes for it.
+        settings = replace(settings, generate=replace(settings.generate, compile="off"))
     return Engine.load(settings, progress=progress)
 
 

@@ -587,3 +587,24 @@ def test_operations_commands_never_import_torch(tmp_path: Path) -> None:
     env = {**os.environ, "I2P2I_DATA_DIR": str(tmp_path / "data")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "[1, 1] []"
+
+
+@pytest.mark.parametrize(("configured", "loaded"), [("auto", "off"), ("reduce-overhead", "reduce-overhead")])
+def test_the_command_line_compiles_only_when_a_mode_is_named(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configured: str, loaded: str
+) -> None:
+    """compile = "auto" is for the bot: a command's few batches would wait minutes for the compiler."""
+    from i2p2i_bot.engine import Engine
+
+    seen: list[Settings] = []
+
+    def fake_load(settings: Settings, *, progress: bool = False) -> Any:
+        seen.append(settings)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(Engine, "load", fake_load)
+    config = tmp_path / "compile.toml"
+    config.write_text(config_file.read_text() + f'compile = "{configured}"\n')  # [generate] is last
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "generate", "a kite", "--out", str(tmp_path / "out")])
+    assert [s.generate.compile for s in seen] == [loaded]
