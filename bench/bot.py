@@ -39,12 +39,13 @@ from load import DEFAULT_CACHE, bench_settings, package_versions, report_failure
 from measure import count, default_json_path, environment, headline, print_table, write_json
 from PIL import Image
 
+from i2p2i_bot.batches import BatchResult, GeneratedImage
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.engine import Engine
-from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, GenerationRequest, ImageSpec
-from i2p2i_bot.generate import plan as plan_request
 from i2p2i_bot.gpu import GpuWorker, Priority, resolve_device
-from i2p2i_bot.interrogate import Candidate, Interrogation
+from i2p2i_bot.interrogation import Candidate, Interrogation
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
+from i2p2i_bot.request import plan as plan_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.bot_harness import bot_settings, percentile, run_crowd, running_i2p2i, sample_images
@@ -59,23 +60,17 @@ ZERO_COST = "zero-cost"
 # -- an engine that costs nothing ----------------------------------------------------------------------
 
 
-class _Planner:
-    """The real request validation and seed planning, for a model that does not exist."""
-
-    def __init__(self, settings: GenerateSettings) -> None:
-        self.settings = settings
-
-    def plan(self, request: GenerationRequest) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
-        return plan_request(request, self.settings, ZERO_COST)
-
-
 class ZeroCostEngine:
     """Answers at once: one fixed description, and solid 8×8 images; everything around it is the product's."""
 
     def __init__(self, settings: GenerateSettings) -> None:
-        self.generator = _Planner(settings)
+        self.settings = settings
         self.models = {"generator": ZERO_COST, "clip": ZERO_COST, "caption": ZERO_COST}
         self._tile = Image.new("RGB", (8, 8), (90, 120, 200))
+
+    def plan(self, request: GenerationRequest) -> GenerationRequest:
+        """The real request validation and seed planning, for a model that does not exist."""
+        return plan_request(request, self.settings, ZERO_COST)
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
         prompt = "a lighthouse on a cliff at dusk, oil on canvas"
@@ -165,7 +160,8 @@ async def measure_lag(
     settings: Settings, engine: Engine, data_dir: Path, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """Lag rows: the bot idle, generating, interrogating."""
-    params, specs = engine.generator.plan(GenerationRequest("a lighthouse on a cliff", count=args.batch))
+    planned = engine.plan(GenerationRequest("a lighthouse on a cliff", count=args.batch))
+    params, specs = planned.params, planned.specs()
     source = Image.open(io.BytesIO(sample_images(1, side=256)[0])).convert("RGB")
     generating = f"GPU thread generating (batch {args.batch}, {args.size}x{args.size}, {args.steps} steps)"
     work: list[tuple[str, Callable[[], object]]] = [

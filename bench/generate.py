@@ -54,10 +54,11 @@ from measure import (
 from models import BenchModels, bench_models
 
 from i2p2i_bot.config import CompileMode, GenerateSettings, InterrogateSettings, QueueSettings
-from i2p2i_bot.generate import SCHEDULERS, GenerationParams, GenerationRequest, Generator, ImageSpec
+from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import GpuWorker, resolve_device
 from i2p2i_bot.jobs import EventKind, JobRequest
 from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.request import SCHEDULERS, GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.store import Store
 
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     gpu = GpuWorker()
     try:
         generator = _on(gpu, Generator.load, str(models.generator), settings, device)
-        params, _ = generator.plan(GenerationRequest("x"))
+        params = generator.plan(GenerationRequest("x")).params
         rows = [stock_row, *steps_rows]
         first_image = None
         for batch in batches:
@@ -301,7 +302,7 @@ def _fast_path_steps(
     for name, channels_last, fuse_qkv in variants:
         variant = dataclasses.replace(settings, channels_last=channels_last, fuse_qkv=fuse_qkv, compile="off")
         generator = Generator.load(str(models.generator), variant, device)
-        params, _ = generator.plan(GenerationRequest("x"))
+        params = generator.plan(GenerationRequest("x")).params
         run = functools.partial(generator.generate_batch, params, _specs(batch))
         timing, _ = measure(run, device, warmup=warmup, reps=reps)
         rows.append(_row(name, str(batch), batch, timing, per_batch=True))
@@ -402,7 +403,6 @@ async def _through_jobs(
     settings = QueueSettings(
         max_batch_images=batch,
         max_queued_jobs_per_user=jobs_per_user,
-        max_images_per_job=images_per_job,
         max_queued_jobs=max(total_jobs, 1),
     )
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -430,7 +430,12 @@ async def _through_jobs(
                 for j in range(jobs_per_user):
                     spec = _specs(1, offset=user * jobs_per_user + j)[0]
                     await queue.submit(
-                        JobRequest(user + 1, spec.prompt, params, count=images_per_job, seed=spec.seed)
+                        JobRequest(
+                            owner_id=user + 1,
+                            request=generator.plan(
+                                GenerationRequest(spec.prompt, count=images_per_job, seed=spec.seed)
+                            ),
+                        )
                     )
 
             listener = asyncio.create_task(listen())

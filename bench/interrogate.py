@@ -42,7 +42,8 @@ from PIL import Image
 
 from i2p2i_bot.config import InterrogateSettings
 from i2p2i_bot.gpu import resolve_device
-from i2p2i_bot.interrogate import INTERMEDIATE_COUNT, MODES, Interrogation, Interrogator
+from i2p2i_bot.interrogate import INTERMEDIATE_COUNT, MODES, Interrogator
+from i2p2i_bot.interrogation import Interrogation
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("I2P2I_BENCH_CACHE", Path.home() / ".cache" / "i2p2i-bench"))

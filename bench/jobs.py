@@ -21,15 +21,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from i2p2i_bot.config import QueueSettings
-from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, ImageSpec, StepCallback
+from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
+from i2p2i_bot.config import GenerateSettings, QueueSettings
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.jobs import EventKind, JobRequest
 from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.store import Store
 
 PARAMS = GenerationParams("zero-cost", 4, 7.5, 512, 512, "dpm")
+# Requests are planned as the bot plans them, with these defaults.
+PLANNING = GenerateSettings(
+    steps=PARAMS.steps, guidance=PARAMS.guidance, width=PARAMS.width, height=PARAMS.height
+)
 
 
 class ZeroCostEngine:
@@ -58,7 +63,6 @@ async def run(users: int, jobs_per_user: int, batch: int, folder: Path) -> None:
         max_batch_images=batch,
         max_queued_jobs_per_user=jobs_per_user,
         max_queued_jobs=total_jobs,
-        max_images_per_job=4,
     )
     store = await Store.open(folder / "bench.sqlite3", images_dir=folder / "images")
     queue = await JobQueue.open(store, settings)
@@ -84,7 +88,8 @@ async def run(users: int, jobs_per_user: int, batch: int, folder: Path) -> None:
 
     async def member(user: int) -> None:
         for j in range(jobs_per_user):
-            await queue.submit(JobRequest(user, f"member {user} job {j}", PARAMS, count=1 + (user + j) % 4))
+            request = GenerationRequest(f"member {user} job {j}", count=1 + (user + j) % 4)
+            await queue.submit(JobRequest(owner_id=user, request=plan(request, PLANNING, PARAMS.model)))
 
     listener = asyncio.create_task(listen())
     start = time.perf_counter()

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             "members": args.members,
             "interactions_per_member": len(run.sent) // max(1, args.members),
             "distinct_images": args.images,
-            "max_images_per_job": args.max_count,
+            "max_count": args.max_count,
             "steps": args.steps,
             "size": args.size,
             "labels": str(labels) if args.labels else "first lines of the packaged lists",
@@ -193,7 +193,7 @@ def print_report(payload: dict[str, Any]) -> None:
         f"{env['load_average_at_start'][0]} at start"
     )
     print(
-        f"{setup['steps']} step(s) at {setup['size']}x{setup['size']}, at most {setup['max_images_per_job']} "
+        f"{setup['steps']} step(s) at {setup['size']}x{setup['size']}, at most {setup['max_count']} "
         f"images per job, {setup['distinct_images']} distinct source images; members start within "
         f"{setup['spread_s']} s"
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import discord
 from PIL import Image
 
-from i2p2i_bot.interrogate import Interrogation
+from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.jobs import Job, JobStatus, Position
 from i2p2i_bot.store import StoredImage, StoredInterrogation
 
@@ -86,13 +86,6 @@ def prompt_card(
     return embed
 
 
-def candidate_prompts(result: Interrogation) -> list[str]:
-    """The prompts a card's 'Use #k' buttons stand for, in card order."""
-    if result.mode == "candidates":
-        return [c.prompt for c in result.candidates if c.mode != "negative"]
-    return [result.prompt]
-
-
 def status_text(
     job: Job,
     position: Position | None,
@@ -112,9 +105,9 @@ def status_text(
         if ahead == 0:
             return f"⏳ Job #{job.id} is next in line{eta}."
         return f"⏳ Job #{job.id} is queued: {ahead} image{'s' * (ahead != 1)} ahead{eta}."
-    parts = [f"🎨 Job #{job.id}: making {job.count} image{'s' * (job.count != 1)}"]
+    parts = [f"🎨 Job #{job.id}: making {job.request.count} image{'s' * (job.request.count != 1)}"]
     if images_done:
-        parts.append(f"{images_done}/{job.count} done")
+        parts.append(f"{images_done}/{job.request.count} done")
     if step is not None:
         parts.append(f"step {step[0]}/{step[1]}")
     return " · ".join(parts) + "…"
@@ -209,9 +202,11 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
     cancelled = job.status is JobStatus.CANCELLED
     colour = COLOR_FAILED if failed else (COLOR if cancelled else COLOR_DONE)
     title = f"Job #{job.id}" + (" · failed" if failed else " · cancelled" if cancelled else "")
-    embed = discord.Embed(colour=colour, title=title, description=code(job.prompt, 1500))
-    if job.negative_prompt:
-        embed.add_field(name="Negative", value=clip(job.negative_prompt, FIELD_VALUE_MAX), inline=False)
+    embed = discord.Embed(colour=colour, title=title, description=code(job.request.prompt, 1500))
+    if job.request.negative_prompt:
+        embed.add_field(
+            name="Negative", value=clip(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
+        )
     ranked = sorted(images, key=lambda m: -(m.fidelity if m.fidelity is not None else -2.0))
     lines = []
     for meta in ranked:
@@ -226,7 +221,7 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
     if failed and job.error:
         notes.append(f"Failed: {job.error}")
     if cancelled:
-        notes.append(f"Cancelled after {len(images)} of {job.count} images.")
+        notes.append(f"Cancelled after {len(images)} of {job.request.count} images.")
     if files.withheld_nsfw:
         notes.append(f"{files.withheld_nsfw} image(s) withheld: the safety checker flagged them.")
     if files.left_out:
@@ -235,7 +230,7 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
         )
     if notes:
         embed.add_field(name="Notes", value=clip("\n".join(notes), FIELD_VALUE_MAX), inline=False)
-    p = job.params
+    p = job.request.params
     embed.set_footer(text=f"{p.width}×{p.height} · {p.steps} steps · guidance {p.guidance:g} · {p.scheduler}")
     if files.names:
         embed.set_image(url=f"attachment://{files.names[0]}")
@@ -246,16 +241,18 @@ def info_embed(
     job: Job, images: Sequence[StoredImage], models: dict[str, str], *, delivery: str | None = None
 ) -> discord.Embed:
     """Everything about a job, for the Info button and /job; ``delivery`` says why a result is not posted."""
-    p = job.params
+    p = job.request.params
     embed = discord.Embed(colour=COLOR, title=f"Job #{job.id} · {job.status}")
-    embed.add_field(name="Prompt", value=code(job.prompt, FIELD_VALUE_MAX), inline=False)
-    if job.negative_prompt:
-        embed.add_field(name="Negative", value=code(job.negative_prompt, FIELD_VALUE_MAX), inline=False)
+    embed.add_field(name="Prompt", value=code(job.request.prompt, FIELD_VALUE_MAX), inline=False)
+    if job.request.negative_prompt:
+        embed.add_field(
+            name="Negative", value=code(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
+        )
     embed.add_field(name="Size", value=f"{p.width}×{p.height}")
     embed.add_field(name="Steps", value=str(p.steps))
     embed.add_field(name="Guidance", value=f"{p.guidance:g}")
     embed.add_field(name="Scheduler", value=p.scheduler)
-    embed.add_field(name="Seeds", value=", ".join(f"`{s}`" for s in job.seeds))
+    embed.add_field(name="Seeds", value=", ".join(f"`{s}`" for s in job.request.seeds))
     embed.add_field(name="Owner", value=f"<@{job.owner_id}>")
     if images:
         per_image = [

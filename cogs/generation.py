@@ -7,17 +7,18 @@ Info is read-only and open to everyone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import discord
 
 from cogs.cards import info_embed, status_text
-from i2p2i_bot.generate import GenerationRequest
+from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.jobs import Delivery, Job, JobRequest
 from i2p2i_bot.replies import ANSWER_ERRORS, Refusal, report_error
+from i2p2i_bot.request import GenerationError
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -32,56 +33,37 @@ DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 # -- starting a job -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class JobOrder:
-    """What a member asked for, before it becomes a job."""
+async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobRequest) -> Job:
+    """Plan, queue, and post the job's status message (the message its results will replace).
 
-    prompt: str
-    negative_prompt: str = ""
-    count: int = 1
-    seed: int | None = None
-    interrogation_id: int | None = None
-    source_sha256: str | None = None
-    parent_job_id: int | None = None
-    origin: str = "discord"
-
-
-async def start_job(bot: I2P2IBot, interaction: discord.Interaction, order: JobOrder) -> Job:
-    """Validate, queue, and post the job's status message (the message its results will replace)."""
-    found = bot.banned.find(order.prompt) + bot.banned.find(order.negative_prompt)
+    `draft` is what the member asked for, its request not yet planned: planning fills in the server's
+    defaults and the seed, and refuses anything out of bounds with one sentence.
+    """
+    found = bot.banned.find(draft.request.prompt) + bot.banned.find(draft.request.negative_prompt or "")
     if found:
         raise Refusal(
             f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
         )
-    params, _ = bot.engine.generator.plan(
-        GenerationRequest(order.prompt, order.negative_prompt, order.count, order.seed)
-    )
+    request = bot.engine.plan(draft.request)
     if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
     expires = interaction.created_at.timestamp() + TOKEN_LIFETIME_S
     # discord.py keeps the interaction's attachment_size_limit as filesize_limit.
     limit = interaction.filesize_limit or DEFAULT_UPLOAD_LIMIT
-    request = JobRequest(
+    submitted = dataclasses.replace(
+        draft,
         owner_id=interaction.user.id,
-        prompt=order.prompt,
-        params=params,
-        count=order.count,
-        negative_prompt=order.negative_prompt,
-        seed=order.seed,
-        origin=order.origin,
+        request=request,
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,
-        interrogation_id=order.interrogation_id,
-        source_sha256=order.source_sha256,
-        parent_job_id=order.parent_job_id,
         request_key=f"interaction:{interaction.id}",
         delivery=Delivery(interaction.channel_id, None, interaction.token, expires),
     )
     deliverer = bot.get_cog("Results")
-    job = await bot.queue.submit(request)
-    log.info("job %d queued by user %d (%d images)", job.id, job.owner_id, job.count)
+    job = await bot.queue.submit(submitted)
+    log.info("job %d queued by user %d (%d images)", job.id, job.owner_id, job.request.count)
     text = status_text(job, bot.queue.position(job.id))
-    delivery = request.delivery
+    delivery = submitted.delivery
     try:
         message = await _post_status(interaction, job, text)
         if message is not None:
@@ -182,19 +164,19 @@ class JobButton(
         record = await bot.store.job_record(self.job_id)
         if record is None:
             raise Refusal(f"Job #{self.job_id} no longer exists.")
-        embed = info_embed(record.job, record.images, bot.engine.models)
+        embed = info_embed(record.job, record.images, await job_models(bot, record.job))
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def _reroll(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
         job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)
-        await start_job(bot, interaction, order_from(job, origin="reroll"))
+        await start_job(bot, interaction, job.reroll(interaction.user.id))
 
     async def _edit(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
         job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)
         modal = PromptModal(
-            order_from(job, origin="edit"),
+            job.reroll(interaction.user.id, origin="edit"),
             title="Edit & regenerate",
-            max_count=bot.settings.queue.max_images_per_job,
+            settings=bot.settings.generate,
         )
         await interaction.response.send_modal(modal)
 
@@ -212,17 +194,15 @@ class JobButton(
         log.info("job %d's message deleted by user %d", self.job_id, interaction.user.id)
 
 
-def order_from(job: Job, *, origin: str) -> JobOrder:
-    """A new order with a job's prompt and settings and fresh seeds."""
-    return JobOrder(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        count=job.count,
-        interrogation_id=job.interrogation_id,
-        source_sha256=job.source_sha256,
-        parent_job_id=job.id,
-        origin=origin,
-    )
+async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:
+    """The models a job was made with, as recorded: its generator, and the interrogation models of the
+    card it came from."""
+    models = {"generator": job.request.model or "?"}
+    if job.interrogation_id is not None:
+        stored = await bot.store.get_interrogation(job.interrogation_id)
+        if stored is not None:
+            models.update(stored.interrogation.models)
+    return models
 
 
 # -- the edit modal ---------------------------------------------------------------------------------------
@@ -231,22 +211,23 @@ def order_from(job: Job, *, origin: str) -> JobOrder:
 class PromptModal(discord.ui.Modal):
     """Prompt, negative prompt, count and seed; bad input is echoed back so nothing typed is lost."""
 
-    def __init__(self, order: JobOrder, *, title: str = "Edit prompt", max_count: int = 8) -> None:
+    def __init__(self, draft: JobRequest, *, settings: GenerateSettings, title: str = "Edit prompt") -> None:
         super().__init__(title=title[:45], timeout=15 * 60)
-        self.order = order
-        self.max_count = max_count
+        self.draft = draft
+        asked = draft.request
+        negative = settings.negative_prompt if asked.negative_prompt is None else asked.negative_prompt
         self.prompt: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
-            label="Prompt", style=discord.TextStyle.paragraph, default=order.prompt[:4000], max_length=4000
+            label="Prompt", style=discord.TextStyle.paragraph, default=asked.prompt[:4000], max_length=4000
         )
         self.negative: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
             label="Negative prompt",
             style=discord.TextStyle.paragraph,
-            default=order.negative_prompt[:4000] or None,
+            default=negative[:4000] or None,
             required=False,
             max_length=4000,
         )
         self.count: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
-            label=f"Images (1–{max_count})", default=str(order.count), max_length=3
+            label=f"Images (1–{settings.max_count})", default=str(asked.count), max_length=3
         )
         self.seed: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
             label="Seed (blank for random)", required=False, max_length=10, placeholder="e.g. 1234"
@@ -257,35 +238,29 @@ class PromptModal(discord.ui.Modal):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         bot: I2P2IBot = interaction.client  # type: ignore[assignment]
         try:
-            order = self.parsed()
-            await start_job(bot, interaction, order)
+            await start_job(bot, interaction, self.parsed())
         except Exception as exc:
-            if isinstance(exc, Refusal | ValueError):
+            if isinstance(exc, Refusal | GenerationError):
                 echo = f"\nWhat you typed, so nothing is lost:\n```\n{self.prompt.value[:1500]}\n```"
                 exc = Refusal(f"{exc}{echo}")
             await report_error(interaction, exc)
 
-    def parsed(self) -> JobOrder:
+    def parsed(self) -> JobRequest:
+        """What the member typed, as a draft to plan; the bounds are the plan's to check."""
         count_text = self.count.value.strip()
-        if not count_text.isdigit() or not 1 <= int(count_text) <= self.max_count:
-            raise Refusal(
-                f"Images must be a whole number from 1 to {self.max_count}; you typed “{count_text}”."
-            )
+        if not count_text.isdigit():
+            raise Refusal(f"Images must be a whole number; you typed “{count_text}”.")
         seed_text = self.seed.value.strip()
-        if seed_text and (not seed_text.isdigit() or int(seed_text) > 2**32 - 1):
-            raise Refusal(f"The seed must be a whole number from 0 to 4294967295; you typed “{seed_text}”.")
-        if not self.prompt.value.strip():
-            raise Refusal("The prompt is empty; write what the image should show.")
-        return JobOrder(
+        if seed_text and not seed_text.isdigit():
+            raise Refusal(f"The seed must be a whole number; you typed “{seed_text}”.")
+        request = dataclasses.replace(
+            self.draft.request,
             prompt=self.prompt.value.strip(),
             negative_prompt=self.negative.value.strip(),
             count=int(count_text),
             seed=int(seed_text) if seed_text else None,
-            interrogation_id=self.order.interrogation_id,
-            source_sha256=self.order.source_sha256,
-            parent_job_id=self.order.parent_job_id,
-            origin=self.order.origin,
         )
+        return dataclasses.replace(self.draft, request=request)
 
     async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]
         await report_error(interaction, error)

@@ -10,7 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.cards import COLOR, clip, info_embed, status_text
-from cogs.generation import JobButton, job_view
+from cogs.generation import JobButton, job_models, job_view
 from cogs.results import Results
 from i2p2i_bot.jobs import Job, JobStatus
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
@@ -46,7 +46,7 @@ class HistoryCog(commands.Cog, name="History"):
         lines = [
             f"**Job #{j.id}** · {j.status}"
             + (" · ⚠️ not posted, see /job" if results and results.undeliverable(j) else "")
-            + f" · {j.count} image(s) · <t:{int(j.created_at)}:R>\n> {clip(j.prompt, 180)}"
+            + f" · {j.request.count} image(s) · <t:{int(j.created_at)}:R>\n> {clip(j.request.prompt, 180)}"
             for j in jobs
         ]
         for c in cards:
@@ -73,7 +73,8 @@ class HistoryCog(commands.Cog, name="History"):
         running = not job.status.finished
         results = self._results()
         delivery = results.delivery_state(job) if results is not None else None
-        embed = info_embed(job, record.images, self.bot.engine.models, delivery=delivery)
+        models = await job_models(self.bot, job)
+        embed = info_embed(job, record.images, models, delivery=delivery)
         await interaction.response.send_message(
             embed=embed, view=job_view(job, running=running), ephemeral=True
         )
@@ -108,7 +109,7 @@ def queue_message(
     for job in jobs[:20]:
         position = bot.queue.position(job.id)
         owner = f" · <@{job.owner_id}>" if everyone else ""
-        lines.append(f"{status_text(job, position)}{owner}\n> {clip(job.prompt, 120)}")
+        lines.append(f"{status_text(job, position)}{owner}\n> {clip(job.request.prompt, 120)}")
     more = f"\n… and {len(jobs) - 20} more" if len(jobs) > 20 else ""
     embed = discord.Embed(colour=COLOR, title="Queue", description=clip("\n".join(lines) + more, 4000))
     if bot.queue.images_per_s:

@@ -21,11 +21,13 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from cogs.cards import MODE_LABELS, candidate_prompts, prompt_card, thumbnail_file
-from cogs.generation import JobOrder, PromptModal, start_job
+from cogs.cards import MODE_LABELS, prompt_card, thumbnail_file
+from cogs.generation import PromptModal, start_job
 from i2p2i_bot.config import InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
+from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
+from i2p2i_bot.request import GenerationRequest, check_count
 from i2p2i_bot.store import StoredInterrogation
 
 if TYPE_CHECKING:
@@ -94,11 +96,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
         bot = self.bot
         settings = bot.settings
         mode = mode or settings.interrogate.mode
-        count = count or min(4, settings.queue.max_images_per_job)
-        if count > settings.queue.max_images_per_job:
-            raise Refusal(
-                f"You asked for {count} images; the most per job is {settings.queue.max_images_per_job}."
-            )
+        count = count or min(4, settings.generate.max_count)
+        check_count(count, settings.generate)
         # The interaction's filesize_limit is what the bot may upload, not what members may: downloads are
         # capped by intake.max_bytes alone. A file declared bigger is refused here, before any GET; an embed's
         # image declares no size, and the download's cap does the rest.
@@ -267,7 +266,7 @@ def card_view(stored: StoredInterrogation, count: int, *, blocked: bool = False)
     generate.item.disabled = blocked
     view.add_item(generate)
     view.add_item(CardButton("edit", card, count, label="Edit prompt", emoji="✏️"))
-    prompts = candidate_prompts(stored.interrogation)
+    prompts = stored.interrogation.image_prompts
     if len(prompts) > 1:
         for k in range(1, min(len(prompts), 3) + 1):
             view.add_item(CardButton("use", card, count, k=k, label=f"Use #{k}"))
@@ -322,21 +321,24 @@ class CardButton(
         try:
             stored = await _owned_card(bot, interaction, self.card)
             result = stored.interrogation
-            prompts = candidate_prompts(result)
-            prompt = prompts[(self.k or 1) - 1] if (self.k or 1) <= len(prompts) else result.prompt
-            order = JobOrder(
-                prompt=prompt,
-                negative_prompt="",
-                count=min(self.count, bot.settings.queue.max_images_per_job),
+            prompts = result.image_prompts
+            prompt = prompts[(self.k or 1) - 1] if (self.k or 1) <= len(prompts) else prompts[0]
+            request = GenerationRequest(
+                prompt,
+                negative_prompt=result.image_negative,
+                count=min(self.count, bot.settings.generate.max_count),
+            )
+            draft = JobRequest(
+                owner_id=interaction.user.id,
+                request=request,
+                origin="card",
                 interrogation_id=stored.id,
                 source_sha256=stored.source_sha256,
-                origin="card",
             )
             if self.action == "edit":
-                modal = PromptModal(order, max_count=bot.settings.queue.max_images_per_job)
-                await interaction.response.send_modal(modal)
+                await interaction.response.send_modal(PromptModal(draft, settings=bot.settings.generate))
                 return
-            await start_job(bot, interaction, order)
+            await start_job(bot, interaction, draft)
         except Exception as exc:
             await report_error(interaction, exc)
 

@@ -26,8 +26,9 @@ from i2p2i_bot.terms import BannedTerms
 # The model modules import torch (seconds of start-up): the commands that need them import them, so
 # `i2p2i health`, which Docker runs every 30 s, and `i2p2i backup` start at once.
 if TYPE_CHECKING:
-    from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, GenerationRequest
-    from i2p2i_bot.interrogate import Interrogation
+    from i2p2i_bot.batches import BatchResult, GeneratedImage
+    from i2p2i_bot.interrogation import Interrogation
+    from i2p2i_bot.request import GenerationParams, GenerationRequest
 
 MODES: tuple[str, ...] = get_args(InterrogateMode)
 
@@ -187,8 +188,8 @@ def _run(args: argparse.Namespace) -> int:
         return _health(settings, args)
     if args.command == "backup":
         return _backup(settings, args)
-    from i2p2i_bot.generate import GenerationError
     from i2p2i_bot.models import ModelUnavailable
+    from i2p2i_bot.request import GenerationError
 
     try:
         if args.command == "download-models":
@@ -302,8 +303,8 @@ def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> i
 
 
 def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
-    from i2p2i_bot.generate import GenerationError
     from i2p2i_bot.interrogate import InterrogateError
+    from i2p2i_bot.request import GenerationError
 
     mode = args.mode or settings.interrogate.mode
     banned = BannedTerms.from_settings(settings.interrogate)
@@ -321,7 +322,7 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
         try:
             image, sha = _read_image(path, settings)
             interrogation = engine.interrogate(image, mode, key=sha)
-            original = interrogation.prompt
+            original = interrogation.image_prompts[0]
             prompt = args.prompt or edit_prompt(original, append=args.append, remove=args.remove)
             found = banned.find(prompt)
             if found:
@@ -329,6 +330,8 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
                     f"the prompt contains banned terms ({', '.join(found)}); nothing was generated"
                 )
             request = _request(args, prompt)
+            if args.negative is None and interrogation.image_negative is not None:
+                request = replace(request, negative_prompt=interrogation.image_negative)
             params, result = _run_generation(
                 engine, request, interrogation.image_embedding, progress, path.name
             )
@@ -417,10 +420,10 @@ def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
 
 
 def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
-    from i2p2i_bot.generate import GenerationRequest
+    from i2p2i_bot.request import GenerationRequest
 
     return GenerationRequest(
-        prompt=prompt,
+        prompt,
         negative_prompt=args.negative,
         count=args.count,
         seed=args.seed,
@@ -433,7 +436,7 @@ def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
 
 
 def _check_request(settings: Settings, args: argparse.Namespace) -> None:
-    from i2p2i_bot.generate import plan
+    from i2p2i_bot.request import plan
 
     plan(_request(args, args.prompt or "placeholder"), settings.generate, "check")
 
@@ -445,7 +448,7 @@ def _run_generation(
     progress: bool,
     label: str,
 ) -> tuple[GenerationParams, BatchResult]:
-    params, _ = engine.generator.plan(request)  # validate before showing a bar
+    params = engine.plan(request).params  # validate before showing a bar
     bar = None
     if progress:
         from tqdm import tqdm
@@ -544,7 +547,7 @@ def _print_interrogation(path: Path, result: Interrogation, stream: TextIO) -> N
 
 
 def _refuse_banned(banned: BannedTerms, text: str, label: str) -> None:
-    from i2p2i_bot.generate import GenerationError
+    from i2p2i_bot.request import GenerationError
 
     found = banned.find(text)
     if found:

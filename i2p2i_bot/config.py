@@ -137,7 +137,6 @@ class GenerateSettings:
 class QueueSettings:
     max_batch_images: int = 8
     max_queued_jobs_per_user: int = 5
-    max_images_per_job: int = 8
     max_queued_jobs: int = 500
     max_attempts: int = 3
     job_timeout_s: float = 600.0
@@ -149,7 +148,6 @@ class QueueSettings:
     def validate(self) -> None:
         _between("queue.max_batch_images", self.max_batch_images, 1, 64)
         _between("queue.max_queued_jobs_per_user", self.max_queued_jobs_per_user, 1, 10_000)
-        _between("queue.max_images_per_job", self.max_images_per_job, 1, 64)
         _between("queue.max_queued_jobs", self.max_queued_jobs, 1, 1_000_000)
         _between("queue.max_attempts", self.max_attempts, 1, 100)
         if self.job_timeout_s <= 0:
@@ -252,10 +250,18 @@ def load_settings(path: str | Path | None = None, env: typing.Mapping[str, str] 
     return _build(Settings, raw, "")
 
 
+# Settings that were merged into others: a config file naming one is told where it went.
+REPLACED = {"queue.max_images_per_job": "generate.max_count"}
+
+
 def _build(cls: type[Any], raw: dict[str, Any], prefix: str) -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in REPLACED:
+            raise ConfigError(
+                f"{prefix}{key} is now {REPLACED[prefix + key]}, which caps the images of every request"
+            )
         if key not in names:
             raise ConfigError(f"unknown setting {prefix}{key}")
     values: dict[str, Any] = {}

@@ -10,25 +10,21 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.config import Settings
-from i2p2i_bot.generate import (
-    BatchResult,
-    GenerationParams,
-    GenerationRequest,
-    Generator,
-    ImageSpec,
-    StepCallback,
-)
+from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
-from i2p2i_bot.interrogate import Interrogation, Interrogator
+from i2p2i_bot.interrogate import Interrogator
+from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.models import ModelSources, resolve_models
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Engine:
-    """Every model the product uses, resident; call it only from the thread that owns the GPU."""
+    """Every model the product uses, resident (an ImageEngine); only `plan` may run off the GPU thread."""
 
     settings: Settings
     sources: ModelSources
@@ -52,6 +48,7 @@ class Engine:
             embed_images=interrogator.embed_images,
             embed_pixels=interrogator.embed_pixels,
             dtype=dtype,
+            name=sources.recorded()["generator"],
         )
         load_s = time.perf_counter() - started
         log.info("models loaded in %.1f s", load_s)
@@ -85,6 +82,9 @@ class Engine:
     def models(self) -> dict[str, str]:
         """Model names as they should be recorded next to results."""
         return self.sources.recorded()
+
+    def plan(self, request: GenerationRequest) -> GenerationRequest:
+        return self.generator.plan(request)
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
         return out_of_memory_as(

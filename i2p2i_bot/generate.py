@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,122 +18,13 @@ from i2p2i_bot.acceleration import (
     pipeline_class,
     use_vae_slicing,
 )
+from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.models import ModelUnavailable
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, int], None]
-
-
-class GenerationError(Exception):
-    """A request a user can fix (bad size, count, steps...); the message is one sentence for them."""
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Everything that must be equal for images to share one GPU batch."""
-
-    model: str
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    scheduler: str
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """One image to make: its prompt, negative prompt and seed (the seed alone reproduces it)."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    # Normalised CLIP embedding of the source image, for the fidelity score; None when there is no source.
-    source_embedding: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    spec: ImageSpec
-    image: Image.Image
-    nsfw: bool
-    # Cosine of the CLIP image embeddings of source and result, in [-1, 1]; None without a source.
-    fidelity: float | None
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    images: tuple[GeneratedImage, ...]
-    timings_s: dict[str, float] = field(default_factory=dict)
-    warnings: tuple[str, ...] = ()
-
-
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 4000
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One user's request: N images of one prompt with one parameter set (None = the configured default)."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    count: int = 1
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    scheduler: str | None = None
-
-
-SCHEDULERS = ("dpm", "pndm")
-
-
-def plan(
-    request: GenerationRequest, settings: GenerateSettings, model: str
-) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
-    """Validate a request against the settings and fix its parameters and seeds (check_inputs, then run)."""
-    prompt = request.prompt.strip()
-    if not prompt:
-        raise GenerationError("The prompt is empty; write what the image should show.")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise GenerationError(f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
-    negative = (
-        request.negative_prompt if request.negative_prompt is not None else settings.negative_prompt
-    ).strip()
-    if len(negative) > MAX_PROMPT_CHARS:
-        raise GenerationError(
-            f"The negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}."
-        )
-    if not 1 <= request.count <= settings.max_count:
-        raise GenerationError(f"The count must be between 1 and {settings.max_count} (got {request.count}).")
-    steps = settings.steps if request.steps is None else request.steps
-    if not 1 <= steps <= settings.max_steps:
-        raise GenerationError(f"Steps must be between 1 and {settings.max_steps} (got {steps}).")
-    guidance = settings.guidance if request.guidance is None else float(request.guidance)
-    if not 0.0 <= guidance <= 30.0:
-        raise GenerationError(f"Guidance must be between 0 and 30 (got {guidance:g}).")
-    width = settings.width if request.width is None else request.width
-    height = settings.height if request.height is None else request.height
-    for name, side in (("width", width), ("height", height)):
-        if side % 8 or not settings.min_side <= side <= settings.max_side:
-            raise GenerationError(
-                f"The {name} must be a multiple of 8 between {settings.min_side} and {settings.max_side} "
-                f"(got {side})."
-            )
-    scheduler = settings.scheduler if request.scheduler is None else request.scheduler
-    if scheduler not in SCHEDULERS:
-        raise GenerationError(f"The scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler!r}).")
-    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-        raise GenerationError(f"The seed must be a whole number from 0 to {MAX_SEED} (got {request.seed}).")
-    first = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
-    seeds = [(first + i) % (MAX_SEED + 1) for i in range(request.count)]
-    params = GenerationParams(model, steps, guidance, width, height, scheduler)
-    return params, tuple(ImageSpec(prompt, negative, seed) for seed in seeds)
-
 
 ImageEmbedder = Callable[[Sequence[Image.Image]], torch.Tensor]
 # Embeds decoded images still on the device: [N, 3, H, W] in [0, 1] → [N, D].
@@ -210,7 +99,9 @@ class Generator:
         embed_images: ImageEmbedder | None = None,
         embed_pixels: PixelEmbedder | None = None,
         dtype: torch.dtype | None = None,
+        name: str | None = None,
     ) -> Generator:
+        """Load the pipeline from `source`; `name` is what jobs record as its model (default: the source)."""
         extra: dict[str, Any] = {}
         if not settings.safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
@@ -221,9 +112,11 @@ class Generator:
                 f"Stable Diffusion model {source!r} could not be loaded ({exc}); run `i2p2i download-models` "
                 "where there is internet, or use --models smoke to check the install"
             ) from exc
-        return cls(pipe.to(device), settings, source, embed_images=embed_images, embed_pixels=embed_pixels)
+        pipe = pipe.to(device)
+        return cls(pipe, settings, name or source, embed_images=embed_images, embed_pixels=embed_pixels)
 
-    def plan(self, request: GenerationRequest) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
+    def plan(self, request: GenerationRequest) -> GenerationRequest:
+        """The request checked against this generator's settings, with its defaults and seed filled in."""
         return plan(request, self.settings, self.model)
 
     def token_count(self, text: str) -> int:
@@ -254,9 +147,8 @@ class Generator:
         batch_size: int = 8,
     ) -> BatchResult:
         """Plan a request and run it in batches of at most batch_size images."""
-        params, specs = self.plan(request)
-        if source_embedding is not None:
-            specs = tuple(ImageSpec(s.prompt, s.negative_prompt, s.seed, source_embedding) for s in specs)
+        planned = self.plan(request)
+        params, specs = planned.params, planned.specs(source_embedding)
         images: list[GeneratedImage] = []
         timings: dict[str, float] = {}
         warnings: list[str] = []

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from i2p2i_bot.clip_pixels import clip_input
 from i2p2i_bot.clip_text import TextEncoder
 from i2p2i_bot.config import InterrogateMode, InterrogateSettings
 from i2p2i_bot.gpu import default_dtype
+from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.models import ModelUnavailable, open_clip_name
 from i2p2i_bot.terms import BannedTerms
 
@@ -48,31 +49,6 @@ _SITES = (
 
 class InterrogateError(Exception):
     """A request a user can fix (unknown mode...); the message is one sentence for them."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One prompt and its CLIP cosine similarity to the image, in [-1, 1]."""
-
-    mode: str
-    prompt: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Interrogation:
-    """The result of describing one image in one mode."""
-
-    mode: str
-    prompt: str
-    score: float
-    caption: str
-    negative: str | None
-    candidates: tuple[Candidate, ...]
-    # Normalised CLIP image embedding, kept so results can later be scored for fidelity to this source.
-    image_embedding: tuple[float, ...]
-    models: dict[str, str] = field(default_factory=dict)
-    timings_s: dict[str, float] = field(default_factory=dict)
 
 
 def label_tables(data_path: Path | None = None) -> dict[str, list[str]]:

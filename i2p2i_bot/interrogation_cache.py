@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 from i2p2i_bot.gpu import GpuWorker, Priority
-from i2p2i_bot.interrogate import Interrogation
+from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.store import Store, StoredInterrogation
 
 _Key = tuple[str, str, tuple[tuple[str, str], ...]]

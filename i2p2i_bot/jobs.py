@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import random
 from dataclasses import dataclass, field
+from typing import Any
 
-from i2p2i_bot.generate import GenerationParams, ImageSpec
-
-SEED_LIMIT = 2**32
+from i2p2i_bot.request import GenerationRequest
 
 
 class JobRefused(Exception):
@@ -39,17 +38,13 @@ class Delivery:
     token_expires_at: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobRequest:
-    """One member's request for `count` images with one parameter set."""
+    """A planned request as the queue takes it: whose it is, where it came from, where its result goes."""
 
     owner_id: int
-    prompt: str
-    params: GenerationParams
-    count: int = 1
-    negative_prompt: str = ""
-    # Image i gets seed + i (wrapping at 2**32); None picks a random first seed.
-    seed: int | None = None
+    # Planned: every setting and the first seed fixed (request.plan).
+    request: GenerationRequest
     origin: str = "discord"
     guild_id: int | None = None
     channel_id: int | None = None
@@ -61,66 +56,41 @@ class JobRequest:
     request_key: str | None = None
     delivery: Delivery = field(default_factory=Delivery)
 
-    def seeds(self, rng: random.Random | None = None) -> tuple[int, ...]:
-        """One seed per image: the given seed counting up, or a random start."""
-        first = self.seed if self.seed is not None else (rng or random).randrange(SEED_LIMIT)
-        return tuple((first + i) % SEED_LIMIT for i in range(self.count))
 
-
-@dataclass(frozen=True)
-class Job:
-    """A stored job: its request, its seeds and where it stands."""
+@dataclass(frozen=True, kw_only=True)
+class Job(JobRequest):
+    """A stored job: the request it was made from, and where it stands."""
 
     id: int
-    owner_id: int
-    prompt: str
-    negative_prompt: str
-    params: GenerationParams
-    seeds: tuple[int, ...]
     status: JobStatus
     created_at: float
-    origin: str = "discord"
-    guild_id: int | None = None
-    channel_id: int | None = None
-    interrogation_id: int | None = None
-    source_sha256: str | None = None
-    parent_job_id: int | None = None
-    request_key: str | None = None
     attempts: int = 0
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    delivery: Delivery = field(default_factory=Delivery)
     delivered_at: float | None = None
     # Why the finished job's result could not be posted anywhere, for its owner; None once delivered.
     delivery_error: str | None = None
 
-    @property
-    def count(self) -> int:
-        return len(self.seeds)
+    @classmethod
+    def queued(cls, job_id: int, submitted: JobRequest, now: float) -> Job:
+        """The job a request becomes once stored."""
+        given = {f.name: getattr(submitted, f.name) for f in dataclasses.fields(JobRequest)}
+        return cls(**given, id=job_id, status=JobStatus.QUEUED, created_at=now)
 
-    def spec(self, index: int, source_embedding: tuple[float, ...] | None = None) -> ImageSpec:
-        return ImageSpec(self.prompt, self.negative_prompt, self.seeds[index], source_embedding)
+    def reroll(self, owner_id: int, *, origin: str = "reroll", **changes: Any) -> JobRequest:
+        """This job's request with its seed left open (or `changes` made), for its owner to plan again.
 
-    def reroll(
-        self,
-        owner_id: int,
-        *,
-        channel_id: int | None = None,
-        seed: int | None = None,
-        count: int | None = None,
-    ) -> JobRequest:
-        """The same prompt and parameters with fresh seeds (or the given one), as a new request."""
+        Everything else is the job's own: its steps, guidance, size, scheduler and model, whatever the
+        server's defaults are now.
+        """
+        request = dataclasses.replace(self.request, **{"seed": None, **changes})
         return JobRequest(
             owner_id=owner_id,
-            prompt=self.prompt,
-            params=self.params,
-            count=self.count if count is None else count,
-            negative_prompt=self.negative_prompt,
-            seed=seed,
-            origin="reroll",
+            request=request,
+            origin=origin,
             guild_id=self.guild_id,
-            channel_id=self.channel_id if channel_id is None else channel_id,
+            channel_id=self.channel_id,
             interrogation_id=self.interrogation_id,
             source_sha256=self.source_sha256,
             parent_job_id=self.id,

@@ -11,23 +11,25 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
-import enum
-import functools
 import itertools
 import logging
-import random
 import sqlite3
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
+from i2p2i_bot.batches import (
+    Batch,
+    BatchFailure,
+    BatchItem,
+    BatchResult,
+    FailureKind,
+    GeneratedImage,
+)
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.events import EventHub, Subscription
-from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, ImageSpec
 from i2p2i_bot.jobs import (
-    SEED_LIMIT,
     EventKind,
     Job,
     JobEvent,
@@ -36,6 +38,7 @@ from i2p2i_bot.jobs import (
     JobStatus,
     Position,
 )
+from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import ForgetResult, JobChange, Store, StoredImage
 
 log = logging.getLogger(__name__)
@@ -46,69 +49,6 @@ _RATE_SMOOTHING = 0.3
 _RECORD_RETRY_FIRST_S = 0.5
 _RECORD_RETRY_MAX_S = 30.0
 _EMBEDDING_CACHE_SIZE = 128
-
-
-@dataclass(frozen=True)
-class BatchItem:
-    job_id: int
-    index: int
-    spec: ImageSpec
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Images that share one GPU call; results must come back in the order of `items`."""
-
-    id: int
-    params: GenerationParams
-    items: tuple[BatchItem, ...]
-
-    @functools.cached_property
-    def specs(self) -> tuple[ImageSpec, ...]:
-        return tuple(item.spec for item in self.items)
-
-    @functools.cached_property
-    def job_ids(self) -> tuple[int, ...]:
-        return tuple(dict.fromkeys(item.job_id for item in self.items))
-
-
-class FailureKind(enum.StrEnum):
-    # The jobs cannot succeed as asked (a user-fixable error, out of memory at one image, a timeout).
-    PERMANENT = "permanent"
-    # Something went wrong that may not happen again: retry, charging an attempt where the blame is clear.
-    TRANSIENT = "transient"
-    # The worker stopped before finishing: put the images back, charging nobody.
-    INTERRUPTED = "interrupted"
-    # The GPU broke while the batch ran and only a new process gets it back: the jobs stay in flight in the
-    # store, so the next start charges each an attempt and runs it alone. A job that breaks the GPU every
-    # time fails after max_attempts starts; the jobs that shared its batch finish.
-    FAULTED = "faulted"
-
-
-@dataclass(frozen=True)
-class BatchFailure:
-    reason: str
-    kind: FailureKind = FailureKind.TRANSIENT
-
-
-class BatchSource(Protocol):
-    """The seam between the scheduler and what runs batches: the GPU thread now, remote workers later."""
-
-    async def next_batch(self) -> Batch | None:
-        """Wait for the next batch; None means the source is closed and the worker should stop."""
-        ...
-
-    def batch_progress(self, batch: Batch, step: int, total_steps: int) -> None:
-        """Report denoising progress; cheap and never blocking."""
-        ...
-
-    async def batch_result(self, batch: Batch, outcome: BatchResult | BatchFailure) -> None:
-        """Hand back a batch's images (in item order) or why it failed; returns once the result is stored."""
-        ...
-
-    def close(self) -> None:
-        """Stop handing out batches; results of batches already out are still taken."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -161,8 +101,8 @@ class _Active:
         self.job = job  # as submitted or recovered; `snapshot()` adds the current state
         self.id = job.id
         self.owner = job.owner_id
-        self.count = job.count
-        self.params = job.params
+        self.count = job.request.count
+        self.params = job.request.params
         self.status = job.status
         self.attempts = job.attempts
         self.error = job.error
@@ -194,12 +134,10 @@ class JobQueue:
         settings: QueueSettings,
         *,
         clock: Callable[[], float] = time.time,
-        rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._clock = clock
-        self._rng = rng or random.Random()
         self.events = EventHub(settings.subscriber_buffer)
         self._active: dict[int, _Active] = {}
         # Members with images waiting, least recently served first; each holds its jobs with pending images.
@@ -237,9 +175,8 @@ class JobQueue:
         settings: QueueSettings,
         *,
         clock: Callable[[], float] = time.time,
-        rng: random.Random | None = None,
     ) -> JobQueue:
-        queue = cls(store, settings, clock=clock, rng=rng)
+        queue = cls(store, settings, clock=clock)
         await queue._recover()
         return queue
 
@@ -385,9 +322,7 @@ class JobQueue:
     async def _store_group(self, group: list[_Submission]) -> None:
         now = self._clock()
         try:
-            jobs = await self._store.insert_jobs(
-                [(s.request, s.request.seeds(self._rng)) for s in group], now
-            )
+            jobs = await self._store.insert_jobs([s.request for s in group], now)
         except BaseException as exc:
             for submission in group:
                 self._settle(submission)
@@ -399,7 +334,7 @@ class JobQueue:
             return
         for submission, job in zip(group, jobs, strict=True):
             self._settle(submission)
-            active = _Active(job, deque(range(job.count)), submission.embedding)
+            active = _Active(job, deque(range(job.request.count)), submission.embedding)
             self._add(active)
             self._publish(EventKind.QUEUED, active)
             if not submission.future.done():
@@ -414,16 +349,10 @@ class JobQueue:
         if submission.request.request_key is not None:
             self._keyed.pop(submission.request.request_key, None)
 
-    def _check(self, request: JobRequest) -> None:
-        cap = self._settings.max_images_per_job
-        if request.count < 1:
-            raise JobRefused("Ask for at least one image.")
-        if request.count > cap:
-            raise JobRefused(f"You asked for {request.count} images; the most per job is {cap}.")
-        if request.seed is not None and not 0 <= request.seed < SEED_LIMIT:
-            raise JobRefused(f"Seeds run from 0 to {SEED_LIMIT - 1}.")
-        if not request.prompt.strip():
-            raise JobRefused("The prompt is empty; write a few words.")
+    def _check(self, submitted: JobRequest) -> None:
+        """The request itself was checked when it was planned (request.plan); here only that it was."""
+        if not submitted.request.planned:
+            raise ValueError("a job's request must be planned (every setting and the seed fixed)")
 
     async def cancel(self, job_id: int, user_id: int, *, admin: bool = False) -> Job:
         """Cancel a queued job, or the images a running one has not made yet; only its owner or an admin may.
@@ -655,7 +584,7 @@ class JobQueue:
         batch = Batch(
             next(self._batch_ids),
             jobs[0].params,
-            tuple(BatchItem(a.id, index, a.job.spec(index, a.embedding)) for a, index in plan),
+            tuple(BatchItem(a.id, index, a.job.request.spec(index, a.embedding)) for a, index in plan),
         )
         self._outstanding[batch.id] = (batch, self._clock())
         self._in_flight_images += len(plan)
@@ -877,7 +806,7 @@ class JobQueue:
             for job, in_flight in rows:
                 done = stored.get(job.id, set())
                 attempts = job.attempts + int(in_flight)
-                if len(done) >= job.count:
+                if len(done) >= job.request.count:
                     changes.append(JobChange(job.id, JobStatus.COMPLETE, attempts, False, None, None, now))
                 elif attempts >= self._settings.max_attempts:
                     reason = f"generation was interrupted or failed {_count(attempts, 'time')}; giving up"
@@ -893,7 +822,7 @@ class JobQueue:
                 embedding = None
                 if job.interrogation_id is not None:
                     embedding = await self._embedding(job.interrogation_id)
-                pending = deque(i for i in range(job.count) if i not in done)
+                pending = deque(i for i in range(job.request.count) if i not in done)
                 self._add(_Active(job, pending, embedding, done=len(done), solo=interrupted))
         if rows:
             log.info(

@@ -12,11 +12,11 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from i2p2i_bot.generate import GenerationError
 from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory
 from i2p2i_bot.images import ImageError
 from i2p2i_bot.interrogate import InterrogateError
 from i2p2i_bot.jobs import JobRefused
+from i2p2i_bot.request import GenerationError
 
 log = logging.getLogger("i2p2i.discord")
 

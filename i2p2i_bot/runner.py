@@ -9,12 +9,12 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
-from i2p2i_bot.generate import BatchResult, GenerationError, GenerationParams, ImageSpec, StepCallback
+from i2p2i_bot.batches import Batch, BatchFailure, BatchMaker, BatchResult, BatchSource, FailureKind
 from i2p2i_bot.gpu import GpuClosed, GpuFault, GpuOutOfMemory, GpuWorker, Priority
-from i2p2i_bot.queue import Batch, BatchFailure, BatchSource, FailureKind
+from i2p2i_bot.request import GenerationError
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +23,6 @@ _MAX_UNSTORED_BATCHES = 2
 
 # Why a job waits for a restart, and, after max_attempts of them, why it failed.
 GPU_FAULT_REASON = "the GPU failed while making these images"
-
-
-class Generator(Protocol):
-    """What the runner needs from the Stable Diffusion service."""
-
-    def generate_batch(
-        self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
-    ) -> BatchResult:
-        """One image per spec, in order; blocking; calls on_step(step, total_steps) from the GPU thread."""
-        ...
 
 
 class JobRunner:
@@ -47,7 +37,7 @@ class JobRunner:
     failing on a GPU that can do no more.
     """
 
-    def __init__(self, source: BatchSource, engine: Generator, gpu: GpuWorker, *, timeout_s: float) -> None:
+    def __init__(self, source: BatchSource, engine: BatchMaker, gpu: GpuWorker, *, timeout_s: float) -> None:
         self._source = source
         self._engine = engine
         self._gpu = gpu

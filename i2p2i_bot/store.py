@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import importlib.resources
 import io
@@ -27,9 +28,9 @@ import aiosqlite
 from PIL import Image
 
 from i2p2i_bot.config import Settings
-from i2p2i_bot.generate import GenerationParams
-from i2p2i_bot.interrogate import Candidate, Interrogation
+from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Delivery, Job, JobRequest, JobStatus
+from i2p2i_bot.request import GenerationRequest
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # SQLite allows 32766 bound variables; stay far below it in IN (...) lists.
@@ -254,31 +255,22 @@ class Store:
 
     # -- jobs -----------------------------------------------------------------------------------------
 
-    async def insert_job(self, request: JobRequest, seeds: Sequence[int], now: float | None = None) -> Job:
-        """Store a new queued job with its seeds and return it."""
-        (job,) = await self.insert_jobs([(request, seeds)], now)
+    async def insert_job(self, submitted: JobRequest, now: float | None = None) -> Job:
+        """Store a new queued job and return it."""
+        (job,) = await self.insert_jobs([submitted], now)
         return job
 
-    async def insert_jobs(
-        self, entries: Sequence[tuple[JobRequest, Sequence[int]]], now: float | None = None
-    ) -> list[Job]:
+    async def insert_jobs(self, entries: Sequence[JobRequest], now: float | None = None) -> list[Job]:
         """Store new queued jobs, in order, with one commit for all of them; return them with their ids."""
         now = time.time() if now is None else now
-        for request, seeds in entries:
-            if len(seeds) != request.count:
-                raise ValueError(f"{len(seeds)} seeds for {request.count} images")
-        values = [_job_values(request, seeds, now) for request, seeds in entries]
-        columns = """
-            owner_id, guild_id, channel_id, origin, request_key, parent_job_id, interrogation_id,
-            source_sha256, prompt, negative_prompt, count, seeds, model, steps, guidance, width, height,
-            scheduler, status, created_at, delivery_channel_id, delivery_message_id, interaction_token,
-            interaction_expires_at
-        """
+        for submitted in entries:
+            if not submitted.request.planned:
+                raise ValueError("a job's request must be planned (every setting and the seed fixed)")
+        values = [_job_values(submitted, now) for submitted in entries]
+        columns = ", ".join(_INSERTED_COLUMNS)
+        marks = ", ".join("?" * len(_INSERTED_COLUMNS))
         if len(values) == 1:
-            query = f"""
-                INSERT INTO jobs ({columns}) VALUES ({", ".join("?" * 24)})
-                RETURNING id
-            """
+            query = f"""INSERT INTO jobs ({columns}) VALUES ({marks}) RETURNING id"""
             ids = [row["id"] for row in await self._fetchall(query, values[0])]
         else:
             # One transaction with the ids chosen up front: RETURNING does not promise the rows' order, and
@@ -292,12 +284,9 @@ class Store:
                 """
                 last = next(iter(await db.execute_fetchall(query)))["last"]
                 ids = list(range(last + 1, last + 1 + len(values)))
-                query = f"""INSERT INTO jobs (id, {columns}) VALUES ({", ".join("?" * 25)})"""
+                query = f"""INSERT INTO jobs (id, {columns}) VALUES (?, {marks})"""
                 await db.executemany(query, [(job_id, *row) for job_id, row in zip(ids, values, strict=True)])
-        return [
-            _job_from_request(job_id, request, seeds, now)
-            for job_id, (request, seeds) in zip(ids, entries, strict=True)
-        ]
+        return [Job.queued(job_id, submitted, now) for job_id, submitted in zip(ids, entries, strict=True)]
 
     async def get_job(self, job_id: int) -> Job | None:
         query = """SELECT * FROM jobs WHERE id = ?"""
@@ -717,94 +706,52 @@ class Store:
 # -- row mapping --------------------------------------------------------------------------------------
 
 
+# A job's request fields, and the fields of who submitted it and where it stands, are columns of the same
+# names; its delivery's fields have columns of their own names. `seeds` spells out the request's seeds for
+# readers of the file.
+_REQUEST_COLUMNS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+_SUBMISSION_COLUMNS = tuple(
+    f.name for f in dataclasses.fields(JobRequest) if f.name not in ("request", "delivery")
+)
+_STATE_COLUMNS = tuple(
+    f.name for f in dataclasses.fields(Job) if f.name not in {g.name for g in dataclasses.fields(JobRequest)}
+)
+_DELIVERY_COLUMNS = {
+    "channel_id": "delivery_channel_id",
+    "message_id": "delivery_message_id",
+    "interaction_token": "interaction_token",
+    "token_expires_at": "interaction_expires_at",
+}
+_INSERTED_COLUMNS = (
+    *_SUBMISSION_COLUMNS,
+    *_REQUEST_COLUMNS,
+    *_DELIVERY_COLUMNS.values(),
+    "seeds",
+    "status",
+    "created_at",
+)
+
+
 def _job_from_row(row: sqlite3.Row) -> Job:
+    state = {name: row[name] for name in _STATE_COLUMNS}
+    state["status"] = JobStatus(state["status"])
     return Job(
-        id=row["id"],
-        owner_id=row["owner_id"],
-        prompt=row["prompt"],
-        negative_prompt=row["negative_prompt"],
-        params=GenerationParams(
-            model=row["model"],
-            steps=row["steps"],
-            guidance=row["guidance"],
-            width=row["width"],
-            height=row["height"],
-            scheduler=row["scheduler"],
-        ),
-        seeds=tuple(json.loads(row["seeds"])),
-        status=JobStatus(row["status"]),
-        created_at=row["created_at"],
-        origin=row["origin"],
-        guild_id=row["guild_id"],
-        channel_id=row["channel_id"],
-        interrogation_id=row["interrogation_id"],
-        source_sha256=row["source_sha256"],
-        parent_job_id=row["parent_job_id"],
-        request_key=row["request_key"],
-        attempts=row["attempts"],
-        error=row["error"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        delivery=Delivery(
-            channel_id=row["delivery_channel_id"],
-            message_id=row["delivery_message_id"],
-            interaction_token=row["interaction_token"],
-            token_expires_at=row["interaction_expires_at"],
-        ),
-        delivered_at=row["delivered_at"],
-        delivery_error=row["delivery_error"],
+        request=GenerationRequest(**{name: row[name] for name in _REQUEST_COLUMNS}),
+        delivery=Delivery(**{name: row[column] for name, column in _DELIVERY_COLUMNS.items()}),
+        **{name: row[name] for name in _SUBMISSION_COLUMNS},
+        **state,
     )
 
 
-def _job_values(request: JobRequest, seeds: Sequence[int], now: float) -> tuple[Any, ...]:
-    params = request.params
-    delivery = request.delivery
+def _job_values(submitted: JobRequest, now: float) -> tuple[Any, ...]:
+    request, delivery = submitted.request, submitted.delivery
     return (
-        request.owner_id,
-        request.guild_id,
-        request.channel_id,
-        request.origin,
-        request.request_key,
-        request.parent_job_id,
-        request.interrogation_id,
-        request.source_sha256,
-        request.prompt,
-        request.negative_prompt,
-        request.count,
-        json.dumps(list(seeds)),
-        params.model,
-        params.steps,
-        params.guidance,
-        params.width,
-        params.height,
-        params.scheduler,
+        *(getattr(submitted, name) for name in _SUBMISSION_COLUMNS),
+        *(getattr(request, name) for name in _REQUEST_COLUMNS),
+        *(getattr(delivery, name) for name in _DELIVERY_COLUMNS),
+        json.dumps(list(request.seeds)),
         JobStatus.QUEUED.value,
         now,
-        delivery.channel_id,
-        delivery.message_id,
-        delivery.interaction_token,
-        delivery.token_expires_at,
-    )
-
-
-def _job_from_request(job_id: int, request: JobRequest, seeds: Sequence[int], now: float) -> Job:
-    return Job(
-        id=job_id,
-        owner_id=request.owner_id,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        params=request.params,
-        seeds=tuple(seeds),
-        status=JobStatus.QUEUED,
-        created_at=now,
-        origin=request.origin,
-        guild_id=request.guild_id,
-        channel_id=request.channel_id,
-        interrogation_id=request.interrogation_id,
-        source_sha256=request.source_sha256,
-        parent_job_id=request.parent_job_id,
-        request_key=request.request_key,
-        delivery=request.delivery,
     )
 
 

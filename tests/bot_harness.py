@@ -512,7 +512,10 @@ async def run_crowd(
     """Start a fake Discord with `members` more members and the bot, run a Crowd, and audit what happened."""
     world, names = crowd_world(members)
     async with running_fake_discord(world) as server:
-        settings = bot_settings(base, data_dir, server, max_images_per_job=max_count)
+        settings = bot_settings(base, data_dir, server)
+        settings = dataclasses.replace(
+            settings, generate=dataclasses.replace(settings.generate, max_count=max_count)
+        )
         async with running_i2p2i(settings, server, engine) as bot:
             crowd = Crowd(
                 server,

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from i2p2i_bot.generate import BatchResult, GeneratedImage, GenerationParams, ImageSpec, StepCallback
+from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
+from i2p2i_bot.request import GenerationParams, ImageSpec
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:

@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from i2p2i_bot.config import QueueSettings
-from i2p2i_bot.generate import GenerationParams, ImageSpec
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.request import GenerationParams, ImageSpec
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.store import Store
 from tests.fake_engine import FakeEngine
+from tests.requests import job_request
 
 PARAMS = GenerationParams("tiny", 2, 7.5, 64, 64, "dpm")
 
@@ -29,8 +30,7 @@ PARAMS = GenerationParams("tiny", 2, 7.5, 64, 64, "dpm")
 def job_plan(n: int) -> list[JobRequest]:
     """n jobs from three members, 1 to 4 images each, with seeds that say which job and image they are."""
     return [
-        JobRequest(owner_id=1 + j % 3, prompt=f"job {j}", params=PARAMS, count=1 + j % 4, seed=1000 * (j + 1))
-        for j in range(n)
+        job_request(1 + j % 3, f"job {j}", PARAMS, count=1 + j % 4, seed=1000 * (j + 1)) for j in range(n)
     ]
 
 

@@ -13,7 +13,8 @@ import torch
 
 from i2p2i_bot.acceleration import compile_mode
 from i2p2i_bot.config import GenerateSettings, Settings
-from i2p2i_bot.generate import GenerationRequest, Generator
+from i2p2i_bot.generate import Generator
+from i2p2i_bot.request import GenerationRequest
 from i2p2i_bot.smoke import SmokeModels
 
 CPU = torch.device("cpu")
@@ -216,7 +217,8 @@ def test_compiled_buckets_pad_batches_and_keep_every_image(
     assert other.images[0].image.size == (side, settings.height)
 
     # Even selected, the compiled UNet runs a shape it was not compiled for (3 guided images: 6 rows) eager.
-    params, specs = generator.plan(GenerationRequest("a red fox in snow", count=3, seed=40))
+    planned = generator.plan(GenerationRequest("a red fox in snow", count=3, seed=40))
+    params, specs = planned.params, planned.specs()
     graph_calls = backend.calls
     with buckets.selected(True):
         odd = generator._pipeline_call(params, specs, None)

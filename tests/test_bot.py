@@ -111,8 +111,12 @@ async def test_happy_path(
             lambda: cast(StoredMessage, reroll.original).attachments or None, timeout_s=20
         )
         second = await bot.store.job_record(2)
-        assert second is not None and second.job.parent_job_id == 1 and second.job.prompt == record.job.prompt
-        assert set(second.job.seeds).isdisjoint(record.job.seeds)
+        assert (
+            second is not None
+            and second.job.parent_job_id == 1
+            and second.job.request.prompt == record.job.request.prompt
+        )
+        assert set(second.job.request.seeds).isdisjoint(record.job.request.seeds)
 
         info = await server.push_button(result, "i2p:job:info:1")
         answer = await info.wait_response()
@@ -325,7 +329,103 @@ async def test_edit_modal_generates_with_typed_values(
         record = await bot.store.job_record(1)
         assert record is not None
         job = record.job
-        assert (job.prompt, job.negative_prompt, job.seeds) == ("a red fox in snow", "blurry", (42, 43))
+        assert (job.request.prompt, job.request.negative_prompt, job.request.seeds) == (
+            "a red fox in snow",
+            "blurry",
+            (42, 43),
+        )
+
+
+async def test_jobs_take_the_server_defaults_and_rerolls_keep_their_own(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """The server's default negative prompt reaches a card's job; a Reroll and Edit & regenerate keep the
+    job's steps, guidance and negative prompt after the defaults change; Info names the job's own models."""
+    server = discord_server
+    settings = settings_for(server)
+    settings = dataclasses.replace(
+        settings, generate=dataclasses.replace(settings.generate, negative_prompt="blurry, lowres")
+    )
+    generator = engine.generator
+    made_with, sources = generator.settings, engine.sources
+    generator.settings = settings.generate
+    try:
+        async with running_i2p2i(settings, server, engine) as bot:
+            _, card = await describe(server, astronaut)
+            edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+            await edit.wait_response()
+            assert edit.modal is not None
+            fields = {c["components"][0]["label"]: c["components"][0] for c in edit.modal["components"]}
+            assert fields["Negative prompt"]["value"] == "blurry, lowres"
+
+            press = await generate(server, card)
+            await server.wait_until(
+                lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=30
+            )
+            first = await bot.store.get_job(1)
+            assert first is not None and first.request.negative_prompt == "blurry, lowres"
+            rows = await bot.store._fetchall("SELECT negative_prompt, steps, guidance FROM jobs WHERE id = 1")
+            assert tuple(rows[0]) == ("blurry, lowres", settings.generate.steps, settings.generate.guidance)
+
+            # The server's defaults and models change; the job's settings are its own.
+            generator.settings = dataclasses.replace(
+                settings.generate, steps=settings.generate.steps + 1, guidance=2.5, negative_prompt="new"
+            )
+            engine.sources = dataclasses.replace(
+                sources, generator="now/generator", clip="now/clip", smoke=False
+            )
+            result = cast(StoredMessage, press.original)
+            reroll = await server.push_button(result, "i2p:job:reroll:1")
+            await reroll.wait_followup(timeout_s=30)
+            again = await bot.store.get_job(2)
+            assert again is not None and again.parent_job_id == 1 and again.origin == "reroll"
+            assert again.request.seed != first.request.seed
+            assert dataclasses.replace(again.request, seed=first.request.seed) == first.request
+
+            edit = await server.push_button(result, "i2p:job:edit:1")
+            await edit.wait_response()
+            submit = await server.push_modal_submit(edit, {"Prompt": "a calmer sea", "Images (1–8)": "1"})
+            await submit.wait_followup(timeout_s=30)
+            edited = await bot.store.get_job(3)
+            assert edited is not None and edited.request.prompt == "a calmer sea"
+            assert (edited.request.steps, edited.request.guidance) == (
+                first.request.steps,
+                first.request.guidance,
+            )
+            assert edited.request.negative_prompt == "blurry, lowres"
+
+            info = await server.push_button(result, "i2p:job:info:1")
+            answer = await info.wait_response()
+            embed = answer.json["data"]["embeds"][0]
+            models = next(f["value"] for f in embed["fields"] if f["name"] == "Models")
+            assert "generator: smoke:generator" in models and "clip: smoke:clip" in models
+            assert "now/" not in models
+            await bot.queue.join()
+    finally:
+        generator.settings, engine.sources = made_with, sources
+
+
+async def test_a_negative_card_generates_its_caption_without_those_words(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Generate on a negative card makes images of the caption, with the suggestion as negative prompt."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut, mode="negative")
+        stored = await bot.store.get_interrogation(1)
+        assert stored is not None and stored.interrogation.negative
+        press = await generate(server, card)
+        await server.wait_until(lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=30)
+        job = await bot.store.get_job(1)
+        assert job is not None
+        assert job.request.prompt == stored.interrogation.caption
+        assert job.request.negative_prompt == stored.interrogation.negative
 
 
 async def test_edit_modal_bad_input_is_echoed(
@@ -613,7 +713,7 @@ async def test_candidates_card_and_redescribe(
         positives = [c for c in stored.interrogation.candidates if c.mode != "negative"]
         await server.wait_until(lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=60)
         job = await bot.store.get_job(1)
-        assert job is not None and job.prompt == positives[1].prompt
+        assert job is not None and job.request.prompt == positives[1].prompt
         select_id = button(card, "i2p:card:mode:")
         redo = await server.push_select(card, select_id, ["fast"])
         await server.wait_until(

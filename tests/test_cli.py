@@ -196,7 +196,7 @@ def test_generate_command(config_file: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["generate", "x", "-n", "99"], "The count must be between 1 and 8 (got 99)."),
+        (["generate", "x", "-n", "99"], "The number of images must be between 1 and 8 (got 99)."),
         (["generate", "x", "--width", "65"], "The width must be a multiple of 8"),
     ],
 )

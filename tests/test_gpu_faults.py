@@ -20,12 +20,13 @@ from PIL import Image
 
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.engine import Engine
-from i2p2i_bot.generate import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.gpu import GpuWorker
-from i2p2i_bot.jobs import EventKind, Job, JobRequest, JobStatus
+from i2p2i_bot.jobs import EventKind, Job, JobStatus
 from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.runner import GPU_FAULT_REASON, JobRunner
 from i2p2i_bot.store import Store
+from tests.requests import job_request
 
 # Stored PNGs against images made alone: batch composition may move a float by an ulp, not a pixel level.
 PIXEL_TOLERANCE = 2
@@ -48,7 +49,7 @@ def gpu() -> Iterator[GpuWorker]:
 @pytest.fixture
 def params(engine: Engine) -> GenerationParams:
     """The engine's defaults: 3 steps at 64×64 with classifier-free guidance (two UNet rows per image)."""
-    planned, _ = engine.generator.plan(GenerationRequest("x"))
+    planned = engine.plan(GenerationRequest("x")).params
     assert planned.guidance > 1
     return planned
 
@@ -97,9 +98,7 @@ async def test_out_of_memory_at_batch_eight_splits_and_every_image_matches_its_s
     original = patch_module(monkeypatch, unet, "forward", forward)
     queue = await JobQueue.open(store, QueueSettings(max_batch_images=8))
     runner = JobRunner(queue, engine, gpu, timeout_s=300)
-    job = await queue.submit(
-        JobRequest(owner_id=1, prompt="a lighthouse at dusk", params=params, count=8, seed=4242)
-    )
+    job = await queue.submit(job_request(1, "a lighthouse at dusk", params, count=8, seed=4242))
     events = queue.subscribe(job_id=job.id)
     runner.start()
     kinds = [event.kind async for event in events]
@@ -137,7 +136,7 @@ async def test_out_of_memory_even_for_one_image_fails_the_job_with_a_sentence_fo
     patch_module(monkeypatch, unet, "forward", forward)
     queue = await JobQueue.open(store, QueueSettings(max_batch_images=2, max_attempts=3))
     runner = JobRunner(queue, engine, gpu, timeout_s=300)
-    job = await queue.submit(JobRequest(owner_id=1, prompt="a huge mural", params=params, count=2, seed=9))
+    job = await queue.submit(job_request(1, "a huge mural", params, count=2, seed=9))
     events = queue.subscribe(job_id=job.id)
     runner.start()
     last = [event async for event in events][-1]
@@ -171,11 +170,8 @@ async def test_a_cuda_fault_holds_its_batch_and_the_rest_for_a_restart(
     runner = JobRunner(queue, engine, gpu, timeout_s=300)
     submit = queue.submit
     # One image each: the first two share batch 1, the third waits for batch 2.
-    in_batch = [
-        await submit(JobRequest(owner_id=owner, prompt="a glitch", params=params, seed=owner))
-        for owner in (1, 2)
-    ]
-    behind = await submit(JobRequest(owner_id=3, prompt="a calm lake", params=params, seed=3))
+    in_batch = [await submit(job_request(owner, "a glitch", params, seed=owner)) for owner in (1, 2)]
+    behind = await submit(job_request(3, "a calm lake", params, seed=3))
     await asyncio.wait_for(runner.start(), timeout=300)
 
     assert calls == [4]  # one UNet call for the batch: neither split nor retried
@@ -214,9 +210,9 @@ async def test_a_model_that_raises_fails_its_job_with_a_reason_and_the_queue_goe
     queue = await JobQueue.open(store, QueueSettings(max_batch_images=4, max_attempts=2))
     runner = JobRunner(queue, engine, gpu, timeout_s=300)
     submit = queue.submit
-    unlucky = await submit(JobRequest(owner_id=1, prompt="a red kite", params=params, count=2, seed=100))
-    beside = await submit(JobRequest(owner_id=2, prompt="a blue boat", params=params, count=2, seed=200))
-    behind = await submit(JobRequest(owner_id=3, prompt="a green hill", params=params, count=1, seed=300))
+    unlucky = await submit(job_request(1, "a red kite", params, count=2, seed=100))
+    beside = await submit(job_request(2, "a blue boat", params, count=2, seed=200))
+    behind = await submit(job_request(3, "a green hill", params, count=1, seed=300))
     runner.start()
     await finish(queue, runner)
 
@@ -232,7 +228,7 @@ async def test_a_model_that_raises_fails_its_job_with_a_reason_and_the_queue_goe
     for job, prompt in ((beside, "a blue boat"), (behind, "a green hill")):
         record = await store.job_record(job.id)
         assert record is not None and record.job.status is JobStatus.COMPLETE and record.job.attempts == 0
-        assert [image.seed for image in record.images] == list(job.seeds)
+        assert [image.seed for image in record.images] == list(job.request.seeds)
         for image in record.images:
             alone = made_alone(engine, params, prompt, image.seed)
             assert np.abs(stored_pixels(store, job, image.index) - alone).max() <= PIXEL_TOLERANCE
@@ -266,9 +262,9 @@ async def test_a_hung_step_fails_its_job_after_the_timeout_and_the_next_job_comp
     timeout_s = 5.0  # generous: under load one 64×64 image must still fit in it
     queue = await JobQueue.open(store, QueueSettings(max_batch_images=1, job_timeout_s=timeout_s))
     runner = JobRunner(queue, engine, gpu, timeout_s=timeout_s)
-    stuck = await queue.submit(JobRequest(owner_id=1, prompt="a stuck clock", params=params, seed=7))
+    stuck = await queue.submit(job_request(1, "a stuck clock", params, seed=7))
     waiting = queue.subscribe(job_id=stuck.id)
-    after = await queue.submit(JobRequest(owner_id=2, prompt="a moving train", params=params, seed=8))
+    after = await queue.submit(job_request(2, "a moving train", params, seed=8))
     runner.start()
     try:
         events = [event async for event in waiting]

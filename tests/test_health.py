@@ -19,7 +19,6 @@ import pytest
 from i2p2i_bot import app, health
 from i2p2i_bot.cli import main
 from i2p2i_bot.config import Settings
-from i2p2i_bot.generate import GenerationParams
 from i2p2i_bot.gpu import GpuFault
 from i2p2i_bot.health import (
     HEALTH_FILE,
@@ -31,11 +30,13 @@ from i2p2i_bot.health import (
     run_heartbeat,
     write_heartbeat,
 )
-from i2p2i_bot.jobs import Job, JobRequest
+from i2p2i_bot.jobs import Job
+from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import Store
 from tests.bot_harness import bot_settings, running_i2p2i
 from tests.discord_fake import FakeDiscord, running_fake_discord
 from tests.fake_engine import FakeEngine
+from tests.requests import job_request
 
 NOW = 1_700_000_000.0
 GOOD = BotStatus(
@@ -347,7 +348,7 @@ async def test_the_running_bot_keeps_a_heartbeat(
 
         try:
             for owner in (1, 2):
-                await bot.queue.submit(JobRequest(owner, f"prompt {owner}", PARAMS, seed=owner))
+                await bot.queue.submit(job_request(owner, f"prompt {owner}", PARAMS, seed=owner))
             await asyncio.to_thread(engine.entered.wait, 20)
             await wait_for(lambda: (current().status.running_jobs, current().status.queued_jobs) == (1, 1))
             bot.queue.pause()
@@ -395,7 +396,7 @@ async def test_a_lost_gpu_stops_the_bot_with_its_own_exit_code_and_keeps_the_que
         await wait_for(lambda: path.exists() and current_status(path).gateway_connected)
         assert bot.gpu_lost() is None and bot.exit_code == 0
         bot.queue.pause()  # so the job below waits in the queue whatever the GPU thread does
-        job = await bot.queue.submit(JobRequest(1, "a prompt", PARAMS, seed=1))
+        job = await bot.queue.submit(job_request(1, "a prompt", PARAMS, seed=1))
 
         def fault() -> None:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")

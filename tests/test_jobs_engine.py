@@ -13,14 +13,15 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from i2p2i_bot.config import QueueSettings, Settings, WarmUp
 from i2p2i_bot.engine import Engine
-from i2p2i_bot.generate import GenerationRequest, Generator
+from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import GpuOutOfMemory, GpuWorker
 from i2p2i_bot.interrogate import MODES
-from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.replies import user_message
+from i2p2i_bot.request import GenerationRequest
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.store import Store
+from tests.requests import job_request
 
 
 async def test_jobs_run_on_the_real_engine(
@@ -37,21 +38,17 @@ async def test_jobs_run_on_the_real_engine(
         stored = await store.add_interrogation(
             source, source_sha256="a" * 64, models=engine.models, user_id=1, guild_id=None, channel_id=None
         )
-        params, _ = engine.generator.plan(GenerationRequest("x"))
+        params = engine.plan(GenerationRequest("x")).params
         first = await queue.submit(
-            JobRequest(
-                owner_id=1, prompt="a red kite", params=params, count=2, seed=10, interrogation_id=stored.id
-            )
+            job_request(1, "a red kite", params, count=2, seed=10, interrogation_id=stored.id)
         )
-        second = await queue.submit(
-            JobRequest(owner_id=2, prompt="a blue boat", params=params, count=2, seed=20)
-        )
+        second = await queue.submit(job_request(2, "a blue boat", params, count=2, seed=20))
         await queue.join()
         await runner.stop(5)
         for job, prompt in ((first, "a red kite"), (second, "a blue boat")):
             record = await store.job_record(job.id)
             assert record is not None and record.job.status == "complete"
-            assert [m.seed for m in record.images] == list(job.seeds)
+            assert [m.seed for m in record.images] == list(job.request.seeds)
             for meta in record.images:
                 with Image.open(store.image_path(job.id, meta.index)) as png:
                     stored_pixels = np.asarray(png.convert("RGB"), dtype=np.int16)

@@ -26,9 +26,9 @@ import yaml
 from i2p2i_bot.backup import BackupError, backup_database
 from i2p2i_bot.cli import main
 from i2p2i_bot.config import QueueSettings, Settings
-from i2p2i_bot.generate import GenerationParams
-from i2p2i_bot.jobs import JobRequest
+from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import Store, packaged_migrations
+from tests.requests import job_request
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = GenerationParams("tiny", 2, 7.5, 64, 64, "dpm")
@@ -60,7 +60,7 @@ async def test_backup_while_the_bot_store_is_open_with_open_transactions(
     store = await Store.open(db_path, images_dir=db_path.parent / "images")
     try:
         for n in (1, 2, 3):
-            await store.insert_job(JobRequest(n, f"prompt {n}", PARAMS), [n])
+            await store.insert_job(job_request(n, f"prompt {n}", PARAMS, seed=n))
         other = sqlite3.connect(db_path, isolation_level=None)
         other.execute("UPDATE jobs SET prompt = 'committed elsewhere' WHERE id = 2")
         other.execute("BEGIN IMMEDIATE")
@@ -83,7 +83,7 @@ async def test_backup_while_the_bot_store_is_open_with_open_transactions(
 
         other.execute("COMMIT")
         other.close()
-        job = await store.insert_job(JobRequest(4, "after the backup", PARAMS), [4])
+        job = await store.insert_job(job_request(4, "after the backup", PARAMS, seed=4))
         assert prompts(db_path) == {1: "not committed", 2: "committed elsewhere", job.id: "after the backup"}
         assert job.id not in prompts(dest)
     finally:
@@ -210,9 +210,9 @@ async def test_a_restored_copy_is_what_the_bot_opens(tmp_path: Path) -> None:
     """The README's restore steps: move the database and its WAL aside, copy the backup in, open the store."""
     db_path = tmp_path / "data" / "i2p2i.sqlite3"
     store = await Store.open(db_path, images_dir=tmp_path / "data" / "images")
-    await store.insert_job(JobRequest(7, "kept", PARAMS), [1])
+    await store.insert_job(job_request(7, "kept", PARAMS, seed=1))
     copy = backup_database(db_path, tmp_path / "copy.sqlite3").dest
-    await store.insert_job(JobRequest(7, "after the backup", PARAMS), [2])
+    await store.insert_job(job_request(7, "after the backup", PARAMS, seed=2))
     await store.close()
 
     old = tmp_path / "old"
@@ -224,7 +224,7 @@ async def test_a_restored_copy_is_what_the_bot_opens(tmp_path: Path) -> None:
     try:
         assert await store.schema_version() == len(packaged_migrations())
         job = await store.get_job(1)
-        assert job is not None and job.prompt == "kept"
+        assert job is not None and job.request.prompt == "kept"
         assert await store.get_job(2) is None
     finally:
         await store.close()

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from i2p2i_bot.jobs import Delivery, JobRequest, JobStatus
+from i2p2i_bot.jobs import Delivery, JobStatus
 from i2p2i_bot.store import JobChange, Store, StoredImage, packaged_migrations
 from tests.fake_engine import seed_colour
+from tests.requests import job_request
 from tests.restart_worker import PARAMS, job_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +80,9 @@ def query(db: Path, sql: str) -> list[tuple[object, ...]]:
 def expected_images() -> dict[tuple[int, int], tuple[str, int]]:
     """(job id, index) → (prompt, seed) for the worker's job plan (ids are given in submission order)."""
     return {
-        (j + 1, i): (request.prompt, request.seed + i)  # type: ignore[operator]
-        for j, request in enumerate(job_plan(JOBS))
-        for i in range(request.count)
+        (j + 1, i): (submitted.request.prompt, submitted.request.seeds[i])
+        for j, submitted in enumerate(job_plan(JOBS))
+        for i in range(submitted.request.count)
     }
 
 
@@ -167,18 +168,18 @@ async def churn(db: Path, data: Path, first_group: int) -> None:
     for group in itertools.count(first_group):
         size = 1 + group % 4
         requests = [
-            JobRequest(
-                owner_id=1 + k,
-                prompt=f"group {group} job {k} of {size}",
-                params=PARAMS,
+            job_request(
+                1 + k,
+                f"group {group} job {k} of {size}",
+                PARAMS,
                 count=1 + (group + k) % 3,
                 seed=1000 * group + 10 * k,
             )
             for k in range(size)
         ]
-        jobs = await store.insert_jobs([(request, request.seeds()) for request in requests])
+        jobs = await store.insert_jobs(requests)
         await store.mark_running([job.id for job in jobs], time.time())
-        made = [(job.id, index, seed) for job in jobs for index, seed in enumerate(job.seeds)]
+        made = [(job.id, index, seed) for job in jobs for index, seed in enumerate(job.request.seeds)]
         hashes = await asyncio.to_thread(
             store.write_image_files, [(job_id, index, churn_image(seed)) for job_id, index, seed in made]
         )

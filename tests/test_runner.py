@@ -12,15 +12,16 @@ import pytest
 from PIL import Image
 
 from i2p2i_bot.config import QueueSettings
-from i2p2i_bot.generate import GenerationError, GenerationParams, ImageSpec
 from i2p2i_bot.gpu import GpuFault, GpuWorker
-from i2p2i_bot.interrogate import Interrogation
+from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.jobs import EventKind, JobRequest
 from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.request import GenerationError, GenerationParams, ImageSpec
 from i2p2i_bot.runner import GPU_FAULT_REASON, JobRunner
 from i2p2i_bot.store import Store
 from tests.fake_engine import FakeEngine, seed_colour
+from tests.requests import job_request
 
 PARAMS = GenerationParams("tiny", 3, 7.5, 64, 64, "dpm")
 A, B, C = 1, 2, 3
@@ -42,7 +43,7 @@ def gpu() -> Iterator[GpuWorker]:
 
 
 def request(owner: int, count: int = 1, prompt: str | None = None) -> JobRequest:
-    return JobRequest(owner, prompt or f"user {owner}", PARAMS, count=count)
+    return job_request(owner, prompt or f"user {owner}", PARAMS, count=count)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -101,7 +102,7 @@ async def test_images_are_stored_as_pngs_with_their_seed_and_hash(store: Store, 
     queue = await JobQueue.open(store, QueueSettings(max_batch_images=2))
     runner = JobRunner(queue, FakeEngine(), gpu, timeout_s=30)
     runner.start()
-    job = await queue.submit(JobRequest(A, "x", PARAMS, count=3, seed=70000))
+    job = await queue.submit(job_request(A, "x", PARAMS, count=3, seed=70000))
     await queue.join()
     await runner.stop()
     record = await store.job_record(job.id)

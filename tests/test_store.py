@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from i2p2i_bot.generate import GenerationParams
 from i2p2i_bot.gpu import GpuWorker
-from i2p2i_bot.interrogate import Candidate, Interrogation
+from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.interrogation_cache import InterrogationCache
-from i2p2i_bot.jobs import Delivery, JobRequest, JobStatus
+from i2p2i_bot.jobs import Delivery, JobStatus
+from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import (
     JobChange,
     Migration,
@@ -25,6 +25,7 @@ from i2p2i_bot.store import (
     StoreError,
     packaged_migrations,
 )
+from tests.requests import job_request, planned
 
 PARAMS = GenerationParams("tiny", 2, 7.5, 64, 64, "dpm")
 
@@ -63,7 +64,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 2
+        assert await store.schema_version() == len(packaged_migrations()) == 3
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -77,7 +78,7 @@ async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: 
     """Reopening applies only migrations past user_version and keeps the data already there."""
     first = list(packaged_migrations())
     store = await open_store(tmp_path, first)
-    job = await store.insert_job(JobRequest(7, "kept", PARAMS), [1])
+    job = await store.insert_job(job_request(7, "kept", PARAMS, seed=1))
     await store.close()
 
     note = "ALTER TABLE jobs ADD COLUMN note TEXT; CREATE TABLE extra (x);"
@@ -87,7 +88,7 @@ async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: 
     try:
         assert await store.schema_version() == n + 1
         stored = await store.get_job(job.id)
-        assert stored is not None and stored.prompt == "kept"
+        assert stored is not None and stored.request.prompt == "kept"
         columns = {row["name"] for row in await store._fetchall("PRAGMA table_info(jobs)")}
         assert "note" in columns
     finally:
@@ -128,24 +129,32 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 async def test_a_version_1_file_is_upgraded_and_keeps_its_jobs(tmp_path: Path) -> None:
-    """A database from before delivery errors were kept gains the column; its jobs read back unchanged."""
+    """A database from the first schema gains the later columns; its jobs read back unchanged, their
+    requests whole (the first seed taken from the seeds list)."""
     first = list(packaged_migrations())[:1]
     store = await open_store(tmp_path, first)
-    job = await store.insert_job(JobRequest(7, "from version 1", PARAMS, count=2), [1, 2])
+    query = """
+        INSERT INTO jobs (owner_id, origin, prompt, negative_prompt, count, seeds, model, steps, guidance,
+                          width, height, scheduler, status, created_at)
+        VALUES (7, 'discord', 'from version 1', 'blurry', 2, '[4294967295, 0]', 'tiny', 2, 7.5, 64, 64, 'dpm',
+                'queued', 5.0)
+    """
+    await store._execute(query)
     await store.close()
     store = await open_store(tmp_path)
     try:
         assert await store.schema_version() == len(packaged_migrations())
-        stored = await store.get_job(job.id)
-        assert stored is not None and stored.prompt == "from version 1" and stored.seeds == (1, 2)
-        assert stored.delivery_error is None
+        stored = await store.get_job(1)
+        assert stored is not None and stored.delivery_error is None
+        expected = planned("from version 1", PARAMS, count=2, seed=2**32 - 1, negative_prompt="blurry")
+        assert stored.request == expected and stored.request.seeds == (2**32 - 1, 0)
         assert await store.integrity_problems() == []
     finally:
         await store.close()
 
 
 async def test_an_undeliverable_reason_is_kept_until_delivery(store: Store) -> None:
-    job = await store.insert_job(JobRequest(7, "nowhere to post", PARAMS), [1])
+    job = await store.insert_job(job_request(7, "nowhere to post", PARAMS, seed=1))
     await store.mark_undeliverable(job.id, "your DMs are closed to me")
     stored = await store.get_job(job.id)
     assert stored is not None and stored.delivery_error == "your DMs are closed to me"
@@ -156,20 +165,23 @@ async def test_an_undeliverable_reason_is_kept_until_delivery(store: Store) -> N
 
 async def test_job_round_trip_and_delivery(store: Store) -> None:
     """A job comes back with its seeds, parameters and delivery data; delivery marks drop the token."""
-    request = JobRequest(
+    request = job_request(
         5,
         "a lighthouse",
         PARAMS,
         count=3,
+        seed=10,
         negative_prompt="blurry",
         guild_id=1,
         channel_id=2,
         delivery=Delivery(channel_id=2, interaction_token="tok", token_expires_at=900.0),
     )
-    job = await store.insert_job(request, [10, 11, 12], now=100.0)
+    job = await store.insert_job(request, now=100.0)
     again = await store.get_job(job.id)
     assert again == job
-    assert job.seeds == (10, 11, 12) and job.params == PARAMS and job.status is JobStatus.QUEUED
+    assert job.request == request.request and job.owner_id == 5 and job.guild_id == 1
+    assert job.request.seeds == (10, 11, 12) and job.request.params == PARAMS
+    assert job.status is JobStatus.QUEUED
     assert job.delivery.interaction_token == "tok" and job.created_at == 100.0
 
     await store.set_delivery(job.id, Delivery(channel_id=2, message_id=99, interaction_token="tok"))
@@ -184,7 +196,7 @@ async def test_job_round_trip_and_delivery(store: Store) -> None:
 
 async def test_an_image_cannot_be_stored_twice(store: Store) -> None:
     """(job, index) is unique in the images table, so a retried batch can never add an image again."""
-    job = await store.insert_job(JobRequest(1, "x", PARAMS, count=2), [1, 2])
+    job = await store.insert_job(job_request(1, "x", PARAMS, count=2, seed=1))
     image = StoredImage(job.id, 0, 1, False, None, "ab" * 32, 1.0)
     await store.save_changes([], [image])
     with pytest.raises(sqlite3.IntegrityError):
@@ -194,7 +206,7 @@ async def test_an_image_cannot_be_stored_twice(store: Store) -> None:
 
 async def test_final_jobs_ignore_late_changes(store: Store) -> None:
     """A change for a job that is already final (a cancelled one, say) does not bring it back."""
-    job = await store.insert_job(JobRequest(1, "x", PARAMS), [1])
+    job = await store.insert_job(job_request(1, "x", PARAMS, seed=1))
     await store.save_changes([JobChange(job.id, JobStatus.CANCELLED, 0, False, None, None, 5.0)])
     await store.save_changes([JobChange(job.id, JobStatus.RUNNING, 0, True)])
     stored = await store.get_job(job.id)
@@ -274,9 +286,9 @@ async def test_identical_interrogations_in_flight_share_one_run(store: Store) ->
 
 async def test_history_queries(store: Store) -> None:
     """Recent jobs, prompt search (with LIKE wildcards taken literally), a job's record and the stats."""
-    a1 = await store.insert_job(JobRequest(1, "red fox in snow", PARAMS), [1], now=10.0)
-    a2 = await store.insert_job(JobRequest(1, "100% blue_sky", PARAMS, count=2), [2, 3], now=20.0)
-    b1 = await store.insert_job(JobRequest(2, "red car", PARAMS), [4], now=30.0)
+    a1 = await store.insert_job(job_request(1, "red fox in snow", PARAMS, seed=1), now=10.0)
+    a2 = await store.insert_job(job_request(1, "100% blue_sky", PARAMS, count=2, seed=2), now=20.0)
+    b1 = await store.insert_job(job_request(2, "red car", PARAMS, seed=4), now=30.0)
     await store.save_changes(
         [JobChange(a2.id, JobStatus.COMPLETE, 0, False, None, 21.0, 25.0)],
         [StoredImage(a2.id, i, 2 + i, i == 1, 0.4, f"{i:064x}", 24.0) for i in range(2)],
@@ -309,11 +321,11 @@ async def test_history_queries(store: Store) -> None:
 
 async def test_forget_user_deletes_only_their_history(store: Store) -> None:
     """/forget removes one member's jobs, image rows and files and interrogations; others keep theirs."""
-    mine = await store.insert_job(JobRequest(1, "mine", PARAMS), [1])
-    theirs = await store.insert_job(JobRequest(2, "theirs", PARAMS), [2])
+    mine = await store.insert_job(job_request(1, "mine", PARAMS, seed=1))
+    theirs = await store.insert_job(job_request(2, "theirs", PARAMS, seed=2))
     for job in (mine, theirs):
         (digest,) = await asyncio.to_thread(store.write_image_files, [(job.id, 0, Image.new("RGB", (2, 2)))])
-        await store.save_changes([], [StoredImage(job.id, 0, job.seeds[0], False, None, digest, 1.0)])
+        await store.save_changes([], [StoredImage(job.id, 0, job.request.seeds[0], False, None, digest, 1.0)])
     shared = await store.add_interrogation(make_interrogation("shared"), source_sha256="s", user_id=1)
     await store.add_cache_hit(shared.result_id, shared.interrogation, source_sha256="s", user_id=2)
     await store.add_interrogation(make_interrogation("private"), source_sha256="p", user_id=1)
@@ -331,11 +343,13 @@ async def test_forget_user_deletes_only_their_history(store: Store) -> None:
 
 async def test_job_ids_are_never_reused(store: Store) -> None:
     """Ids rise in submission order, also for jobs stored together; a forgotten id is never given again."""
-    jobs = await store.insert_jobs([(JobRequest(1, f"p{i}", PARAMS), [i]) for i in range(3)])
-    assert [j.id for j in jobs] == [1, 2, 3] and [j.prompt for j in jobs] == ["p0", "p1", "p2"]
+    jobs = await store.insert_jobs([job_request(1, f"p{i}", PARAMS, seed=i) for i in range(3)])
+    assert [j.id for j in jobs] == [1, 2, 3] and [j.request.prompt for j in jobs] == ["p0", "p1", "p2"]
     assert [await store.get_job(j.id) for j in jobs] == jobs
-    await store.insert_job(JobRequest(2, "last", PARAMS), [9])
+    await store.insert_job(job_request(2, "last", PARAMS, seed=9))
     await store.forget_user(2)
-    again = await store.insert_jobs([(JobRequest(1, "x", PARAMS), [1]), (JobRequest(1, "y", PARAMS), [2])])
+    again = await store.insert_jobs(
+        [job_request(1, "x", PARAMS, seed=1), job_request(1, "y", PARAMS, seed=2)]
+    )
     assert [j.id for j in again] == [5, 6]
-    assert (await store.insert_job(JobRequest(1, "z", PARAMS), [3])).id == 7
+    assert (await store.insert_job(job_request(1, "z", PARAMS, seed=3))).id == 7

@@ -1,0 +1,32 @@
+"""The engine as the bot and the command line use it: describe an image, plan a request, make a batch.
+
+A protocol without torch: the local `Engine` (engine.py) fulfils it, and so can a stand-in in tests or an
+engine on another machine.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from PIL import Image
+
+from i2p2i_bot.batches import BatchMaker
+from i2p2i_bot.interrogation import Interrogation
+from i2p2i_bot.request import GenerationRequest
+
+
+class ImageEngine(BatchMaker, Protocol):
+    """Every model the product uses; call its methods only from the thread that owns the GPU, but `plan`."""
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Model names as they are recorded next to results (role -> name)."""
+        ...
+
+    def plan(self, request: GenerationRequest) -> GenerationRequest:
+        """The request checked against the settings, with every default and its seed filled in (no GPU)."""
+        ...
+
+    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
+        """Describe an image in one mode; `key` (the image's hash) lets modes share its features."""
+        ...

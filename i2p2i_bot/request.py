@@ -1,0 +1,168 @@
+"""What a member asks for: the one request type, and its validation against the settings.
+
+The command line, the cogs and the queue all build a `GenerationRequest`; `plan()` checks it once, in the
+spirit of diffusers' `check_inputs`, and fills in every setting left to the server's default and the first
+seed. A planned request is what a job stores, what a reroll starts from and what the engine makes. Adding
+a setting means a field here, its check in `plan()`, a migration adding the jobs column of the same name,
+and the control that sets it. Nothing here imports torch, so the job system stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from i2p2i_bot.config import GenerateSettings
+
+SEED_LIMIT = 2**32
+MAX_SEED = SEED_LIMIT - 1
+MAX_PROMPT_CHARS = 4000
+SCHEDULERS = ("dpm", "pndm")
+MAX_GUIDANCE = 30.0
+_UNPLANNED = "the request has not been planned; plan() fills in its settings and seed"
+
+
+class GenerationError(Exception):
+    """A request a member can fix (bad size, count, steps...); the message is one sentence for them."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that must be equal for images to share one GPU batch."""
+
+    model: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image to make: its prompt, negative prompt and seed (the seed alone reproduces it)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    # Normalised CLIP embedding of the source image, for the fidelity score; None when there is no source.
+    source_embedding: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """N images of one prompt with one set of settings; None leaves a setting to the server's default.
+
+    Image i gets seed + i (wrapping at 2**32), so each image can be made again from its seed alone.
+    """
+
+    prompt: str
+    _: KW_ONLY
+    negative_prompt: str | None = None
+    count: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    model: str | None = None
+
+    @property
+    def planned(self) -> bool:
+        """Whether every setting and the seed are fixed, as `plan()` leaves them."""
+        return all(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+
+    @property
+    def params(self) -> GenerationParams:
+        """The batch key of a planned request."""
+        m, steps, g, w, h, sched = (
+            self.model,
+            self.steps,
+            self.guidance,
+            self.width,
+            self.height,
+            self.scheduler,
+        )
+        if m is None or steps is None or g is None or w is None or h is None or sched is None:
+            raise ValueError(_UNPLANNED)
+        return GenerationParams(m, steps, g, w, h, sched)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """One seed per image of a planned request."""
+        if self.seed is None:
+            raise ValueError(_UNPLANNED)
+        return tuple((self.seed + i) % SEED_LIMIT for i in range(self.count))
+
+    def spec(self, index: int, source_embedding: tuple[float, ...] | None = None) -> ImageSpec:
+        """Image `index` of a planned request."""
+        return ImageSpec(self.prompt, self.negative_prompt or "", self.seeds[index], source_embedding)
+
+    def specs(self, source_embedding: tuple[float, ...] | None = None) -> tuple[ImageSpec, ...]:
+        return tuple(self.spec(i, source_embedding) for i in range(self.count))
+
+
+def check_count(count: int, settings: GenerateSettings) -> None:
+    """The number of images one request may ask for, checked alone (before there is a prompt to plan)."""
+    if not 1 <= count <= settings.max_count:
+        raise GenerationError(
+            f"The number of images must be between 1 and {settings.max_count} (got {count})."
+        )
+
+
+def plan(request: GenerationRequest, settings: GenerateSettings, model: str) -> GenerationRequest:
+    """Check a request against the settings; return it with every default filled in and its first seed.
+
+    Raises GenerationError, one sentence for the member, for anything out of bounds. A request that is
+    planned already is checked again (the settings may have changed since) and keeps its seed.
+    """
+    prompt = request.prompt.strip()
+    if not prompt:
+        raise GenerationError("The prompt is empty; write what the image should show.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise GenerationError(f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+    negative = (
+        settings.negative_prompt if request.negative_prompt is None else request.negative_prompt
+    ).strip()
+    if len(negative) > MAX_PROMPT_CHARS:
+        raise GenerationError(
+            f"The negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}."
+        )
+    check_count(request.count, settings)
+    steps = settings.steps if request.steps is None else request.steps
+    if not 1 <= steps <= settings.max_steps:
+        raise GenerationError(f"Steps must be between 1 and {settings.max_steps} (got {steps}).")
+    guidance = settings.guidance if request.guidance is None else float(request.guidance)
+    if not 0.0 <= guidance <= MAX_GUIDANCE:
+        raise GenerationError(f"Guidance must be between 0 and {MAX_GUIDANCE:g} (got {guidance:g}).")
+    width = settings.width if request.width is None else request.width
+    height = settings.height if request.height is None else request.height
+    for name, side in (("width", width), ("height", height)):
+        if side % 8 or not settings.min_side <= side <= settings.max_side:
+            raise GenerationError(
+                f"The {name} must be a multiple of 8 between {settings.min_side} and {settings.max_side} "
+                f"(got {side})."
+            )
+    scheduler = settings.scheduler if request.scheduler is None else request.scheduler
+    if scheduler not in SCHEDULERS:
+        raise GenerationError(f"The scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler!r}).")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise GenerationError(f"The seed must be a whole number from 0 to {MAX_SEED} (got {request.seed}).")
+    if request.model is not None and request.model != model:
+        raise GenerationError(f"This bot makes images with {model}, not {request.model}.")
+    return GenerationRequest(
+        prompt,
+        negative_prompt=negative,
+        count=request.count,
+        seed=secrets.randbelow(SEED_LIMIT) if request.seed is None else request.seed,
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        scheduler=scheduler,
+        model=model,
+    )
