@@ -12,7 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.history import queue_message
+from i2p2i_bot.job_controls import queue_message
 from i2p2i_bot.replies import Refusal
 
 if TYPE_CHECKING:

@@ -9,10 +9,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.cards import COLOR, clip, info_embed, status_text
-from cogs.generation import JobButton, job_models, job_view
-from cogs.results import Results
-from i2p2i_bot.jobs import Job, JobStatus
+from i2p2i_bot.cards import COLOR, info_embed, shorten
+from i2p2i_bot.job_controls import bot_of, job_models, job_view, queue_message
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
 
 if TYPE_CHECKING:
@@ -27,10 +25,6 @@ class HistoryCog(commands.Cog, name="History"):
     def __init__(self, bot: I2P2IBot) -> None:
         self.bot = bot
 
-    def _results(self) -> Results | None:
-        cog = self.bot.get_cog("Results")
-        return cog if isinstance(cog, Results) else None
-
     @app_commands.command(name="history", description="Your recent jobs and prompts")
     @app_commands.describe(query="Only jobs whose prompt contains this text")
     async def history(self, interaction: discord.Interaction, query: str | None = None) -> None:
@@ -42,23 +36,25 @@ class HistoryCog(commands.Cog, name="History"):
         else:
             jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT)
             cards = await store.recent_interrogations(user, limit=HISTORY_LIMIT)
-        results = self._results()
+        delivery = self.bot.delivery
         lines = [
             f"**Job #{j.id}** · {j.status}"
-            + (" · ⚠️ not posted, see /job" if results and results.undeliverable(j) else "")
-            + f" · {j.request.count} image(s) · <t:{int(j.created_at)}:R>\n> {clip(j.request.prompt, 180)}"
+            + (" · ⚠️ not posted, see /job" if delivery.undeliverable(j) else "")
+            + f" · {j.request.count} image(s) · <t:{int(j.created_at)}:R>\n> {shorten(j.request.prompt, 180)}"
             for j in jobs
         ]
         for c in cards:
             when = f"<t:{int(c.created_at)}:R>"
             lines.append(
-                f"**Card {c.id}** · {c.interrogation.mode} · {when}\n> {clip(c.interrogation.prompt, 180)}"
+                f"**Card {c.id}** · {c.interrogation.mode} · {when}\n> {shorten(c.interrogation.prompt, 180)}"
             )
         if not lines:
-            found = f" matching “{clip(query, 100)}”" if query else ""
+            found = f" matching “{shorten(query, 100)}”" if query else ""
             await interaction.response.send_message(f"You have no history{found} yet.", ephemeral=True)
             return
-        view = Pager(lines, title="Your history" + (f" · “{clip(query, 60)}”" if query else ""), owner=user)
+        view = Pager(
+            lines, title="Your history" + (f" · “{shorten(query, 60)}”" if query else ""), owner=user
+        )
         await interaction.response.send_message(embed=view.page(), view=view, ephemeral=True)
 
     @app_commands.command(name="job", description="Show a past job of yours, with working buttons")
@@ -71,8 +67,7 @@ class HistoryCog(commands.Cog, name="History"):
         if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
             raise Refusal(f"Job #{job_id} is not yours.")
         running = not job.status.finished
-        results = self._results()
-        delivery = results.delivery_state(job) if results is not None else None
+        delivery = self.bot.delivery.delivery_state(job)
         models = await job_models(self.bot, job)
         embed = info_embed(job, record.images, models, delivery=delivery)
         await interaction.response.send_message(
@@ -101,26 +96,6 @@ class HistoryCog(commands.Cog, name="History"):
         )
 
 
-def queue_message(
-    bot: I2P2IBot, jobs: list[Job], *, everyone: bool = False
-) -> tuple[discord.Embed, discord.ui.View]:
-    """The queue as an embed, with a Cancel button for each of the first jobs."""
-    lines = []
-    for job in jobs[:20]:
-        position = bot.queue.position(job.id)
-        owner = f" · <@{job.owner_id}>" if everyone else ""
-        lines.append(f"{status_text(job, position)}{owner}\n> {clip(job.request.prompt, 120)}")
-    more = f"\n… and {len(jobs) - 20} more" if len(jobs) > 20 else ""
-    embed = discord.Embed(colour=COLOR, title="Queue", description=clip("\n".join(lines) + more, 4000))
-    if bot.queue.images_per_s:
-        embed.set_footer(text=f"{bot.queue.images_per_s:.2f} images/s lately")
-    view = discord.ui.View(timeout=None)
-    for job in jobs[:20]:
-        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            view.add_item(JobButton("cancel", job.id, label=f"Cancel #{job.id}"))
-    return embed, view
-
-
 class Pager(PrivateView):
     """Previous / next over ephemeral pages; in memory, as ephemeral messages are short-lived."""
 
@@ -132,7 +107,7 @@ class Pager(PrivateView):
 
     def page(self) -> discord.Embed:
         chunk = self.lines[self.index * PAGE_SIZE : (self.index + 1) * PAGE_SIZE]
-        embed = discord.Embed(colour=COLOR, title=self.title, description=clip("\n\n".join(chunk), 4000))
+        embed = discord.Embed(colour=COLOR, title=self.title, description=shorten("\n\n".join(chunk), 4000))
         embed.set_footer(text=f"Page {self.index + 1} of {self.pages}")
         return embed
 
@@ -164,7 +139,7 @@ class ForgetConfirm(PrivateView):
     async def confirm(
         self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirm]
     ) -> None:
-        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        bot = bot_of(interaction)
         try:
             if interaction.user.id != self.user_id:
                 raise Refusal("Only the member who asked can confirm this.")

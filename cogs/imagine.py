@@ -21,10 +21,10 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from cogs.cards import MODE_LABELS, prompt_card, thumbnail_file
-from cogs.generation import PromptModal, start_job
+from i2p2i_bot.cards import MODE_LABELS, prompt_card, thumbnail_file
 from i2p2i_bot.config import InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
+from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
 from i2p2i_bot.request import GenerationRequest, check_count
@@ -108,29 +108,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
             data = await self.download(source, limit)
             intake = await asyncio.to_thread(load_intake, data, settings.intake)
             await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
-            stored = await self.interrogate(interaction, intake.image, intake.sha256, mode)
+            stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode)
         except (ImageError, Refusal) as exc:
             await withdraw(interaction, str(exc))
             return
         # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
         thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
         await interaction.followup.send(**card_message(bot, stored, interaction.user, count, thumbnail))
-
-    async def interrogate(
-        self, interaction: discord.Interaction, image: Image.Image, sha256: str, mode: str
-    ) -> StoredInterrogation:
-        bot = self.bot
-        engine = bot.engine
-        log.info("describing %s for user %d in mode %s", sha256[:12], interaction.user.id, mode)
-        return await bot.interrogations.interrogate(
-            lambda: engine.interrogate(image, mode, key=sha256),
-            source_sha256=sha256,
-            mode=mode,
-            models={k: v for k, v in engine.models.items() if k != "generator"},
-            user_id=interaction.user.id,
-            guild_id=interaction.guild_id,
-            channel_id=interaction.channel_id,
-        )
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
@@ -154,6 +138,23 @@ class ImagineCog(commands.Cog, name="Imagine"):
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("download of %s failed: %s", url.with_query(None), exc)
             raise Refusal("I could not download that image; try again in a moment.") from None
+
+
+async def describe_for(
+    bot: I2P2IBot, interaction: discord.Interaction, image: Image.Image, sha256: str, mode: str
+) -> StoredInterrogation:
+    """Describe an image for the member of `interaction` on the GPU thread (or from the cache), stored."""
+    engine = bot.engine
+    log.info("describing %s for user %d in mode %s", sha256[:12], interaction.user.id, mode)
+    return await bot.interrogations.interrogate(
+        lambda: engine.interrogate(image, mode, key=sha256),
+        source_sha256=sha256,
+        mode=mode,
+        models={k: v for k, v in engine.models.items() if k != "generator"},
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+    )
 
 
 def downloadable(url: yarl.URL, api_base: str) -> bool:
@@ -317,7 +318,7 @@ class CardButton(
         return cls(match["action"], int(match["card"]), int(match["count"]), k=k)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        bot = bot_of(interaction)
         try:
             stored = await _owned_card(bot, interaction, self.card)
             result = stored.interrogation
@@ -370,7 +371,7 @@ class ModeSelect(
         return cls(int(match["card"]), int(match["count"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        bot = bot_of(interaction)
         mode = self.item.values[0]
         try:
             stored = await _owned_card(bot, interaction, self.card)
@@ -379,9 +380,7 @@ class ModeSelect(
                 raise Refusal("I no longer have that image; run /imagine-from again.")
             await interaction.response.defer()
             image = await asyncio.to_thread(_open_png, path)
-            cog = bot.get_cog("Imagine")
-            assert isinstance(cog, ImagineCog)
-            fresh = await cog.interrogate(interaction, image, stored.source_sha256, mode)
+            fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode)
             message = card_message(bot, fresh, interaction.user, self.count, None)
             await interaction.edit_original_response(**message)
         except Exception as exc:

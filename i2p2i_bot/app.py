@@ -1,7 +1,8 @@
 """The Discord application: the bot, the services its cogs use, and a clean start and stop.
 
-This module and replies.py are the package's only Discord code; the engine and the job system never
-import discord, and nothing here imports the cogs except by extension name.
+This module, replies.py, cards.py, job_controls.py and delivery.py are the package's only Discord code;
+the engine and the job system never import discord, and nothing here imports the cogs except by
+extension name.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from i2p2i_bot.config import ConfigError, Settings, load_settings
+from i2p2i_bot.delivery import ResultDelivery
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
 from i2p2i_bot.health import HEALTH_FILE, BotStatus, run_heartbeat
+from i2p2i_bot.image_engine import ImageEngine
 from i2p2i_bot.interrogation_cache import InterrogationCache
+from i2p2i_bot.job_controls import JobButton
 from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.replies import report_error
@@ -40,14 +44,14 @@ from i2p2i_bot.terms import BannedTerms
 log = logging.getLogger("i2p2i.bot")
 
 # Loaded one by one; a broken cog is logged and the others still load.
-EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.results", "cogs.history", "cogs.admin")
+EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.history", "cogs.admin")
 EXIT_CONFIG = 2
 # The GPU failed for good (a CUDA fault, or a task that never returns): only a new process gets it back.
 EXIT_GPU_LOST = 3
 # How often the bot checks that its GPU can still work.
 GPU_WATCH_INTERVAL_S = 5.0
 
-EngineLoader = Callable[[Settings], Any]
+EngineLoader = Callable[[Settings], ImageEngine]
 
 
 class I2P2ITree(app_commands.CommandTree["I2P2IBot"]):
@@ -90,10 +94,11 @@ class I2P2IBot(commands.Bot):
         self.sources_dir = settings.data_path / "sources"
         self.store: Store
         self.gpu: GpuWorker
-        self.engine: Any
+        self.engine: ImageEngine
         self.queue: JobQueue
         self.interrogations: InterrogationCache
         self.runner: JobRunner
+        self.delivery = ResultDelivery(self)
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         # What bot.py exits with once the bot has closed.
@@ -120,6 +125,9 @@ class I2P2IBot(commands.Bot):
         self.interrogations = InterrogationCache(self.store, self.gpu)
         self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
         self.runner.start()
+        # Job buttons work on every job message, whichever cog posted it, and after a restart.
+        self.add_dynamic_items(JobButton)
+        await self.delivery.start()
         self.spawn(self._watch_gpu(), name="i2p2i-gpu-watch")
         for name in self.extension_names:
             try:
@@ -144,6 +152,8 @@ class I2P2IBot(commands.Bot):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if hasattr(self, "queue"):  # the delivery started with the queue; it edits before Discord closes
+            await self.delivery.stop()
         await super().close()
         if hasattr(self, "gpu"):
             await asyncio.to_thread(self.gpu.close, True, self.settings.queue.stop_grace_s)

@@ -20,7 +20,7 @@ import discord.webhook.async_
 import pytest
 from PIL import Image
 
-import cogs.results
+from i2p2i_bot import delivery as result_delivery
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
@@ -157,7 +157,7 @@ async def test_429_storm_on_progress_edits_stops_progress_not_the_result(
         for job_id in (1, 2, 3):
             # Let each job's edit throttle open again, so the queue moving makes the bot edit every waiting
             # job's message: without the stop, job 3 would be edited (and retried) at each step of the queue.
-            await asyncio.sleep(cogs.results.EDIT_INTERVAL_S)
+            await asyncio.sleep(result_delivery.EDIT_INTERVAL_S)
             bot.queue.resume()
             await eventually(lambda: bot.store.get_job(job_id), lambda job: job.status != "queued", 30)  # noqa: B023
             bot.queue.pause()
@@ -203,7 +203,7 @@ async def test_429_storm_on_the_result_upload(
         press = await generate(server, card)
         await delivered(bot, 1)
         edits = [c for c in uploads(server) if c.route == EDIT]
-        assert len(edits) <= cogs.results.PATH_TRIES * DISCORD_PY_TRIES
+        assert len(edits) <= result_delivery.PATH_TRIES * DISCORD_PY_TRIES
         assert len(storm.hits) == min(times, len(edits))
         posted = results_posted(server, 1)
         assert len(posted) == 1
@@ -226,7 +226,7 @@ async def test_429_storm_on_every_upload_path_ends_in_one_dm(
     """A global 429 storm on every upload outlasts the edit and the channel; the DM gets through, once."""
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
-        per_path = cogs.results.PATH_TRIES * DISCORD_PY_TRIES
+        per_path = result_delivery.PATH_TRIES * DISCORD_PY_TRIES
         storm = server.rate_limit_next(
             None,
             times=2 * per_path + 2,
@@ -283,7 +283,7 @@ async def test_5xx_on_the_result_edit_falls_back_to_the_channel(
         press = await generate(server, card)
         await delivered(bot, 1)
         edits = [c for c in uploads(server) if c.route == EDIT]
-        assert len(edits) == cogs.results.PATH_TRIES * DISCORD_PY_TRIES
+        assert len(edits) == result_delivery.PATH_TRIES * DISCORD_PY_TRIES
         (posted,) = results_posted(server, 1)
         assert posted.route == POST and "job #1 is done" in posted.json["content"]
         await server.wait_until(lambda: "posted below" in press.original.content or None, timeout_s=10)
@@ -301,15 +301,15 @@ async def test_5xx_everywhere_keeps_the_job_undelivered_with_a_reason(
         _, card = await describe(server, astronaut)
         server.fail_next(None, status=503, times=10_000, predicate=lambda c: bool(c.files))
         await generate(server, card)
-        await server.wait_until(lambda: bot.get_cog("Results").undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
+        await server.wait_until(lambda: bot.delivery.undeliverable(1), timeout_s=60)
         job = await bot.store.get_job(1)
         assert job is not None and job.status == "complete" and job.delivered_at is None
         assert [j.id for j in await bot.store.undelivered_jobs()] == [1]
         edits = [c for c in uploads(server) if c.route == EDIT]
         posts = [c for c in uploads(server) if c.route == POST]
-        assert len(edits) == cogs.results.PATH_TRIES * DISCORD_PY_TRIES
+        assert len(edits) == result_delivery.PATH_TRIES * DISCORD_PY_TRIES
         # discord.py does not retry a 503 on the bot's own routes: the bot's tries are all there are.
-        assert len(posts) == 2 * cogs.results.PATH_TRIES  # channel, then DM
+        assert len(posts) == 2 * result_delivery.PATH_TRIES  # channel, then DM
         assert results_posted(server, 1) == []
         text = await job_embed(server, 1)
         assert "Could not be posted: Discord kept failing (HTTP 503)" in text
@@ -328,11 +328,11 @@ async def test_a_result_no_way_could_take_is_tried_again_without_a_restart(
     """503 on every upload for a while: undelivered, and /job says when it is tried next; once Discord is
     well again that try posts it, once, in the channel (the token was left behind at the failed edit)."""
     async with running_i2p2i(settings_for(server), server, engine) as bot:
-        bot.get_cog("Results").redelivery_delays_s = (2.0,)  # type: ignore[union-attr]
+        bot.delivery.redelivery_delays_s = (2.0,)
         _, card = await describe(server, astronaut)
         storm = server.fail_next(None, status=503, times=10_000, predicate=lambda c: bool(c.files))
         await generate(server, card)
-        await server.wait_until(lambda: bot.get_cog("Results").undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
+        await server.wait_until(lambda: bot.delivery.undeliverable(1), timeout_s=60)
         storm.remaining = 0  # Discord answers again
         stored = await bot.store.get_job(1)
         assert stored is not None
@@ -360,7 +360,7 @@ async def test_redelivery_ends_after_its_last_scheduled_try(
     """Discord failing for good: one delivery, then exactly one more per scheduled delay, then the job waits
     for the next start, and says so."""
     async with running_i2p2i(settings_for(server), server, engine) as bot:
-        bot.get_cog("Results").redelivery_delays_s = (0.05, 0.1)  # type: ignore[union-attr]
+        bot.delivery.redelivery_delays_s = (0.05, 0.1)
         _, card = await describe(server, astronaut)
         server.fail_next(None, status=503, times=10_000, predicate=lambda c: bool(c.files))
         await generate(server, card)
@@ -374,9 +374,10 @@ async def test_redelivery_ends_after_its_last_scheduled_try(
         assert final == "Discord kept failing (HTTP 503). It will be tried again when the bot restarts"
         await asyncio.sleep(0.5)  # nothing more is scheduled
         posts = [c for c in uploads(server) if c.route == POST]
-        assert len(posts) == 3 * 2 * cogs.results.PATH_TRIES  # three deliveries, each channel then DM
+        assert len(posts) == 3 * 2 * result_delivery.PATH_TRIES  # three deliveries, each channel then DM
         assert (
-            len([c for c in uploads(server) if c.route == EDIT]) == cogs.results.PATH_TRIES * DISCORD_PY_TRIES
+            len([c for c in uploads(server) if c.route == EDIT])
+            == result_delivery.PATH_TRIES * DISCORD_PY_TRIES
         )
         assert results_posted(server, 1) == []
 
@@ -500,9 +501,9 @@ def test_a_401_on_the_bots_own_routes_is_not_an_expired_interaction() -> None:
     # A stand-in for aiohttp's response: HTTPException reads only its status and reason.
     response: Any = types.SimpleNamespace(status=401, reason="Unauthorized")
     refused = discord.HTTPException(response, "401: Unauthorized")
-    assert cogs.results.classify("edit", refused).token_dead
+    assert result_delivery.classify("edit", refused).token_dead
     for path in ("channel", "dm"):
-        failure = cogs.results.classify(path, refused)
+        failure = result_delivery.classify(path, refused)
         assert not failure.token_dead and not failure.transient
         assert failure.reason == "Discord no longer accepts my token"
 
@@ -539,7 +540,7 @@ async def test_many_jobs_whose_tokens_expire_while_queued(
                 predicate=lambda c: c.params.get("token") in unknown,
             )  # fmt: skip
             # Let the edit throttle open, so the queue moving makes the bot edit every waiting job's message.
-            await asyncio.sleep(cogs.results.EDIT_INTERVAL_S)
+            await asyncio.sleep(result_delivery.EDIT_INTERVAL_S)
         for job_id in range(1, 13):
             await delivered(bot, job_id)
         for k, (_, press) in enumerate(presses):
@@ -577,7 +578,7 @@ async def test_channel_deleted_while_several_jobs_wait(
             await settled(server, presses)
             mark = server.mark()
             await server.delete_channel("general")
-            await asyncio.sleep(cogs.results.EDIT_INTERVAL_S)  # so the queue moving edits every message
+            await asyncio.sleep(result_delivery.EDIT_INTERVAL_S)  # so the queue moving edits every message
         for job_id in (1, 2, 3):
             await delivered(bot, job_id)
         for press in presses:
@@ -707,8 +708,8 @@ async def test_missing_permissions_and_closed_dms_leave_a_reason_for_the_owner(
             press.expire()
             await server.deny_bot_permissions("general", SEND_MESSAGES | ATTACH_FILES)
             server.block_dms("alice")
-        results = bot.get_cog("Results")
-        await server.wait_until(lambda: results.undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
+        results = bot.delivery
+        await server.wait_until(lambda: results.undeliverable(1), timeout_s=60)
         posts = [c for c in uploads(server) if c.route == POST]
         assert [(c.status, c.response["code"]) for c in posts] == [(403, 50013), (403, 50007)]
         used = server.calls(since=mark, predicate=with_token(press.token))
@@ -721,8 +722,8 @@ async def test_missing_permissions_and_closed_dms_leave_a_reason_for_the_owner(
     restart = server.mark()
     async with running_i2p2i(settings, server, engine) as bot:
         # Before the retry at start, /job already knows why from the store.
-        assert "your DMs are closed to me" in (bot.get_cog("Results").undeliverable(stored) or "")  # type: ignore[union-attr]
-        await server.wait_until(lambda: bot.get_cog("Results").undeliverable(1), timeout_s=60)  # type: ignore[union-attr]
+        assert "your DMs are closed to me" in (bot.delivery.undeliverable(stored) or "")
+        await server.wait_until(lambda: bot.delivery.undeliverable(1), timeout_s=60)
         again = [c for c in uploads(server, since=restart) if c.route == POST]
         assert [(c.status, c.response["code"]) for c in again] == [(403, 50013), (403, 50007)]
         assert server.calls(since=restart, predicate=with_token(press.token)) == []

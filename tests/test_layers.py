@@ -9,7 +9,13 @@ import sys
 
 import i2p2i_bot
 
-DISCORD_MODULES = {"i2p2i_bot.app", "i2p2i_bot.replies"}
+DISCORD_MODULES = {
+    "i2p2i_bot.app",
+    "i2p2i_bot.replies",
+    "i2p2i_bot.cards",
+    "i2p2i_bot.job_controls",
+    "i2p2i_bot.delivery",
+}
 
 
 def test_engine_modules_do_not_import_discord() -> None:

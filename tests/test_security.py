@@ -25,9 +25,9 @@ from PIL import Image
 
 import cogs
 from cogs.imagine import downloadable
-from cogs.results import CHANNEL_PERMISSION_NAMES, CHANNEL_PERMISSIONS
 from i2p2i_bot.app import RedactTokens, redact_tokens_in_logs
 from i2p2i_bot.config import DiscordSettings, Settings
+from i2p2i_bot.delivery import CHANNEL_PERMISSION_NAMES, CHANNEL_PERMISSIONS
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.replies import PrivateView
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
@@ -189,10 +189,13 @@ async def test_every_button_family_refuses_other_members(
 
 
 def test_every_in_memory_view_checks_its_member() -> None:
-    """Each View class in cogs/ is a PrivateView, so a new one cannot forget the owner check."""
+    """Each View class in cogs/ and the package's Discord modules is a PrivateView, so a new one cannot
+    forget the owner check."""
     found = []
-    for module_info in pkgutil.iter_modules(cogs.__path__):
-        module = importlib.import_module(f"cogs.{module_info.name}")
+    names = [f"cogs.{m.name}" for m in pkgutil.iter_modules(cogs.__path__)]
+    names += ["i2p2i_bot.job_controls", "i2p2i_bot.delivery", "i2p2i_bot.cards"]
+    for name in names:
+        module = importlib.import_module(name)
         for value in vars(module).values():
             if (
                 isinstance(value, type)

@@ -1,8 +1,8 @@
-"""Starting jobs from Discord: the order, the edit modal, and the buttons on a job's message.
+"""A job's controls in Discord: starting one, the edit modal, and the buttons on a job's message.
 
-Not an extension itself: the cogs import it. Who may press what: every button on a job belongs to the
-member who queued it (Reroll, Edit & regenerate, Delete, Cancel); admins may also Delete and Cancel.
-Info is read-only and open to everyone.
+The bot registers the buttons; the cogs start jobs through start_job. Who may press what: every button
+on a job belongs to the member who queued it (Reroll, Edit & regenerate, Delete, Cancel); admins may
+also Delete and Cancel. Info is read-only and open to everyone.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import discord
 
-from cogs.cards import info_embed, status_text
+from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
-from i2p2i_bot.jobs import Delivery, Job, JobRequest
+from i2p2i_bot.jobs import Delivery, Job, JobRequest, JobStatus
 from i2p2i_bot.replies import ANSWER_ERRORS, Refusal, report_error
 from i2p2i_bot.request import GenerationError
 
@@ -28,6 +28,16 @@ log = logging.getLogger("i2p2i.jobs")
 # Discord interaction tokens live 15 minutes.
 TOKEN_LIFETIME_S = 15 * 60
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+
+
+def bot_of(interaction: discord.Interaction) -> I2P2IBot:
+    """The bot an interaction came to; discord.py types it as any client."""
+    from i2p2i_bot.app import I2P2IBot  # the app imports this module
+
+    client = interaction.client
+    if not isinstance(client, I2P2IBot):
+        raise TypeError(f"an interaction for {type(client).__name__}, not the i2p2i bot")
+    return client
 
 
 # -- starting a job -------------------------------------------------------------------------------------
@@ -59,7 +69,6 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         request_key=f"interaction:{interaction.id}",
         delivery=Delivery(interaction.channel_id, None, interaction.token, expires),
     )
-    deliverer = bot.get_cog("Results")
     job = await bot.queue.submit(submitted)
     log.info("job %d queued by user %d (%d images)", job.id, job.owner_id, job.request.count)
     text = status_text(job, bot.queue.position(job.id))
@@ -71,8 +80,7 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
             await bot.store.set_delivery(job.id, delivery)
     finally:
         # The job is queued either way; without its status message the result goes to the channel or DM.
-        if deliverer is not None:  # the Results cog; None only if it failed to load
-            deliverer.track(job, delivery, limit)  # type: ignore[attr-defined]
+        bot.delivery.track(job, delivery, limit)
     return job
 
 
@@ -149,7 +157,7 @@ class JobButton(
         return cls(match["action"], int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        bot = bot_of(interaction)
         try:
             await getattr(self, f"_{self.action}")(bot, interaction)
         except Exception as exc:
@@ -205,6 +213,26 @@ async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:
     return models
 
 
+def queue_message(
+    bot: I2P2IBot, jobs: list[Job], *, everyone: bool = False
+) -> tuple[discord.Embed, discord.ui.View]:
+    """The queue as an embed, with a Cancel button for each of the first jobs."""
+    lines = []
+    for job in jobs[:20]:
+        position = bot.queue.position(job.id)
+        owner = f" · <@{job.owner_id}>" if everyone else ""
+        lines.append(f"{status_text(job, position)}{owner}\n> {shorten(job.request.prompt, 120)}")
+    more = f"\n… and {len(jobs) - 20} more" if len(jobs) > 20 else ""
+    embed = discord.Embed(colour=COLOR, title="Queue", description=shorten("\n".join(lines) + more, 4000))
+    if bot.queue.images_per_s:
+        embed.set_footer(text=f"{bot.queue.images_per_s:.2f} images/s lately")
+    view = discord.ui.View(timeout=None)
+    for job in jobs[:20]:
+        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            view.add_item(JobButton("cancel", job.id, label=f"Cancel #{job.id}"))
+    return embed, view
+
+
 # -- the edit modal ---------------------------------------------------------------------------------------
 
 
@@ -236,7 +264,7 @@ class PromptModal(discord.ui.Modal):
             self.add_item(item)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        bot: I2P2IBot = interaction.client  # type: ignore[assignment]
+        bot = bot_of(interaction)
         try:
             await start_job(bot, interaction, self.parsed())
         except Exception as exc:

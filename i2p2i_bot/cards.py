@@ -30,14 +30,14 @@ MODE_LABELS = {
 }
 
 
-def clip(text: str, limit: int) -> str:
+def shorten(text: str, limit: int) -> str:
     """Text cut to a Discord limit with an ellipsis, never silently."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def code(text: str, limit: int) -> str:
     """A copyable block that fits in `limit` characters."""
-    body = clip(text.replace("```", "'''"), limit - 8)
+    body = shorten(text.replace("```", "'''"), limit - 8)
     return f"```\n{body}\n```"
 
 
@@ -205,7 +205,7 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
     embed = discord.Embed(colour=colour, title=title, description=code(job.request.prompt, 1500))
     if job.request.negative_prompt:
         embed.add_field(
-            name="Negative", value=clip(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
+            name="Negative", value=shorten(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
         )
     ranked = sorted(images, key=lambda m: -(m.fidelity if m.fidelity is not None else -2.0))
     lines = []
@@ -215,7 +215,7 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
         lines.append(f"#{meta.index + 1} seed `{meta.seed}` · {fid}{flag}")
     if lines:
         embed.add_field(
-            name="Images (closest to the source first)", value=clip("\n".join(lines), FIELD_VALUE_MAX)
+            name="Images (closest to the source first)", value=shorten("\n".join(lines), FIELD_VALUE_MAX)
         )
     notes = []
     if failed and job.error:
@@ -229,7 +229,7 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
             f"{files.left_out} image(s) did not fit in this channel's upload limit; use Info for seeds."
         )
     if notes:
-        embed.add_field(name="Notes", value=clip("\n".join(notes), FIELD_VALUE_MAX), inline=False)
+        embed.add_field(name="Notes", value=shorten("\n".join(notes), FIELD_VALUE_MAX), inline=False)
     p = job.request.params
     embed.set_footer(text=f"{p.width}×{p.height} · {p.steps} steps · guidance {p.guidance:g} · {p.scheduler}")
     if files.names:
@@ -261,9 +261,9 @@ def info_embed(
             + (" · flagged" if m.nsfw else "")
             for m in sorted(images, key=lambda m: m.index)
         ]
-        embed.add_field(name="Images", value=clip("\n".join(per_image), FIELD_VALUE_MAX), inline=False)
+        embed.add_field(name="Images", value=shorten("\n".join(per_image), FIELD_VALUE_MAX), inline=False)
     embed.add_field(
-        name="Models", value=clip("\n".join(f"{k}: {v}" for k, v in models.items()), 1024), inline=False
+        name="Models", value=shorten("\n".join(f"{k}: {v}" for k, v in models.items()), 1024), inline=False
     )
     timing = [f"queued <t:{int(job.created_at)}:R>"]
     if job.started_at and job.finished_at:
@@ -274,7 +274,7 @@ def info_embed(
     if job.parent_job_id:
         embed.add_field(name="Rerolled from", value=f"job #{job.parent_job_id}")
     if job.error:
-        embed.add_field(name="Error", value=clip(job.error, FIELD_VALUE_MAX), inline=False)
+        embed.add_field(name="Error", value=shorten(job.error, FIELD_VALUE_MAX), inline=False)
     if delivery:
-        embed.add_field(name="Result", value=clip(delivery, FIELD_VALUE_MAX), inline=False)
+        embed.add_field(name="Result", value=shorten(delivery, FIELD_VALUE_MAX), inline=False)
     return embed

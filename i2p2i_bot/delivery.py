@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import discord
-from discord.ext import commands
 from PIL import Image
 
-from cogs.cards import ResultFiles, result_embed, result_files, status_text
-from cogs.generation import DEFAULT_UPLOAD_LIMIT, JobButton, job_view
+from i2p2i_bot.cards import ResultFiles, result_embed, result_files, status_text
+from i2p2i_bot.events import Subscription
+from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, job_view
 from i2p2i_bot.jobs import Delivery, EventKind, Job, JobEvent, JobStatus
 from i2p2i_bot.replies import ANSWER_ERRORS
 
@@ -132,8 +132,12 @@ class _Tracked:
     editing: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
-class Results(commands.Cog):
-    """Follows every job from queue to delivery; survives restarts through the store."""
+class ResultDelivery:
+    """Follows every job from queue to delivery; survives restarts through the store.
+
+    A service the bot owns (bot.delivery), started once the queue exists and stopped before Discord's
+    connection closes.
+    """
 
     def __init__(self, bot: I2P2IBot) -> None:
         self.bot = bot
@@ -144,25 +148,31 @@ class Results(commands.Cog):
         self._undeliverable: dict[int, str] = {}
         # How many times a job's whole delivery has failed in this run, for the pause before the next try.
         self._failed_deliveries: dict[int, int] = {}
-        self.redelivery_delays_s = REDELIVERY_DELAYS_S
+        self.redelivery_delays_s: tuple[float, ...] = REDELIVERY_DELAYS_S
         self._task: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
 
-    async def cog_load(self) -> None:
-        self._subscription = self.bot.queue.subscribe()
-        self._task = self.bot.spawn(self._follow(), name="i2p2i-deliverer")
+    async def start(self) -> None:
+        """Follow the queue's events, and (once connected) the jobs a restart left unfinished."""
+        subscription = self._subscription = self.bot.queue.subscribe()
+        self._task = self.bot.spawn(self._follow(subscription), name="i2p2i-deliverer")
         self.bot.spawn(self._recover(), name="i2p2i-recover-deliveries")
 
-    async def cog_unload(self) -> None:
-        self._subscription.close()
+    async def stop(self) -> None:
+        """Stop following, and tell members whose jobs wait for a restart that they do."""
+        subscription = self._subscription
+        if subscription is None:
+            return
+        subscription.close()
         if self._task is not None:
             self._task.cancel()
-        await self._announce_held()
+        await self._announce_held(subscription)
 
-    async def _announce_held(self) -> None:
+    async def _announce_held(self, subscription: Subscription) -> None:
         """On the way down, tell the members whose jobs the GPU failed under that they resume after the
         restart: the bot closes soon after the fault, often before the throttled edit's turn came."""
-        while self._subscription.pending():
-            event = self._subscription.get_nowait()
+        while subscription.pending():
+            event = subscription.get_nowait()
             tracked = self._tracked.get(event.job_id)
             if event.kind is EventKind.HELD and tracked is not None:
                 tracked.held = event.error
@@ -208,8 +218,8 @@ class Results(commands.Cog):
         for job in await self.bot.store.undelivered_jobs():
             await self._deliver(job.id, DEFAULT_UPLOAD_LIMIT)
 
-    async def _follow(self) -> None:
-        async for event in self._subscription:
+    async def _follow(self, subscription: Subscription) -> None:
+        async for event in subscription:
             try:
                 self._apply(event)
             except Exception:
@@ -522,8 +532,3 @@ def _token_alive(delivery: Delivery) -> bool:
 
 def _with_status(job: Job, status: JobStatus) -> Job:
     return dataclasses.replace(job, status=status)
-
-
-async def setup(bot: I2P2IBot) -> None:
-    bot.add_dynamic_items(JobButton)
-    await bot.add_cog(Results(bot))
