@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,3 +324,25 @@ def _cached_file(repo: str, filename: str) -> Path | None:
 
     found = try_to_load_from_cache(repo, filename)
     return Path(found) if isinstance(found, str) else None
+
+
+def check_downloaded(sources: ModelSources, *, generator: bool = True, safety_checker: bool = True) -> None:
+    """Name every configured model that is not on this machine, at once and before loading any of them.
+
+    generator=False leaves Stable Diffusion out, for work that makes no images; safety_checker is
+    generate.safety_checker.
+    """
+    locators: list[Callable[[], object]] = [
+        lambda: clip_files(sources.clip),
+        lambda: caption_folder(sources.caption),
+    ]
+    if generator:
+        locators.insert(0, lambda: generator_folder(sources.generator, safety_checker=safety_checker))
+    missing: list[str] = []
+    for locate in locators:
+        try:
+            locate()
+        except ModelNotDownloaded as exc:
+            missing.extend(exc.missing)
+    if missing:
+        raise ModelNotDownloaded(*missing)

@@ -664,6 +664,43 @@ def test_an_hf_hub_clip_and_its_tokenizer_load_from_the_cache(
     )
 
 
+def test_the_command_line_names_missing_models_in_one_line_without_a_connection(tmp_path: Path) -> None:
+    """With no weights fetched and HF_HUB_OFFLINE unset, `generate` (which loads what the bot loads) and
+    `describe` fail in one short line each naming the missing models and `i2p2i download-models`, with exit
+    code 2 and no connection tried."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[models]\ndevice = "cpu"\n', encoding="utf-8")
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    script = REFUSE_NETWORK + (
+        "import contextlib, io, json\n"
+        "from i2p2i_bot.cli import main\n"
+        "results = {}\n"
+        f"for command in (['generate', 'a kite'], ['describe', {str(tmp_path / 'photo.png')!r}]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        f"        code = main(['--config', {str(config)!r}, *command])\n"
+        "    results[command[0]] = [code, err.getvalue()]\n"
+        "print(json.dumps(results))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=without_hub_settings(tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    sd = f"Stable Diffusion {DEFAULT_GENERATOR}"
+    clip, blip = f"CLIP {DEFAULT_CLIP}", f"BLIP {DEFAULT_CAPTION}"
+    assert results == {
+        "generate": [2, f"i2p2i: Not downloaded: {sd}, {clip}, {blip}{NOT_DOWNLOADED}\n"],
+        "describe": [2, f"i2p2i: Not downloaded: {clip}, {blip}{NOT_DOWNLOADED}\n"],
+    }
+    assert len(results["generate"][1]) < 200
+
+
 def test_module_entry_point() -> None:
     """`python -m i2p2i_bot --help` lists the commands."""
     out = subprocess.run(
