@@ -9,8 +9,8 @@
 #   I2P2I_DATA_DIR         the data folder (default /data); HF_HOME (default DATA_DIR/huggingface) holds weights
 #   I2P2I_FETCH_RETRY_S    after a failed fetch, wait this long before exiting (default 60), so that a restart
 #                          policy retries about once a minute; SIGTERM ends the wait at once
-#   HF_HUB_OFFLINE         unset (and TRANSFORMERS_OFFLINE unset): the bot starts with both set to 1, so once
-#                          the models are in place it never reaches the Hub; 0 lets it
+#   HF_HUB_OFFLINE         set: the models are not fetched. Unset (and TRANSFORMERS_OFFLINE unset): the bot
+#                          starts with both set to 1. The bot reads the weights from HF_HOME alone either way.
 # With "fetch-models" as the only argument it fetches (as if always) and exits: the image build uses that, and
 # `docker compose run --rm bot fetch-models` fetches before the first start.
 set -eu
@@ -121,11 +121,12 @@ fi
 if [ "$fetch_only" = true ]; then
     exit 0
 fi
-# The models are in place now (fetched, found by the marker, or declared so with never): the bot has no reason
-# to reach the Hub, and must not fetch anything behind the operator's back. HF_HUB_OFFLINE=0 lets it.
+# The models are in place now (fetched, found by the marker, or declared so with never). The bot loads them
+# from the cache alone and stops with one line if one is missing; offline mode also keeps the Hugging Face
+# libraries from any request of their own.
 if [ -z "${HF_HUB_OFFLINE:-}" ] && [ -z "${TRANSFORMERS_OFFLINE:-}" ]; then
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-    say "starting the bot with HF_HUB_OFFLINE=1 (set HF_HUB_OFFLINE=0 to let it reach the Hugging Face Hub)"
+    say "starting the bot with HF_HUB_OFFLINE=1"
 fi
 # exec: the bot becomes this process, so it gets docker stop's SIGTERM and drains its queue.
 exec python "$app_dir/bot.py" "$@"

@@ -16,7 +16,7 @@ from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
 from i2p2i_bot.interrogate import Interrogator
 from i2p2i_bot.interrogation import Interrogation
-from i2p2i_bot.models import ModelSources, resolve_models
+from i2p2i_bot.models import ModelSources, check_downloaded, resolve_models
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class Engine:
     def load(cls, settings: Settings, *, progress: bool = False) -> Engine:
         started = time.perf_counter()
         sources = resolve_models(settings)
+        check_downloaded(sources, safety_checker=settings.generate.safety_checker)
         device = resolve_device(settings.models.device)
         dtype = resolve_dtype(settings.models.precision, device)
         log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
@@ -115,6 +116,7 @@ class Engine:
 def load_interrogator(settings: Settings, *, progress: bool = False) -> Interrogator:
     """The interrogator alone, for work that makes no images: no Stable Diffusion in memory."""
     sources = resolve_models(settings)
+    check_downloaded(sources, generator=False)
     device = resolve_device(settings.models.device)
     log.info(
         "loading the interrogation models on %s: clip %s, caption %s", device, sources.clip, sources.caption

@@ -21,7 +21,7 @@ from i2p2i_bot.acceleration import (
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import default_dtype, split_on_oom
-from i2p2i_bot.models import ModelUnavailable
+from i2p2i_bot.models import ModelUnavailable, generator_folder
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ class Generator:
         extra: dict[str, Any] = {}
         if not settings.safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
+        folder = generator_folder(source, safety_checker=settings.safety_checker)
         try:
-            pipe = pipeline_class().from_pretrained(source, dtype=dtype or default_dtype(device), **extra)
+            pipe = pipeline_class().from_pretrained(folder, dtype=dtype or default_dtype(device), **extra)
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(
                 f"Stable Diffusion model {source!r} could not be loaded ({exc}); run `i2p2i download-models` "

@@ -28,7 +28,7 @@ from i2p2i_bot.clip_text import TextEncoder
 from i2p2i_bot.config import InterrogateMode, InterrogateSettings
 from i2p2i_bot.gpu import default_dtype
 from i2p2i_bot.interrogation import Candidate, Interrogation
-from i2p2i_bot.models import ModelUnavailable, open_clip_name
+from i2p2i_bot.models import ModelUnavailable, caption_folder, clip_files
 from i2p2i_bot.terms import BannedTerms
 
 log = logging.getLogger(__name__)
@@ -95,18 +95,25 @@ class ClipEncoder:
     def load(cls, source: str, device: torch.device, dtype: torch.dtype | None = None) -> ClipEncoder:
         import open_clip
 
-        name, pretrained = open_clip_name(source)
+        files = clip_files(source)
         precision = "fp16" if (dtype or default_dtype(device)) == torch.float16 else "fp32"
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, precision=precision, device=device
+                files.model_name,
+                pretrained=files.pretrained,
+                precision=precision,
+                device=device,
+                image_mean=files.image_mean,
+                image_std=files.image_std,
+                image_interpolation=files.image_interpolation,
+                image_resize_mode=files.image_resize_mode,
             )
+            tokenizer = files.tokenizer()
         except (OSError, RuntimeError, ValueError) as exc:
             raise ModelUnavailable(
                 f"CLIP model {source!r} could not be loaded ({exc}); run `i2p2i download-models` where there "
                 "is internet, or use --models smoke to check the install"
             ) from exc
-        tokenizer = open_clip.get_tokenizer(name)
         return cls(model, preprocess, tokenizer, device, source)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -196,11 +203,12 @@ class Captioner:
     ) -> Captioner:
         from transformers import AutoProcessor, BlipForConditionalGeneration
 
+        folder = caption_folder(source)
         try:
             model: Any = BlipForConditionalGeneration.from_pretrained(
-                source, dtype=dtype or default_dtype(device)
+                folder, dtype=dtype or default_dtype(device)
             )
-            processor = AutoProcessor.from_pretrained(source)
+            processor = AutoProcessor.from_pretrained(folder)
         except OSError as exc:
             raise ModelUnavailable(
                 f"caption model {source!r} could not be loaded ({exc}); run `i2p2i download-models` where "

@@ -1,10 +1,19 @@
-"""Where the weights come from: the configured models or the smoke preset, and prefetching them."""
+"""Where the weights come from: the configured models or the smoke preset, prefetching them, and finding
+them on this machine.
+
+Only download_models reaches the Hugging Face Hub. The loaders read what it fetched through the locators
+below, which look in the local cache alone, whatever HF_HUB_OFFLINE says.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from i2p2i_bot.config import Settings
 from i2p2i_bot.smoke import SMOKE_WARNING, ensure_smoke_models
@@ -14,6 +23,14 @@ log = logging.getLogger(__name__)
 
 class ModelUnavailable(Exception):
     """A model cannot be loaded (not downloaded, wrong path); the message says what to do."""
+
+
+class ModelNotDownloaded(ModelUnavailable):
+    """Models named by a Hub id are not (or only partly) in the Hugging Face cache."""
+
+    def __init__(self, *missing: str) -> None:
+        self.missing = missing
+        super().__init__(f"Not downloaded: {', '.join(missing)}; run `i2p2i download-models`")
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,7 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
             continue
-        line = f"{label}: {source} → {_fetch_repository(source, files, pickled, ignored)}"
+        line = f"{label}: {source} → {_repository_snapshot(source, files, pickled, ignored)}"
         if ignored:
             line += " (no safety checker: generate.safety_checker is off)"
         lines.append(line)
@@ -101,16 +118,25 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
     return lines
 
 
-def _fetch_repository(
-    source: str, files: tuple[str, ...], pickled: tuple[str, ...], ignored: tuple[str, ...]
+def _repository_snapshot(
+    source: str,
+    files: tuple[str, ...],
+    pickled: tuple[str, ...],
+    ignored: tuple[str, ...],
+    *,
+    local_files_only: bool = False,
 ) -> str:
     from huggingface_hub import snapshot_download
 
     ignore = list(ignored) or None
-    path = snapshot_download(source, allow_patterns=list(files), ignore_patterns=ignore)
+    path = snapshot_download(
+        source, allow_patterns=list(files), ignore_patterns=ignore, local_files_only=local_files_only
+    )
     weights = [pattern for pattern in files if pattern.endswith(".safetensors")]
     if not any(next(Path(path).glob(pattern), None) for pattern in weights):
-        path = snapshot_download(source, allow_patterns=list(pickled), ignore_patterns=ignore)
+        path = snapshot_download(
+            source, allow_patterns=list(pickled), ignore_patterns=ignore, local_files_only=local_files_only
+        )
     return str(path)
 
 
@@ -134,3 +160,189 @@ def _fetch_clip(source: str) -> str:
     path = open_clip.download_pretrained(config)
     open_clip.get_tokenizer(name)  # packaged for most models; fetched from the Hub for a few (SigLIP)
     return f"clip: {source} → {path}"
+
+
+# --- finding the weights on this machine ----------------------------------------------------------------
+#
+# The loaders are handed folders and files, never Hub ids. Given an id, diffusers, transformers and open_clip
+# ask the Hub for its latest revision first (retrying for most of a minute where there is no network); even
+# with local_files_only=True, huggingface_hub's file lookup sends a request of its own (for a list it uses to
+# build its User-Agent header). Listing a cached snapshot and try_to_load_from_cache send nothing.
+
+
+def generator_folder(source: str, *, safety_checker: bool) -> str:
+    """The folder Generator.load reads: source itself, or what download_models put in the cache for it."""
+    ignored = () if safety_checker else SAFETY_CHECKER_FILES
+    return _cached_repository("Stable Diffusion", source, GENERATOR_FILES, GENERATOR_PICKLED, ignored)
+
+
+def caption_folder(source: str) -> str:
+    """The folder Captioner.load reads: source itself, or what download_models put in the cache for it."""
+    return _cached_repository("BLIP", source, CAPTION_FILES, CAPTION_PICKLED, ())
+
+
+def _cached_repository(
+    label: str, source: str, files: tuple[str, ...], pickled: tuple[str, ...], ignored: tuple[str, ...]
+) -> str:
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return str(folder)
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+
+    try:
+        # The same files download_models fetches; the cached listing of the repository says whether all
+        # of them are here.
+        return _repository_snapshot(source, files, pickled, ignored, local_files_only=True)
+    except IncompleteSnapshotError as exc:
+        raise ModelNotDownloaded(f"{label} {source} (in part)") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotDownloaded(f"{label} {source}") from exc
+    except HFValidationError as exc:
+        raise ModelUnavailable(
+            f"{label} model {source!r} is neither a folder nor a Hugging Face model id"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class ClipFiles:
+    """open_clip's arguments for a CLIP source, with every file on this machine."""
+
+    model_name: str  # an architecture, or local-dir:FOLDER
+    pretrained: str | None = None  # the weights file, with an architecture
+    # A pretrained tag's preprocessing, which open_clip applies by itself only when it is handed the tag.
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    image_interpolation: str | None = None
+    image_resize_mode: str | None = None
+    # The folder of the Hugging Face tokenizer the model's config names, and that config's text part.
+    hf_tokenizer: str | None = None
+    text_cfg: Mapping[str, Any] = field(default_factory=dict)
+
+    def tokenizer(self) -> Any:
+        """open_clip's tokenizer for this model, read from local files alone."""
+        import open_clip
+
+        if self.hf_tokenizer is None:
+            return open_clip.get_tokenizer(self.model_name)
+        from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
+
+        # What get_tokenizer builds for such a config, from the cached folder instead of the Hub id.
+        return HFTokenizer(
+            self.hf_tokenizer,
+            context_length=self.text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
+            tokenizer_mode=self.text_cfg.get("tokenizer_mode"),
+            **self.text_cfg.get("tokenizer_kwargs", {}),
+        )
+
+
+def clip_files(source: str) -> ClipFiles:
+    """What ClipEncoder.load reads for a CLIP source: a folder, a file, or what download_models cached."""
+    from huggingface_hub.errors import HFValidationError
+
+    name, pretrained = open_clip_name(source)
+    if name.startswith("local-dir:"):
+        return ClipFiles(name)
+    label = f"CLIP {source}"
+    try:
+        if pretrained is None:
+            return _cached_hub_clip(label, name.removeprefix("hf-hub:"))
+        return _cached_pretrained_clip(label, name, pretrained)
+    except HFValidationError as exc:
+        raise ModelUnavailable(f"CLIP model {source!r} names no valid Hugging Face model id") from exc
+
+
+def _cached_hub_clip(label: str, repo: str) -> ClipFiles:
+    """hf-hub:ID: its snapshot folder holds the config and the weights, as a local-dir: source does."""
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    config = _cached_file(repo, HF_CONFIG_NAME)
+    weights = (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
+    if config is None or not any((config.parent / name).is_file() for name in weights):
+        raise ModelNotDownloaded(label)
+    text_cfg = json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {}).get("text_cfg", {})
+    return ClipFiles(f"local-dir:{config.parent}", **_tokenizer_files(label, text_cfg))
+
+
+def _cached_pretrained_clip(label: str, name: str, pretrained: str) -> ClipFiles:
+    """ARCH/TAG: the weights file open_clip would fetch for the tag, and the tag's preprocessing."""
+    import open_clip
+    from open_clip.constants import HF_WEIGHTS_NAME
+
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ModelUnavailable(f"open_clip knows no model {name!r}")
+    text_cfg = model_cfg.get("text_cfg", {})
+    tag = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag:
+        weights = Path(pretrained).expanduser()
+        if not weights.is_file():
+            raise ModelUnavailable(f"open_clip knows no pretrained weights {pretrained!r} for {name!r}")
+        return ClipFiles(name, str(weights), **_tokenizer_files(label, text_cfg))
+    if not tag.get("hf_hub"):
+        raise ModelUnavailable(f"{label}: open_clip has these weights only at a URL; give the file instead")
+    # Named as open_clip.download_pretrained names it, which is what download_models fetched.
+    repo, filename = os.path.split(tag["hf_hub"])
+    found = (_cached_file(repo, candidate) for candidate in _weights_files(filename or HF_WEIGHTS_NAME))
+    weights_file = next((path for path in found if path is not None), None)
+    if weights_file is None:
+        raise ModelNotDownloaded(label)
+    return ClipFiles(
+        name,
+        str(weights_file),
+        image_mean=tag.get("mean"),
+        image_std=tag.get("std"),
+        image_interpolation=tag.get("interpolation"),
+        image_resize_mode=tag.get("resize_mode"),
+        **_tokenizer_files(label, text_cfg),
+    )
+
+
+def _weights_files(filename: str) -> list[str]:
+    """The files open_clip tries for a pretrained file on the Hub, in its order: a safetensors copy first."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def _tokenizer_files(label: str, text_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """ClipFiles' tokenizer fields: open_clip's BPE needs no file; a Hugging Face tokenizer is cached."""
+    name = text_cfg.get("hf_tokenizer_name")
+    if not name:
+        return {}
+    config = _cached_file(name, "tokenizer_config.json")
+    if config is None:
+        raise ModelNotDownloaded(f"{label} (its tokenizer {name})")
+    return {"hf_tokenizer": str(config.parent), "text_cfg": dict(text_cfg)}
+
+
+def _cached_file(repo: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def check_downloaded(sources: ModelSources, *, generator: bool = True, safety_checker: bool = True) -> None:
+    """Name every configured model that is not on this machine, at once and before loading any of them.
+
+    generator=False leaves Stable Diffusion out, for work that makes no images; safety_checker is
+    generate.safety_checker.
+    """
+    locators: list[Callable[[], object]] = [
+        lambda: clip_files(sources.clip),
+        lambda: caption_folder(sources.caption),
+    ]
+    if generator:
+        locators.insert(0, lambda: generator_folder(sources.generator, safety_checker=safety_checker))
+    missing: list[str] = []
+    for locate in locators:
+        try:
+            locate()
+        except ModelNotDownloaded as exc:
+            missing.extend(exc.missing)
+    if missing:
+        raise ModelNotDownloaded(*missing)

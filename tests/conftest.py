@@ -10,7 +10,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import dataclasses
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,3 +119,36 @@ def astronaut() -> Image.Image:
     import skimage.data
 
     return Image.fromarray(skimage.data.astronaut())
+
+
+class NetworkAttempt(BaseException):
+    """A name lookup or connection was tried: a BaseException, so that no library retries it as an error."""
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """An empty Hugging Face cache, returned, with huggingface_hub's offline switch off as when HF_HUB_OFFLINE
+    is unset; every name lookup and connection is refused, and the test fails if any was tried."""
+    import huggingface_hub.constants
+
+    attempts: list[Any] = []
+
+    def refuse(*args: Any, **_: Any) -> Any:
+        attempts.append(args[:2])
+        raise NetworkAttempt(args[:2])
+
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        if sock.family == socket.AF_UNIX:
+            return real_connect(sock, address)
+        refuse(address)
+
+    cache = tmp_path / "huggingface" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    yield cache
+    assert attempts == []

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from i2p2i_bot.cli import edit_prompt, main
-from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, Settings
+from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, GenerateSettings, Settings
 from i2p2i_bot.generate import Generator
-from i2p2i_bot.interrogate import ClipEncoder
+from i2p2i_bot.interrogate import Captioner, ClipEncoder
 from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models
 from i2p2i_bot.smoke import SmokeModels
 
@@ -396,26 +397,34 @@ def test_download_models_takes_pickled_weights_when_a_repository_has_no_safetens
     ]
 
 
-def test_the_clip_download_is_the_file_the_loader_reads_first(
-    hub_calls: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ClipEncoder.load's first request for ViT-L-14/openai is the file download-models fetches."""
-    import open_clip.pretrained
+def cache_repository(cache: Path, repo_id: str, files: Mapping[str, Path | None]) -> Path:
+    """Put files into a Hugging Face cache where the Hub's downloads put them (an empty file where the source
+    is None); return the snapshot folder."""
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = storage / "snapshots" / commit
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if source is None:
+            (snapshot / name).touch()
+        else:
+            shutil.copyfile(source, snapshot / name)
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    return snapshot
 
-    def unreachable(repo_id: str, filename: str, **_: Any) -> str:
-        hub_calls["file"].append((repo_id, filename))
-        raise OSError("offline")
 
-    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", unreachable)
-    with pytest.raises(ModelUnavailable):
-        ClipEncoder.load(DEFAULT_CLIP, torch.device("cpu"))
-    assert hub_calls["file"][0] == CLIP_FILE
+def hub_repository(folder: Path, unused: list[str]) -> dict[str, Path | None]:
+    """A repository as the Hub lists it: a model's files, plus copies of its weights no loader reads."""
+    files: dict[str, Path | None] = dict.fromkeys(unused)
+    files |= {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    return files
 
 
 def serve_hub(cache: Path, repositories: dict[str, dict[str, Path | None]]) -> Any:
     """A snapshot_download that fills a Hugging Face cache the way the real one does: the files matching
-    allow_patterns, and the repository's whole listing in the tree cache (which diffusers reads offline to
-    decide whether a pipeline is complete). A file with no source stands for weights no loader should read."""
+    allow_patterns, and the repository's whole listing in the tree cache (which tells whether a snapshot is
+    complete offline). A file with no source stands for weights no loader should read."""
     from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
     from huggingface_hub.utils import filter_repo_objects
 
@@ -427,24 +436,39 @@ def serve_hub(cache: Path, repositories: dict[str, dict[str, Path | None]]) -> A
         **_: Any,
     ) -> str:
         files = repositories[repo_id]
-        storage = cache / f"models--{repo_id.replace('/', '--')}"
-        commit = hashlib.sha1(repo_id.encode()).hexdigest()
-        snapshot = storage / "snapshots" / commit
-        chosen = filter_repo_objects(
-            sorted(files), allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        chosen = list(
+            filter_repo_objects(sorted(files), allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
         )
         for name in chosen:
-            source = files[name]
-            assert source is not None, f"{repo_id}: {name} is fetched but no loader reads it"
-            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, snapshot / name)
-        (storage / "refs").mkdir(exist_ok=True)
-        (storage / "refs" / "main").write_text(commit)
+            assert files[name] is not None, f"{repo_id}: {name} is fetched but no loader reads it"
+        snapshot = cache_repository(cache, repo_id, {name: files[name] for name in chosen})
         entries = {name: TreeCacheEntry(size=1, blob_id="0" * 40) for name in files}
-        write_tree_cache(str(storage), commit, entries)
+        write_tree_cache(str(snapshot.parent.parent), snapshot.name, entries)
         return str(snapshot)
 
     return snapshot_download
+
+
+# Run first in a subprocess: any name lookup or connection ends it at once, with exit code 99.
+REFUSE_NETWORK = """
+import os, socket, sys
+def refuse(*args, **kwargs):
+    print("network attempt:", args[:2], file=sys.__stderr__, flush=True)
+    os._exit(99)
+real_connect = socket.socket.connect
+def connect(sock, address):
+    return real_connect(sock, address) if sock.family == socket.AF_UNIX else refuse(address)
+socket.getaddrinfo = refuse
+socket.socket.connect = connect
+"""
+
+
+def without_hub_settings(home: Path) -> dict[str, str]:
+    """The environment with HF_HOME at home and neither HF_HUB_OFFLINE nor TRANSFORMERS_OFFLINE set."""
+    env = {**os.environ, "HF_HOME": str(home)}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        env.pop(name, None)
+    return env
 
 
 @pytest.mark.parametrize("safety_checker", [True, False])
@@ -452,19 +476,14 @@ def test_what_download_models_fetches_loads_offline(
     safety_checker: bool, smoke_models: SmokeModels, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Served as the real repositories (their files, plus their unused copies of the weights), the fetched
-    files are enough for the production loaders with HF_HUB_OFFLINE=1, as the container runs the bot; with
-    the safety checker off, without its folder."""
+    files are enough for the production loaders, which then try no connection even with HF_HUB_OFFLINE
+    unset; with the safety checker off, without its folder."""
     import huggingface_hub
-
-    def repository(folder: Path, unused: list[str]) -> dict[str, Path | None]:
-        files: dict[str, Path | None] = dict.fromkeys(unused)
-        files |= {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
-        return files
 
     home = tmp_path / "hf"
     repositories = {
-        DEFAULT_GENERATOR: repository(smoke_models.generator, SD_UNUSED),
-        DEFAULT_CAPTION: repository(smoke_models.caption, BLIP_UNUSED),
+        DEFAULT_GENERATOR: hub_repository(smoke_models.generator, SD_UNUSED),
+        DEFAULT_CAPTION: hub_repository(smoke_models.caption, BLIP_UNUSED),
     }
     monkeypatch.setattr(huggingface_hub, "snapshot_download", serve_hub(home / "hub", repositories))
     lines = download_models(
@@ -474,7 +493,7 @@ def test_what_download_models_fetches_loads_offline(
     snapshot = Path(lines[0].split(" → ")[1].split(" (")[0])
     assert (snapshot / "safety_checker").is_dir() is safety_checker
 
-    script = (
+    script = REFUSE_NETWORK + (
         "import torch\n"
         "from i2p2i_bot.config import GenerateSettings\n"
         "from i2p2i_bot.generate import Generator\n"
@@ -485,13 +504,201 @@ def test_what_download_models_fetches_loads_offline(
         f"Captioner.load({DEFAULT_CAPTION!r}, cpu)\n"
         "print('loaded')\n"
     )
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", script],
+        env=without_hub_settings(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("loaded")
+
+
+# --- loading never downloads ------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+NOT_DOWNLOADED = "; run `i2p2i download-models`"
+
+
+@pytest.mark.parametrize(
+    ("model", "line"),
+    [
+        ("generator", f"Not downloaded: Stable Diffusion {DEFAULT_GENERATOR}{NOT_DOWNLOADED}"),
+        ("clip", f"Not downloaded: CLIP {DEFAULT_CLIP}{NOT_DOWNLOADED}"),
+        ("caption", f"Not downloaded: BLIP {DEFAULT_CAPTION}{NOT_DOWNLOADED}"),
+    ],
+    ids=("generator", "clip", "caption"),
+)
+def test_a_model_missing_from_the_cache_is_one_line_and_no_connection(
+    model: str, line: str, no_network: Path
+) -> None:
+    """With an empty cache and the Hub's offline switch off, each loader fails at once with one short line
+    that names its model and `i2p2i download-models`, and tries no connection."""
+    loaders = {
+        "generator": lambda: Generator.load(DEFAULT_GENERATOR, GenerateSettings(), CPU),
+        "clip": lambda: ClipEncoder.load(DEFAULT_CLIP, CPU),
+        "caption": lambda: Captioner.load(DEFAULT_CAPTION, CPU),
+    }
+    with pytest.raises(ModelUnavailable) as raised:
+        loaders[model]()
+    assert str(raised.value) == line
+
+
+def test_a_partly_downloaded_model_is_named_so(
+    smoke_models: SmokeModels, no_network: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetched with the safety checker off, Stable Diffusion is incomplete for a loader that wants the
+    checker: one line says so; with the checker off it loads from the cache."""
+    import huggingface_hub
+
+    with monkeypatch.context() as patch:
+        repositories = {DEFAULT_GENERATOR: hub_repository(smoke_models.generator, SD_UNUSED)}
+        patch.setattr(huggingface_hub, "snapshot_download", serve_hub(no_network, repositories))
+        download_models(
+            ModelSources(DEFAULT_GENERATOR, str(smoke_models.clip), str(smoke_models.caption)),
+            safety_checker=False,
+        )
+    with pytest.raises(ModelUnavailable) as raised:
+        Generator.load(DEFAULT_GENERATOR, GenerateSettings(safety_checker=True), CPU)
+    assert str(raised.value) == (
+        f"Not downloaded: Stable Diffusion {DEFAULT_GENERATOR} (in part){NOT_DOWNLOADED}"
+    )
+    generator = Generator.load(DEFAULT_GENERATOR, GenerateSettings(safety_checker=False), CPU)
+    assert generator.pipe.safety_checker is None
+
+
+def test_the_clip_loader_reads_the_file_download_models_fetches(
+    hub_calls: dict[str, list[Any]], no_network: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For ViT-L-14/openai, download-models fetches one file into the cache, and the loader hands that file
+    to open_clip with the tag's preprocessing."""
+    import open_clip.pretrained
+
+    from i2p2i_bot.models import clip_files
+
+    def hf_hub_download(repo_id: str, filename: str, **_: Any) -> str:
+        hub_calls["file"].append((repo_id, filename))
+        return str(cache_repository(no_network, repo_id, {filename: None}) / filename)
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", hf_hub_download)
+    lines = download_models(default_sources(), safety_checker=True)
+    assert hub_calls["file"] == [CLIP_FILE]
+    files = clip_files(DEFAULT_CLIP)
+    assert lines[2] == f"clip: {DEFAULT_CLIP} → {files.pretrained}"
+    assert (files.model_name, files.image_interpolation, files.image_resize_mode) == (
+        "ViT-L-14",
+        "bicubic",
+        "shortest",
+    )
+
+
+def test_a_cached_pretrained_tag_builds_what_open_clip_builds_from_the_tag(
+    smoke_models: SmokeModels, no_network: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARCH/TAG is built from the cached weights file and the tag's preprocessing, exactly as open_clip builds
+    it from the tag itself: here a tiny registered model whose tag has non-default preprocessing."""
+    import open_clip
+    import open_clip.factory
+    import open_clip.pretrained
+
+    config = json.loads((smoke_models.clip / "open_clip_config.json").read_text())
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "i2p2i-tiny", config["model_cfg"])
+    tag = {
+        "url": "",
+        "hf_hub": "someone/tiny-clip/",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+    }
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "i2p2i-tiny", {"test": tag})
+    weights = smoke_models.clip / "open_clip_model.safetensors"
+    snapshot = cache_repository(no_network, "someone/tiny-clip", {weights.name: weights})
+
+    ours = ClipEncoder.load("i2p2i-tiny/test", CPU)
+    monkeypatch.setattr(
+        open_clip.pretrained, "hf_hub_download", lambda repo_id, filename, **_: str(snapshot / filename)
+    )
+    stock, _, stock_preprocess = open_clip.create_model_and_transforms("i2p2i-tiny", pretrained="test")
+
+    assert ours.model.visual.preprocess_cfg == stock.visual.preprocess_cfg
+    assert ours.model.visual.preprocess_cfg["resize_mode"] == "squash"
+    assert repr(ours.preprocess) == repr(stock_preprocess)
+    image = Image.new("RGB", (96, 64), (200, 40, 90))
+    with torch.inference_mode():
+        expected = stock.eval().encode_image(stock_preprocess(image)[None]).float()
+    torch.testing.assert_close(ours.encode_images([image]), expected / expected.norm(dim=-1, keepdim=True))
+
+
+def test_an_hf_hub_clip_and_its_tokenizer_load_from_the_cache(
+    smoke_models: SmokeModels, no_network: Path, tmp_path: Path
+) -> None:
+    """hf-hub:ID reads its config and weights from the cache, and the Hugging Face tokenizer its config names
+    from that tokenizer's cached folder; without the tokenizer it is one line naming both."""
+    config = json.loads((smoke_models.clip / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "someone/tiny-tokenizer"
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    weights = smoke_models.clip / "open_clip_model.safetensors"
+    cache_repository(
+        no_network,
+        "someone/tiny-clip",
+        {"open_clip_config.json": tmp_path / "open_clip_config.json", weights.name: weights},
+    )
+    with pytest.raises(ModelUnavailable) as raised:
+        ClipEncoder.load("hf-hub:someone/tiny-clip", CPU)
+    assert str(raised.value) == (
+        "Not downloaded: CLIP hf-hub:someone/tiny-clip (its tokenizer someone/tiny-tokenizer)"
+        + NOT_DOWNLOADED
+    )
+
+    tokenizer = {name: smoke_models.caption / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    cache_repository(no_network, "someone/tiny-tokenizer", tokenizer)
+    clip = ClipEncoder.load("hf-hub:someone/tiny-clip", CPU)
+    assert type(clip.tokenizer).__name__ == "HFTokenizer"
+    assert clip.tokenize(["a red house"]).shape == (1, 77)
+    image = Image.new("RGB", (64, 64), (10, 120, 200))
+    torch.testing.assert_close(
+        clip.encode_images([image]), ClipEncoder.load(str(smoke_models.clip), CPU).encode_images([image])
+    )
+
+
+def test_the_command_line_names_missing_models_in_one_line_without_a_connection(tmp_path: Path) -> None:
+    """With no weights fetched and HF_HUB_OFFLINE unset, `generate` (which loads what the bot loads) and
+    `describe` fail in one short line each naming the missing models and `i2p2i download-models`, with exit
+    code 2 and no connection tried."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[models]\ndevice = "cpu"\n', encoding="utf-8")
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    script = REFUSE_NETWORK + (
+        "import contextlib, io, json\n"
+        "from i2p2i_bot.cli import main\n"
+        "results = {}\n"
+        f"for command in (['generate', 'a kite'], ['describe', {str(tmp_path / 'photo.png')!r}]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        f"        code = main(['--config', {str(config)!r}, *command])\n"
+        "    results[command[0]] = [code, err.getvalue()]\n"
+        "print(json.dumps(results))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=without_hub_settings(tmp_path / "hf"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    sd = f"Stable Diffusion {DEFAULT_GENERATOR}"
+    clip, blip = f"CLIP {DEFAULT_CLIP}", f"BLIP {DEFAULT_CAPTION}"
+    assert results == {
+        "generate": [2, f"i2p2i: Not downloaded: {sd}, {clip}, {blip}{NOT_DOWNLOADED}\n"],
+        "describe": [2, f"i2p2i: Not downloaded: {clip}, {blip}{NOT_DOWNLOADED}\n"],
+    }
+    assert len(results["generate"][1]) < 200
 
 
 def test_module_entry_point() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +12,20 @@ import torch
 from PIL import Image
 from torch.nn.modules.module import register_module_forward_hook
 
-from i2p2i_bot.config import QueueSettings, Settings, WarmUp
+from i2p2i_bot.config import (
+    DEFAULT_CAPTION,
+    DEFAULT_CLIP,
+    DEFAULT_GENERATOR,
+    ModelSettings,
+    QueueSettings,
+    Settings,
+    WarmUp,
+)
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import GpuOutOfMemory, GpuWorker
-from i2p2i_bot.interrogate import MODES
+from i2p2i_bot.interrogate import MODES, Captioner, ClipEncoder
+from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.replies import user_message
 from i2p2i_bot.request import GenerationRequest
@@ -113,6 +123,33 @@ def test_a_failed_warm_up_leaves_a_working_engine_unless_it_broke_the_gpu(
     assert engine.interrogate(Image.new("RGB", (64, 64)), "fast").prompt
     with pytest.raises(RuntimeError, match="illegal memory access"):
         Engine.load(settings)
+
+
+@pytest.mark.parametrize("safety_checker", [True, False])
+def test_missing_models_are_named_at_once_before_any_is_loaded(
+    base_settings: Settings, safety_checker: bool, no_network: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bot's Engine.load with the default models and an empty cache, HF_HUB_OFFLINE unset: one short line
+    names all three and `i2p2i download-models`, before any model is built and without a connection."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    for loader in (ClipEncoder, Captioner, Generator):
+        monkeypatch.setattr(loader, "load", refuse)
+    settings = dataclasses.replace(
+        base_settings,
+        models=ModelSettings(device="cpu"),
+        generate=dataclasses.replace(base_settings.generate, safety_checker=safety_checker),
+    )
+    with pytest.raises(ModelUnavailable) as raised:
+        Engine.load(settings)
+    line = str(raised.value)
+    assert line == (
+        f"Not downloaded: Stable Diffusion {DEFAULT_GENERATOR}, CLIP {DEFAULT_CLIP}, BLIP {DEFAULT_CAPTION}; "
+        "run `i2p2i download-models`"
+    )
+    assert len(line) < 200
 
 
 def test_the_engine_runs_in_half_precision_as_on_cuda(
