@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from i2p2i_bot import __version__
 from i2p2i_bot.backup import BackupError, backup_database
 from i2p2i_bot.config import ConfigError, InterrogateMode, Settings, load_settings
 from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
-from i2p2i_bot.images import ImageError, check_declared, image_sha256, open_image
+from i2p2i_bot.images import ImageError, check_declared, check_image, image_sha256, open_image
 from i2p2i_bot.terms import BannedTerms
 
 # The model modules import torch (seconds of start-up): the commands that need them import them, so
@@ -39,6 +39,10 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 class InputError(Exception):
     """One input cannot be used; the message is one line, and the other inputs go on."""
+
+
+class UsageError(Exception):
+    """The command as given cannot run (an option's value); the message is one line, and nothing runs."""
 
 
 def _global_options() -> argparse.ArgumentParser:
@@ -198,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "generate":
             return _generate(settings, args, progress)
         return _imagine_from(settings, args, progress)
-    except ModelUnavailable as exc:
+    except (ModelUnavailable, UsageError) as exc:
         print(f"i2p2i: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except GenerationError as exc:
@@ -260,9 +264,11 @@ def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> i
     from i2p2i_bot.interrogate import InterrogateError
 
     mode = args.mode or settings.interrogate.mode
+    sources, failed = _check_inputs(args.images, settings)
+    if not sources:
+        return EXIT_SOME_FAILED
     interrogator = _load_interrogator(settings, progress)
-    failed = 0
-    for path in _progress(list(_expand_inputs(args.images)), progress, "Describing"):
+    for path in _progress(sources, progress, "Describing"):
         try:
             image, sha = _read_image(path, settings)
             result = interrogator.interrogate(image, mode, key=sha)
@@ -280,12 +286,13 @@ def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> i
 def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
     banned = BannedTerms.from_settings(settings.interrogate)
     _refuse_banned(banned, args.prompt, "prompt")
-    _check_request(settings, args)  # before loading models, so a typo costs nothing
+    # Everything is checked before the models load, so a typo costs nothing.
+    _check_request(settings, args, args.prompt)
+    out = _check_out(Path(args.out))
     engine = _load_engine(settings, progress)
     request = _request(args, args.prompt)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     params, result = _run_generation(engine, request, None, progress, "Generating")
+    out.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(out, _slug(args.prompt))
     files = _write_images(out, stem, result.images, engine.models)
     record = {
@@ -310,19 +317,24 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
     for text, label in ((args.prompt, "prompt"), (args.append, "appended text"), (args.negative, "negative")):
         if text:
             _refuse_banned(banned, text, label)
-    sources = list(_expand_inputs(args.images))
-    # Validate the generation options once, before loading models, so a typo costs nothing.
-    _check_request(settings, args)
+    # Everything is checked before the models load, so a typo costs nothing: the options first (a usage
+    # error stops the command), then every input (a bad one is reported and the others go on).
+    _check_request(settings, args, "placeholder" if args.prompt is None else args.prompt)
+    out = _check_out(Path(args.out))
+    sources, failed = _check_inputs(args.images, settings)
+    if not sources:
+        return EXIT_SOME_FAILED
     engine = _load_engine(settings, progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = 0
     for path in _progress(sources, progress, "Images"):
         try:
             image, sha = _read_image(path, settings)
             interrogation = engine.interrogate(image, mode, key=sha)
             original = interrogation.prompt
-            prompt = args.prompt or edit_prompt(original, append=args.append, remove=args.remove)
+            prompt = (
+                args.prompt
+                if args.prompt is not None
+                else edit_prompt(original, append=args.append, remove=args.remove)
+            )
             found = banned.find(prompt)
             if found:
                 raise InputError(
@@ -336,6 +348,7 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             failed += 1
             _fail(path, exc)
             continue
+        out.mkdir(parents=True, exist_ok=True)
         stem = _unique_stem(out, _slug(path.stem))
         files = _write_images(out, stem, result.images, engine.models)
         record = {
@@ -392,28 +405,73 @@ def _load_interrogator(settings: Settings, progress: bool) -> Any:
     return load_interrogator(settings, progress=progress)
 
 
-def _expand_inputs(items: Sequence[str]) -> Iterator[Path]:
-    """Files as given, and the images inside folders (not recursive), sorted by name."""
+def _check_inputs(items: Sequence[str], settings: Settings) -> tuple[list[Path], int]:
+    """The image files to work on, each checked as far as it can be without decoding its pixels, and how
+    many inputs failed; each failure prints one line."""
+    usable: list[Path] = []
+    failed = 0
     for item in items:
-        path = Path(item)
-        if path.is_dir():
-            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        else:
-            yield path
+        try:
+            paths = _expand_input(Path(item))
+        except InputError as exc:
+            failed += 1
+            _fail(Path(item), exc)
+            continue
+        for path in paths:
+            try:
+                check_image(_read_bytes(path, settings), settings.intake)
+            except (InputError, ImageError) as exc:
+                failed += 1
+                _fail(path, exc)
+                continue
+            usable.append(path)
+    return usable, failed
 
 
-def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
+def _expand_input(path: Path) -> list[Path]:
+    """A file as given, or the images inside a folder (not recursive), sorted by name."""
+    if not path.is_dir():
+        if not path.exists():
+            raise InputError("no such file or folder")
+        if not path.is_file():
+            raise InputError("not a file or a folder")  # a pipe or a device would block or never end
+        return [path]
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise InputError(f"no images in this folder (files ending in {suffixes})")
+    return images
+
+
+def _read_bytes(path: Path, settings: Settings) -> bytes:
     try:
         # The size cap is checked before reading, so a huge file costs nothing.
         check_declared(path.stat().st_size, None, None, None, settings.intake)
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise InputError("no such file") from None
     except IsADirectoryError:
         raise InputError("is a folder with no images") from None
     except PermissionError:
         raise InputError("permission denied") from None
+
+
+def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
+    data = _read_bytes(path, settings)
     return open_image(data, settings.intake), image_sha256(data)
+
+
+def _check_out(out: Path) -> Path:
+    """--out as given, once it is a folder that can be written to or created; nothing is created yet, so a
+    command that makes nothing leaves nothing behind."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {existing}")
+    return out
 
 
 def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
@@ -432,10 +490,10 @@ def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
     )
 
 
-def _check_request(settings: Settings, args: argparse.Namespace) -> None:
+def _check_request(settings: Settings, args: argparse.Namespace, prompt: str) -> None:
     from i2p2i_bot.generate import plan
 
-    plan(_request(args, args.prompt or "placeholder"), settings.generate, "check")
+    plan(_request(args, prompt), settings.generate, "check")
 
 
 def _run_generation(

@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 from i2p2i_bot.cli import edit_prompt, main
 from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, Settings
 from i2p2i_bot.generate import Generator
+from i2p2i_bot.images import NOT_AN_IMAGE
 from i2p2i_bot.interrogate import ClipEncoder
 from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models
 from i2p2i_bot.smoke import SmokeModels
@@ -191,6 +192,86 @@ def test_generate_command(config_file: Path, tmp_path: Path) -> None:
     record = json.loads((out / "a-red-kite.json").read_text())
     assert [i["seed"] for i in record["images"]] == [5, 6, 7]
     assert all(i["fidelity"] is None for i in record["images"])
+
+
+@pytest.fixture
+def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads a model: what it checks must be found before that."""
+    from i2p2i_bot import cli
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(cli, "_load_engine", refuse)
+    monkeypatch.setattr(cli, "_load_interrogator", refuse)
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "needle"),
+    [
+        (["describe", "{tmp}/missing.png"], 1, "missing.png: no such file or folder"),
+        (["imagine-from", "{tmp}/missing.png"], 1, "missing.png: no such file or folder"),
+        (["imagine-from", "{tmp}/empty"], 1, "empty: no images in this folder (files ending in .bmp, "),
+        (["describe", "{tmp}/empty"], 1, "empty: no images in this folder"),
+        (["imagine-from", "{tmp}/photos/notes.png"], 1, "notes.png: That file is not an image I can read"),
+        (["generate", ""], 2, "The prompt is empty; write what the image should show."),
+        (["imagine-from", "{tmp}/photos", "--prompt", ""], 2, "The prompt is empty"),
+        (["generate", "a kite", "--out", "{tmp}/photos/cat.jpg/x"], 2, "cat.jpg is a file, not a folder"),
+        (["imagine-from", "{tmp}/photos", "--out", "{tmp}/photos/cat.jpg"], 2, "is a file, not a folder"),
+    ],
+)
+def test_inputs_are_checked_before_the_models_load(
+    command: list[str],
+    code: int,
+    needle: str,
+    config_file: Path,
+    photos: Path,
+    tmp_path: Path,
+    no_models: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A missing file, a folder without images, a file that is not an image, an empty prompt and an --out
+    that cannot be a folder each end the command with one line before any model loads, and leave no --out
+    folder behind: exit 1 for inputs, 2 for options."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+    if argv[0] != "describe" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(["--config", str(config_file), *argv]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_are_reported_before_the_models_load_and_the_rest_go_on(
+    config_file: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A typo among good files is reported before the models load (a full load with real weights), then
+    the good files are done and the exit code is 1."""
+    from i2p2i_bot import cli
+
+    load = cli._load_engine
+    said_before_loading: list[str] = []
+
+    def spy(settings: Settings, progress: bool) -> Any:
+        said_before_loading.append(capsys.readouterr().err)
+        return load(settings, progress)
+
+    monkeypatch.setattr(cli, "_load_engine", spy)
+    out = tmp_path / "out"
+    sources = [str(photos / "astronaut.png"), str(photos / "astronuat.png"), str(photos / "notes.png")]
+    assert main(["--config", str(config_file), "-q", "imagine-from", *sources, "--out", str(out)]) == 1
+    assert said_before_loading == [
+        f"i2p2i: {photos / 'astronuat.png'}: no such file or folder\n"
+        f"i2p2i: {photos / 'notes.png'}: {NOT_AN_IMAGE}\n"
+    ]
+    assert "i2p2i:" not in capsys.readouterr().err  # nothing more failed
+    assert sorted(p.name for p in out.glob("*.json")) == ["astronaut.json"]
 
 
 @pytest.mark.parametrize(
