@@ -527,8 +527,9 @@ def _write_images(
     out: Path, stem: str, images: Sequence[GeneratedImage], models: dict[str, str]
 ) -> list[Path]:
     files = []
+    digits = len(str(len(images)))  # 01..12, so that a folder listing keeps the images in order
     for k, item in enumerate(images, start=1):
-        path = out / f"{stem}-{k}.png"
+        path = out / f"{stem}.{k:0{digits}d}.png"
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", json.dumps(_png_parameters(item, models)))
         tmp = path.with_suffix(".png.tmp")
@@ -624,17 +625,24 @@ def _progress(items: list[Path], enabled: bool, desc: str) -> Any:
 
 
 def _slug(text: str, limit: int = 40) -> str:
+    """A file name made of lower-case letters, digits and '-' only (see _unique_stem)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
     return slug[:limit].rstrip("-") or "image"
 
 
-def _unique_stem(out: Path, stem: str) -> str:
-    """A stem whose JSON does not exist yet, so runs and same-named sources never overwrite each other."""
-    candidate, n = stem, 1
-    while (out / f"{candidate}.json").exists():
+def _unique_stem(out: Path, slug: str) -> str:
+    """The name of one record (STEM.json) and its images (STEM.1.png...), unused in this folder so far.
+
+    The first record of a slug takes the slug itself, later ones (another run, or another source with the
+    same name) SLUG_2, SLUG_3...: a slug never holds '_' or '.', so `cat_2.json` is always the second record
+    named cat and `cat.2.png` always cat's second image, whatever the sources are called, and one record's
+    files can never be taken for another's.
+    """
+    stem, n = slug, 1
+    while (out / f"{stem}.json").exists() or any(out.glob(f"{stem}.*.png")):
         n += 1
-        candidate = f"{stem}-{n}"
-    return candidate
+        stem = f"{slug}_{n}"
+    return stem
 
 
 def _now() -> str:

@@ -74,7 +74,7 @@ def test_imagine_from_writes_images_and_json(
     code = main(["--config", str(config_file), "imagine-from", source, *options])
     assert code == 0
     record = json.loads((out / "astronaut.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["astronaut-1.png", "astronaut-2.png", "astronaut.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.1.png", "astronaut.2.png", "astronaut.json"]
     assert record["mode"] == "fast"
     assert record["original_prompt"] == record["interrogation"]["prompt"]
     assert record["prompt"] == record["original_prompt"] + ", oil painting"
@@ -164,34 +164,53 @@ def test_describe_json_lines(
 
 
 def test_generate_command(config_file: Path, tmp_path: Path) -> None:
-    """generate PROMPT -n 3 writes three images and a record; a second run never overwrites the first."""
+    """generate PROMPT -n 3 writes three images and a record; a second run into the same folder gets names
+    of its own that no image number produces, and never overwrites the first."""
     out = tmp_path / "gen"
     for _ in range(2):
-        assert (
-            main(
-                [
-                    "--config",
-                    str(config_file),
-                    "generate",
-                    "A red kite!",
-                    "-n",
-                    "3",
-                    "--seed",
-                    "5",
-                    "--out",
-                    str(out),
-                ]
-            )
-            == 0
-        )
+        options = ["-n", "3", "--seed", "5", "--out", str(out)]
+        assert main(["--config", str(config_file), "generate", "A red kite!", *options]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "a-red-kite-1.png", "a-red-kite-2-1.png", "a-red-kite-2-2.png", "a-red-kite-2-3.png",
-        "a-red-kite-2.json", "a-red-kite-2.png", "a-red-kite-3.png", "a-red-kite.json",
+        "a-red-kite.1.png", "a-red-kite.2.png", "a-red-kite.3.png", "a-red-kite.json",
+        "a-red-kite_2.1.png", "a-red-kite_2.2.png", "a-red-kite_2.3.png", "a-red-kite_2.json",
     ]  # fmt: skip
-    record = json.loads((out / "a-red-kite.json").read_text())
-    assert [i["seed"] for i in record["images"]] == [5, 6, 7]
-    assert all(i["fidelity"] is None for i in record["images"])
+    for stem in ("a-red-kite", "a-red-kite_2"):
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert [i["file"] for i in record["images"]] == [f"{stem}.{k}.png" for k in (1, 2, 3)]
+        assert [i["seed"] for i in record["images"]] == [5, 6, 7]
+        assert all(i["fidelity"] is None for i in record["images"])
+
+
+def test_output_names_never_mix_records(
+    config_file: Path, tmp_path: Path, astronaut: Image.Image, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sources called chelsea, chelsea-2 and chelsea (again, as a JPEG), run twice into one folder: every
+    image belongs to the record its name points to (the name up to its number), and to no other."""
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    small = astronaut.resize((64, 64))
+    small.save(folder / "chelsea.png")
+    small.save(folder / "chelsea-2.png")
+    small.save(folder / "chelsea.jpg")
+    out = tmp_path / "out"
+    for _ in range(2):
+        options = ["-n", "2", "--mode", "fast", "--prompt", "a cat", "--out", str(out)]
+        assert main(["--config", str(config_file), "-q", "imagine-from", str(folder), *options]) == 0
+    records = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(records) == [
+        "chelsea-2.json", "chelsea-2_2.json", "chelsea.json", "chelsea_2.json", "chelsea_3.json",
+        "chelsea_4.json",
+    ]  # fmt: skip
+    owners: dict[str, list[str]] = {}
+    for name, record in records.items():
+        for item in record["images"]:
+            owners.setdefault(item["file"], []).append(name)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 12 and sorted(owners) == pngs
+    for png, listed_in in owners.items():
+        assert listed_in == [png.rsplit(".", 2)[0] + ".json"]
+    assert "i2p2i:" not in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -630,7 +649,7 @@ def test_global_options_work_after_the_command(
         )
         == 0
     )
-    assert sorted(p.name for p in out.iterdir()) == ["astronaut-1.png", "astronaut-2.png", "astronaut.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.1.png", "astronaut.2.png", "astronaut.json"]
     assert json.loads((out / "astronaut.json").read_text())["smoke"] is True
 
 
