@@ -25,6 +25,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from i2p2i_bot import progress_bars
 from i2p2i_bot.config import ConfigError, Settings, load_settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
@@ -341,6 +342,7 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
         )
         return EXIT_CONFIG
     discord.utils.setup_logging(level=logging.INFO)
+    progress_bars.only_on_a_terminal()
     bot = create_bot(settings)
 
     async def runner() -> int:

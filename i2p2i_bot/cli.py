@@ -21,6 +21,7 @@ from i2p2i_bot.backup import BackupError, backup_database
 from i2p2i_bot.config import ConfigError, InterrogateMode, Settings, load_settings
 from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
 from i2p2i_bot.images import ImageError, check_declared, check_image, image_sha256, open_image
+from i2p2i_bot.progress_bars import disable_library_bars, is_terminal
 from i2p2i_bot.terms import BannedTerms
 
 # The model modules import torch (seconds of start-up): the commands that need them import them, so
@@ -177,8 +178,13 @@ OPERATIONS_COMMANDS = ("health", "backup")
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not args.verbose and args.command not in OPERATIONS_COMMANDS:
-        _quiet_libraries()
+    progress = not args.quiet and is_terminal(sys.stderr)
+    if args.command not in OPERATIONS_COMMANDS:
+        if not args.verbose:
+            _quiet_libraries()
+        if not progress:
+            # Bars redrawn into a file or a pipe are carriage returns and escape codes, even with --verbose.
+            disable_library_bars()
     try:
         settings = load_settings(args.config)
         if args.models:
@@ -186,7 +192,6 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"i2p2i: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    progress = not args.quiet and sys.stderr.isatty()
     if args.command == "health":
         return _health(settings, args)
     if args.command == "backup":
@@ -660,9 +665,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    disable_library_bars()
 
 
 if __name__ == "__main__":

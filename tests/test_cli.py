@@ -594,6 +594,31 @@ def test_what_download_models_fetches_loads_offline(
     assert done.stdout.strip().endswith("loaded")
 
 
+def test_no_progress_bars_in_a_log(config_file: Path, base_settings: Settings, tmp_path: Path) -> None:
+    """With stderr going to a file or a pipe, even `--verbose` writes log lines only: the label table's
+    progress, but none of the libraries' progress bars with their carriage returns and escape codes."""
+    labels = tmp_path / "labels"
+    shutil.copytree(str(base_settings.interrogate.labels_dir), labels)
+    with (labels / "flavors.txt").open("a", encoding="utf-8") as flavors:
+        flavors.write(f"{tmp_path.name}\n")  # a list no other test has embedded: the table is built here
+    config = tmp_path / "labels.toml"
+    config.write_text(
+        config_file.read_text().replace(str(base_settings.interrogate.labels_dir), str(labels)), "utf-8"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "i2p2i_bot", "-v", "--config", str(config), "generate", "a kite",
+         "--out", str(out)],
+        capture_output=True, timeout=300, check=False,
+    )  # fmt: skip
+    err = done.stderr.decode(errors="replace")  # bytes as written: text mode would turn "\r" into "\n"
+    assert done.returncode == 0, err[-3000:]
+    assert "\r" not in err and "\x1b[" not in err and "%|" not in err, err[-3000:]
+    assert "Loading pipeline components" not in err and "Loading weights" not in err
+    assert "building the label table: embedding " in err and "label table built: " in err
+    assert (out / "a-kite.json").exists()
+
+
 def test_module_entry_point() -> None:
     """`python -m i2p2i_bot --help` lists the commands."""
     out = subprocess.run(
