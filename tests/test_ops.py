@@ -323,6 +323,25 @@ def test_make_takes_the_first_python_that_is_new_enough(tmp_path: Path) -> None:
     assert "make PYTHON=/path/to/python3.12" in missing.stderr
 
 
+def test_package_metadata_builds_without_deprecation_warnings(tmp_path: Path) -> None:
+    """The license is an SPDX expression (setuptools stops accepting the table form in February 2027), and
+    the build system asks for a setuptools that understands it."""
+    pytest.importorskip("setuptools", minversion="77")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["build-system"]["requires"] == ["setuptools>=77"]
+    script = (
+        "from setuptools import build_meta\n"
+        f"print(build_meta.prepare_metadata_for_build_wheel({str(tmp_path)!r}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Deprecat" not in done.stderr, done.stderr[-3000:]
+    metadata = (tmp_path / done.stdout.strip().splitlines()[-1] / "METADATA").read_text()
+    assert "License-Expression: MIT" in metadata.splitlines()
+
+
 def test_readme_docker_restore_leaves_the_database_to_the_bot_user(tmp_path: Path) -> None:
     """`docker compose cp` creates root's files, so the recipe puts the copy in place as root and gives it
     to the image's user; run here (in a folder standing for /data), it moves the old database with its WAL
