@@ -1,6 +1,14 @@
 # Two entry points: `make run` (the bot; pass options with ARGS="--config my.toml") and `make test`.
 # Each builds its own virtualenv on first use.
-PYTHON ?= python3.11
+# The virtualenv's Python: PYTHON=/path/to/python, or else the first of these on PATH that is 3.11 or newer
+# (pyproject's requires-python), the tested 3.11 first.
+PYTHON_CANDIDATES ?= python3.11 python3.12 python3.13 python3.14 python3 python
+NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 11))
+ifeq ($(origin PYTHON),undefined)
+# Looked up on first use only (an existing virtualenv never needs it), then kept.
+PYTHON = $(eval PYTHON := $(shell for p in $(PYTHON_CANDIDATES); do \
+	$$p -c '$(NEW_ENOUGH)' >/dev/null 2>&1 && { echo $$p; break; }; done))$(PYTHON)
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
@@ -8,6 +16,8 @@ ARGS ?=
 .PHONY: run test lint clean
 
 $(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: no Python 3.11 or newer on PATH (looked for $(PYTHON_CANDIDATES)); install one, or name it: make PYTHON=/path/to/python3.12 ..." >&2; exit 1; }
+	@$(PYTHON) -c '$(NEW_ENOUGH)' || { echo "make: $(PYTHON) is not Python 3.11 or newer" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

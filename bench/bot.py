@@ -39,6 +39,7 @@ from load import DEFAULT_CACHE, bench_settings, package_versions, report_failure
 from measure import count, default_json_path, environment, headline, print_table, write_json
 from PIL import Image
 
+from i2p2i_bot import progress_bars
 from i2p2i_bot.batches import BatchResult, GeneratedImage
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.engine import Engine
@@ -244,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = _parser().parse_args(argv)
     load_at_start = os.getloadavg()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress_bars.only_on_a_terminal()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="i2p2i-bench-bot-") as folder:
         root = Path(folder)

@@ -53,6 +53,7 @@ from measure import (
 )
 from models import BenchModels, bench_models
 
+from i2p2i_bot import progress_bars
 from i2p2i_bot.config import CompileMode, GenerateSettings, InterrogateSettings, QueueSettings
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import GpuWorker, resolve_device
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = _parser().parse_args(argv)
     load_at_start = os.getloadavg()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress_bars.only_on_a_terminal()
     device = resolve_device(args.device)
     batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
     if not batches or batches[0] < 1:

@@ -40,6 +40,7 @@ from measure import (
 from models import bench_models
 from PIL import Image
 
+from i2p2i_bot import progress_bars
 from i2p2i_bot.config import InterrogateSettings
 from i2p2i_bot.gpu import resolve_device
 from i2p2i_bot.interrogate import INTERMEDIATE_COUNT, MODES, Interrogator
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = _parser().parse_args(argv)
     load_at_start = os.getloadavg()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress_bars.only_on_a_terminal()
     warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*CUDA is not available.*", category=UserWarning)
     modes = _modes(args.modes)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from measure import count, default_json_path, environment, headline, print_table, write_json
 
+from i2p2i_bot import progress_bars
 from i2p2i_bot.config import GenerateSettings, InterrogateSettings, ModelSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import resolve_device
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = _parser().parse_args(argv)
     load_at_start = os.getloadavg()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress_bars.only_on_a_terminal()
     device = resolve_device(args.device)
     cache_dir = Path(args.cache_dir).expanduser()
     with tempfile.TemporaryDirectory(prefix="i2p2i-load-") as folder:

@@ -26,6 +26,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from i2p2i_bot import progress_bars
 from i2p2i_bot.config import ConfigError, Settings, load_settings
 from i2p2i_bot.delivery import ResultDelivery
 from i2p2i_bot.engine import Engine
@@ -351,6 +352,7 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
         )
         return EXIT_CONFIG
     discord.utils.setup_logging(level=logging.INFO)
+    progress_bars.only_on_a_terminal()
     bot = create_bot(settings)
 
     async def runner() -> int:

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,8 @@ from i2p2i_bot import __version__
 from i2p2i_bot.backup import BackupError, backup_database
 from i2p2i_bot.config import ConfigError, InterrogateMode, Settings, load_settings
 from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
-from i2p2i_bot.images import ImageError, check_declared, image_sha256, open_image
+from i2p2i_bot.images import ImageError, check_declared, check_image, image_sha256, open_image
+from i2p2i_bot.progress_bars import disable_library_bars, is_terminal
 from i2p2i_bot.terms import BannedTerms
 
 # The model modules import torch (seconds of start-up): the commands that need them import them, so
@@ -40,6 +41,10 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 class InputError(Exception):
     """One input cannot be used; the message is one line, and the other inputs go on."""
+
+
+class UsageError(Exception):
+    """The command as given cannot run (an option's value); the message is one line, and nothing runs."""
 
 
 def _global_options() -> argparse.ArgumentParser:
@@ -174,8 +179,13 @@ OPERATIONS_COMMANDS = ("health", "backup")
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not args.verbose and args.command not in OPERATIONS_COMMANDS:
-        _quiet_libraries()
+    progress = not args.quiet and is_terminal(sys.stderr)
+    if args.command not in OPERATIONS_COMMANDS:
+        if not args.verbose:
+            _quiet_libraries()
+        if not progress:
+            # Bars redrawn into a file or a pipe are carriage returns and escape codes, even with --verbose.
+            disable_library_bars()
     try:
         settings = load_settings(args.config)
         if args.models:
@@ -183,7 +193,6 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"i2p2i: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    progress = not args.quiet and sys.stderr.isatty()
     if args.command == "health":
         return _health(settings, args)
     if args.command == "backup":
@@ -199,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "generate":
             return _generate(settings, args, progress)
         return _imagine_from(settings, args, progress)
-    except ModelUnavailable as exc:
+    except (ModelUnavailable, UsageError) as exc:
         print(f"i2p2i: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except GenerationError as exc:
@@ -261,9 +270,11 @@ def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> i
     from i2p2i_bot.interrogate import InterrogateError
 
     mode = args.mode or settings.interrogate.mode
+    sources, failed = _check_inputs(args.images, settings)
+    if not sources:
+        return EXIT_SOME_FAILED
     interrogator = _load_interrogator(settings, progress)
-    failed = 0
-    for path in _progress(list(_expand_inputs(args.images)), progress, "Describing"):
+    for path in _progress(sources, progress, "Describing"):
         try:
             image, sha = _read_image(path, settings)
             result = interrogator.interrogate(image, mode, key=sha)
@@ -281,12 +292,13 @@ def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> i
 def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
     banned = BannedTerms.from_settings(settings.interrogate)
     _refuse_banned(banned, args.prompt, "prompt")
-    _check_request(settings, args)  # before loading models, so a typo costs nothing
+    # Everything is checked before the models load, so a typo costs nothing.
+    _check_request(settings, args, args.prompt)
+    out = _check_out(Path(args.out))
     engine = _load_engine(settings, progress)
     request = _request(args, args.prompt)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     params, result = _run_generation(engine, request, None, progress, "Generating")
+    out.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(out, _slug(args.prompt))
     files = _write_images(out, stem, result.images, engine.models)
     record = {
@@ -311,19 +323,24 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
     for text, label in ((args.prompt, "prompt"), (args.append, "appended text"), (args.negative, "negative")):
         if text:
             _refuse_banned(banned, text, label)
-    sources = list(_expand_inputs(args.images))
-    # Validate the generation options once, before loading models, so a typo costs nothing.
-    _check_request(settings, args)
+    # Everything is checked before the models load, so a typo costs nothing: the options first (a usage
+    # error stops the command), then every input (a bad one is reported and the others go on).
+    _check_request(settings, args, "placeholder" if args.prompt is None else args.prompt)
+    out = _check_out(Path(args.out))
+    sources, failed = _check_inputs(args.images, settings)
+    if not sources:
+        return EXIT_SOME_FAILED
     engine = _load_engine(settings, progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = 0
     for path in _progress(sources, progress, "Images"):
         try:
             image, sha = _read_image(path, settings)
             interrogation = engine.interrogate(image, mode, key=sha)
             original = interrogation.image_prompts[0]
-            prompt = args.prompt or edit_prompt(original, append=args.append, remove=args.remove)
+            prompt = (
+                args.prompt
+                if args.prompt is not None
+                else edit_prompt(original, append=args.append, remove=args.remove)
+            )
             found = banned.find(prompt)
             if found:
                 raise InputError(
@@ -339,6 +356,7 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             failed += 1
             _fail(path, exc)
             continue
+        out.mkdir(parents=True, exist_ok=True)
         stem = _unique_stem(out, _slug(path.stem))
         files = _write_images(out, stem, result.images, engine.models)
         record = {
@@ -395,28 +413,73 @@ def _load_interrogator(settings: Settings, progress: bool) -> Any:
     return load_interrogator(settings, progress=progress)
 
 
-def _expand_inputs(items: Sequence[str]) -> Iterator[Path]:
-    """Files as given, and the images inside folders (not recursive), sorted by name."""
+def _check_inputs(items: Sequence[str], settings: Settings) -> tuple[list[Path], int]:
+    """The image files to work on, each checked as far as it can be without decoding its pixels, and how
+    many inputs failed; each failure prints one line."""
+    usable: list[Path] = []
+    failed = 0
     for item in items:
-        path = Path(item)
-        if path.is_dir():
-            yield from sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        else:
-            yield path
+        try:
+            paths = _expand_input(Path(item))
+        except InputError as exc:
+            failed += 1
+            _fail(Path(item), exc)
+            continue
+        for path in paths:
+            try:
+                check_image(_read_bytes(path, settings), settings.intake)
+            except (InputError, ImageError) as exc:
+                failed += 1
+                _fail(path, exc)
+                continue
+            usable.append(path)
+    return usable, failed
 
 
-def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
+def _expand_input(path: Path) -> list[Path]:
+    """A file as given, or the images inside a folder (not recursive), sorted by name."""
+    if not path.is_dir():
+        if not path.exists():
+            raise InputError("no such file or folder")
+        if not path.is_file():
+            raise InputError("not a file or a folder")  # a pipe or a device would block or never end
+        return [path]
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise InputError(f"no images in this folder (files ending in {suffixes})")
+    return images
+
+
+def _read_bytes(path: Path, settings: Settings) -> bytes:
     try:
         # The size cap is checked before reading, so a huge file costs nothing.
         check_declared(path.stat().st_size, None, None, None, settings.intake)
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise InputError("no such file") from None
     except IsADirectoryError:
         raise InputError("is a folder with no images") from None
     except PermissionError:
         raise InputError("permission denied") from None
+
+
+def _read_image(path: Path, settings: Settings) -> tuple[Image.Image, str]:
+    data = _read_bytes(path, settings)
     return open_image(data, settings.intake), image_sha256(data)
+
+
+def _check_out(out: Path) -> Path:
+    """--out as given, once it is a folder that can be written to or created; nothing is created yet, so a
+    command that makes nothing leaves nothing behind."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to write in {existing}")
+    return out
 
 
 def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
@@ -435,10 +498,10 @@ def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
     )
 
 
-def _check_request(settings: Settings, args: argparse.Namespace) -> None:
+def _check_request(settings: Settings, args: argparse.Namespace, prompt: str) -> None:
     from i2p2i_bot.request import plan
 
-    plan(_request(args, args.prompt or "placeholder"), settings.generate, "check")
+    plan(_request(args, prompt), settings.generate, "check")
 
 
 def _run_generation(
@@ -472,8 +535,9 @@ def _write_images(
     out: Path, stem: str, images: Sequence[GeneratedImage], models: dict[str, str]
 ) -> list[Path]:
     files = []
+    digits = len(str(len(images)))  # 01..12, so that a folder listing keeps the images in order
     for k, item in enumerate(images, start=1):
-        path = out / f"{stem}-{k}.png"
+        path = out / f"{stem}.{k:0{digits}d}.png"
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", json.dumps(_png_parameters(item, models)))
         tmp = path.with_suffix(".png.tmp")
@@ -569,17 +633,24 @@ def _progress(items: list[Path], enabled: bool, desc: str) -> Any:
 
 
 def _slug(text: str, limit: int = 40) -> str:
+    """A file name made of lower-case letters, digits and '-' only (see _unique_stem)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
     return slug[:limit].rstrip("-") or "image"
 
 
-def _unique_stem(out: Path, stem: str) -> str:
-    """A stem whose JSON does not exist yet, so runs and same-named sources never overwrite each other."""
-    candidate, n = stem, 1
-    while (out / f"{candidate}.json").exists():
+def _unique_stem(out: Path, slug: str) -> str:
+    """The name of one record (STEM.json) and its images (STEM.1.png...), unused in this folder so far.
+
+    The first record of a slug takes the slug itself, later ones (another run, or another source with the
+    same name) SLUG_2, SLUG_3...: a slug never holds '_' or '.', so `cat_2.json` is always the second record
+    named cat and `cat.2.png` always cat's second image, whatever the sources are called, and one record's
+    files can never be taken for another's.
+    """
+    stem, n = slug, 1
+    while (out / f"{stem}.json").exists() or any(out.glob(f"{stem}.*.png")):
         n += 1
-        candidate = f"{stem}-{n}"
-    return candidate
+        stem = f"{slug}_{n}"
+    return stem
 
 
 def _now() -> str:
@@ -597,9 +668,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    disable_library_bars()
 
 
 if __name__ == "__main__":

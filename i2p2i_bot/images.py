@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import math
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,22 +141,49 @@ def check_declared(
             )
 
 
+def check_image(data: bytes, limits: IntakeSettings = DEFAULT_LIMITS) -> None:
+    """Check an upload as open_image does, short of decoding its pixels: size, format and dimensions.
+
+    Only headers are parsed, so a whole folder can be checked before a model loads; a file that passes can
+    still turn out damaged when its pixels are decoded.
+    """
+    with _memory_guard(len(data)):
+        _open_within_limits(data, limits).close()
+
+
 def _decode(data: bytes, limits: IntakeSettings) -> tuple[Image.Image, str, tuple[int, int]]:
+    with _memory_guard(len(data)):
+        source = _open_within_limits(data, limits)
+        try:
+            with source:
+                # Only the current frame is decoded; the rest of an animation is never read or counted.
+                source.load()
+                image_format = source.format or "unknown"
+                original_size = source.size
+                return _to_rgb(_upright(source)), image_format, original_size
+        except _DECODE_ERRORS as exc:
+            log.debug("undecodable upload (%d bytes)", len(data), exc_info=True)
+            raise ImageError(DAMAGED_IMAGE) from exc
+
+
+@contextlib.contextmanager
+def _memory_guard(size_bytes: int) -> Iterator[None]:
+    try:
+        yield
+    except MemoryError as exc:
+        # Raised wherever an allocation failed: opening (GIF and WebP allocate a canvas there), load() or the
+        # conversion to RGB. The limits keep a valid picture to a few hundred megabytes, so this means the
+        # process itself is short of memory; the operator needs to hear of it, not only the member.
+        log.warning("out of memory decoding an upload (%d bytes)", size_bytes)
+        raise ImageError(TOO_MUCH_MEMORY) from exc
+
+
+def _open_within_limits(data: bytes, limits: IntakeSettings) -> Image.Image:
+    """The upload opened lazily (headers only), once its byte size, format and dimensions pass."""
     _check_byte_size(len(data), limits)
     canvas = _declared_canvas(data)
     if canvas is not None:
         _check_dimensions(*canvas, limits)
-    try:
-        return _decode_within_limits(data, limits)
-    except MemoryError as exc:
-        # Raised wherever an allocation failed: opening (GIF and WebP allocate a canvas there), load() or the
-        # conversion to RGB. The limits above keep a valid picture to a few hundred megabytes, so this means
-        # the process itself is short of memory; the operator needs to hear of it, not only the member.
-        log.warning("out of memory decoding an upload (%d bytes)", len(data))
-        raise ImageError(TOO_MUCH_MEMORY) from exc
-
-
-def _decode_within_limits(data: bytes, limits: IntakeSettings) -> tuple[Image.Image, str, tuple[int, int]]:
     try:
         source = _open(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -167,19 +196,14 @@ def _decode_within_limits(data: bytes, limits: IntakeSettings) -> tuple[Image.Im
         kind = _claimed_format(data)
         raise ImageError(NOT_AN_IMAGE if kind is None else UNREADABLE_VARIANT.format(kind=kind)) from exc
     try:
-        with source:
-            # Image.open only reads headers; the pixel buffer is allocated by load(), so check first.
-            if min(source.size) < 1:
-                raise ImageError(DAMAGED_IMAGE)
-            _check_dimensions(*source.size, limits)
-            # Only the current frame is decoded; the rest of an animation is never read or counted.
-            source.load()
-            image_format = source.format or "unknown"
-            original_size = source.size
-            return _to_rgb(_upright(source)), image_format, original_size
-    except _DECODE_ERRORS as exc:
-        log.debug("undecodable upload (%d bytes)", len(data), exc_info=True)
-        raise ImageError(DAMAGED_IMAGE) from exc
+        # Image.open only reads headers; the pixel buffer is allocated by load(), so check first.
+        if min(source.size) < 1:
+            raise ImageError(DAMAGED_IMAGE)
+        _check_dimensions(*source.size, limits)
+    except BaseException:
+        source.close()
+        raise
+    return source
 
 
 def _open(data: bytes) -> Image.Image:

@@ -270,21 +270,43 @@ class LabelBank:
                 try:
                     stored = load_file(str(path))
                     if bytes(stored["key"].tolist()).decode() == key:
-                        log.info("label embeddings loaded from %s", path)
+                        log.info("label table loaded from %s (%d labels)", path, len(stored["embeds"]))
                         return cls(tables, stored["embeds"].to(clip.device, clip.dtype))
                 except Exception:  # a damaged cache is rebuilt, never trusted
                     log.warning("label cache %s is unreadable; rebuilding it", path, exc_info=True)
         labels = [label for name in tables for label in tables[name]]
+        total = len(labels)
+        # Seconds on the smoke models, minutes for the real CLIP on a slow GPU, and only once per model and
+        # label list: the log says so, or a first start looks hung.
+        log.info(
+            "building the label table: embedding %d labels with CLIP %s on %s, once per model and label list",
+            total,
+            clip.name,
+            clip.device,
+        )
+        started = time.perf_counter()
         parts = []
-        chunks = range(0, len(labels), batch_size)
+        chunks = range(0, total, batch_size)
         if progress:
             from tqdm import tqdm
 
             chunks = tqdm(chunks, desc="Embedding labels (once per model)", unit="batch")
+        reported_tenths = 0
         # Stored as fp16 like clip-interrogator's cache, so cached and fresh tables rank identically; each
         # batch is halved as it comes, so the float32 table never exists whole.
         for start in chunks:
             parts.append(clip.encode_texts(labels[start : start + batch_size], batch_size=batch_size).half())
+            done = min(start + batch_size, total)
+            if done < total and done * 10 // total > reported_tenths:  # each tenth once; the end says "built"
+                reported_tenths = done * 10 // total
+                elapsed_s = time.perf_counter() - started
+                log.info(
+                    "label table: %d of %d labels (%d %%) in %.0f s",
+                    done,
+                    total,
+                    100 * done // total,
+                    elapsed_s,
+                )
         embeds = torch.cat(parts) if parts else torch.empty(0, 1, dtype=torch.float16)
         del parts
         if path is not None:
@@ -298,6 +320,12 @@ class LabelBank:
                 str(tmp),
             )
             os.replace(tmp, path)
+        log.info(
+            "label table built: %d labels in %.1f s%s",
+            total,
+            time.perf_counter() - started,
+            "" if path is None else f", cached in {path}",
+        )
         return cls(tables, embeds.to(clip.device, clip.dtype))
 
     def top(

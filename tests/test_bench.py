@@ -26,12 +26,14 @@ def _run(script: str, argv: list[str]) -> str:
         cwd=ROOT,
         env=env,
         capture_output=True,
-        text=True,
         timeout=300,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, stderr[-4000:]
+    # Bytes, as written: no progress bar redrawn with carriage returns into what is a log here.
+    assert b"\r" not in done.stderr and "%|" not in stderr, stderr[-4000:]
+    return done.stdout.decode()
 
 
 def _headline(out: str) -> dict[str, float]:

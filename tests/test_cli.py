@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 from i2p2i_bot.cli import edit_prompt, main
 from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, GenerateSettings, Settings
 from i2p2i_bot.generate import Generator
+from i2p2i_bot.images import NOT_AN_IMAGE
 from i2p2i_bot.interrogate import Captioner, ClipEncoder
 from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models
 from i2p2i_bot.smoke import SmokeModels
@@ -74,7 +75,7 @@ def test_imagine_from_writes_images_and_json(
     code = main(["--config", str(config_file), "imagine-from", source, *options])
     assert code == 0
     record = json.loads((out / "astronaut.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["astronaut-1.png", "astronaut-2.png", "astronaut.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.1.png", "astronaut.2.png", "astronaut.json"]
     assert record["mode"] == "fast"
     assert record["original_prompt"] == record["interrogation"]["prompt"]
     assert record["prompt"] == record["original_prompt"] + ", oil painting"
@@ -164,34 +165,133 @@ def test_describe_json_lines(
 
 
 def test_generate_command(config_file: Path, tmp_path: Path) -> None:
-    """generate PROMPT -n 3 writes three images and a record; a second run never overwrites the first."""
+    """generate PROMPT -n 3 writes three images and a record; a second run into the same folder gets names
+    of its own that no image number produces, and never overwrites the first."""
     out = tmp_path / "gen"
     for _ in range(2):
-        assert (
-            main(
-                [
-                    "--config",
-                    str(config_file),
-                    "generate",
-                    "A red kite!",
-                    "-n",
-                    "3",
-                    "--seed",
-                    "5",
-                    "--out",
-                    str(out),
-                ]
-            )
-            == 0
-        )
+        options = ["-n", "3", "--seed", "5", "--out", str(out)]
+        assert main(["--config", str(config_file), "generate", "A red kite!", *options]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == [
-        "a-red-kite-1.png", "a-red-kite-2-1.png", "a-red-kite-2-2.png", "a-red-kite-2-3.png",
-        "a-red-kite-2.json", "a-red-kite-2.png", "a-red-kite-3.png", "a-red-kite.json",
+        "a-red-kite.1.png", "a-red-kite.2.png", "a-red-kite.3.png", "a-red-kite.json",
+        "a-red-kite_2.1.png", "a-red-kite_2.2.png", "a-red-kite_2.3.png", "a-red-kite_2.json",
     ]  # fmt: skip
-    record = json.loads((out / "a-red-kite.json").read_text())
-    assert [i["seed"] for i in record["images"]] == [5, 6, 7]
-    assert all(i["fidelity"] is None for i in record["images"])
+    for stem in ("a-red-kite", "a-red-kite_2"):
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert [i["file"] for i in record["images"]] == [f"{stem}.{k}.png" for k in (1, 2, 3)]
+        assert [i["seed"] for i in record["images"]] == [5, 6, 7]
+        assert all(i["fidelity"] is None for i in record["images"])
+
+
+def test_output_names_never_mix_records(
+    config_file: Path, tmp_path: Path, astronaut: Image.Image, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sources called chelsea, chelsea-2 and chelsea (again, as a JPEG), run twice into one folder: every
+    image belongs to the record its name points to (the name up to its number), and to no other."""
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    small = astronaut.resize((64, 64))
+    small.save(folder / "chelsea.png")
+    small.save(folder / "chelsea-2.png")
+    small.save(folder / "chelsea.jpg")
+    out = tmp_path / "out"
+    for _ in range(2):
+        options = ["-n", "2", "--mode", "fast", "--prompt", "a cat", "--out", str(out)]
+        assert main(["--config", str(config_file), "-q", "imagine-from", str(folder), *options]) == 0
+    records = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(records) == [
+        "chelsea-2.json", "chelsea-2_2.json", "chelsea.json", "chelsea_2.json", "chelsea_3.json",
+        "chelsea_4.json",
+    ]  # fmt: skip
+    owners: dict[str, list[str]] = {}
+    for name, record in records.items():
+        for item in record["images"]:
+            owners.setdefault(item["file"], []).append(name)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 12 and sorted(owners) == pngs
+    for png, listed_in in owners.items():
+        assert listed_in == [png.rsplit(".", 2)[0] + ".json"]
+    assert "i2p2i:" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command loads a model: what it checks must be found before that."""
+    from i2p2i_bot import cli
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(cli, "_load_engine", refuse)
+    monkeypatch.setattr(cli, "_load_interrogator", refuse)
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "needle"),
+    [
+        (["describe", "{tmp}/missing.png"], 1, "missing.png: no such file or folder"),
+        (["imagine-from", "{tmp}/missing.png"], 1, "missing.png: no such file or folder"),
+        (["imagine-from", "{tmp}/empty"], 1, "empty: no images in this folder (files ending in .bmp, "),
+        (["describe", "{tmp}/empty"], 1, "empty: no images in this folder"),
+        (["imagine-from", "{tmp}/photos/notes.png"], 1, "notes.png: That file is not an image I can read"),
+        (["generate", ""], 2, "The prompt is empty; write what the image should show."),
+        (["imagine-from", "{tmp}/photos", "--prompt", ""], 2, "The prompt is empty"),
+        (["generate", "a kite", "--out", "{tmp}/photos/cat.jpg/x"], 2, "cat.jpg is a file, not a folder"),
+        (["imagine-from", "{tmp}/photos", "--out", "{tmp}/photos/cat.jpg"], 2, "is a file, not a folder"),
+    ],
+)
+def test_inputs_are_checked_before_the_models_load(
+    command: list[str],
+    code: int,
+    needle: str,
+    config_file: Path,
+    photos: Path,
+    tmp_path: Path,
+    no_models: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A missing file, a folder without images, a file that is not an image, an empty prompt and an --out
+    that cannot be a folder each end the command with one line before any model loads, and leave no --out
+    folder behind: exit 1 for inputs, 2 for options."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+    if argv[0] != "describe" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(["--config", str(config_file), *argv]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_are_reported_before_the_models_load_and_the_rest_go_on(
+    config_file: Path,
+    photos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A typo among good files is reported before the models load (a full load with real weights), then
+    the good files are done and the exit code is 1."""
+    from i2p2i_bot import cli
+
+    load = cli._load_engine
+    said_before_loading: list[str] = []
+
+    def spy(settings: Settings, progress: bool) -> Any:
+        said_before_loading.append(capsys.readouterr().err)
+        return load(settings, progress)
+
+    monkeypatch.setattr(cli, "_load_engine", spy)
+    out = tmp_path / "out"
+    sources = [str(photos / "astronaut.png"), str(photos / "astronuat.png"), str(photos / "notes.png")]
+    assert main(["--config", str(config_file), "-q", "imagine-from", *sources, "--out", str(out)]) == 1
+    assert said_before_loading == [
+        f"i2p2i: {photos / 'astronuat.png'}: no such file or folder\n"
+        f"i2p2i: {photos / 'notes.png'}: {NOT_AN_IMAGE}\n"
+    ]
+    assert "i2p2i:" not in capsys.readouterr().err  # nothing more failed
+    assert sorted(p.name for p in out.glob("*.json")) == ["astronaut.json"]
 
 
 @pytest.mark.parametrize(
@@ -701,6 +801,31 @@ def test_the_command_line_names_missing_models_in_one_line_without_a_connection(
     assert len(results["generate"][1]) < 200
 
 
+def test_no_progress_bars_in_a_log(config_file: Path, base_settings: Settings, tmp_path: Path) -> None:
+    """With stderr going to a file or a pipe, even `--verbose` writes log lines only: the label table's
+    progress, but none of the libraries' progress bars with their carriage returns and escape codes."""
+    labels = tmp_path / "labels"
+    shutil.copytree(str(base_settings.interrogate.labels_dir), labels)
+    with (labels / "flavors.txt").open("a", encoding="utf-8") as flavors:
+        flavors.write(f"{tmp_path.name}\n")  # a list no other test has embedded: the table is built here
+    config = tmp_path / "labels.toml"
+    config.write_text(
+        config_file.read_text().replace(str(base_settings.interrogate.labels_dir), str(labels)), "utf-8"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "i2p2i_bot", "-v", "--config", str(config), "generate", "a kite",
+         "--out", str(out)],
+        capture_output=True, timeout=300, check=False,
+    )  # fmt: skip
+    err = done.stderr.decode(errors="replace")  # bytes as written: text mode would turn "\r" into "\n"
+    assert done.returncode == 0, err[-3000:]
+    assert "\r" not in err and "\x1b[" not in err and "%|" not in err, err[-3000:]
+    assert "Loading pipeline components" not in err and "Loading weights" not in err
+    assert "building the label table: embedding " in err and "label table built: " in err
+    assert (out / "a-kite.json").exists()
+
+
 def test_module_entry_point() -> None:
     """`python -m i2p2i_bot --help` lists the commands."""
     out = subprocess.run(
@@ -756,7 +881,7 @@ def test_global_options_work_after_the_command(
         )
         == 0
     )
-    assert sorted(p.name for p in out.iterdir()) == ["astronaut-1.png", "astronaut-2.png", "astronaut.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.1.png", "astronaut.2.png", "astronaut.json"]
     assert json.loads((out / "astronaut.json").read_text())["smoke"] is True
 
 

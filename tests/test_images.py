@@ -37,6 +37,7 @@ from i2p2i_bot.images import (
     UNREADABLE_VARIANT,
     ImageError,
     check_declared,
+    check_image,
     image_sha256,
     load_intake,
     open_image,
@@ -1105,6 +1106,29 @@ def test_png_bomb_is_rejected_before_decoding(forbid_load: None) -> None:
     with pytest.raises(ImageError) as caught:
         open_image(data)
     assert str(caught.value) == "That image is 30000×30000 pixels; the limit is 40 megapixels."
+
+
+def test_check_image_refuses_what_open_image_refuses_from_the_headers_alone(
+    request: pytest.FixtureRequest,
+) -> None:
+    """check_image, which the command line runs on every input before loading a model, gives open_image's
+    sentence for a file that is not an image, an empty one and a bomb, and passes a photograph, all without
+    decoding a pixel."""
+    photograph = encode(Image.fromarray(skdata.chelsea()), "JPEG")
+    request.getfixturevalue("forbid_load")
+    usual, small = images.DEFAULT_LIMITS, IntakeSettings(max_bytes=1000)
+    bomb = "That image is 30000×30000 pixels; the limit is 40 megapixels."
+    cases = [
+        (b"this is not an image", usual, NOT_AN_IMAGE),
+        (b"", usual, EMPTY_FILE),
+        (png_declaring(30000, 30000), usual, bomb),
+        (b"x" * 2000, small, "That file is 2 KB; the limit is 1000 bytes."),
+    ]
+    for data, limits, sentence in cases:
+        with pytest.raises(ImageError) as caught:
+            check_image(data, limits)
+        assert str(caught.value) == sentence
+    check_image(photograph)
 
 
 def test_bmp_bomb_is_described_by_pillows_pixel_count() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from pathlib import Path
 from typing import NoReturn
 
@@ -161,6 +163,39 @@ def test_label_cache_is_keyed_by_model_precision_and_lists(smoke_models: SmokeMo
     half = ClipEncoder.load(str(smoke_models.clip), CPU, torch.float16)
     assert LabelBank.build(half, tables, tmp_path, model_key="tiny").embeds.dtype == torch.float16
     assert len(list((tmp_path / "labels").iterdir())) == 4
+
+
+def test_building_a_label_table_logs_its_start_progress_and_end(
+    smoke_models: SmokeModels, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first start embeds the labels for seconds to minutes: the log says how many labels with which
+    CLIP, how far along it is once per tenth (not once per batch), and how long it took; a cached table is
+    one line saying it was loaded."""
+    clip = ClipEncoder.load(str(smoke_models.clip), CPU)
+    tables = {"flavors": [f"colour {i}" for i in range(45)], "negative": [f"flaw {i}" for i in range(5)]}
+    with caplog.at_level(logging.INFO, logger="i2p2i_bot.interrogate"):
+        LabelBank.build(clip, tables, tmp_path, model_key="tiny", batch_size=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.interrogate"]
+    assert lines[0] == (
+        f"building the label table: embedding 50 labels with CLIP {clip.name} on cpu, once per model and "
+        "label list"
+    )
+    progress = [
+        re.fullmatch(r"label table: (\d+) of 50 labels \((\d+) %\) in \d+ s", ln) for ln in lines[1:-1]
+    ]
+    # 50 batches of one label, one line per tenth.
+    assert [(m[1], m[2]) for m in progress if m] == [(str(5 * k), str(10 * k)) for k in range(1, 10)]
+    assert len(progress) == 9
+    (cached,) = (tmp_path / "labels").iterdir()
+    assert re.fullmatch(
+        rf"label table built: 50 labels in \d+\.\d s, cached in {re.escape(str(cached))}", lines[-1]
+    )
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="i2p2i_bot.interrogate"):
+        LabelBank.build(clip, tables, tmp_path, model_key="tiny", batch_size=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.interrogate"]
+    assert lines == [f"label table loaded from {cached} (50 labels)"]
 
 
 def test_damaged_label_cache_is_rebuilt(smoke_models: SmokeModels, tmp_path: Path) -> None:

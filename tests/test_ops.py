@@ -13,6 +13,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -286,6 +287,59 @@ def test_readme_keeps_its_two_commands_and_documents_operations() -> None:
     upgrading = readme_section("Upgrading")
     assert "i2p2i_bot/migrations/" in upgrading and "i2p2i backup" in upgrading
     assert (ROOT / "i2p2i_bot" / "migrations").is_dir()
+
+
+def _make(tmp_path: Path, path: Path, *args: str, dry_run: bool = True) -> subprocess.CompletedProcess[str]:
+    """make's virtualenv target, in a scratch folder, with only `path` on PATH."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    argv = [make, *(["-n"] if dry_run else []), f"VENV={venv}", *args, f"{venv}/.installed"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"} | {"PATH": str(path)}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_make_takes_the_first_python_that_is_new_enough(tmp_path: Path) -> None:
+    """On a machine without python3.11 whose python3 is older, `make` builds the virtualenv with the first
+    Python 3.11 or newer on PATH; PYTHON=... still chooses one; with none, one line says what to do."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\nexit 1\n")  # stands for a Python 3.10
+    (bin_dir / "python3").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)  # this Python: 3.11 or newer
+
+    planned = _make(tmp_path, bin_dir)
+    assert planned.returncode == 0, planned.stderr
+    assert f"python -m venv {tmp_path / 'venv'}" in planned.stdout.splitlines()
+
+    chosen = _make(tmp_path, bin_dir, "PYTHON=/opt/python3.13/bin/python3")
+    assert f"/opt/python3.13/bin/python3 -m venv {tmp_path / 'venv'}" in chosen.stdout.splitlines()
+
+    (bin_dir / "python").unlink()
+    missing = _make(tmp_path, bin_dir, dry_run=False)
+    assert missing.returncode != 0 and not (tmp_path / "venv").exists()
+    assert missing.stderr.startswith("make: no Python 3.11 or newer on PATH (looked for python3.11 ")
+    assert "make PYTHON=/path/to/python3.12" in missing.stderr
+
+
+def test_package_metadata_builds_without_deprecation_warnings(tmp_path: Path) -> None:
+    """The license is an SPDX expression (setuptools stops accepting the table form in February 2027), and
+    the build system asks for a setuptools that understands it."""
+    pytest.importorskip("setuptools", minversion="77")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["build-system"]["requires"] == ["setuptools>=77"]
+    script = (
+        "from setuptools import build_meta\n"
+        f"print(build_meta.prepare_metadata_for_build_wheel({str(tmp_path)!r}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Deprecat" not in done.stderr, done.stderr[-3000:]
+    metadata = (tmp_path / done.stdout.strip().splitlines()[-1] / "METADATA").read_text()
+    assert "License-Expression: MIT" in metadata.splitlines()
 
 
 def test_readme_docker_restore_leaves_the_database_to_the_bot_user(tmp_path: Path) -> None:
