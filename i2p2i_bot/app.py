@@ -16,7 +16,7 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ class I2P2IBot(commands.Bot):
         self.runner: JobRunner
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # The wait on Discord that close() ends at once (see until_closed); None while there is none.
+        self._discord_wait: asyncio.Task[Any] | None = None
         # What bot.py exits with once the bot has closed.
         self.exit_code = 0
 
@@ -134,6 +136,35 @@ class I2P2IBot(commands.Bot):
         gc.freeze()
         log.info("setup done: %d commands, extensions %s", len(self.tree.get_commands()), self.extensions)
 
+    async def connect(self, *, reconnect: bool = True) -> None:
+        """discord.py's gateway loop, which close() ends at once, even between connection attempts."""
+        await self.until_closed(super().connect(reconnect=reconnect), name="i2p2i-gateway")
+
+    async def until_closed(self, wait: Coroutine[Any, Any, Any], *, name: str) -> bool:
+        """Run `wait`, a wait on Discord, in a task that close() cancels; False when close() ended it.
+
+        discord.py notices close() only between the steps of its gateway loop: a stop during its reconnect
+        backoff (a sleep that grows to ~17 min) or a connection attempt (up to 60 s) waited for it, past
+        the grace a service manager gives before it kills the bot.
+        """
+        if self._closing:
+            wait.close()
+            return False
+        task = asyncio.create_task(wait, name=name)
+        self._discord_wait = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            # Only close() holds `task`; a cancel of this task itself goes on up.
+            if task.cancelled() and self._closing and (current is None or not current.cancelling()):
+                return False
+            raise
+        finally:
+            if self._discord_wait is task:
+                self._discord_wait = None
+        return True
+
     async def close(self) -> None:
         if self._closing:
             return await super().close()
@@ -144,6 +175,11 @@ class I2P2IBot(commands.Bot):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        # discord.py itself calls close() from inside its gateway loop when a close code is final; that
+        # loop then ends by itself, and must not be cancelled under this very call.
+        waiting = self._discord_wait
+        if waiting is not None and waiting is not asyncio.current_task():
+            waiting.cancel()
         await super().close()
         if hasattr(self, "gpu"):
             await asyncio.to_thread(self.gpu.close, True, self.settings.queue.stop_grace_s)

@@ -1,0 +1,51 @@
+"""bot.py for the lifecycle tests: the real run_bot and its signal handling, without the models.
+
+Run as `python -m tests.lifecycle_bot [--backoff-s S] -- BOT.PY ARGS` from the repository root. The engine
+is the zero-cost stand-in, so the bot connects in seconds. discord.py draws each reconnect delay at random,
+up to 2^k s after k failed tries (about 17 min at most); `--backoff-s` fixes every delay at S, so a test can
+stop the bot while it waits out a long one without first sitting through the short ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import discord.client
+from discord.backoff import ExponentialBackoff
+
+import bot
+from i2p2i_bot.engine import Engine
+from tests.fake_engine import FakeEngine
+
+
+class FixedBackoff(ExponentialBackoff[bool]):
+    """discord.py's reconnect backoff, with every delay the same."""
+
+    delay_s = 0.0
+
+    def delay(self) -> float:
+        return self.delay_s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.lifecycle_bot")
+    parser.add_argument("--backoff-s", type=float, help="every gateway reconnect delay, in seconds")
+    parser.add_argument("bot_args", nargs=argparse.REMAINDER, help="-- then bot.py's own arguments")
+    args = parser.parse_args(argv)
+    if args.backoff_s is not None:
+        FixedBackoff.delay_s = args.backoff_s
+        discord.client.ExponentialBackoff = FixedBackoff  # type: ignore[assignment, misc]
+
+    def load(cls: type[Engine], settings: Any) -> Any:
+        return FakeEngine()
+
+    Engine.load = classmethod(load)  # type: ignore[assignment, method-assign]
+    bot_args = args.bot_args[1:] if args.bot_args[:1] == ["--"] else args.bot_args
+    return bot.main(bot_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
