@@ -96,6 +96,7 @@ class I2P2IBot(commands.Bot):
         self.runner: JobRunner
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
         # The wait on Discord that close() ends at once (see until_closed); None while there is none.
         self._discord_wait: asyncio.Task[Any] | None = None
         # What bot.py exits with once the bot has closed.
@@ -187,6 +188,17 @@ class I2P2IBot(commands.Bot):
             await self.store.close()
         log.info("stopped")
 
+    def begin_close(self) -> asyncio.Task[None]:
+        """Close the bot in a task of its own, for a signal handler or a watch; the same task every time."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self.close(), name="i2p2i-close")
+        return self._close_task
+
+    @property
+    def close_task(self) -> asyncio.Task[None] | None:
+        """The close begin_close() started, or None."""
+        return self._close_task
+
     def spawn(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
         """Run a background task whose reference is kept and whose failure is logged with its traceback."""
         task = asyncio.create_task(coro, name=name)
@@ -226,7 +238,7 @@ class I2P2IBot(commands.Bot):
         log.critical("the GPU can do no more work: %s; stopping so that a restart gets it back", reason)
         self.exit_code = EXIT_GPU_LOST
         # Not a child of this task: close() cancels the background tasks, this one included.
-        asyncio.get_running_loop().create_task(self.close(), name="i2p2i-close-gpu-lost")
+        self.begin_close()
 
     def health_status(self) -> BotStatus:
         """What the heartbeat file reports; during setup_hook some services do not exist yet."""
@@ -381,14 +393,8 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
 
     async def runner() -> int:
         loop = asyncio.get_running_loop()
-        stopping: list[asyncio.Task[None]] = []
-
-        def stop() -> None:
-            if not stopping:
-                stopping.append(asyncio.create_task(bot.close()))
-
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, bot.begin_close)
         async with bot:
             try:
                 await bot.start(token)
@@ -408,8 +414,10 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_CONFIG
-            if stopping:
-                await stopping[0]
+            # Whoever began the close, a signal or the GPU watch, it ends before the process does: asyncio.run
+            # would cancel it half way, before the database and the GPU thread are closed.
+            if bot.close_task is not None:
+                await bot.close_task
         if bot.exit_code == EXIT_GPU_LOST:
             print(f"bot.py: stopped because the GPU can do no more work ({bot.gpu_lost()})", file=sys.stderr)
         return bot.exit_code

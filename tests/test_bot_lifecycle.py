@@ -1,4 +1,4 @@
-"""bot.py as a process: how it starts and stops when Discord is out of reach."""
+"""bot.py as a process: how it starts and stops when Discord is out of reach, or stops by itself."""
 
 from __future__ import annotations
 
@@ -47,12 +47,14 @@ def write_config(path: Path, data_dir: Path, api_base: str, gateway_url: str, *e
 
 
 def lifecycle_bot(
-    config: Path, log: Path, token: str, *, backoff_s: float | None = None
+    config: Path, log: Path, token: str, *, backoff_s: float | None = None, gpu_lost_when: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """bot.py with the stand-in engine (tests/lifecycle_bot.py), its output in `log`."""
     command = [sys.executable, "-m", "tests.lifecycle_bot"]
     if backoff_s is not None:
         command += ["--backoff-s", f"{backoff_s:g}"]
+    if gpu_lost_when is not None:
+        command += ["--gpu-lost-when", str(gpu_lost_when)]
     env = {**os.environ, "DISCORD_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -96,6 +98,43 @@ async def test_sigterm_during_the_reconnect_backoff_stops_at_once(
         assert stop_s < STOP_S
         assert re.search(r"i2p2i\.bot:? stopped$", output, re.MULTILINE), output
         # A clean stop: the last heartbeat says so, and the database was closed (its WAL folded back).
+        assert json.loads((data_dir / "health.json").read_text())["state"] == "stopped"
+        assert not (data_dir / "i2p2i.sqlite3-wal").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.mark.timeout(120)
+async def test_a_lost_gpu_stops_the_process_cleanly_with_exit_code_3(
+    server: FakeDiscord, tmp_path: Path
+) -> None:
+    """The bot's own stop when its GPU is lost ends the process, with exit code 3 and one line, only after
+    the same clean close a signal gets: the last heartbeat says stopped and the database is closed."""
+    data_dir = tmp_path / "data"
+    config = write_config(tmp_path / "bot.toml", data_dir, server.api_base, server.gateway_url)
+    log = tmp_path / "bot.log"
+    marker = tmp_path / "gpu-lost"
+    process = lifecycle_bot(config, log, server.token, gpu_lost_when=marker)
+    try:
+
+        def connected() -> bool:
+            assert process.poll() is None, log.read_text(errors="replace")
+            return server.gateway.connected and bool(server.frames(t="GUILD_CREATE", direction="out"))
+
+        await server.wait_until(connected, timeout_s=60, what="bot.py to connect")
+        marker.touch()
+        try:
+            returncode = process.wait(STOP_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"bot.py was still running {STOP_S} s after its GPU was lost")
+        output = plain(log.read_text(errors="replace"))
+        assert returncode == 3, output
+        assert [line for line in output.splitlines() if line.startswith("bot.py:")] == [
+            f"bot.py: stopped because the GPU can do no more work ({marker} exists)"
+        ]
+        assert re.search(r"i2p2i\.bot:? stopped$", output, re.MULTILINE), output
         assert json.loads((data_dir / "health.json").read_text())["state"] == "stopped"
         assert not (data_dir / "i2p2i.sqlite3-wal").exists()
     finally:
