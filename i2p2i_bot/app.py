@@ -20,10 +20,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
 from discord.ext import commands
+from discord.utils import MISSING
 
 from i2p2i_bot.config import ConfigError, Settings, load_settings
 from i2p2i_bot.engine import Engine
@@ -44,10 +46,43 @@ EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.results", "cogs.history", "
 EXIT_CONFIG = 2
 # The GPU failed for good (a CUDA fault, or a task that never returns): only a new process gets it back.
 EXIT_GPU_LOST = 3
+# Discord could not be reached at start for discord.start_retry_s: no network, a DNS failure, an outage.
+EXIT_DISCORD_UNREACHABLE = 4
+# What login may fail with while Discord is out of reach: no connection (aiohttp's errors: refused, reset,
+# DNS, TLS, timeouts) or a Discord answering 5xx. A wrong token (LoginFailure) is not among them.
+UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientError,
+    discord.DiscordServerError,
+    discord.GatewayNotFound,
+)
+# The pause between tries at start: doubled after each, up to the second figure.
+START_RETRY_FIRST_DELAY_S = 1.0
+START_RETRY_MAX_DELAY_S = 16.0
 # How often the bot checks that its GPU can still work.
 GPU_WATCH_INTERVAL_S = 5.0
 
 EngineLoader = Callable[[Settings], Any]
+
+
+class DiscordUnreachable(Exception):
+    """Discord could not be reached at start; the message is bot.py's one line about it."""
+
+    def __init__(self, reason: str, tries: int, elapsed_s: float) -> None:
+        self.reason = reason
+        self.tries = tries
+        self.elapsed_s = elapsed_s
+        spent = f" after {tries} tries in {elapsed_s:.0f} s" if tries > 1 else ""
+        super().__init__(
+            f"Discord could not be reached{spent} ({reason}); check this machine's network and DNS, "
+            "https://discordstatus.com, and discord.api_base if you set it"
+        )
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """What kept Discord out of reach, in a few words for a log line."""
+    if isinstance(exc, discord.HTTPException):
+        return f"it answered HTTP {exc.status}"
+    return str(exc) or type(exc).__name__
 
 
 class I2P2ITree(app_commands.CommandTree["I2P2IBot"]):
@@ -97,6 +132,7 @@ class I2P2IBot(commands.Bot):
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        self._setup_started = False
         # The wait on Discord that close() ends at once (see until_closed); None while there is none.
         self._discord_wait: asyncio.Task[Any] | None = None
         # What bot.py exits with once the bot has closed.
@@ -104,7 +140,44 @@ class I2P2IBot(commands.Bot):
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
+    async def login(self, token: str) -> None:
+        """discord.py's login, tried again while Discord cannot be reached, for up to discord.start_retry_s.
+
+        At boot the network or DNS is often not up yet, and an outage may be short: trying again here costs
+        nothing (the models load only after login), and a bot that gives up at once would be restarted in
+        a tight loop, which can exhaust systemd's start limit. Raises DiscordUnreachable when the time is
+        spent, or when Discord is lost during setup_hook, which cannot run twice. Returns without logging
+        in when close() is called meanwhile; connect() then ends at once.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        give_up_at = started + self.settings.discord.start_retry_s
+        delay_s = START_RETRY_FIRST_DELAY_S
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await self.until_closed(super().login(token), name="i2p2i-login")
+                return
+            except UNREACHABLE_ERRORS as exc:
+                reason = unreachable_reason(exc)
+                remaining_s = give_up_at - loop.time()
+                if self._setup_started or remaining_s <= 0:
+                    raise DiscordUnreachable(reason, tries, loop.time() - started) from exc
+            wait_s = min(delay_s, remaining_s)
+            log.warning("Discord could not be reached (%s); trying again in %.1f s", reason, wait_s)
+            # The failed try's session; closing it closes its connector too, so the next try makes both anew.
+            await self.http.close()
+            self.http.connector = MISSING
+            if not await self.until_closed(asyncio.sleep(wait_s), name="i2p2i-login-wait"):
+                return
+            delay_s = min(2 * delay_s, START_RETRY_MAX_DELAY_S)
+
     async def setup_hook(self) -> None:
+        self._setup_started = True
+        # From here until the gateway loop starts, close() lets the setup run on: cut off, it would leave
+        # services half made.
+        self._discord_wait = None
         settings = self.settings
         # First, so the heartbeat says "starting" while the models load; close() cancels it with the rest.
         self.spawn(
@@ -404,6 +477,9 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_CONFIG
+            except DiscordUnreachable as exc:
+                print(f"bot.py: {exc}", file=sys.stderr)
+                return EXIT_DISCORD_UNREACHABLE
             except ModelUnavailable as exc:
                 print(f"bot.py: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
