@@ -17,14 +17,16 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
 from discord.ext import commands
+from discord.utils import MISSING
 
 from i2p2i_bot import progress_bars
 from i2p2i_bot.config import ConfigError, Settings, load_settings
@@ -49,10 +51,43 @@ EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.history", "cogs.admin")
 EXIT_CONFIG = 2
 # The GPU failed for good (a CUDA fault, or a task that never returns): only a new process gets it back.
 EXIT_GPU_LOST = 3
+# Discord could not be reached at start for discord.start_retry_s: no network, a DNS failure, an outage.
+EXIT_DISCORD_UNREACHABLE = 4
+# What login may fail with while Discord is out of reach: no connection (aiohttp's errors: refused, reset,
+# DNS, TLS, timeouts) or a Discord answering 5xx. A wrong token (LoginFailure) is not among them.
+UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientError,
+    discord.DiscordServerError,
+    discord.GatewayNotFound,
+)
+# The pause between tries at start: doubled after each, up to the second figure.
+START_RETRY_FIRST_DELAY_S = 1.0
+START_RETRY_MAX_DELAY_S = 16.0
 # How often the bot checks that its GPU can still work.
 GPU_WATCH_INTERVAL_S = 5.0
 
 EngineLoader = Callable[[Settings], ImageEngine]
+
+
+class DiscordUnreachable(Exception):
+    """Discord could not be reached at start; the message is bot.py's one line about it."""
+
+    def __init__(self, reason: str, tries: int, elapsed_s: float) -> None:
+        self.reason = reason
+        self.tries = tries
+        self.elapsed_s = elapsed_s
+        spent = f" after {tries} tries in {elapsed_s:.0f} s" if tries > 1 else ""
+        super().__init__(
+            f"Discord could not be reached{spent} ({reason}); check this machine's network and DNS, "
+            "https://discordstatus.com, and discord.api_base if you set it"
+        )
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """What kept Discord out of reach, in a few words for a log line."""
+    if isinstance(exc, discord.HTTPException):
+        return f"it answered HTTP {exc.status}"
+    return str(exc) or type(exc).__name__
 
 
 class I2P2ITree(app_commands.CommandTree["I2P2IBot"]):
@@ -102,12 +137,53 @@ class I2P2IBot(commands.Bot):
         self.delivery = ResultDelivery(self)
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._setup_started = False
+        # The wait on Discord that close() ends at once (see until_closed); None while there is none.
+        self._discord_wait: asyncio.Task[Any] | None = None
         # What bot.py exits with once the bot has closed.
         self.exit_code = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
+    async def login(self, token: str) -> None:
+        """discord.py's login, tried again while Discord cannot be reached, for up to discord.start_retry_s.
+
+        At boot the network or DNS is often not up yet, and an outage may be short: trying again here costs
+        nothing (the models load only after login), and a bot that gives up at once would be restarted in
+        a tight loop, which can exhaust systemd's start limit. Raises DiscordUnreachable when the time is
+        spent, or when Discord is lost during setup_hook, which cannot run twice. Returns without logging
+        in when close() is called meanwhile; connect() then ends at once.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        give_up_at = started + self.settings.discord.start_retry_s
+        delay_s = START_RETRY_FIRST_DELAY_S
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                await self.until_closed(super().login(token), name="i2p2i-login")
+                return
+            except UNREACHABLE_ERRORS as exc:
+                reason = unreachable_reason(exc)
+                remaining_s = give_up_at - loop.time()
+                if self._setup_started or remaining_s <= 0:
+                    raise DiscordUnreachable(reason, tries, loop.time() - started) from exc
+            wait_s = min(delay_s, remaining_s)
+            log.warning("Discord could not be reached (%s); trying again in %.1f s", reason, wait_s)
+            # The failed try's session; closing it closes its connector too, so the next try makes both anew.
+            await self.http.close()
+            self.http.connector = MISSING
+            if not await self.until_closed(asyncio.sleep(wait_s), name="i2p2i-login-wait"):
+                return
+            delay_s = min(2 * delay_s, START_RETRY_MAX_DELAY_S)
+
     async def setup_hook(self) -> None:
+        self._setup_started = True
+        # From here until the gateway loop starts, close() lets the setup run on: cut off, it would leave
+        # services half made.
+        self._discord_wait = None
         settings = self.settings
         # First, so the heartbeat says "starting" while the models load; close() cancels it with the rest.
         self.spawn(
@@ -143,6 +219,35 @@ class I2P2IBot(commands.Bot):
         gc.freeze()
         log.info("setup done: %d commands, extensions %s", len(self.tree.get_commands()), self.extensions)
 
+    async def connect(self, *, reconnect: bool = True) -> None:
+        """discord.py's gateway loop, which close() ends at once, even between connection attempts."""
+        await self.until_closed(super().connect(reconnect=reconnect), name="i2p2i-gateway")
+
+    async def until_closed(self, wait: Coroutine[Any, Any, Any], *, name: str) -> bool:
+        """Run `wait`, a wait on Discord, in a task that close() cancels; False when close() ended it.
+
+        discord.py notices close() only between the steps of its gateway loop: a stop during its reconnect
+        backoff (a sleep that grows to ~17 min) or a connection attempt (up to 60 s) waited for it, past
+        the grace a service manager gives before it kills the bot.
+        """
+        if self._closing:
+            wait.close()
+            return False
+        task = asyncio.create_task(wait, name=name)
+        self._discord_wait = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            # Only close() holds `task`; a cancel of this task itself goes on up.
+            if task.cancelled() and self._closing and (current is None or not current.cancelling()):
+                return False
+            raise
+        finally:
+            if self._discord_wait is task:
+                self._discord_wait = None
+        return True
+
     async def close(self) -> None:
         if self._closing:
             return await super().close()
@@ -155,12 +260,28 @@ class I2P2IBot(commands.Bot):
         await asyncio.gather(*self._background, return_exceptions=True)
         if hasattr(self, "queue"):  # the delivery started with the queue; it edits before Discord closes
             await self.delivery.stop()
+        # discord.py itself calls close() from inside its gateway loop when a close code is final; that
+        # loop then ends by itself, and must not be cancelled under this very call.
+        waiting = self._discord_wait
+        if waiting is not None and waiting is not asyncio.current_task():
+            waiting.cancel()
         await super().close()
         if hasattr(self, "gpu"):
             await asyncio.to_thread(self.gpu.close, True, self.settings.queue.stop_grace_s)
         if hasattr(self, "store"):
             await self.store.close()
         log.info("stopped")
+
+    def begin_close(self) -> asyncio.Task[None]:
+        """Close the bot in a task of its own, for a signal handler or a watch; the same task every time."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self.close(), name="i2p2i-close")
+        return self._close_task
+
+    @property
+    def close_task(self) -> asyncio.Task[None] | None:
+        """The close begin_close() started, or None."""
+        return self._close_task
 
     def spawn(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
         """Run a background task whose reference is kept and whose failure is logged with its traceback."""
@@ -201,7 +322,7 @@ class I2P2IBot(commands.Bot):
         log.critical("the GPU can do no more work: %s; stopping so that a restart gets it back", reason)
         self.exit_code = EXIT_GPU_LOST
         # Not a child of this task: close() cancels the background tasks, this one included.
-        asyncio.get_running_loop().create_task(self.close(), name="i2p2i-close-gpu-lost")
+        self.begin_close()
 
     def health_status(self) -> BotStatus:
         """What the heartbeat file reports; during setup_hook some services do not exist yet."""
@@ -357,14 +478,8 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
 
     async def runner() -> int:
         loop = asyncio.get_running_loop()
-        stopping: list[asyncio.Task[None]] = []
-
-        def stop() -> None:
-            if not stopping:
-                stopping.append(asyncio.create_task(bot.close()))
-
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, bot.begin_close)
         async with bot:
             try:
                 await bot.start(token)
@@ -374,6 +489,9 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_CONFIG
+            except DiscordUnreachable as exc:
+                print(f"bot.py: {exc}", file=sys.stderr)
+                return EXIT_DISCORD_UNREACHABLE
             except ModelUnavailable as exc:
                 print(f"bot.py: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
@@ -384,8 +502,10 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_CONFIG
-            if stopping:
-                await stopping[0]
+            # Whoever began the close, a signal or the GPU watch, it ends before the process does: asyncio.run
+            # would cancel it half way, before the database and the GPU thread are closed.
+            if bot.close_task is not None:
+                await bot.close_task
         if bot.exit_code == EXIT_GPU_LOST:
             print(f"bot.py: stopped because the GPU can do no more work ({bot.gpu_lost()})", file=sys.stderr)
         return bot.exit_code

@@ -178,12 +178,16 @@ class DiscordSettings:
     gateway_url: str = "wss://gateway.discord.gg/"
     admin_role_ids: list[int] = field(default_factory=list)
     sync_guild_id: int = 0
+    # At start, how long to keep trying while Discord cannot be reached before bot.py exits with code 4.
+    start_retry_s: float = 60.0
 
     def validate(self) -> None:
         if not self.api_base.startswith(("http://", "https://")):
             raise ConfigError(f"discord.api_base must be an http(s) URL (got {self.api_base!r})")
         if not self.gateway_url.startswith(("ws://", "wss://")):
             raise ConfigError(f"discord.gateway_url must be a ws(s) URL (got {self.gateway_url!r})")
+        if self.start_retry_s < 0:
+            raise ConfigError(f"discord.start_retry_s must not be negative (got {self.start_retry_s})")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from PIL import Image
 
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
-from i2p2i_bot.request import GenerationParams, ImageSpec
+from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.interrogation import Candidate, Interrogation
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:
@@ -16,7 +18,32 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
 
 
 class FakeEngine:
-    """Records every batch it is given; can fail, block on a gate, or call a hook when a batch starts."""
+    """Records every batch it is given; can fail, block on a gate, or call a hook when a batch starts.
+
+    An ImageEngine: it plans with the product's own plan() and describes every image the same way.
+    """
+
+    settings = GenerateSettings(steps=2, width=64, height=64, min_side=64, max_side=128)
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {"generator": "fake", "clip": "fake", "caption": "fake"}
+
+    def plan(self, request: GenerationRequest) -> GenerationRequest:
+        return plan(request, self.settings, self.models["generator"])
+
+    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
+        prompt = f"a {image.width}x{image.height} picture"
+        return Interrogation(
+            mode=mode,
+            prompt=prompt,
+            score=0.25,
+            caption=prompt,
+            negative=None,
+            candidates=(Candidate(mode, prompt, 0.25),),
+            image_embedding=(1.0, 0.0),
+            models={k: v for k, v in self.models.items() if k != "generator"},
+        )
 
     def __init__(
         self,

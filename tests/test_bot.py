@@ -880,15 +880,16 @@ async def test_commands_sync_only_when_changed(
 
 
 async def test_missing_models_stop_the_bot_with_one_line(discord_server: FakeDiscord, tmp_path: Path) -> None:
-    """Models that are not there stop bot.py with exit code 2 and a line saying how to get them."""
+    """Models that are not there stop bot.py with exit code 2 and a line naming them and how to get them."""
     server = discord_server
     config = tmp_path / "bot.toml"
     config.write_text(
-        f'data_dir = "{tmp_path / "data"}"\n[models]\nclip = "local-dir:{tmp_path / "no-clip"}"\n'
+        f'data_dir = "{tmp_path / "data"}"\n[models]\ndevice = "cpu"\n'
         f'[discord]\napi_base = "{server.api_base}"\ngateway_url = "{server.gateway_url}"\n',
         encoding="utf-8",
     )
-    env = {**os.environ, "DISCORD_TOKEN": server.token, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "DISCORD_TOKEN": server.token, "HF_HOME": str(tmp_path / "empty-hf-cache")}
+    env.pop("HF_HUB_OFFLINE", None)
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "bot.py"), "--config", str(config),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
@@ -896,7 +897,8 @@ async def test_missing_models_stop_the_bot_with_one_line(discord_server: FakeDis
     _, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 2
     lines = [line for line in err.decode().splitlines() if line.startswith("bot.py:")]
-    assert len(lines) == 1 and "could not be loaded" in lines[0] and "download-models" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("bot.py: Not downloaded: Stable Diffusion")
+    assert "CLIP" in lines[0] and "BLIP" in lines[0] and lines[0].endswith("run `i2p2i download-models`")
     assert "Traceback" not in err.decode()
 
 
