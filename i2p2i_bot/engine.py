@@ -16,7 +16,7 @@ from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
 from i2p2i_bot.interrogate import Interrogator
 from i2p2i_bot.interrogation import Interrogation
-from i2p2i_bot.models import ModelSources, check_downloaded, resolve_models
+from i2p2i_bot.models import ModelSources, check_downloaded, quick_gelu_name, resolve_models
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Engine:
     @property
     def models(self) -> dict[str, str]:
         """Model names as they should be recorded next to results."""
-        return self.sources.recorded()
+        return {"generator": self.generator.model, **self.interrogator.models}
 
     def plan(self, request: GenerationRequest) -> GenerationRequest:
         return self.generator.plan(request)
@@ -138,5 +138,8 @@ def _interrogator(
         dtype=dtype,
         progress=progress,
     )
-    interrogator.models = {k: v for k, v in sources.recorded().items() if k != "generator"}
+    recorded = {k: v for k, v in sources.recorded().items() if k != "generator"}
+    if interrogator.clip.quick_gelu:
+        recorded["clip"] = quick_gelu_name(recorded["clip"])
+    interrogator.models = recorded
     return interrogator

@@ -88,6 +88,8 @@ class ClipEncoder:
         self.device = device
         self.dtype = _input_dtype(model.visual)
         self.name = name
+        # Whether OpenAI's QuickGELU was forced on (ClipFiles.quick_gelu): it changes every embedding.
+        self.quick_gelu = False
         self.context_length = int(getattr(tokenizer, "context_length", 77))
         self.text = TextEncoder(self.model, tokenizer, device, self.context_length)
 
@@ -107,6 +109,7 @@ class ClipEncoder:
                 image_std=files.image_std,
                 image_interpolation=files.image_interpolation,
                 image_resize_mode=files.image_resize_mode,
+                force_quick_gelu=files.quick_gelu,
             )
             tokenizer = files.tokenizer()
         except (OSError, RuntimeError, ValueError) as exc:
@@ -114,7 +117,9 @@ class ClipEncoder:
                 f"CLIP model {source!r} could not be loaded ({exc}); run `i2p2i download-models` where there "
                 "is internet, or use --models smoke to check the install"
             ) from exc
-        return cls(model, preprocess, tokenizer, device, source)
+        clip = cls(model, preprocess, tokenizer, device, source)
+        clip.quick_gelu = files.quick_gelu
+        return clip
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -418,7 +423,8 @@ class Interrogator:
             clip,
             kept,
             cache_dir,
-            model_key=_model_key(clip_source),
+            # Tables embedded before QuickGELU was forced came from other embeddings.
+            model_key=_model_key(clip_source) + ("|quickgelu" if clip.quick_gelu else ""),
             batch_size=settings.label_batch_size,
             progress=progress,
         )

@@ -62,6 +62,14 @@ def resolve_models(settings: Settings) -> ModelSources:
     return ModelSources(m.generator, m.clip, m.caption)
 
 
+def quick_gelu_name(source: str) -> str:
+    """open_clip's name for ARCH/TAG built with QuickGELU (ARCH-quickgelu/TAG), as results record it."""
+    arch, sep, tag = source.partition("/")
+    if not sep or arch.endswith("-quickgelu") or source.startswith(("local-dir:", "hf-hub:")):
+        return source
+    return f"{arch}-quickgelu/{tag}"
+
+
 def open_clip_name(source: str) -> tuple[str, str | None]:
     """Split a CLIP source into open_clip's (model_name, pretrained) arguments."""
     if source.startswith(("local-dir:", "hf-hub:")):
@@ -214,6 +222,9 @@ class ClipFiles:
     image_std: tuple[float, ...] | None = None
     image_interpolation: str | None = None
     image_resize_mode: str | None = None
+    # Weights trained with QuickGELU (OpenAI's): open_clip 3 only warns when an architecture without it
+    # loads them, and the embeddings come out wrong, so the tag's choice is forced.
+    quick_gelu: bool = False
     # The folder of the Hugging Face tokenizer the model's config names, and that config's text part.
     hf_tokenizer: str | None = None
     text_cfg: Mapping[str, Any] = field(default_factory=dict)
@@ -293,6 +304,7 @@ def _cached_pretrained_clip(label: str, name: str, pretrained: str) -> ClipFiles
         image_std=tag.get("std"),
         image_interpolation=tag.get("interpolation"),
         image_resize_mode=tag.get("resize_mode"),
+        quick_gelu=bool(tag.get("quick_gelu", False)),
         **_tokenizer_files(label, text_cfg),
     )
 

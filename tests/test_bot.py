@@ -350,7 +350,7 @@ async def test_jobs_take_the_server_defaults_and_rerolls_keep_their_own(
         settings, generate=dataclasses.replace(settings.generate, negative_prompt="blurry, lowres")
     )
     generator = engine.generator
-    made_with, sources = generator.settings, engine.sources
+    made_with, described_with = generator.settings, engine.interrogator.models
     generator.settings = settings.generate
     try:
         async with running_i2p2i(settings, server, engine) as bot:
@@ -374,9 +374,7 @@ async def test_jobs_take_the_server_defaults_and_rerolls_keep_their_own(
             generator.settings = dataclasses.replace(
                 settings.generate, steps=settings.generate.steps + 1, guidance=2.5, negative_prompt="new"
             )
-            engine.sources = dataclasses.replace(
-                sources, generator="now/generator", clip="now/clip", smoke=False
-            )
+            engine.interrogator.models = {"clip": "now/clip", "caption": "now/caption"}
             result = cast(StoredMessage, press.original)
             reroll = await server.push_button(result, "i2p:job:reroll:1")
             await reroll.wait_followup(timeout_s=30)
@@ -405,7 +403,7 @@ async def test_jobs_take_the_server_defaults_and_rerolls_keep_their_own(
             assert "now/" not in models
             await bot.queue.join()
     finally:
-        generator.settings, engine.sources = made_with, sources
+        generator.settings, engine.interrogator.models = made_with, described_with
 
 
 async def test_a_negative_card_generates_its_caption_without_those_words(

@@ -21,7 +21,7 @@ from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, G
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.images import NOT_AN_IMAGE
 from i2p2i_bot.interrogate import Captioner, ClipEncoder
-from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models
+from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models, quick_gelu_name
 from i2p2i_bot.smoke import SmokeModels
 
 
@@ -692,6 +692,8 @@ def test_the_clip_loader_reads_the_file_download_models_fetches(
         "bicubic",
         "shortest",
     )
+    assert files.quick_gelu  # OpenAI trained these weights with QuickGELU
+    assert quick_gelu_name(DEFAULT_CLIP) == "ViT-L-14-quickgelu/openai"  # what results record
 
 
 def test_a_cached_pretrained_tag_builds_what_open_clip_builds_from_the_tag(
@@ -730,6 +732,41 @@ def test_a_cached_pretrained_tag_builds_what_open_clip_builds_from_the_tag(
     with torch.inference_mode():
         expected = stock.eval().encode_image(stock_preprocess(image)[None]).float()
     torch.testing.assert_close(ours.encode_images([image]), expected / expected.norm(dim=-1, keepdim=True))
+
+
+def test_weights_trained_with_quick_gelu_are_built_with_it(
+    smoke_models: SmokeModels, no_network: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tag trained with QuickGELU (as OpenAI's are) builds its model with QuickGELU, which open_clip 3 only
+    warns about when it is handed the tag: with plain GELU the same weights give other embeddings."""
+    import open_clip
+    import open_clip.factory
+    import open_clip.pretrained
+    from open_clip.transformer import QuickGELU
+
+    config = json.loads((smoke_models.clip / "open_clip_config.json").read_text())
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "i2p2i-tiny", config["model_cfg"])
+    tag = {"url": "", "hf_hub": "someone/tiny-clip/", "quick_gelu": True}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "i2p2i-tiny", {"quick": tag})
+    weights = smoke_models.clip / "open_clip_model.safetensors"
+    snapshot = cache_repository(no_network, "someone/tiny-clip", {weights.name: weights})
+    monkeypatch.setattr(
+        open_clip.pretrained, "hf_hub_download", lambda repo_id, filename, **_: str(snapshot / filename)
+    )
+
+    ours = ClipEncoder.load("i2p2i-tiny/quick", CPU)
+    activations = {type(m) for m in ours.model.modules() if "GELU" in type(m).__name__}
+    assert activations == {QuickGELU}
+    trained, _, preprocess = open_clip.create_model_and_transforms(
+        "i2p2i-tiny", pretrained="quick", force_quick_gelu=True
+    )
+    stock, _, _ = open_clip.create_model_and_transforms("i2p2i-tiny", pretrained="quick")
+    image = Image.new("RGB", (64, 64), (30, 160, 90))
+    with torch.inference_mode():
+        right = trained.eval().encode_image(preprocess(image)[None]).float()
+        wrong = stock.eval().encode_image(preprocess(image)[None]).float()
+    torch.testing.assert_close(ours.encode_images([image]), right / right.norm(dim=-1, keepdim=True))
+    assert not torch.allclose(right, wrong)
 
 
 def test_an_hf_hub_clip_and_its_tokenizer_load_from_the_cache(
