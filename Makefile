@@ -26,9 +26,12 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) bot.py $(ARGS)
 
+# Lint, types, then the suite: a type error fails the tests as a failing test does.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy i2p2i_bot cogs bot.py tests
+	$(VENV)/bin/mypy bench
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # bench/ on its own: its scripts import their siblings as top-level modules, which makes bench/bot.py
