@@ -32,6 +32,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install --python /opt/venv/bin/python -r pyproject.toml -c docker/constraints.txt
 COPY README.md ./
 COPY i2p2i_bot ./i2p2i_bot
+COPY cogs ./cogs
 RUN uv pip install --python /opt/venv/bin/python --no-deps .
 
 # --- the image -----------------------------------------------------------------------------------------------
@@ -52,8 +53,7 @@ RUN groupadd --system --gid "${UID}" i2p2i \
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY bot.py config.example.toml ./
-COPY cogs ./cogs
+COPY config.example.toml ./
 COPY --chmod=755 docker/entrypoint.sh ./docker/entrypoint.sh
 # Everything the bot writes lives under /data: the database, images, label caches, the model weights and the
 # compiled kernels, so a restart reuses them instead of compiling the UNet again for minutes.

@@ -1,19 +1,18 @@
-"""Run the i2p2i Discord bot: python bot.py [--config PATH] [--models smoke|default]."""
+"""Run the i2p2i Discord bot from a checkout: python bot.py [--config PATH] [--models smoke|default].
+
+Installed, the same command is `i2p2i-bot`.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
 
-from i2p2i_bot.app import run_bot
+from i2p2i_bot import app
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bot.py", description="Run the i2p2i Discord bot.")
-    parser.add_argument("--config", metavar="PATH", help="settings file (TOML); see config.example.toml")
-    parser.add_argument("--models", choices=("default", "smoke"), help="'smoke': tiny random models (noise)")
-    args = parser.parse_args(argv)
-    return run_bot(args.config, args.models)
+def main(argv: Sequence[str] | None = None) -> int:
+    return app.main(argv, prog="bot.py")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The container's entry point: fetch the models into the data volume on first start, then become the bot.
 #
-# Arguments are bot.py's (--config PATH, --models smoke|default). Environment:
+# Arguments are i2p2i-bot's (--config PATH, --models smoke|default). Environment:
 #   I2P2I_DOWNLOAD_MODELS  auto (default): fetch when these settings' models were not fetched yet;
 #                          always: fetch on every start; never: do not fetch (weights baked in, or offline)
 #   I2P2I_CONFIG           a settings file, passed as --config to the bot and to the download
@@ -23,7 +23,6 @@ data_dir="${I2P2I_DATA_DIR:-/data}"
 export HF_HOME="${HF_HOME:-$data_dir/huggingface}"
 mode="${I2P2I_DOWNLOAD_MODELS:-auto}"
 retry_s="${I2P2I_FETCH_RETRY_S:-60}"
-app_dir="$(cd "$(dirname "$0")/.." && pwd)"
 
 fetch_only=false
 if [ "$#" -eq 1 ] && [ "$1" = "fetch-models" ]; then
@@ -129,4 +128,4 @@ if [ -z "${HF_HUB_OFFLINE:-}" ] && [ -z "${TRANSFORMERS_OFFLINE:-}" ]; then
     say "starting the bot with HF_HUB_OFFLINE=1"
 fi
 # exec: the bot becomes this process, so it gets docker stop's SIGTERM and drains its queue.
-exec python "$app_dir/bot.py" "$@"
+exec i2p2i-bot "$@"

@@ -7,6 +7,7 @@ extension name.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
@@ -456,19 +457,32 @@ def redact_tokens_in_logs() -> None:
         sql.setLevel(logging.INFO)
 
 
-def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
-    """bot.py's body: settings, token check, run until SIGTERM/SIGINT; returns the exit code."""
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """The bot's command line (`i2p2i-bot`, and bot.py in a checkout): [--config PATH] [--models PRESET]."""
+    prog = prog or Path(sys.argv[0]).name or "i2p2i-bot"
+    parser = argparse.ArgumentParser(prog=prog, description="Run the i2p2i Discord bot.")
+    parser.add_argument("--config", metavar="PATH", help="settings file (TOML); see config.example.toml")
+    parser.add_argument("--models", choices=("default", "smoke"), help="'smoke': tiny random models (noise)")
+    args = parser.parse_args(argv)
+    return run_bot(args.config, args.models, prog=prog)
+
+
+def run_bot(config_path: str | Path | None, models: str | None = None, *, prog: str = "bot.py") -> int:
+    """The bot's process: settings, token check, run until SIGTERM/SIGINT; returns the exit code.
+
+    Each way it can fail to start is one line on stderr, `prog: ...`, and an exit code of its own.
+    """
     try:
         settings = load_settings(config_path)
         if models:
             settings = settings.with_preset(models)  # type: ignore[arg-type]
     except ConfigError as exc:
-        print(f"bot.py: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     token = settings.discord.token
     if not token:
         print(
-            "bot.py: DISCORD_TOKEN is not set; put the bot's token in that environment variable",
+            f"{prog}: DISCORD_TOKEN is not set; put the bot's token in that environment variable",
             file=sys.stderr,
         )
         return EXIT_CONFIG
@@ -485,19 +499,19 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
                 await bot.start(token)
             except discord.LoginFailure:
                 print(
-                    "bot.py: Discord rejected the token in DISCORD_TOKEN; check it in the Developer Portal",
+                    f"{prog}: Discord rejected the token in DISCORD_TOKEN; check it in the Developer Portal",
                     file=sys.stderr,
                 )
                 return EXIT_CONFIG
             except DiscordUnreachable as exc:
-                print(f"bot.py: {exc}", file=sys.stderr)
+                print(f"{prog}: {exc}", file=sys.stderr)
                 return EXIT_DISCORD_UNREACHABLE
             except ModelUnavailable as exc:
-                print(f"bot.py: {exc}", file=sys.stderr)
+                print(f"{prog}: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
             except (StoreError, sqlite3.DatabaseError) as exc:
                 print(
-                    f"bot.py: the database {settings.database_path} cannot be used ({exc}); see "
+                    f"{prog}: the database {settings.database_path} cannot be used ({exc}); see "
                     '"Upgrading" and "Backing up the database" in the README',
                     file=sys.stderr,
                 )
@@ -507,7 +521,7 @@ def run_bot(config_path: str | Path | None, models: str | None = None) -> int:
             if bot.close_task is not None:
                 await bot.close_task
         if bot.exit_code == EXIT_GPU_LOST:
-            print(f"bot.py: stopped because the GPU can do no more work ({bot.gpu_lost()})", file=sys.stderr)
+            print(f"{prog}: stopped because the GPU can do no more work ({bot.gpu_lost()})", file=sys.stderr)
         return bot.exit_code
 
     return asyncio.run(runner())

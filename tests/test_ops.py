@@ -615,9 +615,7 @@ def test_every_copied_file_reaches_the_build_and_secrets_do_not(dockerfile: list
         if i.keyword == "COPY" and "from" not in i.flags
         for source in i.exec_form()[:-1]
     ]
-    assert {"pyproject.toml", "README.md", "i2p2i_bot", "cogs", "bot.py", "docker/entrypoint.sh"} <= set(
-        sources
-    )
+    assert {"pyproject.toml", "README.md", "i2p2i_bot", "cogs", "docker/entrypoint.sh"} <= set(sources)
     for source in sources:
         path = ROOT / source
         assert path.exists(), source
@@ -705,8 +703,8 @@ OFFLINE = "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1"
 
 @pytest.fixture
 def entrypoint(tmp_path: Path):
-    """Run docker/entrypoint.sh with stand-ins for `i2p2i` and `python` that record how they were called and
-    whether they were told to stay offline."""
+    """Run docker/entrypoint.sh with stand-ins for `i2p2i` and `i2p2i-bot` that record how they were called
+    and whether they were told to stay offline."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
@@ -718,7 +716,7 @@ def entrypoint(tmp_path: Path):
     stubs = {
         "i2p2i": 'printf "i2p2i %s\\n" "$*" >> "$STUB_LOG"\nexit "${STUB_EXIT:-0}"\n',
         # $$ is this process's id: equal to the entry point's, it shows the entry point exec'd the bot.
-        "python": 'printf "python %s %s\\n" "$$" "$*" >> "$STUB_LOG"\n',
+        "i2p2i-bot": 'printf "i2p2i-bot %s %s\\n" "$$" "$*" >> "$STUB_LOG"\n',
     }
     for name, body in stubs.items():
         stub = bin_dir / name
@@ -773,17 +771,17 @@ def test_entrypoint_fetches_once_then_execs_the_bot(entrypoint) -> None:
     (data / "health.json").write_text('{"state": "ready"}')
     first = entrypoint(I2P2I_MODELS="smoke")
     assert first.returncode == 0, first.stderr
-    bot = f"python {first.pid} {ROOT}/bot.py --models smoke"
+    bot = f"i2p2i-bot {first.pid} --models smoke"
     assert first.calls == ["i2p2i --models smoke download-models", bot]
     # The download may use the network; the bot, with its models in place, is told not to.
-    assert first.offline == {"i2p2i": "HF_HUB_OFFLINE=- TRANSFORMERS_OFFLINE=-", "python": OFFLINE}
+    assert first.offline == {"i2p2i": "HF_HUB_OFFLINE=- TRANSFORMERS_OFFLINE=-", "i2p2i-bot": OFFLINE}
     assert len(markers(data)) == 1
     assert not (data / "health.json").exists()  # the last run's heartbeat cannot pass for this one's
 
     second = entrypoint(I2P2I_MODELS="smoke")
     assert second.returncode == 0
-    assert second.calls == [f"python {second.pid} {ROOT}/bot.py --models smoke"]
-    assert second.offline == {"python": OFFLINE}
+    assert second.calls == [f"i2p2i-bot {second.pid} --models smoke"]
+    assert second.offline == {"i2p2i-bot": OFFLINE}
 
 
 def test_entrypoint_fetches_again_when_the_settings_change(entrypoint, tmp_path: Path) -> None:
@@ -792,14 +790,14 @@ def test_entrypoint_fetches_again_when_the_settings_change(entrypoint, tmp_path:
     config.write_text('[models]\ngenerator = "a/b"\n')
     first = entrypoint(I2P2I_CONFIG=str(config))
     assert first.calls[0] == f"i2p2i --config {config} download-models"
-    assert first.calls[1] == f"python {first.pid} {ROOT}/bot.py --config {config}"
-    assert entrypoint(I2P2I_CONFIG=str(config)).calls[0].startswith("python ")
+    assert first.calls[1] == f"i2p2i-bot {first.pid} --config {config}"
+    assert entrypoint(I2P2I_CONFIG=str(config)).calls[0].startswith("i2p2i-bot ")
     config.write_text('[models]\ngenerator = "c/d"\n')
     assert entrypoint(I2P2I_CONFIG=str(config)).calls[0] == f"i2p2i --config {config} download-models"
     # Options given as arguments count the same way, and reach both commands.
     again = entrypoint("--config", str(config), "--models", "smoke")
     assert again.calls[0] == f"i2p2i --config {config} --models smoke download-models"
-    assert again.calls[1].endswith(f"bot.py --config {config} --models smoke")
+    assert again.calls[1].endswith(f" --config {config} --models smoke")
     assert len(markers(entrypoint.data)) == 3
 
 
@@ -807,24 +805,24 @@ def test_entrypoint_modes_and_offline(entrypoint) -> None:
     """never skips the fetch, always fetches every time, HF_HUB_OFFLINE skips it with a note; the bot is
     offline unless HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE says otherwise."""
     never = entrypoint(I2P2I_DOWNLOAD_MODELS="never")
-    assert never.returncode == 0 and [c.split()[0] for c in never.calls] == ["python"]
-    assert never.offline == {"python": OFFLINE}
+    assert never.returncode == 0 and [c.split()[0] for c in never.calls] == ["i2p2i-bot"]
+    assert never.offline == {"i2p2i-bot": OFFLINE}
     assert markers(entrypoint.data) == []
     for _ in range(2):
         always = entrypoint(I2P2I_DOWNLOAD_MODELS="always")
-        assert [c.split()[0] for c in always.calls] == ["i2p2i", "python"]
+        assert [c.split()[0] for c in always.calls] == ["i2p2i", "i2p2i-bot"]
     (data_marker,) = markers(entrypoint.data)
     data_marker.unlink()
     offline = entrypoint(HF_HUB_OFFLINE="1")
-    assert offline.returncode == 0 and [c.split()[0] for c in offline.calls] == ["python"]
+    assert offline.returncode == 0 and [c.split()[0] for c in offline.calls] == ["i2p2i-bot"]
     assert "HF_HUB_OFFLINE is set" in offline.stderr and markers(entrypoint.data) == []
-    assert offline.offline == {"python": "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=-"}
+    assert offline.offline == {"i2p2i-bot": "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=-"}
     legacy = entrypoint(TRANSFORMERS_OFFLINE="1")
-    assert [c.split()[0] for c in legacy.calls] == ["python"]
-    assert legacy.offline == {"python": "HF_HUB_OFFLINE=- TRANSFORMERS_OFFLINE=1"}
+    assert [c.split()[0] for c in legacy.calls] == ["i2p2i-bot"]
+    assert legacy.offline == {"i2p2i-bot": "HF_HUB_OFFLINE=- TRANSFORMERS_OFFLINE=1"}
     online = entrypoint(HF_HUB_OFFLINE="0")
-    assert [c.split()[0] for c in online.calls] == ["i2p2i", "python"]
-    assert online.offline["python"] == "HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=-"
+    assert [c.split()[0] for c in online.calls] == ["i2p2i", "i2p2i-bot"]
+    assert online.offline["i2p2i-bot"] == "HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=-"
     bad = entrypoint(I2P2I_DOWNLOAD_MODELS="sometimes")
     assert bad.returncode == 2 and bad.calls == [] and "must be auto, always or never" in bad.stderr
     bad = entrypoint(I2P2I_FETCH_RETRY_S="soon")
@@ -842,7 +840,7 @@ def test_entrypoint_does_not_start_the_bot_when_the_fetch_fails(entrypoint) -> N
     assert "docker compose run --rm bot fetch-models" in failed.stderr
     assert markers(entrypoint.data) == []
     retried = entrypoint()
-    assert [c.split()[0] for c in retried.calls] == ["i2p2i", "python"]
+    assert [c.split()[0] for c in retried.calls] == ["i2p2i", "i2p2i-bot"]
 
 
 def test_entrypoint_waits_after_a_failed_fetch_and_stops_on_sigterm(entrypoint) -> None:
