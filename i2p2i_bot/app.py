@@ -70,6 +70,10 @@ GPU_WATCH_INTERVAL_S = 5.0
 EngineLoader = Callable[[Settings], ImageEngine]
 
 
+class StoppedDuringStart(Exception):
+    """A stop (SIGTERM, Ctrl-C) came while the bot was still setting up: it goes no further."""
+
+
 class DiscordUnreachable(Exception):
     """Discord could not be reached at start; the message is bot.py's one line about it."""
 
@@ -199,6 +203,10 @@ class I2P2IBot(commands.Bot):
         self.gpu = GpuWorker()
         # Models load on the GPU thread, which owns them from then on.
         self.engine = await self.gpu.run(self._engine_loader, settings, priority=Priority.URGENT)
+        # Loading takes minutes with real models; a stop meanwhile has closed Discord's session and the
+        # store, so setting up further would only fail.
+        if self._closing:
+            raise StoppedDuringStart("stopped while the models loaded")
         self.queue = await JobQueue.open(self.store, settings.queue)
         self.interrogations = InterrogationCache(self.store, self.gpu)
         self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
@@ -503,6 +511,8 @@ def run_bot(config_path: str | Path | None, models: str | None = None, *, prog: 
                     file=sys.stderr,
                 )
                 return EXIT_CONFIG
+            except StoppedDuringStart as exc:
+                log.info("%s; nothing was started", exc)
             except DiscordUnreachable as exc:
                 print(f"{prog}: {exc}", file=sys.stderr)
                 return EXIT_DISCORD_UNREACHABLE

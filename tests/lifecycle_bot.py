@@ -1,6 +1,7 @@
 """bot.py for the lifecycle tests: the real run_bot and its signal handling, without the models.
 
-Run as `python -m tests.lifecycle_bot [--backoff-s S] [--gpu-lost-when PATH] -- BOT.PY ARGS` from the
+Run as `python -m tests.lifecycle_bot [--backoff-s S] [--gpu-lost-when PATH] [--load-s S] -- BOT.PY ARGS` from
+the
 repository root. The engine is the zero-cost stand-in, so the bot connects in seconds. discord.py draws each
 reconnect delay at random, up to 2^k s after k failed tries (about 17 min at most); `--backoff-s` fixes every
 delay at S, so a test can stop the bot while it waits out a long one without first sitting through the short
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.lifecycle_bot")
     parser.add_argument("--backoff-s", type=float, help="every gateway reconnect delay, in seconds")
     parser.add_argument("--gpu-lost-when", type=Path, metavar="PATH", help="the GPU is lost once PATH exists")
+    parser.add_argument("--load-s", type=float, default=0.0, help="how long loading the models takes")
     parser.add_argument("bot_args", nargs=argparse.REMAINDER, help="-- then bot.py's own arguments")
     args = parser.parse_args(argv)
     if args.backoff_s is not None:
@@ -53,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         app.I2P2IBot.gpu_lost = gpu_lost  # type: ignore[method-assign]
 
     def load(cls: type[Engine], settings: Any) -> Any:
+        print("stand-in engine: loading", flush=True)
+        time.sleep(args.load_s)
         return FakeEngine()
 
     Engine.load = classmethod(load)  # type: ignore[assignment, method-assign]

@@ -84,10 +84,16 @@ def write_config(path: Path, data_dir: Path, api_base: str, gateway_url: str, *e
 
 
 def lifecycle_bot(
-    config: Path, log: Path, token: str, *, backoff_s: float | None = None, gpu_lost_when: Path | None = None
+    config: Path,
+    log: Path,
+    token: str,
+    *,
+    backoff_s: float | None = None,
+    gpu_lost_when: Path | None = None,
+    load_s: float = 0.0,
 ) -> subprocess.Popen[bytes]:
     """bot.py with the stand-in engine (tests/lifecycle_bot.py), its output in `log`."""
-    command = [sys.executable, "-m", "tests.lifecycle_bot"]
+    command = [sys.executable, "-m", "tests.lifecycle_bot", "--load-s", f"{load_s:g}"]
     if backoff_s is not None:
         command += ["--backoff-s", f"{backoff_s:g}"]
     if gpu_lost_when is not None:
@@ -273,6 +279,36 @@ async def test_a_lost_gpu_stops_the_process_cleanly_with_exit_code_3(
         assert re.search(r"i2p2i\.bot:? stopped$", output, re.MULTILINE), output
         assert json.loads((data_dir / "health.json").read_text())["state"] == "stopped"
         assert not (data_dir / "i2p2i.sqlite3-wal").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_while_the_models_load_stops_cleanly(server: FakeDiscord, tmp_path: Path) -> None:
+    """A stop during the model load (minutes with real weights) ends bot.py with exit code 0 and no
+    traceback once the load returns, without setting up anything after it."""
+    data_dir = tmp_path / "data"
+    config = write_config(tmp_path / "bot.toml", data_dir, server.api_base, server.gateway_url)
+    log = tmp_path / "bot.log"
+    load_s = 3.0
+    process = lifecycle_bot(config, log, server.token, load_s=load_s)
+    try:
+        await server.wait_until(
+            lambda: "stand-in engine: loading" in log.read_text(errors="replace"),
+            timeout_s=60,
+            what="the models to start loading",
+        )
+        process.send_signal(signal.SIGTERM)
+        try:
+            returncode = process.wait(load_s + STOP_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail("bot.py was still running after its load and the stop's allowance")
+        output = plain(log.read_text(errors="replace"))
+        assert returncode == 0, output
+        assert "Traceback" not in output and "stopped while the models loaded; nothing was started" in output
+        assert server.synced_commands() == []  # nothing after the load ran
     finally:
         if process.poll() is None:
             process.kill()
