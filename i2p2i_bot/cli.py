@@ -28,6 +28,8 @@ from i2p2i_bot.terms import BannedTerms
 # `i2p2i health`, which Docker runs every 30 s, and `i2p2i backup` start at once.
 if TYPE_CHECKING:
     from i2p2i_bot.batches import BatchResult, GeneratedImage
+    from i2p2i_bot.engine import Engine
+    from i2p2i_bot.interrogate import Interrogator
     from i2p2i_bot.interrogation import Interrogation
     from i2p2i_bot.request import GenerationParams, GenerationRequest
 
@@ -398,7 +400,7 @@ def edit_prompt(prompt: str, *, append: str | None = None, remove: Sequence[str]
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def _load_engine(settings: Settings, progress: bool) -> Any:
+def _load_engine(settings: Settings, progress: bool) -> Engine:
     from i2p2i_bot.engine import Engine
 
     if settings.generate.compile == "auto":
@@ -407,7 +409,7 @@ def _load_engine(settings: Settings, progress: bool) -> Any:
     return Engine.load(settings, progress=progress)
 
 
-def _load_interrogator(settings: Settings, progress: bool) -> Any:
+def _load_interrogator(settings: Settings, progress: bool) -> Interrogator:
     from i2p2i_bot.engine import load_interrogator
 
     return load_interrogator(settings, progress=progress)
@@ -505,7 +507,7 @@ def _check_request(settings: Settings, args: argparse.Namespace, prompt: str) ->
 
 
 def _run_generation(
-    engine: Any,
+    engine: Engine,
     request: GenerationRequest,
     source_embedding: tuple[float, ...] | None,
     progress: bool,
@@ -557,7 +559,7 @@ def _png_parameters(item: GeneratedImage, models: dict[str, str]) -> dict[str, A
 
 
 def _result_json(
-    engine: Any, params: GenerationParams, result: BatchResult, files: Sequence[Path]
+    engine: Engine, params: GenerationParams, result: BatchResult, files: Sequence[Path]
 ) -> dict[str, Any]:
     first = result.images[0].spec if result.images else None
     images = [
