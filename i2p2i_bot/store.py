@@ -106,7 +106,7 @@ class StoredInterrogation:
     interrogation: Interrogation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UserStats:
     user_id: int
     jobs: dict[str, int] = field(default_factory=dict)
@@ -117,7 +117,7 @@ class UserStats:
     last_at: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GlobalStats:
     users: int = 0
     jobs: dict[str, int] = field(default_factory=dict)
@@ -128,7 +128,7 @@ class GlobalStats:
     mean_job_s: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ForgetResult:
     jobs: int
     images: int
@@ -644,13 +644,13 @@ class Store:
         """
         (row,) = await self._fetchall(query, {"user": user_id})
         return UserStats(
-            user_id,
-            jobs,
-            row["images"],
-            row["interrogations"],
-            row["cache_hits"],
-            row["first_at"],
-            row["last_at"],
+            user_id=user_id,
+            jobs=jobs,
+            images=row["images"],
+            interrogations=row["interrogations"],
+            cache_hits=row["cache_hits"],
+            first_at=row["first_at"],
+            last_at=row["last_at"],
         )
 
     async def global_stats(self) -> GlobalStats:
@@ -667,7 +667,12 @@ class Store:
         """
         (row,) = await self._fetchall(query)
         return GlobalStats(
-            row["users"], jobs, row["images"], row["interrogations"], row["cache_hits"], row["mean_job_s"]
+            users=row["users"],
+            jobs=jobs,
+            images=row["images"],
+            interrogations=row["interrogations"],
+            cache_hits=row["cache_hits"],
+            mean_job_s=row["mean_job_s"],
         )
 
     async def forget_user(self, user_id: int) -> ForgetResult:
@@ -696,7 +701,7 @@ class Store:
             """
             await db.execute(query)
         await asyncio.to_thread(self._remove_job_folders, job_ids)
-        return ForgetResult(len(job_ids), images, interrogations)
+        return ForgetResult(jobs=len(job_ids), images=images, interrogations=interrogations)
 
     def _remove_job_folders(self, job_ids: Iterable[int]) -> None:
         for job_id in job_ids:
