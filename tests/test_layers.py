@@ -42,8 +42,8 @@ def test_every_cog_module_imports() -> None:
 
 
 def test_the_job_system_imports_no_torch() -> None:
-    """The request, the job model, the queue and the store load without torch or diffusers (1-2 s saved
-    for every tool that only reads jobs, and for GPU workers' schedulers)."""
+    """The request, the job model, the ring, the queue and the store load without torch or diffusers (1-2 s
+    saved for every tool that only reads jobs, and for GPU workers' schedulers)."""
     light = (
         "i2p2i_bot.request",
         "i2p2i_bot.batches",
@@ -52,6 +52,7 @@ def test_the_job_system_imports_no_torch() -> None:
         "i2p2i_bot.jobs",
         "i2p2i_bot.events",
         "i2p2i_bot.store",
+        "i2p2i_bot.ring",
         "i2p2i_bot.queue",
         "i2p2i_bot.config",
     )
