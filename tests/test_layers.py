@@ -65,3 +65,15 @@ def test_the_job_system_imports_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_ring_needs_no_event_loop_database_or_torch() -> None:
+    """The fair ring is plain state: remote GPU workers can drive it without asyncio, SQLite or torch."""
+    code = (
+        "import sys, i2p2i_bot.ring\n"
+        "print(sorted(m for m in ('asyncio', 'sqlite3', 'aiosqlite', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip() == "[]"
