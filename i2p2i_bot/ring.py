@@ -40,7 +40,7 @@ class Place:
 class _Job:
     """A job as the ring sees it: whose it is, its batch key and the images it has still to hand out."""
 
-    __slots__ = ("id", "owner", "params", "pending", "solo")
+    __slots__ = ("id", "owner", "params", "pending", "retries", "solo")
 
     def __init__(
         self, job_id: int, owner: int, params: GenerationParams, pending: deque[int], solo: bool
@@ -49,6 +49,8 @@ class _Job:
         self.owner = owner
         self.params = params
         self.pending = pending
+        # How many images at the front of `pending` were handed out before and came back.
+        self.retries = 0
         # After a failure shared by several jobs, each one retries alone so the blame lands on the right job.
         self.solo = solo
 
@@ -96,16 +98,22 @@ class FairRing:
         job = self._jobs.pop(job_id)
         if not job.pending:
             return
-        self._drop_waiting(job.owner, len(job.pending))
+        owner = job.owner
+        self._drop_waiting(owner, len(job.pending))
         job.pending.clear()
-        jobs = self._members[job.owner]
+        jobs = self._members[owner]
         jobs.remove(job)
         if not jobs:
-            del self._members[job.owner]
+            del self._members[owner]
+        elif job.retries and not any(other.retries for other in jobs):
+            # Its place at the front was for the images it was retrying; without them the member goes
+            # back to its turn.
+            del self._members[owner]
+            self._join(owner, jobs)
 
     def requeue(self, job_id: int, indices: Iterable[int], *, solo: bool = False) -> None:
         """Put images that were handed out back at the front of their job, and its member at the front of
-        the ring; `solo` makes the job run alone from now on."""
+        the ring until they are handed out again; `solo` makes the job run alone from now on."""
         job = self._jobs[job_id]
         job.solo = job.solo or solo
         back = set(indices)
@@ -115,6 +123,7 @@ class FairRing:
             raise ValueError(f"job {job_id}: images {sorted(back & set(job.pending))} are not handed out")
         was_waiting = bool(job.pending)
         job.pending = deque(sorted({*job.pending, *back}))
+        job.retries += len(back)
         self._waiting[job.owner] += len(back)
         jobs = self._members.setdefault(job.owner, deque())
         if not was_waiting:
@@ -155,6 +164,7 @@ class FairRing:
         for position, (job_id, _) in enumerate(pick.items):
             job = self._jobs[job_id]
             job.pending.popleft()
+            job.retries = max(job.retries - 1, 0)
             self._drop_waiting(job.owner, 1)
             last_position[job.owner] = position
         for owner in last_position:

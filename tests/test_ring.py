@@ -107,6 +107,21 @@ def test_requeued_images_go_first_and_their_member_to_the_front() -> None:
     assert jobs.take() == Pick(SMALL, ((b, 2),))
 
 
+def test_a_member_whose_retried_job_is_cancelled_goes_back_to_its_turn() -> None:
+    """The front of the ring is for retrying handed-back images: when the job they belong to is cancelled,
+    its member goes back behind those waiting since before its last turn, not first with its next job."""
+    jobs = Jobs(FairRing(1))
+    a1 = jobs.add(A, 1)
+    a2 = jobs.add(A, 1)
+    b = jobs.add(B, 2)
+    assert jobs.take().items == ((a1, 0),)
+    jobs.ring.requeue(a1, [0])
+    jobs.ring.remove(a1)
+    assert jobs.take().items == ((b, 0),)
+    assert jobs.take().items == ((a2, 0),)
+    assert jobs.take().items == ((b, 1),)
+
+
 def test_a_shared_failure_makes_each_job_retry_alone() -> None:
     """Requeued with solo, jobs that shared a failed batch each run alone, in the order they ran."""
     jobs = Jobs(FairRing(4))
