@@ -68,7 +68,7 @@ class _Submission:
 
 
 class _Active:
-    """A queued or running job as the scheduler sees it, with its changing state. Lives on the event loop."""
+    """A queued or running job as the queue sees it, with its changing state. Lives on the event loop."""
 
     __slots__ = (
         "attempts",
@@ -115,7 +115,7 @@ class _Active:
 
 
 class JobQueue:
-    """Fair scheduler and job lifecycle. Create with `JobQueue.open`, which brings back unfinished jobs."""
+    """Job lifecycle around the fair ring. Create with `JobQueue.open`, which brings back unfinished jobs."""
 
     def __init__(
         self,

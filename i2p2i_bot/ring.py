@@ -115,12 +115,12 @@ class FairRing:
         """Put images that were handed out back at the front of their job, and its member at the front of
         the ring until they are handed out again; `solo` makes the job run alone from now on."""
         job = self._jobs[job_id]
-        job.solo = job.solo or solo
         back = set(indices)
-        if not back:
-            return
         if not back.isdisjoint(job.pending):
             raise ValueError(f"job {job_id}: images {sorted(back & set(job.pending))} are not handed out")
+        job.solo = job.solo or solo
+        if not back:
+            return
         was_waiting = bool(job.pending)
         job.pending = deque(sorted({*job.pending, *back}))
         job.retries += len(back)

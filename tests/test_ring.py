@@ -20,7 +20,6 @@ from i2p2i_bot.ring import FairRing, Pick, Place
 SMALL = GenerationParams("tiny", 2, 7.5, 64, 64, "dpm")
 LARGE = dataclasses.replace(SMALL, width=128)
 SLOW = dataclasses.replace(SMALL, steps=20)
-PARAMS = (SMALL, LARGE, SLOW)
 A, B, C, D = 1, 2, 3, 4
 NAMES = {A: "A", B: "B", C: "C", D: "D"}
 
@@ -339,19 +338,20 @@ class Model:
                 del self.jobs[job_id]
 
     def fail(self, which: int, solo: bool, give_up: int) -> None:
-        """The batch failed: one job may give up; the others go back, in the order the queue puts them."""
+        """The batch failed: one job may give up first; the others go back, last first, as the queue does."""
         pick = self.outstanding.pop(which % len(self.outstanding))
         sent: dict[int, list[int]] = {}
         for job_id, index in pick.items:
             if job_id in self.jobs:
                 sent.setdefault(job_id, []).append(index)
         alone = solo and len(sent) > 1
-        for number, (job_id, indices) in reversed(list(enumerate(sent.items()))):
-            job = self.jobs[job_id]
-            job.in_flight.difference_update(indices)
-            if number == give_up:
-                self.cancel_job(job_id)
+        if 0 <= give_up < len(sent):
+            self.cancel_job(list(sent)[give_up])
+        for job_id, indices in reversed(sent.items()):
+            job = self.jobs.get(job_id)
+            if job is None:
                 continue
+            job.in_flight.difference_update(indices)
             joining = not self.waiting(job.owner)
             job.pending = sorted({*job.pending, *indices})
             job.solo = job.solo or alone
@@ -437,10 +437,10 @@ def test_random_work_is_served_fairly_in_valid_batches(
     limit: int, added: list[tuple[object, ...]], operations: list[tuple[object, ...]]
 ) -> None:
     """Under random adds, takes, results, failures and cancels: between two images of a member (or since it
-    joined), no other member gets two while it waited with compatible work, nor one that was served since the
-    member's last image before it joined; batches hold one params value,
-    at most max_batch_images, each job's next images in order, solo jobs alone, and are full when they can
-    be; no image is lost or made twice, and all work ends."""
+    joined), no other member gets two while it waited with work for the same batch, nor one that was served
+    since the member's last image before it joined; batches hold one params value, at most max_batch_images,
+    each job's next images in order, solo jobs alone, and are full when they can be; no image is lost or
+    made twice, and all work ends."""
     run(Model(limit), added + operations)
 
 
