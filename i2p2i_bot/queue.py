@@ -1,22 +1,20 @@
-"""The fair per-user batch scheduler, durable through the store, and the batch seam GPU workers pull from.
+"""The job queue: intake, durability and recovery of jobs, and the batch seam GPU workers pull from.
 
-Each member has a FIFO of jobs; members are served round-robin, one image each per pass, so nobody waits
-behind another member's backlog. A GPU batch is filled with compatible images (same GenerationParams) from
-several members in that order; a job may span batches. Every state change is committed to the store before
+Which member goes next and what goes in each batch is the fair ring's (i2p2i_bot.ring); the queue feeds it
+the jobs it stores and hands out the batches it picks. Every state change is committed to the store before
 it is announced to subscribers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import itertools
 import logging
 import sqlite3
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from i2p2i_bot.batches import (
@@ -38,7 +36,7 @@ from i2p2i_bot.jobs import (
     JobStatus,
     Position,
 )
-from i2p2i_bot.request import GenerationParams
+from i2p2i_bot.ring import FairRing, Pick
 from i2p2i_bot.store import ForgetResult, JobChange, Store, StoredImage
 
 log = logging.getLogger(__name__)
@@ -70,7 +68,7 @@ class _Submission:
 
 
 class _Active:
-    """A queued or running job as the scheduler sees it, with its changing state. Lives on the event loop."""
+    """A queued or running job as the queue sees it, with its changing state. Lives on the event loop."""
 
     __slots__ = (
         "attempts",
@@ -82,9 +80,6 @@ class _Active:
         "in_flight",
         "job",
         "owner",
-        "params",
-        "pending",
-        "solo",
         "started_at",
         "status",
     )
@@ -92,27 +87,21 @@ class _Active:
     def __init__(
         self,
         job: Job,
-        pending: deque[int],
         embedding: tuple[float, ...] | None,
         *,
         done: int = 0,
-        solo: bool = False,
     ) -> None:
         self.job = job  # as submitted or recovered; `snapshot()` adds the current state
         self.id = job.id
         self.owner = job.owner_id
         self.count = job.request.count
-        self.params = job.request.params
         self.status = job.status
         self.attempts = job.attempts
         self.error = job.error
         self.started_at = job.started_at
-        self.pending = pending
         self.embedding = embedding
         self.in_flight: set[int] = set()
         self.done = done
-        # After a failure shared by several jobs, each one retries alone so the blame lands on the right job.
-        self.solo = solo
 
     def snapshot(self, finished_at: float | None = None) -> Job:
         return dataclasses.replace(
@@ -126,7 +115,7 @@ class _Active:
 
 
 class JobQueue:
-    """Fair scheduler and job lifecycle. Create with `JobQueue.open`, which brings back unfinished jobs."""
+    """Job lifecycle around the fair ring. Create with `JobQueue.open`, which brings back unfinished jobs."""
 
     def __init__(
         self,
@@ -140,11 +129,7 @@ class JobQueue:
         self._clock = clock
         self.events = EventHub(settings.subscriber_buffer)
         self._active: dict[int, _Active] = {}
-        # Members with images waiting, least recently served first; each holds its jobs with pending images.
-        self._users: OrderedDict[int, deque[_Active]] = OrderedDict()
-        # When each member was last served (a count of images handed out); orders newcomers into the ring.
-        self._last_served: dict[int, int] = {}
-        self._served_images = 0
+        self._ring = FairRing(settings.max_batch_images)
         self._owner_jobs: Counter[int] = Counter()
         # Submissions waiting for their group commit, with the places they hold under the caps.
         self._intake: list[_Submission] = []
@@ -155,7 +140,6 @@ class JobQueue:
         # Batch results whose files are written, waiting to be recorded together.
         self._finished: list[_Finished] = []
         self._recorder: asyncio.Task[None] | None = None
-        self._pending_images: Counter[int] = Counter()
         self._in_flight_images = 0
         self._outstanding: dict[int, tuple[Batch, float]] = {}
         self._batch_ids = itertools.count(1)
@@ -211,36 +195,17 @@ class JobQueue:
     def position(self, job_id: int) -> Position | None:
         """Images ahead of a queued or running job and when it should be done; None if it is not active.
 
-        Round-robin gives every other member one image per image of ours: a member ahead of ours in the ring
-        gets at most one more than we have ahead of a given image, a member behind it at most as many. The
-        estimate ignores that incompatible parameters wait for their own batches.
+        The ring's estimate of the images it hands out first, after the images already on the GPU.
         """
         active = self._active.get(job_id)
         if active is None:
             return None
-        owner = active.owner
-        mine = len(active.pending)
-        images_left = mine + len(active.in_flight)
-        if not mine:
-            until_done = self._in_flight_images
-            return Position(job_id, active.status, 0, images_left, self._eta(until_done))
-        own_ahead = 0
-        for other in self._users[owner]:
-            if other is active:
-                break
-            own_ahead += len(other.pending)
-        through = own_ahead + mine
-        others_ahead = others_through = 0
-        before = True
-        for user in self._users:
-            if user == owner:
-                before = False
-                continue
-            waiting = self._pending_images[user]
-            others_ahead += min(waiting, own_ahead + 1 if before else own_ahead)
-            others_through += min(waiting, through if before else through - 1)
-        images_ahead = self._in_flight_images + own_ahead + others_ahead
-        until_done = self._in_flight_images + through + others_through
+        place = self._ring.place(job_id)
+        images_left = place.pending + len(active.in_flight)
+        if not place.pending:
+            return Position(job_id, active.status, 0, images_left, self._eta(self._in_flight_images))
+        images_ahead = self._in_flight_images + place.ahead
+        until_done = self._in_flight_images + place.through
         return Position(job_id, active.status, images_ahead, images_left, self._eta(until_done))
 
     def _eta(self, images: int) -> float | None:
@@ -334,8 +299,8 @@ class JobQueue:
             return
         for submission, job in zip(group, jobs, strict=True):
             self._settle(submission)
-            active = _Active(job, deque(range(job.request.count)), submission.embedding)
-            self._add(active)
+            active = _Active(job, submission.embedding)
+            self._add(active, range(job.request.count))
             self._publish(EventKind.QUEUED, active)
             if not submission.future.done():
                 submission.future.set_result(job)
@@ -408,9 +373,9 @@ class JobQueue:
             async with self._lock:
                 if self._closed:
                     return None
-                plan = [] if self._paused else self._plan()
-                if plan:
-                    return await self._dispatch(plan)
+                pick = None if self._paused else self._ring.plan()
+                if pick is not None:
+                    return await self._dispatch(pick)
                 self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -523,71 +488,21 @@ class JobQueue:
             for finished in left:  # only when this task was cancelled
                 finished.future.cancel()
 
-    # -- scheduling -----------------------------------------------------------------------------------
+    # -- handing out -----------------------------------------------------------------------------------
 
-    def _plan(self) -> list[tuple[_Active, int]]:
-        """The next batch: one image per member per pass, in ring order, all with the first job's params."""
-        if not self._users:
-            return []
-        limit = self._settings.max_batch_images
-        head = next(iter(self._users.values()))[0]
-        if head.solo:
-            return [(head, index) for index in itertools.islice(head.pending, limit)]
-        params = head.params
-        plan: list[tuple[_Active, int]] = []
-        streams: list[Iterator[tuple[_Active, int]]] = []
-        for jobs in self._users.values():
-            stream = _compatible(jobs, params)
-            item = next(stream, None)
-            if item is None:
-                continue
-            plan.append(item)
-            if len(plan) == limit:
-                return plan
-            streams.append(stream)
-        while streams:
-            still: list[Iterator[tuple[_Active, int]]] = []
-            for stream in streams:
-                item = next(stream, None)
-                if item is None:
-                    continue
-                plan.append(item)
-                if len(plan) == limit:
-                    return plan
-                still.append(stream)
-            streams = still
-        return plan
-
-    async def _dispatch(self, plan: list[tuple[_Active, int]]) -> Batch:
+    async def _dispatch(self, pick: Pick) -> Batch:
         now = self._clock()
-        jobs = list(dict.fromkeys(active for active, _ in plan))
+        jobs = [self._active[job_id] for job_id in dict.fromkeys(job_id for job_id, _ in pick.items)]
         await self._store.mark_running([a.id for a in jobs], now)
-        last_served: dict[int, int] = {}
-        for position, (active, index) in enumerate(plan):
-            taken = active.pending.popleft()
-            assert taken == index, "a batch must take each job's images in order"
+        self._ring.take(pick)
+        items = []
+        for job_id, index in pick.items:
+            active = self._active[job_id]
             active.in_flight.add(index)
-            owner = active.owner
-            self._drop_pending(owner, 1)
-            last_served[owner] = position
-        for owner in last_served:
-            queue = self._users[owner]
-            while queue and not queue[0].pending:
-                queue.popleft()
-            if not queue:
-                del self._users[owner]
-        for owner in sorted(last_served, key=last_served.__getitem__):
-            self._last_served[owner] = self._served_images + last_served[owner]
-            if owner in self._users:
-                self._users.move_to_end(owner)
-        self._served_images += len(plan)
-        batch = Batch(
-            next(self._batch_ids),
-            jobs[0].params,
-            tuple(BatchItem(a.id, index, a.job.request.spec(index, a.embedding)) for a, index in plan),
-        )
+            items.append(BatchItem(job_id, index, active.job.request.spec(index, active.embedding)))
+        batch = Batch(next(self._batch_ids), pick.params, tuple(items))
         self._outstanding[batch.id] = (batch, self._clock())
-        self._in_flight_images += len(plan)
+        self._in_flight_images += len(items)
         for active in jobs:
             if active.status is JobStatus.QUEUED:
                 active.status = JobStatus.RUNNING
@@ -680,8 +595,8 @@ class JobQueue:
             active = self._active[job_id]
             back = sent[job_id]
             active.in_flight.difference_update(back)
-            active.solo = active.solo or (failure.kind is FailureKind.TRANSIENT and not blamed)
-            self._requeue(active, back)
+            self._ring.requeue(job_id, back, solo=failure.kind is FailureKind.TRANSIENT and not blamed)
+            self._wakeup.set()
 
     async def _hold(self, batch: Batch, sent: dict[int, list[int]], reason: str) -> None:
         """Leave a faulted batch's jobs running and in flight, with the reason, for the next start."""
@@ -698,64 +613,25 @@ class JobQueue:
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
-    def _add(self, active: _Active) -> None:
-        owner = active.owner
+    def _add(self, active: _Active, pending: Iterable[int], *, solo: bool = False) -> None:
         self._active[active.id] = active
-        self._owner_jobs[owner] += 1
-        if active.pending:
-            self._pending_images[owner] += len(active.pending)
-            queue = self._users.get(owner)
-            if queue is None:
-                self._join_ring(owner, deque([active]))
-            else:
-                _insert_by_id(queue, active)
+        self._owner_jobs[active.owner] += 1
+        self._ring.add(active.id, active.owner, active.job.request.params, pending, solo=solo)
         self._idle.clear()
-        self._wakeup.set()
-
-    def _join_ring(self, owner: int, jobs: deque[_Active]) -> None:
-        """Least recently served first: a member with nothing queued joins ahead of everyone served since
-        their own last turn, so a newcomer is not made to wait behind the member who was just served."""
-        served = self._last_served.get(owner, -1)
-        later = [user for user in self._users if self._last_served.get(user, -1) > served]
-        self._users[owner] = jobs
-        for user in later:
-            self._users.move_to_end(user)
-
-    def _requeue(self, active: _Active, indices: list[int]) -> None:
-        """Put images back at the front of their job, and the member at the front of the ring."""
-        owner = active.owner
-        was_waiting = bool(active.pending)
-        active.pending = deque(sorted({*active.pending, *indices}))
-        self._pending_images[owner] += len(indices)
-        queue = self._users.setdefault(owner, deque())
-        if not was_waiting:
-            _insert_by_id(queue, active)
-        self._users.move_to_end(owner, last=False)
         self._wakeup.set()
 
     def _remove(self, active: _Active) -> None:
         owner = active.owner
         del self._active[active.id]
+        self._ring.remove(active.id)
         self._owner_jobs[owner] -= 1
         if not self._owner_jobs[owner]:
             del self._owner_jobs[owner]
-        if active.pending:
-            self._drop_pending(owner, len(active.pending))
-            active.pending.clear()
-            queue = self._users[owner]
-            queue.remove(active)
-            if not queue:
-                del self._users[owner]
         self._note_if_idle()
 
     def _note_if_idle(self) -> None:
         if not self._active and not self._reserved_total:
             self._idle.set()
-
-    def _drop_pending(self, owner: int, n: int) -> None:
-        self._pending_images[owner] -= n
-        if self._pending_images[owner] <= 0:
-            del self._pending_images[owner]
 
     def _publish(
         self,
@@ -822,8 +698,8 @@ class JobQueue:
                 embedding = None
                 if job.interrogation_id is not None:
                     embedding = await self._embedding(job.interrogation_id)
-                pending = deque(i for i in range(job.request.count) if i not in done)
-                self._add(_Active(job, pending, embedding, done=len(done), solo=interrupted))
+                pending = [i for i in range(job.request.count) if i not in done]
+                self._add(_Active(job, embedding, done=len(done)), pending, solo=interrupted)
         if rows:
             log.info(
                 "recovered %d unfinished jobs (%d running, %d given up or already complete)",
@@ -838,23 +714,6 @@ def _indices_by_job(batch: Batch) -> dict[int, list[int]]:
     for item in batch.items:
         found.setdefault(item.job_id, []).append(item.index)
     return found
-
-
-def _compatible(jobs: deque[_Active], params: GenerationParams) -> Iterator[tuple[_Active, int]]:
-    """A member's images that can join a batch: their FIFO's head jobs with the same params, in order."""
-    for active in jobs:
-        if active.solo or active.params != params:
-            return
-        for index in active.pending:
-            yield active, index
-
-
-def _insert_by_id(queue: deque[_Active], active: _Active) -> None:
-    if not queue or queue[-1].id < active.id:
-        queue.append(active)  # a new job: the usual case
-        return
-    ids = [a.id for a in queue]
-    queue.insert(bisect.bisect(ids, active.id), active)
 
 
 def _count(n: int, singular: str, plural: str | None = None) -> str:

@@ -48,8 +48,8 @@ def test_every_cog_module_imports() -> None:
 
 
 def test_the_job_system_imports_no_torch() -> None:
-    """The request, the job model, the queue and the store load without torch or diffusers (1-2 s saved
-    for every tool that only reads jobs, and for GPU workers' schedulers)."""
+    """The request, the job model, the ring, the queue and the store load without torch or diffusers (1-2 s
+    saved for every tool that only reads jobs, and for GPU workers' schedulers)."""
     light = (
         "i2p2i_bot.request",
         "i2p2i_bot.batches",
@@ -58,6 +58,7 @@ def test_the_job_system_imports_no_torch() -> None:
         "i2p2i_bot.jobs",
         "i2p2i_bot.events",
         "i2p2i_bot.store",
+        "i2p2i_bot.ring",
         "i2p2i_bot.queue",
         "i2p2i_bot.config",
     )
@@ -65,6 +66,18 @@ def test_the_job_system_imports_no_torch() -> None:
         "import sys, importlib\n"
         f"for name in {light!r}: importlib.import_module(name)\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'open_clip') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_ring_needs_no_event_loop_database_or_torch() -> None:
+    """The fair ring is plain state: remote GPU workers can drive it without asyncio, SQLite or torch."""
+    code = (
+        "import sys, i2p2i_bot.ring\n"
+        "print(sorted(m for m in ('asyncio', 'sqlite3', 'aiosqlite', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
