@@ -335,7 +335,7 @@ class JobQueue:
                 raise JobRefused(f"Job #{job_id} is already {job.status}; there is nothing left to cancel.")
             now = self._clock()
             await self._store.save_changes(
-                [JobChange(job_id, JobStatus.CANCELLED, job.attempts, False, None, None, now)]
+                [JobChange(job_id=job_id, status=JobStatus.CANCELLED, attempts=job.attempts, finished_at=now)]
             )
             self._remove(active)
             active.status = JobStatus.CANCELLED
@@ -524,10 +524,15 @@ class JobQueue:
                 if item.job_id not in self._active:  # cancelled or forgotten while the files were written
                     discarded.append((item.job_id, item.index))
                     continue
-                seed = item.spec.seed
                 rows.append(
                     StoredImage(
-                        item.job_id, item.index, seed, generated.nsfw, generated.fidelity, sha256, now
+                        job_id=item.job_id,
+                        index=item.index,
+                        seed=item.spec.seed,
+                        nsfw=generated.nsfw,
+                        fidelity=generated.fidelity,
+                        sha256=sha256,
+                        created_at=now,
                     )
                 )
                 made.setdefault(item.job_id, []).append(item.index)
@@ -537,10 +542,22 @@ class JobQueue:
             if active is None:
                 continue
             if active.done + len(made.get(job_id, ())) == active.count:
-                changes.append(JobChange(job_id, JobStatus.COMPLETE, active.attempts, False, None, None, now))
+                changes.append(
+                    JobChange(
+                        job_id=job_id, status=JobStatus.COMPLETE, attempts=active.attempts, finished_at=now
+                    )
+                )
             else:
                 in_flight = len(active.in_flight) > len(indices)
-                changes.append(JobChange(job_id, JobStatus.RUNNING, active.attempts, in_flight, active.error))
+                changes.append(
+                    JobChange(
+                        job_id=job_id,
+                        status=JobStatus.RUNNING,
+                        attempts=active.attempts,
+                        in_flight=in_flight,
+                        error=active.error,
+                    )
+                )
         await self._store.save_changes(changes, rows)
         for change in changes:
             active = self._active[change.job_id]
@@ -572,10 +589,14 @@ class JobQueue:
                 reason = failure.reason
                 if failure.kind is not FailureKind.PERMANENT:
                     reason = f"{reason} (gave up after {_count(attempts, 'try', 'tries')})"
-                changes[job_id] = JobChange(job_id, JobStatus.FAILED, attempts, False, reason, None, now)
+                changes[job_id] = JobChange(
+                    job_id=job_id, status=JobStatus.FAILED, attempts=attempts, error=reason, finished_at=now
+                )
             else:
                 error = failure.reason if failure.kind is FailureKind.TRANSIENT else active.error
-                changes[job_id] = JobChange(job_id, JobStatus.RUNNING, attempts, False, error)
+                changes[job_id] = JobChange(
+                    job_id=job_id, status=JobStatus.RUNNING, attempts=attempts, error=error
+                )
         await self._store.save_changes(list(changes.values()))
         log.warning(
             "batch %d (%d images) failed (%s): %s", batch.id, len(batch.items), failure.kind, failure.reason
@@ -602,7 +623,12 @@ class JobQueue:
         """Leave a faulted batch's jobs running and in flight, with the reason, for the next start."""
         held = [self._active[job_id] for job_id in sent if job_id in self._active]
         await self._store.save_changes(
-            [JobChange(a.id, JobStatus.RUNNING, a.attempts, True, reason) for a in held]
+            [
+                JobChange(
+                    job_id=a.id, status=JobStatus.RUNNING, attempts=a.attempts, in_flight=True, error=reason
+                )
+                for a in held
+            ]
         )
         log.warning(
             "batch %d (%d images) broke the GPU; its jobs wait for a restart", batch.id, len(batch.items)
@@ -683,15 +709,29 @@ class JobQueue:
                 done = stored.get(job.id, set())
                 attempts = job.attempts + int(in_flight)
                 if len(done) >= job.request.count:
-                    changes.append(JobChange(job.id, JobStatus.COMPLETE, attempts, False, None, None, now))
+                    changes.append(
+                        JobChange(
+                            job_id=job.id, status=JobStatus.COMPLETE, attempts=attempts, finished_at=now
+                        )
+                    )
                 elif attempts >= self._settings.max_attempts:
                     reason = f"generation was interrupted or failed {_count(attempts, 'time')}; giving up"
                     if job.error:
                         reason = f"{job.error} (gave up after {_count(attempts, 'try', 'tries')})"
-                    changes.append(JobChange(job.id, JobStatus.FAILED, attempts, False, reason, None, now))
+                    changes.append(
+                        JobChange(
+                            job_id=job.id,
+                            status=JobStatus.FAILED,
+                            attempts=attempts,
+                            error=reason,
+                            finished_at=now,
+                        )
+                    )
                 else:
                     if in_flight:
-                        changes.append(JobChange(job.id, job.status, attempts, False, job.error))
+                        changes.append(
+                            JobChange(job_id=job.id, status=job.status, attempts=attempts, error=job.error)
+                        )
                     revived.append((dataclasses.replace(job, attempts=attempts), done, in_flight))
             await self._store.save_changes(changes)
             for job, done, interrupted in revived:

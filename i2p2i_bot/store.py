@@ -59,20 +59,22 @@ def packaged_migrations() -> tuple[Migration, ...]:
     return tuple(sorted(found, key=lambda m: m.version))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobChange:
-    """A job's new state, written by the queue in the same transaction as the images that caused it."""
+    """A job's new state, written by the queue in the same transaction as the images that caused it.
+
+    When it started is written once, as its first batch is handed out (Store.mark_running).
+    """
 
     job_id: int
     status: JobStatus
     attempts: int
-    in_flight: bool
+    in_flight: bool = False
     error: str | None = None
-    started_at: float | None = None
     finished_at: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoredImage:
     job_id: int
     index: int
@@ -339,8 +341,7 @@ class Store:
             if changes:
                 query = """
                     UPDATE jobs
-                    SET status = ?, attempts = ?, in_flight = ?, error = ?,
-                        started_at = COALESCE(started_at, ?), finished_at = ?
+                    SET status = ?, attempts = ?, in_flight = ?, error = ?, finished_at = ?
                     WHERE id = ? AND status IN ('queued', 'running')
                 """
                 await db.executemany(
@@ -351,7 +352,6 @@ class Store:
                             c.attempts,
                             int(c.in_flight),
                             c.error,
-                            c.started_at,
                             c.finished_at,
                             c.job_id,
                         )

@@ -185,9 +185,20 @@ async def churn(db: Path, data: Path, first_group: int) -> None:
         )
         now = time.time()
         await store.save_changes(
-            [JobChange(job.id, JobStatus.COMPLETE, 0, False, None, None, now) for job in jobs],
             [
-                StoredImage(job_id, index, seed, False, None, sha256, now)
+                JobChange(job_id=job.id, status=JobStatus.COMPLETE, attempts=0, finished_at=now)
+                for job in jobs
+            ],
+            [
+                StoredImage(
+                    job_id=job_id,
+                    index=index,
+                    seed=seed,
+                    nsfw=False,
+                    fidelity=None,
+                    sha256=sha256,
+                    created_at=now,
+                )
                 for (job_id, index, seed), sha256 in zip(made, hashes, strict=True)
             ],
         )

@@ -185,7 +185,10 @@ async def test_job_round_trip_and_delivery(store: Store) -> None:
     assert job.delivery.interaction_token == "tok" and job.created_at == 100.0
 
     await store.set_delivery(job.id, Delivery(channel_id=2, message_id=99, interaction_token="tok"))
-    await store.save_changes([JobChange(job.id, JobStatus.COMPLETE, 0, False, None, 101.0, 102.0)])
+    await store.mark_running([job.id], 101.0)
+    await store.save_changes(
+        [JobChange(job_id=job.id, status=JobStatus.COMPLETE, attempts=0, finished_at=102.0)]
+    )
     assert [j.id for j in await store.undelivered_jobs()] == [job.id]
     await store.mark_delivered(job.id, now=103.0)
     done = await store.get_job(job.id)
@@ -197,7 +200,9 @@ async def test_job_round_trip_and_delivery(store: Store) -> None:
 async def test_an_image_cannot_be_stored_twice(store: Store) -> None:
     """(job, index) is unique in the images table, so a retried batch can never add an image again."""
     job = await store.insert_job(job_request(1, "x", PARAMS, count=2, seed=1))
-    image = StoredImage(job.id, 0, 1, False, None, "ab" * 32, 1.0)
+    image = StoredImage(
+        job_id=job.id, index=0, seed=1, nsfw=False, fidelity=None, sha256="ab" * 32, created_at=1.0
+    )
     await store.save_changes([], [image])
     with pytest.raises(sqlite3.IntegrityError):
         await store.save_changes([], [image])
@@ -207,8 +212,10 @@ async def test_an_image_cannot_be_stored_twice(store: Store) -> None:
 async def test_final_jobs_ignore_late_changes(store: Store) -> None:
     """A change for a job that is already final (a cancelled one, say) does not bring it back."""
     job = await store.insert_job(job_request(1, "x", PARAMS, seed=1))
-    await store.save_changes([JobChange(job.id, JobStatus.CANCELLED, 0, False, None, None, 5.0)])
-    await store.save_changes([JobChange(job.id, JobStatus.RUNNING, 0, True)])
+    await store.save_changes(
+        [JobChange(job_id=job.id, status=JobStatus.CANCELLED, attempts=0, finished_at=5.0)]
+    )
+    await store.save_changes([JobChange(job_id=job.id, status=JobStatus.RUNNING, attempts=0, in_flight=True)])
     stored = await store.get_job(job.id)
     assert stored is not None and stored.status is JobStatus.CANCELLED
 
@@ -289,9 +296,21 @@ async def test_history_queries(store: Store) -> None:
     a1 = await store.insert_job(job_request(1, "red fox in snow", PARAMS, seed=1), now=10.0)
     a2 = await store.insert_job(job_request(1, "100% blue_sky", PARAMS, count=2, seed=2), now=20.0)
     b1 = await store.insert_job(job_request(2, "red car", PARAMS, seed=4), now=30.0)
+    await store.mark_running([a2.id], 21.0)
     await store.save_changes(
-        [JobChange(a2.id, JobStatus.COMPLETE, 0, False, None, 21.0, 25.0)],
-        [StoredImage(a2.id, i, 2 + i, i == 1, 0.4, f"{i:064x}", 24.0) for i in range(2)],
+        [JobChange(job_id=a2.id, status=JobStatus.COMPLETE, attempts=0, finished_at=25.0)],
+        [
+            StoredImage(
+                job_id=a2.id,
+                index=i,
+                seed=2 + i,
+                nsfw=i == 1,
+                fidelity=0.4,
+                sha256=f"{i:064x}",
+                created_at=24.0,
+            )
+            for i in range(2)
+        ],
     )
     fox = make_interrogation("red fox, sketch")
     await store.add_interrogation(fox, source_sha256="f", user_id=1, now=5.0)
@@ -325,7 +344,20 @@ async def test_forget_user_deletes_only_their_history(store: Store) -> None:
     theirs = await store.insert_job(job_request(2, "theirs", PARAMS, seed=2))
     for job in (mine, theirs):
         (digest,) = await asyncio.to_thread(store.write_image_files, [(job.id, 0, Image.new("RGB", (2, 2)))])
-        await store.save_changes([], [StoredImage(job.id, 0, job.request.seeds[0], False, None, digest, 1.0)])
+        await store.save_changes(
+            [],
+            [
+                StoredImage(
+                    job_id=job.id,
+                    index=0,
+                    seed=job.request.seeds[0],
+                    nsfw=False,
+                    fidelity=None,
+                    sha256=digest,
+                    created_at=1.0,
+                )
+            ],
+        )
     shared = await store.add_interrogation(make_interrogation("shared"), source_sha256="s", user_id=1)
     await store.add_cache_hit(shared.result_id, shared.interrogation, source_sha256="s", user_id=2)
     await store.add_interrogation(make_interrogation("private"), source_sha256="p", user_id=1)
