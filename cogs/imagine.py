@@ -1,4 +1,5 @@
-"""/imagine-from and "Imagine from image": an image becomes a prompt card with buttons.
+"""/imagine-from and "Imagine from image": an image becomes a prompt card with buttons; /imagine makes
+images from a prompt the member writes.
 
 Who may press what: the card's buttons (Generate, Edit prompt, Use #k, Re-describe) belong to the member
 who asked for the card; admins may use them too. Anyone else is told to run the command themselves.
@@ -76,6 +77,30 @@ class ImagineCog(commands.Cog, name="Imagine"):
         count: app_commands.Range[int, 1, 64] | None = None,
     ) -> None:
         await self.describe(interaction, image_source(image), mode.value if mode else None, count)
+
+    @app_commands.command(name="imagine", description="Make images from a prompt you write")
+    @app_commands.describe(
+        prompt="What the images should show",
+        negative="What they should not show (default: the server's negative prompt)",
+        count="How many images (default 4)",
+        seed="The first image's seed, to make an image again (default: random)",
+    )
+    async def imagine(
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 4000],
+        negative: app_commands.Range[str, 0, 4000] | None = None,
+        count: app_commands.Range[int, 1, 64] | None = None,
+        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+    ) -> None:
+        request = GenerationRequest(
+            prompt,
+            negative_prompt=negative,
+            count=count or min(4, self.bot.settings.generate.max_count),
+            seed=seed,
+        )
+        draft = JobRequest(owner_id=interaction.user.id, request=request, origin="imagine")
+        await start_job(self.bot, interaction, draft)
 
     async def imagine_from_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         sources = message_images(message)

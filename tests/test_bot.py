@@ -426,6 +426,46 @@ async def test_a_negative_card_generates_its_caption_without_those_words(
         assert job.request.negative_prompt == stored.interrogation.negative
 
 
+async def test_imagine_makes_images_from_a_written_prompt(
+    discord_server: FakeDiscord, settings_for, engine: Engine
+) -> None:
+    """/imagine queues the member's own prompt with their seed and the server's negative prompt, and posts the
+    result; a count out of bounds is one private sentence and queues nothing."""
+    server = discord_server
+    settings = settings_for(server)
+    settings = dataclasses.replace(
+        settings, generate=dataclasses.replace(settings.generate, negative_prompt="blurry")
+    )
+    made_with, engine.generator.settings = engine.generator.settings, settings.generate
+    try:
+        await imagine_a_kite(server, settings, engine)
+    finally:
+        engine.generator.settings = made_with
+
+
+async def imagine_a_kite(server: FakeDiscord, settings: Settings, engine: Engine) -> None:
+    async with running_i2p2i(settings, server, engine) as bot:
+        too_many = await server.push_slash("imagine", {"prompt": "a red kite", "count": 9})
+        text = await ephemeral_answer(too_many)
+        assert text == "The number of images must be between 1 and 8 (got 9)."
+        assert await bot.store.get_job(1) is None
+
+        handle = await server.push_slash("imagine", {"prompt": "a red kite", "count": 2, "seed": 77})
+        await handle.wait_followup(timeout_s=30)
+        await server.wait_until(
+            lambda: cast(StoredMessage, handle.original).attachments or None, timeout_s=30
+        )
+        job = await bot.store.get_job(1)
+        assert job is not None and job.origin == "imagine" and job.interrogation_id is None
+        assert (job.request.prompt, job.request.negative_prompt, job.request.seeds) == (
+            "a red kite",
+            "blurry",
+            (77, 78),
+        )
+        record = await bot.store.job_record(1)
+        assert record is not None and [i.fidelity for i in record.images] == [None, None]
+
+
 async def test_edit_modal_bad_input_is_echoed(
     discord_server: FakeDiscord,
     settings_for,

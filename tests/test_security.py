@@ -214,6 +214,7 @@ async def test_commands_and_private_views_refuse_other_members(
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         # Every command has a rule: acts on the invoker's own data, or is for the owner and admins.
         policy = {
+            "imagine": "own",
             "imagine-from": "own",
             "Imagine from image": "own",
             "history": "own",
