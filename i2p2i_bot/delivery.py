@@ -347,7 +347,7 @@ class ResultDelivery:
             images = await asyncio.to_thread(self._load_images, job, record.images)
             files = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
             embed = result_embed(job, record.images, files)
-            view = job_view(job, running=False) if job.status is JobStatus.COMPLETE else None
+            view = job_view(job, running=False)
             try:
                 delivered, failures = await self._send_result(job, embed, files, view)
             except Exception:

@@ -110,9 +110,15 @@ async def _post_status(interaction: discord.Interaction, job: Job, text: str) ->
 
 
 def job_view(job: Job, *, running: bool) -> discord.ui.View:
-    """Cancel while the job is queued or running; Reroll, Edit, Info and Delete once it is done."""
+    """Cancel while the job is queued or running; Reroll, Edit, Info and Delete once it is done; Retry
+    instead of Reroll when it failed or was cancelled."""
     view = discord.ui.View(timeout=None)
-    actions = ("cancel", "info") if running else ("reroll", "edit", "info", "delete")
+    if running:
+        actions: tuple[str, ...] = ("cancel", "info")
+    elif job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        actions = ("retry", "edit", "info", "delete")
+    else:
+        actions = ("reroll", "edit", "info", "delete")
     for action in actions:
         view.add_item(JobButton(action, job.id))
     return view
@@ -129,7 +135,7 @@ async def _owned_job(bot: I2P2IBot, interaction: discord.Interaction, job_id: in
 
 class JobButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"i2p:job:(?P<action>cancel|info|reroll|edit|delete):(?P<job>\d+)",
+    template=r"i2p:job:(?P<action>cancel|info|reroll|retry|edit|delete):(?P<job>\d+)",
 ):
     """A button whose only state is its job id; the job itself is read from SQLite on every press."""
 
@@ -137,6 +143,7 @@ class JobButton(
         "cancel": ("Cancel", discord.ButtonStyle.danger, "✖️"),
         "info": ("Info", discord.ButtonStyle.secondary, "ℹ️"),
         "reroll": ("Reroll", discord.ButtonStyle.primary, "🎲"),
+        "retry": ("Retry", discord.ButtonStyle.primary, "🔁"),
         "edit": ("Edit & regenerate", discord.ButtonStyle.secondary, "✏️"),
         "delete": ("Delete", discord.ButtonStyle.danger, "🗑️"),
     }
@@ -178,6 +185,13 @@ class JobButton(
     async def _reroll(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
         job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)
         await start_job(bot, interaction, job.reroll(interaction.user.id))
+
+    async def _retry(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
+        """The same request again, seeds and all, as a new job."""
+        job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)
+        await start_job(
+            bot, interaction, job.reroll(interaction.user.id, origin="retry", seed=job.request.seed)
+        )
 
     async def _edit(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
         job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)

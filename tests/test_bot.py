@@ -282,7 +282,8 @@ async def test_owner_cancels_a_queued_job(
     engine: Engine,
     astronaut: Image.Image,
 ) -> None:
-    """The owner's Cancel stops a queued job; its message says so and no image is made."""
+    """The owner's Cancel stops a queued job; its message says so, no image is made, and Retry on it makes
+    the same request again."""
     server = discord_server
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         _, card = await describe(server, astronaut)
@@ -293,6 +294,17 @@ async def test_owner_cancels_a_queued_job(
         await server.wait_until(lambda: "cancelled" in str(press.original.embeds) or None, timeout_s=20)
         record = await bot.store.job_record(1)
         assert record is not None and record.job.status == "cancelled" and record.images == ()
+
+        # Retry makes the same request again, seeds and all, as a new job.
+        result = server.message(press.original.id)
+        assert "i2p:job:retry:1" in result.custom_ids() and "i2p:job:reroll:1" not in result.custom_ids()
+        retry = await server.push_button(result, "i2p:job:retry:1")
+        await retry.wait_followup(timeout_s=30)
+        again = await eventually(
+            lambda: bot.store.get_job(2), lambda job: job and job.status == "complete", 30
+        )
+        assert again.origin == "retry" and again.parent_job_id == 1
+        assert again.request == record.job.request
 
 
 async def test_edit_modal_generates_with_typed_values(

@@ -113,6 +113,7 @@ POLICY = {
     ("job", "cancel"): "owner",
     ("job", "info"): "anyone",
     ("job", "reroll"): "owner",
+    ("job", "retry"): "owner",
     ("job", "edit"): "owner",
     ("job", "delete"): "owner",
     ("card", "gen"): "owner",
@@ -149,8 +150,14 @@ async def test_every_button_family_refuses_other_members(
         await server.wait_for(
             route=edit, predicate=lambda c: c.params["token"] == waiting.token, timeout_s=30
         )
+        # A job its owner cancelled: its message offers Retry.
+        dropped = await generate(server, card)
+        cancel = await server.push_button(dropped.original, "i2p:job:cancel:3")
+        await cancel.wait_response()
+        await eventually(lambda: bot.store.get_job(3), lambda job: job.delivered_at is not None)
         targets: dict[tuple[str, str], tuple[StoredMessage, str, list[str] | None]] = {
             ("job", "cancel"): (waiting.original, "i2p:job:cancel:2", None),
+            ("job", "retry"): (server.message(dropped.original.id), "i2p:job:retry:3", None),
             ("job", "info"): (done.original, "i2p:job:info:1", None),
             ("job", "reroll"): (done.original, "i2p:job:reroll:1", None),
             ("job", "edit"): (done.original, "i2p:job:edit:1", None),
