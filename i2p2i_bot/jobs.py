@@ -40,10 +40,13 @@ class Delivery:
 
 @dataclass(frozen=True, kw_only=True)
 class JobRequest:
-    """A planned request as the queue takes it: whose it is, where it came from, where its result goes."""
+    """A request with whose it is, where it came from and where its result goes.
+
+    The cogs build drafts (Job.reroll too) whose request is as the member asked; start_job plans it, and
+    the queue takes only planned ones (every setting and the first seed fixed, request.plan).
+    """
 
     owner_id: int
-    # Planned: every setting and the first seed fixed (request.plan).
     request: GenerationRequest
     origin: str = "discord"
     guild_id: int | None = None
