@@ -1,8 +1,9 @@
 """/imagine-from and "Imagine from image": an image becomes a prompt card with buttons; /imagine makes
 images from a prompt the member writes.
 
-Who may press what: the card's buttons (Generate, Edit prompt, Use #k, Re-describe) belong to the member
-who asked for the card; admins may use them too. Anyone else is told to run the command themselves.
+Who may press what: the card's buttons (Generate, Edit prompt, Use #k, Apply/Remove negative, More prompts,
+Re-describe) belong to the member who asked for the card; admins may use them too. Anyone else is told to
+run the command themselves.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from discord import app_commands
 from discord.ext import commands
 from PIL import Image
 
-from i2p2i_bot.cards import MODE_LABELS, prompt_card, thumbnail_file
+from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
 from i2p2i_bot.config import InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
 from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
 from i2p2i_bot.request import GenerationRequest, check_count
-from i2p2i_bot.store import StoredInterrogation
+from i2p2i_bot.store import CardChoices, StoredInterrogation
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -139,7 +140,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
         thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
-        await interaction.followup.send(**card_message(bot, stored, interaction.user, count, thumbnail))
+        message = await card_message(bot, stored, interaction.user.display_name, count, thumbnail)
+        await interaction.followup.send(**message)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
@@ -267,37 +269,120 @@ async def withdraw(interaction: discord.Interaction, message: str) -> None:
     await interaction.followup.send(message, ephemeral=True)
 
 
-def card_message(
+async def card_message(
     bot: I2P2IBot,
     stored: StoredInterrogation,
-    owner: discord.abc.User,
+    owner_name: str,
     count: int,
     thumbnail: discord.File | None,
 ) -> dict[str, Any]:
+    """The card as it stands: its prompts and buttons, and the choices its member made on it (SQLite)."""
     result = stored.interrogation
+    choices = await bot.store.card_choices(stored.id)
+    suggestion = choices.negative_prompt or await known_negative(bot, stored)
     banned = bot.banned.find(result.prompt)
+    embed = prompt_card(
+        stored,
+        owner_name,
+        choices=choices,
+        suggestion=suggestion,
+        default_negative=bot.settings.generate.negative_prompt,
+        banned=banned,
+    )
     message: dict[str, Any] = {
-        "embed": prompt_card(stored, owner, banned=banned),
-        "view": card_view(stored, count, blocked=bool(banned)),
+        "embed": embed,
+        "view": card_view(stored, count, choices, blocked=bool(banned)),
     }
     if thumbnail is not None:
         message["file"] = thumbnail
     return message
 
 
-def card_view(stored: StoredInterrogation, count: int, *, blocked: bool = False) -> discord.ui.View:
+def card_view(
+    stored: StoredInterrogation, count: int, choices: CardChoices, *, blocked: bool = False
+) -> discord.ui.View:
+    """Generate, Edit, Apply or Remove negative and More prompts; Use #k for each listed prompt; Re-describe.
+
+    Each group has its row (at most four, five and one items), so no row passes Discord's five buttons.
+    """
     view = discord.ui.View(timeout=None)
     card = stored.id
-    generate = CardButton("gen", card, count, label=f"Generate ×{count}", style=discord.ButtonStyle.success)
+    result = stored.interrogation
+    generate = CardButton(
+        "gen", card, count, label=f"Generate ×{count}", style=discord.ButtonStyle.success, row=0
+    )
     generate.item.disabled = blocked
     view.add_item(generate)
-    view.add_item(CardButton("edit", card, count, label="Edit prompt", emoji="✏️"))
-    prompts = stored.interrogation.image_prompts
-    if len(prompts) > 1:
-        for k in range(1, min(len(prompts), 3) + 1):
-            view.add_item(CardButton("use", card, count, k=k, label=f"Use #{k}"))
-    view.add_item(ModeSelect(card, count, current=stored.interrogation.mode))
+    view.add_item(CardButton("edit", card, count, label="Edit prompt", emoji="✏️", row=0))
+    if result.mode != "negative":  # a negative card's images have its words as their negative already
+        if choices.negative_prompt is None:
+            view.add_item(CardButton("neg", card, count, label="Apply negative", emoji="🚫", row=0))
+        else:
+            view.add_item(
+                CardButton(
+                    "noneg",
+                    card,
+                    count,
+                    label="Remove negative",
+                    emoji="↩️",
+                    style=discord.ButtonStyle.primary,
+                    row=0,
+                )
+            )
+    listed = listed_prompts(result, choices)
+    hidden = len(result.ranked[:MAX_LISTED_PROMPTS]) - len(listed)
+    if hidden > 0:
+        view.add_item(CardButton("more", card, count, label=f"More prompts ({hidden})", emoji="📜", row=0))
+    if len(listed) > 1:
+        for k in range(1, len(listed) + 1):
+            view.add_item(CardButton("use", card, count, k=k, label=f"Use #{k}", row=1))
+    view.add_item(ModeSelect(card, count, current=result.mode))
     return view
+
+
+def described_with(bot: I2P2IBot) -> dict[str, str]:
+    """The models a description made now is recorded with (the cache key's models)."""
+    return {k: v for k, v in bot.engine.models.items() if k != "generator"}
+
+
+async def known_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str | None:
+    """The negative suggestion for a card's image, where it is known without the GPU: the card's own (a
+    candidates card's), or a negative description of the same image already stored."""
+    own = stored.interrogation.negative_suggestion
+    if own or stored.interrogation.mode == "negative":
+        return own
+    hit = await bot.store.find_interrogation(stored.source_sha256, "negative", described_with(bot))
+    return hit[1].negative if hit is not None else None
+
+
+async def work_out_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str:
+    """The negative suggestion for a card's image, described now on the GPU thread from its features and
+    stored as the image's negative description, so the next card of it finds it at once."""
+    sha256 = stored.source_sha256
+    path = bot.sources_dir / f"{sha256}.png"
+    if not path.exists():
+        raise Refusal("I no longer have that image; run /imagine-from again.")
+    image = await asyncio.to_thread(_open_png, path)
+    engine = bot.engine
+    log.info("suggesting a negative prompt for card %d (%s)", stored.id, sha256[:12])
+    described = await bot.interrogations.result(
+        lambda: engine.interrogate(image, "negative", key=sha256),
+        source_sha256=sha256,
+        mode="negative",
+        models=described_with(bot),
+    )
+    if not described.negative:
+        raise Refusal("I found no negative prompt to suggest for this image.")
+    return described.negative
+
+
+def owner_name(interaction: discord.Interaction, stored: StoredInterrogation) -> str:
+    """The card owner's name for its footer, also when an admin presses its buttons."""
+    user: discord.abc.User | None = interaction.user
+    if interaction.user.id != stored.user_id:
+        member = interaction.guild.get_member(stored.user_id) if interaction.guild else None
+        user = member or interaction.client.get_user(stored.user_id)
+    return user.display_name if user is not None else f"member {stored.user_id}"
 
 
 async def _owned_card(bot: I2P2IBot, interaction: discord.Interaction, card_id: int) -> StoredInterrogation:
@@ -314,9 +399,16 @@ async def _owned_card(bot: I2P2IBot, interaction: discord.Interaction, card_id: 
 
 class CardButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
-    template=r"i2p:card:(?P<action>gen|edit|use):(?P<card>\d+):(?P<count>\d+)(?::(?P<k>\d+))?",
+    template=(
+        r"i2p:card:(?P<action>gen|edit|use|neg|noneg|more):(?P<card>\d+):(?P<count>\d+)(?::(?P<k>\d+))?"
+    ),
 ):
-    """Generate, Edit prompt and Use #k; the card's prompts are read back from SQLite on every press."""
+    """Generate, Edit prompt, Use #k, Apply/Remove negative and More prompts.
+
+    The card and the member's choices on it are read back from SQLite on every press. Apply and Remove
+    negative each set the state they name, so a double press or an old copy of the card changes nothing
+    twice.
+    """
 
     def __init__(
         self,
@@ -328,10 +420,11 @@ class CardButton(
         label: str = "",
         style: discord.ButtonStyle = discord.ButtonStyle.secondary,
         emoji: str | None = None,
+        row: int | None = None,
     ) -> None:
         custom_id = f"i2p:card:{action}:{card}:{count}" + (f":{k}" if k is not None else "")
         super().__init__(
-            discord.ui.Button(label=label or action, style=style, emoji=emoji, custom_id=custom_id)
+            discord.ui.Button(label=label or action, style=style, emoji=emoji, custom_id=custom_id, row=row)
         )
         self.action, self.card, self.count, self.k = action, card, count, k
 
@@ -346,33 +439,71 @@ class CardButton(
         bot = bot_of(interaction)
         try:
             stored = await _owned_card(bot, interaction, self.card)
-            result = stored.interrogation
-            prompts = result.image_prompts
-            prompt = prompts[(self.k or 1) - 1] if (self.k or 1) <= len(prompts) else prompts[0]
-            request = GenerationRequest(
-                prompt,
-                negative_prompt=result.image_negative,
-                count=min(self.count, bot.settings.generate.max_count),
-            )
-            draft = JobRequest(
-                owner_id=interaction.user.id,
-                request=request,
-                origin="card",
-                interrogation_id=stored.id,
-                source_sha256=stored.source_sha256,
-            )
-            if self.action == "edit":
-                await interaction.response.send_modal(PromptModal(draft, settings=bot.settings.generate))
+            if self.action in ("gen", "edit", "use"):
+                await self._make(bot, interaction, stored)
                 return
-            await start_job(bot, interaction, draft)
+            if self.action == "more":
+                await bot.store.show_all_card_prompts(stored.id)
+            elif self.action == "noneg":
+                await bot.store.set_card_negative(stored.id, None)
+            else:
+                await self._apply_negative(bot, interaction, stored)
+            await self._redraw(bot, interaction, stored)
         except Exception as exc:
             await report_error(interaction, exc)
+
+    async def _make(
+        self, bot: I2P2IBot, interaction: discord.Interaction, stored: StoredInterrogation
+    ) -> None:
+        result = stored.interrogation
+        prompts = result.image_prompts
+        prompt = prompts[(self.k or 1) - 1] if (self.k or 1) <= len(prompts) else prompts[0]
+        choices = await bot.store.card_choices(stored.id)
+        negative = result.image_negative if choices.negative_prompt is None else choices.negative_prompt
+        request = GenerationRequest(
+            prompt,
+            negative_prompt=negative,
+            count=min(self.count, bot.settings.generate.max_count),
+        )
+        draft = JobRequest(
+            owner_id=interaction.user.id,
+            request=request,
+            origin="card",
+            interrogation_id=stored.id,
+            source_sha256=stored.source_sha256,
+        )
+        if self.action == "edit":
+            await interaction.response.send_modal(PromptModal(draft, settings=bot.settings.generate))
+            return
+        await start_job(bot, interaction, draft)
+
+    async def _apply_negative(
+        self, bot: I2P2IBot, interaction: discord.Interaction, stored: StoredInterrogation
+    ) -> None:
+        if stored.interrogation.mode == "negative":
+            raise Refusal("This card's words are its images' negative prompt already.")
+        suggestion = await known_negative(bot, stored)
+        if suggestion is None:
+            # Seconds on a busy GPU: Discord shows the press as pending meanwhile.
+            await interaction.response.defer()
+            suggestion = await work_out_negative(bot, stored)
+        await bot.store.set_card_negative(stored.id, suggestion)
+
+    async def _redraw(
+        self, bot: I2P2IBot, interaction: discord.Interaction, stored: StoredInterrogation
+    ) -> None:
+        """Show the card as its choices now stand, in place."""
+        message = await card_message(bot, stored, owner_name(interaction, stored), self.count, None)
+        if interaction.response.is_done():
+            await interaction.edit_original_response(**message)
+        else:
+            await interaction.response.edit_message(**message)
 
 
 class ModeSelect(
     discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:card:mode:(?P<card>\d+):(?P<count>\d+)"
 ):
-    """Re-describe the card's image in another mode, in place."""
+    """Re-describe the card's image in another mode, in place; an applied negative suggestion stays."""
 
     def __init__(self, card: int, count: int, *, current: str | None = None) -> None:
         options = [
@@ -384,7 +515,10 @@ class ModeSelect(
         ]
         super().__init__(
             discord.ui.Select(
-                custom_id=f"i2p:card:mode:{card}:{count}", placeholder="Re-describe…", options=options
+                custom_id=f"i2p:card:mode:{card}:{count}",
+                placeholder="Re-describe…",
+                options=options,
+                row=2,
             )
         )
         self.card, self.count = card, count
@@ -406,7 +540,11 @@ class ModeSelect(
             await interaction.response.defer()
             image = await asyncio.to_thread(_open_png, path)
             fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode)
-            message = card_message(bot, fresh, interaction.user, self.count, None)
+            # The suggestion is the image's, whatever the mode: the member's choice to use it carries over.
+            applied = (await bot.store.card_choices(stored.id)).negative_prompt
+            if applied is not None and mode != "negative":
+                await bot.store.set_card_negative(fresh.id, applied)
+            message = await card_message(bot, fresh, interaction.user.display_name, self.count, None)
             await interaction.edit_original_response(**message)
         except Exception as exc:
             await report_error(interaction, exc)

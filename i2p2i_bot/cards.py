@@ -10,15 +10,21 @@ from dataclasses import dataclass
 import discord
 from PIL import Image
 
-from i2p2i_bot.interrogation import Interrogation
+from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Job, JobStatus, Position
-from i2p2i_bot.store import StoredImage, StoredInterrogation
+from i2p2i_bot.store import CardChoices, StoredImage, StoredInterrogation
 
 COLOR = discord.Colour(0x5865F2)
 COLOR_DONE = discord.Colour(0x57F287)
 COLOR_FAILED = discord.Colour(0xED4245)
-EMBED_DESCRIPTION_MAX = 4096
 FIELD_VALUE_MAX = 1024
+# A card's prompts and negative prompts together stay within an embed's 6000 characters: CLIP cuts a
+# prompt to 77 tokens anyway, so these limits only ever shorten what would not fit.
+PROMPT_SHOWN_MAX = 2048
+LISTED_PROMPTS_CHARS = 3600
+DEFAULT_NEGATIVE_SHOWN_MAX = 300
+# One row of Use #k buttons.
+MAX_LISTED_PROMPTS = 5
 MAX_FILES = 10
 THUMBNAIL_NAME = "source.jpg"
 MODE_LABELS = {
@@ -50,28 +56,62 @@ def thumbnail_file(image: Image.Image, side: int = 256) -> discord.File:
     return discord.File(buffer, filename=THUMBNAIL_NAME)
 
 
+def listed_prompts(result: Interrogation, choices: CardChoices) -> tuple[Candidate, ...]:
+    """The prompts a card lists, each with Use #k: every one a candidates card offers, or a best card's
+    after More prompts; otherwise the card's prompt alone, without Use buttons."""
+    ranked = result.ranked
+    if result.mode == "candidates" or choices.all_prompts:
+        return ranked[:MAX_LISTED_PROMPTS]
+    return ranked[:1]
+
+
 def prompt_card(
-    stored: StoredInterrogation, owner: discord.abc.User, *, banned: Sequence[str] = ()
+    stored: StoredInterrogation,
+    owner_name: str,
+    *,
+    choices: CardChoices | None = None,
+    suggestion: str | None = None,
+    default_negative: str = "",
+    banned: Sequence[str] = (),
 ) -> discord.Embed:
-    """The prompt card: the prompt (or every candidate with its score) and the negative suggestion."""
+    """The prompt card: the prompt (or every prompt it offers, with its score) and the negative prompt its
+    images get: the applied suggestion, or the server's default with the suggestion where one is known."""
     result: Interrogation = stored.interrogation
+    choices = choices or CardChoices()
     embed = discord.Embed(colour=COLOR, title=f"Prompt · {result.mode}")
-    if result.mode == "candidates":
-        embed.description = "Pick a candidate below, or edit one."
-        positives = [c for c in result.candidates if c.mode != "negative"]
-        for k, candidate in enumerate(positives, start=1):
+    listed = listed_prompts(result, choices)
+    if len(listed) > 1:
+        embed.description = "Pick a prompt below with Use #k, or edit one."
+        # Room for the negative prompt fields within the embed's 6000 characters.
+        limit = min(FIELD_VALUE_MAX, LISTED_PROMPTS_CHARS // len(listed))
+        for k, candidate in enumerate(listed, start=1):
             embed.add_field(
                 name=f"#{k} {candidate.mode} · CLIP {candidate.score:.3f}",
-                value=code(candidate.prompt, FIELD_VALUE_MAX),
+                value=code(candidate.prompt, limit),
                 inline=False,
             )
     else:
-        embed.description = code(result.prompt, EMBED_DESCRIPTION_MAX)
+        embed.description = code(result.prompt, PROMPT_SHOWN_MAX)
         embed.add_field(name="CLIP score", value=f"{result.score:.3f}", inline=True)
-    if result.negative and result.mode != "negative":
-        embed.add_field(
-            name="Negative suggestion", value=code(result.negative, FIELD_VALUE_MAX), inline=False
-        )
+    if result.mode != "negative":
+        if choices.negative_prompt is not None:
+            embed.add_field(
+                name="Negative prompt · suggestion applied",
+                value=code(choices.negative_prompt, FIELD_VALUE_MAX),
+                inline=False,
+            )
+        else:
+            embed.add_field(
+                name="Negative prompt · the server's default",
+                value=code(default_negative, DEFAULT_NEGATIVE_SHOWN_MAX) if default_negative else "none",
+                inline=False,
+            )
+            if suggestion:
+                embed.add_field(
+                    name="Negative suggestion · Apply negative uses it",
+                    value=code(suggestion, FIELD_VALUE_MAX),
+                    inline=False,
+                )
     if banned:
         embed.add_field(
             name="Cannot generate",
@@ -80,7 +120,7 @@ def prompt_card(
         )
     embed.set_thumbnail(url=f"attachment://{THUMBNAIL_NAME}")
     took = result.timings_s.get("total_s")
-    footer = [f"for {owner.display_name}", f"card {stored.id}"]
+    footer = [f"for {owner_name}", f"card {stored.id}"]
     footer.append("cached" if stored.cached else (f"{took:.1f} s" if took is not None else ""))
     embed.set_footer(text=" · ".join(p for p in footer if p))
     return embed

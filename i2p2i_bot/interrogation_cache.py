@@ -21,6 +21,7 @@ class InterrogationCache:
         self._store = store
         self._gpu = gpu
         self._running: dict[_Key, asyncio.Task[StoredInterrogation]] = {}
+        self._looking_up: dict[_Key, asyncio.Task[Interrogation]] = {}
 
     async def interrogate(
         self,
@@ -66,6 +67,37 @@ class InterrogationCache:
             guild_id=guild_id,
             channel_id=channel_id,
         )
+
+    async def result(
+        self,
+        run: Callable[[], Interrogation],
+        *,
+        source_sha256: str,
+        mode: str,
+        models: Mapping[str, str],
+    ) -> Interrogation:
+        """The stored result for this key, or `run()` on the GPU thread, stored for next time, with no
+        member's request: what a card looks up for itself (another mode's negative suggestion, say).
+
+        A card pressed twice while `run` is on the GPU waits for that one run.
+        """
+        hit = await self._store.find_interrogation(source_sha256, mode, models)
+        if hit is not None:
+            return hit[1]
+        key: _Key = (source_sha256, mode, tuple(sorted(models.items())))
+        shared = self._looking_up.get(key)
+        if shared is None:
+            shared = asyncio.create_task(self._compute_result(run, source_sha256, models))
+            self._looking_up[key] = shared
+            shared.add_done_callback(lambda _: self._looking_up.pop(key, None))
+        return await asyncio.shield(shared)
+
+    async def _compute_result(
+        self, run: Callable[[], Interrogation], source_sha256: str, models: Mapping[str, str]
+    ) -> Interrogation:
+        interrogation = await self._gpu.run(run, priority=Priority.INTERROGATE)
+        await self._store.add_result(interrogation, source_sha256=source_sha256, models=models)
+        return interrogation
 
     async def _compute(
         self,

@@ -131,6 +131,16 @@ class GlobalStats:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CardChoices:
+    """What a member chose on a prompt card; the defaults are the card as it was first posted."""
+
+    # The applied negative suggestion; None leaves images to the server's negative prompt.
+    negative_prompt: str | None = None
+    # Whether the card lists every prompt it offers (after More prompts), not just the first.
+    all_prompts: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class ForgetResult:
     jobs: int
     images: int
@@ -488,38 +498,61 @@ class Store:
         now = time.time() if now is None else now
         models_key = _models_key(interrogation.models if models is None else models)
         async with self._transaction() as db:
-            query = """
-                INSERT INTO interrogation_results (
-                    source_sha256, mode, models, prompt, score, caption, negative, candidates,
-                    image_embedding, timings, created_at
-                ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                ON CONFLICT (source_sha256, mode, models) DO NOTHING
-            """
-            await db.execute(
-                query,
-                (
-                    source_sha256,
-                    interrogation.mode,
-                    models_key,
-                    interrogation.prompt,
-                    interrogation.score,
-                    interrogation.caption,
-                    interrogation.negative,
-                    json.dumps([[c.mode, c.prompt, c.score] for c in interrogation.candidates]),
-                    _embedding_blob(interrogation.image_embedding),
-                    json.dumps(interrogation.timings_s),
-                    now,
-                ),
-            )
-            query = (
-                """SELECT id FROM interrogation_results WHERE source_sha256 = ? AND mode = ? AND models = ?"""
-            )
-            rows = await db.execute_fetchall(query, (source_sha256, interrogation.mode, models_key))
-            result_id = next(iter(rows))["id"]
+            result_id = await self._insert_result(db, interrogation, source_sha256, models_key, now)
             request_id = await self._insert_request(db, result_id, user_id, guild_id, channel_id, False, now)
         return StoredInterrogation(
             request_id, result_id, user_id, guild_id, channel_id, source_sha256, False, now, interrogation
         )
+
+    async def add_result(
+        self,
+        interrogation: Interrogation,
+        *,
+        source_sha256: str,
+        models: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Store a freshly computed result (once per key) that no member asked for as a card of its own;
+        its id. /forget drops it with the other results nobody asked for."""
+        now = time.time() if now is None else now
+        models_key = _models_key(interrogation.models if models is None else models)
+        async with self._transaction() as db:
+            return await self._insert_result(db, interrogation, source_sha256, models_key, now)
+
+    @staticmethod
+    async def _insert_result(
+        db: aiosqlite.Connection,
+        interrogation: Interrogation,
+        source_sha256: str,
+        models_key: str,
+        now: float,
+    ) -> int:
+        query = """
+            INSERT INTO interrogation_results (
+                source_sha256, mode, models, prompt, score, caption, negative, candidates,
+                image_embedding, timings, created_at
+            ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (source_sha256, mode, models) DO NOTHING
+        """
+        await db.execute(
+            query,
+            (
+                source_sha256,
+                interrogation.mode,
+                models_key,
+                interrogation.prompt,
+                interrogation.score,
+                interrogation.caption,
+                interrogation.negative,
+                json.dumps([[c.mode, c.prompt, c.score] for c in interrogation.candidates]),
+                _embedding_blob(interrogation.image_embedding),
+                json.dumps(interrogation.timings_s),
+                now,
+            ),
+        )
+        query = """SELECT id FROM interrogation_results WHERE source_sha256 = ? AND mode = ? AND models = ?"""
+        rows = await db.execute_fetchall(query, (source_sha256, interrogation.mode, models_key))
+        return int(next(iter(rows))["id"])
 
     async def add_cache_hit(
         self,
@@ -577,6 +610,37 @@ class Store:
         """
         rows = await self._fetchall(query, (interrogation_id,))
         return _embedding_from_blob(rows[0]["image_embedding"]) if rows else None
+
+    # -- cards ----------------------------------------------------------------------------------------
+
+    async def card_choices(self, card_id: int) -> CardChoices:
+        """What the member chose on a card (an interrogation request); the defaults where nothing yet."""
+        query = """SELECT negative_prompt, all_prompts FROM cards WHERE interrogation_id = ?"""
+        rows = await self._fetchall(query, (card_id,))
+        if not rows:
+            return CardChoices()
+        return CardChoices(
+            negative_prompt=rows[0]["negative_prompt"], all_prompts=bool(rows[0]["all_prompts"])
+        )
+
+    async def set_card_negative(
+        self, card_id: int, negative_prompt: str | None, now: float | None = None
+    ) -> None:
+        """Apply a negative prompt to a card's images, or (None) leave them to the server's default."""
+        query = """
+            INSERT INTO cards (interrogation_id, negative_prompt, updated_at) VALUES (?, ?, ?)
+            ON CONFLICT (interrogation_id)
+            DO UPDATE SET negative_prompt = excluded.negative_prompt, updated_at = excluded.updated_at
+        """
+        await self._execute(query, (card_id, negative_prompt, time.time() if now is None else now))
+
+    async def show_all_card_prompts(self, card_id: int, now: float | None = None) -> None:
+        """Make a card list every prompt it offers from now on."""
+        query = """
+            INSERT INTO cards (interrogation_id, all_prompts, updated_at) VALUES (?, 1, ?)
+            ON CONFLICT (interrogation_id) DO UPDATE SET all_prompts = 1, updated_at = excluded.updated_at
+        """
+        await self._execute(query, (card_id, time.time() if now is None else now))
 
     # -- history --------------------------------------------------------------------------------------
 

@@ -18,13 +18,17 @@ from typing import cast
 import pytest
 from PIL import Image
 
+from cogs.imagine import card_view
 from i2p2i_bot import app
+from i2p2i_bot.cards import prompt_card
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import Priority
-from i2p2i_bot.store import Store
+from i2p2i_bot.interrogation import Candidate, Interrogation
+from i2p2i_bot.store import CardChoices, Store, StoredInterrogation
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.discord_fake.validation import check_message
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLLOWUP = "POST /webhooks/{app}/{token}"
@@ -770,6 +774,200 @@ async def test_candidates_card_and_redescribe(
             lambda: "Prompt · fast" in str(server.message(card.id).embeds) or None, timeout_s=30
         )
         assert redo.callbacks()[0].json["type"] == 6
+
+
+def embed_fields(message) -> dict[str, str]:
+    """A card's embed fields, by name."""
+    return {f["name"]: f["value"] for f in message.embeds[0].get("fields", [])}
+
+
+def described_with(engine: Engine) -> dict[str, str]:
+    return {k: v for k, v in engine.models.items() if k != "generator"}
+
+
+async def test_apply_negative_works_the_suggestion_out_once_and_holds_after_a_restart(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Apply negative on a best card works its suggestion out on the GPU and shows it applied; after a
+    restart Edit prefills it and Generate makes it the job's negative prompt. Remove negative puts the
+    server's default back, and applying again needs no GPU."""
+    server = discord_server
+    settings = settings_for(server)
+    alice = server.user("alice").id
+    async with running_i2p2i(settings, server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        assert embed_fields(card)["Negative prompt · the server's default"] == "none"
+        assert not any(name.startswith("Negative suggestion") for name in embed_fields(card))
+        assert card.component(button(card, "i2p:card:neg:"))["label"] == "Apply negative"
+
+        apply = await server.push_button(card, button(card, "i2p:card:neg:"))
+        assert (await apply.wait_response()).json["type"] == 6
+        await server.wait_until(
+            lambda: "Negative prompt · suggestion applied" in embed_fields(server.message(card.id)) or None,
+            timeout_s=30,
+        )
+        stored = await bot.store.get_interrogation(1)
+        assert stored is not None
+        found = await bot.store.find_interrogation(stored.source_sha256, "negative", described_with(engine))
+        assert found is not None and found[1].negative
+        suggestion = found[1].negative
+        assert (await bot.store.card_choices(1)).negative_prompt == suggestion
+        assert suggestion in embed_fields(card)["Negative prompt · suggestion applied"]
+        assert [i.id for i in await bot.store.recent_interrogations(alice)] == [1]
+        assert not any(c.startswith("i2p:card:neg:") for c in card.custom_ids())
+        assert card.component(button(card, "i2p:card:noneg:"))["label"] == "Remove negative"
+
+    async with running_i2p2i(settings, server, engine) as bot:
+        edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+        await edit.wait_response()
+        assert edit.modal is not None
+        fields = {c["components"][0]["label"]: c["components"][0] for c in edit.modal["components"]}
+        assert fields["Negative prompt"]["value"] == suggestion
+        await generate(server, card)
+        first = await bot.store.get_job(1)
+        assert first is not None and first.request.negative_prompt == suggestion
+
+        remove = await server.push_button(card, button(card, "i2p:card:noneg:"))
+        assert (await remove.wait_response()).json["type"] == 7
+        shown = embed_fields(server.message(card.id))
+        assert shown["Negative prompt · the server's default"] == "none"
+        assert suggestion in shown["Negative suggestion · Apply negative uses it"]
+        assert (await bot.store.card_choices(1)).negative_prompt is None
+        await generate(server, card)
+        second = await bot.store.get_job(2)
+        assert second is not None and second.request.negative_prompt == ""
+
+        again = await server.push_button(card, button(card, "i2p:card:neg:"))
+        assert (await again.wait_response()).json["type"] == 7
+        assert (await bot.store.card_choices(1)).negative_prompt == suggestion
+        await bot.queue.join()
+
+
+async def test_more_prompts_lists_what_a_best_card_scored(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """More prompts turns a best card into its prompts with their CLIP scores and Use #k, at once and with
+    nothing described again; the list stays after a restart, and Use #k makes that prompt."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        stored = await bot.store.get_interrogation(1)
+        assert stored is not None
+        ranked = stored.interrogation.ranked
+        assert len(ranked) > 1 and ranked[0].prompt in card.embeds[0]["description"]
+        assert not any(c.startswith("i2p:card:use:") for c in card.custom_ids())
+        more_id = button(card, "i2p:card:more:")
+        assert card.component(more_id)["label"] == f"More prompts ({len(ranked) - 1})"
+        described = await bot.store._fetchall("SELECT COUNT(*) FROM interrogation_results")
+
+        more = await server.push_button(card, more_id)
+        assert (await more.wait_response()).json["type"] == 7
+        listed = [(name, value) for name, value in embed_fields(card).items() if name.startswith("#")]
+        assert [name for name, _ in listed] == [
+            f"#{k} {c.mode} · CLIP {c.score:.3f}" for k, c in enumerate(ranked, start=1)
+        ]
+        assert all(c.prompt in value for c, (_, value) in zip(ranked, listed, strict=True))
+        uses = [c for c in card.custom_ids() if c.startswith("i2p:card:use:")]
+        assert uses == [f"i2p:card:use:1:1:{k}" for k in range(1, len(ranked) + 1)]
+        assert not any(c.startswith("i2p:card:more:") for c in card.custom_ids())
+        assert await bot.store._fetchall("SELECT COUNT(*) FROM interrogation_results") == described
+        assert (await bot.store.card_choices(1)).all_prompts
+
+    async with running_i2p2i(settings, server, engine) as bot:
+        apply = await server.push_button(card, button(card, "i2p:card:neg:"))
+        await apply.wait_response()
+        await server.wait_until(
+            lambda: "Negative prompt · suggestion applied" in embed_fields(server.message(card.id)) or None,
+            timeout_s=30,
+        )
+        assert [n for n in embed_fields(card) if n.startswith("#")] == [name for name, _ in listed]
+        press = await server.push_button(card, uses[-1])
+        await press.wait_followup(timeout_s=30)
+        job = await bot.store.get_job(1)
+        assert job is not None and job.request.prompt == ranked[-1].prompt
+        await bot.queue.join()
+
+
+async def test_a_candidates_card_applies_its_own_suggestion_and_redescribe_keeps_it(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A candidates card shows its negative suggestion and applies it in place; Re-describe keeps it applied
+    on the new card, whose Generate uses it."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut, mode="candidates")
+        stored = await bot.store.get_interrogation(1)
+        assert stored is not None and stored.interrogation.negative
+        suggestion = stored.interrogation.negative
+        assert suggestion in embed_fields(card)["Negative suggestion · Apply negative uses it"]
+        apply = await server.push_button(card, button(card, "i2p:card:neg:"))
+        assert (await apply.wait_response()).json["type"] == 7
+        assert suggestion in embed_fields(card)["Negative prompt · suggestion applied"]
+
+        redo = await server.push_select(card, button(card, "i2p:card:mode:"), ["fast"])
+        await redo.wait_response()
+        await server.wait_until(
+            lambda: "Prompt · fast" in str(server.message(card.id).embeds) or None, timeout_s=30
+        )
+        assert "i2p:card:noneg:2:1" in card.custom_ids()
+        assert suggestion in embed_fields(card)["Negative prompt · suggestion applied"]
+        assert (await bot.store.card_choices(2)).negative_prompt == suggestion
+        await generate(server, card)
+        job = await bot.store.get_job(1)
+        assert job is not None and job.interrogation_id == 2 and job.request.negative_prompt == suggestion
+        await bot.queue.join()
+
+
+@pytest.mark.parametrize("all_prompts", [False, True])
+@pytest.mark.parametrize("applied", [False, True])
+def test_a_card_of_the_longest_prompts_fits_discords_limits(all_prompts: bool, applied: bool) -> None:
+    """However long its prompts, suggestion and the server's default, and however large its id and count,
+    a card's embed and buttons stay within Discord's limits."""
+    longest = "word, " * 700
+    stored = StoredInterrogation(
+        id=2**63 - 1,
+        result_id=1,
+        user_id=1,
+        guild_id=None,
+        channel_id=None,
+        source_sha256="0" * 64,
+        cached=False,
+        created_at=0.0,
+        interrogation=Interrogation(
+            mode="best",
+            prompt=longest + "best",
+            score=0.3,
+            caption=longest,
+            negative=None,
+            candidates=tuple(
+                Candidate(mode, longest + mode, 0.1) for mode in ("caption", "classic", "fast", "best")
+            ),
+            image_embedding=(1.0,),
+        ),
+    )
+    choices = CardChoices(negative_prompt=longest if applied else None, all_prompts=all_prompts)
+    embed = prompt_card(
+        stored,
+        "x" * 32,
+        choices=choices,
+        suggestion=longest,
+        default_negative=longest,
+        banned=["banned"] * 20,
+    )
+    view = card_view(stored, 64, choices, blocked=True)
+    body = {"embeds": [embed.to_dict()], "components": view.to_components()}
+    check_message(body, [], upload_limit_bytes=10 * 1024 * 1024, creating=True)
+    assert len([f for f in embed.fields if f.name and f.name.startswith("#")]) == (4 if all_prompts else 0)
 
 
 async def test_missing_token_exits_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 from i2p2i_bot.config import InterrogateSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.interrogate import MODES, ClipEncoder, InterrogateError, Interrogator, LabelBank, label_tables
+from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.smoke import SmokeModels
 from i2p2i_bot.terms import BannedTerms
 
@@ -83,6 +84,46 @@ def test_candidates_mode_ranks_and_suggests_a_negative(engine: Engine, astronaut
     assert result.prompt == result.candidates[0].prompt
     assert result.negative == result.candidates[3].prompt
     assert result.score == pytest.approx(scores[0])
+
+
+def test_a_best_description_offers_every_prompt_it_scored(engine: Engine, astronaut: Image.Image) -> None:
+    """A best description offers its prompt first, then caption, classic and fast by score, all scored from
+    the same features; Generate's prompt is the first."""
+    result = engine.interrogator.interrogate(astronaut, "best", key="astronaut")
+    ranked = result.ranked
+    assert ranked[0].prompt == result.prompt and ranked[0].score == pytest.approx(result.score)
+    assert sorted({c.mode for c in result.candidates}) == ["best", "caption", "classic", "fast"]
+    assert {c.prompt for c in ranked} == {c.prompt for c in result.candidates}
+    assert len({c.prompt for c in ranked}) == len(ranked) > 1
+    rest = [c.score for c in ranked[1:]]
+    assert rest == sorted(rest, reverse=True)
+    assert result.image_prompts == tuple(c.prompt for c in ranked)
+    assert result.negative_suggestion is None
+
+
+def test_a_best_description_lists_each_prompt_once() -> None:
+    """When the chain adds nothing, caption and best are one prompt: it is listed once, as best, first."""
+    result = Interrogation(
+        mode="best",
+        prompt="a cat",
+        score=0.3,
+        caption="a cat",
+        negative=None,
+        candidates=(
+            Candidate("caption", "a cat", 0.3),
+            Candidate("classic", "a cat, a painting", 0.2),
+            Candidate("fast", "a cat, 4k", 0.25),
+            Candidate("best", "a cat", 0.3),
+        ),
+        image_embedding=(1.0,),
+    )
+    assert [(c.mode, c.prompt) for c in result.ranked] == [
+        ("best", "a cat"),
+        ("fast", "a cat, 4k"),
+        ("classic", "a cat, a painting"),
+    ]
+    fast = dataclasses.replace(result, mode="fast", candidates=(Candidate("fast", "a cat", 0.3),))
+    assert fast.image_prompts == ("a cat",)
 
 
 def test_banned_terms_never_appear(engine: Engine, astronaut: Image.Image) -> None:

@@ -119,6 +119,9 @@ POLICY = {
     ("card", "gen"): "owner",
     ("card", "edit"): "owner",
     ("card", "use"): "owner",
+    ("card", "neg"): "owner",
+    ("card", "noneg"): "owner",
+    ("card", "more"): "owner",
     ("card", "mode"): "owner",
 }
 
@@ -163,9 +166,16 @@ async def test_every_button_family_refuses_other_members(
             ("job", "edit"): (done.original, "i2p:job:edit:1", None),
             ("job", "delete"): (done.original, "i2p:job:delete:1", None),
         }
-        for custom_id in card.custom_ids():
-            action = custom_id.split(":")[2]
-            targets.setdefault(("card", action), (card, custom_id, ["fast"] if action == "mode" else None))
+        # A best card offers Apply negative and More prompts; the candidates card, its negative applied,
+        # offers Remove negative.
+        _, best = await describe(server, astronaut, mode="best")
+        applied = await server.push_button(card, next(c for c in card.custom_ids() if ":neg:" in c))
+        await applied.wait_response()
+        for message in (card, best):
+            for custom_id in message.custom_ids():
+                action = custom_id.split(":")[2]
+                values = ["fast"] if action == "mode" else None
+                targets.setdefault(("card", action), (message, custom_id, values))
 
         # Every registered family and action has a policy, and this test presses each of them.
         for pattern, actions in registered_actions(bot).items():

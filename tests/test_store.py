@@ -18,6 +18,7 @@ from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.jobs import Delivery, JobStatus
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import (
+    CardChoices,
     JobChange,
     Migration,
     Store,
@@ -64,14 +65,16 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 3
+        assert await store.schema_version() == len(packaged_migrations()) == 4
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
         assert rows[0][0] == 1
     finally:
         await store.close()
-    assert {"jobs", "images", "interrogations", "interrogation_results"} <= tables(tmp_path / "db.sqlite3")
+    assert {"jobs", "images", "interrogations", "interrogation_results", "cards"} <= tables(
+        tmp_path / "db.sqlite3"
+    )
 
 
 async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: Path) -> None:
@@ -289,6 +292,71 @@ async def test_identical_interrogations_in_flight_share_one_run(store: Store) ->
         assert first.result_id == second.result_id
     finally:
         gpu.close()
+
+
+async def test_a_result_a_card_looks_up_is_stored_once_without_a_request(store: Store) -> None:
+    """A card's lookup in another mode runs once, even pressed twice at once, is cached for later cards and
+    members, and is no member's history."""
+    gpu = GpuWorker()
+    calls = 0
+    release = threading.Event()
+
+    def run() -> Interrogation:
+        nonlocal calls
+        calls += 1
+        release.wait(5)
+        return make_interrogation("blurry, watermark", mode="negative")
+
+    try:
+        cache = InterrogationCache(store, gpu)
+        models = {"clip": "c"}
+        looks = [
+            asyncio.create_task(cache.result(run, source_sha256="s", mode="negative", models=models))
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.05)
+        release.set()
+        first, second = await asyncio.gather(*looks)
+        assert calls == 1 and first.prompt == second.prompt == "blurry, watermark"
+        again = await cache.result(run, source_sha256="s", mode="negative", models=dict(models))
+        assert calls == 1 and again.prompt == "blurry, watermark"
+        assert await store.recent_interrogations(1) == []
+        assert (await store.global_stats()).interrogations == 0
+        described = await cache.interrogate(run, source_sha256="s", mode="negative", models=models, user_id=1)
+        assert calls == 1 and described.cached
+
+        await store.forget_user(2)
+        assert await store.find_interrogation("s", "negative", models) is not None
+        await store.forget_user(1)
+        assert await store.find_interrogation("s", "negative", models) is None
+    finally:
+        gpu.close()
+
+
+async def test_card_choices_are_kept_per_card_across_a_restart(tmp_path: Path) -> None:
+    """A card's applied negative and More prompts survive reopening the file; other cards keep the defaults;
+    the choices go with the card on /forget."""
+    store = await open_store(tmp_path)
+    try:
+        card = await store.add_interrogation(make_interrogation(), source_sha256="s", user_id=1)
+        other = await store.add_cache_hit(card.result_id, card.interrogation, source_sha256="s", user_id=1)
+        assert await store.card_choices(card.id) == CardChoices()
+        await store.set_card_negative(card.id, "blurry, watermark")
+        await store.show_all_card_prompts(card.id)
+    finally:
+        await store.close()
+    store = await open_store(tmp_path)
+    try:
+        assert await store.card_choices(card.id) == CardChoices(
+            negative_prompt="blurry, watermark", all_prompts=True
+        )
+        assert await store.card_choices(other.id) == CardChoices()
+        await store.set_card_negative(card.id, None)
+        assert await store.card_choices(card.id) == CardChoices(all_prompts=True)
+        await store.forget_user(1)
+        assert await store._fetchall("SELECT * FROM cards") == []
+    finally:
+        await store.close()
 
 
 async def test_history_queries(store: Store) -> None:
