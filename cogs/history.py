@@ -90,7 +90,8 @@ class HistoryCog(commands.Cog, name="History"):
         view = ForgetConfirm(interaction.user.id)
         await interaction.response.send_message(
             f"This deletes {total} job(s), {stats.images} image(s) and {stats.interrogations} prompt(s) of "
-            "yours, and cancels anything you have queued. It cannot be undone.",
+            "yours, and the pictures you uploaded that no other member used, and cancels anything you have "
+            "queued. It cannot be undone.",
             view=view,
             ephemeral=True,
         )
@@ -146,8 +147,8 @@ class ForgetConfirm(PrivateView):
             result = await bot.queue.forget(self.user_id)
             log.info("user %d forgot their history", self.user_id)
             await interaction.response.edit_message(
-                content=f"Deleted {result.jobs} job(s), {result.images} image(s) and {result.interrogations} "
-                "prompt(s).",
+                content=f"Deleted {result.jobs} job(s), {result.images} image(s), {result.interrogations} "
+                f"prompt(s) and {result.sources} uploaded picture(s).",
                 view=None,
             )
         except Exception as exc:

@@ -680,6 +680,41 @@ async def test_history_queue_job_and_forget(
         assert await bot.store.get_job(1) is None
 
 
+async def test_forget_removes_uploads_only_that_member_used(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """/forget deletes the member's uploaded picture that nobody else sent, and its cached prompt; a picture
+    another member also sent stays on disk, and so does the prompt the cache served them."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine) as bot:
+        alice, bob = server.user("alice").id, server.user("bob").id
+        await describe(server, astronaut, user="alice")
+        await describe(server, astronaut.rotate(90), user="alice")
+        await describe(server, astronaut.rotate(90), user="bob")
+        private, shared = [c.source_sha256 for c in reversed(await bot.store.recent_interrogations(alice))]
+        sources = settings.data_path / "sources"
+        assert {p.name for p in sources.iterdir()} == {f"{private}.png", f"{shared}.png"}
+
+        forget = await server.push_slash("forget")
+        await forget.wait_response()
+        asked = forget.original
+        assert asked is not None and "pictures you uploaded" in asked.content
+        confirm = await server.push_button(asked, next(c for c in asked.custom_ids() if c))
+        answer = (await confirm.wait_response()).json["data"]["content"]
+        assert "1 uploaded picture(s)" in answer, answer
+
+        assert {p.name for p in sources.iterdir()} == {f"{shared}.png"}
+        assert await bot.store.recent_interrogations(alice) == []
+        (kept,) = await bot.store.recent_interrogations(bob)
+        assert kept.source_sha256 == shared and kept.cached
+        rows = await bot.store._fetchall("SELECT source_sha256 FROM interrogation_results")
+        assert [row[0] for row in rows] == [shared]
+
+
 async def test_queue_position_and_throttled_progress(
     discord_server: FakeDiscord,
     settings_for,

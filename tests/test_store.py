@@ -64,7 +64,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 3
+        assert await store.schema_version() == len(packaged_migrations()) == 4
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -371,6 +371,68 @@ async def test_forget_user_deletes_only_their_history(store: Store) -> None:
     assert [i.interrogation.prompt for i in await store.recent_interrogations(2)] == ["shared"]
     assert await store.find_interrogation("p", "best", {"clip": "ViT-L-14/openai"}) is None
     assert await store.find_interrogation("s", "best", {"clip": "ViT-L-14/openai"}) is not None
+
+
+async def test_forget_removes_the_sources_and_cached_results_only_they_used(tmp_path: Path) -> None:
+    """/forget removes the member's uploads and cached results that nobody else's interrogation or job
+    names, after its commit; what another member asked for or made images from stays, file and row."""
+    store = await Store.open(
+        tmp_path / "db.sqlite3", images_dir=tmp_path / "images", sources_dir=tmp_path / "sources"
+    )
+    try:
+        sources = {}
+        for name in ("shared", "theirs", "private", "job-only", "their-job", "unrelated"):
+            sha = hashlib.sha256(name.encode()).hexdigest()
+            path = store.source_path(sha)
+            assert path is not None
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"png")
+            sources[name] = sha
+        models = {"clip": "ViT-L-14/openai"}
+        # Alice (1) computed "shared"; Bob (2) was served it from the cache.
+        shared = await store.add_interrogation(
+            make_interrogation("shared"), source_sha256=sources["shared"], user_id=1
+        )
+        await store.add_cache_hit(
+            shared.result_id, shared.interrogation, source_sha256=sources["shared"], user_id=2
+        )
+        # Bob computed "theirs"; Alice was served it from the cache.
+        theirs = await store.add_interrogation(
+            make_interrogation("theirs"), source_sha256=sources["theirs"], user_id=2
+        )
+        await store.add_cache_hit(
+            theirs.result_id, theirs.interrogation, source_sha256=sources["theirs"], user_id=1
+        )
+        # Only Alice asked about "private", in two modes, twice in one of them.
+        for mode in ("best", "fast", "best"):
+            await store.add_interrogation(
+                make_interrogation("private", mode=mode), source_sha256=sources["private"], user_id=1
+            )
+        # A job of Alice's names a source no interrogation does; Bob made a job from one Alice described.
+        await store.insert_job(job_request(1, "mine", PARAMS, seed=1, source_sha256=sources["job-only"]))
+        await store.add_interrogation(
+            make_interrogation("their job"), source_sha256=sources["their-job"], user_id=1
+        )
+        await store.insert_job(job_request(2, "bob's", PARAMS, seed=2, source_sha256=sources["their-job"]))
+
+        result = await store.forget_user(1)
+
+        assert (result.jobs, result.interrogations, result.sources) == (1, 6, 2)
+        kept = {name for name, sha in sources.items() if (tmp_path / "sources" / f"{sha}.png").exists()}
+        assert kept == {"shared", "theirs", "their-job", "unrelated"}
+        # The cache keeps the results another member asked for, and nothing only Alice did.
+        assert await store.find_interrogation(sources["shared"], "best", models) is not None
+        assert await store.find_interrogation(sources["theirs"], "best", models) is not None
+        for mode in ("best", "fast"):
+            assert await store.find_interrogation(sources["private"], mode, models) is None
+        assert await store.find_interrogation(sources["their-job"], "best", models) is None
+        rows = await store._fetchall("SELECT source_sha256 FROM interrogation_results ORDER BY id")
+        assert [row[0] for row in rows] == [sources["shared"], sources["theirs"]]
+        assert [i.interrogation.prompt for i in await store.recent_interrogations(2)] == ["theirs", "shared"]
+        assert await store.recent_interrogations(1) == []
+        assert await store.integrity_problems() == []
+    finally:
+        await store.close()
 
 
 async def test_job_ids_are_never_reused(store: Store) -> None:
