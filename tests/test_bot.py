@@ -715,6 +715,45 @@ async def test_forget_removes_uploads_only_that_member_used(
         assert [row[0] for row in rows] == [shared]
 
 
+async def test_a_picture_described_during_another_members_forget_is_kept(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Bob's description of a picture only Alice had sent is still running when Alice's /forget removes
+    it; once Bob's card is stored the picture is on disk again, so his Re-describe works."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine) as bot:
+        await describe(server, astronaut, user="alice")
+        (alices,) = await bot.store.recent_interrogations(server.user("alice").id)
+        path = settings.data_path / "sources" / f"{alices.source_sha256}.png"
+        assert path.exists()
+        with gpu_blocked(bot):
+            upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+            bobs = await server.push_slash(
+                "imagine-from", {"image": upload, "count": 1, "mode": "fast"}, user="bob"
+            )
+            # Bob's interrogation waits behind the block (asyncio.sleep(0, x) is an awaitable of x).
+            await eventually(lambda: asyncio.sleep(0, bot.gpu.pending()), lambda n: n >= 1, 30)
+            forget = await server.push_slash("forget")
+            await forget.wait_response()
+            asked = forget.original
+            assert asked is not None
+            confirm = await server.push_button(asked, next(c for c in asked.custom_ids() if c))
+            assert "1 uploaded picture(s)" in (await confirm.wait_response()).json["data"]["content"]
+            assert not path.exists()
+        await bobs.wait_followup(timeout_s=60)
+        assert path.exists()
+        card = bobs.original
+        assert card is not None
+        await server.push_select(card, button(card, "i2p:card:mode:"), ["best"], user="bob")
+        await server.wait_until(
+            lambda: "Prompt · best" in str(server.message(card.id).embeds) or None, timeout_s=60
+        )
+
+
 async def test_queue_position_and_throttled_progress(
     discord_server: FakeDiscord,
     settings_for,
