@@ -180,6 +180,9 @@ class Store:
             # NORMAL in WAL mode survives any process crash; only a power cut can lose the last commits.
             await db.execute(f"PRAGMA synchronous = {synchronous}")
             await db.execute("PRAGMA foreign_keys = ON")
+            # Deleted rows are overwritten, not just unlinked: what /forget removes does not linger in the
+            # file's free pages. Only /forget deletes rows, so nothing else pays for it.
+            await db.execute("PRAGMA secure_delete = ON")
             store = cls(db, path, Path(images_dir), None if sources_dir is None else Path(sources_dir))
             await store._migrate(packaged_migrations() if migrations is None else migrations)
         except BaseException:
@@ -740,6 +743,10 @@ class Store:
             # Still under the lock: no one can record a new interrogation of these images between the
             # choice above and the files' removal.
             removed = await asyncio.to_thread(self._remove_sources, sources)
+            # Copy the overwritten pages into the file and empty the write-ahead log, whose older frames
+            # still hold the deleted rows. A reader in another process (a backup) holds the log back for
+            # up to busy_timeout_ms; past that, a later checkpoint finishes the job.
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await asyncio.to_thread(self._remove_job_folders, job_ids)
         return ForgetResult(jobs=len(job_ids), images=images, interrogations=interrogations, sources=removed)
 

@@ -435,6 +435,25 @@ async def test_forget_removes_the_sources_and_cached_results_only_they_used(tmp_
         await store.close()
 
 
+async def test_forget_leaves_no_trace_of_the_rows_in_the_files(store: Store) -> None:
+    """What /forget deletes is overwritten in the database file and gone from its write-ahead log, not
+    left readable in free pages."""
+    secret = "a-private-prompt-7c1e"
+    job = await store.insert_job(job_request(1, f"{secret} job", PARAMS, seed=1))
+    await store.mark_running([job.id], 1.0)
+    await store.add_interrogation(make_interrogation(f"{secret} card"), source_sha256="p", user_id=1)
+    await store.insert_job(job_request(2, "someone else's", PARAMS, seed=2))
+    # Fold the log into the file first, so the rows sit in the database's own pages as well.
+    await store._fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert secret.encode() in store.path.read_bytes()
+
+    await store.forget_user(1)
+
+    files = [store.path, store.path.with_name(store.path.name + "-wal")]
+    assert all(secret.encode() not in f.read_bytes() for f in files if f.exists())
+    assert b"someone else's" in store.path.read_bytes()
+
+
 async def test_job_ids_are_never_reused(store: Store) -> None:
     """Ids rise in submission order, also for jobs stored together; a forgotten id is never given again."""
     jobs = await store.insert_jobs([job_request(1, f"p{i}", PARAMS, seed=i) for i in range(3)])
