@@ -10,7 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from i2p2i_bot.cards import COLOR, info_embed, shorten
-from i2p2i_bot.job_controls import bot_of, job_models, job_view, queue_message
+from i2p2i_bot.job_controls import bot_of, check_may_see, job_models, job_view, queue_message
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
 
 if TYPE_CHECKING:
@@ -30,15 +30,18 @@ class HistoryCog(commands.Cog, name="History"):
     async def history(self, interaction: discord.Interaction, query: str | None = None) -> None:
         store = self.bot.store
         user = interaction.user.id
+        # Jobs whose result their owner deleted are left out, except for admins, who see them marked.
+        admin = self.bot.is_admin(interaction.user)
         if query:
-            jobs = await store.search_jobs(query, owner_id=user, limit=HISTORY_LIMIT)
+            jobs = await store.search_jobs(query, owner_id=user, limit=HISTORY_LIMIT, include_hidden=admin)
             cards = await store.search_interrogations(query, user_id=user, limit=HISTORY_LIMIT)
         else:
-            jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT)
+            jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT, include_hidden=admin)
             cards = await store.recent_interrogations(user, limit=HISTORY_LIMIT)
         delivery = self.bot.delivery
         lines = [
             f"**Job #{j.id}** · {j.status}"
+            + (" · hidden" if j.hidden_at is not None else "")
             + (" · ⚠️ not posted, see /job" if delivery.undeliverable(j) else "")
             + f" · {j.request.count} image(s) · <t:{int(j.created_at)}:R>\n> {shorten(j.request.prompt, 180)}"
             for j in jobs
@@ -64,6 +67,7 @@ class HistoryCog(commands.Cog, name="History"):
         if record is None:
             raise Refusal(f"There is no job #{job_id}.")
         job = record.job
+        check_may_see(self.bot, interaction, job)
         if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
             raise Refusal(f"Job #{job_id} is not yours.")
         running = not job.status.finished

@@ -2,7 +2,7 @@
 
 The bot registers the buttons; the cogs start jobs through start_job. Who may press what: every button
 on a job belongs to the member who queued it (Reroll, Edit & regenerate, Delete, Cancel); admins may
-also Delete and Cancel. Info is read-only and open to everyone.
+also Delete and Cancel. Info is read-only and open to everyone, except on a job Delete hid.
 """
 
 from __future__ import annotations
@@ -124,6 +124,17 @@ def job_view(job: Job, *, running: bool) -> discord.ui.View:
     return view
 
 
+def check_may_see(bot: I2P2IBot, interaction: discord.Interaction, job: Job) -> None:
+    """Refuse, in one sentence, a member who may not read a job's prompt, settings and images list.
+
+    Admins see every job; a job hidden by Delete is shown to nobody else, its owner included.
+    """
+    if bot.is_admin(interaction.user):
+        return
+    if job.hidden_at is not None:
+        raise Refusal(f"Job #{job.id} was deleted.")
+
+
 async def _owned_job(bot: I2P2IBot, interaction: discord.Interaction, job_id: int, *, admin_ok: bool) -> Job:
     job = await bot.store.get_job(job_id)
     if job is None:
@@ -179,6 +190,7 @@ class JobButton(
         record = await bot.store.job_record(self.job_id)
         if record is None:
             raise Refusal(f"Job #{self.job_id} no longer exists.")
+        check_may_see(bot, interaction, record.job)
         embed = info_embed(record.job, record.images, await job_models(bot, record.job))
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
@@ -203,8 +215,13 @@ class JobButton(
         await interaction.response.send_modal(modal)
 
     async def _delete(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
-        await _owned_job(bot, interaction, self.job_id, admin_ok=True)
+        """Delete the result's message and image files, and hide the job from everyone but admins."""
+        job = await _owned_job(bot, interaction, self.job_id, admin_ok=True)
+        if not job.status.finished:
+            raise Refusal(f"Job #{job.id} is still {job.status}; cancel it first.")
         await interaction.response.defer()
+        # Hidden first: whatever becomes of the message, the member's wish is kept.
+        await bot.store.hide_job(job.id, by=interaction.user.id)
         try:
             await interaction.delete_original_response()
         except discord.HTTPException:
@@ -213,7 +230,12 @@ class JobButton(
             if interaction.message is None:
                 raise
             await interaction.message.delete()
-        log.info("job %d's message deleted by user %d", self.job_id, interaction.user.id)
+        log.info("job %d deleted and hidden by user %d", job.id, interaction.user.id)
+        await interaction.followup.send(
+            f"Deleted job #{job.id}: its message and image files are gone, and only admins can still see it "
+            "in /history or /job.",
+            ephemeral=True,
+        )
 
 
 async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:

@@ -420,10 +420,12 @@ class Store:
         await self._execute("UPDATE jobs SET delivery_error = ? WHERE id = ?", (reason, job_id))
 
     async def undelivered_jobs(self, limit: int = 100) -> list[Job]:
-        """Final jobs whose result was never sent (the bot was down, or stopped right after they finished)."""
+        """Final jobs whose result was never sent (the bot was down, or stopped right after they finished),
+        unless Delete hid them meanwhile."""
         query = """
             SELECT * FROM jobs
             WHERE delivered_at IS NULL AND status IN ('complete', 'failed', 'cancelled')
+                AND hidden_at IS NULL
             ORDER BY id LIMIT ?
         """
         return [_job_from_row(row) for row in await self._fetchall(query, (limit,))]
@@ -598,9 +600,13 @@ class Store:
 
     # -- history --------------------------------------------------------------------------------------
 
-    async def recent_jobs(self, owner_id: int, limit: int = 10) -> list[Job]:
-        query = """SELECT * FROM jobs WHERE owner_id = ? ORDER BY id DESC LIMIT ?"""
-        return [_job_from_row(row) for row in await self._fetchall(query, (owner_id, limit))]
+    async def recent_jobs(self, owner_id: int, limit: int = 10, *, include_hidden: bool = False) -> list[Job]:
+        """A member's latest jobs, newest first; those Delete hid only when asked for (an admin's view)."""
+        query = """
+            SELECT * FROM jobs WHERE owner_id = ? AND (? OR hidden_at IS NULL) ORDER BY id DESC LIMIT ?
+        """
+        rows = await self._fetchall(query, (owner_id, include_hidden, limit))
+        return [_job_from_row(row) for row in rows]
 
     async def recent_interrogations(self, user_id: int, limit: int = 10) -> list[StoredInterrogation]:
         query = """
@@ -612,14 +618,18 @@ class Store:
         """
         return [_stored_interrogation_from_row(row) for row in await self._fetchall(query, (user_id, limit))]
 
-    async def search_jobs(self, text: str, *, owner_id: int | None = None, limit: int = 10) -> list[Job]:
-        """Jobs whose prompt contains the text (case-insensitive for ASCII), newest first."""
+    async def search_jobs(
+        self, text: str, *, owner_id: int | None = None, limit: int = 10, include_hidden: bool = False
+    ) -> list[Job]:
+        """Jobs whose prompt contains the text (case-insensitive for ASCII), newest first; those Delete hid
+        only when asked for."""
         query = """
             SELECT * FROM jobs
-            WHERE prompt LIKE ? ESCAPE '\\' AND (? IS NULL OR owner_id = ?)
+            WHERE prompt LIKE ? ESCAPE '\\' AND (? IS NULL OR owner_id = ?) AND (? OR hidden_at IS NULL)
             ORDER BY id DESC LIMIT ?
         """
-        rows = await self._fetchall(query, (_like_pattern(text), owner_id, owner_id, limit))
+        params = (_like_pattern(text), owner_id, owner_id, include_hidden, limit)
+        rows = await self._fetchall(query, params)
         return [_job_from_row(row) for row in rows]
 
     async def search_interrogations(
@@ -635,6 +645,23 @@ class Store:
         """
         rows = await self._fetchall(query, (_like_pattern(text), user_id, user_id, limit))
         return [_stored_interrogation_from_row(row) for row in rows]
+
+    async def hide_job(self, job_id: int, *, by: int, now: float | None = None) -> Job | None:
+        """Hide a finished job from everyone but admins and remove its image files; the job as it now is.
+
+        Hiding twice changes nothing: the first time and who did it are kept. The row and its images' rows
+        stay (prompt, settings, seeds, hashes), for admins, until the owner's /forget. An unfinished job
+        is left as it is.
+        """
+        query = """
+            UPDATE jobs SET hidden_at = ?, hidden_by = ?
+            WHERE id = ? AND hidden_at IS NULL AND status IN ('complete', 'failed', 'cancelled')
+        """
+        await self._execute(query, (time.time() if now is None else now, by, job_id))
+        job = await self.get_job(job_id)
+        if job is not None and job.hidden_at is not None:
+            await asyncio.to_thread(self._remove_job_folders, [job_id])
+        return job
 
     async def job_record(self, job_id: int) -> JobRecord | None:
         job = await self.get_job(job_id)

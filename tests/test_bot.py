@@ -1087,6 +1087,63 @@ async def test_delete_works_on_a_result_posted_in_the_channel(
         await server.wait_until(lambda: server.message(message.id).deleted or None, timeout_s=10)
 
 
+async def test_delete_hides_the_job_from_everyone_but_admins(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Delete removes the result's message and image files and says so; the job leaves its owner's
+    /history and /job, admins still see it marked hidden, and pressing Delete again changes nothing."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine) as bot:
+        _, card = await describe(server, astronaut, count=2)
+        press = await generate(server, card)
+        await server.wait_until(lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=60)
+        await eventually(lambda: bot.store.get_job(1), lambda job: job.delivered_at is not None)
+        result = press.original
+        assert result is not None
+        folder = settings.data_path / "images" / "1"
+        assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png"]
+        earlier = await server.push_slash("job", {"job_id": 1})
+        await earlier.wait_response()
+        kept_reply = earlier.original
+        assert kept_reply is not None and "i2p:job:delete:1" in kept_reply.custom_ids()
+
+        delete = await server.push_button(result, "i2p:job:delete:1")
+        said = await ephemeral_answer(delete)
+        assert said == (
+            "Deleted job #1: its message and image files are gone, and only admins can still see it in "
+            "/history or /job."
+        )
+        assert server.message(result.id).deleted
+        assert not folder.exists()
+        job = await bot.store.get_job(1)
+        assert job is not None and job.hidden_by == server.user("alice").id and job.hidden_at is not None
+        record = await bot.store.job_record(1)
+        assert record is not None and len(record.images) == 2  # seeds and hashes stay, for admins
+
+        history = await server.push_slash("history")
+        data = (await history.wait_response()).json["data"]
+        assert "Job #1" not in data["embeds"][0]["description"]  # only the card is left
+        assert await ephemeral_answer(await server.push_slash("job", {"job_id": 1})) == "Job #1 was deleted."
+        info = await server.push_button(kept_reply, "i2p:job:info:1")
+        assert await ephemeral_answer(info) == "Job #1 was deleted."
+
+        admin_view = await server.push_slash("job", {"job_id": 1}, user="owner")
+        embed = (await admin_view.wait_response()).json["data"]["embeds"][0]
+        assert embed["title"] == "Job #1 · complete · hidden"
+        hidden = next(f["value"] for f in embed["fields"] if f["name"] == "Hidden")
+        assert hidden.startswith(f"Deleted by <@{server.user('alice').id}> <t:")
+
+        # Delete again, from the /job reply Alice had opened before: the same sentence, the same row.
+        again = await server.push_button(kept_reply, "i2p:job:delete:1")
+        assert await ephemeral_answer(again) == said
+        assert await bot.store.get_job(1) == job
+        assert server.message(kept_reply.id).deleted
+
+
 async def test_a_gpu_fault_mid_job_is_explained_and_the_restart_delivers(
     discord_server: FakeDiscord,
     settings_for,

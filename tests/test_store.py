@@ -64,7 +64,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 4
+        assert await store.schema_version() == len(packaged_migrations()) == 5
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -336,6 +336,45 @@ async def test_history_queries(store: Store) -> None:
     overall = await store.global_stats()
     assert overall.users == 2 and overall.images == 2 and overall.jobs == {"queued": 2, "complete": 1}
     assert overall.mean_job_s == pytest.approx(4.0)
+
+
+async def test_a_hidden_job_keeps_its_rows_for_admins_and_loses_its_files(store: Store) -> None:
+    """hide_job marks a finished job once (when, by whom), removes its image files and keeps its rows;
+    history and search leave it out unless asked, and it is never delivered again."""
+    job = await store.insert_job(job_request(1, "a red fox", PARAMS, count=2, seed=5))
+    queued = await store.insert_job(job_request(1, "a red kite", PARAMS, seed=6))
+    digests = await asyncio.to_thread(
+        store.write_image_files, [(job.id, i, Image.new("RGB", (2, 2))) for i in range(2)]
+    )
+    await store.mark_running([job.id], 1.0)
+    await store.save_changes(
+        [JobChange(job_id=job.id, status=JobStatus.COMPLETE, attempts=0, finished_at=2.0)],
+        [
+            StoredImage(
+                job_id=job.id, index=i, seed=5 + i, nsfw=False, fidelity=None, sha256=d, created_at=2.0
+            )
+            for i, d in enumerate(digests)
+        ],
+    )
+    assert [j.id for j in await store.undelivered_jobs()] == [job.id]
+
+    hidden = await store.hide_job(job.id, by=1, now=10.0)
+    again = await store.hide_job(job.id, by=99, now=20.0)
+
+    assert hidden is not None and (hidden.hidden_at, hidden.hidden_by) == (10.0, 1)
+    assert again == hidden
+    assert not store.image_path(job.id, 0).parent.exists()
+    record = await store.job_record(job.id)
+    assert record is not None and [i.sha256 for i in record.images] == digests
+    assert [j.id for j in await store.recent_jobs(1)] == [queued.id]
+    assert [j.id for j in await store.recent_jobs(1, include_hidden=True)] == [queued.id, job.id]
+    assert [j.id for j in await store.search_jobs("red", owner_id=1)] == [queued.id]
+    assert [j.id for j in await store.search_jobs("fox", include_hidden=True)] == [job.id]
+    assert await store.undelivered_jobs() == []
+    # A job still queued is not hidden: Delete belongs to finished results.
+    still = await store.hide_job(queued.id, by=1)
+    assert still is not None and still.hidden_at is None
+    assert await store.hide_job(999, by=1) is None
 
 
 async def test_forget_user_deletes_only_their_history(store: Store) -> None:
