@@ -1,4 +1,7 @@
-"""A member's own history: /history, /job, /queue and /forget. Every answer is ephemeral."""
+"""A member's own history: /history, /job, /queue and /forget. Every answer is ephemeral.
+
+/job also shows another member's job to those it was shared with (job_controls.check_may_see).
+"""
 
 from __future__ import annotations
 
@@ -60,7 +63,9 @@ class HistoryCog(commands.Cog, name="History"):
         )
         await interaction.response.send_message(embed=view.page(), view=view, ephemeral=True)
 
-    @app_commands.command(name="job", description="Show a past job of yours, with working buttons")
+    @app_commands.command(
+        name="job", description="Show a past job: yours with working buttons, or one shared here"
+    )
     @app_commands.describe(job_id="The job's number, as shown on its message")
     async def job(self, interaction: discord.Interaction, job_id: app_commands.Range[int, 1]) -> None:
         record = await self.bot.store.job_record(job_id)
@@ -68,14 +73,17 @@ class HistoryCog(commands.Cog, name="History"):
             raise Refusal(f"There is no job #{job_id}.")
         job = record.job
         check_may_see(self.bot, interaction, job)
-        if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
-            raise Refusal(f"Job #{job_id} is not yours.")
-        running = not job.status.finished
-        delivery = self.bot.delivery.delivery_state(job)
         models = await job_models(self.bot, job)
+        if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
+            # Another member's job, shared where they asked for it: what was posted there, without why
+            # its result may not have arrived (that is the owner's business) and without the owner's buttons.
+            embed = info_embed(job, record.images, models)
+            await interaction.response.send_message(embed=embed, ephemeral=True)
+            return
+        delivery = self.bot.delivery.delivery_state(job)
         embed = info_embed(job, record.images, models, delivery=delivery)
         await interaction.response.send_message(
-            embed=embed, view=job_view(job, running=running), ephemeral=True
+            embed=embed, view=job_view(job, running=not job.status.finished), ephemeral=True
         )
 
     @app_commands.command(name="queue", description="Your queued and running jobs, with Cancel buttons")
