@@ -180,8 +180,9 @@ class Store:
             # NORMAL in WAL mode survives any process crash; only a power cut can lose the last commits.
             await db.execute(f"PRAGMA synchronous = {synchronous}")
             await db.execute("PRAGMA foreign_keys = ON")
-            # Deleted rows are overwritten, not just unlinked: what /forget removes does not linger in the
-            # file's free pages. Only /forget deletes rows, so nothing else pays for it.
+            # Freed space is zeroed, not just unlinked: the rows /forget deletes do not linger in the file's
+            # free pages. Only /forget frees whole pages; elsewhere the zeroing touches pages being written
+            # anyway.
             await db.execute("PRAGMA secure_delete = ON")
             store = cls(db, path, Path(images_dir), None if sources_dir is None else Path(sources_dir))
             await store._migrate(packaged_migrations() if migrations is None else migrations)
