@@ -1,4 +1,7 @@
-"""A member's own history: /history, /job, /queue and /forget. Every answer is ephemeral."""
+"""A member's own history: /history, /job, /queue and /forget. Every answer is ephemeral.
+
+/job also shows another member's job to those it was shared with (job_controls.check_may_see).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from i2p2i_bot.cards import COLOR, info_embed, shorten
-from i2p2i_bot.job_controls import bot_of, job_models, job_view, queue_message
+from i2p2i_bot.job_controls import bot_of, check_may_see, job_models, job_view, queue_message
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
 
 if TYPE_CHECKING:
@@ -30,15 +33,18 @@ class HistoryCog(commands.Cog, name="History"):
     async def history(self, interaction: discord.Interaction, query: str | None = None) -> None:
         store = self.bot.store
         user = interaction.user.id
+        # Jobs whose result their owner deleted are left out, except for admins, who see them marked.
+        admin = self.bot.is_admin(interaction.user)
         if query:
-            jobs = await store.search_jobs(query, owner_id=user, limit=HISTORY_LIMIT)
+            jobs = await store.search_jobs(query, owner_id=user, limit=HISTORY_LIMIT, include_hidden=admin)
             cards = await store.search_interrogations(query, user_id=user, limit=HISTORY_LIMIT)
         else:
-            jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT)
+            jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT, include_hidden=admin)
             cards = await store.recent_interrogations(user, limit=HISTORY_LIMIT)
         delivery = self.bot.delivery
         lines = [
             f"**Job #{j.id}** · {j.status}"
+            + (" · hidden" if j.hidden_at is not None else "")
             + (" · ⚠️ not posted, see /job" if delivery.undeliverable(j) else "")
             + f" · {j.request.count} image(s) · <t:{int(j.created_at)}:R>\n> {shorten(j.request.prompt, 180)}"
             for j in jobs
@@ -57,21 +63,27 @@ class HistoryCog(commands.Cog, name="History"):
         )
         await interaction.response.send_message(embed=view.page(), view=view, ephemeral=True)
 
-    @app_commands.command(name="job", description="Show a past job of yours, with working buttons")
+    @app_commands.command(
+        name="job", description="Show a past job: yours with working buttons, or one shared here"
+    )
     @app_commands.describe(job_id="The job's number, as shown on its message")
     async def job(self, interaction: discord.Interaction, job_id: app_commands.Range[int, 1]) -> None:
         record = await self.bot.store.job_record(job_id)
         if record is None:
             raise Refusal(f"There is no job #{job_id}.")
         job = record.job
-        if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
-            raise Refusal(f"Job #{job_id} is not yours.")
-        running = not job.status.finished
-        delivery = self.bot.delivery.delivery_state(job)
+        check_may_see(self.bot, interaction, job)
         models = await job_models(self.bot, job)
+        if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
+            # Another member's job, shared where they asked for it: what was posted there, without why
+            # its result may not have arrived (that is the owner's business) and without the owner's buttons.
+            embed = info_embed(job, record.images, models)
+            await interaction.response.send_message(embed=embed, ephemeral=True)
+            return
+        delivery = self.bot.delivery.delivery_state(job)
         embed = info_embed(job, record.images, models, delivery=delivery)
         await interaction.response.send_message(
-            embed=embed, view=job_view(job, running=running), ephemeral=True
+            embed=embed, view=job_view(job, running=not job.status.finished), ephemeral=True
         )
 
     @app_commands.command(name="queue", description="Your queued and running jobs, with Cancel buttons")
@@ -90,7 +102,8 @@ class HistoryCog(commands.Cog, name="History"):
         view = ForgetConfirm(interaction.user.id)
         await interaction.response.send_message(
             f"This deletes {total} job(s), {stats.images} image(s) and {stats.interrogations} prompt(s) of "
-            "yours, and cancels anything you have queued. It cannot be undone.",
+            "yours, and the pictures you uploaded that no other member used, and cancels anything you have "
+            "queued. It cannot be undone.",
             view=view,
             ephemeral=True,
         )
@@ -146,8 +159,8 @@ class ForgetConfirm(PrivateView):
             result = await bot.queue.forget(self.user_id)
             log.info("user %d forgot their history", self.user_id)
             await interaction.response.edit_message(
-                content=f"Deleted {result.jobs} job(s), {result.images} image(s) and {result.interrogations} "
-                "prompt(s).",
+                content=f"Deleted {result.jobs} job(s), {result.images} image(s), {result.interrogations} "
+                f"prompt(s) and {result.sources} uploaded picture(s).",
                 view=None,
             )
         except Exception as exc:

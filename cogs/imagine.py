@@ -133,8 +133,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         try:
             data = await self.download(source, limit)
             intake = await asyncio.to_thread(load_intake, data, settings.intake)
-            await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
             stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode)
+            # Saved once the interrogation that names it is stored: another member's /forget either saw
+            # that row and keeps the file, or removed it before the row existed and this writes it again.
+            await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
         except (ImageError, Refusal) as exc:
             await withdraw(interaction, str(exc))
             return

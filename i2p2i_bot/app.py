@@ -132,7 +132,7 @@ class I2P2IBot(commands.Bot):
         self.failed_extensions: list[str] = []
         self._engine_loader: EngineLoader = engine_loader or (lambda s: Engine.load(s))
         self.banned = BannedTerms.from_settings(settings.interrogate)
-        self.sources_dir = settings.data_path / "sources"
+        self.sources_dir = settings.sources_path
         self.store: Store
         self.gpu: GpuWorker
         self.engine: ImageEngine

@@ -280,9 +280,18 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
 def info_embed(
     job: Job, images: Sequence[StoredImage], models: dict[str, str], *, delivery: str | None = None
 ) -> discord.Embed:
-    """Everything about a job, for the Info button and /job; ``delivery`` says why a result is not posted."""
+    """Everything about a job, for the Info button and /job; ``delivery`` says why a result is not posted.
+
+    A job Delete hid (only admins see it then) says so in its title and when and by whom it was hidden.
+    """
     p = job.request.params
-    embed = discord.Embed(colour=COLOR, title=f"Job #{job.id} · {job.status}")
+    hidden = " · hidden" if job.hidden_at is not None else ""
+    embed = discord.Embed(colour=COLOR, title=f"Job #{job.id} · {job.status}{hidden}")
+    if job.hidden_at is not None:
+        by = f" by <@{job.hidden_by}>" if job.hidden_by is not None else ""
+        when = f"<t:{int(job.hidden_at)}:R>"
+        note = f"Deleted{by} {when}: only admins see it, and its image files are gone."
+        embed.add_field(name="Hidden", value=note, inline=False)
     embed.add_field(name="Prompt", value=code(job.request.prompt, FIELD_VALUE_MAX), inline=False)
     if job.request.negative_prompt:
         embed.add_field(

@@ -206,6 +206,11 @@ class Settings:
         return Path(self.data_dir).expanduser()
 
     @property
+    def sources_path(self) -> Path:
+        """Where the bot keeps each uploaded image, normalised, as `<sha256>.png` (for Re-describe)."""
+        return self.data_path / "sources"
+
+    @property
     def cache_path(self) -> Path:
         """Where smoke models and label-embedding tables are kept."""
         if self.models.cache_dir:

@@ -341,8 +341,8 @@ class ResultDelivery:
                 # is alive, and the result must land after it.
                 await asyncio.wait({after})
             record = await self.bot.store.job_record(job_id)
-            if record is None or record.job.delivered_at is not None:
-                return
+            if record is None or record.job.delivered_at is not None or record.job.hidden_at is not None:
+                return  # gone, posted already, or deleted by its owner before it could be
             job = record.job
             images = await asyncio.to_thread(self._load_images, job, record.images)
             files = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)

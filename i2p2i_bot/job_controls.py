@@ -2,7 +2,7 @@
 
 The bot registers the buttons; the cogs start jobs through start_job. Who may press what: every button
 on a job belongs to the member who queued it (Reroll, Edit & regenerate, Delete, Cancel); admins may
-also Delete and Cancel. Info is read-only and open to everyone.
+also Delete and Cancel. Info is read-only and open to whoever may see the job (check_may_see), as /job is.
 """
 
 from __future__ import annotations
@@ -124,6 +124,38 @@ def job_view(job: Job, *, running: bool) -> discord.ui.View:
     return view
 
 
+def check_may_see(bot: I2P2IBot, interaction: discord.Interaction, job: Job) -> None:
+    """Refuse, in one sentence, a member who may not read a job's prompt, settings and images list.
+
+    What a member agreed to share is where they asked for the job: its result is posted there. Admins see
+    every job. A job hidden by Delete is shown to nobody else, its owner included. Otherwise the owner
+    sees their job, and another member sees it when they ask in the server it was asked for in and can
+    view its channel there (a private thread, or a channel the bot no longer knows, counts as one they
+    cannot). A job asked for in a direct message is its owner's alone.
+    """
+    if bot.is_admin(interaction.user):
+        return
+    if job.hidden_at is not None:
+        raise Refusal(f"Job #{job.id} was deleted.")
+    if job.owner_id == interaction.user.id or _sees_channel(interaction, job):
+        return
+    raise Refusal(f"Job #{job.id} is not yours, and was not posted where you can see it.")
+
+
+def _sees_channel(interaction: discord.Interaction, job: Job) -> bool:
+    """Whether the member of `interaction`, asking in the job's server, can view the channel it was for."""
+    guild, member = interaction.guild, interaction.user
+    if guild is None or job.guild_id != guild.id or job.channel_id is None:
+        return False
+    if not isinstance(member, discord.Member):
+        return False
+    channel = guild.get_channel_or_thread(job.channel_id)
+    if channel is None or (isinstance(channel, discord.Thread) and channel.is_private()):
+        # Who is in a private thread is not in the bot's cache; its members see the result there.
+        return False
+    return channel.permissions_for(member).view_channel
+
+
 async def _owned_job(bot: I2P2IBot, interaction: discord.Interaction, job_id: int, *, admin_ok: bool) -> Job:
     job = await bot.store.get_job(job_id)
     if job is None:
@@ -179,6 +211,7 @@ class JobButton(
         record = await bot.store.job_record(self.job_id)
         if record is None:
             raise Refusal(f"Job #{self.job_id} no longer exists.")
+        check_may_see(bot, interaction, record.job)
         embed = info_embed(record.job, record.images, await job_models(bot, record.job))
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
@@ -203,8 +236,13 @@ class JobButton(
         await interaction.response.send_modal(modal)
 
     async def _delete(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
-        await _owned_job(bot, interaction, self.job_id, admin_ok=True)
+        """Delete the result's message and image files, and hide the job from everyone but admins."""
+        job = await _owned_job(bot, interaction, self.job_id, admin_ok=True)
+        if not job.status.finished:
+            raise Refusal(f"Job #{job.id} is still {job.status}; cancel it first.")
         await interaction.response.defer()
+        # Hidden first: whatever becomes of the message, the member's wish is kept.
+        await bot.store.hide_job(job.id, by=interaction.user.id)
         try:
             await interaction.delete_original_response()
         except discord.HTTPException:
@@ -213,7 +251,12 @@ class JobButton(
             if interaction.message is None:
                 raise
             await interaction.message.delete()
-        log.info("job %d's message deleted by user %d", self.job_id, interaction.user.id)
+        log.info("job %d deleted and hidden by user %d", job.id, interaction.user.id)
+        await interaction.followup.send(
+            f"Deleted job #{job.id}: its message and image files are gone, and only admins can still see it "
+            "in /history or /job.",
+            ephemeral=True,
+        )
 
 
 async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:

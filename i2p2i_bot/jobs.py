@@ -74,6 +74,9 @@ class Job(JobRequest):
     delivered_at: float | None = None
     # Why the finished job's result could not be posted anywhere, for its owner; None once delivered.
     delivery_error: str | None = None
+    # When Delete hid it from everyone but admins, and who pressed it; None while it is visible.
+    hidden_at: float | None = None
+    hidden_by: int | None = None
 
     @classmethod
     def queued(cls, job_id: int, submitted: JobRequest, now: float) -> Job:

@@ -1,6 +1,8 @@
 """The SQLite history and job store: one aiosqlite connection, numbered migrations, every query in one place.
 
 Image files live beside the database, under `images_dir/<job id>/<index>.png`; the images table records them.
+Uploaded sources, normalised, live under `sources_dir/<sha256>.png`; the interrogations and jobs made from
+them refer to them by that hash.
 """
 
 from __future__ import annotations
@@ -145,15 +147,21 @@ class ForgetResult:
     jobs: int
     images: int
     interrogations: int
+    # Uploaded source files removed: those no other member's interrogation or job refers to.
+    sources: int = 0
 
 
 class Store:
     """The job and history store. Open with `Store.open`; every method may be awaited from the event loop."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, images_dir: Path) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: Path, images_dir: Path, sources_dir: Path | None = None
+    ) -> None:
         self._db = db
         self.path = path
         self.images_dir = images_dir
+        # None: this store keeps no source files (the command line's), so /forget has none to remove.
+        self.sources_dir = sources_dir
         self._images_root = str(images_dir)
         # One connection carries every statement; the lock keeps each transaction's statements together.
         self._lock = asyncio.Lock()
@@ -164,6 +172,7 @@ class Store:
         path: str | Path,
         *,
         images_dir: str | Path,
+        sources_dir: str | Path | None = None,
         busy_timeout_ms: int = 5000,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         migrations: Sequence[Migration] | None = None,
@@ -181,7 +190,11 @@ class Store:
             # NORMAL in WAL mode survives any process crash; only a power cut can lose the last commits.
             await db.execute(f"PRAGMA synchronous = {synchronous}")
             await db.execute("PRAGMA foreign_keys = ON")
-            store = cls(db, path, Path(images_dir))
+            # Freed space is zeroed, not just unlinked: the rows /forget deletes do not linger in the file's
+            # free pages. Only /forget frees whole pages; elsewhere the zeroing touches pages being written
+            # anyway.
+            await db.execute("PRAGMA secure_delete = ON")
+            store = cls(db, path, Path(images_dir), None if sources_dir is None else Path(sources_dir))
             await store._migrate(packaged_migrations() if migrations is None else migrations)
         except BaseException:
             await db.close()
@@ -193,6 +206,7 @@ class Store:
         return await cls.open(
             settings.database_path,
             images_dir=settings.data_path / "images",
+            sources_dir=settings.sources_path,
             busy_timeout_ms=settings.store.busy_timeout_ms,
             synchronous=settings.store.synchronous,
         )
@@ -256,14 +270,19 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+        async with self._lock, self._begin() as db:
+            yield db
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One transaction; the caller holds the lock (and may keep it for work after the commit)."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self._db.execute("COMMIT")
 
     # -- jobs -----------------------------------------------------------------------------------------
 
@@ -412,10 +431,12 @@ class Store:
         await self._execute("UPDATE jobs SET delivery_error = ? WHERE id = ?", (reason, job_id))
 
     async def undelivered_jobs(self, limit: int = 100) -> list[Job]:
-        """Final jobs whose result was never sent (the bot was down, or stopped right after they finished)."""
+        """Final jobs whose result was never sent (the bot was down, or stopped right after they finished),
+        unless Delete hid them meanwhile."""
         query = """
             SELECT * FROM jobs
             WHERE delivered_at IS NULL AND status IN ('complete', 'failed', 'cancelled')
+                AND hidden_at IS NULL
             ORDER BY id LIMIT ?
         """
         return [_job_from_row(row) for row in await self._fetchall(query, (limit,))]
@@ -644,9 +665,13 @@ class Store:
 
     # -- history --------------------------------------------------------------------------------------
 
-    async def recent_jobs(self, owner_id: int, limit: int = 10) -> list[Job]:
-        query = """SELECT * FROM jobs WHERE owner_id = ? ORDER BY id DESC LIMIT ?"""
-        return [_job_from_row(row) for row in await self._fetchall(query, (owner_id, limit))]
+    async def recent_jobs(self, owner_id: int, limit: int = 10, *, include_hidden: bool = False) -> list[Job]:
+        """A member's latest jobs, newest first; those Delete hid only when asked for (an admin's view)."""
+        query = """
+            SELECT * FROM jobs WHERE owner_id = ? AND (? OR hidden_at IS NULL) ORDER BY id DESC LIMIT ?
+        """
+        rows = await self._fetchall(query, (owner_id, include_hidden, limit))
+        return [_job_from_row(row) for row in rows]
 
     async def recent_interrogations(self, user_id: int, limit: int = 10) -> list[StoredInterrogation]:
         query = """
@@ -658,14 +683,18 @@ class Store:
         """
         return [_stored_interrogation_from_row(row) for row in await self._fetchall(query, (user_id, limit))]
 
-    async def search_jobs(self, text: str, *, owner_id: int | None = None, limit: int = 10) -> list[Job]:
-        """Jobs whose prompt contains the text (case-insensitive for ASCII), newest first."""
+    async def search_jobs(
+        self, text: str, *, owner_id: int | None = None, limit: int = 10, include_hidden: bool = False
+    ) -> list[Job]:
+        """Jobs whose prompt contains the text (case-insensitive for ASCII), newest first; those Delete hid
+        only when asked for."""
         query = """
             SELECT * FROM jobs
-            WHERE prompt LIKE ? ESCAPE '\\' AND (? IS NULL OR owner_id = ?)
+            WHERE prompt LIKE ? ESCAPE '\\' AND (? IS NULL OR owner_id = ?) AND (? OR hidden_at IS NULL)
             ORDER BY id DESC LIMIT ?
         """
-        rows = await self._fetchall(query, (_like_pattern(text), owner_id, owner_id, limit))
+        params = (_like_pattern(text), owner_id, owner_id, include_hidden, limit)
+        rows = await self._fetchall(query, params)
         return [_job_from_row(row) for row in rows]
 
     async def search_interrogations(
@@ -681,6 +710,23 @@ class Store:
         """
         rows = await self._fetchall(query, (_like_pattern(text), user_id, user_id, limit))
         return [_stored_interrogation_from_row(row) for row in rows]
+
+    async def hide_job(self, job_id: int, *, by: int, now: float | None = None) -> Job | None:
+        """Hide a finished job from everyone but admins and remove its image files; the job as it now is.
+
+        Hiding twice changes nothing: the first time and who did it are kept. The row and its images' rows
+        stay (prompt, settings, seeds, hashes), for admins, until the owner's /forget. An unfinished job
+        is left as it is.
+        """
+        query = """
+            UPDATE jobs SET hidden_at = ?, hidden_by = ?
+            WHERE id = ? AND hidden_at IS NULL AND status IN ('complete', 'failed', 'cancelled')
+        """
+        await self._execute(query, (time.time() if now is None else now, by, job_id))
+        job = await self.get_job(job_id)
+        if job is not None and job.hidden_at is not None:
+            await asyncio.to_thread(self._remove_job_folders, [job_id])
+        return job
 
     async def job_record(self, job_id: int) -> JobRecord | None:
         job = await self.get_job(job_id)
@@ -740,32 +786,74 @@ class Store:
         )
 
     async def forget_user(self, user_id: int) -> ForgetResult:
-        """Delete one member's jobs, images (rows and files) and interrogations.
+        """Delete one member's jobs, images (rows and files), interrogations and uploaded sources.
 
-        Cached results nobody else asked for go too. Call it through JobQueue.forget, which first takes the
-        member's active jobs off the queue, so no batch writes into a job that no longer exists.
+        Cached results nobody else asked for go too, and so does each source file no other member's
+        interrogation or job refers to. Call it through JobQueue.forget, which first takes the member's
+        active jobs off the queue, so no batch writes into a job that no longer exists.
         """
-        async with self._transaction() as db:
-            query = """SELECT id FROM jobs WHERE owner_id = ?"""
-            job_ids = [row["id"] for row in await db.execute_fetchall(query, (user_id,))]
-            query = """
-                SELECT COUNT(*) AS n FROM images WHERE job_id IN (SELECT id FROM jobs WHERE owner_id = ?)
-            """
-            images = next(iter(await db.execute_fetchall(query, (user_id,))))["n"]
-            query = """DELETE FROM jobs WHERE owner_id = ?"""
-            await db.execute(query, (user_id,))
-            query = """DELETE FROM interrogations WHERE user_id = ?"""
-            async with db.execute(query, (user_id,)) as cursor:
-                interrogations = cursor.rowcount
-            query = """
-                DELETE FROM interrogation_results
-                WHERE NOT EXISTS (
-                    SELECT 1 FROM interrogations AS i WHERE i.result_id = interrogation_results.id
-                )
-            """
-            await db.execute(query)
+        async with self._lock:
+            async with self._begin() as db:
+                query = """SELECT id FROM jobs WHERE owner_id = ?"""
+                job_ids = [row["id"] for row in await db.execute_fetchall(query, (user_id,))]
+                query = """
+                    SELECT COUNT(*) AS n FROM images WHERE job_id IN (SELECT id FROM jobs WHERE owner_id = ?)
+                """
+                images = next(iter(await db.execute_fetchall(query, (user_id,))))["n"]
+                # Chosen before the rows that name them go; nobody else's rows change meanwhile.
+                query = """
+                    WITH mine (sha) AS (
+                        SELECT r.source_sha256
+                        FROM interrogations AS i JOIN interrogation_results AS r ON r.id = i.result_id
+                        WHERE i.user_id = :user
+                        UNION
+                        SELECT source_sha256 FROM jobs WHERE owner_id = :user AND source_sha256 IS NOT NULL
+                    )
+                    SELECT sha FROM mine
+                    WHERE NOT EXISTS (
+                        SELECT 1
+                        FROM interrogation_results AS r JOIN interrogations AS i ON i.result_id = r.id
+                        WHERE r.source_sha256 = mine.sha AND i.user_id != :user
+                    )
+                    AND NOT EXISTS (
+                        SELECT 1 FROM jobs WHERE source_sha256 = mine.sha AND owner_id != :user
+                    )
+                """
+                sources = [row["sha"] for row in await db.execute_fetchall(query, {"user": user_id})]
+                query = """DELETE FROM jobs WHERE owner_id = ?"""
+                await db.execute(query, (user_id,))
+                query = """DELETE FROM interrogations WHERE user_id = ?"""
+                async with db.execute(query, (user_id,)) as cursor:
+                    interrogations = cursor.rowcount
+                query = """
+                    DELETE FROM interrogation_results
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM interrogations AS i WHERE i.result_id = interrogation_results.id
+                    )
+                """
+                await db.execute(query)
+            # Still under the lock: no one can record a new interrogation of these images between the
+            # choice above and the files' removal.
+            removed = await asyncio.to_thread(self._remove_sources, sources)
+            # Copy the overwritten pages into the file and empty the write-ahead log, whose older frames
+            # still hold the deleted rows. A reader in another process (a backup) holds the log back for
+            # up to busy_timeout_ms; past that, a later checkpoint finishes the job.
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await asyncio.to_thread(self._remove_job_folders, job_ids)
-        return ForgetResult(jobs=len(job_ids), images=images, interrogations=interrogations)
+        return ForgetResult(jobs=len(job_ids), images=images, interrogations=interrogations, sources=removed)
+
+    def source_path(self, sha256: str) -> Path | None:
+        """Where the normalised upload with this hash is kept; None when this store keeps no sources."""
+        return None if self.sources_dir is None else self.sources_dir / f"{sha256}.png"
+
+    def _remove_sources(self, hashes: Iterable[str]) -> int:
+        removed = 0
+        for sha256 in hashes:
+            path = self.source_path(sha256)
+            if path is not None and path.exists():
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _remove_job_folders(self, job_ids: Iterable[int]) -> None:
         for job_id in job_ids:

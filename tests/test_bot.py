@@ -684,6 +684,80 @@ async def test_history_queue_job_and_forget(
         assert await bot.store.get_job(1) is None
 
 
+async def test_forget_removes_uploads_only_that_member_used(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """/forget deletes the member's uploaded picture that nobody else sent, and its cached prompt; a picture
+    another member also sent stays on disk, and so does the prompt the cache served them."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine) as bot:
+        alice, bob = server.user("alice").id, server.user("bob").id
+        await describe(server, astronaut, user="alice")
+        await describe(server, astronaut.rotate(90), user="alice")
+        await describe(server, astronaut.rotate(90), user="bob")
+        private, shared = [c.source_sha256 for c in reversed(await bot.store.recent_interrogations(alice))]
+        sources = settings.data_path / "sources"
+        assert {p.name for p in sources.iterdir()} == {f"{private}.png", f"{shared}.png"}
+
+        forget = await server.push_slash("forget")
+        await forget.wait_response()
+        asked = forget.original
+        assert asked is not None and "pictures you uploaded" in asked.content
+        confirm = await server.push_button(asked, next(c for c in asked.custom_ids() if c))
+        answer = (await confirm.wait_response()).json["data"]["content"]
+        assert "1 uploaded picture(s)" in answer, answer
+
+        assert {p.name for p in sources.iterdir()} == {f"{shared}.png"}
+        assert await bot.store.recent_interrogations(alice) == []
+        (kept,) = await bot.store.recent_interrogations(bob)
+        assert kept.source_sha256 == shared and kept.cached
+        rows = await bot.store._fetchall("SELECT source_sha256 FROM interrogation_results")
+        assert [row[0] for row in rows] == [shared]
+
+
+async def test_a_picture_described_during_another_members_forget_is_kept(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Bob's description of a picture only Alice had sent is still running when Alice's /forget removes
+    it; once Bob's card is stored the picture is on disk again, so his Re-describe works."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine) as bot:
+        await describe(server, astronaut, user="alice")
+        (alices,) = await bot.store.recent_interrogations(server.user("alice").id)
+        path = settings.data_path / "sources" / f"{alices.source_sha256}.png"
+        assert path.exists()
+        with gpu_blocked(bot):
+            upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+            bobs = await server.push_slash(
+                "imagine-from", {"image": upload, "count": 1, "mode": "fast"}, user="bob"
+            )
+            # Bob's interrogation waits behind the block (asyncio.sleep(0, x) is an awaitable of x).
+            await eventually(lambda: asyncio.sleep(0, bot.gpu.pending()), lambda n: n >= 1, 30)
+            forget = await server.push_slash("forget")
+            await forget.wait_response()
+            asked = forget.original
+            assert asked is not None
+            confirm = await server.push_button(asked, next(c for c in asked.custom_ids() if c))
+            assert "1 uploaded picture(s)" in (await confirm.wait_response()).json["data"]["content"]
+            assert not path.exists()
+        await bobs.wait_followup(timeout_s=60)
+        assert path.exists()
+        card = bobs.original
+        assert card is not None
+        await server.push_select(card, button(card, "i2p:card:mode:"), ["best"], user="bob")
+        await server.wait_until(
+            lambda: "Prompt · best" in str(server.message(card.id).embeds) or None, timeout_s=60
+        )
+
+
 async def test_queue_position_and_throttled_progress(
     discord_server: FakeDiscord,
     settings_for,
@@ -1209,6 +1283,63 @@ async def test_delete_works_on_a_result_posted_in_the_channel(
         delete = await server.push_button(message, "i2p:job:delete:1")
         await delete.wait_response()
         await server.wait_until(lambda: server.message(message.id).deleted or None, timeout_s=10)
+
+
+async def test_delete_hides_the_job_from_everyone_but_admins(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """Delete removes the result's message and image files and says so; the job leaves its owner's
+    /history and /job, admins still see it marked hidden, and pressing Delete again changes nothing."""
+    server = discord_server
+    settings = settings_for(server)
+    async with running_i2p2i(settings, server, engine) as bot:
+        _, card = await describe(server, astronaut, count=2)
+        press = await generate(server, card)
+        await server.wait_until(lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=60)
+        await eventually(lambda: bot.store.get_job(1), lambda job: job.delivered_at is not None)
+        result = press.original
+        assert result is not None
+        folder = settings.data_path / "images" / "1"
+        assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png"]
+        earlier = await server.push_slash("job", {"job_id": 1})
+        await earlier.wait_response()
+        kept_reply = earlier.original
+        assert kept_reply is not None and "i2p:job:delete:1" in kept_reply.custom_ids()
+
+        delete = await server.push_button(result, "i2p:job:delete:1")
+        said = await ephemeral_answer(delete)
+        assert said == (
+            "Deleted job #1: its message and image files are gone, and only admins can still see it in "
+            "/history or /job."
+        )
+        assert server.message(result.id).deleted
+        assert not folder.exists()
+        job = await bot.store.get_job(1)
+        assert job is not None and job.hidden_by == server.user("alice").id and job.hidden_at is not None
+        record = await bot.store.job_record(1)
+        assert record is not None and len(record.images) == 2  # seeds and hashes stay, for admins
+
+        history = await server.push_slash("history")
+        data = (await history.wait_response()).json["data"]
+        assert "Job #1" not in data["embeds"][0]["description"]  # only the card is left
+        assert await ephemeral_answer(await server.push_slash("job", {"job_id": 1})) == "Job #1 was deleted."
+        info = await server.push_button(kept_reply, "i2p:job:info:1")
+        assert await ephemeral_answer(info) == "Job #1 was deleted."
+
+        admin_view = await server.push_slash("job", {"job_id": 1}, user="owner")
+        embed = (await admin_view.wait_response()).json["data"]["embeds"][0]
+        assert embed["title"] == "Job #1 · complete · hidden"
+        hidden = next(f["value"] for f in embed["fields"] if f["name"] == "Hidden")
+        assert hidden.startswith(f"Deleted by <@{server.user('alice').id}> <t:")
+
+        # Delete again, from the /job reply Alice had opened before: the same sentence, the same row.
+        again = await server.push_button(kept_reply, "i2p:job:delete:1")
+        assert await ephemeral_answer(again) == said
+        assert await bot.store.get_job(1) == job
+        assert server.message(kept_reply.id).deleted
 
 
 async def test_a_gpu_fault_mid_job_is_explained_and_the_restart_delivers(

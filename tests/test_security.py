@@ -227,7 +227,8 @@ def test_every_in_memory_view_checks_its_member() -> None:
 async def test_commands_and_private_views_refuse_other_members(
     server: FakeDiscord, settings_for, engine: Engine, astronaut: Image.Image
 ) -> None:
-    """/admin and /job refuse a member; nobody confirms another's /forget or picks from their picker."""
+    """/admin refuses a member, and /job one who was not where the job was posted; nobody confirms
+    another's /forget or picks from their picker."""
     async with running_i2p2i(settings_for(server), server, engine) as bot:
         # Every command has a rule: acts on the invoker's own data, or is for the owner and admins.
         policy = {
@@ -237,7 +238,7 @@ async def test_commands_and_private_views_refuse_other_members(
             "history": "own",
             "queue": "own",
             "forget": "own",
-            "job": "owner or admin",
+            "job": "owner, admin, or who can see where it was posted",
             "admin": "admin",
         }
         assert {c.name for c in bot.tree.get_commands()} | {"Imagine from image"} == set(policy)
@@ -250,15 +251,16 @@ async def test_commands_and_private_views_refuse_other_members(
         await generate(server, card)
         _, bob_card = await describe(server, astronaut.rotate(90), user="bob")
 
-        for name, options in (
-            ("admin pause", {}),
-            ("admin resume", {}),
-            ("admin cancel", {"job_id": 2}),
-            ("admin queue", {}),
-            ("job", {"job_id": 1}),
+        for name, options, where in (
+            ("admin pause", {}, {}),
+            ("admin resume", {}, {}),
+            ("admin cancel", {"job_id": 2}, {}),
+            ("admin queue", {}, {}),
+            # Alice's job was posted in #general; Bob asks from his DMs with the bot.
+            ("job", {"job_id": 1}, {"dm": True}),
         ):
             before = snapshot(bot, server)
-            text = await refused(await server.push_slash(name, options, user="bob"))
+            text = await refused(await server.push_slash(name, options, user="bob", **where))
             assert "Only the bot's owner" in text or "is not yours" in text, (name, text)
             assert snapshot(bot, server) == before, name
 
@@ -286,6 +288,69 @@ async def test_commands_and_private_views_refuse_other_members(
         pick = await server.push_select(choice, choice.custom_ids()[0], ["1"], user="bob")
         assert "Only the member who opened this" in await refused(pick)
         assert snapshot(bot, server) == before
+
+
+async def test_job_shows_another_members_job_only_where_it_was_posted(
+    base_settings: Settings, tmp_path: Path, engine: Engine
+) -> None:
+    """/job of Alice's job: a member of the server it was posted in, who can see its channel, reads its
+    prompt, settings and images list without buttons or delivery notes; from another server, a DM, or
+    without access to the channel, and for a job asked for in a DM, one sentence and nothing changes."""
+    world = World.default(guild_count=2)
+    first, second = world.guilds
+    bob = world.user("bob")
+    first.channel("bot-log").permission_overwrites = [
+        {"id": str(bob.id), "type": 1, "allow": "0", "deny": str(1 << 10)}  # View Channel
+    ]
+    async with running_fake_discord(world) as server:
+        settings = bot_settings(base_settings, tmp_path / "data", server)
+        async with running_i2p2i(settings, server, engine) as bot:
+            for channel, dm in (("general", False), ("bot-log", False), ("general", True)):
+                handle = await server.push_slash(
+                    "imagine", {"prompt": f"a kite over {channel}", "count": 1}, channel=channel, dm=dm
+                )
+                await handle.wait_followup(timeout_s=30)
+            guilds = []
+            for job_id in (1, 2, 3):
+                job = await eventually(
+                    lambda n=job_id: bot.store.get_job(n), lambda job: job.delivered_at is not None, 60
+                )
+                guilds.append(job.guild_id)
+            assert guilds == [first.id, first.id, None]
+
+            async def shown(job_id: int, user: str, **where: Any) -> dict[str, Any]:
+                before = snapshot(bot, server)
+                handle = await server.push_slash("job", {"job_id": job_id}, user=user, **where)
+                data = (await handle.wait_response()).json["data"]
+                assert data["flags"] & 64 and snapshot(bot, server) == before
+                return data
+
+            seen = await shown(1, "bob")
+            (embed,) = seen["embeds"]
+            assert embed["title"] == "Job #1 · complete" and "a kite over general" in json.dumps(embed)
+            assert {"Prompt", "Seeds", "Images", "Steps"} <= {f["name"] for f in embed["fields"]}
+            assert "Result" not in {f["name"] for f in embed["fields"]}
+            assert not seen.get("components")
+            assert seen == await shown(1, "mod", channel="bot-log")  # anywhere in that server
+
+            refusal = "is not yours, and was not posted where you can see it."
+            for job_id, user, where in (
+                (1, "bob", {"guild": second.id}),  # another server
+                (1, "bob", {"dm": True}),
+                (2, "bob", {}),  # posted in a channel Bob cannot view
+                (3, "bob", {}),  # asked for in Alice's DMs with the bot
+                (3, "mod", {}),
+            ):
+                before = snapshot(bot, server)
+                handle = await server.push_slash("job", {"job_id": job_id}, user=user, **where)
+                assert await refused(handle) == f"Job #{job_id} {refusal}", (job_id, user, where)
+                assert snapshot(bot, server) == before
+
+            assert "a kite over bot-log" in json.dumps((await shown(2, "mod"))["embeds"])
+            # The owner and admins see it all, with the buttons, wherever they ask.
+            for user, where in (("alice", {}), ("alice", {"guild": second.id}), ("owner", {})):
+                data = await shown(3, user, **where)
+                assert "i2p:job:reroll:3" in json.dumps(data["components"]), (user, where)
 
 
 # -- downloads -----------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 4
+        assert await store.schema_version() == len(packaged_migrations()) == 6
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -406,6 +406,45 @@ async def test_history_queries(store: Store) -> None:
     assert overall.mean_job_s == pytest.approx(4.0)
 
 
+async def test_a_hidden_job_keeps_its_rows_for_admins_and_loses_its_files(store: Store) -> None:
+    """hide_job marks a finished job once (when, by whom), removes its image files and keeps its rows;
+    history and search leave it out unless asked, and it is never delivered again."""
+    job = await store.insert_job(job_request(1, "a red fox", PARAMS, count=2, seed=5))
+    queued = await store.insert_job(job_request(1, "a red kite", PARAMS, seed=6))
+    digests = await asyncio.to_thread(
+        store.write_image_files, [(job.id, i, Image.new("RGB", (2, 2))) for i in range(2)]
+    )
+    await store.mark_running([job.id], 1.0)
+    await store.save_changes(
+        [JobChange(job_id=job.id, status=JobStatus.COMPLETE, attempts=0, finished_at=2.0)],
+        [
+            StoredImage(
+                job_id=job.id, index=i, seed=5 + i, nsfw=False, fidelity=None, sha256=d, created_at=2.0
+            )
+            for i, d in enumerate(digests)
+        ],
+    )
+    assert [j.id for j in await store.undelivered_jobs()] == [job.id]
+
+    hidden = await store.hide_job(job.id, by=1, now=10.0)
+    again = await store.hide_job(job.id, by=99, now=20.0)
+
+    assert hidden is not None and (hidden.hidden_at, hidden.hidden_by) == (10.0, 1)
+    assert again == hidden
+    assert not store.image_path(job.id, 0).parent.exists()
+    record = await store.job_record(job.id)
+    assert record is not None and [i.sha256 for i in record.images] == digests
+    assert [j.id for j in await store.recent_jobs(1)] == [queued.id]
+    assert [j.id for j in await store.recent_jobs(1, include_hidden=True)] == [queued.id, job.id]
+    assert [j.id for j in await store.search_jobs("red", owner_id=1)] == [queued.id]
+    assert [j.id for j in await store.search_jobs("fox", include_hidden=True)] == [job.id]
+    assert await store.undelivered_jobs() == []
+    # A job still queued is not hidden: Delete belongs to finished results.
+    still = await store.hide_job(queued.id, by=1)
+    assert still is not None and still.hidden_at is None
+    assert await store.hide_job(999, by=1) is None
+
+
 async def test_forget_user_deletes_only_their_history(store: Store) -> None:
     """/forget removes one member's jobs, image rows and files and interrogations; others keep theirs."""
     mine = await store.insert_job(job_request(1, "mine", PARAMS, seed=1))
@@ -439,6 +478,87 @@ async def test_forget_user_deletes_only_their_history(store: Store) -> None:
     assert [i.interrogation.prompt for i in await store.recent_interrogations(2)] == ["shared"]
     assert await store.find_interrogation("p", "best", {"clip": "ViT-L-14/openai"}) is None
     assert await store.find_interrogation("s", "best", {"clip": "ViT-L-14/openai"}) is not None
+
+
+async def test_forget_removes_the_sources_and_cached_results_only_they_used(tmp_path: Path) -> None:
+    """/forget removes the member's uploads and cached results that nobody else's interrogation or job
+    names, after its commit; what another member asked for or made images from stays, file and row."""
+    store = await Store.open(
+        tmp_path / "db.sqlite3", images_dir=tmp_path / "images", sources_dir=tmp_path / "sources"
+    )
+    try:
+        sources = {}
+        for name in ("shared", "theirs", "private", "job-only", "their-job", "unrelated"):
+            sha = hashlib.sha256(name.encode()).hexdigest()
+            path = store.source_path(sha)
+            assert path is not None
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"png")
+            sources[name] = sha
+        models = {"clip": "ViT-L-14/openai"}
+        # Alice (1) computed "shared"; Bob (2) was served it from the cache.
+        shared = await store.add_interrogation(
+            make_interrogation("shared"), source_sha256=sources["shared"], user_id=1
+        )
+        await store.add_cache_hit(
+            shared.result_id, shared.interrogation, source_sha256=sources["shared"], user_id=2
+        )
+        # Bob computed "theirs"; Alice was served it from the cache.
+        theirs = await store.add_interrogation(
+            make_interrogation("theirs"), source_sha256=sources["theirs"], user_id=2
+        )
+        await store.add_cache_hit(
+            theirs.result_id, theirs.interrogation, source_sha256=sources["theirs"], user_id=1
+        )
+        # Only Alice asked about "private", in two modes, twice in one of them.
+        for mode in ("best", "fast", "best"):
+            await store.add_interrogation(
+                make_interrogation("private", mode=mode), source_sha256=sources["private"], user_id=1
+            )
+        # A job of Alice's names a source no interrogation does; Bob made a job from one Alice described.
+        await store.insert_job(job_request(1, "mine", PARAMS, seed=1, source_sha256=sources["job-only"]))
+        await store.add_interrogation(
+            make_interrogation("their job"), source_sha256=sources["their-job"], user_id=1
+        )
+        await store.insert_job(job_request(2, "bob's", PARAMS, seed=2, source_sha256=sources["their-job"]))
+
+        result = await store.forget_user(1)
+
+        assert (result.jobs, result.interrogations, result.sources) == (1, 6, 2)
+        kept = {name for name, sha in sources.items() if (tmp_path / "sources" / f"{sha}.png").exists()}
+        assert kept == {"shared", "theirs", "their-job", "unrelated"}
+        # The cache keeps the results another member asked for, and nothing only Alice did.
+        assert await store.find_interrogation(sources["shared"], "best", models) is not None
+        assert await store.find_interrogation(sources["theirs"], "best", models) is not None
+        for mode in ("best", "fast"):
+            assert await store.find_interrogation(sources["private"], mode, models) is None
+        assert await store.find_interrogation(sources["their-job"], "best", models) is None
+        rows = await store._fetchall("SELECT source_sha256 FROM interrogation_results ORDER BY id")
+        assert [row[0] for row in rows] == [sources["shared"], sources["theirs"]]
+        assert [i.interrogation.prompt for i in await store.recent_interrogations(2)] == ["theirs", "shared"]
+        assert await store.recent_interrogations(1) == []
+        assert await store.integrity_problems() == []
+    finally:
+        await store.close()
+
+
+async def test_forget_leaves_no_trace_of_the_rows_in_the_files(store: Store) -> None:
+    """What /forget deletes is overwritten in the database file and gone from its write-ahead log, not
+    left readable in free pages."""
+    secret = "a-private-prompt-7c1e"
+    job = await store.insert_job(job_request(1, f"{secret} job", PARAMS, seed=1))
+    await store.mark_running([job.id], 1.0)
+    await store.add_interrogation(make_interrogation(f"{secret} card"), source_sha256="p", user_id=1)
+    await store.insert_job(job_request(2, "someone else's", PARAMS, seed=2))
+    # Fold the log into the file first, so the rows sit in the database's own pages as well.
+    await store._fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert secret.encode() in store.path.read_bytes()
+
+    await store.forget_user(1)
+
+    files = [store.path, store.path.with_name(store.path.name + "-wal")]
+    assert all(secret.encode() not in f.read_bytes() for f in files if f.exists())
+    assert b"someone else's" in store.path.read_bytes()
 
 
 async def test_job_ids_are_never_reused(store: Store) -> None:
