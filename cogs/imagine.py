@@ -179,7 +179,7 @@ async def describe_for(
         lambda: engine.interrogate(image, mode, key=sha256),
         source_sha256=sha256,
         mode=mode,
-        models={k: v for k, v in engine.models.items() if k != "generator"},
+        models=described_with(bot),
         user_id=interaction.user.id,
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,
@@ -361,10 +361,7 @@ async def work_out_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str:
     """The negative suggestion for a card's image, described now on the GPU thread from its features and
     stored as the image's negative description, so the next card of it finds it at once."""
     sha256 = stored.source_sha256
-    path = bot.sources_dir / f"{sha256}.png"
-    if not path.exists():
-        raise Refusal("I no longer have that image; run /imagine-from again.")
-    image = await asyncio.to_thread(_open_png, path)
+    image = await saved_source(bot, sha256)
     engine = bot.engine
     log.info("suggesting a negative prompt for card %d (%s)", stored.id, sha256[:12])
     described = await bot.interrogations.result(
@@ -536,11 +533,8 @@ class ModeSelect(
         mode = self.item.values[0]
         try:
             stored = await _owned_card(bot, interaction, self.card)
-            path = bot.sources_dir / f"{stored.source_sha256}.png"
-            if not path.exists():
-                raise Refusal("I no longer have that image; run /imagine-from again.")
+            image = await saved_source(bot, stored.source_sha256)
             await interaction.response.defer()
-            image = await asyncio.to_thread(_open_png, path)
             fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode)
             # The suggestion is the image's, whatever the mode: the member's choice to use it carries over.
             applied = (await bot.store.card_choices(stored.id)).negative_prompt
@@ -550,6 +544,14 @@ class ModeSelect(
             await interaction.edit_original_response(**message)
         except Exception as exc:
             await report_error(interaction, exc)
+
+
+async def saved_source(bot: I2P2IBot, sha256: str) -> Image.Image:
+    """The normalised upload kept for a card (save_source), or one sentence when it is gone."""
+    path = bot.store.source_path(sha256)
+    if path is None or not path.exists():
+        raise Refusal("I no longer have that image; run /imagine-from again.")
+    return await asyncio.to_thread(_open_png, path)
 
 
 def _open_png(path: Path) -> Image.Image:
