@@ -14,8 +14,9 @@
 # A host without the model libraries gets them from wheels in .whl/ (bench/gpu-wheels.sh fetches them
 # where PyPI is reachable), installed into /tmp/i2p2i-site. Knobs: BENCH_DEVICE (cuda), BENCH_MODELS
 # (random-weights, or smoke for a dry run of the script itself on any machine), BENCH_WHEELS (.whl;
-# a folder without wheels installs none), BENCH_COMPILE (modes,
-# space-separated; empty for none), BENCH_COMPILE_BATCHES (4,8), BENCH_PHASES (which of "wiring
+# a folder without wheels installs none), BENCH_COMPILE (space-separated MODE[+tuned][@BATCHES]: a
+# torch.compile mode, "+tuned" for diffusers' Inductor settings, "@1,4,8" for its own batch sizes; empty
+# for none), BENCH_COMPILE_BATCHES (4,8), BENCH_PHASES (which of "wiring
 # generate interrogate compile" to run: all), BENCH_CACHE (/tmp/i2p2i-bench), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -24,7 +25,7 @@ budget=${1:-540}
 out=${OUT:-bench/results/gpu}
 device=${BENCH_DEVICE:-cuda}
 models=${BENCH_MODELS:-random-weights}
-compile_modes=${BENCH_COMPILE-reduce-overhead max-autotune-no-cudagraphs}
+compile_modes=${BENCH_COMPILE-reduce-overhead reduce-overhead+tuned}
 compile_batches=${BENCH_COMPILE_BATCHES:-4,8}
 phases=" ${BENCH_PHASES:-wiring generate interrogate compile} "
 cache=${BENCH_CACHE:-/tmp/i2p2i-bench}
@@ -131,9 +132,14 @@ iargs=("${big[@]}")
 [[ $models == random-weights ]] && iargs+=(--reps 3)
 phase interrogate 90 360 -- "$python" bench/interrogate.py "${common[@]}" "${iargs[@]}" \
   --json-out "$out/interrogate.json"
-for mode in $compile_modes; do
-  phase "compile-$mode" 90 480 -- "$python" bench/generate.py "${common[@]}" "${big[@]}" --compile "$mode" \
-    --no-fast-path-steps --batches "$compile_batches" --json-out "$out/generate-compile-$mode.json"
+for spec in $compile_modes; do
+  # MODE[+tuned][@BATCHES]: "+tuned" adds diffusers' Inductor settings, "@4,8" its own batch sizes.
+  mode=${spec%%@*} batches=$compile_batches tuning=()
+  [[ $spec == *@* ]] && batches=${spec#*@}
+  [[ $mode == *+tuned ]] && { mode=${mode%+tuned}; tuning=(--inductor-tuning); }
+  file=$(tr -c 'a-z0-9+\n-' '-' <<<"$spec")
+  phase "compile-$spec" 90 480 -- "$python" bench/generate.py "${common[@]}" "${big[@]}" --compile "$mode" \
+    "${tuning[@]}" --no-fast-path-steps --batches "$batches" --json-out "$out/generate-compile-$file.json"
 done
 
 say "done, $(left) s of the budget left"

@@ -73,14 +73,14 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
     assert [call.split()[0] for call in calls] == ["bench/generate.py", "bench/interrogate.py"] * 2 + [
         "bench/generate.py"
     ] * 2
-    wiring_generate, wiring_interrogate, generate, interrogate, compiled, autotuned = calls
+    wiring_generate, wiring_interrogate, generate, interrogate, compiled, tuned = calls
     for call in (wiring_generate, wiring_interrogate):  # smoke models, short lists, one timed run
         assert "--random-weights" not in call and "--reps 1" in call and "--labels" in call
         assert "--device cuda" in call
     assert "--random-weights" in generate and "--reps" not in generate
     assert "--random-weights" in interrogate and "--reps 3" in interrogate
     assert "--compile reduce-overhead --no-fast-path-steps --batches 4,8" in compiled
-    assert "--compile max-autotune-no-cudagraphs" in autotuned
+    assert "--compile reduce-overhead --inductor-tuning --no-fast-path-steps --batches 4,8" in tuned
 
     summary = _summary(out)
     assert list(summary) == [
@@ -89,7 +89,7 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
         "generate",
         "interrogate",
         "compile-reduce-overhead",
-        "compile-max-autotune-no-cudagraphs",
+        "compile-reduce-overhead+tuned",
     ]
     assert all(row["rc"] == "0" for row in summary.values())
     assert summary["interrogate"]["interrogate_ms"] == "1.5" and summary["generate"]["generate_ratio"] == "6"
@@ -98,7 +98,7 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
     files = sorted(p.name for p in out.iterdir())
     assert files == [
         "env.txt",
-        "generate-compile-max-autotune-no-cudagraphs.json",
+        "generate-compile-reduce-overhead+tuned.json",
         "generate-compile-reduce-overhead.json",
         "generate.json",
         "interrogate.json",
@@ -153,3 +153,19 @@ def test_a_rerun_can_take_only_the_phases_it_names(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:]
     assert len(calls) == 1 and "--compile reduce-overhead" in calls[0] and "--random-weights" in calls[0]
     assert list(_summary(out)) == ["compile-reduce-overhead"]
+
+
+def test_each_compile_run_may_name_its_own_batch_sizes(tmp_path: Path) -> None:
+    done, calls, out = _run(
+        tmp_path, 900, BENCH_PHASES="compile", BENCH_COMPILE="reduce-overhead@1,4,8 reduce-overhead+tuned@16"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    plain, tuned = calls
+    assert "--compile reduce-overhead --no-fast-path-steps --batches 1,4,8 " in plain
+    assert "--inductor-tuning" not in plain
+    assert "--compile reduce-overhead --inductor-tuning --no-fast-path-steps --batches 16 " in tuned
+    assert list(_summary(out)) == ["compile-reduce-overhead@1,4,8", "compile-reduce-overhead+tuned@16"]
+    assert sorted(p.name for p in out.glob("*.json")) == [
+        "generate-compile-reduce-overhead+tuned-16.json",
+        "generate-compile-reduce-overhead-1-4-8.json",
+    ]
