@@ -320,7 +320,9 @@ def _fast_path_steps(
     ]
     rows = []
     for name, channels_last, fuse_qkv in variants:
-        variant = dataclasses.replace(settings, channels_last=channels_last, fuse_qkv=fuse_qkv, compile="off")
+        variant = dataclasses.replace(
+            settings, channels_last="on" if channels_last else "off", fuse_qkv=fuse_qkv, compile="off"
+        )
         generator = Generator.load(str(models.generator), variant, device)
         params = generator.plan(GenerationRequest("x")).params
         run = functools.partial(generator.generate_batch, params, _specs(batch))

@@ -17,6 +17,7 @@ DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
 
 ModelPreset = Literal["default", "smoke"]
 WarmUp = Literal["auto", "on", "off"]
+ChannelsLast = Literal["auto", "on", "off"]
 Precision = Literal["auto", "fp16", "fp32"]
 InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
 SchedulerName = Literal["dpm", "pndm"]
@@ -105,7 +106,8 @@ class GenerateSettings:
     negative_prompt: str = ""
     safety_checker: bool = True
     # The fast path (see i2p2i_bot/acceleration.py).
-    channels_last: bool = False
+    # "auto": on where the UNet is compiled, off for the eager UNet.
+    channels_last: ChannelsLast = "auto"
     fuse_qkv: bool = True
     vae_slicing_from: int = 0
     # "auto": "reduce-overhead" on CUDA, "off" elsewhere.
@@ -296,6 +298,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     origin = get_origin(hint)
     if origin is Literal:
         choices = get_args(hint)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"
         if value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
             raise ConfigError(f"{key} must be one of {allowed} (got {value!r})")

@@ -15,6 +15,7 @@ from i2p2i_bot.acceleration import (
     UnetBuckets,
     apply_layout_and_fusion,
     compile_mode,
+    drop_channels_last,
     pipeline_class,
     use_vae_slicing,
 )
@@ -54,9 +55,9 @@ class Generator:
         self.embed_images = embed_images
         self.embed_pixels = embed_pixels
         self.device = pipe.device
-        self.fast_path = apply_layout_and_fusion(pipe, settings)
-        self.buckets: UnetBuckets | None = None
         mode = compile_mode(settings, self.device)
+        self.fast_path = apply_layout_and_fusion(pipe, settings, compiled=mode != "off")
+        self.buckets: UnetBuckets | None = None
         if mode != "off":
             self.buckets = UnetBuckets(
                 pipe,
@@ -75,6 +76,8 @@ class Generator:
             self.buckets.warm(self._warm_bucket)
             if self.buckets.failed is None:
                 self.fast_path.append(f"compiled:{mode}")
+            elif settings.channels_last == "auto":
+                drop_channels_last(pipe, self.fast_path)
         log.info("generator fast path: %s", ", ".join(self.fast_path) or "none")
 
     def warm_up(self, source_embedding: tuple[float, ...] | None = None) -> None:

@@ -107,7 +107,7 @@ def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> int:
 @pytest.fixture(scope="module")
 def plain_generator(smoke_models: SmokeModels, base_settings: Settings) -> Generator:
     """The pipeline with every fast-path step off: the reference."""
-    generator = load(smoke_models, settings_for(base_settings, channels_last=False, fuse_qkv=False))
+    generator = load(smoke_models, settings_for(base_settings, channels_last="off", fuse_qkv=False))
     assert generator.fast_path == []
     return generator
 
@@ -137,7 +137,7 @@ def test_layout_and_fused_projections(
 ) -> None:
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
-    generator = load(smoke_models, settings_for(base_settings, channels_last=True, fuse_qkv=True))
+    generator = load(smoke_models, settings_for(base_settings, channels_last="on", fuse_qkv=True))
     assert generator.fast_path == ["channels_last", "fused_qkv"]
     unet = generator.pipe.unet
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -189,7 +189,9 @@ def test_compiled_buckets_pad_batches_and_keep_every_image(
     assert buckets is not None and buckets.failed is None
     assert sorted(buckets.warmup_s) == [1, 2, 4]
     assert buckets.warm_rows == {2, 4, 8} and backend.compiles == 3
-    assert generator.fast_path == ["fused_qkv", "compiled:default"]
+    # channels_last "auto" follows compiling: on here, off in every uncompiled generator above.
+    assert generator.fast_path == ["channels_last", "fused_qkv", "compiled:default"]
+    assert generator.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
     calls: list[tuple[int, bool]] = []
     original = generator._pipeline_call
@@ -304,7 +306,9 @@ def test_a_unet_that_fails_to_compile_runs_uncompiled(
     assert generator.buckets is not None
     assert "no compiler on this machine" in (generator.buckets.failed or "")
     assert any("could not be compiled" in r.getMessage() for r in caplog.records)
+    # Channels-last came with compiling ("auto"), so it went with it.
     assert generator.fast_path == ["fused_qkv"]
+    assert generator.pipe.unet.conv_in.weight.is_contiguous()
     assert generator.buckets.bucket_for(1, settings.width, settings.height) is None
     assert largest_difference(pixels(generator, 3), plain_images) <= ROUNDING
 

@@ -126,3 +126,14 @@ def test_example_config_documents_every_setting() -> None:
     assert documented == expected
     assert "DISCORD_TOKEN" in text
     assert load_settings(ROOT / "config.example.toml", env={}) == Settings()
+
+
+def test_switches_with_an_automatic_setting_take_true_and_false_too(tmp_path: Path) -> None:
+    """channels_last was a plain switch: files that still say true or false keep working."""
+    on = load_settings(write(tmp_path, "[generate]\nchannels_last = true\n"), env={})
+    assert on.generate.channels_last == "on"
+    off = load_settings(write(tmp_path, "[generate]\nchannels_last = false\n"), env={})
+    assert off.generate.channels_last == "off"
+    assert load_settings(write(tmp_path, ""), env={}).generate.channels_last == "auto"
+    with pytest.raises(ConfigError, match=r"generate\.channels_last must be one of 'auto', 'on', 'off'"):
+        load_settings(write(tmp_path, '[generate]\nchannels_last = "yes"\n'), env={})
