@@ -47,6 +47,7 @@ from i2p2i_bot.gpu import GpuWorker, Priority, resolve_device
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.request import plan as plan_request
+from i2p2i_bot.server_settings import ServerSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.bot_harness import bot_settings, percentile, run_crowd, running_i2p2i, sample_images
@@ -69,9 +70,10 @@ class ZeroCostEngine:
         self.models = {"generator": ZERO_COST, "clip": ZERO_COST, "caption": ZERO_COST}
         self._tile = Image.new("RGB", (8, 8), (90, 120, 200))
 
-    def plan(self, request: GenerationRequest) -> GenerationRequest:
+    def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         """The real request validation and seed planning, for a model that does not exist."""
-        return plan_request(request, self.settings, ZERO_COST)
+        settings = self.settings if server is None else server.generate(self.settings)
+        return plan_request(request, settings, ZERO_COST)
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
         prompt = "a lighthouse on a cliff at dusk, oil on canvas"

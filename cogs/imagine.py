@@ -97,7 +97,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         request = GenerationRequest(
             prompt,
             negative_prompt=negative,
-            count=count or min(4, self.bot.settings.generate.max_count),
+            count=count or self.bot.servers.default_count(interaction.guild_id),
             seed=seed,
         )
         draft = JobRequest(owner_id=interaction.user.id, request=request, origin="imagine")
@@ -122,8 +122,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
         bot = self.bot
         settings = bot.settings
         mode = mode or settings.interrogate.mode
-        count = count or min(4, settings.generate.max_count)
-        check_count(count, settings.generate)
+        count = count or bot.servers.default_count(interaction.guild_id)
+        check_count(count, bot.servers.generate(interaction.guild_id))
         # The interaction's filesize_limit is what the bot may upload, not what members may: downloads are
         # capped by intake.max_bytes alone. A file declared bigger is refused here, before any GET; an embed's
         # image declares no size, and the download's cap does the rest.
@@ -142,7 +142,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
             return
         # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
         thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
-        message = await card_message(bot, stored, interaction.user.display_name, count, thumbnail)
+        message = await card_message(
+            bot, stored, interaction.user.display_name, count, thumbnail, guild_id=interaction.guild_id
+        )
         await interaction.followup.send(**message)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
@@ -277,18 +279,20 @@ async def card_message(
     owner_name: str,
     count: int,
     thumbnail: discord.File | None,
+    *,
+    guild_id: int | None,
 ) -> dict[str, Any]:
     """The card as it stands: its prompts and buttons, and the choices its member made on it (SQLite)."""
     result = stored.interrogation
     choices = await bot.store.card_choices(stored.id)
     suggestion = choices.negative_prompt or await known_negative(bot, stored)
-    banned = bot.banned.find(result.prompt)
+    banned = bot.servers.banned(guild_id).find(result.prompt)
     embed = prompt_card(
         stored,
         owner_name,
         choices=choices,
         suggestion=suggestion,
-        default_negative=bot.settings.generate.negative_prompt,
+        default_negative=bot.servers.generate(guild_id).negative_prompt,
         banned=banned,
     )
     message: dict[str, Any] = {
@@ -462,7 +466,7 @@ class CardButton(
         request = GenerationRequest(
             prompt,
             negative_prompt=negative,
-            count=min(self.count, bot.settings.generate.max_count),
+            count=min(self.count, bot.servers.generate(interaction.guild_id).max_count),
         )
         draft = JobRequest(
             owner_id=interaction.user.id,
@@ -472,7 +476,8 @@ class CardButton(
             source_sha256=stored.source_sha256,
         )
         if self.action == "edit":
-            await interaction.response.send_modal(PromptModal(draft, settings=bot.settings.generate))
+            settings = bot.servers.generate(interaction.guild_id)
+            await interaction.response.send_modal(PromptModal(draft, settings=settings))
             return
         await start_job(bot, interaction, draft)
 
@@ -492,7 +497,9 @@ class CardButton(
         self, bot: I2P2IBot, interaction: discord.Interaction, stored: StoredInterrogation
     ) -> None:
         """Show the card as its choices now stand, in place."""
-        message = await card_message(bot, stored, owner_name(interaction, stored), self.count, None)
+        message = await card_message(
+            bot, stored, owner_name(interaction, stored), self.count, None, guild_id=interaction.guild_id
+        )
         if interaction.response.is_done():
             await interaction.edit_original_response(**message)
         else:
@@ -540,7 +547,9 @@ class ModeSelect(
             applied = (await bot.store.card_choices(stored.id)).negative_prompt
             if applied is not None and mode != "negative":
                 await bot.store.set_card_negative(fresh.id, applied)
-            message = await card_message(bot, fresh, interaction.user.display_name, self.count, None)
+            message = await card_message(
+                bot, fresh, interaction.user.display_name, self.count, None, guild_id=interaction.guild_id
+            )
             await interaction.edit_original_response(**message)
         except Exception as exc:
             await report_error(interaction, exc)

@@ -40,15 +40,16 @@ from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.job_controls import JobButton
 from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.queue import JobQueue
-from i2p2i_bot.replies import report_error
+from i2p2i_bot.replies import Refusal, report_error
 from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.server_settings import ServerSettingsBook, channel_list
 from i2p2i_bot.store import Store, StoreError
 from i2p2i_bot.terms import BannedTerms
 
 log = logging.getLogger("i2p2i.bot")
 
 # Loaded one by one; a broken cog is logged and the others still load.
-EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.history", "cogs.admin")
+EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.history", "cogs.admin", "cogs.settings")
 EXIT_CONFIG = 2
 # The GPU failed for good (a CUDA fault, or a task that never returns): only a new process gets it back.
 EXIT_GPU_LOST = 3
@@ -98,6 +99,23 @@ def unreachable_reason(exc: BaseException) -> str:
 class I2P2ITree(app_commands.CommandTree["I2P2IBot"]):
     """The command tree with the one error handler every command shares."""
 
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        """Commands only in the channels a server chose (and their threads); admins anywhere."""
+        bot = interaction.client
+        if (
+            interaction.guild_id is None
+            or interaction.type is not discord.InteractionType.application_command
+            or not isinstance(bot, I2P2IBot)
+        ):
+            return True
+        server = bot.servers.get(interaction.guild_id)
+        parent_id = getattr(interaction.channel, "parent_id", None)
+        if server.allows_channel(interaction.channel_id) or (parent_id and server.allows_channel(parent_id)):
+            return True
+        if bot.is_admin(interaction.user):
+            return True
+        raise Refusal(f"In this server I answer only in {channel_list(server.channel_ids)}.")
+
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await report_error(interaction, error)
 
@@ -137,6 +155,7 @@ class I2P2IBot(commands.Bot):
         self.gpu: GpuWorker
         self.engine: ImageEngine
         self.queue: JobQueue
+        self.servers: ServerSettingsBook
         self.interrogations: InterrogationCache
         self.runner: JobRunner
         self.delivery = ResultDelivery(self)
@@ -208,6 +227,7 @@ class I2P2IBot(commands.Bot):
         if self._closing:
             raise StoppedDuringStart("stopped while the models loaded")
         self.queue = await JobQueue.open(self.store, settings.queue)
+        self.servers = await ServerSettingsBook.open(self.store, settings.generate, self.banned)
         self.interrogations = InterrogationCache(self.store, self.gpu)
         self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
         self.runner.start()

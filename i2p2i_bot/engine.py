@@ -18,6 +18,7 @@ from i2p2i_bot.interrogate import Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.models import ModelSources, check_downloaded, quick_gelu_name, resolve_models
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
+from i2p2i_bot.server_settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class Engine:
         """Model names as they should be recorded next to results."""
         return {"generator": self.generator.model, **self.interrogator.models}
 
-    def plan(self, request: GenerationRequest) -> GenerationRequest:
-        return self.generator.plan(request)
+    def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
+        return self.generator.plan(request, server)
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
         return out_of_memory_as(

@@ -24,6 +24,7 @@ from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.models import ModelUnavailable, generator_folder
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
+from i2p2i_bot.server_settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,11 @@ class Generator:
         pipe = pipe.to(device)
         return cls(pipe, settings, name or source, embed_images=embed_images, embed_pixels=embed_pixels)
 
-    def plan(self, request: GenerationRequest) -> GenerationRequest:
-        """The request checked against this generator's settings, with its defaults and seed filled in."""
-        return plan(request, self.settings, self.model)
+    def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
+        """The request checked against this generator's settings, with a server's changes over them, its
+        defaults and seed filled in."""
+        settings = self.settings if server is None else server.generate(self.settings)
+        return plan(request, settings, self.model)
 
     def token_count(self, text: str) -> int:
         """CLIP tokens in text, counting the start and end tokens, as the text encoder sees them."""

@@ -13,6 +13,7 @@ from PIL import Image
 from i2p2i_bot.batches import BatchMaker
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.request import GenerationRequest
+from i2p2i_bot.server_settings import ServerSettings
 
 
 class ImageEngine(BatchMaker, Protocol):
@@ -23,8 +24,9 @@ class ImageEngine(BatchMaker, Protocol):
         """Model names as they are recorded next to results (role -> name)."""
         ...
 
-    def plan(self, request: GenerationRequest) -> GenerationRequest:
-        """The request checked against the settings, with every default and its seed filled in (no GPU)."""
+    def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
+        """The request checked against the settings (with a server's changes), every default and its seed
+        filled in (no GPU)."""
         ...
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:

@@ -49,12 +49,13 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
     `draft` is what the member asked for, its request not yet planned: planning fills in the server's
     defaults and the seed, and refuses anything out of bounds with one sentence.
     """
-    found = bot.banned.find(draft.request.prompt) + bot.banned.find(draft.request.negative_prompt or "")
+    banned = bot.servers.banned(interaction.guild_id)
+    found = banned.find(draft.request.prompt) + banned.find(draft.request.negative_prompt or "")
     if found:
         raise Refusal(
             f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
         )
-    request = bot.engine.plan(draft.request)
+    request = bot.engine.plan(draft.request, bot.servers.get(interaction.guild_id))
     if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
     expires = interaction.created_at.timestamp() + TOKEN_LIFETIME_S
@@ -231,7 +232,7 @@ class JobButton(
         modal = PromptModal(
             job.reroll(interaction.user.id, origin="edit"),
             title="Edit & regenerate",
-            settings=bot.settings.generate,
+            settings=bot.servers.generate(interaction.guild_id),
         )
         await interaction.response.send_modal(modal)
 

@@ -663,6 +663,29 @@ class Store:
         """
         await self._execute(query, (card_id, time.time() if now is None else now))
 
+    # -- servers --------------------------------------------------------------------------------------
+
+    async def server_settings(self) -> list[tuple[int, str]]:
+        """Every server's changed settings, as (guild id, JSON)."""
+        query = """SELECT guild_id, settings FROM server_settings ORDER BY guild_id"""
+        return [(row["guild_id"], row["settings"]) for row in await self._fetchall(query)]
+
+    async def put_server_settings(
+        self, guild_id: int, settings: str | None, *, updated_by: int, updated_at: float
+    ) -> None:
+        """Store a server's changed settings as JSON; None: it has the config file's again."""
+        if settings is None:
+            await self._execute("""DELETE FROM server_settings WHERE guild_id = ?""", (guild_id,))
+            return
+        query = """
+            INSERT INTO server_settings (guild_id, settings, updated_by, updated_at) VALUES (?, ?, ?, ?)
+            ON CONFLICT (guild_id) DO UPDATE SET
+                settings = excluded.settings,
+                updated_by = excluded.updated_by,
+                updated_at = excluded.updated_at
+        """
+        await self._execute(query, (guild_id, settings, updated_by, updated_at))
+
     # -- history --------------------------------------------------------------------------------------
 
     async def recent_jobs(self, owner_id: int, limit: int = 10, *, include_hidden: bool = False) -> list[Job]:

@@ -11,6 +11,7 @@ from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
+from i2p2i_bot.server_settings import ServerSettings
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:
@@ -29,8 +30,9 @@ class FakeEngine:
     def models(self) -> dict[str, str]:
         return {"generator": "fake", "clip": "fake", "caption": "fake"}
 
-    def plan(self, request: GenerationRequest) -> GenerationRequest:
-        return plan(request, self.settings, self.models["generator"])
+    def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
+        settings = self.settings if server is None else server.generate(self.settings)
+        return plan(request, settings, self.models["generator"])
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
         prompt = f"a {image.width}x{image.height} picture"

@@ -61,6 +61,7 @@ def test_the_job_system_imports_no_torch() -> None:
         "i2p2i_bot.ring",
         "i2p2i_bot.queue",
         "i2p2i_bot.config",
+        "i2p2i_bot.server_settings",
     )
     code = (
         "import sys, importlib\n"

@@ -1,0 +1,100 @@
+"""/settings through the loopback Discord: admins change a server's defaults, bounds, banned terms and
+channels; members get them in every command; the settings live in SQLite across restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from i2p2i_bot.config import Settings
+from i2p2i_bot.engine import Engine
+from tests.bot_harness import bot_settings, running_i2p2i
+from tests.discord_fake import FakeDiscord, running_fake_discord
+from tests.test_bot import ephemeral_answer
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    async with running_fake_discord() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(base_settings: Settings, tmp_path: Path, discord_server: FakeDiscord) -> Settings:
+    made = bot_settings(base_settings, tmp_path / "data", discord_server)
+    role = discord_server.role("Moderator").id
+    return dataclasses.replace(made, discord=dataclasses.replace(made.discord, admin_role_ids=[role]))
+
+
+async def set_setting(server: FakeDiscord, key: str, value: str, *, user: str = "mod") -> str:
+    handle = await server.push_slash("settings set", {"key": key, "value": value}, user=user)
+    return await ephemeral_answer(handle)
+
+
+async def test_admins_narrow_a_servers_bounds_and_members_meet_them(
+    discord_server: FakeDiscord, settings: Settings, engine: Engine
+) -> None:
+    server = discord_server
+    async with running_i2p2i(settings, server, engine) as bot:
+        refused = await set_setting(server, "max_count", "2", user="alice")
+        assert refused == "Only the bot's owner and members with an admin role can use /settings."
+        assert await bot.store.server_settings() == []
+
+        answer = await set_setting(server, "max_count", "2")
+        assert answer.startswith("Set max_count to 2 for this server.")
+        assert await set_setting(server, "steps", "2") == "Set steps to 2 for this server."
+        wrong = await set_setting(server, "max_count", "64")
+        assert wrong == "The most images must be between 1 and 8 (got 64)."
+        guild = server.world.guild().id
+        assert await bot.store.server_settings() == [(guild, '{"max_count": 2, "steps": 2}')]
+
+        too_many = await server.push_slash("imagine", {"prompt": "a red kite", "count": 3})
+        assert await ephemeral_answer(too_many) == "The number of images must be between 1 and 2 (got 3)."
+        handle = await server.push_slash("imagine", {"prompt": "a red kite"})
+        await handle.wait_followup(timeout_s=30)
+        job = await bot.store.get_job(1)
+        # The server's default count (4, capped by its maximum of 2) and its steps.
+        assert job is not None and (job.request.count, job.request.steps) == (2, 2)
+        await bot.queue.join()
+
+        shown = await server.push_slash("settings show", user="owner")
+        embed = (await shown.wait_response()).json["data"]["embeds"][0]
+        fields = {f["name"]: f["value"] for f in embed["fields"]}
+        assert fields["max_count (set here)"].startswith("2\n")
+        assert fields["max_steps"].startswith(f"{settings.generate.max_steps}\n")
+
+    # A restart keeps them.
+    async with running_i2p2i(settings, server, engine) as bot:
+        assert bot.servers.get(guild).max_count == 2
+        reset = await server.push_slash("settings reset", {"key": "all"}, user="mod")
+        assert (await ephemeral_answer(reset)).startswith("Every setting is the bot's default again here.")
+        assert await bot.store.server_settings() == []
+
+
+async def test_a_server_may_keep_the_bot_to_some_channels_and_ban_its_own_terms(
+    discord_server: FakeDiscord, settings: Settings, engine: Engine
+) -> None:
+    server = discord_server
+    art = server.channel("art-nsfw")
+    async with running_i2p2i(settings, server, engine) as bot:
+        assert (await set_setting(server, "channels", f"<#{art.id}>")).startswith("Set channels to")
+        elsewhere = await server.push_slash("imagine", {"prompt": "a red kite"}, channel="general")
+        assert await ephemeral_answer(elsewhere) == f"In this server I answer only in <#{art.id}>."
+        assert await bot.store.get_job(1) is None
+        # Admins may still use commands anywhere, so a wrong channel list can be put right.
+        fixed = await server.push_slash("settings show", user="mod", channel="general")
+        assert (await fixed.wait_response()).json["data"]["embeds"]
+
+        assert (await set_setting(server, "banned_terms", "kite, balloon")).startswith("Set banned_terms")
+        kite = await server.push_slash("imagine", {"prompt": "a red kite"}, channel=art)
+        assert await ephemeral_answer(kite) == "That prompt contains banned terms (kite); remove them first."
+        assert await bot.store.get_job(1) is None
+        # Direct messages have the bot's own settings: no channel list, no server terms.
+        direct = await server.push_slash("imagine", {"prompt": "a red kite", "count": 1}, dm=True)
+        await direct.wait_followup(timeout_s=30)
+        job = await bot.store.get_job(1)
+        assert job is not None and job.guild_id is None
+        await bot.queue.join()
