@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import secrets
@@ -24,12 +25,18 @@ from discord.ext import commands
 from PIL import Image
 
 from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
-from i2p2i_bot.config import InterrogateMode
+from i2p2i_bot.config import GenerateSettings, InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
 from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
-from i2p2i_bot.request import GenerationRequest, check_count
+from i2p2i_bot.request import (
+    ASPECT_RATIOS,
+    MAX_GUIDANCE,
+    SCHEDULERS,
+    GenerationRequest,
+    size_for_aspect,
+)
 from i2p2i_bot.store import CardChoices, StoredInterrogation
 
 if TYPE_CHECKING:
@@ -37,6 +44,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("i2p2i.imagine")
 MODES: tuple[str, ...] = get_args(InterrogateMode)
+ASPECT_CHOICES = [app_commands.Choice(name=a, value=a) for a in ASPECT_RATIOS]
+SCHEDULER_CHOICES = [
+    app_commands.Choice(name="DPM-Solver++ (good in 20–25 steps)", value="dpm"),
+    app_commands.Choice(name="PNDM (the original, wants 50)", value="pndm"),
+]
+SAMPLING_HELP = {
+    "steps": "Denoising steps (default: the server's)",
+    "guidance": "How closely to follow the prompt, CFG (default: the server's)",
+    "aspect": "Aspect ratio (default: the server's size)",
+    "scheduler": "Sampler (default: the server's)",
+}
 
 # Discord's own file hosts; anything else (and any redirect) is refused, so a crafted URL cannot make the bot
 # fetch from elsewhere.
@@ -68,16 +86,31 @@ class ImagineCog(commands.Cog, name="Imagine"):
         image="The picture to describe",
         mode="Prompt style (default: best)",
         count="How many images the Generate button makes (default 4)",
+        **SAMPLING_HELP,
     )
-    @app_commands.choices(mode=[app_commands.Choice(name=MODE_LABELS[m][:100], value=m) for m in MODES])
+    @app_commands.choices(
+        mode=[app_commands.Choice(name=MODE_LABELS[m][:100], value=m) for m in MODES],
+        aspect=ASPECT_CHOICES,
+        scheduler=SCHEDULER_CHOICES,
+    )
     async def imagine_from(
         self,
         interaction: discord.Interaction,
         image: discord.Attachment,
         mode: app_commands.Choice[str] | None = None,
         count: app_commands.Range[int, 1, 64] | None = None,
+        steps: app_commands.Range[int, 1, 500] | None = None,
+        guidance: app_commands.Range[float, 0.0, MAX_GUIDANCE] | None = None,
+        aspect: app_commands.Choice[str] | None = None,
+        scheduler: app_commands.Choice[str] | None = None,
     ) -> None:
-        await self.describe(interaction, image_source(image), mode.value if mode else None, count)
+        sampling = CardChoices(
+            steps=steps,
+            guidance=guidance,
+            aspect=aspect.value if aspect else None,
+            scheduler=scheduler.value if scheduler else None,
+        )
+        await self.describe(interaction, image_source(image), mode.value if mode else None, count, sampling)
 
     @app_commands.command(name="imagine", description="Make images from a prompt you write")
     @app_commands.describe(
@@ -85,7 +118,9 @@ class ImagineCog(commands.Cog, name="Imagine"):
         negative="What they should not show (default: the server's negative prompt)",
         count="How many images (default 4)",
         seed="The first image's seed, to make an image again (default: random)",
+        **SAMPLING_HELP,
     )
+    @app_commands.choices(aspect=ASPECT_CHOICES, scheduler=SCHEDULER_CHOICES)
     async def imagine(
         self,
         interaction: discord.Interaction,
@@ -93,13 +128,25 @@ class ImagineCog(commands.Cog, name="Imagine"):
         negative: app_commands.Range[str, 0, 4000] | None = None,
         count: app_commands.Range[int, 1, 64] | None = None,
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
+        steps: app_commands.Range[int, 1, 500] | None = None,
+        guidance: app_commands.Range[float, 0.0, MAX_GUIDANCE] | None = None,
+        aspect: app_commands.Choice[str] | None = None,
+        scheduler: app_commands.Choice[str] | None = None,
     ) -> None:
-        request = GenerationRequest(
-            prompt,
-            negative_prompt=negative,
-            count=count or self.bot.servers.default_count(interaction.guild_id),
-            seed=seed,
+        sampling = CardChoices(
+            steps=steps,
+            guidance=guidance,
+            aspect=aspect.value if aspect else None,
+            scheduler=scheduler.value if scheduler else None,
         )
+        request = sampled_request(
+            prompt,
+            negative,
+            count or self.bot.servers.default_count(interaction.guild_id),
+            sampling,
+            self.bot.servers.generate(interaction.guild_id),
+        )
+        request = dataclasses.replace(request, seed=seed)
         draft = JobRequest(owner_id=interaction.user.id, request=request, origin="imagine")
         await start_job(self.bot, interaction, draft)
 
@@ -108,7 +155,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if not sources:
             raise Refusal("That message has no image attachment or embedded image to describe.")
         if len(sources) == 1:
-            await self.describe(interaction, sources[0], None, None)
+            await self.describe(interaction, sources[0], None, None, CardChoices())
             return
         view = ChooseImageView(self, sources, interaction.user.id)
         await interaction.response.send_message("Which image should I describe?", view=view, ephemeral=True)
@@ -116,14 +163,22 @@ class ImagineCog(commands.Cog, name="Imagine"):
     # -- the flow ----------------------------------------------------------------------------------------
 
     async def describe(
-        self, interaction: discord.Interaction, source: ImageSource, mode: str | None, count: int | None
+        self,
+        interaction: discord.Interaction,
+        source: ImageSource,
+        mode: str | None,
+        count: int | None,
+        sampling: CardChoices,
     ) -> None:
         """Check, download, decode, interrogate and post the card; user errors become one sentence."""
         bot = self.bot
         settings = bot.settings
         mode = mode or settings.interrogate.mode
         count = count or bot.servers.default_count(interaction.guild_id)
-        check_count(count, bot.servers.generate(interaction.guild_id))
+        # The card's settings are checked now, by the one validator, not when Generate is pressed.
+        server = bot.servers.get(interaction.guild_id)
+        generate = server.generate(bot.servers.base)
+        bot.engine.plan(sampled_request("check", None, count, sampling, generate), server)
         # The interaction's filesize_limit is what the bot may upload, not what members may: downloads are
         # capped by intake.max_bytes alone. A file declared bigger is refused here, before any GET; an embed's
         # image declares no size, and the download's cap does the rest.
@@ -140,6 +195,14 @@ class ImagineCog(commands.Cog, name="Imagine"):
         except (ImageError, Refusal) as exc:
             await withdraw(interaction, str(exc))
             return
+        if sampling.sampling:
+            await bot.store.set_card_sampling(
+                stored.id,
+                steps=sampling.steps,
+                guidance=sampling.guidance,
+                aspect=sampling.aspect,
+                scheduler=sampling.scheduler,
+            )
         # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
         thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
         message = await card_message(
@@ -307,9 +370,10 @@ async def card_message(
 def card_view(
     stored: StoredInterrogation, count: int, choices: CardChoices, *, blocked: bool = False
 ) -> discord.ui.View:
-    """Generate, Edit, Apply or Remove negative and More prompts; Use #k for each listed prompt; Re-describe.
+    """Generate, Edit, Apply or Remove negative, More prompts and Settings; Use #k for each listed prompt;
+    Re-describe.
 
-    Each group has its row (at most four, five and one items), so no row passes Discord's five buttons.
+    Each group has its row (at most five, five and one items), so no row passes Discord's five buttons.
     """
     view = discord.ui.View(timeout=None)
     card = stored.id
@@ -339,6 +403,7 @@ def card_view(
     hidden = len(result.ranked[:MAX_LISTED_PROMPTS]) - len(listed)
     if hidden > 0:
         view.add_item(CardButton("more", card, count, label=f"More prompts ({hidden})", emoji="📜", row=0))
+    view.add_item(CardButton("set", card, count, label="Settings", emoji="⚙️", row=0))
     if len(listed) > 1:
         for k in range(1, len(listed) + 1):
             view.add_item(CardButton("use", card, count, k=k, label=f"Use #{k}", row=1))
@@ -403,7 +468,7 @@ async def _owned_card(bot: I2P2IBot, interaction: discord.Interaction, card_id: 
 class CardButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
     template=(
-        r"i2p:card:(?P<action>gen|edit|use|neg|noneg|more):(?P<card>\d+):(?P<count>\d+)(?::(?P<k>\d+))?"
+        r"i2p:card:(?P<action>gen|edit|use|neg|noneg|more|set):(?P<card>\d+):(?P<count>\d+)(?::(?P<k>\d+))?"
     ),
 ):
     """Generate, Edit prompt, Use #k, Apply/Remove negative and More prompts.
@@ -445,6 +510,11 @@ class CardButton(
             if self.action in ("gen", "edit", "use"):
                 await self._make(bot, interaction, stored)
                 return
+            if self.action == "set":
+                choices = await bot.store.card_choices(stored.id)
+                settings = bot.servers.generate(interaction.guild_id)
+                await interaction.response.send_modal(SamplingModal(stored, self.count, choices, settings))
+                return
             if self.action == "more":
                 await bot.store.show_all_card_prompts(stored.id)
             elif self.action == "noneg":
@@ -463,11 +533,8 @@ class CardButton(
         prompt = prompts[(self.k or 1) - 1] if (self.k or 1) <= len(prompts) else prompts[0]
         choices = await bot.store.card_choices(stored.id)
         negative = result.image_negative if choices.negative_prompt is None else choices.negative_prompt
-        request = GenerationRequest(
-            prompt,
-            negative_prompt=negative,
-            count=min(self.count, bot.servers.generate(interaction.guild_id).max_count),
-        )
+        settings = bot.servers.generate(interaction.guild_id)
+        request = sampled_request(prompt, negative, min(self.count, settings.max_count), choices, settings)
         draft = JobRequest(
             owner_id=interaction.user.id,
             request=request,
@@ -476,7 +543,6 @@ class CardButton(
             source_sha256=stored.source_sha256,
         )
         if self.action == "edit":
-            settings = bot.servers.generate(interaction.guild_id)
             await interaction.response.send_modal(PromptModal(draft, settings=settings))
             return
         await start_job(bot, interaction, draft)
@@ -555,6 +621,109 @@ class ModeSelect(
             await report_error(interaction, exc)
 
 
+def sampled_request(
+    prompt: str, negative: str | None, count: int, choices: CardChoices, settings: GenerateSettings
+) -> GenerationRequest:
+    """A request with a member's sampling choices; an aspect ratio becomes the model's size for it."""
+    width = height = None
+    if choices.aspect is not None:
+        width, height = size_for_aspect(choices.aspect, settings)
+    return GenerationRequest(
+        prompt,
+        negative_prompt=negative,
+        count=count,
+        steps=choices.steps,
+        guidance=choices.guidance,
+        width=width,
+        height=height,
+        scheduler=choices.scheduler,
+    )
+
+
+class SamplingModal(discord.ui.Modal):
+    """A card's Settings: images, steps, guidance, aspect ratio and scheduler for its images."""
+
+    def __init__(
+        self, stored: StoredInterrogation, count: int, choices: CardChoices, settings: GenerateSettings
+    ) -> None:
+        super().__init__(title="Image settings", timeout=15 * 60)
+        self.stored, self.settings = stored, settings
+        guidance = settings.guidance if choices.guidance is None else choices.guidance
+        self.images: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
+            label=f"Images (1–{settings.max_count})", default=str(count), max_length=3
+        )
+        self.steps: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
+            label=f"Steps (1–{settings.max_steps})",
+            default=str(settings.steps if choices.steps is None else choices.steps),
+            max_length=4,
+        )
+        self.guidance: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
+            label=f"Guidance, CFG (0–{MAX_GUIDANCE:g})", default=f"{guidance:g}", max_length=6
+        )
+        self.aspect: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
+            label=f"Aspect ratio ({', '.join(ASPECT_RATIOS)})",
+            default=choices.aspect,
+            required=False,
+            max_length=5,
+            placeholder=f"blank: the server's size, {settings.width}×{settings.height}",
+        )
+        self.scheduler: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
+            label=f"Scheduler ({' or '.join(SCHEDULERS)})",
+            default=choices.scheduler or settings.scheduler,
+            max_length=4,
+        )
+        for item in (self.images, self.steps, self.guidance, self.aspect, self.scheduler):
+            self.add_item(item)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        bot = bot_of(interaction)
+        count, choices = self.parsed()
+        # The one validator decides, with this server's bounds.
+        server = bot.servers.get(interaction.guild_id)
+        bot.engine.plan(sampled_request("check", None, count, choices, self.settings), server)
+        # A value left at the server's default keeps following it.
+        s = self.settings
+        await bot.store.set_card_sampling(
+            self.stored.id,
+            steps=None if choices.steps == s.steps else choices.steps,
+            guidance=None if choices.guidance == s.guidance else choices.guidance,
+            aspect=choices.aspect,
+            scheduler=None if choices.scheduler == s.scheduler else choices.scheduler,
+        )
+        message = await card_message(
+            bot, self.stored, owner_name(interaction, self.stored), count, None, guild_id=interaction.guild_id
+        )
+        await interaction.response.edit_message(**message)
+
+    def parsed(self) -> tuple[int, CardChoices]:
+        images = _whole(self.images.value, "Images")
+        steps = _whole(self.steps.value, "Steps")
+        text = self.guidance.value.strip()
+        try:
+            guidance = float(text)
+        except ValueError:
+            raise Refusal(f"Guidance must be a number like 7.5; you typed “{text[:20]}”.") from None
+        aspect = self.aspect.value.strip() or None
+        if aspect is not None and aspect not in ASPECT_RATIOS:
+            raise Refusal(
+                f"The aspect ratio must be one of {', '.join(ASPECT_RATIOS)}; you typed “{aspect}”."
+            )
+        scheduler = self.scheduler.value.strip().lower()
+        if scheduler not in SCHEDULERS:
+            raise Refusal(f"The scheduler must be {' or '.join(SCHEDULERS)}; you typed “{scheduler[:20]}”.")
+        return images, CardChoices(steps=steps, guidance=guidance, aspect=aspect, scheduler=scheduler)
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]
+        await report_error(interaction, error)
+
+
+def _whole(text: str, name: str) -> int:
+    text = text.strip()
+    if not text.isascii() or not text.isdigit():
+        raise Refusal(f"{name} must be a whole number; you typed “{text[:20]}”.")
+    return int(text)
+
+
 async def saved_source(bot: I2P2IBot, sha256: str) -> Image.Image:
     """The normalised upload kept for a card (save_source), or one sentence when it is gone."""
     path = bot.store.source_path(sha256)
@@ -588,7 +757,7 @@ class ChooseImageView(PrivateView):
     async def chosen(self, interaction: discord.Interaction) -> None:
         try:
             source = self.sources[int(self.select.values[0])]
-            await self.cog.describe(interaction, source, None, None)
+            await self.cog.describe(interaction, source, None, None, CardChoices())
         except Exception as exc:
             await report_error(interaction, exc)
 

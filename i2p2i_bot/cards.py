@@ -112,6 +112,8 @@ def prompt_card(
                     value=code(suggestion, FIELD_VALUE_MAX),
                     inline=False,
                 )
+    if choices.sampling:
+        embed.add_field(name="Settings · yours", value=sampling_text(choices), inline=False)
     if banned:
         embed.add_field(
             name="Cannot generate",
@@ -124,6 +126,20 @@ def prompt_card(
     footer.append("cached" if stored.cached else (f"{took:.1f} s" if took is not None else ""))
     embed.set_footer(text=" · ".join(p for p in footer if p))
     return embed
+
+
+def sampling_text(choices: CardChoices) -> str:
+    """A card's chosen sampling settings in one line; the server's defaults fill what is not chosen."""
+    parts = []
+    if choices.steps is not None:
+        parts.append(f"{choices.steps} steps")
+    if choices.guidance is not None:
+        parts.append(f"guidance {choices.guidance:g}")
+    if choices.aspect is not None:
+        parts.append(f"aspect {choices.aspect}")
+    if choices.scheduler is not None:
+        parts.append(choices.scheduler)
+    return " · ".join(parts) + " (the rest: the server's defaults)"
 
 
 def status_text(

@@ -106,6 +106,34 @@ class GenerationRequest:
         return tuple(self.spec(i, source_embedding) for i in range(self.count))
 
 
+# Aspect ratios a member may ask for, as (wide, high).
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1, 1),
+    "3:2": (3, 2),
+    "2:3": (2, 3),
+    "16:9": (16, 9),
+    "9:16": (9, 16),
+}
+
+
+def size_for_aspect(aspect: str, settings: GenerateSettings) -> tuple[int, int]:
+    """The (width, height) for an aspect ratio at the model's size: the default size's shorter side kept and
+    the other grown to the ratio, both scaled down to fit `max_side`; multiples of 8, as the UNet needs."""
+    ratio = ASPECT_RATIOS.get(aspect.strip())
+    if ratio is None:
+        raise GenerationError(
+            f"The aspect ratio must be one of {', '.join(ASPECT_RATIOS)} (got “{aspect.strip()[:20]}”)."
+        )
+    wide, high = ratio
+    short = float(min(settings.width, settings.height))
+    long = short * max(wide, high) / min(wide, high)
+    if long > settings.max_side:
+        short, long = short * settings.max_side / long, float(settings.max_side)
+    short_side = max(settings.min_side, int(short) // 8 * 8)
+    long_side = max(settings.min_side, int(long) // 8 * 8)
+    return (long_side, short_side) if wide >= high else (short_side, long_side)
+
+
 def check_count(count: int, settings: GenerateSettings) -> None:
     """The number of images one request may ask for, checked alone (before there is a prompt to plan)."""
     if not 1 <= count <= settings.max_count:

@@ -140,6 +140,16 @@ class CardChoices:
     negative_prompt: str | None = None
     # Whether the card lists every prompt it offers (after More prompts), not just the first.
     all_prompts: bool = False
+    # Sampling settings for the card's images; None: the server's default when they are asked for.
+    steps: int | None = None
+    guidance: float | None = None
+    aspect: str | None = None
+    scheduler: str | None = None
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the member chose any sampling setting."""
+        return any(v is not None for v in (self.steps, self.guidance, self.aspect, self.scheduler))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -636,13 +646,46 @@ class Store:
 
     async def card_choices(self, card_id: int) -> CardChoices:
         """What the member chose on a card (an interrogation request); the defaults where nothing yet."""
-        query = """SELECT negative_prompt, all_prompts FROM cards WHERE interrogation_id = ?"""
+        query = """
+            SELECT negative_prompt, all_prompts, steps, guidance, aspect, scheduler
+            FROM cards WHERE interrogation_id = ?
+        """
         rows = await self._fetchall(query, (card_id,))
         if not rows:
             return CardChoices()
+        row = rows[0]
         return CardChoices(
-            negative_prompt=rows[0]["negative_prompt"], all_prompts=bool(rows[0]["all_prompts"])
+            negative_prompt=row["negative_prompt"],
+            all_prompts=bool(row["all_prompts"]),
+            steps=row["steps"],
+            guidance=row["guidance"],
+            aspect=row["aspect"],
+            scheduler=row["scheduler"],
         )
+
+    async def set_card_sampling(
+        self,
+        card_id: int,
+        *,
+        steps: int | None,
+        guidance: float | None,
+        aspect: str | None,
+        scheduler: str | None,
+        now: float | None = None,
+    ) -> None:
+        """The sampling settings a member chose for a card's images (None: the server's default)."""
+        query = """
+            INSERT INTO cards (interrogation_id, steps, guidance, aspect, scheduler, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?)
+            ON CONFLICT (interrogation_id) DO UPDATE SET
+                steps = excluded.steps,
+                guidance = excluded.guidance,
+                aspect = excluded.aspect,
+                scheduler = excluded.scheduler,
+                updated_at = excluded.updated_at
+        """
+        params = (card_id, steps, guidance, aspect, scheduler, time.time() if now is None else now)
+        await self._execute(query, params)
 
     async def set_card_negative(
         self, card_id: int, negative_prompt: str | None, now: float | None = None

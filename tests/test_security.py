@@ -122,6 +122,7 @@ POLICY = {
     ("card", "neg"): "owner",
     ("card", "noneg"): "owner",
     ("card", "more"): "owner",
+    ("card", "set"): "owner",
     ("card", "mode"): "owner",
 }
 
@@ -240,6 +241,7 @@ async def test_commands_and_private_views_refuse_other_members(
             "forget": "own",
             "job": "owner, admin, or who can see where it was posted",
             "admin": "admin",
+            "settings": "admin",
         }
         assert {c.name for c in bot.tree.get_commands()} | {"Imagine from image"} == set(policy)
         _, card = await describe(server, astronaut, user="alice")
@@ -256,6 +258,9 @@ async def test_commands_and_private_views_refuse_other_members(
             ("admin resume", {}, {}),
             ("admin cancel", {"job_id": 2}, {}),
             ("admin queue", {}, {}),
+            ("settings show", {}, {}),
+            ("settings set", {"key": "max_count", "value": "1"}, {}),
+            ("settings reset", {"key": "all"}, {}),
             # Alice's job was posted in #general; Bob asks from his DMs with the bot.
             ("job", {"job_id": 1}, {"dm": True}),
         ):
