@@ -9,7 +9,6 @@ run the command themselves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import secrets
@@ -28,7 +27,13 @@ from i2p2i_bot.config import InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
 from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
-from i2p2i_bot.replies import PrivateView, Refusal, report_error
+from i2p2i_bot.replies import (
+    PrivateView,
+    Refusal,
+    placeholder_replaced,
+    report_error,
+    think_in_public,
+)
 from i2p2i_bot.request import GenerationRequest, check_count
 from i2p2i_bot.store import CardChoices, StoredInterrogation
 
@@ -129,7 +134,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # image declares no size, and the download's cap does the rest.
         limit = settings.intake.max_bytes
         check_declared(source.size, source.width, source.height, source.content_type, settings.intake)
-        await interaction.response.defer(thinking=True)
+        await think_in_public(interaction)
         try:
             data = await self.download(source, limit)
             intake = await asyncio.to_thread(load_intake, data, settings.intake)
@@ -138,12 +143,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
             # that row and keeps the file, or removed it before the row existed and this writes it again.
             await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
         except (ImageError, Refusal) as exc:
-            await withdraw(interaction, str(exc))
+            await report_error(interaction, exc)
             return
         # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
         thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
         message = await card_message(bot, stored, interaction.user.display_name, count, thumbnail)
         await interaction.followup.send(**message)
+        placeholder_replaced(interaction)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
@@ -262,13 +268,6 @@ def save_source(directory: Path, sha256: str, image: Image.Image) -> Path:
         finally:
             temp.unlink(missing_ok=True)
     return path
-
-
-async def withdraw(interaction: discord.Interaction, message: str) -> None:
-    """Replace a public 'thinking…' placeholder with an ephemeral sentence, so a mistake stays private."""
-    with contextlib.suppress(discord.HTTPException):
-        await interaction.delete_original_response()
-    await interaction.followup.send(message, ephemeral=True)
 
 
 async def card_message(
