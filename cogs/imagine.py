@@ -25,7 +25,7 @@ from PIL import Image
 from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
 from i2p2i_bot.config import InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
-from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
+from i2p2i_bot.job_controls import PromptModal, bot_of, start_job, whole_number
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import (
     PrivateView,
@@ -577,8 +577,10 @@ class ChooseImageView(PrivateView):
 
     async def chosen(self, interaction: discord.Interaction) -> None:
         try:
-            source = self.sources[int(self.select.values[0])]
-            await self.cog.describe(interaction, source, None, None)
+            k = whole_number(self.select.values[0])
+            if k is None or k >= len(self.sources):  # not a value this picker offered
+                raise Refusal("Choose one of the images listed.")
+            await self.cog.describe(interaction, self.sources[k], None, None)
         except Exception as exc:
             await report_error(interaction, exc)
 

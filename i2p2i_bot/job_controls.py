@@ -303,6 +303,15 @@ def queue_message(
 # -- the edit modal ---------------------------------------------------------------------------------------
 
 
+def whole_number(text: str) -> int | None:
+    """The number a member wrote with the digits 0–9 alone, or None for anything else.
+
+    str.isdigit also passes "²", on which int() fails with its own message, and int() reads the digits of
+    other scripts ("３"): a seed typed one way and shown another is not the seed the member meant to write.
+    """
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 class PromptModal(discord.ui.Modal):
     """Prompt, negative prompt, count and seed; bad input is echoed back so nothing typed is lost."""
 
@@ -343,17 +352,19 @@ class PromptModal(discord.ui.Modal):
     def parsed(self) -> JobRequest:
         """What the member typed, as a draft to plan; the bounds are the plan's to check."""
         count_text = self.count.value.strip()
-        if not count_text.isdigit():
+        count = whole_number(count_text)
+        if count is None:
             raise Refusal(f"Images must be a whole number; you typed “{count_text}”.")
         seed_text = self.seed.value.strip()
-        if seed_text and not seed_text.isdigit():
+        seed = whole_number(seed_text) if seed_text else None
+        if seed_text and seed is None:
             raise Refusal(f"The seed must be a whole number; you typed “{seed_text}”.")
         request = dataclasses.replace(
             self.draft.request,
             prompt=self.prompt.value.strip(),
             negative_prompt=self.negative.value.strip(),
-            count=int(count_text),
-            seed=int(seed_text) if seed_text else None,
+            count=count,
+            seed=seed,
         )
         return dataclasses.replace(self.draft, request=request)
 

@@ -17,7 +17,7 @@ from PIL import Image
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.replies import WITHDRAWN
-from tests.bot_harness import bot_settings, running_i2p2i
+from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, running_fake_discord
 from tests.discord_fake.interactions import CHANNEL_MESSAGE, InteractionHandle
 from tests.test_bot import button, describe, ephemeral_answer, gpu_blocked
@@ -148,3 +148,79 @@ async def test_an_unexpected_error_after_describing_began_is_told_privately(
         assert text.startswith("Sorry, something went wrong on my side (error id")
         assert public_texts(server) == [WITHDRAWN]
         assert handle.original is not None and handle.original.content == WITHDRAWN
+
+
+async def test_ids_past_sqlites_integers_are_no_such_job_or_card(
+    server: FakeDiscord, settings_for: Callable[..., Settings], engine: Engine, astronaut: Image.Image
+) -> None:
+    """A button whose custom id names a card or job past SQLite's integers (a modified client), or /job with
+    such a number, gets the sentence for one that does not exist, not an internal error."""
+    huge = 2**63
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        generate = button(card, "i2p:card:gen:")
+        edit = button(card, "i2p:card:edit:")
+        forged_card = generate.replace(f":{generate.split(':')[3]}:", f":{huge}:")
+        forged_job = f"i2p:job:reroll:{huge}"
+        for real, forged in ((generate, forged_card), (edit, forged_job)):
+            component = card.component(real)
+            assert component is not None
+            component["custom_id"] = forged
+        said = [
+            await ephemeral_answer(await server.push_button(card, forged_card)),
+            await ephemeral_answer(await server.push_button(card, forged_job)),
+            await ephemeral_answer(await server.push_slash("job", {"job_id": huge})),
+        ]
+        assert said == [
+            "That card's history was deleted; run /imagine-from again.",
+            f"Job #{huge} no longer exists (its history may have been deleted).",
+            f"There is no job #{huge}.",
+        ]
+        assert await bot.store.get_job(1) is None
+
+
+@pytest.mark.parametrize(
+    ("count", "seed", "said"),
+    [
+        ("²", "", "Images must be a whole number; you typed “²”."),
+        ("1", "１２", "The seed must be a whole number; you typed “１２”."),
+        ("1", "4²", "The seed must be a whole number; you typed “4²”."),
+    ],
+)
+async def test_digits_other_than_0_to_9_are_not_a_whole_number(
+    server: FakeDiscord,
+    settings_for: Callable[..., Settings],
+    engine: Engine,
+    astronaut: Image.Image,
+    count: str,
+    seed: str,
+    said: str,
+) -> None:
+    """A superscript or fullwidth digit in the edit modal's count or seed gets the field's own sentence, with
+    the typed prompt given back, and queues nothing."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+        await edit.wait_response()
+        typed = {"Prompt": "my careful prompt", "Images (1–8)": count, "Seed (blank for random)": seed}
+        text = await ephemeral_answer(await server.push_modal_submit(edit, typed))
+        assert text.startswith(said) and "my careful prompt" in text
+        assert await bot.store.get_job(1) is None
+
+
+async def test_a_forged_pick_of_an_image_is_refused_in_one_sentence(
+    server: FakeDiscord, settings_for: Callable[..., Settings], engine: Engine, astronaut: Image.Image
+) -> None:
+    """The picker of a message's images answered with a value it never offered (a modified client) says so
+    privately, and describes nothing."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        files = [server.add_attachment(png_bytes(astronaut), f"{n}.png", ephemeral=False) for n in "ab"]
+        posted = await server.post_user_message("general", "bob", "two", attachments=files)
+        handle = await server.push_message_command("Imagine from image", posted)
+        await handle.wait_response()
+        picker = handle.original
+        assert picker is not None
+        for value in ("2", "１", "-1"):
+            pick = await server.push_select(picker, picker.custom_ids()[0], [value])
+            assert await ephemeral_answer(pick) == "Choose one of the images listed."
+        assert await bot.store.get_interrogation(1) is None
