@@ -9,7 +9,6 @@ run the command themselves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
@@ -27,9 +26,15 @@ from PIL import Image
 from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
 from i2p2i_bot.config import GenerateSettings, InterrogateMode
 from i2p2i_bot.images import ImageError, check_declared, load_intake
-from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
+from i2p2i_bot.job_controls import PromptModal, bot_of, start_job, whole_number
 from i2p2i_bot.jobs import JobRequest
-from i2p2i_bot.replies import PrivateView, Refusal, report_error
+from i2p2i_bot.replies import (
+    PrivateView,
+    Refusal,
+    placeholder_replaced,
+    report_error,
+    think_in_public,
+)
 from i2p2i_bot.request import (
     ASPECT_RATIOS,
     MAX_GUIDANCE,
@@ -184,7 +189,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # image declares no size, and the download's cap does the rest.
         limit = settings.intake.max_bytes
         check_declared(source.size, source.width, source.height, source.content_type, settings.intake)
-        await interaction.response.defer(thinking=True)
+        await think_in_public(interaction)
         try:
             data = await self.download(source, limit)
             intake = await asyncio.to_thread(load_intake, data, settings.intake)
@@ -193,7 +198,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             # that row and keeps the file, or removed it before the row existed and this writes it again.
             await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
         except (ImageError, Refusal) as exc:
-            await withdraw(interaction, str(exc))
+            await report_error(interaction, exc)
             return
         if sampling.sampling:
             await bot.store.set_card_sampling(
@@ -209,6 +214,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             bot, stored, interaction.user.display_name, count, thumbnail, guild_id=interaction.guild_id
         )
         await interaction.followup.send(**message)
+        placeholder_replaced(interaction)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
@@ -327,13 +333,6 @@ def save_source(directory: Path, sha256: str, image: Image.Image) -> Path:
         finally:
             temp.unlink(missing_ok=True)
     return path
-
-
-async def withdraw(interaction: discord.Interaction, message: str) -> None:
-    """Replace a public 'thinking…' placeholder with an ephemeral sentence, so a mistake stays private."""
-    with contextlib.suppress(discord.HTTPException):
-        await interaction.delete_original_response()
-    await interaction.followup.send(message, ephemeral=True)
 
 
 async def card_message(
@@ -718,10 +717,10 @@ class SamplingModal(discord.ui.Modal):
 
 
 def _whole(text: str, name: str) -> int:
-    text = text.strip()
-    if not text.isascii() or not text.isdigit():
-        raise Refusal(f"{name} must be a whole number; you typed “{text[:20]}”.")
-    return int(text)
+    value = whole_number(text.strip())
+    if value is None:
+        raise Refusal(f"{name} must be a whole number; you typed “{text.strip()[:20]}”.")
+    return value
 
 
 async def saved_source(bot: I2P2IBot, sha256: str) -> Image.Image:
@@ -756,8 +755,10 @@ class ChooseImageView(PrivateView):
 
     async def chosen(self, interaction: discord.Interaction) -> None:
         try:
-            source = self.sources[int(self.select.values[0])]
-            await self.cog.describe(interaction, source, None, None, CardChoices())
+            k = whole_number(self.select.values[0])
+            if k is None or k >= len(self.sources):  # not a value this picker offered
+                raise Refusal("Choose one of the images listed.")
+            await self.cog.describe(interaction, self.sources[k], None, None, CardChoices())
         except Exception as exc:
             await report_error(interaction, exc)
 

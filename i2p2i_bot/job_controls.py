@@ -16,8 +16,14 @@ import discord
 
 from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
-from i2p2i_bot.jobs import Delivery, Job, JobRequest, JobStatus
-from i2p2i_bot.replies import ANSWER_ERRORS, Refusal, report_error
+from i2p2i_bot.jobs import Delivery, Job, JobRefused, JobRequest, JobStatus
+from i2p2i_bot.replies import (
+    ANSWER_ERRORS,
+    Refusal,
+    placeholder_replaced,
+    report_error,
+    think_in_public,
+)
 from i2p2i_bot.request import GenerationError
 
 if TYPE_CHECKING:
@@ -56,8 +62,6 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
             f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
         )
     request = bot.engine.plan(draft.request, bot.servers.get(interaction.guild_id))
-    if not interaction.response.is_done():
-        await interaction.response.defer(thinking=True)
     expires = interaction.created_at.timestamp() + TOKEN_LIFETIME_S
     # discord.py keeps the interaction's attachment_size_limit as filesize_limit.
     limit = interaction.filesize_limit or DEFAULT_UPLOAD_LIMIT
@@ -70,6 +74,9 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         request_key=f"interaction:{interaction.id}",
         delivery=Delivery(interaction.channel_id, None, interaction.token, expires),
     )
+    # Refused now, the member alone hears it; after the public placeholder, only a neutral line would hide it.
+    await bot.queue.check(submitted)
+    await think_in_public(interaction)
     job = await bot.queue.submit(submitted)
     log.info("job %d queued by user %d (%d images)", job.id, job.owner_id, job.request.count)
     text = status_text(job, bot.queue.position(job.id))
@@ -81,6 +88,9 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
             await bot.store.set_delivery(job.id, delivery)
     finally:
         # The job is queued either way; without its status message the result goes to the channel or DM.
+        # So the placeholder is no request that did not go through: it is the status message, or Discord
+        # refused to make it one, and an error is told in a plain followup.
+        placeholder_replaced(interaction)
         bot.delivery.track(job, delivery, limit)
     return job
 
@@ -294,6 +304,15 @@ def queue_message(
 # -- the edit modal ---------------------------------------------------------------------------------------
 
 
+def whole_number(text: str) -> int | None:
+    """The number a member wrote with the digits 0–9 alone, or None for anything else.
+
+    str.isdigit also passes "²", on which int() fails with its own message, and int() reads the digits of
+    other scripts ("３"): a seed typed one way and shown another is not the seed the member meant to write.
+    """
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 class PromptModal(discord.ui.Modal):
     """Prompt, negative prompt, count and seed; bad input is echoed back so nothing typed is lost."""
 
@@ -326,7 +345,7 @@ class PromptModal(discord.ui.Modal):
         try:
             await start_job(bot, interaction, self.parsed())
         except Exception as exc:
-            if isinstance(exc, Refusal | GenerationError):
+            if isinstance(exc, Refusal | GenerationError | JobRefused):
                 echo = f"\nWhat you typed, so nothing is lost:\n```\n{self.prompt.value[:1500]}\n```"
                 exc = Refusal(f"{exc}{echo}")
             await report_error(interaction, exc)
@@ -334,17 +353,19 @@ class PromptModal(discord.ui.Modal):
     def parsed(self) -> JobRequest:
         """What the member typed, as a draft to plan; the bounds are the plan's to check."""
         count_text = self.count.value.strip()
-        if not count_text.isdigit():
+        count = whole_number(count_text)
+        if count is None:
             raise Refusal(f"Images must be a whole number; you typed “{count_text}”.")
         seed_text = self.seed.value.strip()
-        if seed_text and not seed_text.isdigit():
+        seed = whole_number(seed_text) if seed_text else None
+        if seed_text and seed is None:
             raise Refusal(f"The seed must be a whole number; you typed “{seed_text}”.")
         request = dataclasses.replace(
             self.draft.request,
             prompt=self.prompt.value.strip(),
             negative_prompt=self.negative.value.strip(),
-            count=int(count_text),
-            seed=int(seed_text) if seed_text else None,
+            count=count,
+            seed=seed,
         )
         return dataclasses.replace(self.draft, request=request)
 

@@ -47,6 +47,7 @@ _RATE_SMOOTHING = 0.3
 _RECORD_RETRY_FIRST_S = 0.5
 _RECORD_RETRY_MAX_S = 30.0
 _EMBEDDING_CACHE_SIZE = 128
+CARD_GONE = "The prompt card this came from no longer exists; describe the image again."
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class JobQueue:
         if request.interrogation_id is not None:
             embedding = await self._embedding(request.interrogation_id)
             if embedding is None:
-                raise JobRefused("The prompt card this came from no longer exists; describe the image again.")
+                raise JobRefused(CARD_GONE)
         if key is not None and key in self._keyed:  # the same key arrived while we looked things up
             return await asyncio.shield(self._keyed[key])
         self._reserve(request.owner_id)
@@ -245,6 +246,14 @@ class JobQueue:
             self._flusher = asyncio.create_task(self._flush_intake(), name="i2p2i-job-intake")
         return await asyncio.shield(submission.future)
 
+    async def check(self, request: JobRequest) -> None:
+        """Refuse now what submit would refuse (shutting down, a cap reached, its card gone), so a member can
+        be told before anything public is said. Nothing is held: a submission made meanwhile may still take
+        the last place, and submit checks again."""
+        self._check_room(request.owner_id)
+        if request.interrogation_id is not None and await self._embedding(request.interrogation_id) is None:
+            raise JobRefused(CARD_GONE)
+
     async def _job_with_key(self, key: str) -> Job | None:
         if key in self._keyed:
             return await asyncio.shield(self._keyed[key])
@@ -252,6 +261,12 @@ class JobQueue:
 
     def _reserve(self, owner: int) -> None:
         """Check the caps and hold a place under them; no await may come between the check and the hold."""
+        self._check_room(owner)
+        self._reserved[owner] += 1
+        self._reserved_total += 1
+        self._idle.clear()
+
+    def _check_room(self, owner: int) -> None:
         if self._closed:
             raise JobRefused("The bot is shutting down and takes no new jobs; try again in a minute.")
         cap = self._settings.max_queued_jobs_per_user
@@ -263,9 +278,6 @@ class JobQueue:
         total = self._settings.max_queued_jobs
         if len(self._active) + self._reserved_total >= total:
             raise JobRefused(f"The queue is full ({_count(total, 'job')}); try again in a few minutes.")
-        self._reserved[owner] += 1
-        self._reserved_total += 1
-        self._idle.clear()
 
     async def _flush_intake(self) -> None:
         """Store waiting submissions in groups, one commit per group, then queue and announce them."""

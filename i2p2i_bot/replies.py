@@ -52,6 +52,12 @@ ANSWER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+# What a public "thinking…" placeholder becomes when its work came to nothing; why is told privately.
+WITHDRAWN = "This request did not go through; only the member who made it was told why."
+# Set in Interaction.extras while a public "thinking…" placeholder waits for the message it becomes.
+_PLACEHOLDER = "i2p2i.public_placeholder"
+
+
 # Discord refusing because the world changed under a reply (the channel or message went, a right was taken
 # away, the token ran out): not a bug, so no traceback, and a sentence instead of an error id.
 WORLD_CHANGED = {
@@ -110,6 +116,22 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
     await reply(interaction, message)
 
 
+async def think_in_public(interaction: discord.Interaction) -> None:
+    """Answer with a public "thinking…" placeholder, for work whose answer is a public message.
+
+    Discord turns the first followup after it into that placeholder, public whatever its flags say; until
+    placeholder_replaced is called, reply first makes the placeholder a neutral line (WITHDRAWN), after which
+    an ephemeral followup stays private. So refuse what can be refused before calling this.
+    """
+    await interaction.response.defer(thinking=True)
+    interaction.extras[_PLACEHOLDER] = True
+
+
+def placeholder_replaced(interaction: discord.Interaction) -> None:
+    """Note that the public placeholder became its message; an error from here on is told in a followup."""
+    interaction.extras.pop(_PLACEHOLDER, None)
+
+
 async def reply(interaction: discord.Interaction, message: str) -> None:
     """An ephemeral answer, as the first response or a followup; in the channel once the token is gone."""
     try:
@@ -117,6 +139,8 @@ async def reply(interaction: discord.Interaction, message: str) -> None:
             await interaction.response.send_message(message, ephemeral=True)
             return
         if not interaction.is_expired():
+            if interaction.extras.pop(_PLACEHOLDER, False):
+                await interaction.edit_original_response(content=WITHDRAWN)
             await interaction.followup.send(message, ephemeral=True)
             return
     except ANSWER_ERRORS as exc:

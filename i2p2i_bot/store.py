@@ -37,6 +37,8 @@ from i2p2i_bot.request import GenerationRequest
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # SQLite allows 32766 bound variables; stay far below it in IN (...) lists.
 _IN_CHUNK = 500
+# SQLite's integers are signed 64-bit: no row has an id past these, and binding one raises OverflowError.
+_ROW_IDS = range(-(2**63), 2**63)
 
 
 class StoreError(Exception):
@@ -330,6 +332,8 @@ class Store:
         return [Job.queued(job_id, submitted, now) for job_id, submitted in zip(ids, entries, strict=True)]
 
     async def get_job(self, job_id: int) -> Job | None:
+        if job_id not in _ROW_IDS:  # a number a member sent (a button's custom id, /job)
+            return None
         query = """SELECT * FROM jobs WHERE id = ?"""
         rows = await self._fetchall(query, (job_id,))
         return _job_from_row(rows[0]) if rows else None
@@ -623,6 +627,8 @@ class Store:
         return int(next(iter(rows))["id"])
 
     async def get_interrogation(self, interrogation_id: int) -> StoredInterrogation | None:
+        if interrogation_id not in _ROW_IDS:  # a number a member sent (a card button's custom id)
+            return None
         query = """
             SELECT i.id AS request_id, i.user_id, i.guild_id, i.channel_id, i.cached,
                    i.created_at AS requested_at, r.*

@@ -25,6 +25,7 @@ from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import Priority
 from i2p2i_bot.interrogation import Candidate, Interrogation
+from i2p2i_bot.replies import WITHDRAWN
 from i2p2i_bot.store import CardChoices, Store, StoredInterrogation
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
@@ -176,15 +177,14 @@ def gpu_blocked(bot):
 
 
 async def ephemeral_answer(handle) -> str:
-    """The text of an ephemeral reply, whether sent as the callback or as a followup."""
-    call = await handle.wait_response()
-    data = call.json.get("data") or {}
-    if data.get("content"):
-        assert data["flags"] & 64
-        return data["content"]
-    followup = await handle.wait_call(FOLLOWUP)
-    assert followup.json["flags"] & 64
-    return followup.json["content"]
+    """The text of a reply only the member sees, sent as the callback or as a followup; fails when the
+    member's answer was shown in the channel (as Discord shows a first followup after a public deferral)."""
+    data = (await handle.wait_response()).json.get("data") or {}
+    text = data.get("content") or (await handle.wait_call(FOLLOWUP)).json["content"]
+    shown = [m for m in (handle.original, *handle.followups) if m is not None and m.content == text]
+    assert shown, f"{text!r} was never shown"
+    assert all(m.ephemeral and not m.deleted for m in shown), f"{text!r} was shown in the channel"
+    return text
 
 
 async def test_context_menu(
@@ -229,14 +229,15 @@ async def test_bad_attachments_get_one_sentence(
     content_type: str,
     needle: str,
 ) -> None:
-    """Too big, not an image, or broken: an ephemeral sentence, and no public card."""
+    """Too big, not an image, or broken: an ephemeral sentence, and no public card (at most the neutral line
+    a public "thinking…" becomes when the file turns out broken only once downloaded)."""
     server = discord_server
     async with running_i2p2i(settings_for(server), server, engine):
         upload = server.add_attachment(data, filename, content_type=content_type)
         handle = await server.push_slash("imagine-from", {"image": upload})
         assert needle in await ephemeral_answer(handle)
         public = [m for m in server.messages_in("general") if not m.ephemeral and not m.deleted]
-        assert public == []
+        assert [(m.content, m.embeds, m.attachments) for m in public] in ([], [(WITHDRAWN, [], [])])
 
 
 async def test_decompression_bomb_is_refused_before_download(

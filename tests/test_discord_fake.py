@@ -146,12 +146,18 @@ def _commands() -> list[app_commands.Command | app_commands.ContextMenu]:
         assert original.content == "step 2"
         await interaction.delete_original_response()
 
+    @app_commands.command(description="Defer, then send two ephemeral follow-ups.")
+    async def whisper(interaction: discord.Interaction, private: bool = False) -> None:
+        await interaction.response.defer(thinking=True, ephemeral=private)
+        await interaction.followup.send("first", ephemeral=not private)
+        await interaction.followup.send("second", ephemeral=True)
+
     @app_commands.context_menu(name="Echo attachments")
     async def echo_attachments(interaction: discord.Interaction, message: discord.Message) -> None:
         names = ", ".join(a.filename for a in message.attachments)
         await interaction.response.send_message(f"{len(message.attachments)} attachment(s): {names}")
 
-    return [ping, prompt, late, choose, steps, echo_attachments]
+    return [ping, prompt, late, choose, steps, whisper, echo_attachments]
 
 
 @pytest.fixture
@@ -186,7 +192,7 @@ async def test_login_ready_and_command_sync(server: FakeDiscord, bot: TinyBot) -
     assert [f.t for f in server.frames(direction="out", op=0)][:2] == ["READY", "GUILD_CREATE"]
     assert len(server.frames(op=IDENTIFY)) == 1
     synced = {(c["name"], c["type"]) for c in server.synced_commands()}
-    names = {"ping", "prompt", "late", "choose", "steps"}
+    names = {"ping", "prompt", "late", "choose", "steps", "whisper"}
     assert synced == {(name, 1) for name in names} | {("Echo attachments", 3)}
     ping = server.command("ping")
     assert ping is not None and ping["options"][0]["type"] == 11  # the attachment option
@@ -217,6 +223,27 @@ async def test_ping_defers_then_sends_a_file_followup(server: FakeDiscord, bot: 
     assert original.file("echo.bin") == b"pong"
     assert original.custom_ids() == ["t:press:7"]
     assert handle.followups == []  # the first follow-up replaced the "thinking…" placeholder
+
+
+async def test_first_followup_after_a_deferral_keeps_the_deferrals_visibility(
+    server: FakeDiscord, bot: TinyBot
+) -> None:
+    """The first follow-up after a "thinking…" deferral replaces the placeholder and, as on Discord, is as
+    public or private as the deferral whatever its own flags say; later follow-ups keep their flags."""
+    public = await server.push_slash("whisper")
+    first, second = [await public.wait_followup(n) for n in (1, 2)]
+    assert first.json["flags"] & EPHEMERAL and second.json["flags"] & EPHEMERAL
+    original = public.original
+    assert original is not None and (original.content, original.ephemeral) == ("first", False)
+    [extra] = public.followups
+    assert (extra.content, extra.ephemeral) == ("second", True)
+    assert [m.content for m in server.messages_in("general", include_ephemeral=False)] == ["first"]
+
+    private = await server.push_slash("whisper", {"private": True})
+    await private.wait_followup(2)
+    original = private.original
+    assert original is not None and (original.content, original.ephemeral) == ("first", True)
+    assert [(m.content, m.ephemeral) for m in private.followups] == [("second", True)]
 
 
 async def test_attachment_option_is_downloaded_from_the_loopback(server: FakeDiscord, bot: TinyBot) -> None:

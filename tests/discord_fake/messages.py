@@ -324,8 +324,10 @@ class MessageStore:
         if "components" in body:
             message.components = copy.deepcopy(body["components"] or [])
         if body.get("flags") is not None:
+            # An edit cannot make a message ephemeral or public: that was fixed when it was made.
             kept = message.flags & ~_CLIENT_FLAGS
-            message.flags = kept | (int(body["flags"]) & _CLIENT_FLAGS) | (message.flags & EPHEMERAL)
+            asked = int(body["flags"]) & _CLIENT_FLAGS & ~EPHEMERAL
+            message.flags = kept | asked | (message.flags & EPHEMERAL)
         if "attachments" in body or files:
             message.attachments = self._attachments_for(
                 message.channel_id, message.attachments, body, files, ephemeral=message.ephemeral

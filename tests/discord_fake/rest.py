@@ -491,8 +491,16 @@ class RestApi:
         body = call.json or {}
         check_message(body, call.files, upload_limit_bytes=record.attachment_size_limit, creating=True)
         original = server.messages.get(record.original_message_id or 0)
-        if record.response_type == ix.DEFERRED_CHANNEL_MESSAGE and original is not None and original.loading:
-            # The first follow-up after a deferred ("thinking…") response replaces the placeholder.
+        if (
+            record.response_type == ix.DEFERRED_CHANNEL_MESSAGE
+            and original is not None
+            and original.loading
+            and not original.deleted
+        ):
+            # Discord's "Create Followup Message": directly after a deferred ("thinking…") response, a
+            # follow-up works as "Edit Original Interaction Response": it replaces the placeholder, and its
+            # ephemeral flag is ignored, since a message's ephemerality is fixed when it is made (here, by the
+            # deferral). An ephemeral answer after a public deferral lands in the channel.
             server.messages.edit(original, now=server.clock.now(), body=body, files=call.files)
             message = original
             await server._message_event("MESSAGE_UPDATE", message)
