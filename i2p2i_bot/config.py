@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from i2p2i_bot.lookalikes import fold
+
 DEFAULT_GENERATOR = "CompVis/stable-diffusion-v1-4"
 DEFAULT_CLIP = "ViT-L-14/openai"
 DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
@@ -88,7 +90,7 @@ class InterrogateSettings:
         _between("interrogate.caption_max_tokens", self.caption_max_tokens, 4, 128)
         if self.labels_dir and not Path(self.labels_dir).expanduser().is_dir():
             raise ConfigError(f"interrogate.labels_dir {self.labels_dir!r} is not a directory")
-        if any(not term.strip() for term in self.banned_terms):
+        if any(not fold(term).strip() for term in self.banned_terms):
             raise ConfigError("interrogate.banned_terms must not contain empty strings")
 
 

@@ -8,9 +8,12 @@ Each way of posting is tried once, and again only when the failure may pass (Dis
 after discord.py's own retries, a 5xx, a dropped connection): a refusal (expired token, deleted channel,
 missing permission, closed DMs) moves on at once, so no dead token is ever retried in a loop. Posts carry
 the job's nonce, which Discord enforces, so a retry after a lost answer gets the first message back instead
-of posting the result twice. Once the result has gone past the edit of its own message, the store forgets
-the interaction token before anything else is posted: a restart after a post whose answer was lost (a crash,
-a kill) goes the same way again, with the same nonce, instead of editing in a second copy.
+of posting the result twice. An edit's answer can be lost after Discord applied it, so before the result
+goes anywhere else the job's message is read back: a result already there counts as delivered, and when
+the message cannot be read the delivery waits for its next try rather than post blind. Once the result
+has gone past the edit of its own message, the store forgets the interaction token before anything else
+is posted: a restart after a post whose answer was lost (a crash, a kill) goes the same way again, with
+the same nonce, instead of editing in a second copy.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class Failure:
 
 
 # The ways of posting that use the interaction's token (the others use the bot's own).
-TOKEN_PATHS = frozenset({"edit", "progress"})
+TOKEN_PATHS = frozenset({"edit", "progress", "read-back"})
 
 
 def classify(path: str, exc: BaseException) -> Failure:
@@ -410,29 +413,45 @@ class ResultDelivery:
         nonce = f"i2p2i-job-{job.id}"
         failures: list[Failure] = []
 
-        if _token_alive(delivery) and delivery.message_id is not None:
-            message_id = delivery.message_id
+        message_id = delivery.message_id
+        by_webhook = _token_alive(delivery)
+        if by_webhook and message_id is not None:
+            job_message_id = message_id
 
             async def edit() -> None:
                 if not _token_alive(delivery):  # discord.py may have slept out the token on 429s
                     raise Unusable("the interaction's 15 minutes were over")
                 await self._webhook(delivery).edit_message(
-                    message_id, content=content, embed=embed, attachments=files.files(), **extra
+                    job_message_id, content=content, embed=embed, attachments=files.files(), **extra
                 )
 
             failure = await self._attempt("edit", job, edit)
             if failure is None:
                 return "edited", failures
             failures.append(failure)
+            by_webhook = not failure.token_dead
+            if failure.message_gone:
+                message_id = None
+
+        if message_id is not None:
+            # An edit whose answer was lost may have been applied (in this try, or in one a kill or restart
+            # cut short): look at the message before posting a second copy anywhere else.
+            shown = await self._read_back(job, delivery, message_id, embed, by_webhook=by_webhook)
+            if isinstance(shown, Failure):
+                # Not knowing, posting could show the result twice: wait, and try again later (the token
+                # is kept, so a try while it lives edits this same message).
+                failures.append(shown)
+                return None, failures
+            if shown:
+                return "edited", failures
+
+        if delivery.interaction_token is not None and failures:
             # The result goes elsewhere now; if this run ends before the store hears of it, the next start
             # must not edit a second copy into this message. Pointing at the result still uses the token.
             await self.bot.store.set_delivery(
                 job.id,
                 dataclasses.replace(
-                    delivery,
-                    interaction_token=None,
-                    token_expires_at=None,
-                    message_id=None if failure.message_gone else delivery.message_id,
+                    delivery, interaction_token=None, token_expires_at=None, message_id=message_id
                 ),
             )
 
@@ -462,6 +481,45 @@ class ResultDelivery:
         failures.append(failure)
         return None, failures
 
+    async def _read_back(
+        self, job: Job, delivery: Delivery, message_id: int, embed: discord.Embed, *, by_webhook: bool
+    ) -> bool | Failure:
+        """Whether the job's own message already shows its result; a Failure when Discord would not say.
+
+        Read through the interaction's webhook while its token lives, else through the channel. Only the
+        result puts an embed on a job's message, so its title is the mark. A refusal to read (the message or
+        channel is gone, no right to read history) counts as not shown: no wait would change it, and a
+        result never posted is worse than one posted twice.
+        """
+        found: list[discord.Message] = []
+        failure: Failure | None = None
+        if by_webhook:
+
+            async def read_webhook() -> None:
+                found.append(await self._webhook(delivery).fetch_message(message_id))
+
+            failure = await self._attempt("read-back", job, read_webhook)
+        channel_id = delivery.channel_id or job.channel_id
+        if (failure is None and not by_webhook) or (failure is not None and failure.token_dead):
+            if channel_id is None:
+                return False
+
+            async def read_channel() -> None:
+                assert channel_id is not None
+                messageable = self.bot.get_partial_messageable(channel_id)
+                found.append(await messageable.fetch_message(message_id))
+
+            failure = await self._attempt("channel read-back", job, read_channel)
+        if failure is not None and failure.transient:
+            return failure
+        if failure is not None:
+            log.info("could not read job %d's message back (%s); posting its result", job.id, failure.reason)
+            return False
+        shown = any(e.title == embed.title for e in found[0].embeds)
+        if shown:
+            log.info("job %d's message already shows its result: an edit's answer was lost", job.id)
+        return shown
+
     async def _attempt(self, path: str, job: Job, send: Callable[[], Awaitable[None]]) -> Failure | None:
         """One way of posting, tried again only while its failure may pass; None when it worked."""
         failure: Failure | None = None
@@ -473,7 +531,7 @@ class ResultDelivery:
                 return Failure(path, str(exc))
             except ANSWER_ERRORS as exc:
                 failure = classify(path, exc)
-                log.info("posting job %d by %s failed (try %d): %s", job.id, path, attempt, exc)
+                log.info("job %d: %s failed (try %d): %s", job.id, path, attempt, exc)
             if not failure.transient or attempt == PATH_TRIES:
                 break
             await asyncio.sleep(RETRY_PAUSE_S * attempt)

@@ -14,6 +14,8 @@ import secrets
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING
 
+from i2p2i_bot.lookalikes import visible
+
 if TYPE_CHECKING:
     from i2p2i_bot.config import GenerateSettings
 
@@ -148,12 +150,14 @@ def plan(request: GenerationRequest, settings: GenerateSettings, model: str) -> 
     Raises GenerationError, one sentence for the member, for anything out of bounds. A request that is
     planned already is checked again (the settings may have changed since) and keeps its seed.
     """
-    prompt = request.prompt.strip()
+    # Characters that draw nothing (zero-width spaces, soft hyphens...) are dropped from what is generated
+    # and shown; a prompt of nothing else is empty, as it is once folded for matching banned terms.
+    prompt = visible(request.prompt).strip()
     if not prompt:
         raise GenerationError("The prompt is empty; write what the image should show.")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise GenerationError(f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
-    negative = (
+    negative = visible(
         settings.negative_prompt if request.negative_prompt is None else request.negative_prompt
     ).strip()
     if len(negative) > MAX_PROMPT_CHARS:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import resources
 
 from i2p2i_bot.config import InterrogateSettings
+from i2p2i_bot.lookalikes import fold, skeleton, skeleton_with_origins
 
 
 def default_banned_terms() -> list[str]:
@@ -16,19 +17,24 @@ def default_banned_terms() -> list[str]:
 
 
 class BannedTerms:
-    """Matches banned words and phrases as whole words, ignoring case."""
+    """Matches banned words and phrases as whole words, however they are written.
+
+    Text and terms are both folded (lookalikes.fold: fullwidth letters, zero-width characters, soft
+    hyphens and case make no difference), then matched again as skeletons (look-alikes read as the ASCII
+    they imitate): "nudе" with a Cyrillic "е" is "nude". A skeleton match between ASCII text and an ASCII
+    term does not count, since the skeleton also reads some ASCII as other ASCII and "pom" is not "porn"
+    ("m" reads as "rn"). Accents are letters of their own: "göre" is not "gore".
+    """
 
     def __init__(self, terms: Iterable[str]) -> None:
         self.terms = tuple(
-            sorted({t.strip().lower() for t in terms if t.strip()}, key=lambda t: (-len(t), t))
+            sorted({t.strip().lower() for t in terms if fold(t).strip()}, key=lambda t: (-len(t), t))
         )
-        if self.terms:
-            alternatives = "|".join(re.escape(t) for t in self.terms)
-            self._pattern: re.Pattern[str] | None = re.compile(
-                rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE
-            )
-        else:
-            self._pattern = None
+        self._folded = {fold(t).strip(): t for t in reversed(self.terms)}
+        self._skeletons = {skeleton(folded): t for folded, t in self._folded.items()}
+        self._ascii_terms = all(folded.isascii() for folded in self._folded)
+        self._pattern = _whole_words(self._folded)
+        self._skeleton_pattern = _whole_words(self._skeletons)
 
     @classmethod
     def from_settings(cls, settings: InterrogateSettings) -> BannedTerms:
@@ -39,14 +45,26 @@ class BannedTerms:
 
     def find(self, text: str) -> list[str]:
         """The distinct banned terms in text, in order of appearance (empty when the text is clean)."""
-        if self._pattern is None:
+        if self._pattern is None or self._skeleton_pattern is None:
             return []
-        found: list[str] = []
-        for match in self._pattern.finditer(text):
-            term = match.group(0).lower()
-            if term not in found:
-                found.append(term)
-        return found
+        folded = fold(text)
+        hits = [(m.start(), self._folded[m.group(0)]) for m in self._pattern.finditer(folded)]
+        if not (folded.isascii() and self._ascii_terms) and self._skeleton_pattern.search(skeleton(folded)):
+            read, origin = skeleton_with_origins(folded)
+            for m in self._skeleton_pattern.finditer(read):
+                start, end = origin[m.start()], origin[m.end() - 1] + 1
+                term = self._skeletons[m.group(0)]
+                if not (folded[start:end].isascii() and fold(term).isascii()):
+                    hits.append((start, term))
+        return list(dict.fromkeys(term for _, term in sorted(hits)))
 
     def allows(self, text: str) -> bool:
-        return self._pattern is None or self._pattern.search(text) is None
+        return not self.find(text)
+
+
+def _whole_words(terms: Mapping[str, str]) -> re.Pattern[str] | None:
+    """One pattern matching any of the (folded) terms as whole words, longest first."""
+    if not terms:
+        return None
+    alternatives = "|".join(re.escape(t) for t in sorted(terms, key=lambda t: (-len(t), t)))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")

@@ -518,6 +518,52 @@ async def test_banned_prompt_is_refused(
         assert await bot.store.get_job(1) is None
 
 
+async def test_disguised_banned_terms_are_refused_in_the_edit_modal(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """An edited prompt that spells a banned term in fullwidth letters, with a zero-width space or a soft
+    hyphen inside, or with a Cyrillic look-alike, is refused like the plain word."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut)
+        for prompt in (
+            "a ＮＳＦＷ poster",
+            "a ns\u200bfw poster",
+            "a ns\u00adfw poster",
+            "a n\u0455fw poster",
+        ):
+            edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+            await edit.wait_response()
+            submit = await server.push_modal_submit(edit, {"Prompt": prompt})
+            assert "banned terms (nsfw)" in await ephemeral_answer(submit), prompt
+        assert await bot.store.get_job(1) is None
+
+
+async def test_typed_prompts_are_read_as_they_look(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+) -> None:
+    """/imagine: a look-alike in the prompt or a soft hyphen in the negative is refused; a prompt of only
+    zero-width characters is empty; one with a zero-width space inside is made without it."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        cyrillic = await server.push_slash("imagine", {"prompt": "a nud\u0435 statue"})
+        assert "banned terms (nude)" in await ephemeral_answer(cyrillic)
+        negative = await server.push_slash("imagine", {"prompt": "a statue", "negative": "go\u00adre"})
+        assert "banned terms (gore)" in await ephemeral_answer(negative)
+        blank = await server.push_slash("imagine", {"prompt": "\u200b\u200b\u2060"})
+        assert await ephemeral_answer(blank) == "The prompt is empty; write what the image should show."
+        assert await bot.store.get_job(1) is None
+        kite = await server.push_slash("imagine", {"prompt": "a red\u200b kite", "count": 1})
+        await kite.wait_followup(timeout_s=30)
+        job = await bot.store.get_job(1)
+        assert job is not None and job.request.prompt == "a red kite"
+
+
 async def test_expired_token_delivers_in_the_channel(
     discord_server: FakeDiscord,
     settings_for,

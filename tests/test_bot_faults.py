@@ -32,6 +32,8 @@ from tests.test_bot import describe, eventually, generate, gpu_blocked
 EDIT = "PATCH /webhooks/{app}/{token}/messages/{message}"
 FOLLOWUP = "POST /webhooks/{app}/{token}"
 POST = "POST /channels/{channel}/messages"
+READ = "GET /webhooks/{app}/{token}/messages/{message}"
+READ_CHANNEL = "GET /channels/{channel}/messages/{message}"
 # What discord.py makes of one request: the first try and up to four retries.
 DISCORD_PY_TRIES = 5
 
@@ -406,6 +408,74 @@ async def test_connection_cut_during_the_result_edit(
         assert server.calls(POST) == []
         with_files = [m for m in server.messages_in("general") if m.attachments and not m.deleted]
         assert [m.id for m in with_files] == [card.id, press.original.id]  # the card, and one result
+
+
+async def test_result_edit_applied_but_unanswered_twice_shows_one_result(
+    server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+    bot_logs: pytest.LogCaptureFixture,
+) -> None:
+    """Discord applies the result edit and the answer is lost, twice: the bot reads the message back, sees
+    its result there, and posts no second copy in the channel."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut, count=2)
+        cut = server.cut_next(EDIT, times=2, moment="after", predicate=lambda c: bool(c.files))
+        press = await generate(server, card)
+        job = await delivered(bot, 1)
+        assert len(cut.hits) == 2 and all(c.cut for c in cut.hits)
+        assert [c for c in uploads(server) if c.route == POST] == []
+        (read,) = server.calls(READ, with_token(press.token))
+        assert read.ok and read.params["message"] == str(press.original.id)
+        with_files = [m for m in server.messages_in("general") if m.attachments and not m.deleted]
+        assert [m.id for m in with_files] == [card.id, press.original.id]  # the card, and one result
+        assert "job #1 is done" in press.original.content
+        assert job.delivery_error is None and bot.delivery.delivery_state(job) is None
+        assert server.dm_messages("alice") == []
+
+
+@pytest.mark.parametrize("token", ["lives", "expired"])
+async def test_result_edit_unanswered_and_unreadable_waits_rather_than_posting_blind(
+    server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+    token: str,
+    bot_logs: pytest.LogCaptureFixture,
+) -> None:
+    """The edit's answer is lost twice and reading the message back fails too: nothing is posted blind;
+    the job waits with a reason, and the next try leaves one result: the same message edited again while
+    the token lives, or, once it expired, the message read back through the channel."""
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        bot.delivery.redelivery_delays_s = (0.5,)
+        _, card = await describe(server, astronaut, count=2)
+        server.cut_next(EDIT, times=2, moment="after", predicate=lambda c: bool(c.files))
+        unreadable = server.fail_next(READ, status=503, times=10_000)
+        press = await generate(server, card)
+        await server.wait_until(lambda: bot.delivery.undeliverable(1), timeout_s=60)
+        stored = await bot.store.get_job(1)
+        assert stored is not None and stored.delivered_at is None
+        assert (stored.delivery_error or "").startswith("Discord kept failing (HTTP 503). It will be tried")
+        assert [c for c in uploads(server) if c.route == POST] == []
+        reads = len(unreadable.hits)
+        assert reads == result_delivery.PATH_TRIES * DISCORD_PY_TRIES
+        if token == "expired":
+            press.expire()
+        unreadable.remaining = 0  # Discord answers again
+        job = await delivered(bot, 1)
+        assert job.delivery_error is None
+        assert [c for c in uploads(server) if c.route == POST] == []
+        channel_reads = server.calls(READ_CHANNEL)
+        if token == "expired":
+            (read,) = channel_reads
+            assert read.ok and read.params["message"] == str(press.original.id)
+        else:
+            assert channel_reads == []
+            assert uploads(server)[-1].route == EDIT and uploads(server)[-1].ok
+        with_files = [m for m in server.messages_in("general") if m.attachments and not m.deleted]
+        assert [m.id for m in with_files] == [card.id, press.original.id]
+        assert server.dm_messages("alice") == []
 
 
 async def test_connection_cut_after_a_channel_post_does_not_post_twice(

@@ -135,11 +135,12 @@ def test_prompt_override(config_file: Path, photos: Path, tmp_path: Path) -> Non
     assert len(record["images"]) == 1
 
 
+@pytest.mark.parametrize("append", ["NSFW", "ＮＳＦＷ", "ns\u200bfw", "n\u0455fw"])
 def test_banned_append_is_refused_before_loading(
-    config_file: Path, photos: Path, capsys: pytest.CaptureFixture[str]
+    config_file: Path, photos: Path, capsys: pytest.CaptureFixture[str], append: str
 ) -> None:
-    """Appending a banned term stops at once with one sentence naming it."""
-    code = main(["--config", str(config_file), "imagine-from", str(photos), "--append", "NSFW"])
+    """Appending a banned term, plain or disguised, stops at once with one sentence naming it."""
+    code = main(["--config", str(config_file), "imagine-from", str(photos), "--append", append])
     assert code == 2
     assert "banned terms (nsfw)" in capsys.readouterr().err
 
@@ -235,6 +236,7 @@ def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
         (["describe", "{tmp}/empty"], 1, "empty: no images in this folder"),
         (["imagine-from", "{tmp}/photos/notes.png"], 1, "notes.png: That file is not an image I can read"),
         (["generate", ""], 2, "The prompt is empty; write what the image should show."),
+        (["generate", "\u200b\u00ad"], 2, "The prompt is empty; write what the image should show."),
         (["imagine-from", "{tmp}/photos", "--prompt", ""], 2, "The prompt is empty"),
         (["generate", "a kite", "--out", "{tmp}/photos/cat.jpg/x"], 2, "cat.jpg is a file, not a folder"),
         (["imagine-from", "{tmp}/photos", "--out", "{tmp}/photos/cat.jpg"], 2, "is a file, not a folder"),
