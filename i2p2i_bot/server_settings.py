@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.lookalikes import fold
 from i2p2i_bot.request import MAX_PROMPT_CHARS
 from i2p2i_bot.terms import BannedTerms
 
@@ -285,7 +286,8 @@ def _size(text: str) -> tuple[int, int]:
 def _terms(text: str) -> tuple[str, ...]:
     if text.lower() == "none":
         return ()
-    terms = tuple(dict.fromkeys(term.strip() for term in text.split(",") if term.strip()))
+    # A term of invisible characters alone would match nothing (lookalikes.fold drops them).
+    terms = tuple(dict.fromkeys(term.strip() for term in text.split(",") if fold(term).strip()))
     if not terms:
         raise SettingError("List the banned terms separated by commas, or write none.")
     if len(terms) > MAX_BANNED_TERMS:

@@ -93,6 +93,8 @@ def test_lists_channels_and_resets() -> None:
     terms = server.changed("banned_terms", "kite, Red Balloon , kite", BASE)
     assert terms.banned_terms == ("kite", "Red Balloon")
     assert terms.changed("banned_terms", "none", BASE).banned_terms == ()
+    with pytest.raises(SettingError, match="List the banned terms"):
+        terms.changed("banned_terms", "\u200b, \u00ad", BASE)
     assert (
         terms.reset("channels").channel_ids == ()
         and terms.reset("channels").banned_terms == terms.banned_terms
@@ -128,6 +130,8 @@ async def test_the_book_stores_each_server_and_reads_them_back(tmp_path: Path) -
             (2, '{"steps": 10}', 98),
         ]
         assert book.banned(1).find("a NSFW kite") == ["nsfw", "kite"]
+        # However it is written: a Cyrillic look-alike and a zero-width space are still the server's term.
+        assert book.banned(1).find("a k\u0456\u200bte") == ["kite"]
         assert book.banned(2).find("a kite") == [] and book.banned(None) is banned
         assert book.generate(2).steps == 10 and book.generate(None) == BASE
 
