@@ -25,7 +25,8 @@ from PIL import Image
 
 from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
 from i2p2i_bot.config import InterrogateMode
-from i2p2i_bot.images import ImageError, check_declared, load_intake
+from i2p2i_bot.decode_queue import answer_deferred
+from i2p2i_bot.images import ImageError, check_declared
 from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import PrivateView, Refusal, report_error
@@ -129,10 +130,19 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # image declares no size, and the download's cap does the rest.
         limit = settings.intake.max_bytes
         check_declared(source.size, source.width, source.height, source.content_type, settings.intake)
-        await interaction.response.defer(thinking=True)
+        deferred = await interaction.response.defer(thinking=True)
+        # Kept in the store until answered, so that a restart answers it if the bot dies meanwhile.
+        async with bot.pending_describes.held(interaction, deferred):
+            await self.describe_deferred(interaction, source, mode, count, limit)
+
+    async def describe_deferred(
+        self, interaction: discord.Interaction, source: ImageSource, mode: str, count: int, limit: int
+    ) -> None:
+        """The describe once deferred: download, decode, interrogate and post the card."""
+        bot = self.bot
         try:
             data = await self.download(source, limit)
-            intake = await asyncio.to_thread(load_intake, data, settings.intake)
+            intake = await bot.decodes.load(interaction, data)
             stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode)
             # Saved once the interrogation that names it is stored: another member's /forget either saw
             # that row and keeps the file, or removed it before the row existed and this writes it again.
@@ -143,7 +153,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
         thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
         message = await card_message(bot, stored, interaction.user.display_name, count, thumbnail)
-        await interaction.followup.send(**message)
+        await answer_deferred(interaction, message)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
