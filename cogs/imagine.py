@@ -131,8 +131,12 @@ class ImagineCog(commands.Cog, name="Imagine"):
         limit = settings.intake.max_bytes
         check_declared(source.size, source.width, source.height, source.content_type, settings.intake)
         deferred = await interaction.response.defer(thinking=True)
-        # Kept in the store until answered, so that a restart answers it if the bot dies meanwhile.
-        async with bot.pending_describes.held(interaction, deferred):
+        # Kept in the store until answered, so that a restart answers it if the bot dies meanwhile; its
+        # decoded picture counts against the decoding memory until then.
+        async with (
+            bot.pending_describes.held(interaction, deferred),
+            bot.decodes.kept_for(interaction),
+        ):
             await self.describe_deferred(interaction, source, mode, count, limit)
 
     async def describe_deferred(

@@ -58,7 +58,8 @@ class IntakeSettings:
     max_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 16384
-    # Memory the bot's uploads may take while being decoded, all of them together; the rest wait their turn.
+    # Memory members' uploads may take, all together, from their decoding until their cards are posted; the
+    # rest wait their turn.
     decode_memory_mb: int = 1024
 
     def validate(self) -> None:

@@ -1,22 +1,27 @@
 """Members' uploads decoded off the event loop, as many at once as the memory budget holds.
 
-Decoding a large picture takes several times its pixel count in bytes for a moment (images.decode_cost);
-six members sending 36-megapixel pictures at once would all take it together. Each decode reserves its
-cost, read from the upload's header, in one budget (intake.decode_memory_mb); uploads that do not fit wait
-their turn, in order, and their members see a waiting line in place of "thinking…" meanwhile.
+Decoding a large picture takes several times its pixel count in bytes for a moment (images.decode_cost),
+and the picture it makes stays in memory until its card is posted, GPU queue included; six members
+sending 36-megapixel pictures at once would take all of it together. Each decode reserves its cost, read
+from the upload's header, in one budget (intake.decode_memory_mb), and inside `kept_for` keeps the part its
+picture holds until the describe ends. Uploads that do not fit wait their turn, in order, and their
+members see a waiting line in place of "thinking…" meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import discord
 
 from i2p2i_bot.config import IntakeSettings
-from i2p2i_bot.images import ImageError, Intake, decode_cost, load_intake
+from i2p2i_bot.images import ImageError, Intake, decode_cost, held_bytes, load_intake
 from i2p2i_bot.memory_budget import MemoryBudget
 from i2p2i_bot.replies import ANSWER_ERRORS
 
@@ -35,6 +40,17 @@ class DecodeQueue:
     def __init__(self, limits: IntakeSettings) -> None:
         self.limits = limits
         self.budget = MemoryBudget(limits.decode_memory_bytes)
+        # Bytes the pictures decoded for each interaction inside kept_for hold, by interaction id.
+        self._kept: collections.Counter[int] = collections.Counter()
+
+    @contextlib.asynccontextmanager
+    async def kept_for(self, interaction: discord.Interaction) -> AsyncIterator[None]:
+        """Count the pictures `load` decodes for `interaction` against the budget until the block ends."""
+        self._kept[interaction.id] = 0
+        try:
+            yield
+        finally:
+            self.budget.release(self._kept.pop(interaction.id))
 
     async def load(self, interaction: discord.Interaction, data: bytes) -> Intake:
         """Decode `data` (load_intake) once its cost fits the budget, telling the member if they must wait.
@@ -53,8 +69,18 @@ class DecodeQueue:
             log.info("upload for user %d waits for %d MB to decode", interaction.user.id, cost // _MIB)
             await show_waiting(interaction)
 
-        async with self.budget.reserve(cost, on_wait=say_waiting):
-            return await asyncio.to_thread(load_intake, data, self.limits)
+        await self.budget.acquire(cost, on_wait=say_waiting)
+        try:
+            intake = await asyncio.to_thread(load_intake, data, self.limits)
+        except BaseException:
+            self.budget.release(cost)
+            raise
+        kept = 0
+        if interaction.id in self._kept:
+            kept = min(cost, held_bytes(intake.image))
+            self._kept[interaction.id] += kept
+        self.budget.release(cost - kept)
+        return intake
 
 
 async def show_waiting(interaction: discord.Interaction) -> None:

@@ -181,6 +181,11 @@ def decode_cost(data: bytes, limits: IntakeSettings = DEFAULT_LIMITS) -> int:
         return width * height * _peak_bytes_per_pixel(source.mode, "transparency" in source.info)
 
 
+def held_bytes(image: Image.Image) -> int:
+    """What a decoded upload (RGB) holds in memory for as long as it is kept."""
+    return image.width * image.height * _RGB_BYTES_PER_PIXEL
+
+
 def _peak_bytes_per_pixel(mode: str, keyed: bool) -> int:
     frame = _FRAME_BYTES_PER_PIXEL.get(mode, 4)
     if mode in ("I", "F") or mode.startswith("I;16"):

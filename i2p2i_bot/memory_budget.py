@@ -61,13 +61,17 @@ class MemoryBudget:
 
         Raises OverBudget at once for more than the whole budget. A cancelled wait takes nothing.
         """
-        await self._acquire(size_bytes, on_wait)
+        await self.acquire(size_bytes, on_wait=on_wait)
         try:
             yield
         finally:
-            self._release(size_bytes)
+            self.release(size_bytes)
 
-    async def _acquire(self, size_bytes: int, on_wait: Callable[[], Awaitable[object]] | None) -> None:
+    async def acquire(
+        self, size_bytes: int, *, on_wait: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        """Take ``size_bytes``, waiting as `reserve` does; give them back with `release`, all at once or in
+        parts (a decode keeps only the picture it made)."""
         if size_bytes < 0:
             raise ValueError(f"cannot reserve a negative size ({size_bytes})")
         if not self.fits(size_bytes):
@@ -84,7 +88,7 @@ class MemoryBudget:
         except BaseException:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 # Granted just as the wait was given up: hand the bytes back to whoever is next.
-                self._release(size_bytes)
+                self.release(size_bytes)
             else:
                 waiter.granted.cancel()
                 with contextlib.suppress(ValueError):
@@ -97,7 +101,10 @@ class MemoryBudget:
         self._in_use += size_bytes
         self._peak = max(self._peak, self._in_use)
 
-    def _release(self, size_bytes: int) -> None:
+    def release(self, size_bytes: int) -> None:
+        """Give back bytes taken with `acquire`."""
+        if not 0 <= size_bytes <= self._in_use:
+            raise ValueError(f"cannot release {size_bytes} bytes of the {self._in_use} reserved")
         self._in_use -= size_bytes
         self._grant()
 

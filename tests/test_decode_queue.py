@@ -15,7 +15,7 @@ from PIL import Image
 
 from i2p2i_bot import images
 from i2p2i_bot.config import IntakeSettings, Settings
-from i2p2i_bot.decode_queue import WAITING_LINE
+from i2p2i_bot.decode_queue import WAITING_LINE, DecodeQueue
 from i2p2i_bot.images import ImageError, decode_cost
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, running_fake_discord
@@ -128,3 +128,34 @@ async def test_an_upload_needing_more_than_the_whole_budget_is_refused(
         )
         assert bot.decodes.budget.peak_bytes == 0
         assert await bot.store.recent_interrogations(server.user("alice").id) == []
+
+
+class Member:
+    """What DecodeQueue uses of an interaction."""
+
+    def __init__(self, interaction_id: int) -> None:
+        self.id = interaction_id
+        self.extras: dict[str, Any] = {}
+        self.user = self
+        self.edits: list[dict[str, Any]] = []
+        self.edited = asyncio.Event()
+
+    async def edit_original_response(self, **fields: Any) -> None:
+        self.edits.append(fields)
+        self.edited.set()
+
+
+async def test_a_decoded_picture_counts_until_its_describe_ends() -> None:
+    """Inside kept_for the picture a decode made stays counted (4 bytes a pixel) until the block ends, so
+    the next big upload waits for the describe, not just the decode; outside it nothing stays."""
+    queue = DecodeQueue(IntakeSettings(decode_memory_mb=BUDGET_MB))
+    alice, bob = Member(1), Member(2)
+    async with queue.kept_for(alice):  # type: ignore[arg-type]
+        await queue.load(alice, picture(1500, "teal"))  # type: ignore[arg-type]
+        assert queue.budget.in_use_bytes == 1500 * 1500 * 4
+        waiting = asyncio.create_task(queue.load(bob, picture(1400, "orange")))  # type: ignore[arg-type]
+        await asyncio.wait_for(bob.edited.wait(), 10)
+        assert bob.edits == [{"content": WAITING_LINE}] and not waiting.done()
+    await waiting
+    assert queue.budget.in_use_bytes == 0 and alice.edits == []
+    assert queue.budget.peak_bytes == 1500 * 1500 * 8

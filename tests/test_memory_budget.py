@@ -110,3 +110,22 @@ async def test_a_wait_cancelled_just_as_it_was_granted_gives_the_bytes_back() ->
 def test_a_budget_needs_a_size() -> None:
     with pytest.raises(ValueError):
         MemoryBudget(0)
+
+
+async def test_bytes_go_back_in_parts_and_never_more_than_were_taken() -> None:
+    """A decode keeps the part its picture holds and returns the rest; whoever waits for the returned part
+    goes in at once."""
+    budget = MemoryBudget(100)
+    log: list[str] = []
+    await budget.acquire(80)
+    waiter = Holder(budget, "waiter", 50, log)
+    await settle()
+    budget.release(30)
+    await settle()
+    assert log == ["waiter waits", "waiter in (100)"]
+    with pytest.raises(ValueError):
+        budget.release(101)
+    budget.release(50)
+    waiter.release.set()
+    await waiter.task
+    assert budget.in_use_bytes == 0

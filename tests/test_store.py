@@ -80,9 +80,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
         "interrogation_results",
         "cards",
         "pending_describes",
-    } <= tables(
-        tmp_path / "db.sqlite3"
-    )
+    } <= tables(tmp_path / "db.sqlite3")
 
 
 async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: Path) -> None:
