@@ -25,7 +25,8 @@ from PIL import Image
 
 from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
 from i2p2i_bot.config import GenerateSettings, InterrogateMode
-from i2p2i_bot.images import ImageError, check_declared, load_intake
+from i2p2i_bot.decode_queue import answer_deferred
+from i2p2i_bot.images import ImageError, check_declared
 from i2p2i_bot.job_controls import PromptModal, bot_of, start_job, whole_number
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import (
@@ -189,10 +190,29 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # image declares no size, and the download's cap does the rest.
         limit = settings.intake.max_bytes
         check_declared(source.size, source.width, source.height, source.content_type, settings.intake)
-        await think_in_public(interaction)
+        deferred = await think_in_public(interaction)
+        # Kept in the store until answered, so that a restart answers it if the bot dies meanwhile; its
+        # decoded picture counts against the decoding memory until then.
+        async with (
+            bot.pending_describes.held(interaction, deferred),
+            bot.decodes.kept_for(interaction),
+        ):
+            await self.describe_deferred(interaction, source, mode, count, limit, sampling)
+
+    async def describe_deferred(
+        self,
+        interaction: discord.Interaction,
+        source: ImageSource,
+        mode: str,
+        count: int,
+        limit: int,
+        sampling: CardChoices,
+    ) -> None:
+        """The describe once deferred: download, decode, interrogate and post the card."""
+        bot = self.bot
         try:
             data = await self.download(source, limit)
-            intake = await asyncio.to_thread(load_intake, data, settings.intake)
+            intake = await bot.decodes.load(interaction, data)
             stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode)
             # Saved once the interrogation that names it is stored: another member's /forget either saw
             # that row and keeps the file, or removed it before the row existed and this writes it again.
@@ -213,7 +233,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         message = await card_message(
             bot, stored, interaction.user.display_name, count, thumbnail, guild_id=interaction.guild_id
         )
-        await interaction.followup.send(**message)
+        await answer_deferred(interaction, message)
         placeholder_replaced(interaction)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:

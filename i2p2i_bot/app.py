@@ -1,8 +1,8 @@
 """The Discord application: the bot, the services its cogs use, and a clean start and stop.
 
-This module, replies.py, cards.py, job_controls.py and delivery.py are the package's only Discord code;
-the engine and the job system never import discord, and nothing here imports the cogs except by
-extension name.
+This module, replies.py, cards.py, job_controls.py, delivery.py, decode_queue.py and pending_describes.py
+are the package's only Discord code; the engine and the job system never import discord, and nothing here
+imports the cogs except by extension name.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from discord.utils import MISSING
 
 from i2p2i_bot import progress_bars
 from i2p2i_bot.config import ConfigError, Settings, load_settings
+from i2p2i_bot.decode_queue import DecodeQueue
 from i2p2i_bot.delivery import ResultDelivery
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
@@ -39,6 +40,7 @@ from i2p2i_bot.image_engine import ImageEngine
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.job_controls import JobButton
 from i2p2i_bot.models import ModelUnavailable
+from i2p2i_bot.pending_describes import PendingDescribes
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.replies import Refusal, report_error
 from i2p2i_bot.runner import JobRunner
@@ -159,6 +161,8 @@ class I2P2IBot(commands.Bot):
         self.interrogations: InterrogationCache
         self.runner: JobRunner
         self.delivery = ResultDelivery(self)
+        self.decodes = DecodeQueue(settings.intake)
+        self.pending_describes = PendingDescribes(self)
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
@@ -219,6 +223,8 @@ class I2P2IBot(commands.Bot):
         else:
             self.owner_id = info.owner.id
         self.store = await Store.from_settings(settings)
+        # Before the models load, which takes minutes: the placeholders' tokens live only 15.
+        await self.pending_describes.start()
         self.gpu = GpuWorker()
         # Models load on the GPU thread, which owns them from then on.
         self.engine = await self.gpu.run(self._engine_loader, settings, priority=Priority.URGENT)

@@ -61,11 +61,19 @@ class IntakeSettings:
     max_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 16384
+    # Memory members' uploads may take, all together, from their decoding until their cards are posted; the
+    # rest wait their turn.
+    decode_memory_mb: int = 1024
 
     def validate(self) -> None:
         _at_least("intake.max_bytes", self.max_bytes, 1024)
         _at_least("intake.max_pixels", self.max_pixels, 64 * 64)
         _at_least("intake.max_side", self.max_side, 64)
+        _between("intake.decode_memory_mb", self.decode_memory_mb, 16, 1024 * 1024)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return self.decode_memory_mb * 1024 * 1024
 
 
 @dataclass(frozen=True)

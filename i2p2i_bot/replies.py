@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 import aiohttp
 import discord
@@ -116,15 +117,18 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
     await reply(interaction, message)
 
 
-async def think_in_public(interaction: discord.Interaction) -> None:
+async def think_in_public(
+    interaction: discord.Interaction,
+) -> discord.InteractionCallbackResponse[Any] | None:
     """Answer with a public "thinking…" placeholder, for work whose answer is a public message.
 
     Discord turns the first followup after it into that placeholder, public whatever its flags say; until
     placeholder_replaced is called, reply first makes the placeholder a neutral line (WITHDRAWN), after which
     an ephemeral followup stays private. So refuse what can be refused before calling this.
     """
-    await interaction.response.defer(thinking=True)
+    deferred = await interaction.response.defer(thinking=True)
     interaction.extras[_PLACEHOLDER] = True
+    return deferred
 
 
 def placeholder_replaced(interaction: discord.Interaction) -> None:

@@ -154,6 +154,21 @@ class CardChoices:
         return any(v is not None for v in (self.steps, self.guidance, self.aspect, self.scheduler))
 
 
+@dataclass(frozen=True)
+class PendingDescribe:
+    """A describe a member waits on: its deferred answer, which the interaction's token may edit until
+    ``expires_at``. Fields are in the table's column order."""
+
+    interaction_id: int
+    application_id: int
+    token: str = field(repr=False)
+    message_id: int | None
+    user_id: int
+    channel_id: int | None
+    created_at: float
+    expires_at: float
+
+
 @dataclass(frozen=True, kw_only=True)
 class ForgetResult:
     jobs: int
@@ -735,6 +750,29 @@ class Store:
         """
         await self._execute(query, (guild_id, settings, updated_by, updated_at))
 
+    # -- describes in progress ------------------------------------------------------------------------
+
+    async def add_pending_describe(self, pending: PendingDescribe) -> None:
+        """Remember a deferred describe until it is answered (remove_pending_describe)."""
+        query = """
+            INSERT OR REPLACE INTO pending_describes (
+                interaction_id, application_id, token, message_id, user_id, channel_id, created_at, expires_at
+            ) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+        """
+        await self._execute(query, dataclasses.astuple(pending))
+
+    async def remove_pending_describe(self, interaction_id: int) -> None:
+        query = """DELETE FROM pending_describes WHERE interaction_id = ?"""
+        await self._execute(query, (interaction_id,))
+
+    async def pending_describes(self) -> list[PendingDescribe]:
+        """Every describe deferred and not yet answered, oldest first."""
+        query = """SELECT * FROM pending_describes ORDER BY created_at, interaction_id"""
+        return [
+            PendingDescribe(**{f.name: row[f.name] for f in dataclasses.fields(PendingDescribe)})
+            for row in await self._fetchall(query)
+        ]
+
     # -- history --------------------------------------------------------------------------------------
 
     async def recent_jobs(self, owner_id: int, limit: int = 10, *, include_hidden: bool = False) -> list[Job]:
@@ -893,6 +931,8 @@ class Store:
                 """
                 sources = [row["sha"] for row in await db.execute_fetchall(query, {"user": user_id})]
                 query = """DELETE FROM jobs WHERE owner_id = ?"""
+                await db.execute(query, (user_id,))
+                query = """DELETE FROM pending_describes WHERE user_id = ?"""
                 await db.execute(query, (user_id,))
                 query = """DELETE FROM interrogations WHERE user_id = ?"""
                 async with db.execute(query, (user_id,)) as cursor:

@@ -6,12 +6,14 @@ repository root. The engine is the zero-cost stand-in, so the bot connects in se
 reconnect delay at random, up to 2^k s after k failed tries (about 17 min at most); `--backoff-s` fixes every
 delay at S, so a test can stop the bot while it waits out a long one without first sitting through the short
 ones. With `--gpu-lost-when`, the GPU counts as lost for good once PATH exists, and the bot checks often.
+With `--describe-hangs`, describing an image never returns (it prints a line first), for a kill meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backoff-s", type=float, help="every gateway reconnect delay, in seconds")
     parser.add_argument("--gpu-lost-when", type=Path, metavar="PATH", help="the GPU is lost once PATH exists")
     parser.add_argument("--load-s", type=float, default=0.0, help="how long loading the models takes")
+    parser.add_argument("--describe-hangs", action="store_true", help="describing an image never returns")
     parser.add_argument("bot_args", nargs=argparse.REMAINDER, help="-- then bot.py's own arguments")
     args = parser.parse_args(argv)
     if args.backoff_s is not None:
@@ -59,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stand-in engine: loading", flush=True)
         time.sleep(args.load_s)
         return FakeEngine()
+
+    if args.describe_hangs:
+
+        def hang(self: FakeEngine, image: Any, mode: str, key: str | None = None) -> Any:
+            print("stand-in engine: describing", flush=True)
+            threading.Event().wait()
+
+        FakeEngine.interrogate = hang  # type: ignore[method-assign]
 
     Engine.load = classmethod(load)  # type: ignore[assignment, method-assign]
     bot_args = args.bot_args[1:] if args.bot_args[:1] == ["--"] else args.bot_args

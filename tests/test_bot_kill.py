@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from i2p2i_bot.pending_describes import RESTARTED
 from i2p2i_bot.smoke import SmokeModels
+from tests import test_bot_lifecycle as lifecycle
 from tests.bot_harness import png_bytes
 from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
 from tests.discord_fake.__main__ import toml_string
@@ -221,3 +223,70 @@ async def test_sigkill_after_the_result_is_posted_then_a_restart_leaves_one_resu
         raise
     finally:
         bot.stop()
+
+
+# -- a kill while a describe is under way -------------------------------------------------------------------
+
+
+def pending_rows(database: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM pending_describes ORDER BY created_at")]
+
+
+@pytest.mark.timeout(180)
+async def test_sigkill_during_a_describe_then_a_restart_answers_its_placeholder(
+    server: FakeDiscord, tmp_path: Path
+) -> None:
+    """Killed while describing: the placeholder would think forever. The next start edits it into one
+    sentence and forgets the describe; a describe whose token has expired is forgotten without a call."""
+    data_dir = tmp_path / "data"
+    database = data_dir / "i2p2i.sqlite3"
+    config = lifecycle.write_config(tmp_path / "bot.toml", data_dir, server.api_base, server.gateway_url)
+    first_log, second_log = tmp_path / "bot-1.log", tmp_path / "bot-2.log"
+    process = lifecycle.lifecycle_bot(config, first_log, server.token, describe_hangs=True)
+    try:
+        await server.wait_until(
+            lambda: server.gateway.connected and bool(server.frames(t="GUILD_CREATE", direction="out")),
+            timeout_s=60,
+            what="bot.py to connect",
+        )
+        upload = server.add_attachment(png_bytes(Image.new("RGB", (32, 24), "teal")), "photo.png")
+        slash = await server.push_slash("imagine-from", {"image": upload})
+        await server.wait_until(
+            lambda: "stand-in engine: describing" in first_log.read_text(errors="replace"),
+            timeout_s=60,
+            what="the describe to reach the GPU",
+        )
+        placeholder = slash.original
+        assert placeholder is not None and placeholder.loading
+        (row,) = pending_rows(database)
+        assert row["interaction_id"] == slash.id and row["token"] == slash.token
+        assert row["message_id"] == placeholder.id and row["user_id"] == server.user("alice").id
+        assert row["channel_id"] == server.channel("general").id
+        assert row["expires_at"] == pytest.approx(row["created_at"] + 15 * 60)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+        # A describe from long ago that a kill also cut short: its token is dead, so nothing may use it.
+        with sqlite3.connect(database) as db:
+            db.execute(
+                "INSERT INTO pending_describes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (1, row["application_id"], "expired-token", 2, row["user_id"], None, 1.0, 901.0),
+            )
+        mark = server.mark()
+        process = lifecycle.lifecycle_bot(config, second_log, server.token)
+        answered = await server.wait_until(
+            lambda: server.message(placeholder.id).content == RESTARTED or None,
+            timeout_s=60,
+            what="the placeholder to be answered",
+        )
+        assert answered and not server.message(placeholder.id).loading
+        edits = [c for c in server.calls(since=mark) if c.params.get("token") == slash.token]
+        assert [c.route for c in edits if c.method == "PATCH"] == [EDIT]
+        await server.wait_until(lambda: pending_rows(database) == [] or None, timeout_s=30, what="no rows")
+        assert server.calls(predicate=lambda c: c.params.get("token") == "expired-token") == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

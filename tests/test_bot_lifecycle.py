@@ -91,6 +91,7 @@ def lifecycle_bot(
     backoff_s: float | None = None,
     gpu_lost_when: Path | None = None,
     load_s: float = 0.0,
+    describe_hangs: bool = False,
 ) -> subprocess.Popen[bytes]:
     """bot.py with the stand-in engine (tests/lifecycle_bot.py), its output in `log`."""
     command = [sys.executable, "-m", "tests.lifecycle_bot", "--load-s", f"{load_s:g}"]
@@ -98,6 +99,8 @@ def lifecycle_bot(
         command += ["--backoff-s", f"{backoff_s:g}"]
     if gpu_lost_when is not None:
         command += ["--gpu-lost-when", str(gpu_lost_when)]
+    if describe_hangs:
+        command.append("--describe-hangs")
     env = {**os.environ, "DISCORD_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         return subprocess.Popen(

@@ -15,6 +15,8 @@ DISCORD_MODULES = {
     "i2p2i_bot.cards",
     "i2p2i_bot.job_controls",
     "i2p2i_bot.delivery",
+    "i2p2i_bot.decode_queue",
+    "i2p2i_bot.pending_describes",
 }
 
 
@@ -62,6 +64,7 @@ def test_the_job_system_imports_no_torch() -> None:
         "i2p2i_bot.queue",
         "i2p2i_bot.config",
         "i2p2i_bot.server_settings",
+        "i2p2i_bot.memory_budget",
     )
     code = (
         "import sys, importlib\n"

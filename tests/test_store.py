@@ -21,6 +21,7 @@ from i2p2i_bot.store import (
     CardChoices,
     JobChange,
     Migration,
+    PendingDescribe,
     Store,
     StoredImage,
     StoreError,
@@ -65,16 +66,21 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 8
+        assert await store.schema_version() == len(packaged_migrations()) == 9
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
         assert rows[0][0] == 1
     finally:
         await store.close()
-    assert {"jobs", "images", "interrogations", "interrogation_results", "cards"} <= tables(
-        tmp_path / "db.sqlite3"
-    )
+    assert {
+        "jobs",
+        "images",
+        "interrogations",
+        "interrogation_results",
+        "cards",
+        "pending_describes",
+    } <= tables(tmp_path / "db.sqlite3")
 
 
 async def test_migrations_on_an_existing_file_apply_only_the_new_ones(tmp_path: Path) -> None:
@@ -573,3 +579,17 @@ async def test_job_ids_are_never_reused(store: Store) -> None:
     )
     assert [j.id for j in again] == [5, 6]
     assert (await store.insert_job(job_request(1, "z", PARAMS, seed=3))).id == 7
+
+
+async def test_pending_describes_are_kept_until_removed_and_forgotten_with_their_member(store: Store) -> None:
+    """A deferred describe's row reads back as written, oldest first; removing it, or its member's
+    /forget, deletes it (its token with it)."""
+    first = PendingDescribe(11, 99, "token-a", 501, 1, 7, 1000.0, 1900.0)
+    second = PendingDescribe(12, 99, "token-b", None, 2, None, 1001.0, 1901.0)
+    await store.add_pending_describe(second)
+    await store.add_pending_describe(first)
+    assert await store.pending_describes() == [first, second]
+    await store.remove_pending_describe(11)
+    assert await store.pending_describes() == [second]
+    await store.forget_user(2)
+    assert await store.pending_describes() == []
