@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import pytest
 
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.jobs import JobStatus
 from i2p2i_bot.queue import JobQueue
-from i2p2i_bot.remote import RemoteRunner
+from i2p2i_bot.remote import UNREACHABLE, RemoteRunner
 from i2p2i_bot.remote_wire import WORKER_KEY_PREFIX
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.runner import JobRunner
@@ -152,3 +154,90 @@ async def test_remote_workers_store_the_same_images_in_the_same_order_as_the_loc
             )
     await local_store.close()
     await remote_store.close()
+
+
+async def remote_queue(store: Store, server: RedisServer) -> tuple[JobQueue, RemoteRunner]:
+    queue = await JobQueue.open(store, remote_settings(server))
+    return queue, RemoteRunner(queue, remote_settings(server), poll_s=0.2)
+
+
+async def test_a_batch_whose_worker_is_killed_finishes_on_another_with_each_image_stored_once(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGKILL the worker mid-batch: BullMQ finds the batch stalled, the other worker makes it, once."""
+    pool = Workers(server, tmp_path / "slow", step_s=0.3, lock_s=LOCK_S)
+    try:
+        pool.spawn(2)
+        await live_workers(server, 2)
+        queue, runner = await remote_queue(store, server)
+        runner.start()
+        job = await queue.submit(job_request(1, "killed", PARAMS, count=3, seed=42))
+        await until(lambda: len(started_batches(pool)) == 1, "the batch starting on a worker")
+        (first,) = started_batches(pool)
+        os.kill(int(str(first["pid"])), signal.SIGKILL)
+        await asyncio.wait_for(queue.join(), LIMIT_S)
+        await runner.stop(5)
+        second = started_batches(pool)[1]
+        assert second["seeds"] == first["seeds"] == [42, 43, 44]
+        assert second["pid"] != first["pid"]
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.COMPLETE
+        assert [index for index, _ in await image_rows(store, job.id)] == [0, 1, 2]
+    finally:
+        pool.stop()
+
+
+async def test_a_paused_worker_past_its_lock_has_its_late_result_refused(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGSTOP a worker until its lock lapses: another makes the batch; the first, resumed, is refused."""
+    pool = Workers(server, tmp_path / "paused", step_s=0.3, lock_s=LOCK_S)
+    try:
+        pool.spawn(2)
+        await live_workers(server, 2)
+        queue, runner = await remote_queue(store, server)
+        runner.start()
+        job = await queue.submit(job_request(1, "paused", PARAMS, count=2, seed=7))
+        await until(lambda: len(started_batches(pool)) == 1, "the batch starting on a worker")
+        paused_pid = int(str(started_batches(pool)[0]["pid"]))
+        (paused,) = [p for p in pool.processes if p.pid == paused_pid]
+        os.kill(paused_pid, signal.SIGSTOP)
+        try:
+            await until(lambda: len(started_batches(pool)) == 2, "the batch starting on the other worker")
+            await asyncio.wait_for(queue.join(), LIMIT_S)
+        finally:
+            os.kill(paused_pid, signal.SIGCONT)
+        await until(
+            lambda: "lost the hold" in pool.output(paused) or "Missing lock" in pool.output(paused),
+            "the paused worker being refused",
+        )
+        await runner.stop(5)
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.COMPLETE
+        assert [index for index, _ in await image_rows(store, job.id)] == [0, 1]
+    finally:
+        pool.stop()
+
+
+async def test_the_bot_takes_jobs_while_redis_is_down_and_runs_them_when_it_returns(
+    store: Store, server: RedisServer, workers: Workers
+) -> None:
+    """Redis stops for a few seconds: the runner says so, the queue still takes jobs, and all of them run."""
+    workers.spawn(1)
+    await live_workers(server, 1)
+    queue, runner = await remote_queue(store, server)
+    runner.start()
+    first = await queue.submit(job_request(1, "before", PARAMS, count=2, seed=1))
+    await asyncio.wait_for(queue.join(), LIMIT_S)
+    server.stop()
+    await until(lambda: runner.problem == UNREACHABLE, "the runner noticing Redis is gone")
+    during = [await queue.submit(job_request(m, "during", PARAMS, count=2, seed=10 * m)) for m in (2, 3)]
+    await asyncio.sleep(2.0)  # Redis stays down a while: nothing may be lost meanwhile
+    server.start()
+    await asyncio.wait_for(queue.join(), LIMIT_S)
+    assert runner.problem is None
+    await runner.stop(5)
+    for job in (first, *during):
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.COMPLETE
+        assert [index for index, _ in await image_rows(store, job.id)] == [0, 1]
