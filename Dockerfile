@@ -29,7 +29,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY docker/constraints.txt ./docker/
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv pip install --python /opt/venv/bin/python -r pyproject.toml -c docker/constraints.txt
+    uv pip install --python /opt/venv/bin/python -r pyproject.toml --extra redis -c docker/constraints.txt
 COPY README.md ./
 COPY i2p2i_bot ./i2p2i_bot
 COPY cogs ./cogs

@@ -6,6 +6,8 @@
 #                          always: fetch on every start; never: do not fetch (weights baked in, or offline)
 #   I2P2I_CONFIG           a settings file, passed as --config to the bot and to the download
 #   I2P2I_MODELS           "smoke" or "default", passed as --models
+#   I2P2I_ROLE             "bot" (default), or "worker": become `i2p2i worker`, a GPU worker for a bot with
+#                          queue.backend = "redis" (it reads I2P2I_REDIS_URL)
 #   I2P2I_DATA_DIR         the data folder (default /data); HF_HOME (default DATA_DIR/huggingface) holds weights
 #   I2P2I_FETCH_RETRY_S    after a failed fetch, wait this long before exiting (default 60), so that a restart
 #                          policy retries about once a minute; SIGTERM ends the wait at once
@@ -128,4 +130,7 @@ if [ -z "${HF_HUB_OFFLINE:-}" ] && [ -z "${TRANSFORMERS_OFFLINE:-}" ]; then
     say "starting the bot with HF_HUB_OFFLINE=1"
 fi
 # exec: the bot becomes this process, so it gets docker stop's SIGTERM and drains its queue.
+if [ "${I2P2I_ROLE:-bot}" = worker ]; then
+    exec i2p2i "$@" worker
+fi
 exec i2p2i-bot "$@"

@@ -20,7 +20,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import discord
@@ -47,6 +47,9 @@ from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.server_settings import ServerSettingsBook, channel_list
 from i2p2i_bot.store import Store, StoreError
 from i2p2i_bot.terms import BannedTerms
+
+if TYPE_CHECKING:
+    from i2p2i_bot.remote import RemoteRunner
 
 log = logging.getLogger("i2p2i.bot")
 
@@ -159,7 +162,7 @@ class I2P2IBot(commands.Bot):
         self.queue: JobQueue
         self.servers: ServerSettingsBook
         self.interrogations: InterrogationCache
-        self.runner: JobRunner
+        self.runner: JobRunner | RemoteRunner
         self.delivery = ResultDelivery(self)
         self.decodes = DecodeQueue(settings.intake)
         self.pending_describes = PendingDescribes(self)
@@ -235,7 +238,12 @@ class I2P2IBot(commands.Bot):
         self.queue = await JobQueue.open(self.store, settings.queue)
         self.servers = await ServerSettingsBook.open(self.store, settings.generate, self.banned)
         self.interrogations = InterrogationCache(self.store, self.gpu)
-        self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
+        if settings.queue.backend == "redis":
+            from i2p2i_bot.remote import RemoteRunner  # BullMQ is installed only where it is used
+
+            self.runner = RemoteRunner(self.queue, settings.queue)
+        else:
+            self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
         self.runner.start()
         # Job buttons work on every job message, whichever cog posted it, and after a restart.
         self.add_dynamic_items(JobButton)
@@ -330,6 +338,11 @@ class I2P2IBot(commands.Bot):
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
+    def workers_problem(self) -> str | None:
+        """Why remote GPU workers cannot be reached now ("GPU workers unreachable"); None when they can."""
+        runner = getattr(self, "runner", None)
+        return getattr(runner, "problem", None)
+
     def gpu_lost(self) -> str | None:
         """Why the GPU can do no more work in this process, or None while it can."""
         gpu: GpuWorker | None = getattr(self, "gpu", None)
@@ -363,7 +376,7 @@ class I2P2IBot(commands.Bot):
         """What the heartbeat file reports; during setup_hook some services do not exist yet."""
         queue: JobQueue | None = getattr(self, "queue", None)
         gpu: GpuWorker | None = getattr(self, "gpu", None)
-        runner: JobRunner | None = getattr(self, "runner", None)
+        runner: JobRunner | RemoteRunner | None = getattr(self, "runner", None)
         jobs = queue.active_jobs() if queue is not None else []
         running = sum(job.status == "running" for job in jobs)
         ws = self.ws
@@ -378,6 +391,7 @@ class I2P2IBot(commands.Bot):
             gpu_stuck=ready and gpu is not None and gpu.busy_for_s() > 2 * self.settings.queue.job_timeout_s,
             gpu_faulted=gpu is not None and gpu.device_fault is not None,
             queue_paused=queue is not None and queue.paused,
+            workers_unreachable=self.workers_problem() is not None,
         )
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:

@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     backup.add_argument("dest", metavar="DEST", help="a new file, or a folder to put a dated copy in")
+
+    worker = sub.add_parser(
+        "worker",
+        help="make the images of a bot with queue.backend = 'redis' on this machine's GPU (one per GPU)",
+        parents=[common],
+    )
+    worker.add_argument(
+        "--redis", metavar="URL", help="the bot's Redis server (default: I2P2I_REDIS_URL or queue.redis_url)"
+    )
+    worker.add_argument("--device", help="the GPU to use, e.g. cuda:1 (default: models.device)")
     return parser
 
 
@@ -205,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "download-models":
             return _download(settings)
+        if args.command == "worker":
+            return _worker(settings, args)
         if args.command == "describe":
             return _describe(settings, args, progress)
         if args.command == "generate":
@@ -266,6 +278,18 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
         f"{result.schema_version}, integrity ok)"
     )
     return EXIT_OK
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    url = args.redis or settings.queue.redis_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        print("i2p2i: worker needs the bot's Redis server: --redis URL or I2P2I_REDIS_URL", file=sys.stderr)
+        return EXIT_USAGE
+    if args.device:
+        settings = replace(settings, models=replace(settings.models, device=args.device))
+    from i2p2i_bot.remote_worker import run_worker
+
+    return run_worker(settings, url)
 
 
 def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> int:

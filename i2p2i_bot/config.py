@@ -24,6 +24,7 @@ Precision = Literal["auto", "fp16", "fp32"]
 InterrogateMode = Literal["best", "fast", "classic", "negative", "candidates"]
 SchedulerName = Literal["dpm", "pndm"]
 SynchronousMode = Literal["NORMAL", "FULL"]
+QueueBackend = Literal["local", "redis"]
 CompileMode = Literal[
     "auto", "off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"
 ]
@@ -156,6 +157,12 @@ class QueueSettings:
     subscriber_buffer: int = 256
     # On SIGTERM/SIGINT, how long to let the running batch finish before leaving it to the next start.
     stop_grace_s: float = 30.0
+    # "local": this process's GPU makes the images; "redis": GPU workers on other machines pull batches
+    # through Redis (i2p2i_bot/remote.py). The URL may carry a password, so it is kept out of reprs and logs.
+    backend: QueueBackend = "local"
+    redis_url: str = field(default="", repr=False)
+    # How long a worker's hold on a batch lasts without renewal: a worker silent this long loses the batch.
+    worker_lock_s: float = 30.0
 
     def validate(self) -> None:
         _between("queue.max_batch_images", self.max_batch_images, 1, 64)
@@ -167,6 +174,13 @@ class QueueSettings:
         _between("queue.subscriber_buffer", self.subscriber_buffer, 8, 1_000_000)
         if self.stop_grace_s < 0:
             raise ConfigError(f"queue.stop_grace_s must not be negative (got {self.stop_grace_s})")
+        if self.backend == "redis" and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "queue.backend 'redis' needs a redis://, rediss:// or unix:// URL in I2P2I_REDIS_URL "
+                "(or queue.redis_url)"
+            )
+        if not 1.0 <= self.worker_lock_s <= 3600.0:
+            raise ConfigError(f"queue.worker_lock_s must be between 1 and 3600 (got {self.worker_lock_s})")
 
 
 @dataclass(frozen=True)
@@ -245,6 +259,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "I2P2I_DATABASE": ("store", "path"),
     "I2P2I_CACHE_DIR": ("models", "cache_dir"),
     "I2P2I_DEVICE": ("models", "device"),
+    "I2P2I_REDIS_URL": ("queue", "redis_url"),
 }
 
 

@@ -54,6 +54,8 @@ class BotStatus:
     gpu_stuck: bool = False
     # A CUDA error left the GPU unusable until the process restarts (GpuWorker.device_fault).
     gpu_faulted: bool = False
+    # queue.backend = "redis" and Redis cannot be reached: no batch goes out until it can.
+    workers_unreachable: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Heartbeat:
             # Absent in files from older versions.
             flags["gpu_stuck"] = data.get("gpu_stuck", False)
             flags["gpu_faulted"] = data.get("gpu_faulted", False)
+            flags["workers_unreachable"] = data.get("workers_unreachable", False)
         except KeyError as exc:
             raise HeartbeatError(f"the field {exc.args[0]} is missing") from None
         if state not in _STATES:
@@ -190,6 +193,10 @@ def check_health(
         )
     if not status.runner_alive:
         return unhealthy("the job runner has stopped, so no job will run; restart the bot")
+    if status.workers_unreachable:
+        return unhealthy(
+            "GPU workers unreachable: Redis cannot be reached; jobs wait in the queue and run once it can"
+        )
     if not status.gateway_connected:
         return unhealthy("not connected to Discord's gateway (reconnecting, or Discord is unreachable)")
     paused = ", queue paused" if status.queue_paused else ""

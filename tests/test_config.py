@@ -54,6 +54,10 @@ def test_values_are_read_from_toml(tmp_path: Path) -> None:
         ("[interrogate]\ndrop_artists = 3\n", "interrogate.drop_artists must be true or false"),
         ("generate = 3\n", "generate must be a table"),
         ('[discord]\ntoken = "abc"\n', "DISCORD_TOKEN"),
+        ('[queue]\nbackend = "celery"\n', "queue.backend must be one of 'local', 'redis'"),
+        ('[queue]\nbackend = "redis"\n', "queue.backend 'redis' needs a redis://"),
+        ('[queue]\nbackend = "redis"\nredis_url = "http://x"\n', "I2P2I_REDIS_URL"),
+        ("[queue]\nworker_lock_s = 0.5\n", "queue.worker_lock_s must be between 1 and 3600"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -88,6 +92,15 @@ def test_environment_overrides_secrets_and_paths(tmp_path: Path) -> None:
     assert settings.database_path == Path("/var/lib/i2p2i/db.sqlite3")
     assert settings.models.device == "cpu"
     assert "secret-token-value" not in repr(settings)
+
+
+def test_the_redis_url_comes_from_the_environment_and_stays_out_of_reprs(tmp_path: Path) -> None:
+    """I2P2I_REDIS_URL fills queue.redis_url, and its password shows in no repr of the settings."""
+    url = "rediss://:hunter2-secret@redis.example:6380/0"
+    settings = load_settings(write(tmp_path, '[queue]\nbackend = "redis"\n'), env={"I2P2I_REDIS_URL": url})
+    assert settings.queue.backend == "redis"
+    assert settings.queue.redis_url == url
+    assert "hunter2-secret" not in repr(settings)
 
 
 def test_relative_paths_live_in_the_data_dir(tmp_path: Path) -> None:

@@ -132,6 +132,7 @@ def test_broken_heartbeat_files_are_reported(tmp_path: Path, mutate: Callable, n
         (1.0, {"gpu_stuck": True}, "the GPU thread has been on one task for more than twice"),
         (1.0, {"gpu_faulted": True, "runner_alive": False}, "a CUDA error left the GPU unusable"),
         (1.0, {"gateway_connected": False}, "not connected to Discord's gateway"),
+        (1.0, {"workers_unreachable": True}, "GPU workers unreachable: Redis cannot be reached"),
     ],
 )
 def test_unhealthy_heartbeats(tmp_path: Path, age_s: float, changes: dict, needle: str) -> None:
@@ -371,11 +372,12 @@ async def test_the_running_bot_keeps_a_heartbeat(
 def test_a_heartbeat_from_before_gpu_stuck_existed_reads_as_not_stuck(tmp_path: Path) -> None:
     path = write(tmp_path / HEALTH_FILE, 1.0)
     data = json.loads(path.read_text())
-    del data["gpu_stuck"], data["gpu_faulted"]
+    del data["gpu_stuck"], data["gpu_faulted"], data["workers_unreachable"]
     path.write_text(json.dumps(data))
     report = check_health(path, now=NOW)
     assert report.healthy and report.heartbeat is not None
-    assert (report.heartbeat.status.gpu_stuck, report.heartbeat.status.gpu_faulted) == (False, False)
+    status = report.heartbeat.status
+    assert (status.gpu_stuck, status.gpu_faulted, status.workers_unreachable) == (False, False, False)
 
 
 async def test_a_lost_gpu_stops_the_bot_with_its_own_exit_code_and_keeps_the_queue(

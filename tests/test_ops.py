@@ -655,7 +655,7 @@ def strings(value: Any) -> list[str]:
 
 
 def test_compose_reserves_an_nvidia_gpu(compose: dict[str, Any]) -> None:
-    (service,) = compose["services"].values()
+    service = compose["services"]["bot"]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
@@ -663,7 +663,7 @@ def test_compose_reserves_an_nvidia_gpu(compose: dict[str, Any]) -> None:
 def test_compose_token_volume_and_restart(compose: dict[str, Any]) -> None:
     """The token comes from an env file (never written in compose.yaml), /data is a named volume, and the
     container restarts on failure."""
-    (service,) = compose["services"].values()
+    service = compose["services"]["bot"]
     env_files = service["env_file"] if isinstance(service["env_file"], list) else [service["env_file"]]
     assert ".env" in [e if isinstance(e, str) else e["path"] for e in env_files]
     assert "DISCORD_TOKEN" not in (service.get("environment") or {})
@@ -678,7 +678,7 @@ def test_compose_waits_for_the_graceful_stop(compose: dict[str, Any]) -> None:
     """SIGTERM lets the batch finish for queue.stop_grace_s and then waits as long for the GPU thread, so
     Docker must wait longer than twice that before it kills. An init is PID 1: it reaps the processes
     torch.compile's workers leave and passes SIGTERM to the bot."""
-    (service,) = compose["services"].values()
+    service = compose["services"]["bot"]
     assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
     assert service["init"] is True
     grace = duration_s(service["stop_grace_period"])
@@ -872,3 +872,18 @@ def test_entrypoint_fetch_only_and_unwritable_data(entrypoint, tmp_path: Path) -
     blocked = entrypoint(I2P2I_DATA_DIR=str(blocker / "data"))
     assert blocked.returncode == 2 and blocked.calls == []
     assert "is not a folder that user" in blocked.stderr
+
+
+def test_compose_workers_profile_runs_redis_as_the_readme_asks_and_a_gpu_worker(
+    compose: dict[str, Any],
+) -> None:
+    """The `workers` profile: Redis append-only without eviction and a worker on a GPU, off by default."""
+    services = compose["services"]
+    assert "profiles" not in services["bot"]
+    redis, worker = services["redis"], services["worker"]
+    assert redis["profiles"] == worker["profiles"] == ["workers"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert worker["environment"]["I2P2I_ROLE"] == "worker"
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert worker["healthcheck"] == {"disable": True}

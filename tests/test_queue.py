@@ -43,7 +43,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await store.close()
 
 
-async def make_queue(store: Store, clock: Clock | None = None, **settings: int) -> JobQueue:
+async def make_queue(store: Store, clock: Clock | None = None, **settings: Any) -> JobQueue:
     return await JobQueue.open(store, QueueSettings(**settings), clock=clock or Clock())
 
 

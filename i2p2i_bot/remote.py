@@ -1,0 +1,398 @@
+"""The bot's side of remote GPU workers: batches out through Redis (BullMQ), results back into the queue.
+
+Used instead of the local JobRunner when `queue.backend = "redis"`. The bot stays the fair scheduler: a
+batch is formed only when a worker has room for it (live workers + 1 in flight at most), so the ring's
+order is not frozen into a deep remote queue. Each try of a batch is a BullMQ job with the id
+`run-batch:attempt`; BullMQ gives it a lock the worker renews, puts it back when the worker dies, and
+refuses the finish of a worker that lost its lock. Results are taken in once: the batch leaves the table
+of batches out (on the event loop, with no wait between the check and the removal) before the queue
+records it, and the queue's own table of outstanding batches refuses a second result.
+
+QueueEvents bring progress and results at once; a poll of each batch's state every `poll_s` catches
+what events miss (an outage of Redis, a listener that restarted) and batches Redis lost (sent again as
+the next attempt). Nothing here imports torch or discord.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis.asyncio as redis
+from bullmq import Job as BullJob
+from bullmq import Queue, QueueEvents
+from PIL import Image
+
+from i2p2i_bot.batches import Batch, BatchFailure, BatchResult, BatchSource, FailureKind, GeneratedImage
+from i2p2i_bot.config import QueueSettings
+from i2p2i_bot.remote_wire import (
+    PERMANENT,
+    QUEUE_NAME,
+    WORKER_KEY_PREFIX,
+    ResultRefs,
+    WireError,
+    batch_payload,
+    job_id,
+    parse_failure,
+    sha256,
+)
+
+log = logging.getLogger(__name__)
+
+# What /queue and the health file say while Redis cannot be reached.
+UNREACHABLE = "GPU workers unreachable"
+# Errors that mean Redis is out of reach (or answered as a server that is still loading).
+REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    OSError,
+    asyncio.TimeoutError,
+)
+_LATENCIES_KEPT = 10_000
+
+
+@dataclass
+class _Sent:
+    batch: Batch
+    attempt: int
+    made_at: float
+    enqueued: bool = False
+    started_at: float | None = None
+    bull_id: str = field(default="")
+
+
+class RemoteRunner:
+    """Feeds the queue's batches to GPU workers through Redis and hands their results back to the queue."""
+
+    def __init__(
+        self,
+        source: BatchSource,
+        settings: QueueSettings,
+        *,
+        poll_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._url = settings.redis_url
+        self._timeout_s = settings.job_timeout_s
+        self._poll_s = poll_s
+        self._clock = clock
+        self._run = str(int(time.time() * 1000))
+        self._sent: dict[str, _Sent] = {}
+        self._taking: set[str] = set()
+        self._room = asyncio.Event()
+        self._closed = False
+        self._grace_s: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._helpers: set[asyncio.Task[Any]] = set()
+        self._client: redis.Redis | None = None
+        self._bull: Queue | None = None
+        self._last_event = "$"
+        self.live_workers = 0
+        # Why the workers cannot be reached now, for /queue and the health file; None while they can.
+        self.problem: str | None = None
+        # Seconds from a batch's forming to a worker starting it, most recent last (for the benchmark).
+        self.start_latencies_s: deque[float] = deque(maxlen=_LATENCIES_KEPT)
+        self.batches_run = 0
+
+    # -- the runner's interface (as JobRunner's) -------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="i2p2i-remote-runner")
+            self._task.add_done_callback(_log_failure)
+        return self._task
+
+    def request_stop(self, grace_s: float | None = None) -> None:
+        self._closed = True
+        self._grace_s = grace_s
+        self._source.close()
+        self._room.set()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        self.request_stop(grace_s)
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._task)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._sent)
+
+    async def run(self) -> None:
+        self._client = redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=15)
+        text = redis.from_url(self._url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
+        self._bull = Queue(QUEUE_NAME, {"connection": text})
+        self._spawn(self._listen(), "i2p2i-remote-events")
+        self._spawn(self._watch(), "i2p2i-remote-watch")
+        try:
+            await self._feed()
+            await self._drain()
+        finally:
+            for task in list(self._helpers):
+                task.cancel()
+            await asyncio.gather(*self._helpers, return_exceptions=True)
+            for sent in list(self._sent.values()):
+                await self._hand_back(sent, BatchFailure("the bot stopped", FailureKind.INTERRUPTED))
+            with contextlib.suppress(Exception):
+                await self._bull.close()
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+
+    # -- sending ---------------------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        """Form a batch each time a worker has room for one, and send it."""
+        while not self._closed:
+            if len(self._sent) >= self.live_workers + 1 or self.problem is not None:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            batch = await self._source.next_batch()
+            if batch is None:
+                return
+            sent = _Sent(batch, 1, self._clock())
+            sent.bull_id = job_id(self._run, batch.id, sent.attempt)
+            self._sent[sent.bull_id] = sent
+            await self._enqueue(sent)
+
+    async def _enqueue(self, sent: _Sent) -> None:
+        assert self._bull is not None
+        payload = batch_payload(sent.batch.params, sent.batch.specs)
+        try:
+            await self._bull.add("batch", payload, {"jobId": sent.bull_id, "attempts": 1})
+        except REDIS_DOWN as exc:
+            self._unreachable(exc)
+            return
+        sent.enqueued = True
+
+    async def _drain(self) -> None:
+        """After a stop, wait up to the grace period for the batches that are out."""
+        give_up_at = None if self._grace_s is None else self._clock() + self._grace_s
+        while self._sent:
+            self._room.clear()
+            wait_s = None if give_up_at is None else give_up_at - self._clock()
+            if wait_s is not None and wait_s <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), wait_s)
+
+    # -- hearing back ----------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Follow BullMQ's events; a listener that loses Redis is started again where it left off."""
+        while True:
+            conn = redis.from_url(self._url, decode_responses=True, socket_connect_timeout=5)
+            events = QueueEvents(
+                QUEUE_NAME,
+                {
+                    "connection": conn,
+                    "autorun": False,
+                    "lastEventId": self._last_event,
+                    "blockingTimeout": 1000,
+                },
+            )
+            events.on("active", self._on_event(self._on_active))
+            events.on("progress", self._on_event(self._on_progress))
+            events.on("completed", self._on_event(self._on_completed))
+            events.on("failed", self._on_event(self._on_failed))
+            events.on("error", lambda error, *_: self._unreachable(error))
+            try:
+                await events.run()
+            except REDIS_DOWN as exc:
+                self._unreachable(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await events.close()
+            await asyncio.sleep(self._poll_s)
+
+    def _on_event(self, handler: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+        def on(args: dict[str, Any], entry_id: str, *_: Any) -> None:
+            self._last_event = entry_id
+            handler(args)
+
+        return on
+
+    def _on_active(self, args: dict[str, Any]) -> None:
+        sent = self._sent.get(str(args.get("jobId")))
+        if sent is not None:
+            self._started(sent)
+
+    def _on_progress(self, args: dict[str, Any]) -> None:
+        sent = self._sent.get(str(args.get("jobId")))
+        data = args.get("data")
+        if sent is not None and isinstance(data, dict):
+            self._started(sent)
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self._source.batch_progress(sent.batch, int(data["step"]), int(data["total"]))
+
+    def _on_completed(self, args: dict[str, Any]) -> None:
+        bull_id = str(args.get("jobId"))
+        if bull_id in self._sent:
+            self._spawn(self._take(bull_id, args.get("returnvalue")), "i2p2i-remote-result")
+
+    def _on_failed(self, args: dict[str, Any]) -> None:
+        bull_id = str(args.get("jobId"))
+        if bull_id in self._sent:
+            self._spawn(self._failed(bull_id, str(args.get("failedReason") or "")), "i2p2i-remote-result")
+
+    def _started(self, sent: _Sent) -> None:
+        if sent.started_at is None:
+            sent.started_at = self._clock()
+            self.start_latencies_s.append(sent.started_at - sent.made_at)
+
+    async def _watch(self) -> None:
+        """Every poll_s: count live workers, send what could not be sent, check each batch's state."""
+        assert self._client is not None and self._bull is not None
+        while True:
+            try:
+                workers = 0
+                async for _ in self._client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100):
+                    workers += 1
+                self.live_workers = workers
+                for sent in list(self._sent.values()):
+                    if not sent.enqueued:
+                        await self._enqueue(sent)
+                        continue
+                    await self._check(sent)
+                if self.problem is not None:
+                    log.info("Redis can be reached again; %d GPU workers are live", workers)
+                self.problem = None
+            except REDIS_DOWN as exc:
+                self._unreachable(exc)
+            self._room.set()
+            await asyncio.sleep(self._poll_s)
+
+    async def _check(self, sent: _Sent) -> None:
+        assert self._bull is not None
+        bull_id = sent.bull_id
+        state = await self._bull.getJobState(bull_id)
+        if bull_id not in self._sent or bull_id in self._taking:
+            return
+        if state == "completed":
+            job = await BullJob.fromId(self._bull, bull_id)
+            if job is not None:
+                self._spawn(self._take(bull_id, job.returnvalue), "i2p2i-remote-result")
+        elif state == "failed":
+            job = await BullJob.fromId(self._bull, bull_id)
+            reason = job.failedReason if job is not None else ""
+            self._spawn(
+                self._failed(bull_id, reason or "the batch failed on a worker"), "i2p2i-remote-result"
+            )
+        elif state == "unknown":  # Redis lost it (a flush, a restart without AOF): send it again
+            log.warning("batch %s is gone from Redis; sending it again", bull_id)
+            del self._sent[bull_id]
+            again = _Sent(sent.batch, sent.attempt + 1, sent.made_at)
+            again.bull_id = job_id(self._run, sent.batch.id, again.attempt)
+            self._sent[again.bull_id] = again
+            await self._enqueue(again)
+        elif state == "active":
+            self._started(sent)
+        if sent.started_at is not None and self._clock() - sent.started_at > self._timeout_s:
+            log.error("batch %s took longer than %g s; failing its jobs", bull_id, self._timeout_s)
+            reason = f"generation took longer than {self._timeout_s:g} s and was abandoned"
+            await self._hand_back(sent, BatchFailure(reason, FailureKind.PERMANENT))
+
+    async def _take(self, bull_id: str, returnvalue: Any) -> None:
+        """Fetch a finished batch's PNGs, check them, and hand them to the queue once."""
+        if bull_id not in self._sent or bull_id in self._taking:
+            return
+        assert self._client is not None
+        self._taking.add(bull_id)
+        keys: list[str] = []
+        try:
+            try:
+                refs = ResultRefs.from_json(returnvalue)
+            except (WireError, ValueError) as exc:
+                log.error("batch %s came back malformed: %s", bull_id, exc)
+                outcome: BatchResult | BatchFailure = BatchFailure("a GPU worker sent back a broken result")
+            else:
+                keys = [ref.key for ref in refs.images]
+                try:
+                    blobs = cast(list[bytes | None], await self._client.mget(keys) if keys else [])
+                except REDIS_DOWN as exc:
+                    self._unreachable(exc)
+                    return  # the watch tries again once Redis is back
+                outcome = await asyncio.to_thread(_result, self._sent[bull_id].batch, refs, blobs)
+            sent = self._sent.pop(bull_id, None)
+            if sent is None:
+                return
+        finally:
+            self._taking.discard(bull_id)
+        await self._hand_back(sent, outcome, popped=True)
+        if keys:
+            with contextlib.suppress(*REDIS_DOWN):
+                await self._client.delete(*keys)
+
+    async def _failed(self, bull_id: str, reason: str) -> None:
+        sent = self._sent.pop(bull_id, None)
+        if sent is None:
+            return
+        kind, sentence = parse_failure(reason)
+        failure_kind = FailureKind.PERMANENT if kind == PERMANENT else FailureKind.TRANSIENT
+        log.warning("batch %s failed on a worker: %s", bull_id, reason)
+        await self._hand_back(sent, BatchFailure(sentence, failure_kind), popped=True)
+
+    async def _hand_back(
+        self, sent: _Sent, outcome: BatchResult | BatchFailure, *, popped: bool = False
+    ) -> None:
+        if not popped and self._sent.pop(sent.bull_id, None) is None:
+            return
+        self._room.set()
+        self.batches_run += 1
+        await self._source.batch_result(sent.batch, outcome)
+        if self._bull is not None:
+            with contextlib.suppress(Exception):
+                await self._bull.remove(sent.bull_id)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+
+    def _unreachable(self, error: BaseException) -> None:
+        if self.problem is None:
+            log.warning("%s: Redis cannot be reached (%s); jobs wait in the queue", UNREACHABLE, error)
+        self.problem = UNREACHABLE
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._helpers.add(task)
+        task.add_done_callback(self._helper_done)
+
+    def _helper_done(self, task: asyncio.Task[Any]) -> None:
+        self._helpers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+
+def _result(batch: Batch, refs: ResultRefs, blobs: list[bytes | None]) -> BatchResult | BatchFailure:
+    """The batch's images from their PNGs, each checked against the sha256 its worker reported."""
+    if len(refs.images) != len(batch.items):
+        return BatchFailure(f"a GPU worker sent {len(refs.images)} images for {len(batch.items)}")
+    images = []
+    for item, ref, blob in zip(batch.items, refs.images, blobs, strict=True):
+        if blob is None or sha256(blob) != ref.sha256:
+            return BatchFailure("a GPU worker's images were lost or damaged on the way")
+        try:
+            with Image.open(io.BytesIO(blob)) as opened:
+                opened.load()
+                image = opened.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return BatchFailure("a GPU worker sent an image that cannot be read")
+        images.append(GeneratedImage(item.spec, image, ref.nsfw, ref.fidelity))
+    return BatchResult(tuple(images), dict(refs.timings_s), refs.warnings)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the remote runner stopped with an error", exc_info=task.exception())

@@ -1,0 +1,161 @@
+"""What travels through Redis between the bot and its GPU workers: batches, results, worker records.
+
+Plain JSON and key names, without torch or discord, so the bot, the workers and the tests agree on one
+format. Images travel by reference: a worker writes each PNG to its own key with a time to live, and the
+result names the keys and the PNGs' sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
+
+# The BullMQ queue the bot adds batches to and the workers take them from.
+QUEUE_NAME = "i2p2i-batches"
+# A live worker's record: a hash that the worker refreshes and that expires when it stops doing so.
+WORKER_KEY_PREFIX = "i2p2i:worker:"
+RESULT_KEY_PREFIX = "i2p2i:result:"
+# How long a result's PNGs wait in Redis for the bot; longer than any outage the bot should ride out.
+RESULT_TTL_S = 24 * 3600
+# Reasons a worker gives when a batch fails: the first word says whose fault it is.
+PERMANENT = "permanent"
+TRANSIENT = "transient"
+
+
+class WireError(ValueError):
+    """A payload that does not have the shape this module writes."""
+
+
+def job_id(run: str, batch_id: int, attempt: int) -> str:
+    """The BullMQ job id of one try of a batch: unique per bot run, batch and attempt (BullMQ dedups it)."""
+    return f"{run}-{batch_id}:{attempt}"
+
+
+def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[str, Any]:
+    return {
+        "params": dataclasses.asdict(params),
+        "specs": [
+            {
+                "prompt": s.prompt,
+                "negative_prompt": s.negative_prompt,
+                "seed": s.seed,
+                "source_embedding": None if s.source_embedding is None else list(s.source_embedding),
+            }
+            for s in specs
+        ],
+    }
+
+
+def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
+    """The batch a payload carries; WireError when it is not one."""
+    try:
+        raw = payload["params"]
+        params = GenerationParams(
+            model=str(raw["model"]),
+            steps=int(raw["steps"]),
+            guidance=float(raw["guidance"]),
+            width=int(raw["width"]),
+            height=int(raw["height"]),
+            scheduler=str(raw["scheduler"]),
+        )
+        specs = tuple(
+            ImageSpec(
+                str(s["prompt"]),
+                str(s["negative_prompt"]),
+                int(s["seed"]),
+                None if s["source_embedding"] is None else tuple(float(x) for x in s["source_embedding"]),
+            )
+            for s in payload["specs"]
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"not a batch ({type(exc).__name__}: {exc})") from None
+    if not specs:
+        raise WireError("a batch without images")
+    return params, specs
+
+
+def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
+    """One image of a batch as a member's request, for the worker to check with plan() again."""
+    return GenerationRequest(
+        spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        count=1,
+        seed=spec.seed,
+        steps=params.steps,
+        guidance=params.guidance,
+        width=params.width,
+        height=params.height,
+        scheduler=params.scheduler,
+        model=params.model,
+    )
+
+
+def result_key(bull_job_id: str, index: int) -> str:
+    return f"{RESULT_KEY_PREFIX}{bull_job_id}:{index}"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one result PNG waits in Redis, and what the bot checks it against."""
+
+    key: str
+    sha256: str
+    nsfw: bool
+    fidelity: float | None
+
+
+@dataclass(frozen=True)
+class ResultRefs:
+    images: tuple[ImageRef, ...]
+    warnings: tuple[str, ...] = ()
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "images": [dataclasses.asdict(i) for i in self.images],
+            "warnings": list(self.warnings),
+            "timings_s": self.timings_s,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ResultRefs:
+        if isinstance(raw, str):
+            raw = json.loads(raw)
+        try:
+            images = tuple(
+                ImageRef(
+                    str(i["key"]),
+                    str(i["sha256"]),
+                    bool(i["nsfw"]),
+                    None if i["fidelity"] is None else float(i["fidelity"]),
+                )
+                for i in raw["images"]
+            )
+            warnings = tuple(str(w) for w in raw.get("warnings", ()))
+            timings = {str(k): float(v) for k, v in raw.get("timings_s", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WireError(f"not a result ({type(exc).__name__}: {exc})") from None
+        return cls(images, warnings, timings)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def failure_reason(kind: str, reason: str) -> str:
+    """A failed batch's reason as a worker reports it: `kind: sentence`."""
+    return f"{kind}: {reason}"
+
+
+def parse_failure(reason: str) -> tuple[str, str]:
+    """(kind, sentence) of a failure reason; a reason BullMQ itself wrote (a stalled job) is transient."""
+    kind, sep, sentence = reason.partition(": ")
+    if sep and kind in (PERMANENT, TRANSIENT):
+        return kind, sentence
+    return TRANSIENT, reason

@@ -1,0 +1,258 @@
+"""A GPU worker on any machine: takes batches from Redis through BullMQ and makes them with the engine.
+
+`i2p2i worker --redis URL [--device cuda:N]`, one per GPU. The worker dials out to Redis (it may sit behind
+NAT), takes one batch at a time, checks it again as if a member had sent it (plan()), runs it on its GPU
+thread with the same engine and fast paths as the bot's own GPU, writes the PNGs to Redis keys with a time
+to live and finishes the BullMQ job with their sha256. The GPU call runs off the event loop, so BullMQ's
+lock renewal never stalls; if the lock is lost anyway (the worker was paused, cut off), the batch stops at
+its next step, and BullMQ refuses the finish of a worker whose lock is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as redis
+from bullmq import Worker
+from bullmq.custom_errors import UnrecoverableError
+
+from i2p2i_bot.batches import BatchResult
+from i2p2i_bot.config import Settings
+from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory, GpuWorker, Priority
+from i2p2i_bot.image_engine import ImageEngine
+from i2p2i_bot.remote_wire import (
+    PERMANENT,
+    QUEUE_NAME,
+    RESULT_TTL_S,
+    TRANSIENT,
+    WORKER_KEY_PREFIX,
+    ImageRef,
+    ResultRefs,
+    WireError,
+    as_request,
+    batch_from_payload,
+    failure_reason,
+    result_key,
+    sha256,
+)
+from i2p2i_bot.request import GenerationError
+
+log = logging.getLogger("i2p2i.worker")
+
+EngineLoader = Callable[[Settings], ImageEngine]
+# Names a `module:function` that loads the engine instead of the real models; only the tests set it.
+TEST_ENGINE_ENV = "I2P2I_TEST_ENGINE"
+# Step progress goes to the bot at most this often per batch.
+PROGRESS_INTERVAL_S = 1.0
+EXIT_GPU_LOST = 3
+
+
+class LockLost(Exception):
+    """The worker no longer holds the batch: another worker makes it, so this one stops."""
+
+
+def engine_loader() -> EngineLoader:
+    spec = os.environ.get(TEST_ENGINE_ENV)
+    if spec:
+        module, _, name = spec.partition(":")
+        loader: EngineLoader = getattr(importlib.import_module(module), name)
+        return loader
+    from i2p2i_bot.engine import Engine
+
+    return lambda settings: Engine.load(settings)
+
+
+class RemoteWorker:
+    """One GPU's worker: the engine on its GPU thread, a BullMQ worker, and a record of itself in Redis."""
+
+    def __init__(self, settings: Settings, redis_url: str, loader: EngineLoader) -> None:
+        self._settings = settings
+        self._url = redis_url
+        self._loader = loader
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._lock_ms = int(settings.queue.worker_lock_s * 1000)
+        self._gpu = GpuWorker()
+        self._engine: ImageEngine | None = None
+        self._client: redis.Redis | None = None
+        self._lost: dict[str, threading.Event] = {}
+        self._stop = asyncio.Event()
+        self.exit_code = 0
+
+    def stop(self) -> None:
+        """Take no more batches; the running one finishes. Safe in a signal handler."""
+        self._stop.set()
+
+    async def run(self) -> int:
+        self._engine = await self._gpu.run(self._loader, self._settings, priority=Priority.URGENT)
+        client = self._client = redis.from_url(self._url)
+        worker = Worker(
+            QUEUE_NAME,
+            self._process,
+            {
+                "connection": self._url,
+                "concurrency": 1,
+                "lockDuration": self._lock_ms,
+                "stalledInterval": self._lock_ms,
+                "maxStalledCount": 1,
+                "autorun": False,
+                "name": self.id,
+            },
+        )
+        worker.on("lockRenewalFailed", self._on_lock_lost)
+        worker.on("error", lambda *args: log.warning("queue error: %s", args[0] if args else "?"))
+        heartbeat = asyncio.create_task(self._heartbeat(client), name="i2p2i-worker-heartbeat")
+        running = asyncio.create_task(worker.run(), name="i2p2i-worker")
+        log.info("worker %s ready: %s", self.id, self._engine.models)
+        try:
+            await asyncio.wait(
+                {running, asyncio.create_task(self._stop.wait())}, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            await worker.close()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heartbeat
+            with contextlib.suppress(Exception):
+                await client.delete(WORKER_KEY_PREFIX + self.id)
+            await client.aclose()
+            await asyncio.to_thread(self._gpu.close, True, self._settings.queue.stop_grace_s)
+        log.info("worker %s stopped", self.id)
+        return self.exit_code
+
+    async def _heartbeat(self, client: redis.Redis) -> None:
+        """Keep this worker's record alive; the bot counts live records to size what it sends."""
+        assert self._engine is not None
+        key = WORKER_KEY_PREFIX + self.id
+        ttl_s = max(3, round(self._settings.queue.worker_lock_s))
+        record: dict[Any, Any] = {
+            "models": json.dumps(self._engine.models),
+            "device": self._settings.models.device,
+            "started_at": str(time.time()),
+        }
+        while True:
+            try:
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.hset(key, mapping=record)
+                    pipe.expire(key, ttl_s)
+                    await pipe.execute()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("cannot reach Redis to say this worker is alive (%s)", exc)
+            await asyncio.sleep(ttl_s / 3)
+
+    def _on_lock_lost(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            log.warning("lost the hold on batch %s; stopping it", job_id)
+            lost = self._lost.get(job_id)
+            if lost is not None:
+                lost.set()
+
+    async def _process(self, job: Any, token: str) -> dict[str, Any]:
+        assert self._engine is not None
+        engine = self._engine
+        try:
+            params, specs = batch_from_payload(job.data)
+            for spec in specs:
+                engine.plan(as_request(params, spec))
+        except (WireError, GenerationError) as exc:
+            raise UnrecoverableError(failure_reason(PERMANENT, str(exc))) from None
+        lost = self._lost[job.id] = threading.Event()
+        loop = asyncio.get_running_loop()
+        sent_at = [0.0]
+
+        def report(step: int, total: int) -> None:
+            now = time.monotonic()
+            if now - sent_at[0] >= PROGRESS_INTERVAL_S or step == total:
+                sent_at[0] = now
+                update = job.updateProgress({"step": step, "total": total})
+                asyncio.ensure_future(update).add_done_callback(_ignore_failure)
+
+        def on_step(step: int, total: int) -> None:
+            if lost.is_set():
+                raise LockLost
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(report, step, total)
+
+        log.info("batch %s: %d images", job.id, len(specs))
+        try:
+            future = self._gpu.submit(
+                engine.generate_batch, params, specs, on_step, priority=Priority.GENERATE
+            )
+            result: BatchResult = await asyncio.wrap_future(future)
+            if lost.is_set():
+                raise LockLost
+            refs = await self._store_result(job.id, token, result)
+        except LockLost:
+            raise UnrecoverableError(
+                failure_reason(TRANSIENT, "the worker lost its hold on the batch")
+            ) from None
+        except (GenerationError, GpuOutOfMemory) as exc:
+            raise UnrecoverableError(failure_reason(PERMANENT, str(exc))) from None
+        except GpuFault:
+            log.critical("the GPU is unusable; this worker stops so that a restart gets it back")
+            self.exit_code = EXIT_GPU_LOST
+            self.stop()
+            raise UnrecoverableError(failure_reason(TRANSIENT, "the worker's GPU failed")) from None
+        except Exception as exc:
+            log.exception("batch %s failed", job.id)
+            raise UnrecoverableError(
+                failure_reason(TRANSIENT, f"generation failed with an internal error ({type(exc).__name__})")
+            ) from None
+        finally:
+            self._lost.pop(job.id, None)
+        return refs.to_json()
+
+    async def _store_result(self, job_id: str, token: str, result: BatchResult) -> ResultRefs:
+        """Write each PNG to its own key with a time to live; the keys carry this take's lock token."""
+        pngs = await asyncio.to_thread(_encode, result)
+        refs = tuple(
+            ImageRef(result_key(f"{job_id}:{token}", i), sha256(png), made.nsfw, made.fidelity)
+            for i, (png, made) in enumerate(zip(pngs, result.images, strict=True))
+        )
+        assert self._client is not None
+        async with self._client.pipeline(transaction=True) as pipe:
+            for ref, png in zip(refs, pngs, strict=True):
+                pipe.set(ref.key, png, ex=RESULT_TTL_S)
+            await pipe.execute()
+        return ResultRefs(refs, tuple(result.warnings), dict(result.timings_s))
+
+
+def _encode(result: BatchResult) -> list[bytes]:
+    out = []
+    for made in result.images:
+        buffer = io.BytesIO()
+        made.image.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def _ignore_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("a progress update was lost: %s", future.exception())
+
+
+def run_worker(settings: Settings, redis_url: str) -> int:
+    """The worker's process: run until SIGTERM/SIGINT, then finish the running batch; return the exit code."""
+    logging.getLogger().setLevel(logging.INFO)
+    loader = engine_loader()
+
+    async def main() -> int:
+        worker = RemoteWorker(settings, redis_url, loader)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        return await worker.run()
+
+    return asyncio.run(main())

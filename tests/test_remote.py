@@ -1,0 +1,243 @@
+"""GPU workers through a real Redis (BullMQ): same results and order as in-process, and faults survived.
+
+Each test runs real `i2p2i worker` processes with the stub engine (a sleep per step) against a
+redis-server on a free loopback port, and the bot's queue in this process. Skipped where redis-server is
+not installed, except in CI, where its absence fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from i2p2i_bot.config import QueueSettings
+from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.jobs import JobStatus
+from i2p2i_bot.queue import JobQueue
+from i2p2i_bot.remote import UNREACHABLE, RemoteRunner
+from i2p2i_bot.remote_wire import WORKER_KEY_PREFIX
+from i2p2i_bot.request import GenerationParams
+from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.store import Store
+from tests.fake_engine import FakeEngine
+from tests.redis_server import RedisServer, Workers, redis_server_path
+from tests.requests import job_request
+
+if redis_server_path() is None:
+    if os.environ.get("CI"):
+        pytest.fail("redis-server is missing; .ci/run installs it", pytrace=False)
+    pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
+
+PARAMS = GenerationParams("fake", 4, 7.5, 64, 64, "dpm")
+# Every wait in these tests is bounded by this; a run that needs longer is a failure, not a slow pass.
+LIMIT_S = 40.0
+LOCK_S = 2.0
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workers(server: RedisServer, tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(server, tmp_path / "workers", step_s=0.05, lock_s=LOCK_S)
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images")
+    yield store
+    await store.close()
+
+
+def remote_settings(server: RedisServer) -> QueueSettings:
+    return QueueSettings(max_batch_images=4, backend="redis", redis_url=server.url, worker_lock_s=LOCK_S)
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + LIMIT_S
+    while loop.time() < give_up_at:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {LIMIT_S:g} s")
+
+
+async def live_workers(server: RedisServer, n: int) -> None:
+    client = server.client()
+
+    def ready() -> bool:
+        return len(list(client.scan_iter(match=WORKER_KEY_PREFIX + "*"))) >= n
+
+    await until(ready, f"{n} workers reporting ready")
+
+
+def started_batches(pool: Workers) -> list[dict[str, object]]:
+    if not pool.log.exists():
+        return []
+    return [json.loads(line) for line in pool.log.read_text().splitlines() if line.strip()]
+
+
+async def image_rows(store: Store, job_id: int) -> list[tuple[int, str]]:
+    rows = await store._fetchall(
+        "SELECT image_index, sha256 FROM images WHERE job_id = ? ORDER BY image_index", (job_id,)
+    )
+    return [(row["image_index"], row["sha256"]) for row in rows]
+
+
+def script() -> list[tuple[int, int, int]]:
+    """(member, images, seed) of a workload where the ring's choices show: a heavy member and two light."""
+    return [(1, 4, 100), (1, 4, 200), (1, 3, 300), (2, 1, 400), (3, 2, 500), (2, 2, 600), (3, 1, 700)]
+
+
+async def run_script(queue: JobQueue, start: Callable[[], Awaitable[None]]) -> None:
+    """Submit the script, then start whatever makes images, and wait until every job is finished."""
+    for member, count, seed in script():
+        await queue.submit(job_request(member, f"m{member}", PARAMS, count=count, seed=seed))
+    await start()
+    await asyncio.wait_for(queue.join(), LIMIT_S)
+
+
+async def test_remote_workers_store_the_same_images_in_the_same_order_as_the_local_gpu(
+    tmp_path: Path, server: RedisServer, workers: Workers
+) -> None:
+    """A scripted workload through one worker: the same batches in the same order, the same PNG bytes."""
+    local_store = await Store.open(tmp_path / "local.sqlite3", images_dir=tmp_path / "local-images")
+    local_queue = await JobQueue.open(local_store, QueueSettings(max_batch_images=4))
+    gpu = GpuWorker()
+    engine = FakeEngine()
+    runner = JobRunner(local_queue, engine, gpu, timeout_s=30)
+
+    async def start_local() -> None:
+        runner.start()
+
+    await run_script(local_queue, start_local)
+    await runner.stop()
+    gpu.close(timeout_s=5)
+
+    workers.spawn(1)
+    remote_store = await Store.open(tmp_path / "remote.sqlite3", images_dir=tmp_path / "remote-images")
+    remote_queue = await JobQueue.open(remote_store, remote_settings(server))
+    remote_runner = RemoteRunner(remote_queue, remote_settings(server), poll_s=0.2)
+
+    async def start_remote() -> None:
+        await live_workers(server, 1)
+        remote_runner.start()
+
+    await run_script(remote_queue, start_remote)
+    await remote_runner.stop(5)
+    local_batches = [[spec.seed for spec in specs] for _, specs in engine.batches]
+    assert [batch["seeds"] for batch in started_batches(workers)] == local_batches
+    assert sum(len(b) for b in local_batches) == sum(n for _, n, _ in script())
+    for job_id in range(1, len(script()) + 1):
+        local_rows = await image_rows(local_store, job_id)
+        assert local_rows == await image_rows(remote_store, job_id)
+        for index, _ in local_rows:
+            assert local_store.image_path(job_id, index).read_bytes() == (
+                remote_store.image_path(job_id, index).read_bytes()
+            )
+    await local_store.close()
+    await remote_store.close()
+
+
+async def remote_queue(store: Store, server: RedisServer) -> tuple[JobQueue, RemoteRunner]:
+    queue = await JobQueue.open(store, remote_settings(server))
+    return queue, RemoteRunner(queue, remote_settings(server), poll_s=0.2)
+
+
+async def test_a_batch_whose_worker_is_killed_finishes_on_another_with_each_image_stored_once(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGKILL the worker mid-batch: BullMQ finds the batch stalled, the other worker makes it, once."""
+    pool = Workers(server, tmp_path / "slow", step_s=0.3, lock_s=LOCK_S)
+    try:
+        pool.spawn(2)
+        await live_workers(server, 2)
+        queue, runner = await remote_queue(store, server)
+        runner.start()
+        job = await queue.submit(job_request(1, "killed", PARAMS, count=3, seed=42))
+        await until(lambda: len(started_batches(pool)) == 1, "the batch starting on a worker")
+        (first,) = started_batches(pool)
+        os.kill(int(str(first["pid"])), signal.SIGKILL)
+        await asyncio.wait_for(queue.join(), LIMIT_S)
+        await runner.stop(5)
+        second = started_batches(pool)[1]
+        assert second["seeds"] == first["seeds"] == [42, 43, 44]
+        assert second["pid"] != first["pid"]
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.COMPLETE
+        assert [index for index, _ in await image_rows(store, job.id)] == [0, 1, 2]
+    finally:
+        pool.stop()
+
+
+async def test_a_paused_worker_past_its_lock_has_its_late_result_refused(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGSTOP a worker until its lock lapses: another makes the batch; the first, resumed, is refused."""
+    pool = Workers(server, tmp_path / "paused", step_s=0.3, lock_s=LOCK_S)
+    try:
+        pool.spawn(2)
+        await live_workers(server, 2)
+        queue, runner = await remote_queue(store, server)
+        runner.start()
+        job = await queue.submit(job_request(1, "paused", PARAMS, count=2, seed=7))
+        await until(lambda: len(started_batches(pool)) == 1, "the batch starting on a worker")
+        paused_pid = int(str(started_batches(pool)[0]["pid"]))
+        (paused,) = [p for p in pool.processes if p.pid == paused_pid]
+        os.kill(paused_pid, signal.SIGSTOP)
+        try:
+            await until(lambda: len(started_batches(pool)) == 2, "the batch starting on the other worker")
+            await asyncio.wait_for(queue.join(), LIMIT_S)
+        finally:
+            os.kill(paused_pid, signal.SIGCONT)
+        await until(
+            lambda: "lost the hold" in pool.output(paused) or "Missing lock" in pool.output(paused),
+            "the paused worker being refused",
+        )
+        await runner.stop(5)
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.COMPLETE
+        assert [index for index, _ in await image_rows(store, job.id)] == [0, 1]
+    finally:
+        pool.stop()
+
+
+async def test_the_bot_takes_jobs_while_redis_is_down_and_runs_them_when_it_returns(
+    store: Store, server: RedisServer, workers: Workers
+) -> None:
+    """Redis stops for a few seconds: the runner says so, the queue still takes jobs, and all of them run."""
+    workers.spawn(1)
+    await live_workers(server, 1)
+    queue, runner = await remote_queue(store, server)
+    runner.start()
+    first = await queue.submit(job_request(1, "before", PARAMS, count=2, seed=1))
+    await asyncio.wait_for(queue.join(), LIMIT_S)
+    server.stop()
+    await until(lambda: runner.problem == UNREACHABLE, "the runner noticing Redis is gone")
+    during = [await queue.submit(job_request(m, "during", PARAMS, count=2, seed=10 * m)) for m in (2, 3)]
+    await asyncio.sleep(2.0)  # Redis stays down a while: nothing may be lost meanwhile
+    server.start()
+    await asyncio.wait_for(queue.join(), LIMIT_S)
+    assert runner.problem is None
+    await runner.stop(5)
+    for job in (first, *during):
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.COMPLETE
+        assert [index for index, _ in await image_rows(store, job.id)] == [0, 1]
