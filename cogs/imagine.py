@@ -369,6 +369,7 @@ async def work_out_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str:
         source_sha256=sha256,
         mode="negative",
         models=described_with(bot),
+        user_id=stored.user_id,
     )
     if not described.negative:
         raise Refusal("I found no negative prompt to suggest for this image.")
