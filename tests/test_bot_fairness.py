@@ -1,4 +1,4 @@
-"""Describes under load through the real bot: turns on the GPU for everyone.
+"""Describes under load through the real bot: a cap per member, and turns on the GPU for everyone.
 
 The stand-in engine records the order of its GPU calls; the loopback Discord records every answer.
 """
@@ -6,6 +6,7 @@ The stand-in engine records the order of its GPU calls; the loopback Discord rec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -23,7 +24,11 @@ from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, InteractionHandle, running_fake_discord
 from tests.fake_engine import FakeEngine
 
+CALLBACK = "POST /interactions/{interaction}/{token}/callback"
+FOLLOWUP = "POST /webhooks/{app}/{token}"
 DEFERRED = 5
+MESSAGE = 4
+EPHEMERAL = 64
 
 
 class RecordingEngine(FakeEngine):
@@ -48,6 +53,12 @@ class RecordingEngine(FakeEngine):
 async def server() -> AsyncIterator[FakeDiscord]:
     async with running_fake_discord() as fake:
         yield fake
+
+
+def settings_with_cap(base: Settings, data_dir: Path, server: FakeDiscord, cap: int) -> Settings:
+    settings = bot_settings(base, data_dir, server)
+    interrogate = dataclasses.replace(settings.interrogate, max_describes_per_user=cap)
+    return dataclasses.replace(settings, interrogate=interrogate)
 
 
 def picture(width: int) -> bytes:
@@ -101,3 +112,45 @@ async def test_a_describe_flood_leaves_another_members_card_and_a_job_their_turn
         assert callback.json["type"] == DEFERRED
         card = handle.original
         assert card is not None and not card.ephemeral and card.embeds[0]["title"] == "Prompt · best"
+
+
+async def test_describes_past_the_cap_are_refused_privately_before_any_answer(
+    server: FakeDiscord, base_settings: Settings, tmp_path: Path
+) -> None:
+    """With two describes in flight, Alice's third /imagine-from and a Re-describe are refused with one
+    private sentence naming the cap, as their first answer; once a card is posted she may describe again."""
+    engine = RecordingEngine()
+    settings = settings_with_cap(base_settings, tmp_path / "data", server, cap=2)
+    async with running_i2p2i(settings, server, engine) as bot:
+        first = await describe(server, 64, "alice")
+        await first.wait_followup(timeout_s=20)
+        card = first.original
+        assert card is not None
+        with gpu_blocked(bot):
+            in_flight = [await describe(server, width, "alice") for width in (72, 80)]
+            await queued_on_gpu(server, bot, 2)
+            too_many = await describe(server, 88, "alice")
+            refused = await too_many.wait_response()
+            mode_select = next(c for c in card.custom_ids() if c.startswith("i2p:card:mode:"))
+            redescribe = await server.push_select(card, mode_select, ["fast"], user="alice")
+            refused_redescribe = await redescribe.wait_response()
+            bobs = await describe(server, 96, "bob")  # the cap is per member
+            await queued_on_gpu(server, bot, 3)
+            assert bot.describes.count(server.user("alice").id) == 2
+        for handle in (*in_flight, bobs):
+            await handle.wait_followup(timeout_s=20)
+        again = await describe(server, 104, "alice")
+        await again.wait_followup(timeout_s=20)
+
+    sentence = (
+        "You already have 2 pictures being described, the most at once; wait for a card, then ask again."
+    )
+    for answer in (refused, refused_redescribe):
+        assert answer.json["type"] == MESSAGE
+        assert answer.json["data"]["content"] == sentence
+        assert answer.json["data"]["flags"] & EPHEMERAL
+    assert [c.json["type"] for c in too_many.callbacks()] == [MESSAGE]
+    assert too_many.calls(FOLLOWUP) == [] and redescribe.calls(FOLLOWUP) == []
+    assert [c.json["type"] for c in again.callbacks()] == [DEFERRED]
+    assert engine.calls == ["describe 64", "describe 72", "describe 96", "describe 80", "describe 104"]
+    assert bot.describes.count(server.user("alice").id) == 0
