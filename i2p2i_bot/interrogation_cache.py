@@ -1,7 +1,7 @@
 """Interrogations through the store: the same image bytes, mode and models are described once.
 
-A miss runs on the GPU thread ahead of generation (a member is waiting on the prompt card), in turn with other
-members' (gpu_turns.py); identical requests that arrive while it runs share its result.
+A miss runs on the GPU thread as its member's turn (gpu_turns.py: members take turns, ahead of generation,
+which waits behind one description per member at most); identical requests that arrive meanwhile share it.
 """
 
 from __future__ import annotations
