@@ -176,6 +176,14 @@ class ImagineCog(commands.Cog, name="Imagine"):
         count: int | None,
         sampling: CardChoices,
     ) -> None:
+        """Describe an image and post its card, refused privately before any answer when the member has
+        interrogate.max_describes_per_user descriptions in flight already."""
+        with self.bot.describes.hold(interaction.user.id):
+            await self._describe(interaction, source, mode, count)
+
+    async def _describe(
+        self, interaction: discord.Interaction, source: ImageSource, mode: str | None, count: int | None
+    ) -> None:
         """Check, download, decode, interrogate and post the card; user errors become one sentence."""
         bot = self.bot
         settings = bot.settings
@@ -457,6 +465,7 @@ async def work_out_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str:
         source_sha256=sha256,
         mode="negative",
         models=described_with(bot),
+        user_id=stored.user_id,
     )
     if not described.negative:
         raise Refusal("I found no negative prompt to suggest for this image.")
@@ -626,8 +635,9 @@ class ModeSelect(
         try:
             stored = await _owned_card(bot, interaction, self.card)
             image = await saved_source(bot, stored.source_sha256)
-            await interaction.response.defer()
-            fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode)
+            with bot.describes.hold(interaction.user.id):
+                await interaction.response.defer()
+                fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode)
             # The suggestion is the image's, whatever the mode: the member's choice to use it carries over.
             applied = (await bot.store.card_choices(stored.id)).negative_prompt
             if applied is not None and mode != "negative":

@@ -33,6 +33,7 @@ from i2p2i_bot import progress_bars
 from i2p2i_bot.config import ConfigError, Settings, load_settings
 from i2p2i_bot.decode_queue import DecodeQueue
 from i2p2i_bot.delivery import ResultDelivery
+from i2p2i_bot.describes_in_flight import DescribesInFlight
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
 from i2p2i_bot.health import HEALTH_FILE, BotStatus, run_heartbeat
@@ -155,6 +156,7 @@ class I2P2IBot(commands.Bot):
         self.failed_extensions: list[str] = []
         self._engine_loader: EngineLoader = engine_loader or (lambda s: Engine.load(s))
         self.banned = BannedTerms.from_settings(settings.interrogate)
+        self.describes = DescribesInFlight(settings.interrogate.max_describes_per_user)
         self.sources_dir = settings.sources_path
         self.store: Store
         self.gpu: GpuWorker

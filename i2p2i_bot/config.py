@@ -90,6 +90,8 @@ class InterrogateSettings:
     label_batch_size: int = 1024
     caption_max_tokens: int = 32
     fast_caption: bool = True
+    # Descriptions one member may have in flight at once (from /imagine-from or Re-describe).
+    max_describes_per_user: int = 3
 
     def validate(self) -> None:
         _between("interrogate.min_flavors", self.min_flavors, 1, 64)
@@ -97,6 +99,7 @@ class InterrogateSettings:
         _between("interrogate.negative_max_flavors", self.negative_max_flavors, 1, 64)
         _between("interrogate.label_batch_size", self.label_batch_size, 1, 65536)
         _between("interrogate.caption_max_tokens", self.caption_max_tokens, 4, 128)
+        _between("interrogate.max_describes_per_user", self.max_describes_per_user, 1, 1000)
         if self.labels_dir and not Path(self.labels_dir).expanduser().is_dir():
             raise ConfigError(f"interrogate.labels_dir {self.labels_dir!r} is not a directory")
         if any(not fold(term).strip() for term in self.banned_terms):

@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import gc
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+
+from i2p2i_bot.gpu_turns import GpuTurns, Member, Priority
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class Priority(enum.IntEnum):
-    """Lower runs first: a member waiting on a prompt card beats a batch of images."""
-
-    URGENT = 0
-    INTERROGATE = 10
-    GENERATE = 20
 
 
 class GpuClosed(RuntimeError):
@@ -50,27 +41,26 @@ class GpuFault(RuntimeError):
         self.ran = ran
 
 
-@dataclass(order=True)
+@dataclass
 class _Task:
-    priority: int
-    seq: int
-    fn: Callable[..., Any] = field(compare=False)
-    args: tuple[Any, ...] = field(compare=False)
-    kwargs: dict[str, Any] = field(compare=False)
-    future: concurrent.futures.Future[Any] = field(compare=False)
-
-
-_STOP = object()
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    future: concurrent.futures.Future[Any]
 
 
 class GpuWorker:
-    """A single daemon thread that runs submitted callables in priority order, surviving every failure."""
+    """A single daemon thread that runs submitted callables, surviving every failure.
+
+    Which waiting task runs next is GpuTurns' choice (gpu_turns.py): urgent work, then members'
+    descriptions in turn, with generation waiting behind at most one description per member.
+    """
 
     def __init__(self, name: str = "i2p2i-gpu") -> None:
-        self._queue: queue.PriorityQueue[_Task] = queue.PriorityQueue()
-        self._seq = itertools.count()
+        self._turns: GpuTurns[_Task] = GpuTurns()
         self._closed = False
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._busy_since: float | None = None  # time.monotonic() when the running task started
         self._fault: str | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -81,7 +71,8 @@ class GpuWorker:
         return self._thread
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        with self._lock:
+            return len(self._turns)
 
     def busy_for_s(self) -> float:
         """How long the thread has been on its current task (0 when idle): a step that never returns shows."""
@@ -98,40 +89,59 @@ class GpuWorker:
         return self._fault
 
     def submit(
-        self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any
+        self,
+        fn: Callable[..., R],
+        *args: Any,
+        priority: Priority = Priority.GENERATE,
+        member: Member = None,
+        **kwargs: Any,
     ) -> concurrent.futures.Future[R]:
-        """Queue fn(*args, **kwargs) for the GPU thread; the future carries its result or exception."""
+        """Queue fn(*args, **kwargs) for the GPU thread; the future carries its result or exception.
+
+        `member` is whose description an INTERROGATE task is, so members take turns (see gpu_turns.py).
+        """
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise GpuClosed("the GPU worker is shutting down")
-            self._queue.put(_Task(int(priority), next(self._seq), fn, args, kwargs, future))
+            self._turns.add(_Task(fn, args, kwargs, future), Priority(priority), member)
+            self._wake.notify()
         return future
 
     async def run(
-        self, fn: Callable[..., R], *args: Any, priority: int = Priority.GENERATE, **kwargs: Any
+        self,
+        fn: Callable[..., R],
+        *args: Any,
+        priority: Priority = Priority.GENERATE,
+        member: Member = None,
+        **kwargs: Any,
     ) -> R:
         """Run fn on the GPU thread and await its result without blocking the event loop."""
-        future = self.submit(fn, *args, priority=priority, **kwargs)
+        future = self.submit(fn, *args, priority=priority, member=member, **kwargs)
         return await asyncio.wrap_future(future)
 
     def close(self, wait: bool = True, timeout_s: float | None = None) -> None:
         """Stop taking work; queued tasks still run, then the thread exits."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                # Sorts after every real task, so queued work drains first.
-                stop = concurrent.futures.Future[Any]()
-                self._queue.put(_Task(1 << 30, next(self._seq), _stop, (), {}, stop))
+            self._closed = True
+            self._wake.notify()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
+    def _next(self) -> _Task | None:
+        """The next task to run, waiting for one; None once closed with nothing left."""
+        with self._lock:
+            while (task := self._turns.pop()) is None:
+                if self._closed:
+                    return None
+                self._wake.wait()
+            return task
+
     def _loop(self) -> None:
-        while True:
-            task = self._queue.get()
+        while (task := self._next()) is not None:
             if not task.future.set_running_or_notify_cancel():
                 continue
-            if self._fault is not None and task.fn is not _stop:
+            if self._fault is not None:
                 refused = GpuFault(f"the GPU is unusable until a restart ({self._fault})", ran=False)
                 task.future.set_exception(refused)
                 continue
@@ -151,14 +161,7 @@ class GpuWorker:
                 continue
             finally:
                 self._busy_since = None
-            if result is _STOP:
-                task.future.set_result(None)
-                return
             task.future.set_result(result)
-
-
-def _stop() -> object:
-    return _STOP
 
 
 def cuda_context_lost(exc: BaseException) -> bool:

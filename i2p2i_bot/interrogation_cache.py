@@ -1,7 +1,7 @@
 """Interrogations through the store: the same image bytes, mode and models are described once.
 
-A miss runs on the GPU thread ahead of generation (a member is waiting on the prompt card); identical requests
-that arrive while it runs share its result.
+A miss runs on the GPU thread as its member's turn (gpu_turns.py: members take turns, ahead of generation,
+which waits behind one description per member at most); identical requests that arrive meanwhile share it.
 """
 
 from __future__ import annotations
@@ -75,11 +75,13 @@ class InterrogationCache:
         source_sha256: str,
         mode: str,
         models: Mapping[str, str],
+        user_id: int | None = None,
     ) -> Interrogation:
         """The stored result for this key, or `run()` on the GPU thread, stored for next time, with no
         member's request: what a card looks up for itself (another mode's negative suggestion, say).
 
-        A card pressed twice while `run` is on the GPU waits for that one run.
+        A card pressed twice while `run` is on the GPU waits for that one run. `user_id` is whose turn on
+        the GPU it takes.
         """
         hit = await self._store.find_interrogation(source_sha256, mode, models)
         if hit is not None:
@@ -87,15 +89,19 @@ class InterrogationCache:
         key: _Key = (source_sha256, mode, tuple(sorted(models.items())))
         shared = self._looking_up.get(key)
         if shared is None:
-            shared = asyncio.create_task(self._compute_result(run, source_sha256, models))
+            shared = asyncio.create_task(self._compute_result(run, source_sha256, models, user_id))
             self._looking_up[key] = shared
             shared.add_done_callback(lambda _: self._looking_up.pop(key, None))
         return await asyncio.shield(shared)
 
     async def _compute_result(
-        self, run: Callable[[], Interrogation], source_sha256: str, models: Mapping[str, str]
+        self,
+        run: Callable[[], Interrogation],
+        source_sha256: str,
+        models: Mapping[str, str],
+        user_id: int | None,
     ) -> Interrogation:
-        interrogation = await self._gpu.run(run, priority=Priority.INTERROGATE)
+        interrogation = await self._gpu.run(run, priority=Priority.INTERROGATE, member=user_id)
         await self._store.add_result(interrogation, source_sha256=source_sha256, models=models)
         return interrogation
 
@@ -108,7 +114,7 @@ class InterrogationCache:
         guild_id: int | None,
         channel_id: int | None,
     ) -> StoredInterrogation:
-        interrogation = await self._gpu.run(run, priority=Priority.INTERROGATE)
+        interrogation = await self._gpu.run(run, priority=Priority.INTERROGATE, member=user_id)
         return await self._store.add_interrogation(
             interrogation,
             source_sha256=source_sha256,

@@ -13,6 +13,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
+from i2p2i_bot.describes_in_flight import DescribeRefused
 from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory
 from i2p2i_bot.images import ImageError
 from i2p2i_bot.interrogate import InterrogateError
@@ -33,6 +34,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     Refusal,
     ImageError,
     JobRefused,
+    DescribeRefused,
     GenerationError,
     InterrogateError,
     GpuOutOfMemory,

@@ -192,6 +192,34 @@ def test_load_bench_runs_the_crowd(
     assert payload["headline"] == pytest.approx(figures, rel=0.01)
 
 
+def test_load_bench_runs_the_describe_flood(
+    smoke_models: SmokeModels, smoke_cache: Path, labels_dir: Path, tmp_path: Path
+) -> None:
+    """load.py's describe flood serves every member, refuses the flooder's surplus and reports the waits."""
+    json_out = tmp_path / "flood.json"
+    argv = ["--scenario", "describe-flood", "--device", "cpu", "--cache-dir", str(smoke_cache),
+            "--labels", str(labels_dir), "--flood", "8", "--flood-over-s", "0.3",
+            "--json-out", str(json_out)]  # fmt: skip
+    last = _run("load.py", argv).strip().splitlines()[-1]
+    figures = {key: float(value) for key, value in (pair.split("=", 1) for pair in last.split())}
+    ahead = {"describes_ahead_of_job", "describes_ahead_of_card"}
+    assert set(figures) == {"other_card_s", "job_result_s", *ahead}
+    assert figures["other_card_s"] > 0 and figures["job_result_s"] > 0
+
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "load-describe-flood" and payload["failures"] == []
+    _environment_ok(payload["environment"])
+    assert payload["settings"]["flood"] == 8 and payload["settings"]["max_describes_per_user"] == 3
+    members = payload["members"]
+    flooder, other, imaginer = members["alice"], members["bob"], members["mod"]
+    assert flooder["sent"] == 8 and flooder["served"] + flooder["refused"] == 8 and flooder["served"] >= 3
+    assert (other["sent"], other["served"], imaginer["sent"], imaginer["served"]) == (1, 1, 1, 1)
+    order = payload["gpu_order"]
+    assert order.count("generate") == 1 and order.count("describe bob") == 1
+    assert order.count("describe alice") == flooder["served"] and len(order) == flooder["served"] + 2
+    assert payload["headline"] == pytest.approx(figures, rel=0.01)
+
+
 def test_memory_bench_counts_weights_and_peaks_on_fake_cuda_tensors(tmp_path: Path) -> None:
     """memory.py builds the real architectures on fake CUDA tensors: exact weight sizes, ordered peaks."""
     json_out = tmp_path / "memory.json"

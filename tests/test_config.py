@@ -50,6 +50,10 @@ def test_values_are_read_from_toml(tmp_path: Path) -> None:
         ('[models]\npreset = "huge"\n', "models.preset must be one of 'default', 'smoke'"),
         ('[models]\ndevice = "tpu"\n', "models.device must be"),
         ("[queue]\nmax_batch_images = 0\n", "queue.max_batch_images must be between 1 and 64"),
+        (
+            "[interrogate]\nmax_describes_per_user = 0\n",
+            "interrogate.max_describes_per_user must be between 1 and 1000",
+        ),
         ("[interrogate]\nbanned_terms = [1]\n", "interrogate.banned_terms[0] must be a string"),
         ("[interrogate]\ndrop_artists = 3\n", "interrogate.drop_artists must be true or false"),
         ("generate = 3\n", "generate must be a table"),

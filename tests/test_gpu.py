@@ -54,6 +54,29 @@ async def test_interrogation_jumps_the_generation_queue() -> None:
         gpu.close()
 
 
+async def test_a_describe_flood_waits_its_turn_behind_other_members_and_generation() -> None:
+    """One member's ten describes queued first: another member's describe and a batch each wait behind
+    only one of them."""
+    gpu = GpuWorker()
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        blocker = gpu.submit(gate.wait, priority=Priority.URGENT)
+        futures = [
+            *(gpu.submit(order.append, f"a{k}", priority=Priority.INTERROGATE, member=1) for k in range(10)),
+            gpu.submit(order.append, "b", priority=Priority.INTERROGATE, member=2),
+            gpu.submit(order.append, "batch", priority=Priority.GENERATE),
+        ]
+        gate.set()
+        await asyncio.wrap_future(blocker)
+        for f in futures:
+            await asyncio.wrap_future(f)
+        assert order == ["a0", "b", "batch", *(f"a{k}" for k in range(1, 10))]
+    finally:
+        gate.set()
+        gpu.close()
+
+
 async def test_thread_survives_failures() -> None:
     """An exception reaches the caller and the thread keeps serving."""
     gpu = GpuWorker()
