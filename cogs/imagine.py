@@ -179,10 +179,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
         """Describe an image and post its card, refused privately before any answer when the member has
         interrogate.max_describes_per_user descriptions in flight already."""
         with self.bot.describes.hold(interaction.user.id):
-            await self._describe(interaction, source, mode, count)
+            await self._describe(interaction, source, mode, count, sampling)
 
     async def _describe(
-        self, interaction: discord.Interaction, source: ImageSource, mode: str | None, count: int | None
+        self,
+        interaction: discord.Interaction,
+        source: ImageSource,
+        mode: str | None,
+        count: int | None,
+        sampling: CardChoices,
     ) -> None:
         """Check, download, decode, interrogate and post the card; user errors become one sentence."""
         bot = self.bot
