@@ -54,6 +54,8 @@ def test_values_are_read_from_toml(tmp_path: Path) -> None:
         ("[interrogate]\ndrop_artists = 3\n", "interrogate.drop_artists must be true or false"),
         ("generate = 3\n", "generate must be a table"),
         ('[discord]\ntoken = "abc"\n', "DISCORD_TOKEN"),
+        ('[guides]\nenabled = ["pose"]\n', "guides.enabled[0] must be one of 'layout', 'edges'"),
+        ('[guides]\nenabled = ["edges", "edges"]\n', "guides.enabled must name each guide once"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
