@@ -7,8 +7,9 @@
   start. A batch is padded up to the next bucket with copies of its last image, which are thrown away;
   every image has its own seed and noise, so padding cannot change the others beyond float rounding.
   Nothing is compiled after start: a UNet input of a shape not warmed (another size, guidance off) runs
-  uncompiled. A UNet that fails to compile, or whose compiled code fails during a batch, runs uncompiled
-  from then on, with a warning; that batch is made again uncompiled.
+  uncompiled, and so does a batch whose UNet takes ControlNet residuals (the edges guide). A UNet that
+  fails to compile, or whose compiled code fails during a batch, runs uncompiled from then on, with a
+  warning; that batch is made again uncompiled.
 - the safety checker's and the fidelity score's CLIP input made from the decoded tensor on the device,
   instead of a round trip through PIL on the CPU (`pipeline_class`).
 """
@@ -120,12 +121,14 @@ class UnetBuckets:
         return next((b for b in self.buckets if b >= batch and b * rows_per_image in self.warm_rows), None)
 
     @contextlib.contextmanager
-    def selected(self, compiled: bool) -> Iterator[None]:
-        self.pipe.unet = self.compiled if compiled else self.eager
+    def selected(self, compiled: bool, pipe: Any | None = None) -> Iterator[None]:
+        """Run `pipe` (default: the resident pipeline; or one sharing its UNet) with the chosen UNet."""
+        pipe = self.pipe if pipe is None else pipe
+        pipe.unet = self.compiled if compiled else self.eager
         try:
             yield
         finally:
-            self.pipe.unet = self.eager
+            pipe.unet = self.eager
 
     def warm(self, run: Callable[[int], None]) -> None:
         """Compile every bucket now (run(n) makes a batch of n); on any failure fall back to eager."""
@@ -155,6 +158,10 @@ class UnetBuckets:
         )
 
     def _forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # The code is compiled for the strides of the warm-up's latents; image-to-image (layout) makes
+        # its latents through a channels-last VAE, whose strides would send it down the eager path. The
+        # copy is of the latents alone (8 images at 512 px: 256 KB in fp16).
+        sample = sample.contiguous()
         if self._warming:
             self.warm_rows.add(sample.shape[0])
             return _owned(self._compiled_forward(sample, *args, **kwargs))
@@ -180,15 +187,16 @@ def _owned(output: Any) -> Any:
 
 
 @functools.cache
-def pipeline_class() -> type[Any]:
-    """StableDiffusionPipeline whose safety checker input is prepared on the device.
+def pipeline_class(stock_name: str = "StableDiffusionPipeline") -> type[Any]:
+    """A Stable Diffusion pipeline of diffusers' (text-to-image by default; the guides' image-to-image and
+    ControlNet ones too) whose safety checker input is prepared on the device.
 
     It also keeps the decoded pixels (in [0, 1], on the device) of its last call in `decoded`, so the
     fidelity score needs no trip through PIL either. Everything else is the stock pipeline.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    stock: Any = StableDiffusionPipeline
+    stock: Any = getattr(diffusers, stock_name)
 
     class DevicePostprocessPipeline(stock):
         decoded: torch.Tensor | None = None

@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 from i2p2i_bot import __version__
 from i2p2i_bot.backup import BackupError, backup_database
 from i2p2i_bot.config import ConfigError, InterrogateMode, Settings, load_settings
+from i2p2i_bot.guides import GUIDE_KINDS, Guide, GuideError, guides_json, parse_guides
 from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
 from i2p2i_bot.images import ImageError, check_declared, check_image, image_sha256, open_image
 from i2p2i_bot.progress_bars import disable_library_bars, is_terminal
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", help="make images from a prompt", parents=[common])
     generate.add_argument("prompt")
+    generate.add_argument(
+        "--source", metavar="IMAGE", help="the image whose elements --keep keeps (needs --keep)"
+    )
     _add_generation_options(generate)
 
     imagine = sub.add_parser(
@@ -151,6 +155,16 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default 512)")
     parser.add_argument(
         "--scheduler", choices=("dpm", "pndm"), help="dpm (fast, default) or pndm (the original)"
+    )
+    kinds = ", ".join(
+        f"{k.name} ({k.keeps}; weight in {k.weight_range}, default {k.default_weight:g})"
+        for k in GUIDE_KINDS.values()
+    )
+    parser.add_argument(
+        "--keep",
+        metavar="NAME[:WEIGHT],...",
+        help=f"keep elements of the source image besides what the prompt says: {kinds}; "
+        "e.g. edges:0.9,layout",
     )
     parser.add_argument(
         "--out", metavar="DIR", default="out", help="where to write images and JSON (default ./out)"
@@ -319,16 +333,28 @@ def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> i
     banned = BannedTerms.from_settings(settings.interrogate)
     _refuse_banned(banned, args.prompt, "prompt")
     # Everything is checked before the models load, so a typo costs nothing.
-    _check_request(settings, args, args.prompt)
+    keep = _check_request(settings, args, args.prompt, has_source=args.source is not None)
+    if args.source is not None and not keep:
+        raise UsageError("--source is the image --keep keeps elements of; add --keep NAME[:WEIGHT],...")
     out = _check_out(Path(args.out))
+    source = None
+    if args.source is not None:
+        try:
+            image, source = _read_image(Path(args.source), settings)
+        except (InputError, ImageError) as exc:
+            raise UsageError(f"--source {args.source}: {exc}") from None
     engine = _load_engine(settings, progress)
     request = _request(args, args.prompt)
+    if source is not None:
+        engine.generator.source_images.hold(source, image)
+        request = replace(request, keep=keep, guide_source=source)
     params, result = _run_generation(engine, request, None, progress, "Generating")
     out.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(out, _slug(args.prompt))
-    files = _write_images(out, stem, result.images, engine.models)
+    files = _write_images(out, stem, result.images, engine.models, params.keep)
     record = {
         "prompt": request.prompt,
+        **({"source": args.source, "source_sha256": source} if source is not None else {}),
         **_result_json(engine, params, result, files),
         "created_at": _now(),
     }
@@ -351,7 +377,9 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             _refuse_banned(banned, text, label)
     # Everything is checked before the models load, so a typo costs nothing: the options first (a usage
     # error stops the command), then every input (a bad one is reported and the others go on).
-    _check_request(settings, args, "placeholder" if args.prompt is None else args.prompt)
+    keep = _check_request(
+        settings, args, "placeholder" if args.prompt is None else args.prompt, has_source=True
+    )
     out = _check_out(Path(args.out))
     sources, failed = _check_inputs(args.images, settings)
     if not sources:
@@ -375,6 +403,9 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             request = _request(args, prompt)
             if args.negative is None and interrogation.image_negative is not None:
                 request = replace(request, negative_prompt=interrogation.image_negative)
+            if keep:
+                engine.generator.source_images.hold(sha, image)
+                request = replace(request, keep=keep, guide_source=sha)
             params, result = _run_generation(
                 engine, request, interrogation.image_embedding, progress, path.name
             )
@@ -384,7 +415,7 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             continue
         out.mkdir(parents=True, exist_ok=True)
         stem = _unique_stem(out, _slug(path.stem))
-        files = _write_images(out, stem, result.images, engine.models)
+        files = _write_images(out, stem, result.images, engine.models, params.keep)
         record = {
             "source": str(path),
             "source_sha256": sha,
@@ -524,10 +555,24 @@ def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
     )
 
 
-def _check_request(settings: Settings, args: argparse.Namespace, prompt: str) -> None:
+def _check_request(
+    settings: Settings, args: argparse.Namespace, prompt: str, *, has_source: bool
+) -> tuple[Guide, ...]:
+    """The options checked as plan() will check them, before any model loads; returns --keep's guides."""
     from i2p2i_bot.request import plan
 
-    plan(_request(args, prompt), settings.generate, "check")
+    keep: tuple[Guide, ...] = ()
+    if args.keep is not None:
+        try:
+            keep = parse_guides(args.keep)
+        except GuideError as exc:
+            raise UsageError(f"--keep: {exc}") from None
+        if not has_source:
+            raise UsageError("--keep needs a source image: give one with --source IMAGE")
+    # A stand-in for the source's hash: the image itself is read later, with the others.
+    request = replace(_request(args, prompt), keep=keep, guide_source="0" * 64 if keep else None)
+    plan(request, settings.generate, "check", settings.guides.enabled)
+    return keep
 
 
 def _run_generation(
@@ -558,14 +603,18 @@ def _run_generation(
 
 
 def _write_images(
-    out: Path, stem: str, images: Sequence[GeneratedImage], models: dict[str, str]
+    out: Path,
+    stem: str,
+    images: Sequence[GeneratedImage],
+    models: dict[str, str],
+    keep: Sequence[Guide] = (),
 ) -> list[Path]:
     files = []
     digits = len(str(len(images)))  # 01..12, so that a folder listing keeps the images in order
     for k, item in enumerate(images, start=1):
         path = out / f"{stem}.{k:0{digits}d}.png"
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", json.dumps(_png_parameters(item, models)))
+        info.add_text("parameters", json.dumps(_png_parameters(item, models, keep)))
         tmp = path.with_suffix(".png.tmp")
         item.image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
@@ -573,13 +622,17 @@ def _write_images(
     return files
 
 
-def _png_parameters(item: GeneratedImage, models: dict[str, str]) -> dict[str, Any]:
-    return {
+def _png_parameters(item: GeneratedImage, models: dict[str, str], keep: Sequence[Guide]) -> dict[str, Any]:
+    parameters: dict[str, Any] = {
         "prompt": item.spec.prompt,
         "negative_prompt": item.spec.negative_prompt,
         "seed": item.spec.seed,
         "generator": models.get("generator"),
     }
+    if keep:
+        parameters["keep"] = guides_json(keep)
+        parameters["guide_source_sha256"] = item.spec.guide_source
+    return parameters
 
 
 def _result_json(
@@ -598,9 +651,16 @@ def _result_json(
     ranked = sorted(
         (i for i in images if i["fidelity"] is not None), key=lambda i: -float(i["fidelity"] or 0.0)
     )
+    guide_models = engine.generator.guided.models.recorded
     return {
         "negative_prompt": first.negative_prompt if first else "",
-        "params": {k: v for k, v in asdict(params).items() if k != "model"},
+        "params": {k: v for k, v in asdict(params).items() if k not in ("model", "keep")},
+        # What the images keep of the source besides the prompt, each guide with its weight (and the
+        # model its weights come from, where it has its own).
+        "keep": [
+            {**entry, **({"model": guide_models[g.name]} if g.name in guide_models else {})}
+            for g, entry in zip(params.keep, guides_json(params.keep), strict=True)
+        ],
         "models": engine.models,
         "smoke": engine.sources.smoke,
         "images": images,

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from i2p2i_bot.guides import GuideName
 from i2p2i_bot.lookalikes import fold
 
 DEFAULT_GENERATOR = "CompVis/stable-diffusion-v1-4"
 DEFAULT_CLIP = "ViT-L-14/openai"
 DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
+DEFAULT_EDGES_MODEL = "lllyasviel/sd-controlnet-canny"
 
 ModelPreset = Literal["default", "smoke"]
 WarmUp = Literal["auto", "on", "off"]
@@ -150,6 +152,23 @@ class GenerateSettings:
 
 
 @dataclass(frozen=True)
+class GuideSettings:
+    """The guides members may choose (i2p2i_bot/guides.py) and the weights those that need some use."""
+
+    # layout needs no weights of its own; edges needs a ControlNet, fetched by download-models only when
+    # enabled here, and resident on the GPU (about 0.7 GB in fp16) only then.
+    enabled: list[GuideName] = field(default_factory=lambda: ["layout"])
+    # The ControlNet for edges: a hub id or a local directory; it must fit the generator's family (SD 1.x).
+    edges_model: str = DEFAULT_EDGES_MODEL
+
+    def validate(self) -> None:
+        if len(set(self.enabled)) != len(self.enabled):
+            raise ConfigError("guides.enabled must name each guide once")
+        if not self.edges_model.strip():
+            raise ConfigError("guides.edges_model must name a hub id or a local directory")
+
+
+@dataclass(frozen=True)
 class QueueSettings:
     max_batch_images: int = 8
     max_queued_jobs_per_user: int = 5
@@ -226,6 +245,7 @@ class Settings:
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     interrogate: InterrogateSettings = field(default_factory=InterrogateSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+    guides: GuideSettings = field(default_factory=GuideSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     discord: DiscordSettings = field(default_factory=DiscordSettings)

@@ -14,11 +14,13 @@ from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.config import Settings
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
+from i2p2i_bot.guided import load_guide_models
 from i2p2i_bot.interrogate import Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.models import ModelSources, check_downloaded, quick_gelu_name, resolve_models
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.server_settings import ServerSettings
+from i2p2i_bot.source_images import SourceImages
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Engine:
         dtype = resolve_dtype(settings.models.precision, device)
         log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
         interrogator = _interrogator(settings, sources, device, dtype, progress)
+        guides = load_guide_models(settings.guides, sources, device, dtype)
         generator = Generator.load(
             sources.generator,
             settings.generate,
@@ -51,6 +54,8 @@ class Engine:
             embed_pixels=interrogator.embed_pixels,
             dtype=dtype,
             name=sources.recorded()["generator"],
+            guides=guides,
+            source_images=SourceImages(settings.sources_path),
         )
         load_s = time.perf_counter() - started
         log.info("models loaded in %.1f s", load_s)

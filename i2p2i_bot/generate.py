@@ -22,9 +22,12 @@ from i2p2i_bot.acceleration import (
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import default_dtype, split_on_oom
+from i2p2i_bot.guided import GuidedPipelines, GuideModels, compiles
+from i2p2i_bot.guides import GuideName
 from i2p2i_bot.models import ModelUnavailable, generator_folder
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
+from i2p2i_bot.source_images import SourceImages
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class Generator:
         embed_images: ImageEmbedder | None = None,
         embed_pixels: PixelEmbedder | None = None,
         compile_backend: str | Callable[..., Any] = "inductor",
+        guides: GuideModels | None = None,
+        source_images: SourceImages | None = None,
     ) -> None:
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
@@ -58,6 +63,9 @@ class Generator:
         self.device = pipe.device
         mode = compile_mode(settings, self.device)
         self.fast_path = apply_layout_and_fusion(pipe, settings, compiled=mode != "off")
+        # Where the sources that guided images keep elements of are found, by hash.
+        self.source_images = source_images or SourceImages()
+        self.guided = GuidedPipelines(pipe, guides or GuideModels(), self.source_images)
         self.buckets: UnetBuckets | None = None
         if mode != "off":
             self.buckets = UnetBuckets(
@@ -80,6 +88,7 @@ class Generator:
             elif settings.channels_last == "auto":
                 drop_channels_last(pipe, self.fast_path)
         log.info("generator fast path: %s", ", ".join(self.fast_path) or "none")
+        log.info("guides offered: %s", ", ".join(self.offered_guides) or "none")
 
     def warm_up(self, source_embedding: tuple[float, ...] | None = None) -> None:
         """One image of two steps at the default size, through every stage a member's batch takes."""
@@ -104,8 +113,13 @@ class Generator:
         embed_pixels: PixelEmbedder | None = None,
         dtype: torch.dtype | None = None,
         name: str | None = None,
+        guides: GuideModels | None = None,
+        source_images: SourceImages | None = None,
     ) -> Generator:
-        """Load the pipeline from `source`; `name` is what jobs record as its model (default: the source)."""
+        """Load the pipeline from `source`; `name` is what jobs record as its model (default: the source).
+
+        `guides` are the loaded guides' weights (guided.load_guide_models), in the same dtype and device.
+        """
         extra: dict[str, Any] = {}
         if not settings.safety_checker:
             extra = {"safety_checker": None, "requires_safety_checker": False}
@@ -118,13 +132,26 @@ class Generator:
                 "where there is internet, or use --models smoke to check the install"
             ) from exc
         pipe = pipe.to(device)
-        return cls(pipe, settings, name or source, embed_images=embed_images, embed_pixels=embed_pixels)
+        return cls(
+            pipe,
+            settings,
+            name or source,
+            embed_images=embed_images,
+            embed_pixels=embed_pixels,
+            guides=guides,
+            source_images=source_images,
+        )
+
+    @property
+    def offered_guides(self) -> tuple[GuideName, ...]:
+        """The guides this generator can keep: those enabled whose weights are here."""
+        return self.guided.models.offered
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         """The request checked against this generator's settings, with a server's changes over them, its
         defaults and seed filled in."""
         settings = self.settings if server is None else server.generate(self.settings)
-        return plan(request, settings, self.model)
+        return plan(request, settings, self.model, self.offered_guides)
 
     def token_count(self, text: str) -> int:
         """CLIP tokens in text, counting the start and end tokens, as the text encoder sees them."""
@@ -204,7 +231,7 @@ class Generator:
     ) -> list[_Made]:
         buckets = self.buckets
         bucket = None
-        if buckets is not None:
+        if buckets is not None and compiles(params.keep):
             # The pipeline's own rule: classifier-free guidance runs each image's UNet input twice.
             guided = params.guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
             bucket = buckets.bucket_for(len(specs), params.width, params.height, 2 if guided else 1)
@@ -212,7 +239,7 @@ class Generator:
             return self._pipeline_call(params, specs, on_step)
         padded = [*specs, *[specs[-1]] * (bucket - len(specs))]
         try:
-            with buckets.selected(True):
+            with buckets.selected(True, self._pipeline(params)):
                 return self._pipeline_call(params, padded, on_step)[: len(specs)]
         except CompiledUnetFailed as exc:
             buckets.give_up(exc)
@@ -230,8 +257,9 @@ class Generator:
         specs: Sequence[ImageSpec],
         on_step: StepCallback | None,
     ) -> list[_Made]:
-        self.pipe.scheduler = self._schedulers[params.scheduler]
-        use_vae_slicing(self.pipe, self.settings, len(specs))
+        pipe = self._pipeline(params)
+        pipe.scheduler = self._schedulers[params.scheduler]
+        use_vae_slicing(pipe, self.settings, len(specs))
         # One CPU generator per image: its latents depend on its seed alone, whatever the batch.
         generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
 
@@ -241,24 +269,32 @@ class Generator:
                 on_step(-(-(step + 1) * params.steps // pipe.num_timesteps), params.steps)
             return kwargs
 
+        if params.keep:
+            # Each image's own init or control image (image-to-image takes its size from the init image).
+            inputs = self.guided.inputs(params, specs)
+        else:
+            inputs = {"width": params.width, "height": params.height}
         with torch.inference_mode():
-            out = self.pipe(
+            out = pipe(
                 prompt=[s.prompt for s in specs],
                 negative_prompt=[s.negative_prompt for s in specs],
                 num_inference_steps=params.steps,
                 guidance_scale=params.guidance,
-                width=params.width,
-                height=params.height,
                 generator=generators,
                 callback_on_step_end=step_end,
+                **inputs,
             )
         flags = out.nsfw_content_detected or [False] * len(specs)
-        decoded = getattr(self.pipe, "decoded", None)
+        decoded = getattr(pipe, "decoded", None)
         rows: list[torch.Tensor | None] = [None] * len(specs)
         if decoded is not None:
-            self.pipe.decoded = None
+            pipe.decoded = None
             rows = list(decoded)
         return [(img, bool(flag), row) for img, flag, row in zip(out.images, flags, rows, strict=True)]
+
+    def _pipeline(self, params: GenerationParams) -> Any:
+        """The pipeline a batch runs on: the resident one, or the guided one sharing its weights."""
+        return self.guided.pipeline(params.keep) if params.keep else self.pipe
 
     def _fidelities(self, outputs: Sequence[_Made], specs: Sequence[ImageSpec]) -> list[float | None]:
         wanted = [i for i, s in enumerate(specs) if s.source_embedding is not None]

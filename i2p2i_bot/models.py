@@ -41,6 +41,8 @@ class ModelSources:
     clip: str
     caption: str
     smoke: bool = False
+    # The edges guide's ControlNet; None when [guides] does not enable edges.
+    edges: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {"generator": self.generator, "clip": self.clip, "caption": self.caption}
@@ -51,15 +53,26 @@ class ModelSources:
             return {key: f"smoke:{key}" for key in self.as_dict()}
         return self.as_dict()
 
+    def recorded_guide(self, role: str, source: str) -> str:
+        """A guide's model name as results record it (a smoke one by role alone)."""
+        return f"smoke:{role}" if self.smoke else source
+
 
 def resolve_models(settings: Settings) -> ModelSources:
     """Turn the models settings into sources; the smoke preset builds its tiny models on first use."""
+    edges = "edges" in settings.guides.enabled
     if settings.models.preset == "smoke":
         log.warning(SMOKE_WARNING)
         smoke = ensure_smoke_models(settings.cache_path)
-        return ModelSources(str(smoke.generator), str(smoke.clip), str(smoke.caption), smoke=True)
+        return ModelSources(
+            str(smoke.generator),
+            str(smoke.clip),
+            str(smoke.caption),
+            smoke=True,
+            edges=str(smoke.edges) if edges else None,
+        )
     m = settings.models
-    return ModelSources(m.generator, m.clip, m.caption)
+    return ModelSources(m.generator, m.clip, m.caption, edges=settings.guides.edges_model if edges else None)
 
 
 def quick_gelu_name(source: str) -> str:
@@ -98,6 +111,9 @@ CAPTION_FILES = ("*.json", "*.txt", "model.safetensors", "model-*-of-*.safetenso
 # Read by the loaders only when a repository has no safetensors weights, as some older ones do not.
 GENERATOR_PICKLED = ("*/diffusion_pytorch_model.bin", "*/pytorch_model.bin")
 CAPTION_PICKLED = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+# A ControlNet's repository (lllyasviel/sd-controlnet-canny) also holds example images and a pickled copy.
+CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+CONTROLNET_PICKLED = ("diffusion_pytorch_model.bin",)
 # The safety checker's folder (its weights are 1.2 GB): Generator.load passes safety_checker=None when
 # generate.safety_checker is off, and diffusers then reads nothing from that folder.
 SAFETY_CHECKER_FILES = ("safety_checker/*",)
@@ -107,14 +123,17 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
     """Fetch every configured model into the Hugging Face cache; return a line per model.
 
     safety_checker is generate.safety_checker: when it is off, the loader never reads the safety checker,
-    so it is not fetched either.
+    so it is not fetched either. A guide's weights are fetched only when [guides] enables it.
     """
     skipped: tuple[str, ...] = () if safety_checker else SAFETY_CHECKER_FILES
     lines = []
-    for label, source, files, pickled, ignored in (
+    fetched = [
         ("generator", sources.generator, GENERATOR_FILES, GENERATOR_PICKLED, skipped),
         ("caption", sources.caption, CAPTION_FILES, CAPTION_PICKLED, ()),
-    ):
+    ]
+    if sources.edges is not None:
+        fetched.append(("edges", sources.edges, CONTROLNET_FILES, CONTROLNET_PICKLED, ()))
+    for label, source, files, pickled, ignored in fetched:
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
             continue
@@ -182,6 +201,11 @@ def generator_folder(source: str, *, safety_checker: bool) -> str:
     """The folder Generator.load reads: source itself, or what download_models put in the cache for it."""
     ignored = () if safety_checker else SAFETY_CHECKER_FILES
     return _cached_repository("Stable Diffusion", source, GENERATOR_FILES, GENERATOR_PICKLED, ignored)
+
+
+def controlnet_folder(source: str) -> str:
+    """The folder a guide's ControlNet is read from: source itself, or what download_models cached."""
+    return _cached_repository("ControlNet", source, CONTROLNET_FILES, CONTROLNET_PICKLED, ())
 
 
 def caption_folder(source: str) -> str:

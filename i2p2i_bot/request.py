@@ -3,17 +3,21 @@
 The command line, the cogs and the queue all build a `GenerationRequest`; `plan()` checks it once, in the
 spirit of diffusers' `check_inputs`, and fills in every setting left to the server's default and the first
 seed. A planned request is what a job stores, what a reroll starts from and what the engine makes. Adding
-a setting means a field here, its check in `plan()`, a migration adding the jobs column of the same name,
-and the control that sets it. Nothing here imports torch, so the job system stays light.
+a setting means a field here, its check in `plan()`, a migration adding the jobs column of the same name
+(with a codec in the store if it is not a plain value), and the control that sets it. Nothing here imports
+torch, so the job system stays light.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
+from collections.abc import Collection
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING
 
+from i2p2i_bot.guides import Guide, GuideError, check_guides
 from i2p2i_bot.lookalikes import visible
 
 if TYPE_CHECKING:
@@ -25,6 +29,9 @@ MAX_PROMPT_CHARS = 4000
 SCHEDULERS = ("dpm", "pndm")
 MAX_GUIDANCE = 30.0
 _UNPLANNED = "the request has not been planned; plan() fills in its settings and seed"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Fields a planned request may leave empty: a request without guides has no source to keep from.
+_OPTIONAL = frozenset({"guide_source"})
 
 
 class GenerationError(Exception):
@@ -41,6 +48,8 @@ class GenerationParams:
     width: int
     height: int
     scheduler: str
+    # The guides and their weights: images kept from their sources the same way share a batch.
+    keep: tuple[Guide, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class ImageSpec:
     seed: int
     # Normalised CLIP embedding of the source image, for the fidelity score; None when there is no source.
     source_embedding: tuple[float, ...] | None = None
+    # The sha256 of the stored image this image's guides keep elements of; None without guides. Each image
+    # of a batch has its own, so members who share a batch keep their own sources.
+    guide_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,11 +84,18 @@ class GenerationRequest:
     height: int | None = None
     scheduler: str | None = None
     model: str | None = None
+    # What the images keep of the source besides the prompt (guides.py); empty: only what the prompt says.
+    keep: tuple[Guide, ...] = ()
+    # The sha256 of the stored image the guides keep elements of: the member's upload, as a job's
+    # source_sha256 names it, or (later) one of their results.
+    guide_source: str | None = None
 
     @property
     def planned(self) -> bool:
         """Whether every setting and the seed are fixed, as `plan()` leaves them."""
-        return all(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+        return all(
+            getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name not in _OPTIONAL
+        )
 
     @property
     def params(self) -> GenerationParams:
@@ -91,7 +110,7 @@ class GenerationRequest:
         )
         if m is None or steps is None or g is None or w is None or h is None or sched is None:
             raise ValueError(_UNPLANNED)
-        return GenerationParams(m, steps, g, w, h, sched)
+        return GenerationParams(m, steps, g, w, h, sched, self.keep)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -102,7 +121,8 @@ class GenerationRequest:
 
     def spec(self, index: int, source_embedding: tuple[float, ...] | None = None) -> ImageSpec:
         """Image `index` of a planned request."""
-        return ImageSpec(self.prompt, self.negative_prompt or "", self.seeds[index], source_embedding)
+        source = self.guide_source if self.keep else None
+        return ImageSpec(self.prompt, self.negative_prompt or "", self.seeds[index], source_embedding, source)
 
     def specs(self, source_embedding: tuple[float, ...] | None = None) -> tuple[ImageSpec, ...]:
         return tuple(self.spec(i, source_embedding) for i in range(self.count))
@@ -144,11 +164,17 @@ def check_count(count: int, settings: GenerateSettings) -> None:
         )
 
 
-def plan(request: GenerationRequest, settings: GenerateSettings, model: str) -> GenerationRequest:
+def plan(
+    request: GenerationRequest,
+    settings: GenerateSettings,
+    model: str,
+    guides: Collection[str] = (),
+) -> GenerationRequest:
     """Check a request against the settings; return it with every default filled in and its first seed.
 
-    Raises GenerationError, one sentence for the member, for anything out of bounds. A request that is
-    planned already is checked again (the settings may have changed since) and keeps its seed.
+    `guides` names the guides on offer. Raises GenerationError, one sentence for the member, for anything
+    out of bounds. A request that is planned already is checked again (the settings may have changed
+    since) and keeps its seed.
     """
     # Characters that draw nothing (zero-width spaces, soft hyphens...) are dropped from what is generated
     # and shown; a prompt of nothing else is empty, as it is once folded for matching banned terms.
@@ -186,6 +212,7 @@ def plan(request: GenerationRequest, settings: GenerateSettings, model: str) -> 
         raise GenerationError(f"The seed must be a whole number from 0 to {MAX_SEED} (got {request.seed}).")
     if request.model is not None and request.model != model:
         raise GenerationError(f"This bot makes images with {model}, not {request.model}.")
+    keep, source = _check_keep(request, steps, guides)
     return GenerationRequest(
         prompt,
         negative_prompt=negative,
@@ -197,4 +224,32 @@ def plan(request: GenerationRequest, settings: GenerateSettings, model: str) -> 
         height=height,
         scheduler=scheduler,
         model=model,
+        keep=keep,
+        guide_source=source,
     )
+
+
+def _check_keep(
+    request: GenerationRequest, steps: int, offered: Collection[str]
+) -> tuple[tuple[Guide, ...], str | None]:
+    """The request's guides, checked, and their source; a source without guides is dropped (it would
+    change nothing, and would keep the request from sharing a batch with plain ones)."""
+    if not request.keep:
+        return (), None
+    try:
+        keep = check_guides(request.keep, offered)
+    except GuideError as exc:
+        raise GenerationError(str(exc)) from None
+    if request.guide_source is None:
+        names = " and ".join(g.name for g in keep)
+        raise GenerationError(f"Keeping {names} needs a source image; give one, or keep nothing.")
+    if not _SHA256.match(request.guide_source):
+        raise ValueError(f"a guide source is the sha256 of a stored image (got {request.guide_source!r})")
+    for guide in keep:
+        # The pipeline runs int(steps * strength) of the steps: none would leave the source as it is.
+        if guide.name == "layout" and int(steps * guide.weight) < 1:
+            raise GenerationError(
+                f"With {steps} steps, layout:{guide.weight:g} leaves no step to take; "
+                "raise the steps or the layout weight."
+            )
+    return keep, request.guide_source

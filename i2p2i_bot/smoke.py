@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # Bump when the tiny architectures change, so old caches are rebuilt instead of half-matching.
-SMOKE_VERSION = 1
+SMOKE_VERSION = 2
 SMOKE_WARNING = (
     "Using the smoke models: tiny random networks, so the images are noise and the prompts nonsense."
 )
@@ -52,17 +52,19 @@ SD14_SCHEDULER: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class SmokeModels:
-    """Directories of the three tiny models, each loadable by the production loaders."""
+    """Directories of the tiny models, each loadable by the production loaders."""
 
     generator: Path
     clip: Path
     caption: Path
+    # The ControlNet of the edges guide, made for the tiny generator's UNet.
+    edges: Path
 
 
 def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
     """Build the tiny models under cache_dir once; later calls reuse them."""
     root = cache_dir / f"smoke-v{SMOKE_VERSION}"
-    models = SmokeModels(root / "generator", root / "clip", root / "caption")
+    models = SmokeModels(root / "generator", root / "clip", root / "caption", root / "edges")
     if (root / "complete").exists():
         return models
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,8 @@ def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
             torch.manual_seed(0)
             _build_clip(staging / "clip")
             _build_caption(staging / "caption")
-            _build_generator(staging / "generator")
+            unet = _build_generator(staging / "generator")
+            _build_controlnet(staging / "edges", unet)
         (staging / "complete").write_text("ok\n")
         try:
             os.rename(staging, root)
@@ -166,7 +169,8 @@ def _build_caption(directory: Path) -> None:
     processor.save_pretrained(directory)
 
 
-def _build_generator(directory: Path) -> None:
+def _build_generator(directory: Path) -> Any:
+    """The tiny Stable Diffusion pipeline, saved; returns its UNet, which the tiny ControlNet copies."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -247,3 +251,26 @@ def _build_generator(directory: Path) -> None:
         requires_safety_checker=True,
     )
     pipe.save_pretrained(directory)
+    return unet
+
+
+def _build_controlnet(directory: Path, unet: Any) -> None:
+    """A ControlNet made from the tiny UNet, as ControlNet training starts, saved as the Hub's are.
+
+    A new ControlNet's output convolutions start at zero, so that it changes nothing until trained; the
+    smoke one's are random, so that the edges guide has an effect the tests can see. Its control image
+    embedding has no biases and a large last convolution, so that what it adds depends on the control
+    image (each member's own) rather than being the same for every image.
+    """
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet)
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.3)
+        torch.nn.init.zeros_(conv.bias)
+    embedding = controlnet.controlnet_cond_embedding
+    for module in embedding.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    torch.nn.init.normal_(embedding.conv_out.weight, std=50.0)
+    controlnet.save_pretrained(directory)

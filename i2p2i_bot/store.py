@@ -21,7 +21,7 @@ import sqlite3
 import sys
 import time
 from array import array
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +30,7 @@ import aiosqlite
 from PIL import Image
 
 from i2p2i_bot.config import Settings
+from i2p2i_bot.guides import Guide, guides_from_json, guides_json
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Delivery, Job, JobRequest, JobStatus
 from i2p2i_bot.request import GenerationRequest
@@ -918,6 +919,8 @@ class Store:
                         WHERE i.user_id = :user
                         UNION
                         SELECT source_sha256 FROM jobs WHERE owner_id = :user AND source_sha256 IS NOT NULL
+                        UNION
+                        SELECT guide_source FROM jobs WHERE owner_id = :user AND guide_source IS NOT NULL
                     )
                     SELECT sha FROM mine
                     WHERE NOT EXISTS (
@@ -927,6 +930,9 @@ class Store:
                     )
                     AND NOT EXISTS (
                         SELECT 1 FROM jobs WHERE source_sha256 = mine.sha AND owner_id != :user
+                    )
+                    AND NOT EXISTS (
+                        SELECT 1 FROM jobs WHERE guide_source = mine.sha AND owner_id != :user
                     )
                 """
                 sources = [row["sha"] for row in await db.execute_fetchall(query, {"user": user_id})]
@@ -979,6 +985,22 @@ class Store:
 # names; its delivery's fields have columns of their own names. `seeds` spells out the request's seeds for
 # readers of the file.
 _REQUEST_COLUMNS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+
+
+def _keep_column(guides: tuple[Guide, ...]) -> str:
+    return json.dumps(guides_json(guides))
+
+
+def _keep_field(text: str) -> tuple[Guide, ...]:
+    return guides_from_json(json.loads(text))
+
+
+# Request fields that are no plain value, with how their column holds them: (to the column, from it).
+_REQUEST_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "keep": (_keep_column, _keep_field),
+}
+_PLAIN = (lambda value: value, lambda value: value)
+_REQUEST_CODING = tuple((name, *_REQUEST_CODECS.get(name, _PLAIN)) for name in _REQUEST_COLUMNS)
 _SUBMISSION_COLUMNS = tuple(
     f.name for f in dataclasses.fields(JobRequest) if f.name not in ("request", "delivery")
 )
@@ -1005,7 +1027,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
     state = {name: row[name] for name in _STATE_COLUMNS}
     state["status"] = JobStatus(state["status"])
     return Job(
-        request=GenerationRequest(**{name: row[name] for name in _REQUEST_COLUMNS}),
+        request=GenerationRequest(**{name: decode(row[name]) for name, _, decode in _REQUEST_CODING}),
         delivery=Delivery(**{name: row[column] for name, column in _DELIVERY_COLUMNS.items()}),
         **{name: row[name] for name in _SUBMISSION_COLUMNS},
         **state,
@@ -1016,7 +1038,7 @@ def _job_values(submitted: JobRequest, now: float) -> tuple[Any, ...]:
     request, delivery = submitted.request, submitted.delivery
     return (
         *(getattr(submitted, name) for name in _SUBMISSION_COLUMNS),
-        *(getattr(request, name) for name in _REQUEST_COLUMNS),
+        *(encode(getattr(request, name)) for name, encode, _ in _REQUEST_CODING),
         *(getattr(delivery, name) for name in _DELIVERY_COLUMNS),
         json.dumps(list(request.seeds)),
         JobStatus.QUEUED.value,

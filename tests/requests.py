@@ -16,8 +16,10 @@ def planned(
     count: int = 1,
     seed: int | None = None,
     negative_prompt: str = "",
+    guide_source: str | None = None,
 ) -> GenerationRequest:
-    """A planned request with these parameters; a random first seed unless one is given, as plan() picks."""
+    """A planned request with these parameters (their guides too, kept of `guide_source`); a random first
+    seed unless one is given, as plan() picks."""
     return GenerationRequest(
         prompt,
         negative_prompt=negative_prompt,
@@ -29,6 +31,8 @@ def planned(
         height=params.height,
         scheduler=params.scheduler,
         model=params.model,
+        keep=params.keep,
+        guide_source=guide_source,
     )
 
 
@@ -40,8 +44,11 @@ def job_request(
     count: int = 1,
     seed: int | None = None,
     negative_prompt: str = "",
+    guide_source: str | None = None,
     **submission: Any,
 ) -> JobRequest:
     """What the queue takes: a planned request of `owner_id`'s, with any of JobRequest's other fields."""
-    request = planned(prompt, params, count=count, seed=seed, negative_prompt=negative_prompt)
+    request = planned(
+        prompt, params, count=count, seed=seed, negative_prompt=negative_prompt, guide_source=guide_source
+    )
     return JobRequest(owner_id=owner_id, request=request, **submission)

@@ -229,6 +229,56 @@ def test_compiled_buckets_pad_batches_and_keep_every_image(
     assert backend.compiles == 3
 
 
+@pytest.mark.slow
+def test_guided_batches_with_compiling_on_make_the_uncompiled_images(
+    smoke_models: SmokeModels,
+    base_settings: Settings,
+    astronaut: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """layout (image-to-image: the UNet's usual inputs) runs on the compiled buckets; edges, whose UNet
+    also takes ControlNet residuals, runs eager; both make the images of a generator without any fast
+    path, to rounding."""
+    import hashlib
+
+    from i2p2i_bot.config import GuideSettings
+    from i2p2i_bot.guided import load_guide_models
+    from i2p2i_bot.guides import parse_guides
+    from i2p2i_bot.models import resolve_models
+
+    both = dataclasses.replace(base_settings, guides=GuideSettings(enabled=["layout", "edges"]))
+    guides = load_guide_models(both.guides, resolve_models(both), CPU, torch.float32)
+    backend = CountingBackend()
+    settings = settings_for(base_settings, compile="default", compile_buckets=[1, 2])
+    generator = load(smoke_models, settings, compile_backend=backend, guides=guides)
+    reference = load(
+        smoke_models, settings_for(base_settings, channels_last="off", fuse_qkv=False), guides=guides
+    )
+    buckets = generator.buckets
+    assert buckets is not None and buckets.failed is None
+    source = hashlib.sha256(b"astronaut").hexdigest()
+    for made in (generator, reference):
+        made.source_images.hold(source, astronaut)
+
+    calls: list[tuple[int, bool]] = []
+    original = generator._pipeline_call
+
+    def spy(params: Any, specs: Any, on_step: Any) -> Any:
+        calls.append((len(specs), generator._pipeline(params).unet is buckets.compiled))
+        return original(params, specs, on_step)
+
+    monkeypatch.setattr(generator, "_pipeline_call", spy)
+    for keep, compiled in (("layout", True), ("edges", False), ("edges,layout", False)):
+        calls.clear()
+        graph_calls = backend.calls
+        guided = {"keep": parse_guides(keep), "guide_source": source}
+        images = pixels(generator, 2, **guided)
+        assert calls == [(2, compiled)], keep
+        assert (backend.calls > graph_calls) is compiled, keep
+        assert largest_difference(images, pixels(reference, 2, **guided)) <= ROUNDING, keep
+    assert backend.compiles == 2
+
+
 def test_a_scheduler_that_keeps_unet_outputs_is_safe_from_static_output_buffers(
     smoke_models: SmokeModels, base_settings: Settings, plain_generator: Generator
 ) -> None:

@@ -12,16 +12,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
 from i2p2i_bot.cli import edit_prompt, main
-from i2p2i_bot.config import DEFAULT_CAPTION, DEFAULT_CLIP, DEFAULT_GENERATOR, GenerateSettings, Settings
+from i2p2i_bot.config import (
+    DEFAULT_CAPTION,
+    DEFAULT_CLIP,
+    DEFAULT_EDGES_MODEL,
+    DEFAULT_GENERATOR,
+    GenerateSettings,
+    GuideSettings,
+    Settings,
+)
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.images import NOT_AN_IMAGE
 from i2p2i_bot.interrogate import Captioner, ClipEncoder
-from i2p2i_bot.models import ModelSources, ModelUnavailable, download_models, quick_gelu_name
+from i2p2i_bot.models import (
+    ModelSources,
+    ModelUnavailable,
+    download_models,
+    quick_gelu_name,
+    resolve_models,
+)
 from i2p2i_bot.smoke import SmokeModels
 
 
@@ -266,6 +281,122 @@ def test_inputs_are_checked_before_the_models_load(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [
+        (
+            ["generate", "a fox", "--source", "{photos}/cat.jpg", "--keep", "pose"],
+            "i2p2i: --keep: There is no guide called 'pose'; the guides are layout, edges.",
+        ),
+        (
+            ["generate", "a fox", "--source", "{photos}/cat.jpg", "--keep", "edges:2.5"],
+            "i2p2i: --keep: The weight of edges must be in [0, 2] (got 2.5).",
+        ),
+        (
+            ["imagine-from", "{photos}/cat.jpg", "--keep", "layout:0,edges"],
+            "i2p2i: --keep: The weight of layout must be in (0, 1] (got 0).",
+        ),
+        (
+            ["imagine-from", "{photos}/cat.jpg", "--keep", "layout:1,layout"],
+            "i2p2i: --keep: The layout guide is named twice; give each guide once.",
+        ),
+        (
+            ["generate", "a fox", "--keep", "edges"],
+            "i2p2i: --keep needs a source image: give one with --source IMAGE",
+        ),
+        (
+            ["generate", "a fox", "--source", "{photos}/cat.jpg"],
+            "i2p2i: --source is the image --keep keeps elements of; add --keep NAME[:WEIGHT],...",
+        ),
+        (
+            ["generate", "a fox", "--source", "{photos}/notes.png", "--keep", "layout"],
+            f"i2p2i: --source {{photos}}/notes.png: {NOT_AN_IMAGE}",
+        ),
+        (
+            ["generate", "a fox", "--source", "{photos}/cat.jpg", "--keep", "layout:0.1", "--steps", "4"],
+            "i2p2i: With 4 steps, layout:0.1 leaves no step to take; raise the steps or the layout weight.",
+        ),
+        # The config enables layout alone.
+        (
+            ["imagine-from", "{photos}/cat.jpg", "--keep", "edges"],
+            "i2p2i: This bot does not offer the edges guide (available: layout).",
+        ),
+    ],
+)
+def test_bad_guides_are_one_line_and_exit_2_before_the_models_load(
+    command: list[str],
+    line: str,
+    config_file: Path,
+    photos: Path,
+    tmp_path: Path,
+    no_models: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unknown guide, a weight out of range, a guide twice, --keep without a source (or a source without
+    --keep, or one that is no image) and a guide the server does not offer: one line, exit 2, nothing
+    loaded and nothing written."""
+    argv = [arg.replace("{photos}", str(photos)) for arg in command] + ["--out", str(tmp_path / "out")]
+    assert main(["--config", str(config_file), *argv]) == 2
+    assert capsys.readouterr().err.splitlines() == [line.replace("{photos}", str(photos))]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def guided_config(config_file: Path) -> Path:
+    """config_file with both guides enabled."""
+    with config_file.open("a", encoding="utf-8") as file:
+        file.write('[guides]\nenabled = ["layout", "edges"]\n')
+    return config_file
+
+
+def test_generate_keeps_the_sources_elements_and_records_each_guide(
+    guided_config: Path, photos: Path, tmp_path: Path
+) -> None:
+    """generate --source IMAGE --keep edges:0.9,layout makes other images than the prompt alone with the
+    same seeds; the JSON and every PNG's parameters name each guide, its weight and the source."""
+    source = photos / "cat.jpg"
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    common = ["--config", str(guided_config), "generate", "a fox", "-n", "2", "--seed", "9"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    kept = ["--source", str(source), "--keep", "edges:0.9,layout"]
+    assert main([*common, *kept, "--out", str(tmp_path / "kept")]) == 0
+    record = json.loads((tmp_path / "kept" / "a-fox.json").read_text())
+    assert record["keep"] == [
+        {"name": "layout", "weight": 0.6},
+        {"name": "edges", "weight": 0.9, "model": "smoke:edges"},
+    ]
+    assert record["source"] == str(source) and record["source_sha256"] == sha
+    assert "keep" not in record["params"]
+    assert json.loads((tmp_path / "plain" / "a-fox.json").read_text())["keep"] == []
+    for k in (1, 2):
+        with Image.open(tmp_path / "kept" / f"a-fox.{k}.png") as png:
+            assert isinstance(png, PngImagePlugin.PngImageFile)
+            params = json.loads(png.text["parameters"])
+            guided = np.asarray(png.convert("RGB"), dtype=np.int16)
+        assert params["keep"] == [{"name": "layout", "weight": 0.6}, {"name": "edges", "weight": 0.9}]
+        assert params["guide_source_sha256"] == sha and params["seed"] == 8 + k
+        with Image.open(tmp_path / "plain" / f"a-fox.{k}.png") as png:
+            assert isinstance(png, PngImagePlugin.PngImageFile)
+            assert "keep" not in json.loads(png.text["parameters"])
+            plain = np.asarray(png.convert("RGB"), dtype=np.int16)
+        assert float(np.abs(guided - plain).mean()) > 2.0
+
+
+def test_imagine_from_keeps_each_images_own_layout(guided_config: Path, photos: Path, tmp_path: Path) -> None:
+    """imagine-from with --keep guides each image's images from that image: the record and PNGs name it."""
+    out = tmp_path / "out"
+    images = [str(photos / "astronaut.png"), str(photos / "cat.jpg")]
+    options = ["--keep", "layout:0.8", "--mode", "fast", "--seed", "4", "--out", str(out)]
+    assert main(["--config", str(guided_config), "-q", "imagine-from", *images, *options]) == 0
+    for stem, name in (("astronaut", "astronaut.png"), ("cat", "cat.jpg")):
+        record = json.loads((out / f"{stem}.json").read_text())
+        sha = hashlib.sha256((photos / name).read_bytes()).hexdigest()
+        assert record["source_sha256"] == sha and record["keep"] == [{"name": "layout", "weight": 0.8}]
+        with Image.open(out / f"{stem}.1.png") as png:
+            assert isinstance(png, PngImagePlugin.PngImageFile)
+            assert json.loads(png.text["parameters"])["guide_source_sha256"] == sha
+
+
 def test_bad_inputs_are_reported_before_the_models_load_and_the_rest_go_on(
     config_file: Path,
     photos: Path,
@@ -355,6 +486,8 @@ SD_UNUSED = [
     "v1-variants-scores.jpg",
 ]
 BLIP_UNUSED = ["pytorch_model.bin", "tf_model.h5", "README.md"]
+CONTROLNET_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+CONTROLNET_UNUSED = ["diffusion_pytorch_model.bin", "images/bird_canny.png", "README.md"]
 
 
 def default_sources() -> ModelSources:
@@ -406,6 +539,25 @@ def test_download_models_fetches_only_what_the_loaders_read(hub_calls: dict[str,
     assert [line.split(":")[0] for line in lines] == ["generator", "caption", "clip"]
     assert lines[2].endswith("open_clip_model.safetensors")
     assert "safety checker" not in lines[0]
+
+
+def test_download_models_fetches_a_guides_weights_only_when_it_is_enabled(
+    hub_calls: dict[str, list[Any]],
+) -> None:
+    """[guides] enabled = ["layout", "edges"] adds the ControlNet's config and safetensors weights (no
+    pickled copy, no example images); layout needs no weights, and by default nothing more is fetched."""
+    assert resolve_models(Settings()).edges is None
+    enabled = Settings(guides=GuideSettings(enabled=["layout", "edges"]))
+    sources = resolve_models(enabled)
+    assert sources.edges == DEFAULT_EDGES_MODEL
+    lines = download_models(sources, safety_checker=True)
+    # (The stand-in's snapshot holds no ControlNet weights, so the pickled copy is asked for next.)
+    assert hub_calls["snapshot"][:3] == [
+        (DEFAULT_GENERATOR, SD_FILES, None),
+        (DEFAULT_CAPTION, BLIP_FILES, None),
+        (DEFAULT_EDGES_MODEL, CONTROLNET_FILES, None),
+    ]
+    assert [line.split(":")[0] for line in lines] == ["generator", "caption", "edges", "clip"]
 
 
 # The files of SD v1-4's repository that the patterns decide about, as the Hub lists them.
@@ -578,20 +730,21 @@ def test_what_download_models_fetches_loads_offline(
     safety_checker: bool, smoke_models: SmokeModels, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Served as the real repositories (their files, plus their unused copies of the weights), the fetched
-    files are enough for the production loaders, which then try no connection even with HF_HUB_OFFLINE
-    unset; with the safety checker off, without its folder."""
+    files are enough for the production loaders, the edges guide's ControlNet's included, which then try no
+    connection even with HF_HUB_OFFLINE unset; with the safety checker off, without its folder."""
     import huggingface_hub
 
     home = tmp_path / "hf"
     repositories = {
         DEFAULT_GENERATOR: hub_repository(smoke_models.generator, SD_UNUSED),
         DEFAULT_CAPTION: hub_repository(smoke_models.caption, BLIP_UNUSED),
+        DEFAULT_EDGES_MODEL: hub_repository(smoke_models.edges, CONTROLNET_UNUSED),
     }
     monkeypatch.setattr(huggingface_hub, "snapshot_download", serve_hub(home / "hub", repositories))
-    lines = download_models(
-        ModelSources(DEFAULT_GENERATOR, str(smoke_models.clip), DEFAULT_CAPTION),
-        safety_checker=safety_checker,
+    sources = ModelSources(
+        DEFAULT_GENERATOR, str(smoke_models.clip), DEFAULT_CAPTION, edges=DEFAULT_EDGES_MODEL
     )
+    lines = download_models(sources, safety_checker=safety_checker)
     snapshot = Path(lines[0].split(" → ")[1].split(" (")[0])
     assert (snapshot / "safety_checker").is_dir() is safety_checker
 
@@ -604,6 +757,12 @@ def test_what_download_models_fetches_loads_offline(
         f"g = Generator.load({DEFAULT_GENERATOR!r}, GenerateSettings(safety_checker={safety_checker}), cpu)\n"
         f"assert (g.pipe.safety_checker is not None) is {safety_checker}\n"
         f"Captioner.load({DEFAULT_CAPTION!r}, cpu)\n"
+        "from i2p2i_bot.config import GuideSettings\n"
+        "from i2p2i_bot.guided import load_guide_models\n"
+        "from i2p2i_bot.models import ModelSources\n"
+        f"sources = {sources!r}\n"
+        "guides = load_guide_models(GuideSettings(enabled=['edges']), sources, cpu, torch.float32)\n"
+        "assert guides.offered == ('edges',)\n"
         "print('loaded')\n"
     )
     done = subprocess.run(

@@ -54,6 +54,7 @@ def test_the_job_system_imports_no_torch() -> None:
     saved for every tool that only reads jobs, and for GPU workers' schedulers)."""
     light = (
         "i2p2i_bot.request",
+        "i2p2i_bot.guides",
         "i2p2i_bot.batches",
         "i2p2i_bot.interrogation",
         "i2p2i_bot.image_engine",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from i2p2i_bot.gpu import GpuWorker
+from i2p2i_bot.guides import Guide
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.jobs import Delivery, JobStatus
@@ -66,7 +68,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 9
+        assert await store.schema_version() == len(packaged_migrations()) == 10
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -204,6 +206,40 @@ async def test_job_round_trip_and_delivery(store: Store) -> None:
     assert done is not None
     assert done.delivery.message_id == 99 and done.delivery.interaction_token is None
     assert done.delivered_at == 103.0 and await store.undelivered_jobs() == []
+
+
+GUIDED = GenerationParams("tiny", 2, 7.5, 64, 64, "dpm", (Guide("layout", 0.45), Guide("edges", 1.25)))
+SOURCE = hashlib.sha256(b"a source").hexdigest()
+
+
+async def test_a_queued_guided_job_keeps_its_guides_and_source_across_a_restart(tmp_path: Path) -> None:
+    """Guides and their source are stored with the job: reopened, the queued job has the same request, its
+    batch key has the guides, its images keep the source, and Reroll keeps both."""
+    store = await open_store(tmp_path)
+    try:
+        job = await store.insert_job(job_request(3, "a fox", GUIDED, count=2, seed=8, guide_source=SOURCE))
+        plain = await store.insert_job(job_request(3, "a fox", PARAMS, seed=8))
+        (row,) = await store._fetchall("SELECT keep, guide_source FROM jobs WHERE id = ?", (job.id,))
+        assert json.loads(row["keep"]) == [
+            {"name": "layout", "weight": 0.45},
+            {"name": "edges", "weight": 1.25},
+        ]
+        assert row["guide_source"] == SOURCE
+    finally:
+        await store.close()
+    store = await open_store(tmp_path)
+    try:
+        active = [j for j, _ in await store.active_jobs()]
+        assert [j.id for j in active] == [job.id, plain.id]
+        again = active[0]
+        assert again == job and again.request.params == GUIDED
+        assert [s.guide_source for s in again.request.specs()] == [SOURCE, SOURCE]
+        assert active[1].request.keep == () and active[1].request.specs()[0].guide_source is None
+        reroll = again.reroll(3)
+        assert reroll.request.keep == GUIDED.keep and reroll.request.guide_source == SOURCE
+        assert reroll.request.seed is None
+    finally:
+        await store.close()
 
 
 async def test_an_image_cannot_be_stored_twice(store: Store) -> None:
@@ -494,7 +530,7 @@ async def test_forget_removes_the_sources_and_cached_results_only_they_used(tmp_
     )
     try:
         sources = {}
-        for name in ("shared", "theirs", "private", "job-only", "their-job", "unrelated"):
+        for name in ("shared", "theirs", "private", "job-only", "their-job", "their-guide", "unrelated"):
             sha = hashlib.sha256(name.encode()).hexdigest()
             path = store.source_path(sha)
             assert path is not None
@@ -527,12 +563,15 @@ async def test_forget_removes_the_sources_and_cached_results_only_they_used(tmp_
             make_interrogation("their job"), source_sha256=sources["their-job"], user_id=1
         )
         await store.insert_job(job_request(2, "bob's", PARAMS, seed=2, source_sha256=sources["their-job"]))
+        # Alice's job guided from an image of hers that Bob's job also keeps the edges of.
+        await store.insert_job(job_request(1, "kept", GUIDED, seed=3, guide_source=sources["their-guide"]))
+        await store.insert_job(job_request(2, "edges", GUIDED, seed=4, guide_source=sources["their-guide"]))
 
         result = await store.forget_user(1)
 
-        assert (result.jobs, result.interrogations, result.sources) == (1, 6, 2)
+        assert (result.jobs, result.interrogations, result.sources) == (2, 6, 2)
         kept = {name for name, sha in sources.items() if (tmp_path / "sources" / f"{sha}.png").exists()}
-        assert kept == {"shared", "theirs", "their-job", "unrelated"}
+        assert kept == {"shared", "theirs", "their-job", "their-guide", "unrelated"}
         # The cache keeps the results another member asked for, and nothing only Alice did.
         assert await store.find_interrogation(sources["shared"], "best", models) is not None
         assert await store.find_interrogation(sources["theirs"], "best", models) is not None

@@ -1,0 +1,188 @@
+"""Guided generation with the smoke models: each guide and weight has an effect, each image its own source."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from i2p2i_bot.config import GuideSettings, Settings
+from i2p2i_bot.generate import Generator
+from i2p2i_bot.guided import GuideModels, canny_edges, fit, load_guide_models
+from i2p2i_bot.guides import parse_guides
+from i2p2i_bot.models import resolve_models
+from i2p2i_bot.request import GenerationError, GenerationRequest
+from i2p2i_bot.smoke import SmokeModels
+
+CPU = torch.device("cpu")
+# Batched or alone, an image may round differently by a level or two of 255 (tests/test_generate.py).
+BATCH_ROUNDING = 2
+# A guide counts as having changed an image when the mean pixel moved by more than this (levels of 255).
+CHANGED = 2.0
+BOTH = GuideSettings(enabled=["layout", "edges"])
+
+
+def sha(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+ASTRONAUT, CAT = sha("astronaut"), sha("cat")
+
+
+@pytest.fixture(scope="module")
+def guided(smoke_models: SmokeModels, base_settings: Settings, astronaut: Image.Image) -> Generator:
+    """The smoke generator with both guides, loaded as Engine.load loads them, holding two sources."""
+    import skimage.data
+
+    settings = dataclasses.replace(base_settings, guides=BOTH)
+    sources = resolve_models(settings)
+    guides = load_guide_models(settings.guides, sources, CPU, torch.float32)
+    generator = Generator.load(sources.generator, settings.generate, CPU, dtype=torch.float32, guides=guides)
+    generator.source_images.hold(ASTRONAUT, astronaut)
+    generator.source_images.hold(CAT, Image.fromarray(skimage.data.chelsea()))
+    return generator
+
+
+def image(generator: Generator, keep: str | None, source: str = ASTRONAUT, **options: Any) -> np.ndarray:
+    request = GenerationRequest(
+        "a red fox in snow",
+        seed=21,
+        keep=parse_guides(keep) if keep else (),
+        guide_source=source if keep else None,
+        **options,
+    )
+    (made,) = generator.generate(request).images
+    return np.asarray(made.image, dtype=np.int16)
+
+
+def moved(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def test_the_guided_pipelines_share_the_resident_weights(guided: Generator) -> None:
+    """Image-to-image and the ControlNet pipelines run the resident UNet, VAE and text encoder themselves:
+    the only weights added are the ControlNet's."""
+    assert guided.offered_guides == ("layout", "edges")
+    pipes = [guided.guided.pipeline(parse_guides(keep)) for keep in ("layout", "edges", "layout,edges")]
+    assert [type(p).__mro__[1].__name__ for p in pipes] == [
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+    ]
+    for pipe in pipes:
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "safety_checker"):
+            assert getattr(pipe, name) is getattr(guided.pipe, name), name
+    assert pipes[1].controlnet is pipes[2].controlnet is guided.guided.models.edges
+
+
+def test_each_guide_and_each_weight_changes_the_image(guided: Generator) -> None:
+    """With one seed and prompt, layout, edges and both each make another image than the prompt alone, and
+    two weights of a guide make two images."""
+    plain = image(guided, None)
+    made = {keep: image(guided, keep) for keep in ("layout", "layout:0.9", "edges", "edges:1.6")}
+    made["edges,layout"] = image(guided, "edges,layout")
+    for keep, pixels in made.items():
+        assert moved(pixels, plain) > CHANGED, keep
+    assert moved(made["layout"], made["layout:0.9"]) > CHANGED
+    assert moved(made["edges"], made["edges:1.6"]) > CHANGED
+    assert moved(made["edges,layout"], made["layout"]) > CHANGED
+    # The same request again is the same image: the guides add no randomness of their own.
+    assert np.array_equal(image(guided, "edges,layout"), made["edges,layout"])
+
+
+def test_layout_keeps_the_source_more_as_its_weight_falls(guided: Generator, astronaut: Image.Image) -> None:
+    """Image-to-image starts from the source: the less may change, the closer the image is to it."""
+    source = np.asarray(fit(astronaut, 64, 64), dtype=np.int16)
+    distances = [moved(image(guided, f"layout:{w}", steps=10), source) for w in (0.2, 0.6, 1.0)]
+    assert distances[0] < distances[1] < distances[2]
+
+
+@pytest.mark.parametrize("keep", ["layout", "edges", "edges:1.2,layout:0.7"])
+def test_a_shared_batch_keeps_each_images_own_source(guided: Generator, keep: str) -> None:
+    """Two members' images in one batch, from two sources: each is its own source's image made alone (to
+    rounding), and not the other source's."""
+    planned = [
+        guided.plan(
+            GenerationRequest("a red fox in snow", seed=21, keep=parse_guides(keep), guide_source=source)
+        )
+        for source in (ASTRONAUT, CAT)
+    ]
+    params = planned[0].params
+    assert planned[1].params == params
+    specs = [planned[0].spec(0), dataclasses.replace(planned[1].spec(0), prompt="a cat on a sofa")]
+    together = guided.generate_batch(params, specs).images
+    alone = [guided.generate_batch(params, [spec]).images[0] for spec in specs]
+    swapped = [
+        guided.generate_batch(params, [dataclasses.replace(spec, guide_source=other)]).images[0]
+        for spec, other in zip(specs, (CAT, ASTRONAUT), strict=True)
+    ]
+    for batched, single, wrong in zip(together, alone, swapped, strict=True):
+        pixels = np.asarray(batched.image, dtype=np.int16)
+        assert np.abs(pixels - np.asarray(single.image, dtype=np.int16)).max() <= BATCH_ROUNDING
+        # The other source's image is further off than any rounding.
+        assert np.abs(pixels - np.asarray(wrong.image, dtype=np.int16)).max() > 4 * BATCH_ROUNDING
+
+
+def test_the_control_image_is_the_canny_map_of_the_fitted_source(
+    guided: Generator, astronaut: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ControlNet sees OpenCV's Canny edges (ControlNet's own annotator thresholds) of the source scaled
+    to cover the image and centre-cropped; it is made once per source and size."""
+    import cv2
+
+    pipe = guided.guided.pipeline(parse_guides("edges"))
+    seen: list[Any] = []
+    original = type(pipe).__call__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["image"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    image(guided, "edges", width=128)
+    image(guided, "edges", width=128)
+    [[first], [second]] = seen
+    assert first is second  # prepared once
+    expected = cv2.Canny(np.asarray(fit(astronaut, 128, 64)), 100, 200)
+    control = np.asarray(first)
+    assert control.shape == (64, 128, 3) and set(np.unique(control)) <= {0, 255}
+    assert np.array_equal(control[..., 0], expected) and np.array_equal(control[..., 2], expected)
+    assert np.array_equal(np.asarray(canny_edges(fit(astronaut, 128, 64))), control)
+
+
+def test_a_source_no_longer_stored_is_one_sentence(guided: Generator) -> None:
+    with pytest.raises(GenerationError) as info:
+        image(guided, "layout", source=sha("gone"))
+    assert str(info.value) == (
+        "The source image these guides keep elements of is no longer stored; upload it again."
+    )
+
+
+def test_a_guide_whose_weights_are_missing_is_not_offered(
+    base_settings: Settings, smoke_models: SmokeModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An enabled ControlNet that is not on this machine: one log line, the other guides still offered,
+    and a request for it refused in one sentence."""
+    settings = dataclasses.replace(
+        base_settings, guides=GuideSettings(enabled=["layout", "edges"], edges_model="someone/no-such-net")
+    )
+    sources = resolve_models(settings)
+    assert sources.edges == str(smoke_models.edges)  # the smoke preset brings its own
+    sources = dataclasses.replace(sources, edges="someone/no-such-net")
+    with caplog.at_level(logging.WARNING, logger="i2p2i_bot.guided"):
+        models = load_guide_models(settings.guides, sources, CPU, torch.float32)
+    assert models.offered == ("layout",) and models.edges is None
+    [line] = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.guided"]
+    assert line.startswith("the edges guide is not offered") and "someone/no-such-net" in line
+    generator = Generator.load(sources.generator, settings.generate, CPU, guides=models)
+    request = GenerationRequest("x", keep=parse_guides("edges"), guide_source=ASTRONAUT)
+    with pytest.raises(GenerationError, match=r"does not offer the edges guide \(available: layout\)"):
+        generator.plan(request)
+    assert Generator.load(sources.generator, settings.generate, CPU).offered_guides == ()
+    assert GuideModels().offered == ()
