@@ -55,6 +55,7 @@ from i2p2i_bot.gpu import resolve_device
 from i2p2i_bot.interrogate import LABEL_FILES
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
+from i2p2i_bot.server_settings import ServerSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.bot_harness import (
@@ -287,8 +288,8 @@ class GpuCallLog:
     def models(self) -> dict[str, str]:
         return self._engine.models
 
-    def plan(self, request: GenerationRequest) -> GenerationRequest:
-        return self._engine.plan(request)
+    def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
+        return self._engine.plan(request, server)
 
     def interrogate(self, image: Any, mode: str, key: str | None = None) -> Interrogation:
         self._note(f"describe {self._owner_of.get(key or '', 'nobody')}")

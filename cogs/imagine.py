@@ -381,7 +381,7 @@ async def card_message(
     result = stored.interrogation
     choices = await bot.store.card_choices(stored.id)
     suggestion = choices.negative_prompt or await known_negative(bot, stored)
-    banned = bot.servers.banned(guild_id).find(result.prompt)
+    banned = bot.servers.banned(guild_id).find(choices.prompt or result.prompt)
     embed = prompt_card(
         stored,
         owner_name,
@@ -565,6 +565,8 @@ class CardButton(
         prompts = result.image_prompts
         prompt = prompts[(self.k or 1) - 1] if (self.k or 1) <= len(prompts) else prompts[0]
         choices = await bot.store.card_choices(stored.id)
+        if self.k is None and choices.prompt is not None:  # Generate and Edit use the member's own
+            prompt = choices.prompt
         negative = result.image_negative if choices.negative_prompt is None else choices.negative_prompt
         settings = bot.servers.generate(interaction.guild_id)
         request = sampled_request(prompt, negative, min(self.count, settings.max_count), choices, settings)

@@ -55,7 +55,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("i2p2i.bot")
 
 # Loaded one by one; a broken cog is logged and the others still load.
-EXTENSIONS: tuple[str, ...] = ("cogs.imagine", "cogs.history", "cogs.admin", "cogs.settings")
+EXTENSIONS: tuple[str, ...] = (
+    "cogs.imagine",
+    "cogs.history",
+    "cogs.admin",
+    "cogs.settings",
+    "cogs.reply_edit",
+)
 EXIT_CONFIG = 2
 # The GPU failed for good (a CUDA fault, or a task that never returns): only a new process gets it back.
 EXIT_GPU_LOST = 3
@@ -141,6 +147,9 @@ class I2P2IBot(commands.Bot):
         intents.guilds = (
             True  # channels and roles; attachments arrive inside interactions, no privileged intent
         )
+        if settings.discord.reply_edits:
+            # Replies to the bot's cards and results, with their text: message content is privileged.
+            intents.guild_messages = intents.dm_messages = intents.message_content = True
         options.setdefault(
             "allowed_mentions", discord.AllowedMentions(everyone=False, roles=False, users=True)
         )

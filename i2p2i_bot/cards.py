@@ -93,6 +93,12 @@ def prompt_card(
     else:
         embed.description = code(result.prompt, PROMPT_SHOWN_MAX)
         embed.add_field(name="CLIP score", value=f"{result.score:.3f}", inline=True)
+    if choices.prompt is not None:
+        embed.add_field(
+            name="Your prompt · Generate and Edit prompt use it",
+            value=code(choices.prompt, FIELD_VALUE_MAX),
+            inline=False,
+        )
     if result.mode != "negative":
         if choices.negative_prompt is not None:
             embed.add_field(

@@ -23,6 +23,7 @@ from i2p2i_bot.guides import GUIDE_KINDS, Guide, GuideError, guides_json, parse_
 from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
 from i2p2i_bot.images import ImageError, check_declared, check_image, image_sha256, open_image
 from i2p2i_bot.progress_bars import disable_library_bars, is_terminal
+from i2p2i_bot.prompt_edits import edit_prompt
 from i2p2i_bot.terms import BannedTerms
 
 # The model modules import torch (seconds of start-up): the commands that need them import them, so
@@ -435,21 +436,6 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
 
 
 # --- prompt editing -------------------------------------------------------------------------------------
-
-
-def edit_prompt(prompt: str, *, append: str | None = None, remove: Sequence[str] = ()) -> str:
-    """Apply the batch edits: drop every comma-separated part equal to a removed term, delete the term as
-    a whole word elsewhere, then append text. Matching ignores case."""
-    parts = [p.strip() for p in prompt.split(",")]
-    for term in (t.strip() for t in remove):
-        if not term:
-            continue
-        pattern = re.compile(rf"(?<!\w){re.escape(term)}(?!\w)", re.IGNORECASE)
-        parts = [re.sub(r"\s{2,}", " ", pattern.sub("", p)).strip() for p in parts]
-    parts = [p for p in parts if p]
-    if append:
-        parts.extend(p.strip() for p in append.split(",") if p.strip())
-    return ", ".join(parts)
 
 
 # --- helpers --------------------------------------------------------------------------------------------

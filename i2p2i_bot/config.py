@@ -228,6 +228,9 @@ class DiscordSettings:
     sync_guild_id: int = 0
     # At start, how long to keep trying while Discord cannot be reached before bot.py exits with code 4.
     start_retry_s: float = 60.0
+    # Members may edit a card's prompt, or make a result again with an edited prompt, by replying to it. Needs
+    # the privileged message-content intent (docs/permissions.md); off, the bot asks for no privileged intent.
+    reply_edits: bool = False
 
     def validate(self) -> None:
         if not self.api_base.startswith(("http://", "https://")):

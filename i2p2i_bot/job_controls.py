@@ -24,7 +24,7 @@ from i2p2i_bot.replies import (
     report_error,
     think_in_public,
 )
-from i2p2i_bot.request import GenerationError
+from i2p2i_bot.request import GenerationError, GenerationRequest
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -49,19 +49,58 @@ def bot_of(interaction: discord.Interaction) -> I2P2IBot:
 # -- starting a job -------------------------------------------------------------------------------------
 
 
+def planned_for(bot: I2P2IBot, guild_id: int | None, draft: JobRequest) -> GenerationRequest:
+    """A draft's request planned with its server's settings, after its server's banned terms."""
+    banned = bot.servers.banned(guild_id)
+    found = banned.find(draft.request.prompt) + banned.find(draft.request.negative_prompt or "")
+    if found:
+        raise Refusal(
+            f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
+        )
+    return bot.engine.plan(draft.request, bot.servers.get(guild_id))
+
+
+async def start_job_from_reply(bot: I2P2IBot, message: discord.Message, draft: JobRequest) -> Job:
+    """Plan, queue and post the status message of a job a member asked for by replying to the bot.
+
+    There is no interaction, so no token: the status message is a reply in the channel, and the result is
+    posted in the channel with a mention, as for any job whose token has expired.
+    """
+    guild_id = message.guild.id if message.guild is not None else None
+    request = planned_for(bot, guild_id, draft)
+    submitted = dataclasses.replace(
+        draft,
+        owner_id=message.author.id,
+        request=request,
+        guild_id=guild_id,
+        channel_id=message.channel.id,
+        request_key=f"message:{message.id}",
+        delivery=Delivery(message.channel.id, None, None, None),
+    )
+    await bot.queue.check(submitted)
+    job = await bot.queue.submit(submitted)
+    log.info("job %d queued by user %d from a reply (%d images)", job.id, job.owner_id, job.request.count)
+    delivery = submitted.delivery
+    try:
+        text = status_text(job, bot.queue.position(job.id))
+        status = await message.reply(text, view=job_view(job, running=True), mention_author=False)
+        delivery = Delivery(message.channel.id, status.id, None, None)
+        await bot.store.set_delivery(job.id, delivery)
+    except discord.HTTPException as exc:
+        log.warning("job %d has no status message (%s); its result goes to the channel", job.id, exc)
+    finally:
+        limit = message.guild.filesize_limit if message.guild is not None else DEFAULT_UPLOAD_LIMIT
+        bot.delivery.track(job, delivery, limit)
+    return job
+
+
 async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobRequest) -> Job:
     """Plan, queue, and post the job's status message (the message its results will replace).
 
     `draft` is what the member asked for, its request not yet planned: planning fills in the server's
     defaults and the seed, and refuses anything out of bounds with one sentence.
     """
-    banned = bot.servers.banned(interaction.guild_id)
-    found = banned.find(draft.request.prompt) + banned.find(draft.request.negative_prompt or "")
-    if found:
-        raise Refusal(
-            f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
-        )
-    request = bot.engine.plan(draft.request, bot.servers.get(interaction.guild_id))
+    request = planned_for(bot, interaction.guild_id, draft)
     expires = interaction.created_at.timestamp() + TOKEN_LIFETIME_S
     # discord.py keeps the interaction's attachment_size_limit as filesize_limit.
     limit = interaction.filesize_limit or DEFAULT_UPLOAD_LIMIT

@@ -143,6 +143,8 @@ class CardChoices:
     negative_prompt: str | None = None
     # Whether the card lists every prompt it offers (after More prompts), not just the first.
     all_prompts: bool = False
+    # The prompt the member wrote by replying to the card; None: the card's described prompt.
+    prompt: str | None = None
     # Sampling settings for the card's images; None: the server's default when they are asked for.
     steps: int | None = None
     guidance: float | None = None
@@ -669,7 +671,7 @@ class Store:
     async def card_choices(self, card_id: int) -> CardChoices:
         """What the member chose on a card (an interrogation request); the defaults where nothing yet."""
         query = """
-            SELECT negative_prompt, all_prompts, steps, guidance, aspect, scheduler
+            SELECT negative_prompt, all_prompts, prompt, steps, guidance, aspect, scheduler
             FROM cards WHERE interrogation_id = ?
         """
         rows = await self._fetchall(query, (card_id,))
@@ -679,6 +681,7 @@ class Store:
         return CardChoices(
             negative_prompt=row["negative_prompt"],
             all_prompts=bool(row["all_prompts"]),
+            prompt=row["prompt"],
             steps=row["steps"],
             guidance=row["guidance"],
             aspect=row["aspect"],
@@ -719,6 +722,15 @@ class Store:
             DO UPDATE SET negative_prompt = excluded.negative_prompt, updated_at = excluded.updated_at
         """
         await self._execute(query, (card_id, negative_prompt, time.time() if now is None else now))
+
+    async def set_card_prompt(self, card_id: int, prompt: str | None, now: float | None = None) -> None:
+        """The prompt a member wrote for a card's images, or (None) the card's described prompt again."""
+        query = """
+            INSERT INTO cards (interrogation_id, prompt, updated_at) VALUES (?, ?, ?)
+            ON CONFLICT (interrogation_id)
+            DO UPDATE SET prompt = excluded.prompt, updated_at = excluded.updated_at
+        """
+        await self._execute(query, (card_id, prompt, time.time() if now is None else now))
 
     async def show_all_card_prompts(self, card_id: int, now: float | None = None) -> None:
         """Make a card list every prompt it offers from now on."""

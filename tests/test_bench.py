@@ -204,7 +204,7 @@ def test_load_bench_runs_the_describe_flood(
     figures = {key: float(value) for key, value in (pair.split("=", 1) for pair in last.split())}
     ahead = {"describes_ahead_of_job", "describes_ahead_of_card"}
     assert set(figures) == {"other_card_s", "job_result_s", *ahead}
-    assert figures["other_card_s"] > 0 and figures["job_result_s"] > 0
+    assert figures["other_card_s"] > 0 and figures["job_result_s"] > 0, json_out.read_text()
 
     payload = json.loads(json_out.read_text(encoding="utf-8"))
     assert payload["benchmark"] == "load-describe-flood" and payload["failures"] == []

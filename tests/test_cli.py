@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from i2p2i_bot.cli import edit_prompt, main
+from i2p2i_bot.cli import main
 from i2p2i_bot.config import (
     DEFAULT_CAPTION,
     DEFAULT_CLIP,
@@ -37,6 +37,7 @@ from i2p2i_bot.models import (
     quick_gelu_name,
     resolve_models,
 )
+from i2p2i_bot.prompt_edits import edit_prompt
 from i2p2i_bot.smoke import SmokeModels
 
 

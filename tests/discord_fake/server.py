@@ -368,14 +368,20 @@ class FakeDiscord:
         *,
         attachments: Sequence[StoredAttachment] = (),
         embeds: Sequence[dict[str, Any]] = (),
+        reply_to: MessageRef | None = None,
     ) -> StoredMessage:
-        """A message a user posted (e.g. a context-menu target); dispatched as MESSAGE_CREATE."""
+        """A message a user posted (e.g. a context-menu target, or a reply to ``reply_to``); dispatched as
+        MESSAGE_CREATE."""
         target = self.channel(channel)
+        body: dict[str, Any] = {"content": content, "embeds": list(embeds)}
+        if reply_to is not None:
+            replied = self.message(reply_to)
+            body["message_reference"] = {"message_id": str(replied.id), "channel_id": str(replied.channel_id)}
         message = self.messages.create(
             channel=target,
             author=self.user(author),
             now=self.clock.now(),
-            body={"content": content, "embeds": list(embeds)},
+            body=body,
         )
         for attachment in attachments:
             attachment.ephemeral = False
