@@ -177,3 +177,21 @@ def _seed(message: StoredMessage) -> str:
     match = re.search(r"seed `(\d+)`", str(message.embeds[0]))
     assert match is not None
     return match[1]
+
+
+@pytest.mark.parametrize("checker", [True, False])
+async def test_a_bot_without_the_safety_checker_says_at_start_that_nothing_is_filtered(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    engine: Engine,
+    checker: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """generate.safety_checker = false disables the nsfw policy; the bot warns once at start."""
+    changed = dataclasses.replace(settings.generate, safety_checker=checker)
+    async with running_i2p2i(dataclasses.replace(settings, generate=changed), discord_server, engine):
+        pass
+    warnings = [r.getMessage() for r in caplog.records if "safety_checker is off" in r.getMessage()]
+    assert len(warnings) == (0 if checker else 1)
+    if warnings:
+        assert warnings[0].startswith("generate.safety_checker is off: no image is flagged")
