@@ -248,6 +248,11 @@ class I2P2IBot(commands.Bot):
             raise StoppedDuringStart("stopped while the models loaded")
         self.queue = await JobQueue.open(self.store, settings.queue)
         self.servers = await ServerSettingsBook.open(self.store, settings.generate, self.banned)
+        if not settings.generate.safety_checker:
+            log.warning(
+                "generate.safety_checker is off: no image is flagged, so every image is posted in every "
+                "channel and DM, whatever the servers' nsfw settings say"
+            )
         self.interrogations = InterrogationCache(self.store, self.gpu)
         if settings.queue.backend == "redis":
             from i2p2i_bot.remote import RemoteRunner  # BullMQ is installed only where it is used

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import discord
 from PIL import Image
 
+from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Job, JobStatus, Position
 from i2p2i_bot.store import CardChoices, StoredImage, StoredInterrogation
@@ -27,6 +28,9 @@ DEFAULT_NEGATIVE_SHOWN_MAX = 300
 MAX_LISTED_PROMPTS = 5
 MAX_FILES = 10
 THUMBNAIL_NAME = "source.jpg"
+# Discord blurs an attachment whose name starts so until a member clicks it (discord.File(spoiler=True)
+# names it so).
+SPOILER_PREFIX = "SPOILER_"
 MODE_LABELS = {
     "best": "Best: caption plus the flavours that raise the CLIP score most",
     "fast": "Fast: caption plus the top-ranked labels",
@@ -188,10 +192,17 @@ class ResultFiles:
     blobs: list[tuple[str, bytes]]
     withheld_nsfw: int
     left_out: int
+    # What the images the safety checker flagged got here (flagged.py).
+    flagged: FlaggedPolicy = FlaggedPolicy.WITHHOLD
 
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.blobs]
+
+    @property
+    def cover(self) -> str | None:
+        """The file the embed shows: the grid or the best image, never one hidden as a spoiler."""
+        return next((name for name in self.names if not name.startswith(SPOILER_PREFIX)), None)
 
     def files(self) -> list[discord.File]:
         """Fresh file objects for one send (discord.py closes them after each request)."""
@@ -199,22 +210,29 @@ class ResultFiles:
 
 
 def result_files(
-    images: Sequence[tuple[StoredImage, Image.Image]], limit_bytes: int, *, job_id: int
+    images: Sequence[tuple[StoredImage, Image.Image]],
+    limit_bytes: int,
+    *,
+    job_id: int,
+    flagged: FlaggedPolicy = FlaggedPolicy.WITHHOLD,
 ) -> ResultFiles:
     """A grid of every image plus the single images, best fidelity first, within the upload limit.
 
-    Images the safety checker flagged are never posted (they are blacked out anyway); the grid comes first,
-    then singles while they fit; if even the grid does not fit, it is sent as JPEG.
+    Images the safety checker flagged are withheld (and were blacked out) unless `flagged` says the place
+    may show them: as spoilers (singles after the others, never in the grid, which Discord would not
+    blur), or as any other image. The grid comes first, then singles while they fit; if even the grid
+    does not fit, it is sent as JPEG.
     """
-    safe = [(meta, img) for meta, img in images if not meta.nsfw]
-    safe.sort(key=lambda pair: -(pair[0].fidelity if pair[0].fidelity is not None else -2.0))
-    withheld = len(images) - len(safe)
-    if not safe:
-        return ResultFiles([], withheld, 0)
+    ranked = sorted(images, key=lambda pair: -(pair[0].fidelity if pair[0].fidelity is not None else -2.0))
+    plain = [(meta, img) for meta, img in ranked if not meta.nsfw or flagged is FlaggedPolicy.SHOW]
+    spoilers = [(meta, img) for meta, img in ranked if meta.nsfw and flagged is FlaggedPolicy.SPOILER]
+    withheld = len(images) - len(plain) - len(spoilers)
+    if not plain and not spoilers:
+        return ResultFiles([], withheld, 0, flagged)
     budget = limit_bytes - 64 * 1024  # room for the multipart envelope and the JSON payload
     blobs: list[tuple[str, bytes]] = []
-    if len(safe) > 1:
-        grid = _grid([img for _, img in safe])
+    if len(plain) > 1:
+        grid = _grid([img for _, img in plain])
         data = _encode(grid, "PNG")
         name = f"job{job_id}-grid.png"
         if len(data) > budget:
@@ -223,12 +241,15 @@ def result_files(
             blobs.append((name, data))
             budget -= len(data)
     left_out = 0
-    for meta, img in safe:
+    singles = [(meta, img, "") for meta, img in plain] + [
+        (meta, img, SPOILER_PREFIX) for meta, img in spoilers
+    ]
+    for meta, img, prefix in singles:
         if len(blobs) >= MAX_FILES:
             left_out += 1
             continue
         data = _encode(img, "PNG")
-        name = f"job{job_id}-{meta.index + 1}-seed{meta.seed}.png"
+        name = f"{prefix}job{job_id}-{meta.index + 1}-seed{meta.seed}.png"
         if len(data) > budget:
             data, name = _encode(img, "JPEG"), name.replace(".png", ".jpg")
         if len(data) > budget:
@@ -236,7 +257,7 @@ def result_files(
             continue
         blobs.append((name, data))
         budget -= len(data)
-    return ResultFiles(blobs, withheld, left_out)
+    return ResultFiles(blobs, withheld, left_out, flagged)
 
 
 def _grid(images: Sequence[Image.Image]) -> Image.Image:
@@ -273,7 +294,7 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
     lines = []
     for meta in ranked:
         fid = f"fidelity {meta.fidelity:.3f}" if meta.fidelity is not None else "no source"
-        flag = " · withheld by the safety checker" if meta.nsfw else ""
+        flag = _FLAGGED_NOTES[files.flagged] if meta.nsfw else ""
         lines.append(f"#{meta.index + 1} seed `{meta.seed}` · {fid}{flag}")
     if lines:
         embed.add_field(
@@ -294,9 +315,17 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
         embed.add_field(name="Notes", value=shorten("\n".join(notes), FIELD_VALUE_MAX), inline=False)
     p = job.request.params
     embed.set_footer(text=f"{p.width}×{p.height} · {p.steps} steps · guidance {p.guidance:g} · {p.scheduler}")
-    if files.names:
-        embed.set_image(url=f"attachment://{files.names[0]}")
+    if files.cover is not None:
+        embed.set_image(url=f"attachment://{files.cover}")
     return embed
+
+
+# What a result's image line says of an image the safety checker flagged, by what it got there.
+_FLAGGED_NOTES = {
+    FlaggedPolicy.WITHHOLD: " · withheld by the safety checker",
+    FlaggedPolicy.SPOILER: " · flagged by the safety checker, posted as a spoiler",
+    FlaggedPolicy.SHOW: " · flagged by the safety checker",
+}
 
 
 def info_embed(

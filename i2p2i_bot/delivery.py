@@ -32,7 +32,8 @@ from PIL import Image
 
 from i2p2i_bot.cards import ResultFiles, result_embed, result_files, status_text
 from i2p2i_bot.events import Subscription
-from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, job_view
+from i2p2i_bot.flagged import FlaggedPolicy
+from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, flagged_policy_in, job_view
 from i2p2i_bot.jobs import Delivery, EventKind, Job, JobEvent, JobStatus
 from i2p2i_bot.replies import ANSWER_ERRORS
 
@@ -347,12 +348,20 @@ class ResultDelivery:
             if record is None or record.job.delivered_at is not None or record.job.hidden_at is not None:
                 return  # gone, posted already, or deleted by its owner before it could be
             job = record.job
+            flagged = await self._flagged_policy(job)
             images = await asyncio.to_thread(self._load_images, job, record.images)
-            files = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
+            files = await asyncio.to_thread(
+                result_files, images, upload_limit, job_id=job.id, flagged=flagged
+            )
             embed = result_embed(job, record.images, files)
+            # A DM never shows flagged images: where the channel is gone, the result goes there without them.
+            private = (embed, files)
+            if flagged is not FlaggedPolicy.WITHHOLD and any(m.nsfw for m in record.images):
+                withheld = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
+                private = (result_embed(job, record.images, withheld), withheld)
             view = job_view(job, running=False)
             try:
-                delivered, failures = await self._send_result(job, embed, files, view)
+                delivered, failures = await self._send_result(job, embed, files, view, private=private)
             except Exception:
                 log.exception("delivering job %d failed on my side", job.id)
                 delivered, failures = None, [Failure("bot", "an error on my side")]
@@ -393,6 +402,18 @@ class ResultDelivery:
         await asyncio.sleep(delay_s)
         await self._deliver(job_id, upload_limit)
 
+    async def _flagged_policy(self, job: Job) -> FlaggedPolicy:
+        """What the job's flagged images get in its channel: its own policy, unless the channel or the
+        server's setting has become stricter since it was asked."""
+        if job.flagged_policy is FlaggedPolicy.WITHHOLD:
+            return job.flagged_policy
+        channel_id = job.delivery.channel_id or job.channel_id
+        channel = self.bot.get_channel(channel_id) if channel_id is not None else None
+        if channel is None and channel_id is not None:
+            with contextlib.suppress(*ANSWER_ERRORS):
+                channel = await self.bot.fetch_channel(channel_id)
+        return job.flagged_policy.stricter(flagged_policy_in(self.bot, job.guild_id, channel))
+
     def _load_images(self, job: Job, stored: Any) -> list[tuple[Any, Image.Image]]:
         loaded = []
         for meta in stored:
@@ -402,9 +423,18 @@ class ResultDelivery:
         return loaded
 
     async def _send_result(
-        self, job: Job, embed: discord.Embed, files: ResultFiles, view: discord.ui.View | None
+        self,
+        job: Job,
+        embed: discord.Embed,
+        files: ResultFiles,
+        view: discord.ui.View | None,
+        *,
+        private: tuple[discord.Embed, ResultFiles],
     ) -> tuple[str | None, list[Failure]]:
-        """Try each way of posting in turn; the way that worked (or None) and why the others did not."""
+        """Try each way of posting in turn; the way that worked (or None) and why the others did not.
+
+        `embed` and `files` are for the job's channel, `private` for a DM to its owner.
+        """
         delivery = job.delivery
         mention = f"<@{job.owner_id}>"
         content = f"{mention} job #{job.id} is done." if job.status is JobStatus.COMPLETE else f"{mention}"
@@ -473,7 +503,8 @@ class ResultDelivery:
         async def direct_message() -> None:
             user = self.bot.get_user(job.owner_id) or await self.bot.fetch_user(job.owner_id)
             note = f"Your job #{job.id} could not be posted in its channel, so here it is."
-            await user.send(note, embed=embed, files=files.files(), nonce=nonce, **extra)
+            dm_embed, dm_files = private
+            await user.send(note, embed=dm_embed, files=dm_files.files(), nonce=nonce, **extra)
 
         failure = await self._attempt("dm", job, direct_message)
         if failure is None:

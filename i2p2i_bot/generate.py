@@ -290,7 +290,11 @@ class Generator:
         if decoded is not None:
             pipe.decoded = None
             rows = list(decoded)
-        return [(img, bool(flag), row) for img, flag, row in zip(out.images, flags, rows, strict=True)]
+        images = list(out.images)
+        for i, (spec, flag, row) in enumerate(zip(specs, flags, rows, strict=True)):
+            if flag and spec.keep_flagged:
+                images[i] = _unfiltered(row, images[i])
+        return [(img, bool(flag), row) for img, flag, row in zip(images, flags, rows, strict=True)]
 
     def _pipeline(self, params: GenerationParams) -> Any:
         """The pipeline a batch runs on: the resident one, or the guided one sharing its weights."""
@@ -313,3 +317,13 @@ class Generator:
             source = torch.tensor(specs[i].source_embedding, dtype=torch.float32)
             scores[i] = float(embeds[row] @ (source / source.norm()))
         return scores
+
+
+def _unfiltered(pixels: torch.Tensor | None, blacked_out: Image.Image) -> Image.Image:
+    """A flagged image as it was made, from its decoded pixels (in [0, 1], kept before the safety checker
+    blacked it out), converted as the pipeline converts the others."""
+    if pixels is None:  # a pipeline that keeps no decoded pixels: the black image is all there is
+        log.warning("a flagged image's pixels were not kept; it stays blacked out")
+        return blacked_out
+    array = (pixels.detach().permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)

@@ -16,6 +16,7 @@ import discord
 
 from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.jobs import Delivery, Job, JobRefused, JobRequest, JobStatus
 from i2p2i_bot.replies import (
     ANSWER_ERRORS,
@@ -111,6 +112,7 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,
         request_key=f"interaction:{interaction.id}",
+        flagged_policy=flagged_policy_in(bot, interaction.guild_id, interaction.channel),
         delivery=Delivery(interaction.channel_id, None, interaction.token, expires),
     )
     # Refused now, the member alone hears it; after the public placeholder, only a neutral line would hide it.
@@ -132,6 +134,15 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         placeholder_replaced(interaction)
         bot.delivery.track(job, delivery, limit)
     return job
+
+
+def flagged_policy_in(bot: I2P2IBot, guild_id: int | None, channel: object) -> FlaggedPolicy:
+    """What images the safety checker flags get in a channel: the server's nsfw setting applies only where
+    Discord marks the channel age-restricted (a thread as its parent); a DM, or a channel the bot cannot
+    tell, withholds them."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    age_restricted = callable(is_nsfw) and is_nsfw() is True
+    return bot.servers.flagged_policy(guild_id, age_restricted=age_restricted)
 
 
 async def _post_status(interaction: discord.Interaction, job: Job, text: str) -> discord.Message | None:

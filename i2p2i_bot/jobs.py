@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.request import GenerationRequest
 
 
@@ -57,6 +58,8 @@ class JobRequest:
     parent_job_id: int | None = None
     # Submitting a request with a key that is already stored returns the stored job instead of a new one.
     request_key: str | None = None
+    # What flagged images of this job get; start_job decides from the server's setting and the channel.
+    flagged_policy: FlaggedPolicy = FlaggedPolicy.WITHHOLD
     delivery: Delivery = field(default_factory=Delivery)
 
 

@@ -511,7 +511,9 @@ class JobQueue:
         for job_id, index in pick.items:
             active = self._active[job_id]
             active.in_flight.add(index)
-            items.append(BatchItem(job_id, index, active.job.request.spec(index, active.embedding)))
+            keep_flagged = active.job.flagged_policy.keeps_pixels
+            spec = active.job.request.spec(index, active.embedding, keep_flagged=keep_flagged)
+            items.append(BatchItem(job_id, index, spec))
         batch = Batch(next(self._batch_ids), pick.params, tuple(items))
         self._outstanding[batch.id] = (batch, self._clock())
         self._in_flight_images += len(items)

@@ -46,6 +46,7 @@ def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[
                 "negative_prompt": s.negative_prompt,
                 "seed": s.seed,
                 "source_embedding": None if s.source_embedding is None else list(s.source_embedding),
+                "keep_flagged": s.keep_flagged,
             }
             for s in specs
         ],
@@ -70,6 +71,7 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
                 str(s["negative_prompt"]),
                 int(s["seed"]),
                 None if s["source_embedding"] is None else tuple(float(x) for x in s["source_embedding"]),
+                keep_flagged=s.get("keep_flagged") is True,
             )
             for s in payload["specs"]
         )

@@ -64,6 +64,9 @@ class ImageSpec:
     # The sha256 of the stored image this image's guides keep elements of; None without guides. Each image
     # of a batch has its own, so members who share a batch keep their own sources.
     guide_source: str | None = None
+    # Whether an image the safety checker flags keeps its pixels, for a job whose channel may show it
+    # (flagged.py); otherwise it is blacked out. Each image of a batch has its own.
+    keep_flagged: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,14 @@ class GenerationRequest:
             raise ValueError(_UNPLANNED)
         return tuple((self.seed + i) % SEED_LIMIT for i in range(self.count))
 
-    def spec(self, index: int, source_embedding: tuple[float, ...] | None = None) -> ImageSpec:
+    def spec(
+        self, index: int, source_embedding: tuple[float, ...] | None = None, *, keep_flagged: bool = False
+    ) -> ImageSpec:
         """Image `index` of a planned request."""
         source = self.guide_source if self.keep else None
-        return ImageSpec(self.prompt, self.negative_prompt or "", self.seeds[index], source_embedding, source)
+        return ImageSpec(
+            self.prompt, self.negative_prompt or "", self.seeds[index], source_embedding, source, keep_flagged
+        )
 
     def specs(self, source_embedding: tuple[float, ...] | None = None) -> tuple[ImageSpec, ...]:
         return tuple(self.spec(i, source_embedding) for i in range(self.count))

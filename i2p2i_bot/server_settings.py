@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.flagged import NSFW_SETTINGS, FlaggedPolicy, NsfwSetting, policy_for
 from i2p2i_bot.lookalikes import fold
 from i2p2i_bot.request import MAX_PROMPT_CHARS
 from i2p2i_bot.terms import BannedTerms
@@ -34,6 +35,7 @@ SettingKey = Literal[
     "negative_prompt",
     "banned_terms",
     "channels",
+    "nsfw",
 ]
 # What /settings lists, in this order, with a line on what each means.
 KEYS: dict[SettingKey, str] = {
@@ -46,6 +48,8 @@ KEYS: dict[SettingKey, str] = {
     "negative_prompt": "negative prompt used when a request gives none",
     "banned_terms": "terms refused in prompts here, besides the bot's own list",
     "channels": "the channels the bot answers commands in (all when empty)",
+    "nsfw": "images the safety checker flags: filtered (withheld everywhere), or spoiler or unfiltered "
+    "in age-restricted channels only",
 }
 DEFAULT_COUNT = 4
 MAX_BANNED_TERMS = 200
@@ -73,6 +77,8 @@ class ServerSettings:
     negative_prompt: str | None = None
     banned_terms: tuple[str, ...] = ()
     channel_ids: tuple[int, ...] = ()
+    # What age-restricted channels get of flagged images (flagged.py); None: filtered, as everywhere else.
+    nsfw: NsfwSetting | None = None
 
     @property
     def empty(self) -> bool:
@@ -94,6 +100,10 @@ class ServerSettings:
 
     def allows_channel(self, channel_id: int | None) -> bool:
         return not self.channel_ids or channel_id in self.channel_ids
+
+    def flagged_policy(self, *, in_server: bool, age_restricted: bool) -> FlaggedPolicy:
+        """What a job asked (or a result shown) in such a place does with flagged images."""
+        return policy_for(self.nsfw or "filtered", in_server=in_server, age_restricted=age_restricted)
 
     def changed(self, key: SettingKey, text: str, base: GenerateSettings) -> ServerSettings:
         """These settings with `key` set from an admin's text; SettingError names what is wrong.
@@ -132,6 +142,8 @@ class ServerSettings:
             updated = dataclasses.replace(self, banned_terms=_terms(text))
         elif key == "channels":
             updated = dataclasses.replace(self, channel_ids=_channels(text))
+        elif key == "nsfw":
+            updated = dataclasses.replace(self, nsfw=_nsfw(text))
         else:
             raise SettingError(f"There is no setting called {key!r}.")
         updated.check(base)
@@ -179,6 +191,8 @@ class ServerSettings:
             return (" ".join(f"<#{c}>" for c in self.channel_ids) or "all"), bool(self.channel_ids)
         if key == "negative_prompt":
             return (settings.negative_prompt or "none"), self.negative_prompt is not None
+        if key == "nsfw":
+            return (self.nsfw or "filtered"), self.nsfw is not None
         return str(getattr(settings, key)), getattr(self, key) is not None
 
     # -- storage ---------------------------------------------------------------------------------------
@@ -234,6 +248,13 @@ class ServerSettingsBook:
 
     def default_count(self, guild_id: int | None) -> int:
         return self.get(guild_id).default_count(self.base)
+
+    def flagged_policy(self, guild_id: int | None, *, age_restricted: bool) -> FlaggedPolicy:
+        """What flagged images get in a channel of this server (None: a direct message, which never
+        gets them)."""
+        return self.get(guild_id).flagged_policy(
+            in_server=guild_id is not None, age_restricted=age_restricted
+        )
 
     def banned(self, guild_id: int | None) -> BannedTerms:
         """The bot's banned terms and the server's own."""
@@ -314,6 +335,16 @@ def _channels(text: str) -> tuple[int, ...]:
     if len(unique) > MAX_CHANNELS:
         raise SettingError(f"A server may list at most {MAX_CHANNELS} channels (got {len(unique)}).")
     return unique
+
+
+def _nsfw(text: str) -> NsfwSetting:
+    for value in NSFW_SETTINGS:
+        if text.lower() == value:
+            return value
+    raise SettingError(
+        "nsfw must be filtered, spoiler or unfiltered (spoiler and unfiltered apply in age-restricted "
+        f"channels only; you typed “{text[:40]}”)."
+    )
 
 
 def channel_list(ids: Iterable[int]) -> str:

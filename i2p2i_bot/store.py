@@ -30,6 +30,7 @@ import aiosqlite
 from PIL import Image
 
 from i2p2i_bot.config import Settings
+from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.guides import Guide, guides_from_json, guides_json
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Delivery, Job, JobRequest, JobStatus
@@ -1038,10 +1039,12 @@ _INSERTED_COLUMNS = (
 def _job_from_row(row: sqlite3.Row) -> Job:
     state = {name: row[name] for name in _STATE_COLUMNS}
     state["status"] = JobStatus(state["status"])
+    submission = {name: row[name] for name in _SUBMISSION_COLUMNS}
+    submission["flagged_policy"] = FlaggedPolicy(submission["flagged_policy"])
     return Job(
         request=GenerationRequest(**{name: decode(row[name]) for name, _, decode in _REQUEST_CODING}),
         delivery=Delivery(**{name: row[column] for name, column in _DELIVERY_COLUMNS.items()}),
-        **{name: row[name] for name in _SUBMISSION_COLUMNS},
+        **submission,
         **state,
     )
 

@@ -30,6 +30,7 @@ from i2p2i_bot.store import CardChoices, Store, StoredInterrogation
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 from tests.discord_fake.validation import check_message
+from tests.safety import flagging_everything
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLLOWUP = "POST /webhooks/{app}/{token}"
@@ -847,10 +848,7 @@ async def test_flagged_images_are_withheld(
 ) -> None:
     """Images the safety checker flags are never posted; the result says how many were withheld."""
     server = discord_server
-    checker = engine.generator.pipe.safety_checker
-    saved = checker.concept_embeds_weights.data.clone()
-    checker.concept_embeds_weights.data.fill_(-2.0)
-    try:
+    with flagging_everything(engine.generator.pipe):
         async with running_i2p2i(settings_for(server), server, engine) as bot:
             _, card = await describe(server, astronaut, count=2)
             press = await generate(server, card)
@@ -859,8 +857,6 @@ async def test_flagged_images_are_withheld(
             assert "2 image(s) withheld" in str(press.original.embeds[0])
             record = await bot.store.job_record(1)
             assert record is not None and [m.nsfw for m in record.images] == [True, True]
-    finally:
-        checker.concept_embeds_weights.data.copy_(saved)
 
 
 async def test_candidates_card_and_redescribe(

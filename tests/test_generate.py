@@ -17,6 +17,7 @@ from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.request import GenerationError, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.smoke import SmokeModels
+from tests.safety import flagging_everything
 
 # What the engine promises for one seed across batch sizes: a pixel level or two of 255.
 BATCH_ROUNDING = 2
@@ -144,17 +145,28 @@ def test_fidelity_is_the_clip_cosine_to_the_source(engine: Engine, astronaut: Im
 
 def test_safety_checker_flags_are_reported(engine: Engine) -> None:
     """Images the safety checker flags are reported as nsfw and blacked out; others are not."""
-    checker = engine.generator.pipe.safety_checker
     clean = engine.generate(GenerationRequest("a meadow", seed=11))
     assert [i.nsfw for i in clean.images] == [False]
-    saved = checker.concept_embeds_weights.data.clone()
-    checker.concept_embeds_weights.data.fill_(-2.0)  # every concept now scores above its threshold
-    try:
+    with flagging_everything(engine.generator.pipe):
         flagged = engine.generate(GenerationRequest("a meadow", count=2, seed=11))
-    finally:
-        checker.concept_embeds_weights.data.copy_(saved)
     assert [i.nsfw for i in flagged.images] == [True, True]
     assert pixels(flagged.images[0].image).max() == 0
+
+
+def test_a_flagged_image_keeps_its_pixels_only_where_its_spec_asks(engine: Engine) -> None:
+    """In one batch, a flagged image whose spec keeps flagged pixels is the image as made (the same as
+    unflagged), and its neighbour that does not is blacked out."""
+    generator = engine.generator
+    planned = generator.plan(GenerationRequest("a meadow", count=2, seed=11))
+    kept, filtered = planned.spec(0, keep_flagged=True), planned.spec(1)
+    as_made = generator.generate_batch(planned.params, [kept, filtered]).images
+    assert [i.nsfw for i in as_made] == [False, False]
+    with flagging_everything(generator.pipe):
+        made = generator.generate_batch(planned.params, [kept, filtered]).images
+    assert [i.nsfw for i in made] == [True, True]
+    assert pixels(made[0].image).max() > 0
+    assert np.abs(pixels(made[0].image) - pixels(as_made[0].image)).max() == 0
+    assert pixels(made[1].image).max() == 0
 
 
 def test_safety_checker_can_be_switched_off(base_settings: Settings, smoke_models: SmokeModels) -> None:

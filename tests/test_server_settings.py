@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.request import GenerationError, GenerationRequest, plan
 from i2p2i_bot.server_settings import ServerSettings, ServerSettingsBook, SettingError
 from i2p2i_bot.store import Store
@@ -66,6 +67,12 @@ def test_a_server_changes_defaults_and_narrows_bounds_within_the_config_file() -
             "Name the channels as #mentions (or their ids) separated by spaces, or write all.",
         ),
         ("banned_terms", " , ", "List the banned terms separated by commas, or write none."),
+        (
+            "nsfw",
+            "yes",
+            "nsfw must be filtered, spoiler or unfiltered (spoiler and unfiltered apply in age-restricted "
+            "channels only; you typed “yes”).",
+        ),
     ],
 )
 def test_each_bad_value_gets_one_sentence(key: str, text: str, sentence: str) -> None:
@@ -103,6 +110,36 @@ def test_lists_channels_and_resets() -> None:
     assert server.changed("channels", "all", BASE).channel_ids == ()
     assert server.describe("channels", BASE) == ("<#11> <#22> <#33>", True)
     assert ServerSettings().describe("size", BASE) == ("512x512", False)
+
+
+def test_the_nsfw_setting_opens_age_restricted_channels_only() -> None:
+    """Flagged images are withheld by default, in ordinary channels and in DMs whatever the server says; a
+    server's spoiler or unfiltered applies in its age-restricted channels alone."""
+    withhold, spoiler, show = FlaggedPolicy
+    places = [(True, False), (True, True), (False, True)]  # (in a server, age-restricted)
+    expected = {
+        None: [withhold, withhold, withhold],
+        "filtered": [withhold, withhold, withhold],
+        "spoiler": [withhold, spoiler, withhold],
+        "unfiltered": [withhold, show, withhold],
+    }
+    for value, policies in expected.items():
+        server = (
+            ServerSettings()
+            if value is None
+            else ServerSettings().changed("nsfw", f" {value.upper()} ", BASE)
+        )
+        got = [server.flagged_policy(in_server=s, age_restricted=a) for s, a in places]
+        assert got == policies, value
+    server = ServerSettings().changed("nsfw", "spoiler", BASE)
+    assert server.describe("nsfw", BASE) == ("spoiler", True)
+    assert ServerSettings().describe("nsfw", BASE) == ("filtered", False)
+    assert server.reset("nsfw").empty
+    assert ServerSettings.from_json(server.to_json()) == server and server.to_json() == '{"nsfw": "spoiler"}'
+    # A value a later version wrote and this one does not know is filtered.
+    unknown = ServerSettings.from_json('{"nsfw": "blurred"}')
+    assert unknown.flagged_policy(in_server=True, age_restricted=True) is withhold
+    assert show.stricter(spoiler) is spoiler and withhold.stricter(show) is withhold
 
 
 def test_json_round_trip_keeps_every_field_and_ignores_unknown_ones() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.guides import Guide
 from i2p2i_bot.interrogation import Candidate, Interrogation
@@ -185,11 +186,14 @@ async def test_job_round_trip_and_delivery(store: Store) -> None:
         negative_prompt="blurry",
         guild_id=1,
         channel_id=2,
+        flagged_policy=FlaggedPolicy.SPOILER,
         delivery=Delivery(channel_id=2, interaction_token="tok", token_expires_at=900.0),
     )
     job = await store.insert_job(request, now=100.0)
     again = await store.get_job(job.id)
-    assert again == job
+    assert again == job and again.flagged_policy is FlaggedPolicy.SPOILER
+    rows = await store._fetchall("SELECT flagged_policy FROM jobs WHERE id = ?", (job.id,))
+    assert rows[0][0] == "spoiler"
     assert job.request == request.request and job.owner_id == 5 and job.guild_id == 1
     assert job.request.seeds == (10, 11, 12) and job.request.params == PARAMS
     assert job.status is JobStatus.QUEUED
