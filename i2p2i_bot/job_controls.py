@@ -16,6 +16,7 @@ import discord
 
 from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.guides import not_offered
 from i2p2i_bot.jobs import Delivery, Job, JobRefused, JobRequest, JobStatus
 from i2p2i_bot.replies import (
     ANSWER_ERRORS,
@@ -24,7 +25,7 @@ from i2p2i_bot.replies import (
     report_error,
     think_in_public,
 )
-from i2p2i_bot.request import GenerationError
+from i2p2i_bot.request import GenerationError, GenerationRequest
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -61,6 +62,7 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         raise Refusal(
             f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
         )
+    check_keep(bot, draft.request)
     request = bot.engine.plan(draft.request, bot.servers.get(interaction.guild_id))
     expires = interaction.created_at.timestamp() + TOKEN_LIFETIME_S
     # discord.py keeps the interaction's attachment_size_limit as filesize_limit.
@@ -93,6 +95,23 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         placeholder_replaced(interaction)
         bot.delivery.track(job, delivery, limit)
     return job
+
+
+def check_keep(bot: I2P2IBot, request: GenerationRequest) -> None:
+    """Refuse, in one sentence, guides this bot does not offer now (say why), or a source image that is no
+    longer stored (forgotten since the card or the job it repeats was made)."""
+    if not request.keep:
+        return
+    offered = bot.engine.offered_guides
+    for guide in request.keep:
+        if guide.name not in offered:
+            raise Refusal(not_offered(guide.name, bot.settings.guides.enabled))
+    path = bot.store.source_path(request.guide_source) if request.guide_source else None
+    if path is not None and not path.exists():
+        raise Refusal(
+            "The image these guides keep elements of is no longer stored; describe it again, "
+            "or keep the prompt only."
+        )
 
 
 async def _post_status(interaction: discord.Interaction, job: Job, text: str) -> discord.Message | None:
