@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import logging
 import re
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -45,6 +44,7 @@ from i2p2i_bot.request import (
     GenerationRequest,
     size_for_aspect,
 )
+from i2p2i_bot.source_images import SourceImages
 from i2p2i_bot.store import CardChoices, StoredInterrogation
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode)
             # Saved once the interrogation that names it is stored: another member's /forget either saw
             # that row and keeps the file, or removed it before the row existed and this writes it again.
-            await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
+            await asyncio.to_thread(SourceImages(bot.sources_dir).save, intake.sha256, intake.image)
         except (ImageError, Refusal) as exc:
             await report_error(interaction, exc)
             return
@@ -250,6 +250,31 @@ class ImagineCog(commands.Cog, name="Imagine"):
         )
         await answer_deferred(interaction, message)
         placeholder_replaced(interaction)
+
+    async def describe_stored(
+        self, interaction: discord.Interaction, image: Image.Image, sha256: str
+    ) -> None:
+        """Describe an image the bot keeps (a result's "Use as source") and post its card, as for an upload:
+        in the default mode and count, counted against the member's describes in flight, answered after a
+        restart. Saved as a source by its hash once its interrogation names it, as an upload is."""
+        bot = self.bot
+        with bot.describes.hold(interaction.user.id):
+            deferred = await think_in_public(interaction)
+            async with bot.pending_describes.held(interaction, deferred):
+                stored = await describe_for(bot, interaction, image, sha256, bot.settings.interrogate.mode)
+                await asyncio.to_thread(SourceImages(bot.sources_dir).save, sha256, image)
+                thumbnail = await asyncio.to_thread(thumbnail_file, image)
+                count = bot.servers.default_count(interaction.guild_id)
+                message = await card_message(
+                    bot,
+                    stored,
+                    interaction.user.display_name,
+                    count,
+                    thumbnail,
+                    guild_id=interaction.guild_id,
+                )
+                await answer_deferred(interaction, message)
+                placeholder_replaced(interaction)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
@@ -352,22 +377,6 @@ def message_images(message: discord.Message) -> list[ImageSource]:
                 found.append(ImageSource(url, name, None, media.width, media.height, None))
                 break
     return found
-
-
-def save_source(directory: Path, sha256: str, image: Image.Image) -> Path:
-    """Keep the normalised source, so Re-describe works after a restart. Blocking."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{sha256}.png"
-    if not path.exists():
-        # Members who send the same picture at once each write their own temporary file; the copies are
-        # identical and the replace is atomic, so whichever lands last is as good as the first.
-        temp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            image.save(temp, format="PNG")
-            temp.replace(path)
-        finally:
-            temp.unlink(missing_ok=True)
-    return path
 
 
 async def card_message(
@@ -918,7 +927,7 @@ def _whole(text: str, name: str) -> int:
 
 
 async def saved_source(bot: I2P2IBot, sha256: str) -> Image.Image:
-    """The normalised upload kept for a card (save_source), or one sentence when it is gone."""
+    """The normalised image kept for a card (SourceImages.save), or one sentence when it is gone."""
     path = bot.store.source_path(sha256)
     if path is None or not path.exists():
         raise Refusal("I no longer have that image; run /imagine-from again.")

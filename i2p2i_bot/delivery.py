@@ -350,7 +350,8 @@ class ResultDelivery:
             images = await asyncio.to_thread(self._load_images, job, record.images)
             files = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
             embed = result_embed(job, record.images, files)
-            view = job_view(job, running=False)
+            vary = "layout" in self.bot.engine.offered_guides
+            view = job_view(job, running=False, images=record.images, vary=vary)
             try:
                 delivered, failures = await self._send_result(job, embed, files, view)
             except Exception:

@@ -203,3 +203,58 @@ async def test_a_guide_not_on_offer_and_a_lost_source_are_one_sentence(
         assert await ephemeral_answer(await server.push_button(done, "i2p:job:reroll:1")) == gone
         assert await ephemeral_answer(await server.push_button(card, button(card, "i2p:card:gen:"))) == gone
         assert await bot.store.get_job(2) is None
+
+
+async def test_vary_and_use_as_source_start_from_the_chosen_result(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    both_guides: GuideModels,
+    astronaut: Image.Image,
+) -> None:
+    """A result's "image #k → action" select: Vary (subtle) on image #2 queues the same prompt keeping
+    that image's layout at 0.35 (the image saved as a source by its hash), Vary (strong) on #1 at 0.7, and
+    Use as source posts a new prompt card of that image."""
+    server = discord_server
+    async with running_i2p2i(settings, server, guided_engine(both_guides)) as bot:
+        _, card = await describe(server, astronaut, count=2)
+        result = await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        record = await bot.store.job_record(1)
+        assert record is not None and len(record.images) == 2
+        first, second = sorted(record.images, key=lambda m: m.index)
+        assert first.sha256 != second.sha256
+        select = result.component("i2p:job:image:1")
+        assert select is not None
+        assert [(o["label"], o["value"]) for o in select["options"]] == [
+            ("#1 Vary (subtle)", "subtle:0"),
+            ("#1 Vary (strong)", "strong:0"),
+            ("#1 Use as source", "source:0"),
+            ("#2 Vary (subtle)", "subtle:1"),
+            ("#2 Vary (strong)", "strong:1"),
+            ("#2 Use as source", "source:1"),
+        ]
+
+        subtle = await server.push_select(result, "i2p:job:image:1", ["subtle:1"])
+        varied = await finished(server, subtle)
+        job = await bot.store.get_job(2)
+        assert job is not None and job.parent_job_id == 1
+        assert (job.request.prompt, job.request.count) == (record.job.request.prompt, 2)
+        assert job_guides(bot, 2) == ([{"name": "layout", "weight": 0.35}], second.sha256)
+        source = bot.store.source_path(second.sha256)
+        assert source is not None
+        with Image.open(source) as kept:
+            assert np.array_equal(np.asarray(kept.convert("RGB"), dtype=np.int16), image_file(bot, 1, 1))
+        assert embed_fields(varied)["Kept from the source"] == "layout 0.35 (composition and colours)"
+
+        strong = await server.push_select(result, "i2p:job:image:1", ["strong:0"])
+        await finished(server, strong)
+        assert job_guides(bot, 3) == ([{"name": "layout", "weight": 0.7}], first.sha256)
+
+        use = await server.push_select(result, "i2p:job:image:1", ["source:1"])
+        await use.wait_followup(timeout_s=60)
+        new_card = cast(StoredMessage, use.original)
+        card_id = int(button(new_card, "i2p:card:gen:").split(":")[3])
+        stored = await bot.store.get_interrogation(card_id)
+        assert stored is not None and stored.source_sha256 == second.sha256
+        assert new_card.embeds[0]["title"] == "Prompt · best" and new_card.component(button(new_card, KEEP))
+        await bot.queue.join()

@@ -116,6 +116,7 @@ POLICY = {
     ("job", "retry"): "owner",
     ("job", "edit"): "owner",
     ("job", "delete"): "owner",
+    ("job", "image"): "owner",
     ("card", "gen"): "owner",
     ("card", "edit"): "owner",
     ("card", "use"): "owner",
@@ -168,6 +169,7 @@ async def test_every_button_family_refuses_other_members(
             ("job", "reroll"): (done.original, "i2p:job:reroll:1", None),
             ("job", "edit"): (done.original, "i2p:job:edit:1", None),
             ("job", "delete"): (done.original, "i2p:job:delete:1", None),
+            ("job", "image"): (done.original, "i2p:job:image:1", ["subtle:0"]),
         }
         # A best card offers Apply negative and More prompts; the candidates card, its negative applied,
         # offers Remove negative, and once it keeps layout, Guide weights.
