@@ -44,6 +44,7 @@ from i2p2i_bot.batches import BatchResult, GeneratedImage
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority, resolve_device
+from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.request import plan as plan_request
@@ -68,6 +69,8 @@ class ZeroCostEngine:
     def __init__(self, settings: GenerateSettings) -> None:
         self.settings = settings
         self.models = {"generator": ZERO_COST, "clip": ZERO_COST, "caption": ZERO_COST}
+        # Its images keep nothing of a source: it offers no guide.
+        self.offered_guides: tuple[GuideName, ...] = ()
         self._tile = Image.new("RGB", (8, 8), (90, 120, 200))
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:

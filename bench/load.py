@@ -52,6 +52,7 @@ from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.config import GenerateSettings, InterrogateSettings, ModelSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import resolve_device
+from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogate import LABEL_FILES
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
@@ -287,6 +288,10 @@ class GpuCallLog:
     @property
     def models(self) -> dict[str, str]:
         return self._engine.models
+
+    @property
+    def offered_guides(self) -> tuple[GuideName, ...]:
+        return self._engine.offered_guides
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         return self._engine.plan(request, server)

@@ -83,7 +83,14 @@ class HistoryCog(commands.Cog, name="History"):
         delivery = self.bot.delivery.delivery_state(job)
         embed = info_embed(job, record.images, models, delivery=delivery)
         await interaction.response.send_message(
-            embed=embed, view=job_view(job, running=not job.status.finished), ephemeral=True
+            embed=embed,
+            view=job_view(
+                job,
+                running=not job.status.finished,
+                images=record.images,
+                vary="layout" in self.bot.engine.offered_guides,
+            ),
+            ephemeral=True,
         )
 
     @app_commands.command(name="queue", description="Your queued and running jobs, with Cancel buttons")

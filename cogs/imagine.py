@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import re
-import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -26,6 +26,7 @@ from PIL import Image
 from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
 from i2p2i_bot.config import GenerateSettings, InterrogateMode
 from i2p2i_bot.decode_queue import answer_deferred
+from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, Guide, GuideError, GuideName, check_guides, not_offered
 from i2p2i_bot.images import ImageError, check_declared
 from i2p2i_bot.job_controls import PromptModal, bot_of, start_job, whole_number
 from i2p2i_bot.jobs import JobRequest
@@ -43,6 +44,7 @@ from i2p2i_bot.request import (
     GenerationRequest,
     size_for_aspect,
 )
+from i2p2i_bot.source_images import SourceImages
 from i2p2i_bot.store import CardChoices, StoredInterrogation
 
 if TYPE_CHECKING:
@@ -229,7 +231,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
             stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode)
             # Saved once the interrogation that names it is stored: another member's /forget either saw
             # that row and keeps the file, or removed it before the row existed and this writes it again.
-            await asyncio.to_thread(save_source, bot.sources_dir, intake.sha256, intake.image)
+            await asyncio.to_thread(SourceImages(bot.sources_dir).save, intake.sha256, intake.image)
         except (ImageError, Refusal) as exc:
             await report_error(interaction, exc)
             return
@@ -248,6 +250,31 @@ class ImagineCog(commands.Cog, name="Imagine"):
         )
         await answer_deferred(interaction, message)
         placeholder_replaced(interaction)
+
+    async def describe_stored(
+        self, interaction: discord.Interaction, image: Image.Image, sha256: str
+    ) -> None:
+        """Describe an image the bot keeps (a result's "Use as source") and post its card, as for an upload:
+        in the default mode and count, counted against the member's describes in flight, answered after a
+        restart. Saved as a source by its hash once its interrogation names it, as an upload is."""
+        bot = self.bot
+        with bot.describes.hold(interaction.user.id):
+            deferred = await think_in_public(interaction)
+            async with bot.pending_describes.held(interaction, deferred):
+                stored = await describe_for(bot, interaction, image, sha256, bot.settings.interrogate.mode)
+                await asyncio.to_thread(SourceImages(bot.sources_dir).save, sha256, image)
+                thumbnail = await asyncio.to_thread(thumbnail_file, image)
+                count = bot.servers.default_count(interaction.guild_id)
+                message = await card_message(
+                    bot,
+                    stored,
+                    interaction.user.display_name,
+                    count,
+                    thumbnail,
+                    guild_id=interaction.guild_id,
+                )
+                await answer_deferred(interaction, message)
+                placeholder_replaced(interaction)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""
@@ -352,22 +379,6 @@ def message_images(message: discord.Message) -> list[ImageSource]:
     return found
 
 
-def save_source(directory: Path, sha256: str, image: Image.Image) -> Path:
-    """Keep the normalised source, so Re-describe works after a restart. Blocking."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{sha256}.png"
-    if not path.exists():
-        # Members who send the same picture at once each write their own temporary file; the copies are
-        # identical and the replace is atomic, so whichever lands last is as good as the first.
-        temp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            image.save(temp, format="PNG")
-            temp.replace(path)
-        finally:
-            temp.unlink(missing_ok=True)
-    return path
-
-
 async def card_message(
     bot: I2P2IBot,
     stored: StoredInterrogation,
@@ -392,7 +403,7 @@ async def card_message(
     )
     message: dict[str, Any] = {
         "embed": embed,
-        "view": card_view(stored, count, choices, blocked=bool(banned)),
+        "view": card_view(stored, count, choices, offered=bot.engine.offered_guides, blocked=bool(banned)),
     }
     if thumbnail is not None:
         message["file"] = thumbnail
@@ -400,12 +411,18 @@ async def card_message(
 
 
 def card_view(
-    stored: StoredInterrogation, count: int, choices: CardChoices, *, blocked: bool = False
+    stored: StoredInterrogation,
+    count: int,
+    choices: CardChoices,
+    *,
+    offered: Sequence[GuideName] = (),
+    blocked: bool = False,
 ) -> discord.ui.View:
     """Generate, Edit, Apply or Remove negative, More prompts and Settings; Use #k for each listed prompt;
-    Re-describe.
+    Re-describe; Keep from the image where the model offers guides, and Guide weights once one is kept.
 
-    Each group has its row (at most five, five and one items), so no row passes Discord's five buttons.
+    Each group has its row (at most five, five, one, one and one items), so no row passes Discord's five
+    buttons and the card stays within its five rows.
     """
     view = discord.ui.View(timeout=None)
     card = stored.id
@@ -440,6 +457,10 @@ def card_view(
         for k in range(1, len(listed) + 1):
             view.add_item(CardButton("use", card, count, k=k, label=f"Use #{k}", row=1))
     view.add_item(ModeSelect(card, count, current=result.mode))
+    if offered:
+        view.add_item(KeepSelect(card, count, offered=offered, keep=choices.keep))
+        if choices.keep:
+            view.add_item(CardButton("wts", card, count, label="Guide weights", emoji="⚖️", row=4))
     return view
 
 
@@ -501,10 +522,11 @@ async def _owned_card(bot: I2P2IBot, interaction: discord.Interaction, card_id: 
 class CardButton(
     discord.ui.DynamicItem[discord.ui.Button[Any]],
     template=(
-        r"i2p:card:(?P<action>gen|edit|use|neg|noneg|more|set):(?P<card>\d+):(?P<count>\d+)(?::(?P<k>\d+))?"
+        r"i2p:card:(?P<action>gen|edit|use|neg|noneg|more|set|wts)"
+        r":(?P<card>\d+):(?P<count>\d+)(?::(?P<k>\d+))?"
     ),
 ):
-    """Generate, Edit prompt, Use #k, Apply/Remove negative and More prompts.
+    """Generate, Edit prompt, Use #k, Apply/Remove negative, More prompts, Settings and Guide weights.
 
     The card and the member's choices on it are read back from SQLite on every press. Apply and Remove
     negative each set the state they name, so a double press or an old copy of the card changes nothing
@@ -548,6 +570,14 @@ class CardButton(
                 settings = bot.servers.generate(interaction.guild_id)
                 await interaction.response.send_modal(SamplingModal(stored, self.count, choices, settings))
                 return
+            if self.action == "wts":
+                choices = await bot.store.card_choices(stored.id)
+                if not choices.keep:
+                    raise Refusal(
+                        "This card keeps the prompt only; choose what to keep from the image first."
+                    )
+                await interaction.response.send_modal(WeightsModal(stored, self.count, choices.keep))
+                return
             if self.action == "more":
                 await bot.store.show_all_card_prompts(stored.id)
             elif self.action == "noneg":
@@ -570,6 +600,8 @@ class CardButton(
         negative = result.image_negative if choices.negative_prompt is None else choices.negative_prompt
         settings = bot.servers.generate(interaction.guild_id)
         request = sampled_request(prompt, negative, min(self.count, settings.max_count), choices, settings)
+        if choices.keep:
+            request = dataclasses.replace(request, keep=choices.keep, guide_source=stored.source_sha256)
         draft = JobRequest(
             owner_id=interaction.user.id,
             request=request,
@@ -597,14 +629,20 @@ class CardButton(
     async def _redraw(
         self, bot: I2P2IBot, interaction: discord.Interaction, stored: StoredInterrogation
     ) -> None:
-        """Show the card as its choices now stand, in place."""
-        message = await card_message(
-            bot, stored, owner_name(interaction, stored), self.count, None, guild_id=interaction.guild_id
-        )
-        if interaction.response.is_done():
-            await interaction.edit_original_response(**message)
-        else:
-            await interaction.response.edit_message(**message)
+        await redraw_card(bot, interaction, stored, self.count)
+
+
+async def redraw_card(
+    bot: I2P2IBot, interaction: discord.Interaction, stored: StoredInterrogation, count: int
+) -> None:
+    """Show the card as its choices now stand, in place."""
+    message = await card_message(
+        bot, stored, owner_name(interaction, stored), count, None, guild_id=interaction.guild_id
+    )
+    if interaction.response.is_done():
+        await interaction.edit_original_response(**message)
+    else:
+        await interaction.response.edit_message(**message)
 
 
 class ModeSelect(
@@ -655,6 +693,136 @@ class ModeSelect(
             await interaction.edit_original_response(**message)
         except Exception as exc:
             await report_error(interaction, exc)
+
+
+PROMPT_ONLY = "prompt"
+
+
+class KeepSelect(
+    discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:card:keep:(?P<card>\d+):(?P<count>\d+)"
+):
+    """Keep from the image: the guides the card's images keep of its image besides the prompt.
+
+    Only the guides the loaded model offers are listed; each chosen one keeps the weight it had, or starts
+    at its default (Guide weights changes them). Adding "Prompt only" to a choice of guides clears them.
+    """
+
+    def __init__(
+        self,
+        card: int,
+        count: int,
+        *,
+        offered: Sequence[GuideName] = GUIDE_NAMES,
+        keep: Sequence[Guide] = (),
+    ) -> None:
+        weights = {g.name: g.weight for g in keep}
+        options = [
+            discord.SelectOption(
+                label="Prompt only", value=PROMPT_ONLY, description="What the prompt says", default=not keep
+            )
+        ]
+        for name in offered:
+            kind = GUIDE_KINDS[name]
+            weight = weights.get(name, kind.default_weight)
+            options.append(
+                discord.SelectOption(
+                    label=name.capitalize(),
+                    value=name,
+                    description=f"Keeps {kind.keeps} · weight {weight:g}"[:100],
+                    default=name in weights,
+                )
+            )
+        super().__init__(
+            discord.ui.Select(
+                custom_id=f"i2p:card:keep:{card}:{count}",
+                placeholder="Keep from the image…",
+                min_values=1,
+                max_values=len(options),
+                options=options,
+                row=3,
+            )
+        )
+        self.card, self.count = card, count
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> KeepSelect:
+        return cls(int(match["card"]), int(match["count"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot = bot_of(interaction)
+        try:
+            stored = await _owned_card(bot, interaction, self.card)
+            before = (await bot.store.card_choices(stored.id)).keep
+            keep = chosen_guides(bot, self.item.values, before)
+            await bot.store.set_card_keep(stored.id, keep)
+            await redraw_card(bot, interaction, stored, self.count)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+
+def chosen_guides(bot: I2P2IBot, values: Sequence[str], before: Sequence[Guide]) -> tuple[Guide, ...]:
+    """The guides a Keep from the image choice means: each with the weight it had, or its default; none
+    when Prompt only was added to guides already chosen."""
+    if PROMPT_ONLY in values and before:
+        return ()
+    weights = {g.name: g.weight for g in before}
+    guides = []
+    for value in values:
+        if value == PROMPT_ONLY:
+            continue
+        name = next((n for n in GUIDE_NAMES if n == value), None)
+        if name is None:
+            raise Refusal("Choose from the guides listed.")
+        if name not in bot.engine.offered_guides:
+            raise Refusal(not_offered(name, bot.settings.guides.enabled))
+        guides.append(Guide(name, weights.get(name, GUIDE_KINDS[name].default_weight)))
+    return check_guides(guides)
+
+
+class WeightsModal(discord.ui.Modal):
+    """A card's Guide weights: one input for each guide it keeps (at most five guides exist)."""
+
+    def __init__(self, stored: StoredInterrogation, count: int, keep: Sequence[Guide]) -> None:
+        super().__init__(title="Guide weights", timeout=15 * 60)
+        self.stored, self.count = stored, count
+        self.inputs: list[tuple[GuideName, discord.ui.TextInput[WeightsModal]]] = []
+        for guide in keep:
+            kind = guide.kind
+            label = f"{guide.name.capitalize()} weight {kind.weight_range}, default {kind.default_weight:g}"
+            field: discord.ui.TextInput[WeightsModal] = discord.ui.TextInput(
+                label=label[:45],
+                default=f"{guide.weight:g}",
+                max_length=8,
+            )
+            self.inputs.append((guide.name, field))
+            self.add_item(field)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        bot = bot_of(interaction)
+        try:
+            keep = check_guides(self.parsed(), bot.engine.offered_guides)
+        except GuideError as exc:
+            raise Refusal(str(exc)) from None
+        await bot.store.set_card_keep(self.stored.id, keep)
+        await redraw_card(bot, interaction, self.stored, self.count)
+
+    def parsed(self) -> list[Guide]:
+        guides = []
+        for name, field in self.inputs:
+            text = field.value.strip()
+            try:
+                weight = float(text)
+            except ValueError:
+                raise Refusal(
+                    f"The {name} weight must be a number like 0.6; you typed “{text[:20]}”."
+                ) from None
+            guides.append(Guide(name, weight))
+        return guides
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]
+        await report_error(interaction, error)
 
 
 def sampled_request(
@@ -761,7 +929,7 @@ def _whole(text: str, name: str) -> int:
 
 
 async def saved_source(bot: I2P2IBot, sha256: str) -> Image.Image:
-    """The normalised upload kept for a card (save_source), or one sentence when it is gone."""
+    """The normalised image kept for a card (SourceImages.save), or one sentence when it is gone."""
     path = bot.store.source_path(sha256)
     if path is None or not path.exists():
         raise Refusal("I no longer have that image; run /imagine-from again.")
@@ -801,5 +969,5 @@ class ChooseImageView(PrivateView):
 
 
 async def setup(bot: I2P2IBot) -> None:
-    bot.add_dynamic_items(CardButton, ModeSelect)
+    bot.add_dynamic_items(CardButton, ModeSelect, KeepSelect)
     await bot.add_cog(ImagineCog(bot))

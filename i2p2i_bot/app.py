@@ -39,7 +39,7 @@ from i2p2i_bot.gpu import GpuWorker, Priority
 from i2p2i_bot.health import HEALTH_FILE, BotStatus, run_heartbeat
 from i2p2i_bot.image_engine import ImageEngine
 from i2p2i_bot.interrogation_cache import InterrogationCache
-from i2p2i_bot.job_controls import JobButton
+from i2p2i_bot.job_controls import ImageActions, JobButton
 from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.pending_describes import PendingDescribes
 from i2p2i_bot.queue import JobQueue
@@ -262,7 +262,7 @@ class I2P2IBot(commands.Bot):
             self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
         self.runner.start()
         # Job buttons work on every job message, whichever cog posted it, and after a restart.
-        self.add_dynamic_items(JobButton)
+        self.add_dynamic_items(JobButton, ImageActions)
         await self.delivery.start()
         self.spawn(self._watch_gpu(), name="i2p2i-gpu-watch")
         for name in self.extension_names:

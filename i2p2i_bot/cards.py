@@ -11,6 +11,7 @@ import discord
 from PIL import Image
 
 from i2p2i_bot.flagged import FlaggedPolicy
+from i2p2i_bot.guides import Guide
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Job, JobStatus, Position
 from i2p2i_bot.store import CardChoices, StoredImage, StoredInterrogation
@@ -124,6 +125,8 @@ def prompt_card(
                 )
     if choices.sampling:
         embed.add_field(name="Settings · yours", value=sampling_text(choices), inline=False)
+    if choices.keep:
+        embed.add_field(name="Keep from the image", value=guides_text(choices.keep), inline=False)
     if banned:
         embed.add_field(
             name="Cannot generate",
@@ -150,6 +153,13 @@ def sampling_text(choices: CardChoices) -> str:
     if choices.scheduler is not None:
         parts.append(choices.scheduler)
     return " · ".join(parts) + " (the rest: the server's defaults)"
+
+
+def guides_text(keep: Sequence[Guide]) -> str:
+    """What images keep of their source besides the prompt, each guide with its weight, in one line."""
+    if not keep:
+        return "the prompt only"
+    return " · ".join(f"{g.name} {g.weight:g} ({g.kind.keeps})" for g in keep)
 
 
 def status_text(
@@ -290,6 +300,8 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
         embed.add_field(
             name="Negative", value=shorten(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
         )
+    if job.request.keep:
+        embed.add_field(name="Kept from the source", value=guides_text(job.request.keep), inline=False)
     ranked = sorted(images, key=lambda m: -(m.fidelity if m.fidelity is not None else -2.0))
     lines = []
     for meta in ranked:
@@ -347,6 +359,13 @@ def info_embed(
     if job.request.negative_prompt:
         embed.add_field(
             name="Negative", value=code(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
+        )
+    if job.request.keep:
+        source = job.request.guide_source or "?"
+        embed.add_field(
+            name="Kept from the source",
+            value=f"{guides_text(job.request.keep)}\nsource image `{source[:12]}`",
+            inline=False,
         )
     embed.add_field(name="Size", value=f"{p.width}×{p.height}")
     embed.add_field(name="Steps", value=str(p.steps))

@@ -359,7 +359,8 @@ class ResultDelivery:
             if flagged is not FlaggedPolicy.WITHHOLD and any(m.nsfw for m in record.images):
                 withheld = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
                 private = (result_embed(job, record.images, withheld), withheld)
-            view = job_view(job, running=False)
+            vary = "layout" in self.bot.engine.offered_guides
+            view = job_view(job, running=False, images=record.images, vary=vary)
             try:
                 delivered, failures = await self._send_result(job, embed, files, view, private=private)
             except Exception:

@@ -15,6 +15,7 @@ from i2p2i_bot.config import Settings
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
 from i2p2i_bot.guided import load_guide_models
+from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogate import Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.models import ModelSources, check_downloaded, quick_gelu_name, resolve_models
@@ -89,6 +90,10 @@ class Engine:
     def models(self) -> dict[str, str]:
         """Model names as they should be recorded next to results."""
         return {"generator": self.generator.model, **self.interrogator.models}
+
+    @property
+    def offered_guides(self) -> tuple[GuideName, ...]:
+        return self.generator.offered_guides
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         return self.generator.plan(request, server)

@@ -33,6 +33,8 @@ class GuideKind:
     max_weight: float
     # Whether min_weight itself is allowed: a layout of strength 0 would change nothing at all.
     min_inclusive: bool
+    # The weights the guide needs beyond the generator's, as a member reads it; None: nothing more.
+    needs: str | None = None
 
     def accepts(self, weight: float) -> bool:
         low_ok = weight >= self.min_weight if self.min_inclusive else weight > self.min_weight
@@ -46,7 +48,9 @@ class GuideKind:
 
 GUIDE_KINDS: dict[GuideName, GuideKind] = {
     "layout": GuideKind("layout", "composition and colours", 0.6, 0.0, 1.0, min_inclusive=False),
-    "edges": GuideKind("edges", "outlines and pose", 0.8, 0.0, 2.0, min_inclusive=True),
+    "edges": GuideKind(
+        "edges", "outlines and pose", 0.8, 0.0, 2.0, min_inclusive=True, needs="the ControlNet weights"
+    ),
 }
 
 
@@ -106,6 +110,14 @@ def check_guides(guides: Iterable[Guide], offered: Collection[str] | None = None
             raise GuideError(f"This bot does not offer the {guide.name} guide (available: {available}).")
         seen[guide.name] = Guide(kind.name, weight)
     return tuple(seen[name] for name in GUIDE_NAMES if name in seen)
+
+
+def not_offered(name: GuideName, enabled: Collection[str]) -> str:
+    """Why a guide this version knows is not on offer, in one sentence for a member."""
+    kind = GUIDE_KINDS[name]
+    if name in enabled and kind.needs is not None:
+        return f"{name.capitalize()} needs {kind.needs}, which this bot has not downloaded."
+    return f"This bot does not offer {name} (keeping {kind.keeps}): its operator has not enabled it."
 
 
 def format_guides(guides: Iterable[Guide]) -> str:

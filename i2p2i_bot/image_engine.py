@@ -11,6 +11,7 @@ from typing import Protocol
 from PIL import Image
 
 from i2p2i_bot.batches import BatchMaker
+from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.request import GenerationRequest
 from i2p2i_bot.server_settings import ServerSettings
@@ -22,6 +23,11 @@ class ImageEngine(BatchMaker, Protocol):
     @property
     def models(self) -> dict[str, str]:
         """Model names as they are recorded next to results (role -> name)."""
+        ...
+
+    @property
+    def offered_guides(self) -> tuple[GuideName, ...]:
+        """The guides a request may keep: those enabled whose weights are loaded (plan refuses others)."""
         ...
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:

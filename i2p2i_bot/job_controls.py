@@ -1,22 +1,28 @@
 """A job's controls in Discord: starting one, the edit modal, and the buttons on a job's message.
 
 The bot registers the buttons; the cogs start jobs through start_job. Who may press what: every button
-on a job belongs to the member who queued it (Reroll, Edit & regenerate, Delete, Cancel); admins may
-also Delete and Cancel. Info is read-only and open to whoever may see the job (check_may_see), as /job is.
+on a job belongs to the member who queued it (Reroll, Edit & regenerate, Delete, Cancel, and the result
+images' Vary and Use as source); admins may also Delete and Cancel. Info is read-only and open to
+whoever may see the job (check_may_see), as /job is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import re
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import discord
+from PIL import Image
 
 from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import FlaggedPolicy
+from i2p2i_bot.guides import Guide, not_offered
 from i2p2i_bot.jobs import Delivery, Job, JobRefused, JobRequest, JobStatus
 from i2p2i_bot.replies import (
     ANSWER_ERRORS,
@@ -26,6 +32,8 @@ from i2p2i_bot.replies import (
     think_in_public,
 )
 from i2p2i_bot.request import GenerationError, GenerationRequest
+from i2p2i_bot.source_images import SourceImages
+from i2p2i_bot.store import StoredImage
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -51,13 +59,15 @@ def bot_of(interaction: discord.Interaction) -> I2P2IBot:
 
 
 def planned_for(bot: I2P2IBot, guild_id: int | None, draft: JobRequest) -> GenerationRequest:
-    """A draft's request planned with its server's settings, after its server's banned terms."""
+    """A draft's request planned with its server's settings, after its server's banned terms and the guides
+    on offer."""
     banned = bot.servers.banned(guild_id)
     found = banned.find(draft.request.prompt) + banned.find(draft.request.negative_prompt or "")
     if found:
         raise Refusal(
             f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
         )
+    check_keep(bot, draft.request)
     return bot.engine.plan(draft.request, bot.servers.get(guild_id))
 
 
@@ -77,6 +87,7 @@ async def start_job_from_reply(bot: I2P2IBot, message: discord.Message, draft: J
         channel_id=message.channel.id,
         request_key=f"message:{message.id}",
         delivery=Delivery(message.channel.id, None, None, None),
+        flagged_policy=flagged_policy_in(bot, guild_id, message.channel),
     )
     await bot.queue.check(submitted)
     job = await bot.queue.submit(submitted)
@@ -145,6 +156,23 @@ def flagged_policy_in(bot: I2P2IBot, guild_id: int | None, channel: object) -> F
     return bot.servers.flagged_policy(guild_id, age_restricted=age_restricted)
 
 
+def check_keep(bot: I2P2IBot, request: GenerationRequest) -> None:
+    """Refuse, in one sentence, guides this bot does not offer now (say why), or a source image that is no
+    longer stored (forgotten since the card or the job it repeats was made)."""
+    if not request.keep:
+        return
+    offered = bot.engine.offered_guides
+    for guide in request.keep:
+        if guide.name not in offered:
+            raise Refusal(not_offered(guide.name, bot.settings.guides.enabled))
+    path = bot.store.source_path(request.guide_source) if request.guide_source else None
+    if path is not None and not path.exists():
+        raise Refusal(
+            "The image these guides keep elements of is no longer stored; describe it again, "
+            "or keep the prompt only."
+        )
+
+
 async def _post_status(interaction: discord.Interaction, job: Job, text: str) -> discord.Message | None:
     """Post a queued job's status message; None when Discord could not be reached to post it.
 
@@ -170,9 +198,13 @@ async def _post_status(interaction: discord.Interaction, job: Job, text: str) ->
 # -- buttons ----------------------------------------------------------------------------------------------
 
 
-def job_view(job: Job, *, running: bool) -> discord.ui.View:
+def job_view(
+    job: Job, *, running: bool, images: Sequence[StoredImage] = (), vary: bool = False
+) -> discord.ui.View:
     """Cancel while the job is queued or running; Reroll, Edit, Info and Delete once it is done; Retry
-    instead of Reroll when it failed or was cancelled."""
+    instead of Reroll when it failed or was cancelled. Below them, once done, a select of what to do
+    with each of its `images` the safety checker passed: Vary (where `vary`, the layout guide being on
+    offer) and Use as source."""
     view = discord.ui.View(timeout=None)
     if running:
         actions: tuple[str, ...] = ("cancel", "info")
@@ -182,6 +214,9 @@ def job_view(job: Job, *, running: bool) -> discord.ui.View:
         actions = ("reroll", "edit", "info", "delete")
     for action in actions:
         view.add_item(JobButton(action, job.id))
+    shown = [m.index for m in sorted(images, key=lambda m: m.index) if not m.nsfw]
+    if not running and shown:
+        view.add_item(ImageActions(job.id, shown, vary=vary))
     return view
 
 
@@ -318,6 +353,99 @@ class JobButton(
             "in /history or /job.",
             ephemeral=True,
         )
+
+
+# Vary makes new images that keep a result's layout at these weights (how much may change).
+VARY_WEIGHTS = {"subtle": 0.35, "strong": 0.7}
+IMAGE_ACTION_LABELS = {"subtle": "Vary (subtle)", "strong": "Vary (strong)", "source": "Use as source"}
+# Discord's limit on a select's options.
+MAX_SELECT_OPTIONS = 25
+
+
+class SourceDescriber(Protocol):
+    """What describes an image the bot keeps and posts its prompt card: the imagine cog."""
+
+    async def describe_stored(
+        self, interaction: discord.Interaction, image: Image.Image, sha256: str
+    ) -> None: ...
+
+
+class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:job:image:(?P<job>\d+)"):
+    """ "Image #k → action" on a result: Vary (subtle / strong) makes new images of the job's prompt that
+    keep that image's layout; Use as source makes it the image of a new prompt card. The owner's alone.
+
+    Either way the image becomes a source by its hash, as an upload is, so its guides and its card work
+    after a restart. One select for every image keeps the message within Discord's five rows.
+    """
+
+    def __init__(self, job_id: int, indexes: Sequence[int] = (), *, vary: bool = False) -> None:
+        actions = ("subtle", "strong", "source") if vary else ("source",)
+        options = [
+            discord.SelectOption(
+                label=f"#{index + 1} {IMAGE_ACTION_LABELS[action]}", value=f"{action}:{index}"
+            )
+            for index in indexes
+            for action in actions
+        ][:MAX_SELECT_OPTIONS]
+        super().__init__(
+            discord.ui.Select(
+                custom_id=f"i2p:job:image:{job_id}",
+                placeholder="Image #k → Vary or Use as source…" if vary else "Image #k → Use as source…",
+                options=options or [discord.SelectOption(label="#1", value="source:0")],
+                row=1,
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> ImageActions:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot = bot_of(interaction)
+        try:
+            action, _, index_text = self.item.values[0].partition(":")
+            index = whole_number(index_text)
+            if action not in IMAGE_ACTION_LABELS or index is None:
+                raise Refusal("Choose one of the actions listed.")
+            job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)
+            image, sha256 = await _result_source(bot, job, index)
+            if action == "source":
+                describer = bot.get_cog("Imagine")
+                if describer is None:
+                    raise Refusal("Describing images is switched off on this bot right now.")
+                await cast(SourceDescriber, describer).describe_stored(interaction, image, sha256)
+                return
+            await asyncio.to_thread(SourceImages(bot.sources_dir).save, sha256, image)
+            keep = (Guide("layout", VARY_WEIGHTS[action]),)
+            draft = job.reroll(interaction.user.id, origin="vary", keep=keep, guide_source=sha256)
+            await start_job(bot, interaction, draft)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+
+async def _result_source(bot: I2P2IBot, job: Job, index: int) -> tuple[Image.Image, str]:
+    """Result image `index` of a job and its hash, or one sentence why it cannot be used."""
+    if job.hidden_at is not None:
+        raise Refusal(f"Job #{job.id} was deleted.")
+    record = await bot.store.job_record(job.id)
+    meta = next((m for m in record.images if m.index == index), None) if record is not None else None
+    if meta is None:
+        raise Refusal(f"Job #{job.id} has no image #{index + 1}.")
+    if meta.nsfw:
+        raise Refusal(f"Image #{index + 1} of job #{job.id} was withheld by the safety checker.")
+    try:
+        image = await asyncio.to_thread(_open_rgb, bot.store.image_path(job.id, index))
+    except OSError:
+        raise Refusal(f"Image #{index + 1} of job #{job.id} is no longer stored.") from None
+    return image, meta.sha256
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:

@@ -151,6 +151,9 @@ class CardChoices:
     guidance: float | None = None
     aspect: str | None = None
     scheduler: str | None = None
+    # What the card's images keep of its image besides the prompt, each guide with its weight; (): the
+    # prompt only.
+    keep: tuple[Guide, ...] = ()
 
     @property
     def sampling(self) -> bool:
@@ -672,7 +675,7 @@ class Store:
     async def card_choices(self, card_id: int) -> CardChoices:
         """What the member chose on a card (an interrogation request); the defaults where nothing yet."""
         query = """
-            SELECT negative_prompt, all_prompts, prompt, steps, guidance, aspect, scheduler
+            SELECT negative_prompt, all_prompts, prompt, steps, guidance, aspect, scheduler, keep
             FROM cards WHERE interrogation_id = ?
         """
         rows = await self._fetchall(query, (card_id,))
@@ -687,6 +690,7 @@ class Store:
             guidance=row["guidance"],
             aspect=row["aspect"],
             scheduler=row["scheduler"],
+            keep=_keep_field(row["keep"]),
         )
 
     async def set_card_sampling(
@@ -712,6 +716,15 @@ class Store:
         """
         params = (card_id, steps, guidance, aspect, scheduler, time.time() if now is None else now)
         await self._execute(query, params)
+
+    async def set_card_keep(self, card_id: int, keep: Sequence[Guide], now: float | None = None) -> None:
+        """What a card's images keep of its image besides the prompt, each guide with its weight."""
+        query = """
+            INSERT INTO cards (interrogation_id, keep, updated_at) VALUES (?, ?, ?)
+            ON CONFLICT (interrogation_id)
+            DO UPDATE SET keep = excluded.keep, updated_at = excluded.updated_at
+        """
+        await self._execute(query, (card_id, _keep_column(tuple(keep)), time.time() if now is None else now))
 
     async def set_card_negative(
         self, card_id: int, negative_prompt: str | None, now: float | None = None

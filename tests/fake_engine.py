@@ -9,6 +9,7 @@ from PIL import Image
 
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
@@ -25,6 +26,8 @@ class FakeEngine:
     """
 
     settings = GenerateSettings(steps=2, width=64, height=64, min_side=64, max_side=128)
+    # Its images keep nothing of a source: it offers no guide.
+    offered_guides: tuple[GuideName, ...] = ()
 
     @property
     def models(self) -> dict[str, str]:
@@ -32,7 +35,7 @@ class FakeEngine:
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         settings = self.settings if server is None else server.generate(self.settings)
-        return plan(request, settings, self.models["generator"])
+        return plan(request, settings, self.models["generator"], self.offered_guides)
 
     def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
         prompt = f"a {image.width}x{image.height} picture"

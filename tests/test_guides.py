@@ -15,6 +15,7 @@ from i2p2i_bot.guides import (
     format_guides,
     guides_from_json,
     guides_json,
+    not_offered,
     parse_guides,
 )
 from i2p2i_bot.request import GenerationError, GenerationRequest, plan
@@ -103,3 +104,16 @@ def test_the_batch_key_holds_the_guides_and_each_image_its_own_source(base_setti
     assert plan(GenerationRequest("a fox"), settings, "m").params != a.params
     assert [s.guide_source for s in a.specs()] == [SOURCE, SOURCE]
     assert [s.guide_source for s in b.specs()] == [OTHER, OTHER]
+
+
+def test_a_guide_not_on_offer_says_why() -> None:
+    """Not enabled, or enabled without its weights on the machine: one sentence each, naming the cause."""
+    assert not_offered("edges", ["layout", "edges"]) == (
+        "Edges needs the ControlNet weights, which this bot has not downloaded."
+    )
+    assert not_offered("edges", ["layout"]) == (
+        "This bot does not offer edges (keeping outlines and pose): its operator has not enabled it."
+    )
+    assert not_offered("layout", []) == (
+        "This bot does not offer layout (keeping composition and colours): its operator has not enabled it."
+    )

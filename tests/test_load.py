@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cogs.imagine import save_source
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
+from i2p2i_bot.source_images import SourceImages
 from tests.bot_harness import INTERACTIONS_PER_MEMBER, quick_engine, run_crowd
 
 MEMBERS = 100
@@ -100,7 +100,7 @@ def test_one_image_saved_by_two_members_at_once(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(Image.Image, "save", save_then_wait)
     picture = Image.new("RGB", (16, 16), (200, 40, 40))
     with ThreadPoolExecutor(2) as pool:
-        paths = list(pool.map(lambda _: save_source(tmp_path, "ab" * 32, picture), range(2)))
+        paths = list(pool.map(lambda _: SourceImages(tmp_path).save("ab" * 32, picture), range(2)))
     assert paths[0] == paths[1] == tmp_path / f"{'ab' * 32}.png"
     with Image.open(paths[0]) as stored:
         assert stored.size == (16, 16) and stored.convert("RGB").getpixel((3, 3)) == (200, 40, 40)

@@ -116,6 +116,7 @@ POLICY = {
     ("job", "retry"): "owner",
     ("job", "edit"): "owner",
     ("job", "delete"): "owner",
+    ("job", "image"): "owner",
     ("card", "gen"): "owner",
     ("card", "edit"): "owner",
     ("card", "use"): "owner",
@@ -124,6 +125,8 @@ POLICY = {
     ("card", "more"): "owner",
     ("card", "set"): "owner",
     ("card", "mode"): "owner",
+    ("card", "keep"): "owner",
+    ("card", "wts"): "owner",
 }
 
 
@@ -166,16 +169,20 @@ async def test_every_button_family_refuses_other_members(
             ("job", "reroll"): (done.original, "i2p:job:reroll:1", None),
             ("job", "edit"): (done.original, "i2p:job:edit:1", None),
             ("job", "delete"): (done.original, "i2p:job:delete:1", None),
+            ("job", "image"): (done.original, "i2p:job:image:1", ["subtle:0"]),
         }
         # A best card offers Apply negative and More prompts; the candidates card, its negative applied,
-        # offers Remove negative.
+        # offers Remove negative, and once it keeps layout, Guide weights.
         _, best = await describe(server, astronaut, mode="best")
         applied = await server.push_button(card, next(c for c in card.custom_ids() if ":neg:" in c))
         await applied.wait_response()
+        keep = await server.push_select(card, next(c for c in card.custom_ids() if ":keep:" in c), ["layout"])
+        await keep.wait_response()
+        card = server.message(card.id)
         for message in (card, best):
             for custom_id in message.custom_ids():
                 action = custom_id.split(":")[2]
-                values = ["fast"] if action == "mode" else None
+                values = {"mode": ["fast"], "keep": ["edges", "layout"]}.get(action)
                 targets.setdefault(("card", action), (message, custom_id, values))
 
         # Every registered family and action has a policy, and this test presses each of them.

@@ -69,7 +69,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 12
+        assert await store.schema_version() == len(packaged_migrations()) == 13
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -380,8 +380,8 @@ async def test_a_result_a_card_looks_up_is_stored_once_without_a_request(store: 
 
 
 async def test_card_choices_are_kept_per_card_across_a_restart(tmp_path: Path) -> None:
-    """A card's applied negative and More prompts survive reopening the file; other cards keep the defaults;
-    the choices go with the card on /forget."""
+    """A card's applied negative, More prompts and guides survive reopening the file; other cards keep the
+    defaults; the choices go with the card on /forget."""
     store = await open_store(tmp_path)
     try:
         card = await store.add_interrogation(make_interrogation(), source_sha256="s", user_id=1)
@@ -389,15 +389,19 @@ async def test_card_choices_are_kept_per_card_across_a_restart(tmp_path: Path) -
         assert await store.card_choices(card.id) == CardChoices()
         await store.set_card_negative(card.id, "blurry, watermark")
         await store.show_all_card_prompts(card.id)
+        await store.set_card_keep(card.id, (Guide("layout", 0.45), Guide("edges", 1.2)))
     finally:
         await store.close()
     store = await open_store(tmp_path)
+    keep = (Guide("layout", 0.45), Guide("edges", 1.2))
     try:
         assert await store.card_choices(card.id) == CardChoices(
-            negative_prompt="blurry, watermark", all_prompts=True
+            negative_prompt="blurry, watermark", all_prompts=True, keep=keep
         )
         assert await store.card_choices(other.id) == CardChoices()
         await store.set_card_negative(card.id, None)
+        assert await store.card_choices(card.id) == CardChoices(all_prompts=True, keep=keep)
+        await store.set_card_keep(card.id, ())
         assert await store.card_choices(card.id) == CardChoices(all_prompts=True)
         await store.forget_user(1)
         assert await store._fetchall("SELECT * FROM cards") == []

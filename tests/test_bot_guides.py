@@ -1,0 +1,260 @@
+"""Guides through the loopback Discord: Keep from the image and Guide weights on a prompt card, kept by
+Reroll and shown in Info; and the sentences for a guide not on offer and a source no longer stored."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from i2p2i_bot.config import GuideSettings, Settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.guided import GuidedPipelines, GuideModels, load_guide_models
+from i2p2i_bot.models import resolve_models
+from i2p2i_bot.source_images import SourceImages
+from tests.bot_harness import bot_settings, running_i2p2i
+from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.test_bot import button, describe, embed_fields, ephemeral_answer
+
+BOTH = GuideSettings(enabled=["layout", "edges"])
+KEEP = "i2p:card:keep:"
+WEIGHTS = "i2p:card:wts:"
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    async with running_fake_discord() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(base_settings: Settings, tmp_path: Path, discord_server: FakeDiscord) -> Settings:
+    """A bot that enables both guides and keeps its data (its sources too) in this test's folder."""
+    return dataclasses.replace(bot_settings(base_settings, tmp_path / "data", discord_server), guides=BOTH)
+
+
+@pytest.fixture(scope="module")
+def both_guides(base_settings: Settings, engine: Engine) -> GuideModels:
+    """The smoke ControlNet and image-to-image, loaded as Engine.load loads them."""
+    settings = dataclasses.replace(base_settings, guides=BOTH)
+    return load_guide_models(BOTH, resolve_models(settings), engine.generator.device, torch.float32)
+
+
+@pytest.fixture
+def guided_engine(engine: Engine, settings: Settings) -> Callable[[GuideModels], Engine]:
+    """The loaded models with these guides, reading sources from this bot's folder as Engine.load wires
+    them (it gives the generator the same sources folder the bot saves uploads in)."""
+
+    def make(guides: GuideModels) -> Engine:
+        generator = copy.copy(engine.generator)
+        generator.source_images = SourceImages(settings.sources_path)
+        generator.guided = GuidedPipelines(generator.pipe, guides, generator.source_images)
+        return dataclasses.replace(engine, generator=generator)
+
+    return make
+
+
+def job_guides(bot: Any, job_id: int) -> tuple[Any, ...]:
+    """A job's keep and guide_source columns, as stored."""
+    db = sqlite3.connect(bot.settings.data_path / "i2p2i.sqlite3")
+    try:
+        row = db.execute("SELECT keep, guide_source FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    finally:
+        db.close()
+    return (json.loads(row[0]), row[1]) if row else ()
+
+
+def image_file(bot: Any, job_id: int, index: int = 0) -> np.ndarray:
+    with Image.open(bot.store.image_path(job_id, index)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+async def finished(server: FakeDiscord, handle: Any) -> StoredMessage:
+    """The job message of a press or submit, once its images are posted."""
+    await handle.wait_followup(timeout_s=30)
+    await server.wait_until(lambda: cast(StoredMessage, handle.original).attachments or None, timeout_s=60)
+    return cast(StoredMessage, handle.original)
+
+
+async def with_seed(server: FakeDiscord, card: StoredMessage, seed: int) -> StoredMessage:
+    """Edit prompt on the card, submitted as prefilled but for the seed; the finished job's message."""
+    edit = await server.push_button(card, button(card, "i2p:card:edit:"))
+    await edit.wait_response()
+    submit = await server.push_modal_submit(edit, {"Seed (blank for random)": str(seed)})
+    return await finished(server, submit)
+
+
+async def test_a_card_keeps_edges_and_layout_for_generate_reroll_and_info(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    both_guides: GuideModels,
+    astronaut: Image.Image,
+) -> None:
+    """Keep from the image lists the offered guides; edges and layout with a weight from Guide weights go
+    into Generate's job (with the card's image as source), change the image of a seed, stay with Reroll,
+    and show in the result and in Info."""
+    server = discord_server
+    async with running_i2p2i(settings, server, guided_engine(both_guides)) as bot:
+        _, card = await describe(server, astronaut)
+        stored = await bot.store.get_interrogation(1)
+        assert stored is not None
+        select = card.component(button(card, KEEP))
+        assert select is not None
+        assert [(o["value"], o.get("default", False)) for o in select["options"]] == [
+            ("prompt", True),
+            ("layout", False),
+            ("edges", False),
+        ]
+        assert select["max_values"] == 3
+        assert not any(c.startswith(WEIGHTS) for c in card.custom_ids())
+        plain = await with_seed(server, card, 7)
+        assert job_guides(bot, 1) == ([], None)
+        assert "Kept from the source" not in embed_fields(plain)
+
+        choose = await server.push_select(card, button(card, KEEP), ["prompt", "layout", "edges"])
+        assert (await choose.wait_response()).json["type"] == 7
+        card = server.message(card.id)
+        assert embed_fields(card)["Keep from the image"] == (
+            "layout 0.6 (composition and colours) · edges 0.8 (outlines and pose)"
+        )
+        weights = await server.push_button(card, button(card, WEIGHTS))
+        await weights.wait_response()
+        assert weights.modal is not None
+        inputs = {
+            c["components"][0]["label"]: c["components"][0]["value"] for c in weights.modal["components"]
+        }
+        assert inputs == {
+            "Layout weight (0, 1], default 0.6": "0.6",
+            "Edges weight [0, 2], default 0.8": "0.8",
+        }
+        bad = await server.push_modal_submit(weights, {"Edges weight [0, 2], default 0.8": "3"})
+        assert await ephemeral_answer(bad) == "The weight of edges must be in [0, 2] (got 3)."
+        update = await server.push_modal_submit(weights, {"Edges weight [0, 2], default 0.8": "1.2"})
+        assert (await update.wait_response()).json["type"] == 7
+        keep = [{"name": "layout", "weight": 0.6}, {"name": "edges", "weight": 1.2}]
+
+        card = server.message(card.id)
+        await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        assert job_guides(bot, 2) == (keep, stored.source_sha256)
+        kept = await with_seed(server, card, 7)
+        assert job_guides(bot, 3) == (keep, stored.source_sha256)
+        # The same seed and prompt: the guides alone moved the pixels.
+        assert float(np.abs(image_file(bot, 3) - image_file(bot, 1)).mean()) > 1.0
+        shown = "layout 0.6 (composition and colours) · edges 1.2 (outlines and pose)"
+        assert embed_fields(kept)["Kept from the source"] == shown
+
+        reroll = await server.push_button(kept, "i2p:job:reroll:3")
+        await finished(server, reroll)
+        assert job_guides(bot, 4) == (keep, stored.source_sha256)
+        info = await server.push_button(kept, "i2p:job:info:3")
+        fields = {
+            f["name"]: f["value"] for f in (await info.wait_response()).json["data"]["embeds"][0]["fields"]
+        }
+        assert fields["Kept from the source"] == f"{shown}\nsource image `{stored.source_sha256[:12]}`"
+        await bot.queue.join()
+
+
+async def test_a_guide_not_on_offer_and_a_lost_source_are_one_sentence(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    astronaut: Image.Image,
+) -> None:
+    """Edges enabled but its ControlNet not on the machine: the card lists layout alone, and an old card's
+    edges choice is one sentence saying why; a guided job whose source file is gone is one sentence and
+    queues nothing."""
+    server = discord_server
+    async with running_i2p2i(settings, server, guided_engine(GuideModels(layout=True))) as bot:
+        _, card = await describe(server, astronaut)
+        select = card.component(button(card, KEEP))
+        assert select is not None and [o["value"] for o in select["options"]] == ["prompt", "layout"]
+        # A select Discord still shows from before the ControlNet went missing.
+        edges = await server.push_select(card, button(card, KEEP), ["edges"])
+        assert await ephemeral_answer(edges) == (
+            "Edges needs the ControlNet weights, which this bot has not downloaded."
+        )
+        assert (await bot.store.card_choices(1)).keep == ()
+
+        layout = await server.push_select(card, button(card, KEEP), ["prompt", "layout"])
+        await layout.wait_response()
+        card = server.message(card.id)
+        done = await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        stored = await bot.store.get_interrogation(1)
+        assert stored is not None
+        assert job_guides(bot, 1) == ([{"name": "layout", "weight": 0.6}], stored.source_sha256)
+        # The source file is lost (an operator cleaned the folder, a backup restored without it).
+        source = bot.store.source_path(stored.source_sha256)
+        assert source is not None and source.exists()
+        source.unlink()
+        gone = (
+            "The image these guides keep elements of is no longer stored; describe it again, "
+            "or keep the prompt only."
+        )
+        assert await ephemeral_answer(await server.push_button(done, "i2p:job:reroll:1")) == gone
+        assert await ephemeral_answer(await server.push_button(card, button(card, "i2p:card:gen:"))) == gone
+        assert await bot.store.get_job(2) is None
+
+
+async def test_vary_and_use_as_source_start_from_the_chosen_result(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    both_guides: GuideModels,
+    astronaut: Image.Image,
+) -> None:
+    """A result's "image #k → action" select: Vary (subtle) on image #2 queues the same prompt keeping
+    that image's layout at 0.35 (the image saved as a source by its hash), Vary (strong) on #1 at 0.7, and
+    Use as source posts a new prompt card of that image."""
+    server = discord_server
+    async with running_i2p2i(settings, server, guided_engine(both_guides)) as bot:
+        _, card = await describe(server, astronaut, count=2)
+        result = await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        record = await bot.store.job_record(1)
+        assert record is not None and len(record.images) == 2
+        first, second = sorted(record.images, key=lambda m: m.index)
+        assert first.sha256 != second.sha256
+        select = result.component("i2p:job:image:1")
+        assert select is not None
+        assert [(o["label"], o["value"]) for o in select["options"]] == [
+            ("#1 Vary (subtle)", "subtle:0"),
+            ("#1 Vary (strong)", "strong:0"),
+            ("#1 Use as source", "source:0"),
+            ("#2 Vary (subtle)", "subtle:1"),
+            ("#2 Vary (strong)", "strong:1"),
+            ("#2 Use as source", "source:1"),
+        ]
+
+        subtle = await server.push_select(result, "i2p:job:image:1", ["subtle:1"])
+        varied = await finished(server, subtle)
+        job = await bot.store.get_job(2)
+        assert job is not None and job.parent_job_id == 1
+        assert (job.request.prompt, job.request.count) == (record.job.request.prompt, 2)
+        assert job_guides(bot, 2) == ([{"name": "layout", "weight": 0.35}], second.sha256)
+        source = bot.store.source_path(second.sha256)
+        assert source is not None
+        with Image.open(source) as kept:
+            assert np.array_equal(np.asarray(kept.convert("RGB"), dtype=np.int16), image_file(bot, 1, 1))
+        assert embed_fields(varied)["Kept from the source"] == "layout 0.35 (composition and colours)"
+
+        strong = await server.push_select(result, "i2p:job:image:1", ["strong:0"])
+        await finished(server, strong)
+        assert job_guides(bot, 3) == ([{"name": "layout", "weight": 0.7}], first.sha256)
+
+        use = await server.push_select(result, "i2p:job:image:1", ["source:1"])
+        await use.wait_followup(timeout_s=60)
+        new_card = cast(StoredMessage, use.original)
+        card_id = int(button(new_card, "i2p:card:gen:").split(":")[3])
+        stored = await bot.store.get_interrogation(card_id)
+        assert stored is not None and stored.source_sha256 == second.sha256
+        assert new_card.embeds[0]["title"] == "Prompt · best" and new_card.component(button(new_card, KEEP))
+        await bot.queue.join()
