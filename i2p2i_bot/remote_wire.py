@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from i2p2i_bot.guides import GuideError, check_guides, guides_from_json, guides_json
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
 # The BullMQ queue the bot adds batches to and the workers take them from.
@@ -39,7 +40,7 @@ def job_id(run: str, batch_id: int, attempt: int) -> str:
 
 def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[str, Any]:
     return {
-        "params": dataclasses.asdict(params),
+        "params": {**dataclasses.asdict(params), "keep": guides_json(params.keep)},
         "specs": [
             {
                 "prompt": s.prompt,
@@ -47,6 +48,7 @@ def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[
                 "seed": s.seed,
                 "source_embedding": None if s.source_embedding is None else list(s.source_embedding),
                 "keep_flagged": s.keep_flagged,
+                "guide_source": s.guide_source,
             }
             for s in specs
         ],
@@ -64,6 +66,7 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
             width=int(raw["width"]),
             height=int(raw["height"]),
             scheduler=str(raw["scheduler"]),
+            keep=check_guides(guides_from_json(raw.get("keep") or [])),
         )
         specs = tuple(
             ImageSpec(
@@ -71,11 +74,12 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
                 str(s["negative_prompt"]),
                 int(s["seed"]),
                 None if s["source_embedding"] is None else tuple(float(x) for x in s["source_embedding"]),
+                guide_source=None if s.get("guide_source") is None else str(s["guide_source"]),
                 keep_flagged=s.get("keep_flagged") is True,
             )
             for s in payload["specs"]
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, GuideError) as exc:
         raise WireError(f"not a batch ({type(exc).__name__}: {exc})") from None
     if not specs:
         raise WireError("a batch without images")
@@ -95,6 +99,8 @@ def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
         height=params.height,
         scheduler=params.scheduler,
         model=params.model,
+        keep=params.keep,
+        guide_source=spec.guide_source,
     )
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from i2p2i_bot.remote_wire import batch_from_payload, batch_payload
+import json
+
+import pytest
+
+from i2p2i_bot.guides import Guide
+from i2p2i_bot.remote_wire import WireError, as_request, batch_from_payload, batch_payload
 from i2p2i_bot.request import GenerationParams, ImageSpec
 
 PARAMS = GenerationParams("fake", 4, 7.5, 64, 64, "dpm")
@@ -18,3 +23,18 @@ def test_each_spec_keeps_whether_its_flagged_pixels_are_kept() -> None:
         del spec["keep_flagged"]
     _, older = batch_from_payload(payload)
     assert [s.keep_flagged for s in older] == [False, False]
+
+
+def test_guides_and_each_images_source_cross_to_the_worker() -> None:
+    """A guided batch reaches a worker guided, each image with its own source, and the worker's plan()
+    sees the guides: before, the payload dropped them and the worker made prompt-only images."""
+    guided = GenerationParams("fake", 4, 7.5, 64, 64, "dpm", keep=(Guide("layout", 0.6), Guide("edges", 0.9)))
+    specs = [ImageSpec("a", "", 1, guide_source="aa" * 32), ImageSpec("b", "", 2, guide_source="bb" * 32)]
+    payload = json.loads(json.dumps(batch_payload(guided, specs)))  # as it travels, through JSON
+    params, back = batch_from_payload(payload)
+    assert (params, back) == (guided, tuple(specs))
+    request = as_request(params, back[1])
+    assert (request.keep, request.guide_source) == (guided.keep, "bb" * 32)
+    payload["params"]["keep"] = [{"name": "layout", "weight": 7}]
+    with pytest.raises(WireError):
+        batch_from_payload(payload)
