@@ -37,6 +37,7 @@ from i2p2i_bot.describes_in_flight import DescribesInFlight
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
 from i2p2i_bot.health import HEALTH_FILE, BotStatus, run_heartbeat
+from i2p2i_bot.i18n import catalogue
 from i2p2i_bot.image_engine import ImageEngine
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.job_controls import ImageActions, JobButton
@@ -106,6 +107,29 @@ def unreachable_reason(exc: BaseException) -> str:
     if isinstance(exc, discord.HTTPException):
         return f"it answered HTTP {exc.status}"
     return str(exc) or type(exc).__name__
+
+
+class CatalogueTranslator(app_commands.Translator):
+    """Command descriptions, choice names and the context menu in each member's language (i18n.py); command
+    and option names stay as they are, so they read the same in every language's docs."""
+
+    async def translate(
+        self,
+        string: app_commands.locale_str,
+        locale: discord.Locale,
+        context: app_commands.TranslationContextTypes,
+    ) -> str | None:
+        found = catalogue(str(locale))
+        if found is None:
+            return None
+        names = (
+            app_commands.TranslationContextLocation.command_name,
+            app_commands.TranslationContextLocation.group_name,
+            app_commands.TranslationContextLocation.parameter_name,
+        )
+        if context.location in names and not isinstance(context.data, app_commands.ContextMenu):
+            return None
+        return found.commands.get(string.message)
 
 
 class I2P2ITree(app_commands.CommandTree["I2P2IBot"]):
@@ -265,6 +289,7 @@ class I2P2IBot(commands.Bot):
         self.add_dynamic_items(JobButton, ImageActions)
         await self.delivery.start()
         self.spawn(self._watch_gpu(), name="i2p2i-gpu-watch")
+        await self.tree.set_translator(CatalogueTranslator())
         for name in self.extension_names:
             try:
                 await self.load_extension(name)
@@ -431,7 +456,14 @@ class I2P2IBot(commands.Bot):
         guild = discord.Object(guild_id) if guild_id else None
         if guild is not None:
             self.tree.copy_global_to(guild=guild)
-        payload = [command.to_dict(self.tree) for command in self.tree._get_all_commands(guild=guild)]
+        translator = self.tree.translator
+        commands = self.tree._get_all_commands(guild=guild)
+        payload = [
+            await command.get_translated_payload(self.tree, translator)
+            if translator is not None
+            else command.to_dict(self.tree)
+            for command in commands
+        ]
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         marker = self.settings.data_path / "commands-synced.json"
         scope = str(guild_id or "global")

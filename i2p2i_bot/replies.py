@@ -15,6 +15,7 @@ from discord import app_commands
 
 from i2p2i_bot.describes_in_flight import DescribeRefused
 from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory
+from i2p2i_bot.i18n import translate
 from i2p2i_bot.images import ImageError
 from i2p2i_bot.interrogate import InterrogateError
 from i2p2i_bot.jobs import JobRefused
@@ -139,14 +140,19 @@ def placeholder_replaced(interaction: discord.Interaction) -> None:
 
 
 async def reply(interaction: discord.Interaction, message: str) -> None:
-    """An ephemeral answer, as the first response or a followup; in the channel once the token is gone."""
+    """An ephemeral answer, as the first response or a followup; in the channel once the token is gone.
+
+    In the member's language where the catalogue has the sentence (i18n.py)."""
+    message = translate(message, str(interaction.locale))
     try:
         if not interaction.response.is_done():
             await interaction.response.send_message(message, ephemeral=True)
             return
         if not interaction.is_expired():
             if interaction.extras.pop(_PLACEHOLDER, False):
-                await interaction.edit_original_response(content=WITHDRAWN)
+                # Public: in the server's language.
+                locale = str(interaction.guild_locale) if interaction.guild_locale else None
+                await interaction.edit_original_response(content=translate(WITHDRAWN, locale))
             await interaction.followup.send(message, ephemeral=True)
             return
     except ANSWER_ERRORS as exc:

@@ -65,6 +65,7 @@ def test_the_job_system_imports_no_torch() -> None:
         "i2p2i_bot.queue",
         "i2p2i_bot.config",
         "i2p2i_bot.server_settings",
+        "i2p2i_bot.i18n",
         "i2p2i_bot.memory_budget",
     )
     code = (

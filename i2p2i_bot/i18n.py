@@ -1,0 +1,73 @@
+"""Member-facing text in the member's language: English, and Simplified Chinese (zh-CN) from a catalogue.
+
+The English sentences are the keys (gettext's msgid), so a sentence is written once, where it is raised,
+and translated at the edge where it reaches a member. A key may hold `{name}` placeholders: a finished
+sentence is matched against it and the parts it filled in are carried into the translation, so errors
+raised deep in the engine ("Steps must be between 1 and 100 (got 120).") need no key of their own. A
+sentence without an entry stays English. Torch- and discord-free.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+# Locales with a catalogue, as Discord names them; any other locale reads English.
+CATALOGUES = ("zh-CN",)
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """One language's commands (descriptions and choice names) and messages (sentences, with templates)."""
+
+    commands: dict[str, str]
+    messages: dict[str, str]
+
+    @functools.cached_property
+    def _templates(self) -> list[tuple[re.Pattern[str], str]]:
+        found = []
+        for key, text in self.messages.items():
+            if _PLACEHOLDER.search(key):
+                pattern = "".join(
+                    f"(?P<{part}>.+?)" if i % 2 else re.escape(part)
+                    for i, part in enumerate(_PLACEHOLDER.split(key))
+                )
+                found.append((re.compile(pattern, re.DOTALL), text))
+        return found
+
+    def message(self, text: str) -> str | None:
+        """The translation of a finished sentence, or None when the catalogue has none."""
+        exact = self.messages.get(text)
+        if exact is not None:
+            return exact
+        for pattern, translated in self._templates:
+            match = pattern.fullmatch(text)
+            if match is not None:
+                return translated.format(**match.groupdict())
+        return None
+
+
+@functools.cache
+def catalogue(locale: str) -> Catalogue | None:
+    """The catalogue of a locale ("zh-CN"), or None for English and locales without one."""
+    if locale not in CATALOGUES:
+        return None
+    raw = resources.files("i2p2i_bot").joinpath(f"data/locales/{locale}.json").read_text(encoding="utf-8")
+    data = json.loads(raw)
+    return Catalogue(commands=dict(data["commands"]), messages=dict(data["messages"]))
+
+
+def translate(text: str, locale: str | None) -> str:
+    """`text` (an English sentence) in `locale`'s language where the catalogue has it, else as it is."""
+    found = catalogue(locale) if locale else None
+    if found is None:
+        return text
+    return found.message(text) or text
+
+
+def placeholders(template: str) -> set[str]:
+    return set(_PLACEHOLDER.findall(template))
