@@ -10,7 +10,7 @@ dest=${1:-.whl}
 python_version=${GPU_PYTHON:-3.12}
 
 # What the benchmarks import that such a host lacks (or has at an untested version), and what those need.
-names=(diffusers transformers open_clip_torch clip-interrogator aiosqlite ftfy wcwidth importlib_metadata lazy-importer regex timm)
+names=(diffusers transformers open_clip_torch clip-interrogator aiosqlite ftfy wcwidth importlib_metadata lazy-importer regex timm compel pyparsing)
 
 pins=()
 for name in "${names[@]}"; do

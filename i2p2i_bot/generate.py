@@ -25,6 +25,7 @@ from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.guided import GuidedPipelines, GuideModels, compiles
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.models import ModelUnavailable, generator_folder
+from i2p2i_bot.prompt_encoding import PromptEncoder
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
 from i2p2i_bot.source_images import SourceImages
@@ -66,6 +67,7 @@ class Generator:
         # Where the sources that guided images keep elements of are found, by hash.
         self.source_images = source_images or SourceImages()
         self.guided = GuidedPipelines(pipe, guides or GuideModels(), self.source_images)
+        self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
         self.buckets: UnetBuckets | None = None
         if mode != "off":
             self.buckets = UnetBuckets(
@@ -153,25 +155,6 @@ class Generator:
         settings = self.settings if server is None else server.generate(self.settings)
         return plan(request, settings, self.model, self.offered_guides)
 
-    def token_count(self, text: str) -> int:
-        """CLIP tokens in text, counting the start and end tokens, as the text encoder sees them."""
-        return len(self.pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
-
-    def prompt_warnings(self, prompt: str, label: str = "prompt") -> list[str]:
-        """Say which words of a prompt Stable Diffusion will not read, instead of cutting them silently."""
-        tokenizer = self.pipe.tokenizer
-        limit = int(tokenizer.model_max_length)
-        encoded = tokenizer(prompt, truncation=False, verbose=False, return_offsets_mapping=True)
-        ids = encoded.input_ids
-        if len(ids) <= limit:
-            return []
-        # Position limit-1 is the first token past the window (the window ends with the end token).
-        ignored = prompt[encoded.offset_mapping[limit - 1][0] :].strip()
-        return [
-            f"The {label} is {len(ids) - 2} tokens and Stable Diffusion reads only {limit - 2}; "
-            f"this end is ignored: “{ignored}”"
-        ]
-
     def generate(
         self,
         request: GenerationRequest,
@@ -206,9 +189,9 @@ class Generator:
         started = time.perf_counter()
         warnings: list[str] = []
         for prompt in dict.fromkeys(s.prompt for s in specs):
-            warnings += self.prompt_warnings(prompt)
+            warnings += self.prompts.warnings(prompt)
         for negative in dict.fromkeys(s.negative_prompt for s in specs if s.negative_prompt):
-            warnings += self.prompt_warnings(negative, "negative prompt")
+            warnings += self.prompts.warnings(negative, "negative prompt")
         outputs = split_on_oom(lambda chunk: self._run_pipeline(params, chunk, on_step), list(specs))
         pipeline_s = time.perf_counter() - started
         fidelities = self._fidelities(outputs, specs)
@@ -229,9 +212,29 @@ class Generator:
         specs: Sequence[ImageSpec],
         on_step: StepCallback | None,
     ) -> list[_Made]:
+        # Images whose prompts take more windows of tokens run apart: padding a prompt to another's
+        # length would change its image.
+        groups: dict[int, list[int]] = {}
+        for index, spec in enumerate(specs):
+            groups.setdefault(self.prompts.windows(spec), []).append(index)
+        made: list[_Made | None] = [None] * len(specs)
+        for windows, indices in groups.items():
+            outputs = self._run_group(params, [specs[i] for i in indices], on_step, windows)
+            for index, output in zip(indices, outputs, strict=True):
+                made[index] = output
+        return [output for output in made if output is not None]
+
+    def _run_group(
+        self,
+        params: GenerationParams,
+        specs: Sequence[ImageSpec],
+        on_step: StepCallback | None,
+        windows: int,
+    ) -> list[_Made]:
         buckets = self.buckets
         bucket = None
-        if buckets is not None and compiles(params.keep):
+        # The UNet was compiled for one window of prompt tokens; a longer prompt runs eager.
+        if buckets is not None and compiles(params.keep) and windows == 1:
             # The pipeline's own rule: classifier-free guidance runs each image's UNet input twice.
             guided = params.guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
             bucket = buckets.bucket_for(len(specs), params.width, params.height, 2 if guided else 1)
@@ -276,8 +279,7 @@ class Generator:
             inputs = {"width": params.width, "height": params.height}
         with torch.inference_mode():
             out = pipe(
-                prompt=[s.prompt for s in specs],
-                negative_prompt=[s.negative_prompt for s in specs],
+                **self.prompts.arguments(pipe, specs),
                 num_inference_steps=params.steps,
                 guidance_scale=params.guidance,
                 generator=generators,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from i2p2i_bot.guides import Guide, GuideError, check_guides
 from i2p2i_bot.lookalikes import visible
+from i2p2i_bot.prompt_syntax import PromptSyntaxError, check_weights
 
 if TYPE_CHECKING:
     from i2p2i_bot.config import GenerateSettings
@@ -197,6 +198,11 @@ def plan(
         raise GenerationError(
             f"The negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}."
         )
+    try:
+        check_weights(prompt)
+        check_weights(negative, "negative prompt")
+    except PromptSyntaxError as exc:
+        raise GenerationError(str(exc)) from None
     check_count(request.count, settings)
     steps = settings.steps if request.steps is None else request.steps
     if not 1 <= steps <= settings.max_steps:

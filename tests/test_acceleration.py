@@ -14,7 +14,7 @@ import torch
 from i2p2i_bot.acceleration import compile_mode
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.generate import Generator
-from i2p2i_bot.request import GenerationRequest
+from i2p2i_bot.request import GenerationRequest, ImageSpec
 from i2p2i_bot.smoke import SmokeModels
 
 CPU = torch.device("cpu")
@@ -427,3 +427,42 @@ def test_the_engine_scores_fidelity_without_a_trip_through_pil(
     source = tuple(torch.nn.functional.normalize(torch.ones(32), dim=0).tolist())
     result = engine.generate(GenerationRequest("a meadow", count=2, seed=3), source_embedding=source)
     assert all(item.fidelity is not None and -1.0 <= item.fidelity <= 1.0 for item in result.images)
+
+
+@pytest.mark.slow
+def test_long_prompts_run_eager_beside_a_compiled_batch(
+    smoke_models: SmokeModels,
+    base_settings: Settings,
+    plain_generator: Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prompt past the window makes a UNet input of 154 tokens, which nothing compiled at start fits: its
+    image runs eager, the others of its batch compiled, and every image is the uncompiled generator's."""
+    settings = settings_for(base_settings, compile="default", compile_buckets=[2])
+    backend = CountingBackend()
+    generator = load(smoke_models, settings, compile_backend=backend)
+    buckets = generator.buckets
+    assert buckets is not None and buckets.failed is None
+    calls: list[tuple[list[str], bool]] = []
+    original = generator._pipeline_call
+
+    def spy(params: Any, specs: Any, on_step: Any) -> Any:
+        calls.append(([s.prompt[:12] for s in specs], generator.pipe.unet is buckets.compiled))
+        return original(params, specs, on_step)
+
+    monkeypatch.setattr(generator, "_pipeline_call", spy)
+    words = " ".join(f"word{i}" for i in range(40))
+    specs = [ImageSpec("a (red:1.3) fox", "", 40), ImageSpec(words, "", 41), ImageSpec("a fox", "", 42)]
+    params = generator.plan(GenerationRequest("x")).params
+    graph_calls = backend.calls
+    made = generator.generate_batch(params, specs).images
+    assert calls == [(["a (red:1.3) ", "a fox"], True), (["word0 word1 "], False)]
+    assert backend.calls > graph_calls and backend.compiles == 1
+    reference = plain_generator.generate_batch(params, specs).images
+    assert (
+        largest_difference(
+            [np.asarray(m.image, dtype=np.int16) for m in made],
+            [np.asarray(r.image, dtype=np.int16) for r in reference],
+        )
+        <= ROUNDING
+    )

@@ -121,16 +121,6 @@ def test_steps_are_reported(engine: Engine) -> None:
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4), (4, 4)]
 
 
-def test_long_prompts_are_reported_not_cut_silently(engine: Engine) -> None:
-    """A prompt past CLIP's 77 tokens yields a warning that quotes the ignored words."""
-    words = [f"word{i}" for i in range(60)]
-    result = engine.generate(GenerationRequest(" ".join(words), seed=1))
-    (warning,) = result.warnings
-    assert "Stable Diffusion reads only 75" in warning
-    assert "word59" in warning and "word0 " not in warning
-    assert engine.generate(GenerationRequest("short", seed=1)).warnings == ()
-
-
 def test_fidelity_is_the_clip_cosine_to_the_source(engine: Engine, astronaut: Image.Image) -> None:
     """Fidelity is None without a source, 1.0 against itself, and the CLIP cosine otherwise."""
     plain = engine.generate(GenerationRequest("a portrait", seed=3))

@@ -49,9 +49,15 @@ def guided(smoke_models: SmokeModels, base_settings: Settings, astronaut: Image.
     return generator
 
 
-def image(generator: Generator, keep: str | None, source: str = ASTRONAUT, **options: Any) -> np.ndarray:
+def image(
+    generator: Generator,
+    keep: str | None,
+    source: str = ASTRONAUT,
+    prompt: str = "a red fox in snow",
+    **options: Any,
+) -> np.ndarray:
     request = GenerationRequest(
-        "a red fox in snow",
+        prompt,
         seed=21,
         keep=parse_guides(keep) if keep else (),
         guide_source=source if keep else None,
@@ -94,6 +100,19 @@ def test_each_guide_and_each_weight_changes_the_image(guided: Generator) -> None
     assert moved(made["edges,layout"], made["layout"]) > CHANGED
     # The same request again is the same image: the guides add no randomness of their own.
     assert np.array_equal(image(guided, "edges,layout"), made["edges,layout"])
+
+
+@pytest.mark.parametrize("keep", ["layout", "edges", "edges,layout"])
+def test_guided_pipelines_read_weights_and_long_prompts(guided: Generator, keep: str) -> None:
+    """Each guided pipeline takes the prompt embeddings: (word:1.0) is the plain image, (word:1.5) another,
+    and the words of a long prompt past token 77 change the image."""
+    plain = image(guided, keep)
+    assert np.array_equal(image(guided, keep, prompt="a red (fox:1.0) in snow"), plain)
+    assert not np.array_equal(image(guided, keep, prompt="a red (fox:1.5) in snow"), plain)
+    words = " ".join(f"word{i}" for i in range(40))
+    assert len(guided.pipe.tokenizer(words, verbose=False).input_ids) > 100
+    red, blue = (image(guided, keep, prompt=f"{words} {tail}") for tail in ("red sails", "blue sails"))
+    assert not np.array_equal(red, blue)
 
 
 def test_layout_keeps_the_source_more_as_its_weight_falls(guided: Generator, astronaut: Image.Image) -> None:
