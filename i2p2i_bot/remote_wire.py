@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from i2p2i_bot.batches import Batch
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
 # The BullMQ queue the bot adds batches to and the workers take them from.
@@ -33,13 +33,26 @@ class WireError(ValueError):
 
 
 def job_id(run: str, batch_id: int, attempt: int) -> str:
-    """The BullMQ job id of one try of a batch: unique per bot run, batch and attempt (BullMQ dedups it)."""
+    """The BullMQ job id of one try of a batch: unique per bot run, batch and attempt (BullMQ dedups it).
+
+    A restarted bot finds the batches it sent by their payload's items, not by this id, so the run in it
+    keeps a new run's batch numbers from colliding with an old run's jobs still in Redis.
+    """
     return f"{run}-{batch_id}:{attempt}"
 
 
-def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[str, Any]:
+def attempt_of(bull_job_id: str) -> int:
+    """The attempt a job id names (1 when it names none)."""
+    _, _, attempt = bull_job_id.rpartition(":")
+    return int(attempt) if attempt.isdigit() else 1
+
+
+def batch_payload(batch: Batch) -> dict[str, Any]:
+    """A batch as the workers get it; `items` (job, image index) are for the bot, which finds the batches
+    it sent before a restart by them."""
     return {
-        "params": dataclasses.asdict(params),
+        "items": [[item.job_id, item.index] for item in batch.items],
+        "params": dataclasses.asdict(batch.params),
         "specs": [
             {
                 "prompt": s.prompt,
@@ -47,9 +60,20 @@ def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[
                 "seed": s.seed,
                 "source_embedding": None if s.source_embedding is None else list(s.source_embedding),
             }
-            for s in specs
+            for s in batch.specs
         ],
     }
+
+
+def payload_items(payload: Any) -> tuple[tuple[int, int], ...]:
+    """The (job id, image index) of each image of a batch's payload; WireError when it has none."""
+    try:
+        items = tuple((int(job_id), int(index)) for job_id, index in payload["items"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"a batch without its items ({type(exc).__name__}: {exc})") from None
+    if not items:
+        raise WireError("a batch without images")
+    return items
 
 
 def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
