@@ -41,11 +41,13 @@ from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.remote_wire import (
     PERMANENT,
     QUEUE_NAME,
+    RESULT_TTL_S,
     WORKER_KEY_PREFIX,
     ResultRefs,
     WireError,
     attempt_of,
     batch_payload,
+    cancel_key,
     job_id,
     parse_failure,
     payload_items,
@@ -236,7 +238,8 @@ class RemoteRunner:
     async def _discard(self, bull_id: str, returnvalue: Any) -> None:
         """Drop a job of an earlier run that nothing wants, and its PNGs if it made any."""
         assert self._bull is not None and self._client is not None
-        with contextlib.suppress(Exception):  # a job still locked by its worker stays; its result is ignored
+        await self._cancel(bull_id)
+        with contextlib.suppress(Exception):  # a job still locked by its worker stays until it stops
             await self._bull.remove(bull_id)
         with contextlib.suppress(WireError, ValueError):
             keys = [ref.key for ref in ResultRefs.from_json(returnvalue).images] if returnvalue else []
@@ -378,6 +381,7 @@ class RemoteRunner:
         if sent.started_at is not None and self._clock() - sent.started_at > self._timeout_s:
             log.error("batch %s took longer than %g s; failing its jobs", bull_id, self._timeout_s)
             reason = f"generation took longer than {self._timeout_s:g} s and was abandoned"
+            await self._cancel(bull_id)
             await self._hand_back(sent, BatchFailure(reason, FailureKind.PERMANENT))
 
     async def _take(self, bull_id: str, returnvalue: Any) -> None:
@@ -440,6 +444,12 @@ class RemoteRunner:
         if forget and self._bull is not None:
             with contextlib.suppress(Exception):
                 await self._bull.remove(sent.bull_id)
+
+    async def _cancel(self, bull_id: str) -> None:
+        """Ask the worker that holds a batch to stop it at its next step (it fails the job)."""
+        assert self._client is not None
+        with contextlib.suppress(*REDIS_DOWN):
+            await self._client.set(cancel_key(bull_id), b"1", ex=RESULT_TTL_S)
 
     # -- bookkeeping -----------------------------------------------------------------------------------
 

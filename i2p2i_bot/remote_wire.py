@@ -21,6 +21,9 @@ QUEUE_NAME = "i2p2i-batches"
 # A live worker's record: a hash that the worker refreshes and that expires when it stops doing so.
 WORKER_KEY_PREFIX = "i2p2i:worker:"
 RESULT_KEY_PREFIX = "i2p2i:result:"
+# Set by the bot on a batch it gave up on (too slow, or nobody wants it after a restart): its worker stops
+# it at the next step. BullMQ cannot remove a job a worker holds, so the worker is asked instead.
+CANCEL_KEY_PREFIX = "i2p2i:cancel:"
 # How long a result's PNGs wait in Redis for the bot; longer than any outage the bot should ride out.
 RESULT_TTL_S = 24 * 3600
 # Reasons a worker gives when a batch fails: the first word says whose fault it is.
@@ -118,6 +121,10 @@ def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
         scheduler=params.scheduler,
         model=params.model,
     )
+
+
+def cancel_key(bull_job_id: str) -> str:
+    return f"{CANCEL_KEY_PREFIX}{bull_job_id}"
 
 
 def result_key(bull_job_id: str, index: int) -> str:

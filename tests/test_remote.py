@@ -8,6 +8,7 @@ not installed, except in CI, where its absence fails.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -64,8 +66,10 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await store.close()
 
 
-def remote_settings(server: RedisServer) -> QueueSettings:
-    return QueueSettings(max_batch_images=4, backend="redis", redis_url=server.url, worker_lock_s=LOCK_S)
+def remote_settings(server: RedisServer, **more: Any) -> QueueSettings:
+    return QueueSettings(
+        max_batch_images=4, backend="redis", redis_url=server.url, worker_lock_s=LOCK_S, **more
+    )
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
@@ -294,4 +298,36 @@ async def test_a_restarted_bot_takes_back_the_batch_its_last_run_sent(
     finally:
         if bot.poll() is None:
             bot.kill()
+        pool.stop()
+
+
+async def test_a_batch_past_the_job_timeout_fails_its_job_and_stops_on_its_worker(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """A batch still running after queue.job_timeout_s fails its job with the reason, and its worker,
+    told through Redis, stops it at the next step instead of making it to the end: no PNG reaches Redis."""
+    pool = Workers(server, tmp_path / "slow", step_s=0.5, lock_s=LOCK_S)
+    try:
+        pool.spawn(1)
+        await live_workers(server, 1)
+        settings = remote_settings(server, job_timeout_s=1.0)
+        queue = await JobQueue.open(store, settings)
+        runner = RemoteRunner(queue, settings, poll_s=0.2)
+        runner.start()
+        slow = dataclasses.replace(PARAMS, steps=12)  # 6 s on the worker
+        job = await queue.submit(job_request(1, "slow", slow, count=2, seed=5))
+        await asyncio.wait_for(queue.join(), LIMIT_S)
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.FAILED
+        assert stored.error == "generation took longer than 1 s and was abandoned"
+        client = server.client()
+        await until(lambda: client.zcard(f"bull:{QUEUE_NAME}:failed") == 1, "the worker stopping the batch")
+        failed_ids = cast(list[bytes], client.zrange(f"bull:{QUEUE_NAME}:failed", 0, -1))
+        assert len(failed_ids) == 1
+        reason = client.hget(f"bull:{QUEUE_NAME}:{failed_ids[0].decode()}", "failedReason")
+        assert reason == b"permanent: the bot gave up on the batch"
+        assert list(client.scan_iter(match=RESULT_KEY_PREFIX + "*")) == []
+        assert await image_rows(store, job.id) == []
+        await runner.stop(5)
+    finally:
         pool.stop()
