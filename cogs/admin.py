@@ -35,13 +35,15 @@ class AdminCog(commands.GroupCog, name="Admin", group_name="admin", group_descri
     async def queue(self, interaction: discord.Interaction) -> None:
         jobs = self.bot.queue.active_jobs()
         state = "paused" if self.bot.queue.paused else "running"
+        notice = self.bot.workers_notice()
+        said = f"The queue is empty ({state})." if not jobs else f"The queue is {state}."
+        if notice:
+            said = f"{notice}\n{said}"
         if not jobs:
-            await interaction.response.send_message(f"The queue is empty ({state}).", ephemeral=True)
+            await interaction.response.send_message(said, ephemeral=True)
             return
         embed, view = queue_message(self.bot, jobs, everyone=True)
-        await interaction.response.send_message(
-            f"The queue is {state}.", embed=embed, view=view, ephemeral=True
-        )
+        await interaction.response.send_message(said, embed=embed, view=view, ephemeral=True)
 
     @app_commands.command(name="cancel", description="Cancel any member's job")
     @app_commands.describe(job_id="The job's number")

@@ -96,11 +96,13 @@ class HistoryCog(commands.Cog, name="History"):
     @app_commands.command(name="queue", description="Your queued and running jobs, with Cancel buttons")
     async def queue(self, interaction: discord.Interaction) -> None:
         jobs = self.bot.queue.active_jobs(owner_id=interaction.user.id)
+        notice = self.bot.workers_notice()
         if not jobs:
-            await interaction.response.send_message("You have nothing queued.", ephemeral=True)
+            empty = "You have nothing queued."
+            await interaction.response.send_message(f"{notice}\n{empty}" if notice else empty, ephemeral=True)
             return
         embed, view = queue_message(self.bot, jobs)
-        await interaction.response.send_message(embed=embed, view=view, ephemeral=True)
+        await interaction.response.send_message(notice, embed=embed, view=view, ephemeral=True)
 
     @app_commands.command(name="forget", description="Delete your whole history: prompts, jobs and images")
     async def forget(self, interaction: discord.Interaction) -> None:

@@ -384,6 +384,13 @@ class I2P2IBot(commands.Bot):
         runner = getattr(self, "runner", None)
         return getattr(runner, "problem", None)
 
+    def workers_notice(self) -> str | None:
+        """The line /queue and /admin queue open with while remote GPU workers cannot be reached."""
+        problem = self.workers_problem()
+        if problem is None:
+            return None
+        return f"⚠️ {problem}: jobs wait in the queue and start once the workers can be reached again."
+
     def gpu_lost(self) -> str | None:
         """Why the GPU can do no more work in this process, or None while it can."""
         gpu: GpuWorker | None = getattr(self, "gpu", None)

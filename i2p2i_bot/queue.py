@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from i2p2i_bot.batches import (
@@ -390,6 +390,44 @@ class JobQueue:
                     return await self._dispatch(pick)
                 self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def adopt(self, items: Sequence[tuple[int, int]]) -> Batch | None:
+        """Count as out again a batch that an earlier run of the bot handed out and that is still out (on a
+        GPU worker, or made there and not yet taken in), given as its (job id, image index) in order.
+
+        Its images that still wait leave the ring, so they are not made twice, and the batch's result is
+        taken like any other's; the batch holds only those images, in the same order. None when none of
+        them waits any more (stored before the restart, or the job is gone).
+        """
+        async with self._lock:
+            taken = [
+                (job_id, index)
+                for job_id, index in dict.fromkeys(items)
+                if job_id in self._active and index in self._ring.waiting(job_id)
+            ]
+            if not taken:
+                return None
+            jobs = [self._active[job_id] for job_id in dict.fromkeys(job_id for job_id, _ in taken)]
+            params = jobs[0].job.request.params
+            if any(a.job.request.params != params for a in jobs):
+                raise ValueError("the images of one batch must share their params")
+            await self._store.mark_running([a.id for a in jobs], self._clock())
+            batch_items = []
+            for job_id, index in taken:
+                active = self._active[job_id]
+                self._ring.withdraw(job_id, [index])
+                active.in_flight.add(index)
+                batch_items.append(BatchItem(job_id, index, active.job.request.spec(index, active.embedding)))
+            batch = Batch(next(self._batch_ids), params, tuple(batch_items))
+            self._outstanding[batch.id] = (batch, self._clock())
+            self._in_flight_images += len(batch_items)
+            now = self._clock()
+            for active in jobs:
+                if active.status is JobStatus.QUEUED:
+                    active.status = JobStatus.RUNNING
+                    active.started_at = now
+                    self._publish(EventKind.STARTED, active)
+            return batch
 
     def batch_progress(self, batch: Batch, step: int, total_steps: int) -> None:
         if batch.id not in self._outstanding:

@@ -11,19 +11,25 @@ records it, and the queue's own table of outstanding batches refuses a second re
 QueueEvents bring progress and results at once; a poll of each batch's state every `poll_s` catches
 what events miss (an outage of Redis, a listener that restarted) and batches Redis lost (sent again as
 the next attempt). Nothing here imports torch or discord.
+
+A restarted bot takes back what its last run sent before it sends anything: each batch in Redis names its
+(job, image) items, and the queue counts those still waiting as out again (JobQueue.adopt). A batch made
+meanwhile is taken in, one on a worker or waiting for one is followed, and the images of one that failed
+or is gone wait in the ring and go out again. A stopping bot leaves its batches in Redis for that reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
 from bullmq import Job as BullJob
@@ -35,12 +41,16 @@ from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.remote_wire import (
     PERMANENT,
     QUEUE_NAME,
+    RESULT_TTL_S,
     WORKER_KEY_PREFIX,
     ResultRefs,
     WireError,
+    attempt_of,
     batch_payload,
+    cancel_key,
     job_id,
     parse_failure,
+    payload_items,
     sha256,
 )
 
@@ -57,6 +67,15 @@ REDIS_DOWN = (
     asyncio.TimeoutError,
 )
 _LATENCIES_KEPT = 10_000
+# BullMQ states of a batch an earlier run sent, in the order they are taken back: a made batch first, so
+# that its images count rather than a later try's of the same images.
+_STATES_TAKEN_BACK = ("completed", "active", "waiting", "prioritized", "delayed", "paused")
+
+
+class AdoptingSource(BatchSource, Protocol):
+    async def adopt(self, items: Sequence[tuple[int, int]]) -> Batch | None:
+        """Count again as out the images of a batch an earlier run sent that still wait (JobQueue.adopt)."""
+        ...
 
 
 @dataclass
@@ -67,6 +86,9 @@ class _Sent:
     enqueued: bool = False
     started_at: float | None = None
     bull_id: str = field(default="")
+    # For a batch taken back after a restart: which of the images its worker makes are this batch's, in
+    # order (the others were stored before the restart, or their jobs are gone). None: all of them.
+    positions: tuple[int, ...] | None = None
 
 
 class RemoteRunner:
@@ -74,7 +96,7 @@ class RemoteRunner:
 
     def __init__(
         self,
-        source: BatchSource,
+        source: AdoptingSource,
         settings: QueueSettings,
         *,
         poll_s: float = 1.0,
@@ -135,17 +157,21 @@ class RemoteRunner:
         self._client = redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=15)
         text = redis.from_url(self._url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
         self._bull = Queue(QUEUE_NAME, {"connection": text})
-        self._spawn(self._listen(), "i2p2i-remote-events")
-        self._spawn(self._watch(), "i2p2i-remote-watch")
         try:
+            await self._take_back()
+            self._spawn(self._listen(), "i2p2i-remote-events")
+            self._spawn(self._watch(), "i2p2i-remote-watch")
             await self._feed()
             await self._drain()
         finally:
             for task in list(self._helpers):
                 task.cancel()
             await asyncio.gather(*self._helpers, return_exceptions=True)
+            # Their jobs stay in Redis, where the next start finds them (made or still on a worker).
             for sent in list(self._sent.values()):
-                await self._hand_back(sent, BatchFailure("the bot stopped", FailureKind.INTERRUPTED))
+                await self._hand_back(
+                    sent, BatchFailure("the bot stopped", FailureKind.INTERRUPTED), forget=False
+                )
             with contextlib.suppress(Exception):
                 await self._bull.close()
             with contextlib.suppress(Exception):
@@ -168,9 +194,61 @@ class RemoteRunner:
             self._sent[sent.bull_id] = sent
             await self._enqueue(sent)
 
+    async def _take_back(self) -> None:
+        """Before sending anything, take back the batches an earlier run sent; wait while Redis is down."""
+        while not self._closed:
+            try:
+                await self._adopt_all()
+                return
+            except REDIS_DOWN as exc:
+                self._unreachable(exc)
+            await asyncio.sleep(self._poll_s)
+
+    async def _adopt_all(self) -> None:
+        assert self._bull is not None
+        found: dict[str, tuple[str, BullJob]] = {}
+        for state in (*_STATES_TAKEN_BACK, "failed"):
+            for job in await self._bull.getJobs([state], 0, -1, True):
+                if job is not None and job.id is not None:
+                    found.setdefault(str(job.id), (state, job))
+        adopted = 0
+        for bull_id, (state, job) in found.items():
+            if bull_id in self._sent:
+                continue
+            batch = None
+            items: tuple[tuple[int, int], ...] = ()
+            if state != "failed":  # a failed batch's images wait in the ring already
+                with contextlib.suppress(WireError):
+                    items = payload_items(job.data)
+                    batch = await self._source.adopt(items)
+            if batch is None:
+                await self._discard(bull_id, job.returnvalue if state == "completed" else None)
+                continue
+            kept = {(item.job_id, item.index) for item in batch.items}
+            sent = _Sent(batch, attempt_of(bull_id), self._clock(), enqueued=True, bull_id=bull_id)
+            sent.positions = tuple(i for i, item in enumerate(items) if item in kept)
+            if state == "active":
+                sent.started_at = sent.made_at
+            self._sent[bull_id] = sent
+            adopted += 1
+            log.info("took back batch %s (%s, %d images) from the last run", bull_id, state, len(kept))
+        if found:
+            log.info("found %d batches of the last run in Redis; %d still wanted", len(found), adopted)
+
+    async def _discard(self, bull_id: str, returnvalue: Any) -> None:
+        """Drop a job of an earlier run that nothing wants, and its PNGs if it made any."""
+        assert self._bull is not None and self._client is not None
+        await self._cancel(bull_id)
+        with contextlib.suppress(Exception):  # a job still locked by its worker stays until it stops
+            await self._bull.remove(bull_id)
+        with contextlib.suppress(WireError, ValueError):
+            keys = [ref.key for ref in ResultRefs.from_json(returnvalue).images] if returnvalue else []
+            if keys:
+                await self._client.delete(*keys)
+
     async def _enqueue(self, sent: _Sent) -> None:
         assert self._bull is not None
-        payload = batch_payload(sent.batch.params, sent.batch.specs)
+        payload = batch_payload(sent.batch)
         try:
             await self._bull.add("batch", payload, {"jobId": sent.bull_id, "attempts": 1})
         except REDIS_DOWN as exc:
@@ -303,6 +381,7 @@ class RemoteRunner:
         if sent.started_at is not None and self._clock() - sent.started_at > self._timeout_s:
             log.error("batch %s took longer than %g s; failing its jobs", bull_id, self._timeout_s)
             reason = f"generation took longer than {self._timeout_s:g} s and was abandoned"
+            await self._cancel(bull_id)
             await self._hand_back(sent, BatchFailure(reason, FailureKind.PERMANENT))
 
     async def _take(self, bull_id: str, returnvalue: Any) -> None:
@@ -320,8 +399,12 @@ class RemoteRunner:
                 outcome: BatchResult | BatchFailure = BatchFailure("a GPU worker sent back a broken result")
             else:
                 keys = [ref.key for ref in refs.images]
+                positions = self._sent[bull_id].positions
+                if positions is not None and max(positions) < len(refs.images):
+                    refs = dataclasses.replace(refs, images=tuple(refs.images[i] for i in positions))
+                wanted = [ref.key for ref in refs.images]
                 try:
-                    blobs = cast(list[bytes | None], await self._client.mget(keys) if keys else [])
+                    blobs = cast(list[bytes | None], await self._client.mget(wanted) if wanted else [])
                 except REDIS_DOWN as exc:
                     self._unreachable(exc)
                     return  # the watch tries again once Redis is back
@@ -346,16 +429,27 @@ class RemoteRunner:
         await self._hand_back(sent, BatchFailure(sentence, failure_kind), popped=True)
 
     async def _hand_back(
-        self, sent: _Sent, outcome: BatchResult | BatchFailure, *, popped: bool = False
+        self,
+        sent: _Sent,
+        outcome: BatchResult | BatchFailure,
+        *,
+        popped: bool = False,
+        forget: bool = True,
     ) -> None:
         if not popped and self._sent.pop(sent.bull_id, None) is None:
             return
         self._room.set()
         self.batches_run += 1
         await self._source.batch_result(sent.batch, outcome)
-        if self._bull is not None:
+        if forget and self._bull is not None:
             with contextlib.suppress(Exception):
                 await self._bull.remove(sent.bull_id)
+
+    async def _cancel(self, bull_id: str) -> None:
+        """Ask the worker that holds a batch to stop it at its next step (it fails the job)."""
+        assert self._client is not None
+        with contextlib.suppress(*REDIS_DOWN):
+            await self._client.set(cancel_key(bull_id), b"1", ex=RESULT_TTL_S)
 
     # -- bookkeeping -----------------------------------------------------------------------------------
 

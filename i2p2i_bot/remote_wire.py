@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from i2p2i_bot.batches import Batch
 from i2p2i_bot.guides import GuideError, check_guides, guides_from_json, guides_json
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
@@ -22,6 +22,9 @@ QUEUE_NAME = "i2p2i-batches"
 # A live worker's record: a hash that the worker refreshes and that expires when it stops doing so.
 WORKER_KEY_PREFIX = "i2p2i:worker:"
 RESULT_KEY_PREFIX = "i2p2i:result:"
+# Set by the bot on a batch it gave up on (too slow, or nobody wants it after a restart): its worker stops
+# it at the next step. BullMQ cannot remove a job a worker holds, so the worker is asked instead.
+CANCEL_KEY_PREFIX = "i2p2i:cancel:"
 # How long a result's PNGs wait in Redis for the bot; longer than any outage the bot should ride out.
 RESULT_TTL_S = 24 * 3600
 # Reasons a worker gives when a batch fails: the first word says whose fault it is.
@@ -34,13 +37,26 @@ class WireError(ValueError):
 
 
 def job_id(run: str, batch_id: int, attempt: int) -> str:
-    """The BullMQ job id of one try of a batch: unique per bot run, batch and attempt (BullMQ dedups it)."""
+    """The BullMQ job id of one try of a batch: unique per bot run, batch and attempt (BullMQ dedups it).
+
+    A restarted bot finds the batches it sent by their payload's items, not by this id, so the run in it
+    keeps a new run's batch numbers from colliding with an old run's jobs still in Redis.
+    """
     return f"{run}-{batch_id}:{attempt}"
 
 
-def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[str, Any]:
+def attempt_of(bull_job_id: str) -> int:
+    """The attempt a job id names (1 when it names none)."""
+    _, _, attempt = bull_job_id.rpartition(":")
+    return int(attempt) if attempt.isdigit() else 1
+
+
+def batch_payload(batch: Batch) -> dict[str, Any]:
+    """A batch as the workers get it; `items` (job, image index) are for the bot, which finds the batches
+    it sent before a restart by them."""
     return {
-        "params": {**dataclasses.asdict(params), "keep": guides_json(params.keep)},
+        "items": [[item.job_id, item.index] for item in batch.items],
+        "params": {**dataclasses.asdict(batch.params), "keep": guides_json(batch.params.keep)},
         "specs": [
             {
                 "prompt": s.prompt,
@@ -50,9 +66,20 @@ def batch_payload(params: GenerationParams, specs: Sequence[ImageSpec]) -> dict[
                 "keep_flagged": s.keep_flagged,
                 "guide_source": s.guide_source,
             }
-            for s in specs
+            for s in batch.specs
         ],
     }
+
+
+def payload_items(payload: Any) -> tuple[tuple[int, int], ...]:
+    """The (job id, image index) of each image of a batch's payload; WireError when it has none."""
+    try:
+        items = tuple((int(job_id), int(index)) for job_id, index in payload["items"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"a batch without its items ({type(exc).__name__}: {exc})") from None
+    if not items:
+        raise WireError("a batch without images")
+    return items
 
 
 def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec, ...]]:
@@ -102,6 +129,10 @@ def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
         keep=params.keep,
         guide_source=spec.guide_source,
     )
+
+
+def cancel_key(bull_job_id: str) -> str:
+    return f"{CANCEL_KEY_PREFIX}{bull_job_id}"
 
 
 def result_key(bull_job_id: str, index: int) -> str:

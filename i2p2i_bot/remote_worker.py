@@ -5,7 +5,9 @@ NAT), takes one batch at a time, checks it again as if a member had sent it (pla
 thread with the same engine and fast paths as the bot's own GPU, writes the PNGs to Redis keys with a time
 to live and finishes the BullMQ job with their sha256. The GPU call runs off the event loop, so BullMQ's
 lock renewal never stalls; if the lock is lost anyway (the worker was paused, cut off), the batch stops at
-its next step, and BullMQ refuses the finish of a worker whose lock is gone.
+its next step, and BullMQ refuses the finish of a worker whose lock is gone. A batch the bot gave up on
+(it took longer than queue.job_timeout_s) stops at its next step too: the bot sets a cancel key, which
+the worker looks for every CANCEL_POLL_S while the batch runs.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from i2p2i_bot.remote_wire import (
     WireError,
     as_request,
     batch_from_payload,
+    cancel_key,
     failure_reason,
     result_key,
     sha256,
@@ -57,11 +60,17 @@ EngineLoader = Callable[[Settings], ImageEngine]
 TEST_ENGINE_ENV = "I2P2I_TEST_ENGINE"
 # Step progress goes to the bot at most this often per batch.
 PROGRESS_INTERVAL_S = 1.0
+# How often the worker asks Redis whether the bot gave up on the batch it makes.
+CANCEL_POLL_S = 0.5
 EXIT_GPU_LOST = 3
 
 
 class LockLost(Exception):
     """The worker no longer holds the batch: another worker makes it, so this one stops."""
+
+
+class Cancelled(Exception):
+    """The bot gave up on the batch, so the worker stops making it."""
 
 
 def engine_loader() -> EngineLoader:
@@ -169,6 +178,7 @@ class RemoteWorker:
         except (WireError, GenerationError) as exc:
             raise UnrecoverableError(failure_reason(PERMANENT, str(exc))) from None
         lost = self._lost[job.id] = threading.Event()
+        cancelled = threading.Event()
         loop = asyncio.get_running_loop()
         sent_at = [0.0]
 
@@ -182,10 +192,13 @@ class RemoteWorker:
         def on_step(step: int, total: int) -> None:
             if lost.is_set():
                 raise LockLost
+            if cancelled.is_set():
+                raise Cancelled
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(report, step, total)
 
         log.info("batch %s: %d images", job.id, len(specs))
+        watch = asyncio.create_task(self._watch_cancel(job.id, cancelled), name="i2p2i-worker-cancel")
         try:
             future = self._gpu.submit(
                 engine.generate_batch, params, specs, on_step, priority=Priority.GENERATE
@@ -193,11 +206,16 @@ class RemoteWorker:
             result: BatchResult = await asyncio.wrap_future(future)
             if lost.is_set():
                 raise LockLost
+            if cancelled.is_set():
+                raise Cancelled
             refs = await self._store_result(job.id, token, result)
         except LockLost:
             raise UnrecoverableError(
                 failure_reason(TRANSIENT, "the worker lost its hold on the batch")
             ) from None
+        except Cancelled:
+            log.warning("batch %s: the bot gave up on it; stopped", job.id)
+            raise UnrecoverableError(failure_reason(PERMANENT, "the bot gave up on the batch")) from None
         except (GenerationError, GpuOutOfMemory) as exc:
             raise UnrecoverableError(failure_reason(PERMANENT, str(exc))) from None
         except GpuFault:
@@ -211,8 +229,18 @@ class RemoteWorker:
                 failure_reason(TRANSIENT, f"generation failed with an internal error ({type(exc).__name__})")
             ) from None
         finally:
+            watch.cancel()
             self._lost.pop(job.id, None)
         return refs.to_json()
+
+    async def _watch_cancel(self, job_id: str, cancelled: threading.Event) -> None:
+        assert self._client is not None
+        key = cancel_key(job_id)
+        while not cancelled.is_set():
+            await asyncio.sleep(CANCEL_POLL_S)
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
+                if await self._client.exists(key):
+                    cancelled.set()
 
     async def _store_result(self, job_id: str, token: str, result: BatchResult) -> ResultRefs:
         """Write each PNG to its own key with a time to live; the keys carry this take's lock token."""

@@ -130,6 +130,28 @@ class FairRing:
             _insert_by_id(jobs, job)
         self._members.move_to_end(job.owner, last=False)
 
+    def withdraw(self, job_id: int, indices: Iterable[int]) -> None:
+        """Take waiting images out of a job without handing them out: they are out already (a batch sent
+        before a restart of the bot and found on a GPU worker). The member keeps its place in the ring."""
+        job = self._jobs[job_id]
+        gone = set(indices)
+        if not gone <= set(job.pending):
+            raise ValueError(f"job {job_id}: images {sorted(gone - set(job.pending))} are not waiting")
+        if not gone:
+            return
+        job.pending = deque(index for index in job.pending if index not in gone)
+        job.retries = min(job.retries, len(job.pending))
+        self._drop_waiting(job.owner, len(gone))
+        if not job.pending:
+            jobs = self._members[job.owner]
+            jobs.remove(job)
+            if not jobs:
+                del self._members[job.owner]
+
+    def waiting(self, job_id: int) -> frozenset[int]:
+        """The indices of a job's images that wait to be handed out."""
+        return frozenset(self._jobs[job_id].pending)
+
     def plan(self) -> Pick | None:
         """The next batch, without handing it out: one image per member per pass, in ring order, all with
         the first member's next job's params; None when nothing waits."""

@@ -14,6 +14,7 @@ import pytest
 
 from i2p2i_bot.interrogate import MODES
 from i2p2i_bot.smoke import SmokeModels
+from tests.redis_server import redis_server_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,3 +238,13 @@ def test_memory_bench_counts_weights_and_peaks_on_fake_cuda_tensors(tmp_path: Pa
     peaks = payload["activation_peak_bytes"]
     assert peaks["sliced"]["VAE decode, 2 images, sliced"] < peaks["ours"]["VAE decode, 2 images"]
     assert payload["headline"] == pytest.approx(figures, rel=0.01)
+
+
+@pytest.mark.skipif(redis_server_path() is None, reason="redis-server is not installed")
+def test_scale_bench_runs_with_stub_workers() -> None:
+    """scale.py runs a tiny workload on one and two stub workers and prints efficiency and fairness."""
+    argv = ["--workers", "1,2", "--batch-s", "0.2", "--members", "4", "--jobs-per-member", "1"]
+    out = _run("scale.py", argv)
+    assert set(_headline(out)) == {"efficiency_2", "jain_min"}
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [(row[0], row[1], row[2]) for row in rows] == [("1", "8", "2"), ("2", "16", "4")]

@@ -426,6 +426,38 @@ async def test_recovery_resumes_queued_jobs_in_order_and_only_missing_images(sto
     assert rows(store, "SELECT DISTINCT status FROM jobs") == [("complete",)]
 
 
+async def test_a_batch_found_out_after_a_restart_is_taken_back_and_not_handed_out_again(store: Store) -> None:
+    """A restarted queue adopts the images of a batch still out that still wait (not those stored before
+    the crash, not those of a job gone since); they leave the ring, and the batch's result finishes them."""
+    queue = await make_queue(store, max_batch_images=3)
+    engine = FakeEngine()
+    job = await queue.submit(request(A, 4))
+    finished = await queue.submit(request(B, 1))
+    await finish(queue, engine, await take(queue))  # stores A0, A1 and B0
+    out = await take(queue)  # A2, A3 on a worker when the bot dies
+    assert [(i.job_id, i.index) for i in out.items] == [(job.id, 2), (job.id, 3)]
+    gone = await queue.submit(request(C, 1))
+
+    revived = await make_queue(store, max_batch_images=3)
+    await revived.cancel(gone.id, C)
+    adopted = await revived.adopt([(job.id, 1), (job.id, 2), (gone.id, 0), (job.id, 3), (finished.id, 0)])
+    assert adopted is not None
+    assert [(i.job_id, i.index) for i in adopted.items] == [(job.id, 2), (job.id, 3)]
+    assert [i.spec for i in adopted.items] == [i.spec for i in out.items]
+    assert await revived.adopt([(job.id, 2)]) is None  # out already
+    engine.batches.clear()
+    await finish(revived, engine, adopted)
+    await asyncio.wait_for(revived.join(), 2)
+    assert len(engine.batches) == 1
+    assert rows(store, "SELECT image_index FROM images WHERE job_id = ? ORDER BY 1", job.id) == [
+        (0,),
+        (1,),
+        (2,),
+        (3,),
+    ]
+    assert rows(store, "SELECT status, in_flight FROM jobs WHERE id = ?", job.id) == [("complete", 0)]
+
+
 async def test_recovery_gives_up_after_max_attempts(store: Store) -> None:
     """A job caught on the GPU by its last allowed crash is failed with the reason, not run again."""
     queue = await make_queue(store, max_attempts=1)

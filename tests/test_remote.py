@@ -8,11 +8,15 @@ not installed, except in CI, where its absence fails.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -21,12 +25,12 @@ from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.jobs import JobStatus
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.remote import UNREACHABLE, RemoteRunner
-from i2p2i_bot.remote_wire import WORKER_KEY_PREFIX
+from i2p2i_bot.remote_wire import QUEUE_NAME, RESULT_KEY_PREFIX, WORKER_KEY_PREFIX
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.store import Store
 from tests.fake_engine import FakeEngine
-from tests.redis_server import RedisServer, Workers, redis_server_path
+from tests.redis_server import ROOT, RedisServer, Workers, redis_server_path
 from tests.requests import job_request
 
 if redis_server_path() is None:
@@ -62,8 +66,10 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await store.close()
 
 
-def remote_settings(server: RedisServer) -> QueueSettings:
-    return QueueSettings(max_batch_images=4, backend="redis", redis_url=server.url, worker_lock_s=LOCK_S)
+def remote_settings(server: RedisServer, **more: Any) -> QueueSettings:
+    return QueueSettings(
+        max_batch_images=4, backend="redis", redis_url=server.url, worker_lock_s=LOCK_S, **more
+    )
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
@@ -241,3 +247,87 @@ async def test_the_bot_takes_jobs_while_redis_is_down_and_runs_them_when_it_retu
         stored = await store.get_job(job.id)
         assert stored is not None and stored.status is JobStatus.COMPLETE
         assert [index for index, _ in await image_rows(store, job.id)] == [0, 1]
+
+
+def start_bot(
+    server: RedisServer, db: Path, images: Path, *, count: int, seed: int
+) -> subprocess.Popen[bytes]:
+    """tests/remote_bot.py: a bot's queue and remote runner in a process of its own, with one job."""
+    args = ["--db", str(db), "--images", str(images), "--redis", server.url, "--lock-s", str(LOCK_S)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.remote_bot", *args, "--count", str(count), "--seed", str(seed)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("at_restart", ["on a worker", "made", "gone from Redis"])
+async def test_a_restarted_bot_takes_back_the_batch_its_last_run_sent(
+    tmp_path: Path, server: RedisServer, at_restart: str
+) -> None:
+    """The bot is SIGKILLed while a worker makes its batch; a new queue and runner on the same database
+    follow the batch still on the worker, or take in the one made meanwhile, without making it again; a
+    batch Redis lost is sent again. Each image is stored once and no result is left behind in Redis."""
+    pool = Workers(server, tmp_path / "workers", step_s=0.4, lock_s=LOCK_S)
+    db, images = tmp_path / "db.sqlite3", tmp_path / "images"
+    bot = start_bot(server, db, images, count=3, seed=42)
+    client = server.client()
+    try:
+        pool.spawn(1)
+        await until(lambda: len(started_batches(pool)) == 1, "the batch starting on the worker")
+        bot.kill()
+        bot.wait(timeout=10)
+        if at_restart == "made":
+            await until(lambda: client.zcard(f"bull:{QUEUE_NAME}:completed") == 1, "the batch being made")
+        elif at_restart == "gone from Redis":
+            client.flushall()
+        store = await Store.open(db, images_dir=images)
+        queue, runner = await remote_queue(store, server)
+        runner.start()
+        await asyncio.wait_for(queue.join(), LIMIT_S)
+        await runner.stop(5)
+        stored = await store.get_job(1)
+        assert stored is not None and stored.status is JobStatus.COMPLETE
+        assert [index for index, _ in await image_rows(store, 1)] == [0, 1, 2]
+        made = [batch["seeds"] for batch in started_batches(pool)]
+        again = [[42, 43, 44]] if at_restart == "gone from Redis" else []
+        assert made == [[42, 43, 44], *again]
+        assert list(client.scan_iter(match=RESULT_KEY_PREFIX + "*")) == []
+        await store.close()
+    finally:
+        if bot.poll() is None:
+            bot.kill()
+        pool.stop()
+
+
+async def test_a_batch_past_the_job_timeout_fails_its_job_and_stops_on_its_worker(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """A batch still running after queue.job_timeout_s fails its job with the reason, and its worker,
+    told through Redis, stops it at the next step instead of making it to the end: no PNG reaches Redis."""
+    pool = Workers(server, tmp_path / "slow", step_s=0.5, lock_s=LOCK_S)
+    try:
+        pool.spawn(1)
+        await live_workers(server, 1)
+        settings = remote_settings(server, job_timeout_s=1.0)
+        queue = await JobQueue.open(store, settings)
+        runner = RemoteRunner(queue, settings, poll_s=0.2)
+        runner.start()
+        slow = dataclasses.replace(PARAMS, steps=12)  # 6 s on the worker
+        job = await queue.submit(job_request(1, "slow", slow, count=2, seed=5))
+        await asyncio.wait_for(queue.join(), LIMIT_S)
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.FAILED
+        assert stored.error == "generation took longer than 1 s and was abandoned"
+        client = server.client()
+        await until(lambda: client.zcard(f"bull:{QUEUE_NAME}:failed") == 1, "the worker stopping the batch")
+        failed_ids = cast(list[bytes], client.zrange(f"bull:{QUEUE_NAME}:failed", 0, -1))
+        assert len(failed_ids) == 1
+        reason = client.hget(f"bull:{QUEUE_NAME}:{failed_ids[0].decode()}", "failedReason")
+        assert reason == b"permanent: the bot gave up on the batch"
+        assert list(client.scan_iter(match=RESULT_KEY_PREFIX + "*")) == []
+        assert await image_rows(store, job.id) == []
+        await runner.stop(5)
+    finally:
+        pool.stop()
