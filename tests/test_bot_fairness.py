@@ -95,8 +95,10 @@ async def test_a_describe_flood_leaves_another_members_card_and_a_job_their_turn
     settings = bot_settings(base_settings, tmp_path / "data", server)
     async with running_i2p2i(settings, server, engine) as bot:
         with gpu_blocked(bot):
-            alices = [await describe(server, width, "alice") for width in (64, 72, 80)]
-            await queued_on_gpu(server, bot, 3)
+            alices = []
+            for width in (64, 72, 80):  # each reaches the GPU queue before the next is sent
+                alices.append(await describe(server, width, "alice"))
+                await queued_on_gpu(server, bot, len(alices))
             bobs = await describe(server, 96, "bob")
             await queued_on_gpu(server, bot, 4)
             job = await server.push_slash("imagine", {"prompt": "a lighthouse", "count": 1}, user="mod")
@@ -126,9 +128,14 @@ async def test_describes_past_the_cap_are_refused_privately_before_any_answer(
         await first.wait_followup(timeout_s=20)
         card = first.original
         assert card is not None
+        # Its slot is handed back just after the card is posted.
+        alice = server.user("alice").id
+        await server.wait_until(lambda: bot.describes.count(alice) == 0 or None, timeout_s=10)
         with gpu_blocked(bot):
-            in_flight = [await describe(server, width, "alice") for width in (72, 80)]
-            await queued_on_gpu(server, bot, 2)
+            in_flight = []
+            for width in (72, 80):  # one after the other reaches the GPU queue, so 72 is first
+                in_flight.append(await describe(server, width, "alice"))
+                await queued_on_gpu(server, bot, len(in_flight))
             too_many = await describe(server, 88, "alice")
             refused = await too_many.wait_response()
             mode_select = next(c for c in card.custom_ids() if c.startswith("i2p:card:mode:"))

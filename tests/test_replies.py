@@ -27,7 +27,9 @@ class FakeResponse:
 
 
 def fake_interaction() -> Any:
-    return SimpleNamespace(id=111, user=SimpleNamespace(id=222), response=FakeResponse())
+    return SimpleNamespace(
+        id=111, user=SimpleNamespace(id=222), response=FakeResponse(), locale="en-US", guild_locale=None
+    )
 
 
 def invoke_error(original: Exception) -> app_commands.CommandInvokeError:
