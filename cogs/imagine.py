@@ -28,7 +28,7 @@ from i2p2i_bot.config import GenerateSettings, InterrogateMode
 from i2p2i_bot.decode_queue import answer_deferred
 from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, Guide, GuideError, GuideName, check_guides, not_offered
 from i2p2i_bot.images import ImageError, check_declared
-from i2p2i_bot.job_controls import PromptModal, bot_of, start_job, whole_number
+from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import (
     PrivateView,
@@ -43,6 +43,7 @@ from i2p2i_bot.request import (
     SCHEDULERS,
     GenerationRequest,
     size_for_aspect,
+    whole_number,
 )
 from i2p2i_bot.source_images import SourceImages
 from i2p2i_bot.store import CardChoices, StoredInterrogation

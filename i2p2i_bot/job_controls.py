@@ -31,7 +31,7 @@ from i2p2i_bot.replies import (
     report_error,
     think_in_public,
 )
-from i2p2i_bot.request import GenerationError, GenerationRequest
+from i2p2i_bot.request import GenerationError, GenerationRequest, whole_number
 from i2p2i_bot.source_images import SourceImages
 from i2p2i_bot.store import StoredImage
 
@@ -480,15 +480,6 @@ def queue_message(
 
 
 # -- the edit modal ---------------------------------------------------------------------------------------
-
-
-def whole_number(text: str) -> int | None:
-    """The number a member wrote with the digits 0–9 alone, or None for anything else.
-
-    str.isdigit also passes "²", on which int() fails with its own message, and int() reads the digits of
-    other scripts ("３"): a seed typed one way and shown another is not the seed the member meant to write.
-    """
-    return int(text) if text.isascii() and text.isdigit() else None
 
 
 class PromptModal(discord.ui.Modal):

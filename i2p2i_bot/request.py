@@ -164,6 +164,15 @@ def size_for_aspect(aspect: str, settings: GenerateSettings) -> tuple[int, int]:
     return (long_side, short_side) if wide >= high else (short_side, long_side)
 
 
+def whole_number(text: str) -> int | None:
+    """The number a member wrote with the digits 0–9 alone, or None for anything else.
+
+    str.isdigit also passes "²", on which int() fails with its own message, and int() reads the digits of
+    other scripts ("３"): a seed typed one way and shown another is not the seed the member meant to write.
+    """
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def check_count(count: int, settings: GenerateSettings) -> None:
     """The number of images one request may ask for, checked alone (before there is a prompt to plan)."""
     if not 1 <= count <= settings.max_count:

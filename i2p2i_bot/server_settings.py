@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import NSFW_SETTINGS, FlaggedPolicy, NsfwSetting, policy_for
 from i2p2i_bot.lookalikes import fold
-from i2p2i_bot.request import MAX_PROMPT_CHARS
+from i2p2i_bot.request import MAX_PROMPT_CHARS, whole_number
 from i2p2i_bot.terms import BannedTerms
 
 if TYPE_CHECKING:
@@ -278,9 +278,10 @@ class ServerSettingsBook:
 
 
 def _whole(text: str, name: str) -> int:
-    if not text.isascii() or not text.isdigit():
+    value = whole_number(text)
+    if value is None:
         raise SettingError(f"{name} must be a whole number (you typed “{text[:40]}”).")
-    return int(text)
+    return value
 
 
 def _within(name: str, value: int, low: int, high: int, *, bound_name: str | None = None) -> None:
