@@ -146,6 +146,7 @@ async def test_describes_past_the_cap_are_refused_privately_before_any_answer(
             assert bot.describes.count(server.user("alice").id) == 2
         for handle in (*in_flight, bobs):
             await handle.wait_followup(timeout_s=20)
+        await server.wait_until(lambda: bot.describes.count(alice) == 0 or None, timeout_s=10)
         again = await describe(server, 104, "alice")
         await again.wait_followup(timeout_s=20)
 
