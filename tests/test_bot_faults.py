@@ -686,7 +686,12 @@ async def test_channel_deleted_while_a_card_is_made_or_redescribed(
         await eventually(
             lambda: bot.store.recent_interrogations(server.user("alice").id), lambda r: len(r) == 3
         )
-        await asyncio.sleep(0.3)  # let the failed posts be answered and reported
+        await server.wait_until(
+            lambda: all(server.calls(since=mark, predicate=with_token(h.token)) for h in (fresh, redo)),
+            timeout_s=20,
+            what="both failed posts",
+        )
+        await asyncio.sleep(0.3)  # a retry loop would show as more calls meanwhile
         for handle in (fresh, redo):
             used = server.calls(since=mark, predicate=with_token(handle.token))
             assert 1 <= len(used) <= 3, [str(c) for c in used]  # the post, and one try to say it failed
