@@ -282,11 +282,12 @@ def write_smoke_lora(
     *,
     seed: int,
     text_encoder: bool = True,
+    unet_layers: bool = True,
     metadata: dict[str, str] | None = None,
     unet: Any | None = None,
 ) -> Path:
-    """A tiny random LoRA for the smoke generator's UNet (and text encoder), written as diffusers writes
-    LoRAs (`save_lora_weights`) to `target` (a .safetensors file); returns target.
+    """A tiny random LoRA for the smoke generator's UNet and text encoder (or either alone), written as
+    diffusers writes LoRAs (`save_lora_weights`) to `target` (a .safetensors file); returns target.
 
     Its up matrices are random rather than zero (as a fresh LoRA's are), so that it changes the images.
     `metadata` is added to the file's header, as trainers add theirs. `unet` replaces the smoke UNet: a
@@ -300,11 +301,15 @@ def write_smoke_lora(
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = unet or UNet2DConditionModel.from_pretrained(generator / "unet")
-        model.add_adapter(
-            LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
-        )
-        layers: dict[str, Any] = {"unet_lora_layers": get_peft_model_state_dict(model)}
+        layers: dict[str, Any] = {}
+        if unet_layers:
+            model = unet or UNet2DConditionModel.from_pretrained(generator / "unet")
+            model.add_adapter(
+                LoraConfig(
+                    r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]
+                )
+            )
+            layers["unet_lora_layers"] = get_peft_model_state_dict(model)
         if text_encoder:
             encoder = CLIPTextModel.from_pretrained(generator / "text_encoder")
             encoder.add_adapter(
