@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -302,3 +303,43 @@ max_side = 128
     assert record["loras"] == [{"name": "style", "weight": 0.5, "sha256": sha}]
     assert record["prompt"] == "a fox <lora:style:0.5>"
     assert os.path.getsize(out / record["images"][0]["file"]) > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_runs_lora_batches_eager_and_the_others_compiled_as_before(
+    smoke_models: SmokeModels,
+    base_settings: Settings,
+    lora_dir: Path,
+    generator: Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The compiled UNet was traced without LoRA layers: a LoRA batch runs eager and makes the uncompiled
+    pipeline's image; the next plain batch runs compiled again, on a UNet with the LoRA layers taken out."""
+    from tests.test_acceleration import CountingBackend
+
+    settings = dataclasses.replace(base_settings.generate, steps=3, compile="default", compile_buckets=[1])
+    backend = CountingBackend()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(smoke_models.generator), dtype=torch.float32)
+    compiled = Generator(pipe, settings, "smoke", loras=LoraLibrary(lora_dir), compile_backend=backend)
+    buckets = compiled.buckets
+    assert buckets is not None and buckets.failed is None
+    calls: list[bool] = []
+    original = compiled._pipeline_call
+
+    def spy(params: Any, specs: Any, on_step: Any) -> Any:
+        calls.append(compiled.pipe.unet is buckets.compiled)
+        return original(params, specs, on_step)
+
+    monkeypatch.setattr(compiled, "_pipeline_call", spy)
+    try:
+        plain = pixels(compiled, "a red fox")
+        styled = pixels(compiled, "a red fox <lora:style:1>")
+        again = pixels(compiled, "a red fox")
+        assert calls == [True, False, True]
+        assert largest_difference(styled, pixels(generator, "a red fox <lora:style:1>")) <= ROUNDING
+        assert largest_difference(again, plain) == 0 and compiled.loras.loaded == ()
+        assert backend.compiles == 1
+    finally:
+        torch._dynamo.reset()
