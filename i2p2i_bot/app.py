@@ -62,6 +62,7 @@ EXTENSIONS: tuple[str, ...] = (
     "cogs.admin",
     "cogs.settings",
     "cogs.reply_edit",
+    "cogs.loras",
 )
 EXIT_CONFIG = 2
 # The GPU failed for good (a CUDA fault, or a task that never returns): only a new process gets it back.

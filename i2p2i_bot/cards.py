@@ -14,6 +14,7 @@ from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.guides import Guide
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Job, JobStatus, Position
+from i2p2i_bot.loras import describe as describe_loras
 from i2p2i_bot.store import CardChoices, StoredImage, StoredInterrogation
 
 COLOR = discord.Colour(0x5865F2)
@@ -302,6 +303,8 @@ def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) ->
         )
     if job.request.keep:
         embed.add_field(name="Kept from the source", value=guides_text(job.request.keep), inline=False)
+    if job.request.loras:
+        embed.add_field(name="LoRAs", value=shorten(describe_loras(job.request.loras), FIELD_VALUE_MAX))
     ranked = sorted(images, key=lambda m: -(m.fidelity if m.fidelity is not None else -2.0))
     lines = []
     for meta in ranked:
@@ -367,6 +370,9 @@ def info_embed(
             value=f"{guides_text(job.request.keep)}\nsource image `{source[:12]}`",
             inline=False,
         )
+    if job.request.loras:
+        lines = [f"{lora.name} {lora.weight:g} · file `{lora.sha256[:12]}`" for lora in job.request.loras]
+        embed.add_field(name="LoRAs", value=shorten("\n".join(lines), FIELD_VALUE_MAX), inline=False)
     embed.add_field(name="Size", value=f"{p.width}×{p.height}")
     embed.add_field(name="Steps", value=str(p.steps))
     embed.add_field(name="Guidance", value=f"{p.guidance:g}")

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from i2p2i_bot.engine import Engine
     from i2p2i_bot.interrogate import Interrogator
     from i2p2i_bot.interrogation import Interrogation
+    from i2p2i_bot.loras import LoraLibrary
     from i2p2i_bot.request import GenerationParams, GenerationRequest
 
 MODES: tuple[str, ...] = get_args(InterrogateMode)
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "download-models", help="fetch the configured models into the Hugging Face cache", parents=[common]
     )
+
+    loras = sub.add_parser(
+        "loras",
+        help="list the LoRAs of models.lora_dir, which prompts name with <lora:NAME:WEIGHT>",
+        parents=[common],
+    )
+    loras.add_argument("--json", action="store_true", help="one JSON object per LoRA, one per line")
 
     health = sub.add_parser(
         "health",
@@ -202,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # Commands that never load a model: they skip the model libraries' start-up cost (health runs every 30 s).
-OPERATIONS_COMMANDS = ("health", "backup")
+OPERATIONS_COMMANDS = ("health", "backup", "loras")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -224,6 +232,8 @@ def _run(args: argparse.Namespace) -> int:
         return _health(settings, args)
     if args.command == "backup":
         return _backup(settings, args)
+    if args.command == "loras":
+        return _loras(settings, args)
     from i2p2i_bot.models import ModelUnavailable
     from i2p2i_bot.request import GenerationError
 
@@ -295,6 +305,36 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _loras(settings: Settings, args: argparse.Namespace) -> int:
+    library = _lora_library(settings)
+    offered = library.available()
+    if not offered and not args.json:
+        where = settings.models.lora_dir or "nowhere: models.lora_dir is not set"
+        print(f"no LoRAs in {where}", file=sys.stderr)
+    for lora in offered:
+        if args.json:
+            record = {
+                "name": lora.name,
+                "tag": f"<lora:{lora.name}:1>",
+                "file": str(lora.path),
+                "sha256": library.sha256(lora.path),
+                "family": lora.family,
+                "trigger_words": list(lora.trigger_words),
+            }
+            print(json.dumps(record))
+        else:
+            family = f"  ({lora.family})" if lora.family else ""
+            words = f"  trigger words: {', '.join(lora.trigger_words)}" if lora.trigger_words else ""
+            print(f"<lora:{lora.name}:1>{family}{words}")
+    return EXIT_OK
+
+
+def _lora_library(settings: Settings) -> LoraLibrary:
+    from i2p2i_bot.loras import LoraLibrary
+
+    return LoraLibrary(settings.models.lora_dir, max_per_prompt=settings.models.max_loras)
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     url = args.redis or settings.queue.redis_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -352,7 +392,7 @@ def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> i
     params, result = _run_generation(engine, request, None, progress, "Generating")
     out.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(out, _slug(args.prompt))
-    files = _write_images(out, stem, result.images, engine.models, params.keep)
+    files = _write_images(out, stem, result.images, engine.models, params)
     record = {
         "prompt": request.prompt,
         **({"source": args.source, "source_sha256": source} if source is not None else {}),
@@ -416,7 +456,7 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             continue
         out.mkdir(parents=True, exist_ok=True)
         stem = _unique_stem(out, _slug(path.stem))
-        files = _write_images(out, stem, result.images, engine.models, params.keep)
+        files = _write_images(out, stem, result.images, engine.models, params)
         record = {
             "source": str(path),
             "source_sha256": sha,
@@ -557,7 +597,7 @@ def _check_request(
             raise UsageError("--keep needs a source image: give one with --source IMAGE")
     # A stand-in for the source's hash: the image itself is read later, with the others.
     request = replace(_request(args, prompt), keep=keep, guide_source="0" * 64 if keep else None)
-    plan(request, settings.generate, "check", settings.guides.enabled)
+    plan(request, settings.generate, "check", settings.guides.enabled, _lora_library(settings))
     return keep
 
 
@@ -593,14 +633,14 @@ def _write_images(
     stem: str,
     images: Sequence[GeneratedImage],
     models: dict[str, str],
-    keep: Sequence[Guide] = (),
+    params: GenerationParams,
 ) -> list[Path]:
     files = []
     digits = len(str(len(images)))  # 01..12, so that a folder listing keeps the images in order
     for k, item in enumerate(images, start=1):
         path = out / f"{stem}.{k:0{digits}d}.png"
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", json.dumps(_png_parameters(item, models, keep)))
+        info.add_text("parameters", json.dumps(_png_parameters(item, models, params)))
         tmp = path.with_suffix(".png.tmp")
         item.image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
@@ -608,16 +648,20 @@ def _write_images(
     return files
 
 
-def _png_parameters(item: GeneratedImage, models: dict[str, str], keep: Sequence[Guide]) -> dict[str, Any]:
+def _png_parameters(item: GeneratedImage, models: dict[str, str], params: GenerationParams) -> dict[str, Any]:
+    from i2p2i_bot.loras import loras_json
+
     parameters: dict[str, Any] = {
         "prompt": item.spec.prompt,
         "negative_prompt": item.spec.negative_prompt,
         "seed": item.spec.seed,
         "generator": models.get("generator"),
     }
-    if keep:
-        parameters["keep"] = guides_json(keep)
+    if params.keep:
+        parameters["keep"] = guides_json(params.keep)
         parameters["guide_source_sha256"] = item.spec.guide_source
+    if params.loras:
+        parameters["loras"] = loras_json(params.loras)
     return parameters
 
 
@@ -637,16 +681,20 @@ def _result_json(
     ranked = sorted(
         (i for i in images if i["fidelity"] is not None), key=lambda i: -float(i["fidelity"] or 0.0)
     )
+    from i2p2i_bot.loras import loras_json
+
     guide_models = engine.generator.guided.models.recorded
     return {
         "negative_prompt": first.negative_prompt if first else "",
-        "params": {k: v for k, v in asdict(params).items() if k not in ("model", "keep")},
+        "params": {k: v for k, v in asdict(params).items() if k not in ("model", "keep", "loras")},
         # What the images keep of the source besides the prompt, each guide with its weight (and the
         # model its weights come from, where it has its own).
         "keep": [
             {**entry, **({"model": guide_models[g.name]} if g.name in guide_models else {})}
             for g, entry in zip(params.keep, guides_json(params.keep), strict=True)
         ],
+        # The LoRAs the prompt named, each with its weight and its file's sha256.
+        "loras": loras_json(params.loras),
         "models": engine.models,
         "smoke": engine.sources.smoke,
         "images": images,

@@ -48,8 +48,15 @@ class ModelSettings:
     cache_dir: str = ""
     # Run each model once at start so the first request is as fast as the rest; "auto": on CUDA only.
     warm_up: WarmUp = "auto"
+    # A folder of LoRA .safetensors files that prompts name with <lora:NAME:WEIGHT>; "": none offered.
+    lora_dir: str = ""
+    # How many LoRAs one prompt may name.
+    max_loras: int = 4
 
     def validate(self) -> None:
+        _between("models.max_loras", self.max_loras, 1, 16)
+        if self.lora_dir and not Path(self.lora_dir).expanduser().is_dir():
+            raise ConfigError(f"models.lora_dir {self.lora_dir!r} is not a directory")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(
                 f"models.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})"

@@ -18,6 +18,7 @@ from i2p2i_bot.guided import load_guide_models
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogate import Interrogator
 from i2p2i_bot.interrogation import Interrogation
+from i2p2i_bot.loras import LoraLibrary
 from i2p2i_bot.models import ModelSources, check_downloaded, quick_gelu_name, resolve_models
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.server_settings import ServerSettings
@@ -57,6 +58,7 @@ class Engine:
             name=sources.recorded()["generator"],
             guides=guides,
             source_images=SourceImages(settings.sources_path),
+            loras=LoraLibrary(settings.models.lora_dir, max_per_prompt=settings.models.max_loras),
         )
         load_s = time.perf_counter() - started
         log.info("models loaded in %.1f s", load_s)

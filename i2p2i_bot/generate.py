@@ -24,6 +24,8 @@ from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.guided import GuidedPipelines, GuideModels, compiles
 from i2p2i_bot.guides import GuideName
+from i2p2i_bot.lora_adapters import LoraAdapters, pipeline_family
+from i2p2i_bot.loras import LoraLibrary
 from i2p2i_bot.models import ModelUnavailable, generator_folder
 from i2p2i_bot.prompt_encoding import PromptEncoder
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
@@ -53,6 +55,7 @@ class Generator:
         compile_backend: str | Callable[..., Any] = "inductor",
         guides: GuideModels | None = None,
         source_images: SourceImages | None = None,
+        loras: LoraLibrary | None = None,
     ) -> None:
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
@@ -68,6 +71,10 @@ class Generator:
         self.source_images = source_images or SourceImages()
         self.guided = GuidedPipelines(pipe, guides or GuideModels(), self.source_images)
         self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+        # The LoRAs prompts may name, and those loaded into this pipeline.
+        self.lora_library = loras or LoraLibrary(None)
+        self.lora_library.family = pipeline_family(pipe)
+        self.loras = LoraAdapters(pipe, self.lora_library)
         self.buckets: UnetBuckets | None = None
         if mode != "off":
             self.buckets = UnetBuckets(
@@ -117,6 +124,7 @@ class Generator:
         name: str | None = None,
         guides: GuideModels | None = None,
         source_images: SourceImages | None = None,
+        loras: LoraLibrary | None = None,
     ) -> Generator:
         """Load the pipeline from `source`; `name` is what jobs record as its model (default: the source).
 
@@ -142,6 +150,7 @@ class Generator:
             embed_pixels=embed_pixels,
             guides=guides,
             source_images=source_images,
+            loras=loras,
         )
 
     @property
@@ -153,7 +162,7 @@ class Generator:
         """The request checked against this generator's settings, with a server's changes over them, its
         defaults and seed filled in."""
         settings = self.settings if server is None else server.generate(self.settings)
-        return plan(request, settings, self.model, self.offered_guides)
+        return plan(request, settings, self.model, self.offered_guides, self.lora_library)
 
     def generate(
         self,
@@ -192,6 +201,7 @@ class Generator:
             warnings += self.prompts.warnings(prompt)
         for negative in dict.fromkeys(s.negative_prompt for s in specs if s.negative_prompt):
             warnings += self.prompts.warnings(negative, "negative prompt")
+        self._switch_loras(params)
         outputs = split_on_oom(lambda chunk: self._run_pipeline(params, chunk, on_step), list(specs))
         pipeline_s = time.perf_counter() - started
         fidelities = self._fidelities(outputs, specs)
@@ -205,6 +215,15 @@ class Generator:
             "total_s": time.perf_counter() - started,
         }
         return BatchResult(images, timings, tuple(warnings))
+
+    def _switch_loras(self, params: GenerationParams) -> None:
+        """The batch's LoRAs on, and only them; without any, the model as loaded, the compiled UNet's too."""
+        if params.loras:
+            self.loras.apply(params.loras)
+        elif self.buckets is not None and self.buckets.failed is None:
+            self.loras.unload()
+        else:
+            self.loras.off()
 
     def _run_pipeline(
         self,
@@ -233,8 +252,9 @@ class Generator:
     ) -> list[_Made]:
         buckets = self.buckets
         bucket = None
-        # The UNet was compiled for one window of prompt tokens; a longer prompt runs eager.
-        if buckets is not None and compiles(params.keep) and windows == 1:
+        # The UNet was compiled for one window of prompt tokens and without LoRA layers; a longer prompt,
+        # or a LoRA, runs eager.
+        if buckets is not None and compiles(params.keep) and windows == 1 and not params.loras:
             # The pipeline's own rule: classifier-free guidance runs each image's UNet input twice.
             guided = params.guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
             bucket = buckets.bucket_for(len(specs), params.width, params.height, 2 if guided else 1)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from i2p2i_bot.loras import strip_tags
 from i2p2i_bot.prompt_syntax import Fragment, is_weighted, parse, plain_text
 from i2p2i_bot.request import ImageSpec
 
@@ -37,13 +38,13 @@ class PromptEncoder:
 
     def windows(self, spec: ImageSpec) -> int:
         """How many windows of tokens an image's prompts take: its batch runs with others of as many."""
-        return max(self._windows(parse(spec.prompt)), self._windows(parse(spec.negative_prompt)))
+        return max(self._windows(_read(spec.prompt)), self._windows(_read(spec.negative_prompt)))
 
     def warnings(self, prompt: str, label: str = "prompt") -> list[str]:
         """Say which words of a prompt the text encoder will not read, instead of cutting them silently."""
         if self.chunks:
             return []
-        text = plain_text(parse(prompt))
+        text = plain_text(_read(prompt))
         encoded = self.tokenizer(text, truncation=False, verbose=False, return_offsets_mapping=True)
         ids = encoded.input_ids
         if len(ids) <= self.window:
@@ -58,7 +59,7 @@ class PromptEncoder:
     def arguments(self, pipe: Any, specs: Sequence[ImageSpec]) -> dict[str, Any]:
         """The pipeline's prompt arguments for these images, which take the same number of windows: their
         texts when every prompt is plain, else one embedding per image."""
-        pairs = [(parse(s.prompt), parse(s.negative_prompt)) for s in specs]
+        pairs = [(_read(s.prompt), _read(s.negative_prompt)) for s in specs]
         if all(self._plain(fragments) for pair in pairs for fragments in pair):
             return {
                 "prompt": [plain_text(p) for p, _ in pairs],
@@ -109,7 +110,7 @@ class PromptEncoder:
 
     def _provider(self) -> Any:
         """compel's encoder over the pipeline's text encoder, made per call: its cached empty-prompt
-        embedding must follow the text encoder's weights."""
+        embedding must follow the text encoder's weights, which a LoRA on the text encoder changes."""
         from compel.embeddings_provider import EmbeddingsProvider, SplitLongTextMode
 
         return EmbeddingsProvider(
@@ -119,3 +120,8 @@ class PromptEncoder:
             # A1111 ends a window at the last comma before it; compel at the last phrase mark.
             split_long_text_mode=SplitLongTextMode.PHRASES,
         )
+
+
+def _read(prompt: str) -> tuple[Fragment, ...]:
+    """A prompt as the text encoder reads it: its LoRA tags taken out (they choose weights, not words)."""
+    return parse(strip_tags(prompt))

@@ -15,6 +15,7 @@ from typing import Any
 
 from i2p2i_bot.batches import Batch
 from i2p2i_bot.guides import GuideError, check_guides, guides_from_json, guides_json
+from i2p2i_bot.loras import loras_from_json, loras_json
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
 # The BullMQ queue the bot adds batches to and the workers take them from.
@@ -56,7 +57,11 @@ def batch_payload(batch: Batch) -> dict[str, Any]:
     it sent before a restart by them."""
     return {
         "items": [[item.job_id, item.index] for item in batch.items],
-        "params": {**dataclasses.asdict(batch.params), "keep": guides_json(batch.params.keep)},
+        "params": {
+            **dataclasses.asdict(batch.params),
+            "keep": guides_json(batch.params.keep),
+            "loras": loras_json(batch.params.loras),
+        },
         "specs": [
             {
                 "prompt": s.prompt,
@@ -94,6 +99,7 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
             height=int(raw["height"]),
             scheduler=str(raw["scheduler"]),
             keep=check_guides(guides_from_json(raw.get("keep") or [])),
+            loras=loras_from_json(raw.get("loras") or []),
         )
         specs = tuple(
             ImageSpec(
@@ -128,6 +134,7 @@ def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
         model=params.model,
         keep=params.keep,
         guide_source=spec.guide_source,
+        loras=params.loras,
     )
 
 

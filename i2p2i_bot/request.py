@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from i2p2i_bot.guides import Guide, GuideError, check_guides
 from i2p2i_bot.lookalikes import visible
+from i2p2i_bot.loras import Lora, LoraError, LoraLibrary, strip_tags
 from i2p2i_bot.prompt_syntax import PromptSyntaxError, check_weights
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class GenerationParams:
     scheduler: str
     # The guides and their weights: images kept from their sources the same way share a batch.
     keep: tuple[Guide, ...] = ()
+    # The LoRAs and their weights and files (loras.py): images made with the same set share a batch.
+    loras: tuple[Lora, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class GenerationRequest:
     # The sha256 of the stored image the guides keep elements of: the member's upload, as a job's
     # source_sha256 names it, or (later) one of their results.
     guide_source: str | None = None
+    # The LoRAs the prompt's <lora:NAME:WEIGHT> tags name, with their files' sha256 (loras.py); plan()
+    # fills it in, and a job's set pins the files its rerolls may use.
+    loras: tuple[Lora, ...] = ()
 
     @property
     def planned(self) -> bool:
@@ -114,7 +120,7 @@ class GenerationRequest:
         )
         if m is None or steps is None or g is None or w is None or h is None or sched is None:
             raise ValueError(_UNPLANNED)
-        return GenerationParams(m, steps, g, w, h, sched, self.keep)
+        return GenerationParams(m, steps, g, w, h, sched, self.keep, self.loras)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -186,12 +192,13 @@ def plan(
     settings: GenerateSettings,
     model: str,
     guides: Collection[str] = (),
+    loras: LoraLibrary | None = None,
 ) -> GenerationRequest:
     """Check a request against the settings; return it with every default filled in and its first seed.
 
-    `guides` names the guides on offer. Raises GenerationError, one sentence for the member, for anything
-    out of bounds. A request that is planned already is checked again (the settings may have changed
-    since) and keeps its seed.
+    `guides` names the guides on offer, `loras` the LoRAs (None: none). Raises GenerationError, one
+    sentence for the member, for anything out of bounds. A request that is planned already is checked
+    again (the settings may have changed since) and keeps its seed; its LoRA set pins the files it used.
     """
     # Characters that draw nothing (zero-width spaces, soft hyphens...) are dropped from what is generated
     # and shown; a prompt of nothing else is empty, as it is once folded for matching banned terms.
@@ -208,7 +215,7 @@ def plan(
             f"The negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}."
         )
     try:
-        check_weights(prompt)
+        check_weights(strip_tags(prompt))
         check_weights(negative, "negative prompt")
     except PromptSyntaxError as exc:
         raise GenerationError(str(exc)) from None
@@ -235,6 +242,11 @@ def plan(
     if request.model is not None and request.model != model:
         raise GenerationError(f"This bot makes images with {model}, not {request.model}.")
     keep, source = _check_keep(request, steps, guides)
+    try:
+        # Last: it may hash a LoRA file not seen before.
+        lora_set = (loras or LoraLibrary(None)).resolve(prompt, negative, request.loras)
+    except LoraError as exc:
+        raise GenerationError(str(exc)) from None
     return GenerationRequest(
         prompt,
         negative_prompt=negative,
@@ -248,6 +260,7 @@ def plan(
         model=model,
         keep=keep,
         guide_source=source,
+        loras=lora_set,
     )
 
 

@@ -274,3 +274,54 @@ def _build_controlnet(directory: Path, unet: Any) -> None:
             torch.nn.init.zeros_(module.bias)
     torch.nn.init.normal_(embedding.conv_out.weight, std=50.0)
     controlnet.save_pretrained(directory)
+
+
+def write_smoke_lora(
+    generator: Path,
+    target: Path,
+    *,
+    seed: int,
+    text_encoder: bool = True,
+    unet_layers: bool = True,
+    metadata: dict[str, str] | None = None,
+    unet: Any | None = None,
+) -> Path:
+    """A tiny random LoRA for the smoke generator's UNet and text encoder (or either alone), written as
+    diffusers writes LoRAs (`save_lora_weights`) to `target` (a .safetensors file); returns target.
+
+    Its up matrices are random rather than zero (as a fresh LoRA's are), so that it changes the images.
+    `metadata` is added to the file's header, as trainers add theirs. `unet` replaces the smoke UNet: a
+    LoRA made for another UNet is one of another family.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        layers: dict[str, Any] = {}
+        if unet_layers:
+            model = unet or UNet2DConditionModel.from_pretrained(generator / "unet")
+            model.add_adapter(
+                LoraConfig(
+                    r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]
+                )
+            )
+            layers["unet_lora_layers"] = get_peft_model_state_dict(model)
+        if text_encoder:
+            encoder = CLIPTextModel.from_pretrained(generator / "text_encoder")
+            encoder.add_adapter(
+                LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+            )
+            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(target.parent, weight_name=target.name, **layers)
+    if metadata:
+        from safetensors import safe_open
+
+        with safe_open(str(target), framework="pt") as file:
+            header = dict(file.metadata() or {})
+        save_file(load_file(str(target)), str(target), metadata={**header, **metadata})
+    return target

@@ -34,6 +34,7 @@ from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.guides import Guide, guides_from_json, guides_json
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Delivery, Job, JobRequest, JobStatus
+from i2p2i_bot.loras import Lora, loras_from_json, loras_json
 from i2p2i_bot.request import GenerationRequest
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -1021,9 +1022,18 @@ def _keep_field(text: str) -> tuple[Guide, ...]:
     return guides_from_json(json.loads(text))
 
 
+def _loras_column(loras: tuple[Lora, ...]) -> str:
+    return json.dumps(loras_json(loras))
+
+
+def _loras_field(text: str) -> tuple[Lora, ...]:
+    return loras_from_json(json.loads(text))
+
+
 # Request fields that are no plain value, with how their column holds them: (to the column, from it).
 _REQUEST_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "keep": (_keep_column, _keep_field),
+    "loras": (_loras_column, _loras_field),
 }
 _PLAIN = (lambda value: value, lambda value: value)
 _REQUEST_CODING = tuple((name, *_REQUEST_CODECS.get(name, _PLAIN)) for name in _REQUEST_COLUMNS)

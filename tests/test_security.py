@@ -258,6 +258,7 @@ async def test_commands_and_private_views_refuse_other_members(
             "job": "owner, admin, or who can see where it was posted",
             "admin": "admin",
             "settings": "admin",
+            "loras": "anyone: lists the server's LoRAs, nobody's data",
         }
         assert {c.name for c in bot.tree.get_commands()} | {"Imagine from image"} == set(policy)
         _, card = await describe(server, astronaut, user="alice")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -19,6 +20,7 @@ from i2p2i_bot.guides import Guide
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.jobs import Delivery, JobStatus
+from i2p2i_bot.loras import Lora
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import (
     CardChoices,
@@ -69,7 +71,7 @@ async def test_migrations_on_an_empty_file(tmp_path: Path) -> None:
     """A new file gets every packaged migration, WAL and foreign keys, and its version in user_version."""
     store = await open_store(tmp_path)
     try:
-        assert await store.schema_version() == len(packaged_migrations()) == 13
+        assert await store.schema_version() == len(packaged_migrations()) == 14
         rows = await store._fetchall("PRAGMA journal_mode")
         assert rows[0][0] == "wal"
         rows = await store._fetchall("PRAGMA foreign_keys")
@@ -640,3 +642,31 @@ async def test_pending_describes_are_kept_until_removed_and_forgotten_with_their
     assert await store.pending_describes() == [second]
     await store.forget_user(2)
     assert await store.pending_describes() == []
+
+
+LORA_PARAMS = dataclasses.replace(PARAMS, loras=(Lora("style", 0.8, "a" * 64), Lora("ink", -0.5, "b" * 64)))
+
+
+async def test_a_job_row_records_its_loras_with_their_file_hashes(tmp_path: Path) -> None:
+    """The LoRA set is stored with the job (name, weight, file sha256, in the prompt's order): reopened, the
+    queued job has the same batch key, and Reroll keeps the set that pins the files."""
+    store = await open_store(tmp_path)
+    try:
+        job = await store.insert_job(job_request(3, "a fox <lora:style:0.8> <lora:ink:-0.5>", LORA_PARAMS))
+        (row,) = await store._fetchall("SELECT loras FROM jobs WHERE id = ?", (job.id,))
+        assert json.loads(row["loras"]) == [
+            {"name": "style", "weight": 0.8, "sha256": "a" * 64},
+            {"name": "ink", "weight": -0.5, "sha256": "b" * 64},
+        ]
+        plain = await store.insert_job(job_request(3, "a fox", PARAMS))
+        (row,) = await store._fetchall("SELECT loras FROM jobs WHERE id = ?", (plain.id,))
+        assert row["loras"] == "[]"
+    finally:
+        await store.close()
+    store = await open_store(tmp_path)
+    try:
+        again = await store.get_job(job.id)
+        assert again == job and again.request.params == LORA_PARAMS
+        assert again.reroll(3).request.loras == LORA_PARAMS.loras
+    finally:
+        await store.close()
