@@ -7,7 +7,7 @@
   start. A batch is padded up to the next bucket with copies of its last image, which are thrown away;
   every image has its own seed and noise, so padding cannot change the others beyond float rounding.
   Nothing is compiled after start: a UNet input of a shape not warmed (another size, guidance off) runs
-  uncompiled, and so does a batch whose UNet takes ControlNet residuals (the edges guide). A UNet that
+  uncompiled, and so does a batch whose UNet takes ControlNet residuals (edges, depth). A UNet that
   fails to compile, or whose compiled code fails during a batch, runs uncompiled from then on, with a
   warning; that batch is made again uncompiled.
 - the safety checker's and the fidelity score's CLIP input made from the decoded tensor on the device,

@@ -43,6 +43,9 @@ class ModelSources:
     smoke: bool = False
     # The edges guide's ControlNet; None when [guides] does not enable edges.
     edges: str | None = None
+    # The depth guide's ControlNet and depth estimator; None when [guides] does not enable depth.
+    depth: str | None = None
+    depth_estimator: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {"generator": self.generator, "clip": self.clip, "caption": self.caption}
@@ -60,7 +63,8 @@ class ModelSources:
 
 def resolve_models(settings: Settings) -> ModelSources:
     """Turn the models settings into sources; the smoke preset builds its tiny models on first use."""
-    edges = "edges" in settings.guides.enabled
+    g = settings.guides
+    edges, depth = "edges" in g.enabled, "depth" in g.enabled
     if settings.models.preset == "smoke":
         log.warning(SMOKE_WARNING)
         smoke = ensure_smoke_models(settings.cache_path)
@@ -70,9 +74,18 @@ def resolve_models(settings: Settings) -> ModelSources:
             str(smoke.caption),
             smoke=True,
             edges=str(smoke.edges) if edges else None,
+            depth=str(smoke.depth) if depth else None,
+            depth_estimator=str(smoke.depth_estimator) if depth else None,
         )
     m = settings.models
-    return ModelSources(m.generator, m.clip, m.caption, edges=settings.guides.edges_model if edges else None)
+    return ModelSources(
+        m.generator,
+        m.clip,
+        m.caption,
+        edges=g.edges_model if edges else None,
+        depth=g.depth_model if depth else None,
+        depth_estimator=g.depth_estimator if depth else None,
+    )
 
 
 def quick_gelu_name(source: str) -> str:
@@ -114,6 +127,10 @@ CAPTION_PICKLED = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_mod
 # A ControlNet's repository (lllyasviel/sd-controlnet-canny) also holds example images and a pickled copy.
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 CONTROLNET_PICKLED = ("diffusion_pytorch_model.bin",)
+# A depth estimator's config, its image processor's and its weights (Intel/dpt-hybrid-midas also holds a
+# pickled copy; some older repositories only that).
+DEPTH_ESTIMATOR_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+DEPTH_ESTIMATOR_PICKLED = ("pytorch_model.bin",)
 # The safety checker's folder (its weights are 1.2 GB): Generator.load passes safety_checker=None when
 # generate.safety_checker is off, and diffusers then reads nothing from that folder.
 SAFETY_CHECKER_FILES = ("safety_checker/*",)
@@ -133,6 +150,12 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
     ]
     if sources.edges is not None:
         fetched.append(("edges", sources.edges, CONTROLNET_FILES, CONTROLNET_PICKLED, ()))
+    if sources.depth is not None:
+        fetched.append(("depth", sources.depth, CONTROLNET_FILES, CONTROLNET_PICKLED, ()))
+    if sources.depth_estimator is not None:
+        fetched.append(
+            ("depth estimator", sources.depth_estimator, DEPTH_ESTIMATOR_FILES, DEPTH_ESTIMATOR_PICKLED, ())
+        )
     for label, source, files, pickled, ignored in fetched:
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
@@ -206,6 +229,12 @@ def generator_folder(source: str, *, safety_checker: bool) -> str:
 def controlnet_folder(source: str) -> str:
     """The folder a guide's ControlNet is read from: source itself, or what download_models cached."""
     return _cached_repository("ControlNet", source, CONTROLNET_FILES, CONTROLNET_PICKLED, ())
+
+
+def depth_estimator_folder(source: str) -> str:
+    """The folder the depth guide's depth estimator is read from: source itself, or what download_models
+    cached."""
+    return _cached_repository("Depth estimator", source, DEPTH_ESTIMATOR_FILES, DEPTH_ESTIMATOR_PICKLED, ())
 
 
 def caption_folder(source: str) -> str:

@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # Bump when the tiny architectures change, so old caches are rebuilt instead of half-matching.
-SMOKE_VERSION = 2
+SMOKE_VERSION = 3
 SMOKE_WARNING = (
     "Using the smoke models: tiny random networks, so the images are noise and the prompts nonsense."
 )
@@ -57,14 +57,24 @@ class SmokeModels:
     generator: Path
     clip: Path
     caption: Path
-    # The ControlNet of the edges guide, made for the tiny generator's UNet.
+    # The ControlNets of the edges and depth guides, made for the tiny generator's UNet.
     edges: Path
+    depth: Path
+    # The depth guide's depth estimator: a tiny hybrid DPT, the architecture of MiDaS's dpt-hybrid.
+    depth_estimator: Path
 
 
 def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
     """Build the tiny models under cache_dir once; later calls reuse them."""
     root = cache_dir / f"smoke-v{SMOKE_VERSION}"
-    models = SmokeModels(root / "generator", root / "clip", root / "caption", root / "edges")
+    models = SmokeModels(
+        root / "generator",
+        root / "clip",
+        root / "caption",
+        root / "edges",
+        root / "depth",
+        root / "depth-estimator",
+    )
     if (root / "complete").exists():
         return models
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +87,8 @@ def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
             _build_caption(staging / "caption")
             unet = _build_generator(staging / "generator")
             _build_controlnet(staging / "edges", unet)
+            _build_controlnet(staging / "depth", unet)
+            _build_depth_estimator(staging / "depth-estimator")
         (staging / "complete").write_text("ok\n")
         try:
             os.rename(staging, root)
@@ -274,3 +286,41 @@ def _build_controlnet(directory: Path, unet: Any) -> None:
             torch.nn.init.zeros_(module.bias)
     torch.nn.init.normal_(embedding.conv_out.weight, std=50.0)
     controlnet.save_pretrained(directory)
+
+
+def _build_depth_estimator(directory: Path) -> None:
+    """A tiny DPTForDepthEstimation with a BiT backbone (the hybrid of Intel/dpt-hybrid-midas) and its
+    image processor, saved as the Hub's are."""
+    from transformers import BitConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=64,
+        patch_size=16,
+        is_hybrid=True,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 32, 32],
+        reassemble_factors=[4, 2, 1, 0.5],
+        fusion_hidden_size=16,
+        backbone_featmap_shape=[1, 32, 4, 4],
+        neck_ignore_stages=[0, 1],
+        readout_type="project",
+        # BitConfig takes out_features through its backbone mixin, which its annotations do not show.
+        backbone_config=BitConfig(  # type: ignore[call-arg]
+            global_padding="same",
+            layer_type="bottleneck",
+            depths=[1, 1, 1],
+            hidden_sizes=[8, 16, 32],
+            embedding_size=8,
+            num_groups=4,
+            embedding_dynamic_padding=True,
+            out_features=["stage1", "stage2", "stage3"],
+        ),
+    )
+    DPTForDepthEstimation(config).save_pretrained(directory)
+    # As Intel/dpt-hybrid-midas's: a square input, which its hybrid embedding requires.
+    processor = DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False)
+    processor.save_pretrained(directory)
