@@ -21,6 +21,8 @@ DEFAULT_EDGES_MODEL = "lllyasviel/sd-controlnet-canny"
 DEFAULT_DEPTH_MODEL = "lllyasviel/sd-controlnet-depth"
 # The MiDaS model of ControlNet's own depth annotator, whose maps the depth ControlNet was trained on.
 DEFAULT_DEPTH_ESTIMATOR = "Intel/dpt-hybrid-midas"
+DEFAULT_LOOK_MODEL = "h94/IP-Adapter"
+DEFAULT_LOOK_WEIGHTS = "models/ip-adapter_sd15.safetensors"
 
 ModelPreset = Literal["default", "smoke"]
 WarmUp = Literal["auto", "on", "off"]
@@ -167,13 +169,22 @@ class GuideSettings:
     # The depth estimator depth's ControlNet reads the source through: any of transformers' depth
     # estimation models (DPT/MiDaS, Depth Anything), a hub id or a local directory.
     depth_estimator: str = DEFAULT_DEPTH_ESTIMATOR
+    # The IP-Adapter of look: a hub id or a local directory, and its weights file in there; the image
+    # encoder is read from the image_encoder folder beside that file, as diffusers' load_ip_adapter does.
+    look_model: str = DEFAULT_LOOK_MODEL
+    look_weights: str = DEFAULT_LOOK_WEIGHTS
 
     def validate(self) -> None:
         if len(set(self.enabled)) != len(self.enabled):
             raise ConfigError("guides.enabled must name each guide once")
-        for key in ("edges_model", "depth_model", "depth_estimator"):
+        for key in ("edges_model", "depth_model", "depth_estimator", "look_model"):
             if not getattr(self, key).strip():
                 raise ConfigError(f"guides.{key} must name a hub id or a local directory")
+        if not self.look_weights.endswith((".safetensors", ".bin")) or self.look_weights.startswith("/"):
+            raise ConfigError(
+                "guides.look_weights must be the IP-Adapter's weights file inside look_model, "
+                "like models/ip-adapter_sd15.safetensors"
+            )
 
 
 @dataclass(frozen=True)

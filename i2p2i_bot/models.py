@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from i2p2i_bot.config import Settings
-from i2p2i_bot.smoke import SMOKE_WARNING, ensure_smoke_models
+from i2p2i_bot.smoke import SMOKE_LOOK_WEIGHTS, SMOKE_WARNING, ensure_smoke_models
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class ModelSources:
     # The depth guide's ControlNet and depth estimator; None when [guides] does not enable depth.
     depth: str | None = None
     depth_estimator: str | None = None
+    # The look guide's IP-Adapter (a repository or folder) and its weights file in there; None when
+    # [guides] does not enable look.
+    look: str | None = None
+    look_weights: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {"generator": self.generator, "clip": self.clip, "caption": self.caption}
@@ -64,7 +68,7 @@ class ModelSources:
 def resolve_models(settings: Settings) -> ModelSources:
     """Turn the models settings into sources; the smoke preset builds its tiny models on first use."""
     g = settings.guides
-    edges, depth = "edges" in g.enabled, "depth" in g.enabled
+    edges, depth, look = ("edges" in g.enabled), ("depth" in g.enabled), ("look" in g.enabled)
     if settings.models.preset == "smoke":
         log.warning(SMOKE_WARNING)
         smoke = ensure_smoke_models(settings.cache_path)
@@ -76,6 +80,8 @@ def resolve_models(settings: Settings) -> ModelSources:
             edges=str(smoke.edges) if edges else None,
             depth=str(smoke.depth) if depth else None,
             depth_estimator=str(smoke.depth_estimator) if depth else None,
+            look=str(smoke.look) if look else None,
+            look_weights=SMOKE_LOOK_WEIGHTS if look else None,
         )
     m = settings.models
     return ModelSources(
@@ -85,6 +91,8 @@ def resolve_models(settings: Settings) -> ModelSources:
         edges=g.edges_model if edges else None,
         depth=g.depth_model if depth else None,
         depth_estimator=g.depth_estimator if depth else None,
+        look=g.look_model if look else None,
+        look_weights=g.look_weights if look else None,
     )
 
 
@@ -131,6 +139,24 @@ CONTROLNET_PICKLED = ("diffusion_pytorch_model.bin",)
 # pickled copy; some older repositories only that).
 DEPTH_ESTIMATOR_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 DEPTH_ESTIMATOR_PICKLED = ("pytorch_model.bin",)
+# Where diffusers' load_ip_adapter reads an IP-Adapter's image encoder: image_encoder beside the weights.
+IMAGE_ENCODER_FOLDER = "image_encoder"
+
+
+def look_files(weights: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the look guide reads of an IP-Adapter repository (h94/IP-Adapter holds adapters for several
+    model families and their pickled copies): its weights file and its image encoder, and the pickled
+    copies to read where safetensors are missing."""
+    folder, _, name = weights.rpartition("/")
+    encoder = f"{folder}/{IMAGE_ENCODER_FOLDER}" if folder else IMAGE_ENCODER_FOLDER
+    stem = name.rsplit(".", 1)[0]
+    pickled_weights = f"{folder}/{stem}.bin" if folder else f"{stem}.bin"
+    return (
+        (weights, f"{encoder}/config.json", f"{encoder}/model.safetensors"),
+        (pickled_weights, f"{encoder}/config.json", f"{encoder}/pytorch_model.bin"),
+    )
+
+
 # The safety checker's folder (its weights are 1.2 GB): Generator.load passes safety_checker=None when
 # generate.safety_checker is off, and diffusers then reads nothing from that folder.
 SAFETY_CHECKER_FILES = ("safety_checker/*",)
@@ -156,6 +182,8 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
         fetched.append(
             ("depth estimator", sources.depth_estimator, DEPTH_ESTIMATOR_FILES, DEPTH_ESTIMATOR_PICKLED, ())
         )
+    if sources.look is not None and sources.look_weights is not None:
+        fetched.append(("look", sources.look, *look_files(sources.look_weights), ()))
     for label, source, files, pickled, ignored in fetched:
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
@@ -235,6 +263,12 @@ def depth_estimator_folder(source: str) -> str:
     """The folder the depth guide's depth estimator is read from: source itself, or what download_models
     cached."""
     return _cached_repository("Depth estimator", source, DEPTH_ESTIMATOR_FILES, DEPTH_ESTIMATOR_PICKLED, ())
+
+
+def look_folder(source: str, weights: str) -> str:
+    """The folder the look guide's IP-Adapter is read from: source itself, or what download_models
+    cached."""
+    return _cached_repository("IP-Adapter", source, *look_files(weights), ())
 
 
 def caption_folder(source: str) -> str:

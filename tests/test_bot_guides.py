@@ -164,7 +164,7 @@ async def test_a_card_keeps_edges_and_layout_for_generate_reroll_and_info(
         await bot.queue.join()
 
 
-async def test_a_card_keeps_depth_with_edges_in_the_job_and_info(
+async def test_a_card_keeps_depth_and_look_with_edges_in_the_job(
     discord_server: FakeDiscord,
     settings: Settings,
     guided_engine: Callable[[GuideModels], Engine],
@@ -172,10 +172,10 @@ async def test_a_card_keeps_depth_with_edges_in_the_job_and_info(
     engine: Engine,
     astronaut: Image.Image,
 ) -> None:
-    """With depth enabled and its weights loaded, Keep from the image lists it after edges; depth and edges
-    chosen go into the job with their weights and the card's image as source, change the image of a seed,
-    and show in the result."""
-    every = GuideSettings(enabled=["layout", "edges", "depth"])
+    """With depth and look enabled and their weights loaded, Keep from the image lists them after edges;
+    depth, edges and look chosen go into the job with their weights and the card's image as source,
+    change the image of a seed, and show in the result."""
+    every = GuideSettings(enabled=["layout", "edges", "depth", "look"])
     sources = resolve_models(dataclasses.replace(base_settings, guides=every))
     guides = load_guide_models(every, sources, engine.generator.device, torch.float32)
     server = discord_server
@@ -183,12 +183,12 @@ async def test_a_card_keeps_depth_with_edges_in_the_job_and_info(
         _, card = await describe(server, astronaut)
         select = card.component(button(card, KEEP))
         assert select is not None
-        assert [o["value"] for o in select["options"]] == ["prompt", "layout", "edges", "depth"]
+        assert [o["value"] for o in select["options"]] == ["prompt", "layout", "edges", "depth", "look"]
         depth = next(o for o in select["options"] if o["value"] == "depth")
         assert depth["description"] == "Keeps 3-D arrangement · weight 0.8"
         plain = await with_seed(server, card, 7)
 
-        choose = await server.push_select(card, button(card, KEEP), ["depth", "edges"])
+        choose = await server.push_select(card, button(card, KEEP), ["depth", "edges", "look"])
         await choose.wait_response()
         card = server.message(card.id)
         weights = await server.push_button(card, button(card, WEIGHTS))
@@ -199,10 +199,16 @@ async def test_a_card_keeps_depth_with_edges_in_the_job_and_info(
         kept = await with_seed(server, card, 7)
         stored = await bot.store.get_interrogation(1)
         assert stored is not None
-        keep = [{"name": "edges", "weight": 0.8}, {"name": "depth", "weight": 1.5}]
+        keep = [
+            {"name": "edges", "weight": 0.8},
+            {"name": "depth", "weight": 1.5},
+            {"name": "look", "weight": 0.6},
+        ]
         assert job_guides(bot, 2) == (keep, stored.source_sha256)
         assert float(np.abs(image_file(bot, 2) - image_file(bot, 1)).mean()) > 1.0
-        shown = "edges 0.8 (outlines and pose) · depth 1.5 (3-D arrangement)"
+        shown = (
+            "edges 0.8 (outlines and pose) · depth 1.5 (3-D arrangement) · look 0.6 (subject look and style)"
+        )
         assert embed_fields(kept)["Kept from the source"] == shown
         assert "Kept from the source" not in embed_fields(plain)
         await bot.queue.join()

@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 BATCH_ROUNDING = 2
 # A guide counts as having changed an image when the mean pixel moved by more than this (levels of 255).
 CHANGED = 2.0
-ALL = GuideSettings(enabled=["layout", "edges", "depth"])
+ALL = GuideSettings(enabled=["layout", "edges", "depth", "look"])
 
 
 def sha(name: str) -> str:
@@ -77,7 +77,7 @@ def test_the_guided_pipelines_share_the_resident_weights(guided: Generator) -> N
     MultiControlNetModel."""
     from diffusers.models import MultiControlNetModel
 
-    assert guided.offered_guides == ("layout", "edges", "depth")
+    assert guided.offered_guides == ("layout", "edges", "depth", "look")
     keeps = ("layout", "edges", "layout,edges", "depth", "depth,layout", "edges,depth", "edges,depth,layout")
     pipes = {keep: guided.guided.pipeline(parse_guides(keep)) for keep in keeps}
     assert [type(p).__mro__[1].__name__ for p in pipes.values()] == [
@@ -95,13 +95,20 @@ def test_the_guided_pipelines_share_the_resident_weights(guided: Generator) -> N
         multi = pipes[keep].controlnet
         assert isinstance(multi, MultiControlNetModel)
         assert list(multi.nets) == [models.edges, models.depth]
+    # Look with each of them: the same class, the same modules, and the IP-Adapter's image encoder.
+    assert models.look is not None
+    for keep, pipe in pipes.items():
+        with_look = guided.guided.pipeline(parse_guides(f"{keep},look"))
+        assert type(with_look) is type(pipe) and with_look.unet is guided.pipe.unet
+        assert with_look.image_encoder is models.look.image_encoder and pipe.image_encoder is None
+    assert type(guided.guided.pipeline(parse_guides("look"))).__mro__[1].__name__ == "StableDiffusionPipeline"
 
 
 def test_each_guide_and_each_weight_changes_the_image(guided: Generator) -> None:
     """With one seed and prompt, each guide and each combination makes another image than the prompt
     alone, and two weights of a guide make two images."""
     plain = image(guided, None)
-    singles = ("layout", "layout:0.9", "edges", "edges:1.6", "depth", "depth:1.6")
+    singles = ("layout", "layout:0.9", "edges", "edges:1.6", "depth", "depth:1.6", "look", "look:1")
     made = {keep: image(guided, keep) for keep in singles}
     for keep in ("edges,layout", "depth,layout", "edges,depth", "edges,depth,layout"):
         made[keep] = image(guided, keep)
@@ -110,21 +117,25 @@ def test_each_guide_and_each_weight_changes_the_image(guided: Generator) -> None
     assert moved(made["layout"], made["layout:0.9"]) > CHANGED
     assert moved(made["edges"], made["edges:1.6"]) > CHANGED
     assert moved(made["depth"], made["depth:1.6"]) > CHANGED
+    assert moved(made["look"], made["look:1"]) > CHANGED
     assert moved(made["edges,layout"], made["layout"]) > CHANGED
     assert moved(made["depth,layout"], made["layout"]) > CHANGED
     # Both ControlNets count: together they are neither one alone.
     assert moved(made["edges,depth"], made["edges"]) > CHANGED
     assert moved(made["edges,depth"], made["depth"]) > CHANGED
     assert moved(made["edges,depth,layout"], made["edges,layout"]) > CHANGED
+    for keep in ("layout", "edges", "edges,depth,layout"):
+        made[f"{keep},look"] = image(guided, f"{keep},look")
+        assert moved(made[f"{keep},look"], made[keep]) > CHANGED, keep
     # The same request again is the same image: the guides add no randomness of their own.
     assert np.array_equal(image(guided, "edges,layout"), made["edges,layout"])
     assert np.array_equal(image(guided, "edges,depth"), made["edges,depth"])
 
 
-@pytest.mark.parametrize("keep", ["edges:0", "depth:0", "edges:0,depth:0"])
-def test_a_controlnet_at_weight_zero_is_the_prompt_alone(guided: Generator, keep: str) -> None:
-    """A ControlNet guide of weight 0 adds nothing: the image is the one the prompt alone makes (to the
-    rounding a batch may differ by), while the same guide at its default is another image."""
+@pytest.mark.parametrize("keep", ["edges:0", "depth:0", "edges:0,depth:0", "look:0", "depth:0,look:0"])
+def test_a_guide_at_weight_zero_is_the_prompt_alone(guided: Generator, keep: str) -> None:
+    """A ControlNet or look guide of weight 0 adds nothing: the image is the one the prompt alone makes
+    (to the rounding a batch may differ by), while the same guide at its default is another image."""
     plain = image(guided, None)
     assert np.abs(image(guided, keep) - plain).max() <= BATCH_ROUNDING
     assert moved(image(guided, keep.replace(":0", "")), plain) > CHANGED
@@ -151,7 +162,17 @@ def test_layout_keeps_the_source_more_as_its_weight_falls(guided: Generator, ast
 
 
 @pytest.mark.parametrize(
-    "keep", ["layout", "edges", "edges:1.2,layout:0.7", "depth", "edges,depth", "edges,depth:1.4,layout"]
+    "keep",
+    [
+        "layout",
+        "edges",
+        "edges:1.2,layout:0.7",
+        "depth",
+        "edges,depth",
+        "edges,depth:1.4,layout",
+        "look",
+        "look:0.9,layout,edges",
+    ],
 )
 def test_a_shared_batch_keeps_each_images_own_source(guided: Generator, keep: str) -> None:
     """Two members' images in one batch, from two sources: each is its own source's image made alone (to
@@ -284,8 +305,71 @@ def test_depth_without_its_estimator_is_not_offered(
     sources = dataclasses.replace(resolve_models(settings), depth_estimator="someone/no-such-estimator")
     with caplog.at_level(logging.WARNING, logger="i2p2i_bot.guided"):
         models = load_guide_models(settings.guides, sources, CPU, torch.float32)
-    assert models.offered == ("layout", "edges")
+    assert models.offered == ("layout", "edges", "look")
     assert models.depth is None and models.depth_estimator is None and "depth" not in models.recorded
     [line] = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.guided"]
     assert line.startswith("the depth guide is not offered: its depth estimator could not be loaded")
     assert "someone/no-such-estimator" in line
+
+
+def test_look_leaves_the_other_batches_as_they_were(guided: Generator) -> None:
+    """The IP-Adapter is in the shared UNet only while a look batch runs: before and after one, the UNet
+    has its own (fused) attention and no image projection, and a prompt-only or layout image is the one
+    made before any look batch."""
+    unet = guided.pipe.unet
+    own = dict(unet.attn_processors)
+    before = {keep: image(guided, keep) for keep in (None, "layout")}
+    image(guided, "look:1,edges")
+    assert dict(unet.attn_processors) == own and unet.encoder_hid_proj is None
+    assert unet.config.encoder_hid_dim_type is None
+    for keep, pixels in before.items():
+        assert np.array_equal(image(guided, keep), pixels), keep
+
+
+def test_look_feeds_each_image_its_own_sources_embedding(
+    guided: Generator, astronaut: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look pipeline gets the image encoder's embedding of each image's own source (unconditional
+    zeros first, as diffusers' encode_image makes them), made once per source, at the guide's weight as
+    the IP-Adapter's scale."""
+    pipe = guided.guided.pipeline(parse_guides("look"))
+    seen: list[Any] = []
+    original = type(pipe).__call__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scales = {p.scale[0] for p in self.unet.attn_processors.values() if hasattr(p, "scale")}
+        seen.append((kwargs["ip_adapter_image_embeds"], scales))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    planned = [
+        guided.plan(GenerationRequest("a fox", seed=3, keep=parse_guides("look:0.7"), guide_source=source))
+        for source in (ASTRONAUT, CAT, ASTRONAUT)
+    ]
+    guided.generate_batch(planned[0].params, [p.spec(0) for p in planned])
+    [([embeds], scales)] = seen
+    assert scales == {0.7}
+    look = guided.guided.models.look
+    assert look is not None
+    pixels = look.processor(images=astronaut, return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        expected = look.image_encoder(pixels).image_embeds[0]
+    assert embeds.shape == (6, 1, expected.shape[0])
+    assert torch.equal(embeds[:3], torch.zeros_like(embeds[:3]))
+    assert torch.allclose(embeds[3, 0], expected) and torch.allclose(embeds[5, 0], expected)
+    assert not torch.allclose(embeds[4, 0], expected)
+    assert embeds[3, 0].data_ptr() == embeds[5, 0].data_ptr() or torch.equal(embeds[3], embeds[5])
+
+
+def test_look_without_its_weights_is_not_offered(
+    base_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An IP-Adapter not on this machine: one log line, look not offered, the others still offered."""
+    settings = dataclasses.replace(base_settings, guides=ALL)
+    sources = dataclasses.replace(resolve_models(settings), look="someone/no-such-adapter")
+    with caplog.at_level(logging.WARNING, logger="i2p2i_bot.guided"):
+        models = load_guide_models(settings.guides, sources, CPU, torch.float32)
+    assert models.offered == ("layout", "edges", "depth") and "look" not in models.recorded
+    [line] = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.guided"]
+    assert line.startswith("the look guide is not offered: its IP-Adapter could not be loaded")
+    assert "someone/no-such-adapter" in line

@@ -40,13 +40,13 @@ def test_the_text_form_takes_defaults_and_comes_out_in_one_order() -> None:
     assert parse_guides(format_guides(guides)) == guides
     assert guides_from_json(guides_json(guides)) == guides
     defaults = {k.name: k.default_weight for k in GUIDE_KINDS.values()}
-    assert defaults == {"layout": 0.6, "edges": 0.8, "depth": 0.8}
+    assert defaults == {"layout": 0.6, "edges": 0.8, "depth": 0.8, "look": 0.6}
 
 
 @pytest.mark.parametrize(
     ("text", "sentence"),
     [
-        ("pose", "There is no guide called 'pose'; the guides are layout, edges, depth."),
+        ("pose", "There is no guide called 'pose'; the guides are layout, edges, depth, look."),
         ("layout:0", "The weight of layout must be in (0, 1] (got 0)."),
         ("layout:1.2", "The weight of layout must be in (0, 1] (got 1.2)."),
         ("edges:-0.1", "The weight of edges must be in [0, 2] (got -0.1)."),
@@ -56,7 +56,7 @@ def test_the_text_form_takes_defaults_and_comes_out_in_one_order() -> None:
         ("depth:2.1", "The weight of depth must be in [0, 2] (got 2.1)."),
         ("depth,edges,depth:0.5", "The depth guide is named twice; give each guide once."),
         ("edges,layout,edges:1", "The edges guide is named twice; give each guide once."),
-        (" , ", "Name at least one guide to keep: layout, edges, depth."),
+        (" , ", "Name at least one guide to keep: layout, edges, depth, look."),
     ],
 )
 def test_bad_guides_are_one_sentence(text: str, sentence: str) -> None:
