@@ -7,7 +7,7 @@
   start. A batch is padded up to the next bucket with copies of its last image, which are thrown away;
   every image has its own seed and noise, so padding cannot change the others beyond float rounding.
   Nothing is compiled after start: a UNet input of a shape not warmed (another size, guidance off) runs
-  uncompiled, and so does a batch whose UNet takes ControlNet residuals (the edges guide). A UNet that
+  uncompiled, and so does a batch whose UNet takes ControlNet residuals (edges, depth). A UNet that
   fails to compile, or whose compiled code fails during a batch, runs uncompiled from then on, with a
   warning; that batch is made again uncompiled.
 - the safety checker's and the fidelity score's CLIP input made from the decoded tensor on the device,
@@ -192,7 +192,8 @@ def pipeline_class(stock_name: str = "StableDiffusionPipeline") -> type[Any]:
     ControlNet ones too) whose safety checker input is prepared on the device.
 
     It also keeps the decoded pixels (in [0, 1], on the device) of its last call in `decoded`, so the
-    fidelity score needs no trip through PIL either. Everything else is the stock pipeline.
+    fidelity score needs no trip through PIL either, and it takes IP-Adapter image embeddings with a row
+    per image of the batch. Everything else is the stock pipeline.
     """
     import diffusers
 
@@ -218,5 +219,20 @@ def pipeline_class(stock_name: str = "StableDiffusionPipeline") -> type[Any]:
                 std=extractor.image_std,
             )
             return self.safety_checker(images=image, clip_input=clip.to(dtype))
+
+        def prepare_ip_adapter_image_embeds(
+            self,
+            ip_adapter_image: Any,
+            ip_adapter_image_embeds: list[torch.Tensor] | None,
+            device: torch.device,
+            num_images_per_prompt: int,
+            do_classifier_free_guidance: bool,
+        ) -> list[torch.Tensor]:
+            # The stock pipelines repeat the embeddings for every image of the batch: one picture for
+            # all of them. Here each image has its own source, so the embeddings come with a row per
+            # image (the unconditional rows first when guiding) and are used as they are.
+            if ip_adapter_image_embeds is None:
+                raise ValueError("this pipeline takes ip_adapter_image_embeds, a row per image")
+            return [embeds.to(device) for embeds in ip_adapter_image_embeds]
 
     return DevicePostprocessPipeline

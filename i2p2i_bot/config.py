@@ -18,6 +18,11 @@ DEFAULT_GENERATOR = "CompVis/stable-diffusion-v1-4"
 DEFAULT_CLIP = "ViT-L-14/openai"
 DEFAULT_CAPTION = "Salesforce/blip-image-captioning-large"
 DEFAULT_EDGES_MODEL = "lllyasviel/sd-controlnet-canny"
+DEFAULT_DEPTH_MODEL = "lllyasviel/sd-controlnet-depth"
+# The MiDaS model of ControlNet's own depth annotator, whose maps the depth ControlNet was trained on.
+DEFAULT_DEPTH_ESTIMATOR = "Intel/dpt-hybrid-midas"
+DEFAULT_LOOK_MODEL = "h94/IP-Adapter"
+DEFAULT_LOOK_WEIGHTS = "models/ip-adapter_sd15.safetensors"
 
 ModelPreset = Literal["default", "smoke"]
 WarmUp = Literal["auto", "on", "off"]
@@ -162,17 +167,31 @@ class GenerateSettings:
 class GuideSettings:
     """The guides members may choose (i2p2i_bot/guides.py) and the weights those that need some use."""
 
-    # layout needs no weights of its own; edges needs a ControlNet, fetched by download-models only when
-    # enabled here, and resident on the GPU (about 0.7 GB in fp16) only then.
+    # layout needs no weights of its own; edges needs a ControlNet and depth another plus a depth
+    # estimator, fetched by download-models only when enabled here, and resident on the GPU only then.
     enabled: list[GuideName] = field(default_factory=lambda: ["layout"])
-    # The ControlNet for edges: a hub id or a local directory; it must fit the generator's family (SD 1.x).
+    # The ControlNets for edges and depth: hub ids or local directories of the generator's family (SD 1.x).
     edges_model: str = DEFAULT_EDGES_MODEL
+    depth_model: str = DEFAULT_DEPTH_MODEL
+    # The depth estimator depth's ControlNet reads the source through: any of transformers' depth
+    # estimation models (DPT/MiDaS, Depth Anything), a hub id or a local directory.
+    depth_estimator: str = DEFAULT_DEPTH_ESTIMATOR
+    # The IP-Adapter of look: a hub id or a local directory, and its weights file in there; the image
+    # encoder is read from the image_encoder folder beside that file, as diffusers' load_ip_adapter does.
+    look_model: str = DEFAULT_LOOK_MODEL
+    look_weights: str = DEFAULT_LOOK_WEIGHTS
 
     def validate(self) -> None:
         if len(set(self.enabled)) != len(self.enabled):
             raise ConfigError("guides.enabled must name each guide once")
-        if not self.edges_model.strip():
-            raise ConfigError("guides.edges_model must name a hub id or a local directory")
+        for key in ("edges_model", "depth_model", "depth_estimator", "look_model"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"guides.{key} must name a hub id or a local directory")
+        if not self.look_weights.endswith((".safetensors", ".bin")) or self.look_weights.startswith("/"):
+            raise ConfigError(
+                "guides.look_weights must be the IP-Adapter's weights file inside look_model, "
+                "like models/ip-adapter_sd15.safetensors"
+            )
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,7 @@ class Generator:
             inputs = self.guided.inputs(params, specs)
         else:
             inputs = {"width": params.width, "height": params.height}
-        with torch.inference_mode():
+        with torch.inference_mode(), self.guided.engaged(params):
             out = pipe(
                 **self.prompts.arguments(pipe, specs),
                 num_inference_steps=params.steps,

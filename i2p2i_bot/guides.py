@@ -1,10 +1,12 @@
 """Guides: what a new image keeps of its source image besides what the prompt says, each with a weight.
 
 `layout` keeps composition and colours (image-to-image from the source; its weight is the strength, how
-much may change); `edges` keeps outlines and pose (ControlNet on the source's Canny edges; its weight is
-the ControlNet conditioning scale). Depth and look will join them as further kinds. A member writes a set
-of guides as `NAME[:WEIGHT][,NAME[:WEIGHT]...]`, e.g. `edges:0.9,layout`; a name without a weight takes
-the kind's default. Nothing here imports torch.
+much may change); `edges` keeps outlines and pose (ControlNet on the source's Canny edges) and `depth` its
+3-D arrangement (ControlNet on a depth map estimated from the source), each weighted by the ControlNet's
+conditioning scale; `look` keeps the subject's look and style (an IP-Adapter fed the source; its weight
+the adapter's scale). A member writes a set of guides as
+`NAME[:WEIGHT][,NAME[:WEIGHT]...]`, e.g. `edges:0.9,layout`; a name without a weight takes the kind's
+default. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 # Every guide this version knows; the order is the one sets are written and stored in.
-GuideName = Literal["layout", "edges"]
+GuideName = Literal["layout", "edges", "depth", "look"]
 GUIDE_NAMES: tuple[GuideName, ...] = get_args(GuideName)
 
 
@@ -50,6 +52,24 @@ GUIDE_KINDS: dict[GuideName, GuideKind] = {
     "layout": GuideKind("layout", "composition and colours", 0.6, 0.0, 1.0, min_inclusive=False),
     "edges": GuideKind(
         "edges", "outlines and pose", 0.8, 0.0, 2.0, min_inclusive=True, needs="the ControlNet weights"
+    ),
+    "depth": GuideKind(
+        "depth",
+        "3-D arrangement",
+        0.8,
+        0.0,
+        2.0,
+        min_inclusive=True,
+        needs="a depth ControlNet and a depth estimator",
+    ),
+    "look": GuideKind(
+        "look",
+        "subject look and style",
+        0.6,
+        0.0,
+        1.0,
+        min_inclusive=True,
+        needs="the IP-Adapter weights and its image encoder",
     ),
 }
 

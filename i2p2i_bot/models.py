@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from i2p2i_bot.config import Settings
-from i2p2i_bot.smoke import SMOKE_WARNING, ensure_smoke_models
+from i2p2i_bot.smoke import SMOKE_LOOK_WEIGHTS, SMOKE_WARNING, ensure_smoke_models
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ class ModelSources:
     smoke: bool = False
     # The edges guide's ControlNet; None when [guides] does not enable edges.
     edges: str | None = None
+    # The depth guide's ControlNet and depth estimator; None when [guides] does not enable depth.
+    depth: str | None = None
+    depth_estimator: str | None = None
+    # The look guide's IP-Adapter (a repository or folder) and its weights file in there; None when
+    # [guides] does not enable look.
+    look: str | None = None
+    look_weights: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {"generator": self.generator, "clip": self.clip, "caption": self.caption}
@@ -60,7 +67,8 @@ class ModelSources:
 
 def resolve_models(settings: Settings) -> ModelSources:
     """Turn the models settings into sources; the smoke preset builds its tiny models on first use."""
-    edges = "edges" in settings.guides.enabled
+    g = settings.guides
+    edges, depth, look = ("edges" in g.enabled), ("depth" in g.enabled), ("look" in g.enabled)
     if settings.models.preset == "smoke":
         log.warning(SMOKE_WARNING)
         smoke = ensure_smoke_models(settings.cache_path)
@@ -70,9 +78,22 @@ def resolve_models(settings: Settings) -> ModelSources:
             str(smoke.caption),
             smoke=True,
             edges=str(smoke.edges) if edges else None,
+            depth=str(smoke.depth) if depth else None,
+            depth_estimator=str(smoke.depth_estimator) if depth else None,
+            look=str(smoke.look) if look else None,
+            look_weights=SMOKE_LOOK_WEIGHTS if look else None,
         )
     m = settings.models
-    return ModelSources(m.generator, m.clip, m.caption, edges=settings.guides.edges_model if edges else None)
+    return ModelSources(
+        m.generator,
+        m.clip,
+        m.caption,
+        edges=g.edges_model if edges else None,
+        depth=g.depth_model if depth else None,
+        depth_estimator=g.depth_estimator if depth else None,
+        look=g.look_model if look else None,
+        look_weights=g.look_weights if look else None,
+    )
 
 
 def quick_gelu_name(source: str) -> str:
@@ -114,6 +135,28 @@ CAPTION_PICKLED = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_mod
 # A ControlNet's repository (lllyasviel/sd-controlnet-canny) also holds example images and a pickled copy.
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 CONTROLNET_PICKLED = ("diffusion_pytorch_model.bin",)
+# A depth estimator's config, its image processor's and its weights (Intel/dpt-hybrid-midas also holds a
+# pickled copy; some older repositories only that).
+DEPTH_ESTIMATOR_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+DEPTH_ESTIMATOR_PICKLED = ("pytorch_model.bin",)
+# Where diffusers' load_ip_adapter reads an IP-Adapter's image encoder: image_encoder beside the weights.
+IMAGE_ENCODER_FOLDER = "image_encoder"
+
+
+def look_files(weights: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the look guide reads of an IP-Adapter repository (h94/IP-Adapter holds adapters for several
+    model families and their pickled copies): its weights file and its image encoder, and the pickled
+    copies to read where safetensors are missing."""
+    folder, _, name = weights.rpartition("/")
+    encoder = f"{folder}/{IMAGE_ENCODER_FOLDER}" if folder else IMAGE_ENCODER_FOLDER
+    stem = name.rsplit(".", 1)[0]
+    pickled_weights = f"{folder}/{stem}.bin" if folder else f"{stem}.bin"
+    return (
+        (weights, f"{encoder}/config.json", f"{encoder}/model.safetensors"),
+        (pickled_weights, f"{encoder}/config.json", f"{encoder}/pytorch_model.bin"),
+    )
+
+
 # The safety checker's folder (its weights are 1.2 GB): Generator.load passes safety_checker=None when
 # generate.safety_checker is off, and diffusers then reads nothing from that folder.
 SAFETY_CHECKER_FILES = ("safety_checker/*",)
@@ -133,6 +176,14 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
     ]
     if sources.edges is not None:
         fetched.append(("edges", sources.edges, CONTROLNET_FILES, CONTROLNET_PICKLED, ()))
+    if sources.depth is not None:
+        fetched.append(("depth", sources.depth, CONTROLNET_FILES, CONTROLNET_PICKLED, ()))
+    if sources.depth_estimator is not None:
+        fetched.append(
+            ("depth estimator", sources.depth_estimator, DEPTH_ESTIMATOR_FILES, DEPTH_ESTIMATOR_PICKLED, ())
+        )
+    if sources.look is not None and sources.look_weights is not None:
+        fetched.append(("look", sources.look, *look_files(sources.look_weights), ()))
     for label, source, files, pickled, ignored in fetched:
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
@@ -206,6 +257,18 @@ def generator_folder(source: str, *, safety_checker: bool) -> str:
 def controlnet_folder(source: str) -> str:
     """The folder a guide's ControlNet is read from: source itself, or what download_models cached."""
     return _cached_repository("ControlNet", source, CONTROLNET_FILES, CONTROLNET_PICKLED, ())
+
+
+def depth_estimator_folder(source: str) -> str:
+    """The folder the depth guide's depth estimator is read from: source itself, or what download_models
+    cached."""
+    return _cached_repository("Depth estimator", source, DEPTH_ESTIMATOR_FILES, DEPTH_ESTIMATOR_PICKLED, ())
+
+
+def look_folder(source: str, weights: str) -> str:
+    """The folder the look guide's IP-Adapter is read from: source itself, or what download_models
+    cached."""
+    return _cached_repository("IP-Adapter", source, *look_files(weights), ())
 
 
 def caption_folder(source: str) -> str:

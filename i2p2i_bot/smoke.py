@@ -21,7 +21,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # Bump when the tiny architectures change, so old caches are rebuilt instead of half-matching.
-SMOKE_VERSION = 2
+SMOKE_VERSION = 4
+# The smoke IP-Adapter's weights file, where h94/IP-Adapter keeps ip-adapter_sd15's.
+SMOKE_LOOK_WEIGHTS = "models/ip-adapter_sd15.safetensors"
 SMOKE_WARNING = (
     "Using the smoke models: tiny random networks, so the images are noise and the prompts nonsense."
 )
@@ -57,14 +59,27 @@ class SmokeModels:
     generator: Path
     clip: Path
     caption: Path
-    # The ControlNet of the edges guide, made for the tiny generator's UNet.
+    # The ControlNets of the edges and depth guides, made for the tiny generator's UNet.
     edges: Path
+    depth: Path
+    # The depth guide's depth estimator: a tiny hybrid DPT, the architecture of MiDaS's dpt-hybrid.
+    depth_estimator: Path
+    # The look guide's IP-Adapter for the tiny UNet, laid out as h94/IP-Adapter: weights and image encoder.
+    look: Path
 
 
 def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
     """Build the tiny models under cache_dir once; later calls reuse them."""
     root = cache_dir / f"smoke-v{SMOKE_VERSION}"
-    models = SmokeModels(root / "generator", root / "clip", root / "caption", root / "edges")
+    models = SmokeModels(
+        root / "generator",
+        root / "clip",
+        root / "caption",
+        root / "edges",
+        root / "depth",
+        root / "depth-estimator",
+        root / "look",
+    )
     if (root / "complete").exists():
         return models
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +92,9 @@ def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
             _build_caption(staging / "caption")
             unet = _build_generator(staging / "generator")
             _build_controlnet(staging / "edges", unet)
+            _build_controlnet(staging / "depth", unet)
+            _build_depth_estimator(staging / "depth-estimator")
+            _build_look(staging / "look", unet)
         (staging / "complete").write_text("ok\n")
         try:
             os.rename(staging, root)
@@ -325,3 +343,86 @@ def write_smoke_lora(
             header = dict(file.metadata() or {})
         save_file(load_file(str(target)), str(target), metadata={**header, **metadata})
     return target
+
+
+def _build_depth_estimator(directory: Path) -> None:
+    """A tiny DPTForDepthEstimation with a BiT backbone (the hybrid of Intel/dpt-hybrid-midas) and its
+    image processor, saved as the Hub's are."""
+    from transformers import BitConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=64,
+        patch_size=16,
+        is_hybrid=True,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 32, 32],
+        reassemble_factors=[4, 2, 1, 0.5],
+        fusion_hidden_size=16,
+        backbone_featmap_shape=[1, 32, 4, 4],
+        neck_ignore_stages=[0, 1],
+        readout_type="project",
+        # BitConfig takes out_features through its backbone mixin, which its annotations do not show.
+        backbone_config=BitConfig(  # type: ignore[call-arg]
+            global_padding="same",
+            layer_type="bottleneck",
+            depths=[1, 1, 1],
+            hidden_sizes=[8, 16, 32],
+            embedding_size=8,
+            num_groups=4,
+            embedding_dynamic_padding=True,
+            out_features=["stage1", "stage2", "stage3"],
+        ),
+    )
+    DPTForDepthEstimation(config).save_pretrained(directory)
+    # As Intel/dpt-hybrid-midas's: a square input, which its hybrid embedding requires.
+    processor = DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False)
+    processor.save_pretrained(directory)
+
+
+def _build_look(directory: Path, unet: Any) -> None:
+    """An IP-Adapter for the tiny UNet in the file layout diffusers' load_ip_adapter reads, with a tiny
+    CLIPVisionModelWithProjection as its image encoder.
+
+    The weights are those of diffusers' own ImageProjection and of one key and value projection per
+    cross-attention layer, named as IP-Adapter's checkpoints name them: `image_proj.*`, and
+    `ip_adapter.{1,3,5...}.to_{k,v}_ip.weight` in the UNet's order of attention processors. The
+    projections are large, so that the guide's effect shows through the tiny random UNet.
+    """
+    from diffusers.models.embeddings import ImageProjection
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    embed_dim = 32
+    cross_dim = unet.config.cross_attention_dim
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=embed_dim,
+        )
+    )
+    encoder.save_pretrained(directory / "models" / "image_encoder")
+    projection = ImageProjection(
+        image_embed_dim=embed_dim, cross_attention_dim=cross_dim, num_image_text_embeds=4
+    )
+    tensors = {
+        f"image_proj.{key.replace('image_embeds', 'proj')}": value.contiguous()
+        for key, value in projection.state_dict().items()
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        for which in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{key_id}.{which}.weight"] = torch.randn(hidden, cross_dim) * 2.0
+        key_id += 2
+    save_file(tensors, str(directory / SMOKE_LOOK_WEIGHTS))

@@ -236,9 +236,10 @@ def test_guided_batches_with_compiling_on_make_the_uncompiled_images(
     astronaut: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """layout (image-to-image: the UNet's usual inputs) runs on the compiled buckets; edges, whose UNet
-    also takes ControlNet residuals, runs eager; both make the images of a generator without any fast
-    path, to rounding."""
+    """layout (image-to-image: the UNet's usual inputs) runs on the compiled buckets; edges and depth,
+    whose UNet also takes ControlNet residuals, and look, whose UNet runs IP-Adapter attention, run eager;
+    all make the images of a generator without any fast path (fused projections included), to rounding,
+    and layout is compiled again after a look batch."""
     import hashlib
 
     from i2p2i_bot.config import GuideSettings
@@ -246,7 +247,8 @@ def test_guided_batches_with_compiling_on_make_the_uncompiled_images(
     from i2p2i_bot.guides import parse_guides
     from i2p2i_bot.models import resolve_models
 
-    both = dataclasses.replace(base_settings, guides=GuideSettings(enabled=["layout", "edges"]))
+    every = GuideSettings(enabled=["layout", "edges", "depth", "look"])
+    both = dataclasses.replace(base_settings, guides=every)
     guides = load_guide_models(both.guides, resolve_models(both), CPU, torch.float32)
     backend = CountingBackend()
     settings = settings_for(base_settings, compile="default", compile_buckets=[1, 2])
@@ -268,7 +270,15 @@ def test_guided_batches_with_compiling_on_make_the_uncompiled_images(
         return original(params, specs, on_step)
 
     monkeypatch.setattr(generator, "_pipeline_call", spy)
-    for keep, compiled in (("layout", True), ("edges", False), ("edges,layout", False)):
+    for keep, compiled in (
+        ("layout", True),
+        ("edges", False),
+        ("edges,layout", False),
+        ("depth", False),
+        ("edges,depth,layout", False),
+        ("look,layout", False),
+        ("layout", True),
+    ):
         calls.clear()
         graph_calls = backend.calls
         guided = {"keep": parse_guides(keep), "guide_source": source}

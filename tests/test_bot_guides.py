@@ -164,6 +164,56 @@ async def test_a_card_keeps_edges_and_layout_for_generate_reroll_and_info(
         await bot.queue.join()
 
 
+async def test_a_card_keeps_depth_and_look_with_edges_in_the_job(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    base_settings: Settings,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """With depth and look enabled and their weights loaded, Keep from the image lists them after edges;
+    depth, edges and look chosen go into the job with their weights and the card's image as source,
+    change the image of a seed, and show in the result."""
+    every = GuideSettings(enabled=["layout", "edges", "depth", "look"])
+    sources = resolve_models(dataclasses.replace(base_settings, guides=every))
+    guides = load_guide_models(every, sources, engine.generator.device, torch.float32)
+    server = discord_server
+    async with running_i2p2i(settings, server, guided_engine(guides)) as bot:
+        _, card = await describe(server, astronaut)
+        select = card.component(button(card, KEEP))
+        assert select is not None
+        assert [o["value"] for o in select["options"]] == ["prompt", "layout", "edges", "depth", "look"]
+        depth = next(o for o in select["options"] if o["value"] == "depth")
+        assert depth["description"] == "Keeps 3-D arrangement · weight 0.8"
+        plain = await with_seed(server, card, 7)
+
+        choose = await server.push_select(card, button(card, KEEP), ["depth", "edges", "look"])
+        await choose.wait_response()
+        card = server.message(card.id)
+        weights = await server.push_button(card, button(card, WEIGHTS))
+        await weights.wait_response()
+        update = await server.push_modal_submit(weights, {"Depth weight [0, 2], default 0.8": "1.5"})
+        await update.wait_response()
+        card = server.message(card.id)
+        kept = await with_seed(server, card, 7)
+        stored = await bot.store.get_interrogation(1)
+        assert stored is not None
+        keep = [
+            {"name": "edges", "weight": 0.8},
+            {"name": "depth", "weight": 1.5},
+            {"name": "look", "weight": 0.6},
+        ]
+        assert job_guides(bot, 2) == (keep, stored.source_sha256)
+        assert float(np.abs(image_file(bot, 2) - image_file(bot, 1)).mean()) > 1.0
+        shown = (
+            "edges 0.8 (outlines and pose) · depth 1.5 (3-D arrangement) · look 0.6 (subject look and style)"
+        )
+        assert embed_fields(kept)["Kept from the source"] == shown
+        assert "Kept from the source" not in embed_fields(plain)
+        await bot.queue.join()
+
+
 async def test_a_guide_not_on_offer_and_a_lost_source_are_one_sentence(
     discord_server: FakeDiscord,
     settings: Settings,

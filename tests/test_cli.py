@@ -21,8 +21,12 @@ from i2p2i_bot.cli import main
 from i2p2i_bot.config import (
     DEFAULT_CAPTION,
     DEFAULT_CLIP,
+    DEFAULT_DEPTH_ESTIMATOR,
+    DEFAULT_DEPTH_MODEL,
     DEFAULT_EDGES_MODEL,
     DEFAULT_GENERATOR,
+    DEFAULT_LOOK_MODEL,
+    DEFAULT_LOOK_WEIGHTS,
     GenerateSettings,
     GuideSettings,
     Settings,
@@ -31,6 +35,7 @@ from i2p2i_bot.generate import Generator
 from i2p2i_bot.images import NOT_AN_IMAGE
 from i2p2i_bot.interrogate import Captioner, ClipEncoder
 from i2p2i_bot.models import (
+    DEPTH_ESTIMATOR_FILES,
     ModelSources,
     ModelUnavailable,
     download_models,
@@ -287,7 +292,7 @@ def test_inputs_are_checked_before_the_models_load(
     [
         (
             ["generate", "a fox", "--source", "{photos}/cat.jpg", "--keep", "pose"],
-            "i2p2i: --keep: There is no guide called 'pose'; the guides are layout, edges.",
+            "i2p2i: --keep: There is no guide called 'pose'; the guides are layout, edges, depth, look.",
         ),
         (
             ["generate", "a fox", "--source", "{photos}/cat.jpg", "--keep", "edges:2.5"],
@@ -489,6 +494,15 @@ SD_UNUSED = [
 BLIP_UNUSED = ["pytorch_model.bin", "tf_model.h5", "README.md"]
 CONTROLNET_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 CONTROLNET_UNUSED = ["diffusion_pytorch_model.bin", "images/bird_canny.png", "README.md"]
+# Intel/dpt-hybrid-midas also holds its pickled weights.
+DEPTH_ESTIMATOR_UNUSED = ["pytorch_model.bin", "README.md"]
+# h94/IP-Adapter also holds adapters for other models and pickled copies.
+LOOK_UNUSED = [
+    "models/ip-adapter_sd15.bin",
+    "models/ip-adapter-plus_sd15.safetensors",
+    "models/image_encoder/pytorch_model.bin",
+    "sdxl_models/ip-adapter_sdxl.safetensors",
+]
 
 
 def default_sources() -> ModelSources:
@@ -559,6 +573,40 @@ def test_download_models_fetches_a_guides_weights_only_when_it_is_enabled(
         (DEFAULT_EDGES_MODEL, CONTROLNET_FILES, None),
     ]
     assert [line.split(":")[0] for line in lines] == ["generator", "caption", "edges", "clip"]
+
+
+def test_download_models_fetches_depths_controlnet_and_estimator_when_depth_is_enabled(
+    hub_calls: dict[str, list[Any]],
+) -> None:
+    """[guides] enabled = ["depth"] fetches the depth ControlNet and the depth estimator's configs and
+    safetensors weights, and not the edges ControlNet."""
+    sources = resolve_models(Settings(guides=GuideSettings(enabled=["depth"])))
+    assert (sources.edges, sources.depth) == (None, DEFAULT_DEPTH_MODEL)
+    assert sources.depth_estimator == DEFAULT_DEPTH_ESTIMATOR
+    lines = download_models(sources, safety_checker=True)
+    asked = [call for call in hub_calls["snapshot"] if call[0] not in (DEFAULT_GENERATOR, DEFAULT_CAPTION)]
+    assert asked[0] == (DEFAULT_DEPTH_MODEL, CONTROLNET_FILES, None)
+    assert (DEFAULT_DEPTH_ESTIMATOR, list(DEPTH_ESTIMATOR_FILES), None) in asked
+    assert DEFAULT_EDGES_MODEL not in [call[0] for call in asked]
+    labels = ["generator", "caption", "depth", "depth estimator", "clip"]
+    assert [line.split(":")[0] for line in lines] == labels
+
+
+def test_download_models_fetches_the_ip_adapter_and_its_image_encoder_when_look_is_enabled(
+    hub_calls: dict[str, list[Any]],
+) -> None:
+    """[guides] enabled = ["look"] fetches ip-adapter_sd15's weights and the image encoder beside them,
+    not the repository's adapters for other models."""
+    sources = resolve_models(Settings(guides=GuideSettings(enabled=["look"])))
+    assert (sources.look, sources.look_weights) == (DEFAULT_LOOK_MODEL, DEFAULT_LOOK_WEIGHTS)
+    lines = download_models(sources, safety_checker=True)
+    [look] = [call for call in hub_calls["snapshot"] if call[0] == DEFAULT_LOOK_MODEL][:1]
+    assert look[1] == [
+        "models/ip-adapter_sd15.safetensors",
+        "models/image_encoder/config.json",
+        "models/image_encoder/model.safetensors",
+    ]
+    assert [line.split(":")[0] for line in lines] == ["generator", "caption", "look", "clip"]
 
 
 # The files of SD v1-4's repository that the patterns decide about, as the Hub lists them.
@@ -731,7 +779,7 @@ def test_what_download_models_fetches_loads_offline(
     safety_checker: bool, smoke_models: SmokeModels, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Served as the real repositories (their files, plus their unused copies of the weights), the fetched
-    files are enough for the production loaders, the edges guide's ControlNet's included, which then try no
+    files are enough for the production loaders, the edges and depth guides' included, which then try no
     connection even with HF_HUB_OFFLINE unset; with the safety checker off, without its folder."""
     import huggingface_hub
 
@@ -740,10 +788,20 @@ def test_what_download_models_fetches_loads_offline(
         DEFAULT_GENERATOR: hub_repository(smoke_models.generator, SD_UNUSED),
         DEFAULT_CAPTION: hub_repository(smoke_models.caption, BLIP_UNUSED),
         DEFAULT_EDGES_MODEL: hub_repository(smoke_models.edges, CONTROLNET_UNUSED),
+        DEFAULT_DEPTH_MODEL: hub_repository(smoke_models.depth, CONTROLNET_UNUSED),
+        DEFAULT_DEPTH_ESTIMATOR: hub_repository(smoke_models.depth_estimator, DEPTH_ESTIMATOR_UNUSED),
+        DEFAULT_LOOK_MODEL: hub_repository(smoke_models.look, LOOK_UNUSED),
     }
     monkeypatch.setattr(huggingface_hub, "snapshot_download", serve_hub(home / "hub", repositories))
     sources = ModelSources(
-        DEFAULT_GENERATOR, str(smoke_models.clip), DEFAULT_CAPTION, edges=DEFAULT_EDGES_MODEL
+        DEFAULT_GENERATOR,
+        str(smoke_models.clip),
+        DEFAULT_CAPTION,
+        edges=DEFAULT_EDGES_MODEL,
+        depth=DEFAULT_DEPTH_MODEL,
+        depth_estimator=DEFAULT_DEPTH_ESTIMATOR,
+        look=DEFAULT_LOOK_MODEL,
+        look_weights=DEFAULT_LOOK_WEIGHTS,
     )
     lines = download_models(sources, safety_checker=safety_checker)
     snapshot = Path(lines[0].split(" → ")[1].split(" (")[0])
@@ -762,8 +820,12 @@ def test_what_download_models_fetches_loads_offline(
         "from i2p2i_bot.guided import load_guide_models\n"
         "from i2p2i_bot.models import ModelSources\n"
         f"sources = {sources!r}\n"
-        "guides = load_guide_models(GuideSettings(enabled=['edges']), sources, cpu, torch.float32)\n"
-        "assert guides.offered == ('edges',)\n"
+        "enabled = GuideSettings(enabled=['edges', 'depth', 'look'])\n"
+        "guides = load_guide_models(enabled, sources, cpu, torch.float32)\n"
+        "assert guides.offered == ('edges', 'depth', 'look'), guides.offered\n"
+        "from i2p2i_bot.guided import GuidedPipelines\n"
+        "from i2p2i_bot.source_images import SourceImages\n"
+        "GuidedPipelines(g.pipe, guides, SourceImages())\n"
         "print('loaded')\n"
     )
     done = subprocess.run(

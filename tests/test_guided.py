@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 BATCH_ROUNDING = 2
 # A guide counts as having changed an image when the mean pixel moved by more than this (levels of 255).
 CHANGED = 2.0
-BOTH = GuideSettings(enabled=["layout", "edges"])
+ALL = GuideSettings(enabled=["layout", "edges", "depth", "look"])
 
 
 def sha(name: str) -> str:
@@ -37,10 +37,10 @@ ASTRONAUT, CAT = sha("astronaut"), sha("cat")
 
 @pytest.fixture(scope="module")
 def guided(smoke_models: SmokeModels, base_settings: Settings, astronaut: Image.Image) -> Generator:
-    """The smoke generator with both guides, loaded as Engine.load loads them, holding two sources."""
+    """The smoke generator with every guide, loaded as Engine.load loads them, holding two sources."""
     import skimage.data
 
-    settings = dataclasses.replace(base_settings, guides=BOTH)
+    settings = dataclasses.replace(base_settings, guides=ALL)
     sources = resolve_models(settings)
     guides = load_guide_models(settings.guides, sources, CPU, torch.float32)
     generator = Generator.load(sources.generator, settings.generate, CPU, dtype=torch.float32, guides=guides)
@@ -73,33 +73,72 @@ def moved(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_the_guided_pipelines_share_the_resident_weights(guided: Generator) -> None:
     """Image-to-image and the ControlNet pipelines run the resident UNet, VAE and text encoder themselves:
-    the only weights added are the ControlNet's."""
-    assert guided.offered_guides == ("layout", "edges")
-    pipes = [guided.guided.pipeline(parse_guides(keep)) for keep in ("layout", "edges", "layout,edges")]
-    assert [type(p).__mro__[1].__name__ for p in pipes] == [
+    the only weights added are the ControlNets'; edges and depth together run both, in one
+    MultiControlNetModel."""
+    from diffusers.models import MultiControlNetModel
+
+    assert guided.offered_guides == ("layout", "edges", "depth", "look")
+    keeps = ("layout", "edges", "layout,edges", "depth", "depth,layout", "edges,depth", "edges,depth,layout")
+    pipes = {keep: guided.guided.pipeline(parse_guides(keep)) for keep in keeps}
+    assert [type(p).__mro__[1].__name__ for p in pipes.values()] == [
         "StableDiffusionImg2ImgPipeline",
-        "StableDiffusionControlNetPipeline",
-        "StableDiffusionControlNetImg2ImgPipeline",
+        *["StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline"] * 3,
     ]
-    for pipe in pipes:
+    for pipe in pipes.values():
         for name in ("unet", "vae", "text_encoder", "tokenizer", "safety_checker"):
             assert getattr(pipe, name) is getattr(guided.pipe, name), name
-    assert pipes[1].controlnet is pipes[2].controlnet is guided.guided.models.edges
+    models = guided.guided.models
+    assert pipes["edges"].controlnet is pipes["layout,edges"].controlnet is models.edges
+    assert pipes["depth"].controlnet is pipes["depth,layout"].controlnet is models.depth
+    assert models.depth is not models.edges
+    for keep in ("edges,depth", "edges,depth,layout"):
+        multi = pipes[keep].controlnet
+        assert isinstance(multi, MultiControlNetModel)
+        assert list(multi.nets) == [models.edges, models.depth]
+    # Look with each of them: the same class, the same modules, and the IP-Adapter's image encoder.
+    assert models.look is not None
+    for keep, pipe in pipes.items():
+        with_look = guided.guided.pipeline(parse_guides(f"{keep},look"))
+        assert type(with_look) is type(pipe) and with_look.unet is guided.pipe.unet
+        assert with_look.image_encoder is models.look.image_encoder and pipe.image_encoder is None
+    assert type(guided.guided.pipeline(parse_guides("look"))).__mro__[1].__name__ == "StableDiffusionPipeline"
 
 
 def test_each_guide_and_each_weight_changes_the_image(guided: Generator) -> None:
-    """With one seed and prompt, layout, edges and both each make another image than the prompt alone, and
-    two weights of a guide make two images."""
+    """With one seed and prompt, each guide and each combination makes another image than the prompt
+    alone, and two weights of a guide make two images."""
     plain = image(guided, None)
-    made = {keep: image(guided, keep) for keep in ("layout", "layout:0.9", "edges", "edges:1.6")}
-    made["edges,layout"] = image(guided, "edges,layout")
+    singles = ("layout", "layout:0.9", "edges", "edges:1.6", "depth", "depth:1.6", "look", "look:1")
+    made = {keep: image(guided, keep) for keep in singles}
+    for keep in ("edges,layout", "depth,layout", "edges,depth", "edges,depth,layout"):
+        made[keep] = image(guided, keep)
     for keep, pixels in made.items():
         assert moved(pixels, plain) > CHANGED, keep
     assert moved(made["layout"], made["layout:0.9"]) > CHANGED
     assert moved(made["edges"], made["edges:1.6"]) > CHANGED
+    assert moved(made["depth"], made["depth:1.6"]) > CHANGED
+    assert moved(made["look"], made["look:1"]) > CHANGED
     assert moved(made["edges,layout"], made["layout"]) > CHANGED
+    assert moved(made["depth,layout"], made["layout"]) > CHANGED
+    # Both ControlNets count: together they are neither one alone.
+    assert moved(made["edges,depth"], made["edges"]) > CHANGED
+    assert moved(made["edges,depth"], made["depth"]) > CHANGED
+    assert moved(made["edges,depth,layout"], made["edges,layout"]) > CHANGED
+    for keep in ("layout", "edges", "edges,depth,layout"):
+        made[f"{keep},look"] = image(guided, f"{keep},look")
+        assert moved(made[f"{keep},look"], made[keep]) > CHANGED, keep
     # The same request again is the same image: the guides add no randomness of their own.
     assert np.array_equal(image(guided, "edges,layout"), made["edges,layout"])
+    assert np.array_equal(image(guided, "edges,depth"), made["edges,depth"])
+
+
+@pytest.mark.parametrize("keep", ["edges:0", "depth:0", "edges:0,depth:0", "look:0", "depth:0,look:0"])
+def test_a_guide_at_weight_zero_is_the_prompt_alone(guided: Generator, keep: str) -> None:
+    """A ControlNet or look guide of weight 0 adds nothing: the image is the one the prompt alone makes
+    (to the rounding a batch may differ by), while the same guide at its default is another image."""
+    plain = image(guided, None)
+    assert np.abs(image(guided, keep) - plain).max() <= BATCH_ROUNDING
+    assert moved(image(guided, keep.replace(":0", "")), plain) > CHANGED
 
 
 @pytest.mark.parametrize("keep", ["layout", "edges", "edges,layout"])
@@ -122,7 +161,19 @@ def test_layout_keeps_the_source_more_as_its_weight_falls(guided: Generator, ast
     assert distances[0] < distances[1] < distances[2]
 
 
-@pytest.mark.parametrize("keep", ["layout", "edges", "edges:1.2,layout:0.7"])
+@pytest.mark.parametrize(
+    "keep",
+    [
+        "layout",
+        "edges",
+        "edges:1.2,layout:0.7",
+        "depth",
+        "edges,depth",
+        "edges,depth:1.4,layout",
+        "look",
+        "look:0.9,layout,edges",
+    ],
+)
 def test_a_shared_batch_keeps_each_images_own_source(guided: Generator, keep: str) -> None:
     """Two members' images in one batch, from two sources: each is its own source's image made alone (to
     rounding), and not the other source's."""
@@ -175,6 +226,44 @@ def test_the_control_image_is_the_canny_map_of_the_fitted_source(
     assert np.array_equal(np.asarray(canny_edges(fit(astronaut, 128, 64))), control)
 
 
+def test_the_depth_map_is_the_estimators_depth_of_the_fitted_source(
+    guided: Generator, astronaut: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The depth ControlNet sees the estimator's depth of the source scaled to cover the image and
+    centre-cropped, brought to the image's size as transformers' own post-processing does and stretched
+    over 0-255 (near bright), as ControlNet's MiDaS annotator does; it is made once per source and size,
+    and another source has another map."""
+    pipe = guided.guided.pipeline(parse_guides("depth"))
+    seen: list[Any] = []
+    original = type(pipe).__call__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["image"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    image(guided, "depth", width=128)
+    image(guided, "depth", width=128)
+    image(guided, "depth", source=CAT, width=128)
+    [[first], [second], [cat]] = seen
+    assert first is second  # prepared once
+
+    estimator = guided.guided.models.depth_estimator
+    assert estimator is not None
+    fitted = fit(astronaut, 128, 64)
+    with torch.inference_mode():
+        outputs = estimator.model(**estimator.processor(images=fitted, return_tensors="pt"))
+    [found] = estimator.processor.post_process_depth_estimation(outputs, target_sizes=[(64, 128)])
+    depth = found["predicted_depth"].numpy().astype(np.float64)
+    expected = np.round((depth - depth.min()) / (depth.max() - depth.min()) * 255)
+    control = np.asarray(first, dtype=np.int16)
+    assert control.shape == (64, 128, 3)
+    assert np.array_equal(control[..., 0], control[..., 2])
+    assert np.abs(control[..., 0] - expected).max() <= 1
+    assert control.min() == 0 and control.max() == 255 and control.std() > 10
+    assert moved(np.asarray(cat, dtype=np.int16), control) > 10
+
+
 def test_a_source_no_longer_stored_is_one_sentence(guided: Generator) -> None:
     with pytest.raises(GenerationError) as info:
         image(guided, "layout", source=sha("gone"))
@@ -205,3 +294,82 @@ def test_a_guide_whose_weights_are_missing_is_not_offered(
         generator.plan(request)
     assert Generator.load(sources.generator, settings.generate, CPU).offered_guides == ()
     assert GuideModels().offered == ()
+
+
+def test_depth_without_its_estimator_is_not_offered(
+    base_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Depth needs its ControlNet and its depth estimator: with the estimator missing, one log line, depth
+    not offered, its ControlNet not kept, and edges and layout still offered."""
+    settings = dataclasses.replace(base_settings, guides=ALL)
+    sources = dataclasses.replace(resolve_models(settings), depth_estimator="someone/no-such-estimator")
+    with caplog.at_level(logging.WARNING, logger="i2p2i_bot.guided"):
+        models = load_guide_models(settings.guides, sources, CPU, torch.float32)
+    assert models.offered == ("layout", "edges", "look")
+    assert models.depth is None and models.depth_estimator is None and "depth" not in models.recorded
+    [line] = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.guided"]
+    assert line.startswith("the depth guide is not offered: its depth estimator could not be loaded")
+    assert "someone/no-such-estimator" in line
+
+
+def test_look_leaves_the_other_batches_as_they_were(guided: Generator) -> None:
+    """The IP-Adapter is in the shared UNet only while a look batch runs: before and after one, the UNet
+    has its own (fused) attention and no image projection, and a prompt-only or layout image is the one
+    made before any look batch."""
+    unet = guided.pipe.unet
+    own = dict(unet.attn_processors)
+    before = {keep: image(guided, keep) for keep in (None, "layout")}
+    image(guided, "look:1,edges")
+    assert dict(unet.attn_processors) == own and unet.encoder_hid_proj is None
+    assert unet.config.encoder_hid_dim_type is None
+    for keep, pixels in before.items():
+        assert np.array_equal(image(guided, keep), pixels), keep
+
+
+def test_look_feeds_each_image_its_own_sources_embedding(
+    guided: Generator, astronaut: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look pipeline gets the image encoder's embedding of each image's own source (unconditional
+    zeros first, as diffusers' encode_image makes them), made once per source, at the guide's weight as
+    the IP-Adapter's scale."""
+    pipe = guided.guided.pipeline(parse_guides("look"))
+    seen: list[Any] = []
+    original = type(pipe).__call__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scales = {p.scale[0] for p in self.unet.attn_processors.values() if hasattr(p, "scale")}
+        seen.append((kwargs["ip_adapter_image_embeds"], scales))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    planned = [
+        guided.plan(GenerationRequest("a fox", seed=3, keep=parse_guides("look:0.7"), guide_source=source))
+        for source in (ASTRONAUT, CAT, ASTRONAUT)
+    ]
+    guided.generate_batch(planned[0].params, [p.spec(0) for p in planned])
+    [([embeds], scales)] = seen
+    assert scales == {0.7}
+    look = guided.guided.models.look
+    assert look is not None
+    pixels = look.processor(images=astronaut, return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        expected = look.image_encoder(pixels).image_embeds[0]
+    assert embeds.shape == (6, 1, expected.shape[0])
+    assert torch.equal(embeds[:3], torch.zeros_like(embeds[:3]))
+    assert torch.allclose(embeds[3, 0], expected) and torch.allclose(embeds[5, 0], expected)
+    assert not torch.allclose(embeds[4, 0], expected)
+    assert embeds[3, 0].data_ptr() == embeds[5, 0].data_ptr() or torch.equal(embeds[3], embeds[5])
+
+
+def test_look_without_its_weights_is_not_offered(
+    base_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An IP-Adapter not on this machine: one log line, look not offered, the others still offered."""
+    settings = dataclasses.replace(base_settings, guides=ALL)
+    sources = dataclasses.replace(resolve_models(settings), look="someone/no-such-adapter")
+    with caplog.at_level(logging.WARNING, logger="i2p2i_bot.guided"):
+        models = load_guide_models(settings.guides, sources, CPU, torch.float32)
+    assert models.offered == ("layout", "edges", "depth") and "look" not in models.recorded
+    [line] = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.guided"]
+    assert line.startswith("the look guide is not offered: its IP-Adapter could not be loaded")
+    assert "someone/no-such-adapter" in line

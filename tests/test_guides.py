@@ -30,25 +30,33 @@ def test_the_text_form_takes_defaults_and_comes_out_in_one_order() -> None:
     assert parse_guides("edges:0.9,layout") == (Guide("layout", 0.6), Guide("edges", 0.9))
     assert parse_guides(" Layout : 0.3 , edges ") == (Guide("layout", 0.3), Guide("edges", 0.8))
     assert parse_guides("edges:0") == (Guide("edges", 0.0),)
+    assert parse_guides("depth:1.5,layout:0.4,edges") == (
+        Guide("layout", 0.4),
+        Guide("edges", 0.8),
+        Guide("depth", 1.5),
+    )
     guides = parse_guides("edges:1.5,layout:1")
     assert format_guides(guides) == "layout:1,edges:1.5"
     assert parse_guides(format_guides(guides)) == guides
     assert guides_from_json(guides_json(guides)) == guides
-    assert {k.name: k.default_weight for k in GUIDE_KINDS.values()} == {"layout": 0.6, "edges": 0.8}
+    defaults = {k.name: k.default_weight for k in GUIDE_KINDS.values()}
+    assert defaults == {"layout": 0.6, "edges": 0.8, "depth": 0.8, "look": 0.6}
 
 
 @pytest.mark.parametrize(
     ("text", "sentence"),
     [
-        ("pose", "There is no guide called 'pose'; the guides are layout, edges."),
+        ("pose", "There is no guide called 'pose'; the guides are layout, edges, depth, look."),
         ("layout:0", "The weight of layout must be in (0, 1] (got 0)."),
         ("layout:1.2", "The weight of layout must be in (0, 1] (got 1.2)."),
         ("edges:-0.1", "The weight of edges must be in [0, 2] (got -0.1)."),
         ("edges:2.5", "The weight of edges must be in [0, 2] (got 2.5)."),
         ("edges:nan", "The weight of edges must be in [0, 2] (got nan)."),
         ("edges:lots", "The weight of edges must be a number in [0, 2] (got 'lots')."),
+        ("depth:2.1", "The weight of depth must be in [0, 2] (got 2.1)."),
+        ("depth,edges,depth:0.5", "The depth guide is named twice; give each guide once."),
         ("edges,layout,edges:1", "The edges guide is named twice; give each guide once."),
-        (" , ", "Name at least one guide to keep: layout, edges."),
+        (" , ", "Name at least one guide to keep: layout, edges, depth, look."),
     ],
 )
 def test_bad_guides_are_one_sentence(text: str, sentence: str) -> None:
@@ -113,6 +121,12 @@ def test_a_guide_not_on_offer_says_why() -> None:
     )
     assert not_offered("edges", ["layout"]) == (
         "This bot does not offer edges (keeping outlines and pose): its operator has not enabled it."
+    )
+    assert not_offered("depth", ["depth"]) == (
+        "Depth needs a depth ControlNet and a depth estimator, which this bot has not downloaded."
+    )
+    assert not_offered("depth", ["layout", "edges"]) == (
+        "This bot does not offer depth (keeping 3-D arrangement): its operator has not enabled it."
     )
     assert not_offered("layout", []) == (
         "This bot does not offer layout (keeping composition and colours): its operator has not enabled it."
