@@ -204,7 +204,11 @@ class ResultDelivery:
         if job.id in self._delivering:
             return N_("Being posted now.")
         reason = self.undeliverable(job)
-        return N_("Not posted yet.") if reason is None else f"Could not be posted: {reason}."
+        return (
+            N_("Not posted yet.")
+            if reason is None
+            else N_("Could not be posted: {reason}.").format(reason=reason)
+        )
 
     def undeliverable(self, job: Job | int) -> str | None:
         """Why the job's result could not be posted anywhere, when that is what happened (kept in the store

@@ -88,11 +88,11 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, USER_ERRORS):
         return str(error)
     if isinstance(error, discord.HTTPException) and error.code in WORLD_CHANGED:
-        return f"I could not finish that: {WORLD_CHANGED[error.code]}."
+        return N_("I could not finish that: {reason}.").format(reason=WORLD_CHANGED[error.code])
     if isinstance(error, app_commands.CommandOnCooldown):
-        return f"Slow down a little: try again in {error.retry_after:.0f} s."
+        return N_("Slow down a little: try again in {seconds} s.").format(seconds=f"{error.retry_after:.0f}")
     if isinstance(error, app_commands.CheckFailure | app_commands.MissingPermissions):
-        return "You are not allowed to use that here."
+        return N_("You are not allowed to use that here.")
     return None
 
 
@@ -109,7 +109,9 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
             interaction.user.id,
             exc_info=error,
         )
-        message = f"Sorry, something went wrong on my side (error id `{error_id}`); it has been logged."
+        message = N_(
+            "Sorry, something went wrong on my side (error id `{error}`); it has been logged."
+        ).format(error=error_id)
     elif isinstance(fault, GpuFault):
         # Not the member's doing, and an operator needs the CUDA error behind it (the fault's cause).
         log.error(
@@ -196,5 +198,5 @@ class PrivateView(discord.ui.View):
         if interaction.user.id == self.owner_id:
             return True
         log.info("refused interaction %s for user %s: not their view", interaction.id, interaction.user.id)
-        await reply(interaction, "Only the member who opened this can use it.")
+        await reply(interaction, N_("Only the member who opened this can use it."))
         return False
