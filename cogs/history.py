@@ -12,9 +12,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from i2p2i_bot.cards import COLOR, info_embed, shorten
+from i2p2i_bot.cards import COLOR, STATUS_NAMES, info_embed, shorten
+from i2p2i_bot.i18n import tr
 from i2p2i_bot.job_controls import bot_of, check_may_see, job_models, job_view, queue_message
-from i2p2i_bot.replies import PrivateView, Refusal, report_error
+from i2p2i_bot.replies import PrivateView, Refusal, member_locale, report_error
 
 if TYPE_CHECKING:
     from i2p2i_bot.app import I2P2IBot
@@ -42,25 +43,33 @@ class HistoryCog(commands.Cog, name="History"):
             jobs = await store.recent_jobs(user, limit=HISTORY_LIMIT, include_hidden=admin)
             cards = await store.recent_interrogations(user, limit=HISTORY_LIMIT)
         delivery = self.bot.delivery
+        locale = member_locale(interaction)
         lines = [
-            f"**Job #{j.id}** · {j.status}"
-            + (" · hidden" if j.hidden_at is not None else "")
-            + (" · ⚠️ not posted, see /job" if delivery.undeliverable(j) else "")
-            + f" · {j.request.count} image(s) · <t:{int(j.created_at)}:R>\n> {shorten(j.request.prompt, 180)}"
+            tr(locale, "**Job #{job}**", job=j.id)
+            + f" · {tr(locale, STATUS_NAMES[j.status])}"
+            + (tr(locale, " · hidden") if j.hidden_at is not None else "")
+            + (tr(locale, " · ⚠️ not posted, see /job") if delivery.undeliverable(j) else "")
+            + tr(locale, " · {count} image(s)", count=j.request.count)
+            + f" · <t:{int(j.created_at)}:R>\n> {shorten(j.request.prompt, 180)}"
             for j in jobs
         ]
         for c in cards:
             when = f"<t:{int(c.created_at)}:R>"
+            card = tr(locale, "**Card {card}**", card=c.id)
             lines.append(
-                f"**Card {c.id}** · {c.interrogation.mode} · {when}\n> {shorten(c.interrogation.prompt, 180)}"
+                f"{card} · {c.interrogation.mode} · {when}\n> {shorten(c.interrogation.prompt, 180)}"
             )
         if not lines:
-            found = f" matching “{shorten(query, 100)}”" if query else ""
-            await interaction.response.send_message(f"You have no history{found} yet.", ephemeral=True)
+            if query:
+                said = tr(locale, "You have no history matching “{query}” yet.", query=shorten(query, 100))
+            else:
+                said = tr(locale, "You have no history yet.")
+            await interaction.response.send_message(said, ephemeral=True)
             return
-        view = Pager(
-            lines, title="Your history" + (f" · “{shorten(query, 60)}”" if query else ""), owner=user
-        )
+        title = tr(locale, "Your history")
+        if query:
+            title += f" · “{shorten(query, 60)}”"
+        view = Pager(lines, title=title, owner=user, locale=locale)
         await interaction.response.send_message(embed=view.page(), view=view, ephemeral=True)
 
     @app_commands.command(
@@ -74,19 +83,21 @@ class HistoryCog(commands.Cog, name="History"):
         job = record.job
         check_may_see(self.bot, interaction, job)
         models = await job_models(self.bot, job)
+        locale = member_locale(interaction)
         if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
             # Another member's job, shared where they asked for it: what was posted there, without why
             # its result may not have arrived (that is the owner's business) and without the owner's buttons.
-            embed = info_embed(job, record.images, models)
+            embed = info_embed(job, record.images, models, locale=locale)
             await interaction.response.send_message(embed=embed, ephemeral=True)
             return
         delivery = self.bot.delivery.delivery_state(job)
-        embed = info_embed(job, record.images, models, delivery=delivery)
+        embed = info_embed(job, record.images, models, delivery=delivery, locale=locale)
         await interaction.response.send_message(
             embed=embed,
             view=job_view(
                 job,
                 running=not job.status.finished,
+                locale=locale,
                 images=record.images,
                 vary="layout" in self.bot.engine.offered_guides,
             ),
@@ -96,41 +107,49 @@ class HistoryCog(commands.Cog, name="History"):
     @app_commands.command(name="queue", description="Your queued and running jobs, with Cancel buttons")
     async def queue(self, interaction: discord.Interaction) -> None:
         jobs = self.bot.queue.active_jobs(owner_id=interaction.user.id)
-        notice = self.bot.workers_notice()
+        locale = member_locale(interaction)
+        notice = self.bot.workers_notice(locale)
         if not jobs:
-            empty = "You have nothing queued."
+            empty = tr(locale, "You have nothing queued.")
             await interaction.response.send_message(f"{notice}\n{empty}" if notice else empty, ephemeral=True)
             return
-        embed, view = queue_message(self.bot, jobs)
+        embed, view = queue_message(self.bot, jobs, locale=locale)
         await interaction.response.send_message(notice, embed=embed, view=view, ephemeral=True)
 
     @app_commands.command(name="forget", description="Delete your whole history: prompts, jobs and images")
     async def forget(self, interaction: discord.Interaction) -> None:
         stats = await self.bot.store.user_stats(interaction.user.id)
         total = sum(stats.jobs.values())
-        view = ForgetConfirm(interaction.user.id)
-        await interaction.response.send_message(
-            f"This deletes {total} job(s), {stats.images} image(s) and {stats.interrogations} prompt(s) of "
-            "yours, and the pictures you uploaded that no other member used, and cancels anything you have "
-            "queued. It cannot be undone.",
-            view=view,
-            ephemeral=True,
+        locale = member_locale(interaction)
+        view = ForgetConfirm(interaction.user.id, locale=locale)
+        said = tr(
+            locale,
+            "This deletes {jobs} job(s), {images} image(s) and {prompts} prompt(s) of yours, and the "
+            "pictures you uploaded that no other member used, and cancels anything you have queued. It "
+            "cannot be undone.",
+            jobs=total,
+            images=stats.images,
+            prompts=stats.interrogations,
         )
+        await interaction.response.send_message(said, view=view, ephemeral=True)
 
 
 class Pager(PrivateView):
     """Previous / next over ephemeral pages; in memory, as ephemeral messages are short-lived."""
 
-    def __init__(self, lines: list[str], *, title: str, owner: int) -> None:
+    def __init__(self, lines: list[str], *, title: str, owner: int, locale: str | None) -> None:
         super().__init__(owner, timeout=600)
-        self.lines, self.title, self.index = lines, title, 0
+        self.lines, self.title, self.index, self.locale = lines, title, 0, locale
         self.pages = max(1, -(-len(lines) // PAGE_SIZE))
+        self.previous.label = tr(locale, "Previous")
+        self.next.label = tr(locale, "Next")
         self._sync()
 
     def page(self) -> discord.Embed:
         chunk = self.lines[self.index * PAGE_SIZE : (self.index + 1) * PAGE_SIZE]
         embed = discord.Embed(colour=COLOR, title=self.title, description=shorten("\n\n".join(chunk), 4000))
-        embed.set_footer(text=f"Page {self.index + 1} of {self.pages}")
+        page = tr(self.locale, "Page {page} of {pages}", page=self.index + 1, pages=self.pages)
+        embed.set_footer(text=page)
         return embed
 
     def _sync(self) -> None:
@@ -153,9 +172,11 @@ class Pager(PrivateView):
 class ForgetConfirm(PrivateView):
     """Delete everything, or keep it; only the member who ran /forget may press either."""
 
-    def __init__(self, user_id: int) -> None:
+    def __init__(self, user_id: int, *, locale: str | None) -> None:
         super().__init__(user_id, timeout=120)
-        self.user_id = user_id
+        self.user_id, self.locale = user_id, locale
+        self.confirm.label = tr(locale, "Delete everything")
+        self.keep.label = tr(locale, "Keep it")
 
     @discord.ui.button(label="Delete everything", style=discord.ButtonStyle.danger)
     async def confirm(
@@ -168,8 +189,15 @@ class ForgetConfirm(PrivateView):
             result = await bot.queue.forget(self.user_id)
             log.info("user %d forgot their history", self.user_id)
             await interaction.response.edit_message(
-                content=f"Deleted {result.jobs} job(s), {result.images} image(s), {result.interrogations} "
-                f"prompt(s) and {result.sources} uploaded picture(s).",
+                content=tr(
+                    member_locale(interaction),
+                    "Deleted {jobs} job(s), {images} image(s), {prompts} prompt(s) and {sources} uploaded "
+                    "picture(s).",
+                    jobs=result.jobs,
+                    images=result.images,
+                    prompts=result.interrogations,
+                    sources=result.sources,
+                ),
                 view=None,
             )
         except Exception as exc:
@@ -177,7 +205,8 @@ class ForgetConfirm(PrivateView):
 
     @discord.ui.button(label="Keep it", style=discord.ButtonStyle.secondary)
     async def keep(self, interaction: discord.Interaction, button: discord.ui.Button[ForgetConfirm]) -> None:
-        await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+        said = tr(member_locale(interaction), "Nothing was deleted.")
+        await interaction.response.edit_message(content=said, view=None)
 
 
 async def setup(bot: I2P2IBot) -> None:

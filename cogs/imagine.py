@@ -27,12 +27,15 @@ from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, pro
 from i2p2i_bot.config import GenerateSettings, InterrogateMode
 from i2p2i_bot.decode_queue import answer_deferred
 from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, Guide, GuideError, GuideName, check_guides, not_offered
+from i2p2i_bot.i18n import tr
 from i2p2i_bot.images import ImageError, check_declared
 from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import (
     PrivateView,
     Refusal,
+    channel_locale,
+    member_locale,
     placeholder_replaced,
     report_error,
     think_in_public,
@@ -166,8 +169,10 @@ class ImagineCog(commands.Cog, name="Imagine"):
         if len(sources) == 1:
             await self.describe(interaction, sources[0], None, None, CardChoices())
             return
-        view = ChooseImageView(self, sources, interaction.user.id)
-        await interaction.response.send_message("Which image should I describe?", view=view, ephemeral=True)
+        locale = member_locale(interaction)
+        view = ChooseImageView(self, sources, interaction.user.id, locale=locale)
+        said = tr(locale, "Which image should I describe?")
+        await interaction.response.send_message(said, view=view, ephemeral=True)
 
     # -- the flow ----------------------------------------------------------------------------------------
 
@@ -247,7 +252,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
         thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
         message = await card_message(
-            bot, stored, interaction.user.display_name, count, thumbnail, guild_id=interaction.guild_id
+            bot,
+            stored,
+            interaction.user.display_name,
+            count,
+            thumbnail,
+            guild_id=interaction.guild_id,
+            locale=channel_locale(interaction),
         )
         await answer_deferred(interaction, message)
         placeholder_replaced(interaction)
@@ -273,6 +284,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                     count,
                     thumbnail,
                     guild_id=interaction.guild_id,
+                    locale=channel_locale(interaction),
                 )
                 await answer_deferred(interaction, message)
                 placeholder_replaced(interaction)
@@ -388,8 +400,11 @@ async def card_message(
     thumbnail: discord.File | None,
     *,
     guild_id: int | None,
+    locale: str | None,
 ) -> dict[str, Any]:
-    """The card as it stands: its prompts and buttons, and the choices its member made on it (SQLite)."""
+    """The card as it stands: its prompts and buttons, and the choices its member made on it (SQLite).
+
+    A card is public: `locale` is its channel's (replies.channel_locale)."""
     result = stored.interrogation
     choices = await bot.store.card_choices(stored.id)
     suggestion = choices.negative_prompt or await known_negative(bot, stored)
@@ -401,11 +416,12 @@ async def card_message(
         suggestion=suggestion,
         default_negative=bot.servers.generate(guild_id).negative_prompt,
         banned=banned,
+        locale=locale,
     )
-    message: dict[str, Any] = {
-        "embed": embed,
-        "view": card_view(stored, count, choices, offered=bot.engine.offered_guides, blocked=bool(banned)),
-    }
+    view = card_view(
+        stored, count, choices, offered=bot.engine.offered_guides, blocked=bool(banned), locale=locale
+    )
+    message: dict[str, Any] = {"embed": embed, "view": view}
     if thumbnail is not None:
         message["file"] = thumbnail
     return message
@@ -418,6 +434,7 @@ def card_view(
     *,
     offered: Sequence[GuideName] = (),
     blocked: bool = False,
+    locale: str | None = None,
 ) -> discord.ui.View:
     """Generate, Edit, Apply or Remove negative, More prompts and Settings; Use #k for each listed prompt;
     Re-describe; Keep from the image where the model offers guides, and Guide weights once one is kept.
@@ -429,21 +446,27 @@ def card_view(
     card = stored.id
     result = stored.interrogation
     generate = CardButton(
-        "gen", card, count, label=f"Generate ×{count}", style=discord.ButtonStyle.success, row=0
+        "gen",
+        card,
+        count,
+        label=tr(locale, "Generate ×{count}", count=count),
+        style=discord.ButtonStyle.success,
+        row=0,
     )
     generate.item.disabled = blocked
     view.add_item(generate)
-    view.add_item(CardButton("edit", card, count, label="Edit prompt", emoji="✏️", row=0))
+    view.add_item(CardButton("edit", card, count, label=tr(locale, "Edit prompt"), emoji="✏️", row=0))
     if result.mode != "negative":  # a negative card's images have its words as their negative already
         if choices.negative_prompt is None:
-            view.add_item(CardButton("neg", card, count, label="Apply negative", emoji="🚫", row=0))
+            label = tr(locale, "Apply negative")
+            view.add_item(CardButton("neg", card, count, label=label, emoji="🚫", row=0))
         else:
             view.add_item(
                 CardButton(
                     "noneg",
                     card,
                     count,
-                    label="Remove negative",
+                    label=tr(locale, "Remove negative"),
                     emoji="↩️",
                     style=discord.ButtonStyle.primary,
                     row=0,
@@ -452,16 +475,18 @@ def card_view(
     listed = listed_prompts(result, choices)
     hidden = len(result.ranked[:MAX_LISTED_PROMPTS]) - len(listed)
     if hidden > 0:
-        view.add_item(CardButton("more", card, count, label=f"More prompts ({hidden})", emoji="📜", row=0))
-    view.add_item(CardButton("set", card, count, label="Settings", emoji="⚙️", row=0))
+        label = tr(locale, "More prompts ({count})", count=hidden)
+        view.add_item(CardButton("more", card, count, label=label, emoji="📜", row=0))
+    view.add_item(CardButton("set", card, count, label=tr(locale, "Settings"), emoji="⚙️", row=0))
     if len(listed) > 1:
         for k in range(1, len(listed) + 1):
-            view.add_item(CardButton("use", card, count, k=k, label=f"Use #{k}", row=1))
-    view.add_item(ModeSelect(card, count, current=result.mode))
+            view.add_item(CardButton("use", card, count, k=k, label=tr(locale, "Use #{k}", k=k), row=1))
+    view.add_item(ModeSelect(card, count, current=result.mode, locale=locale))
     if offered:
-        view.add_item(KeepSelect(card, count, offered=offered, keep=choices.keep))
+        view.add_item(KeepSelect(card, count, offered=offered, keep=choices.keep, locale=locale))
         if choices.keep:
-            view.add_item(CardButton("wts", card, count, label="Guide weights", emoji="⚖️", row=4))
+            label = tr(locale, "Guide weights")
+            view.add_item(CardButton("wts", card, count, label=label, emoji="⚖️", row=4))
     return view
 
 
@@ -569,7 +594,10 @@ class CardButton(
             if self.action == "set":
                 choices = await bot.store.card_choices(stored.id)
                 settings = bot.servers.generate(interaction.guild_id)
-                await interaction.response.send_modal(SamplingModal(stored, self.count, choices, settings))
+                modal = SamplingModal(
+                    stored, self.count, choices, settings, locale=member_locale(interaction)
+                )
+                await interaction.response.send_modal(modal)
                 return
             if self.action == "wts":
                 choices = await bot.store.card_choices(stored.id)
@@ -577,7 +605,8 @@ class CardButton(
                     raise Refusal(
                         "This card keeps the prompt only; choose what to keep from the image first."
                     )
-                await interaction.response.send_modal(WeightsModal(stored, self.count, choices.keep))
+                weights = WeightsModal(stored, self.count, choices.keep, locale=member_locale(interaction))
+                await interaction.response.send_modal(weights)
                 return
             if self.action == "more":
                 await bot.store.show_all_card_prompts(stored.id)
@@ -611,7 +640,8 @@ class CardButton(
             source_sha256=stored.source_sha256,
         )
         if self.action == "edit":
-            await interaction.response.send_modal(PromptModal(draft, settings=settings))
+            modal = PromptModal(draft, settings=settings, locale=member_locale(interaction))
+            await interaction.response.send_modal(modal)
             return
         await start_job(bot, interaction, draft)
 
@@ -638,7 +668,13 @@ async def redraw_card(
 ) -> None:
     """Show the card as its choices now stand, in place."""
     message = await card_message(
-        bot, stored, owner_name(interaction, stored), count, None, guild_id=interaction.guild_id
+        bot,
+        stored,
+        owner_name(interaction, stored),
+        count,
+        None,
+        guild_id=interaction.guild_id,
+        locale=channel_locale(interaction),
     )
     if interaction.response.is_done():
         await interaction.edit_original_response(**message)
@@ -651,10 +687,15 @@ class ModeSelect(
 ):
     """Re-describe the card's image in another mode, in place; an applied negative suggestion stays."""
 
-    def __init__(self, card: int, count: int, *, current: str | None = None) -> None:
+    def __init__(
+        self, card: int, count: int, *, current: str | None = None, locale: str | None = None
+    ) -> None:
         options = [
             discord.SelectOption(
-                label=f"Re-describe: {m}", value=m, description=MODE_LABELS[m][:100], default=False
+                label=tr(locale, "Re-describe: {mode}", mode=m),
+                value=m,
+                description=tr(locale, MODE_LABELS[m])[:100],
+                default=False,
             )
             for m in MODES
             if m != current
@@ -662,7 +703,7 @@ class ModeSelect(
         super().__init__(
             discord.ui.Select(
                 custom_id=f"i2p:card:mode:{card}:{count}",
-                placeholder="Re-describe…",
+                placeholder=tr(locale, "Re-describe…"),
                 options=options,
                 row=2,
             )
@@ -689,7 +730,13 @@ class ModeSelect(
             if applied is not None and mode != "negative":
                 await bot.store.set_card_negative(fresh.id, applied)
             message = await card_message(
-                bot, fresh, interaction.user.display_name, self.count, None, guild_id=interaction.guild_id
+                bot,
+                fresh,
+                interaction.user.display_name,
+                self.count,
+                None,
+                guild_id=interaction.guild_id,
+                locale=channel_locale(interaction),
             )
             await interaction.edit_original_response(**message)
         except Exception as exc:
@@ -715,11 +762,15 @@ class KeepSelect(
         *,
         offered: Sequence[GuideName] = GUIDE_NAMES,
         keep: Sequence[Guide] = (),
+        locale: str | None = None,
     ) -> None:
         weights = {g.name: g.weight for g in keep}
         options = [
             discord.SelectOption(
-                label="Prompt only", value=PROMPT_ONLY, description="What the prompt says", default=not keep
+                label=tr(locale, "Prompt only"),
+                value=PROMPT_ONLY,
+                description=tr(locale, "What the prompt says"),
+                default=not keep,
             )
         ]
         for name in offered:
@@ -729,14 +780,19 @@ class KeepSelect(
                 discord.SelectOption(
                     label=name.capitalize(),
                     value=name,
-                    description=f"Keeps {kind.keeps} · weight {weight:g}"[:100],
+                    description=tr(
+                        locale,
+                        "Keeps {keeps} · weight {weight}",
+                        keeps=tr(locale, kind.keeps),
+                        weight=f"{weight:g}",
+                    )[:100],
                     default=name in weights,
                 )
             )
         super().__init__(
             discord.ui.Select(
                 custom_id=f"i2p:card:keep:{card}:{count}",
-                placeholder="Keep from the image…",
+                placeholder=tr(locale, "Keep from the image…"),
                 min_values=1,
                 max_values=len(options),
                 options=options,
@@ -785,13 +841,21 @@ def chosen_guides(bot: I2P2IBot, values: Sequence[str], before: Sequence[Guide])
 class WeightsModal(discord.ui.Modal):
     """A card's Guide weights: one input for each guide it keeps (at most five guides exist)."""
 
-    def __init__(self, stored: StoredInterrogation, count: int, keep: Sequence[Guide]) -> None:
-        super().__init__(title="Guide weights", timeout=15 * 60)
+    def __init__(
+        self, stored: StoredInterrogation, count: int, keep: Sequence[Guide], *, locale: str | None
+    ) -> None:
+        super().__init__(title=tr(locale, "Guide weights"), timeout=15 * 60)
         self.stored, self.count = stored, count
         self.inputs: list[tuple[GuideName, discord.ui.TextInput[WeightsModal]]] = []
         for guide in keep:
             kind = guide.kind
-            label = f"{guide.name.capitalize()} weight {kind.weight_range}, default {kind.default_weight:g}"
+            label = tr(
+                locale,
+                "{guide} weight {range}, default {default}",
+                guide=guide.name.capitalize(),
+                range=kind.weight_range,
+                default=f"{kind.default_weight:g}",
+            )
             field: discord.ui.TextInput[WeightsModal] = discord.ui.TextInput(
                 label=label[:45],
                 default=f"{guide.weight:g}",
@@ -849,31 +913,44 @@ class SamplingModal(discord.ui.Modal):
     """A card's Settings: images, steps, guidance, aspect ratio and scheduler for its images."""
 
     def __init__(
-        self, stored: StoredInterrogation, count: int, choices: CardChoices, settings: GenerateSettings
+        self,
+        stored: StoredInterrogation,
+        count: int,
+        choices: CardChoices,
+        settings: GenerateSettings,
+        *,
+        locale: str | None,
     ) -> None:
-        super().__init__(title="Image settings", timeout=15 * 60)
+        super().__init__(title=tr(locale, "Image settings"), timeout=15 * 60)
         self.stored, self.settings = stored, settings
         guidance = settings.guidance if choices.guidance is None else choices.guidance
         self.images: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
-            label=f"Images (1–{settings.max_count})", default=str(count), max_length=3
+            label=tr(locale, "Images (1–{high})", high=settings.max_count), default=str(count), max_length=3
         )
         self.steps: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
-            label=f"Steps (1–{settings.max_steps})",
+            label=tr(locale, "Steps (1–{high})", high=settings.max_steps),
             default=str(settings.steps if choices.steps is None else choices.steps),
             max_length=4,
         )
         self.guidance: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
-            label=f"Guidance, CFG (0–{MAX_GUIDANCE:g})", default=f"{guidance:g}", max_length=6
+            label=tr(locale, "Guidance, CFG (0–{high})", high=f"{MAX_GUIDANCE:g}"),
+            default=f"{guidance:g}",
+            max_length=6,
         )
         self.aspect: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
-            label=f"Aspect ratio ({', '.join(ASPECT_RATIOS)})",
+            label=tr(locale, "Aspect ratio ({choices})", choices=", ".join(ASPECT_RATIOS)),
             default=choices.aspect,
             required=False,
             max_length=5,
-            placeholder=f"blank: the server's size, {settings.width}×{settings.height}",
+            placeholder=tr(
+                locale,
+                "blank: the server's size, {width}×{height}",
+                width=settings.width,
+                height=settings.height,
+            ),
         )
         self.scheduler: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
-            label=f"Scheduler ({' or '.join(SCHEDULERS)})",
+            label=tr(locale, "Scheduler ({choices})", choices=" or ".join(SCHEDULERS)),
             default=choices.scheduler or settings.scheduler,
             max_length=4,
         )
@@ -896,7 +973,13 @@ class SamplingModal(discord.ui.Modal):
             scheduler=None if choices.scheduler == s.scheduler else choices.scheduler,
         )
         message = await card_message(
-            bot, self.stored, owner_name(interaction, self.stored), count, None, guild_id=interaction.guild_id
+            bot,
+            self.stored,
+            owner_name(interaction, self.stored),
+            count,
+            None,
+            guild_id=interaction.guild_id,
+            locale=channel_locale(interaction),
         )
         await interaction.response.edit_message(**message)
 
@@ -945,11 +1028,13 @@ def _open_png(path: Path) -> Image.Image:
 class ChooseImageView(PrivateView):
     """When a message holds several images: pick one (ephemeral, so it can live in memory)."""
 
-    def __init__(self, cog: ImagineCog, sources: list[ImageSource], user_id: int) -> None:
+    def __init__(
+        self, cog: ImagineCog, sources: list[ImageSource], user_id: int, *, locale: str | None
+    ) -> None:
         super().__init__(user_id, timeout=600)
         self.cog, self.sources, self.user_id = cog, sources[:25], user_id
         select: discord.ui.Select[ChooseImageView] = discord.ui.Select(
-            placeholder="Choose an image",
+            placeholder=tr(locale, "Choose an image"),
             options=[
                 discord.SelectOption(label=f"{k + 1}. {s.filename}"[:100], value=str(k))
                 for k, s in enumerate(self.sources)

@@ -17,10 +17,11 @@ import discord
 from discord.ext import commands
 
 from cogs.imagine import card_message
+from i2p2i_bot.i18n import translate
 from i2p2i_bot.job_controls import planned_for, start_job_from_reply
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.prompt_edits import ReplyError, read_reply
-from i2p2i_bot.replies import USER_ERRORS
+from i2p2i_bot.replies import USER_ERRORS, message_locale
 from i2p2i_bot.request import GenerationRequest
 
 if TYPE_CHECKING:
@@ -101,7 +102,15 @@ class ReplyEditCog(commands.Cog, name="ReplyEdit"):
         if edit.negative is not None:
             await bot.store.set_card_negative(card_id, edit.negative)
         log.info("card %d edited by a reply of user %d", card_id, message.author.id)
-        answer = await card_message(bot, stored, message.author.display_name, count, None, guild_id=guild_id)
+        answer = await card_message(
+            bot,
+            stored,
+            message.author.display_name,
+            count,
+            None,
+            guild_id=guild_id,
+            locale=message_locale(message),
+        )
         await message.reply(**answer, mention_author=False)
 
     async def _make_again(self, message: discord.Message, job_id: int) -> None:
@@ -119,7 +128,7 @@ class ReplyEditCog(commands.Cog, name="ReplyEdit"):
 
     async def _answer(self, message: discord.Message, text: str) -> None:
         try:
-            await message.reply(text, mention_author=False)
+            await message.reply(translate(text, message_locale(message)), mention_author=False)
         except discord.HTTPException as exc:
             log.warning("could not answer reply %d: %s", message.id, exc)
 

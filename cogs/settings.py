@@ -14,7 +14,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from i2p2i_bot.cards import shorten
-from i2p2i_bot.replies import Refusal
+from i2p2i_bot.i18n import tr
+from i2p2i_bot.replies import Refusal, member_locale
 from i2p2i_bot.server_settings import KEYS, SettingError, SettingKey
 
 if TYPE_CHECKING:
@@ -64,9 +65,8 @@ class SettingsCog(
         await book.put(guild_id, updated, by=interaction.user.id)
         log.info("admin %d set %s on server %d", interaction.user.id, name, guild_id)
         shown, _ = updated.describe(name, book.base)
-        await interaction.response.send_message(
-            f"Set {name} to {shown} for this server.", embed=self._embed(interaction), ephemeral=True
-        )
+        said = tr(member_locale(interaction), "Set {key} to {value} for this server.", key=name, value=shown)
+        await interaction.response.send_message(said, embed=self._embed(interaction), ephemeral=True)
 
     @app_commands.command(name="reset", description="Put a setting (or all) back to the bot's default")
     @app_commands.describe(key="The setting, or all")
@@ -81,20 +81,25 @@ class SettingsCog(
             raise Refusal(f"{exc} Reset or change that first.") from None
         await book.put(guild_id, updated, by=interaction.user.id)
         log.info("admin %d reset %s on server %d", interaction.user.id, key.value, guild_id)
-        what = "Every setting is" if key.value == "all" else f"{key.value} is"
-        await interaction.response.send_message(
-            f"{what} the bot's default again here.", embed=self._embed(interaction), ephemeral=True
-        )
+        locale = member_locale(interaction)
+        if key.value == "all":
+            said = tr(locale, "Every setting is the bot's default again here.")
+        else:
+            said = tr(locale, "{key} is the bot's default again here.", key=key.value)
+        await interaction.response.send_message(said, embed=self._embed(interaction), ephemeral=True)
 
     def _embed(self, interaction: discord.Interaction) -> discord.Embed:
         book = self.bot.servers
         server = book.get(_guild(interaction))
-        embed = discord.Embed(title="Settings of this server")
+        locale = member_locale(interaction)
+        embed = discord.Embed(title=tr(locale, "Settings of this server"))
         for key, meaning in KEYS.items():
             value, changed = server.describe(key, book.base)
-            mark = " (set here)" if changed else ""
-            embed.add_field(name=f"{key}{mark}", value=f"{shorten(value, 900)}\n-# {meaning}", inline=False)
-        embed.set_footer(text="Change one with /settings set; /settings reset puts it back.")
+            mark = tr(locale, " (set here)") if changed else ""
+            embed.add_field(
+                name=f"{key}{mark}", value=f"{shorten(value, 900)}\n-# {tr(locale, meaning)}", inline=False
+            )
+        embed.set_footer(text=tr(locale, "Change one with /settings set; /settings reset puts it back."))
         return embed
 
 

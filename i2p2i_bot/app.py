@@ -37,7 +37,7 @@ from i2p2i_bot.describes_in_flight import DescribesInFlight
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority
 from i2p2i_bot.health import HEALTH_FILE, BotStatus, run_heartbeat
-from i2p2i_bot.i18n import catalogue
+from i2p2i_bot.i18n import catalogue, tr
 from i2p2i_bot.image_engine import ImageEngine
 from i2p2i_bot.interrogation_cache import InterrogationCache
 from i2p2i_bot.job_controls import ImageActions, JobButton
@@ -385,12 +385,16 @@ class I2P2IBot(commands.Bot):
         runner = getattr(self, "runner", None)
         return getattr(runner, "problem", None)
 
-    def workers_notice(self) -> str | None:
+    def workers_notice(self, locale: str | None = None) -> str | None:
         """The line /queue and /admin queue open with while remote GPU workers cannot be reached."""
         problem = self.workers_problem()
         if problem is None:
             return None
-        return f"⚠️ {problem}: jobs wait in the queue and start once the workers can be reached again."
+        return tr(
+            locale,
+            "⚠️ {problem}: jobs wait in the queue and start once the workers can be reached again.",
+            problem=tr(locale, problem),
+        )
 
     def gpu_lost(self) -> str | None:
         """Why the GPU can do no more work in this process, or None while it can."""

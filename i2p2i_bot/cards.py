@@ -12,6 +12,7 @@ from PIL import Image
 
 from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.guides import Guide
+from i2p2i_bot.i18n import N_, tr, translate
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.jobs import Job, JobStatus, Position
 from i2p2i_bot.loras import describe as describe_loras
@@ -79,15 +80,17 @@ def prompt_card(
     suggestion: str | None = None,
     default_negative: str = "",
     banned: Sequence[str] = (),
+    locale: str | None = None,
 ) -> discord.Embed:
     """The prompt card: the prompt (or every prompt it offers, with its score) and the negative prompt its
-    images get: the applied suggestion, or the server's default with the suggestion where one is known."""
+    images get: the applied suggestion, or the server's default with the suggestion where one is known.
+    In `locale`'s language (the channel's: replies.channel_locale)."""
     result: Interrogation = stored.interrogation
     choices = choices or CardChoices()
-    embed = discord.Embed(colour=COLOR, title=f"Prompt · {result.mode}")
+    embed = discord.Embed(colour=COLOR, title=tr(locale, "Prompt · {mode}", mode=result.mode))
     listed = listed_prompts(result, choices)
     if len(listed) > 1:
-        embed.description = "Pick a prompt below with Use #k, or edit one."
+        embed.description = tr(locale, "Pick a prompt below with Use #k, or edit one.")
         # Room for the negative prompt fields within the embed's 6000 characters.
         limit = min(FIELD_VALUE_MAX, LISTED_PROMPTS_CHARS // len(listed))
         for k, candidate in enumerate(listed, start=1):
@@ -98,104 +101,133 @@ def prompt_card(
             )
     else:
         embed.description = code(result.prompt, PROMPT_SHOWN_MAX)
-        embed.add_field(name="CLIP score", value=f"{result.score:.3f}", inline=True)
+        embed.add_field(name=tr(locale, "CLIP score"), value=f"{result.score:.3f}", inline=True)
     if choices.prompt is not None:
         embed.add_field(
-            name="Your prompt · Generate and Edit prompt use it",
+            name=tr(locale, "Your prompt · Generate and Edit prompt use it"),
             value=code(choices.prompt, FIELD_VALUE_MAX),
             inline=False,
         )
     if result.mode != "negative":
         if choices.negative_prompt is not None:
             embed.add_field(
-                name="Negative prompt · suggestion applied",
+                name=tr(locale, "Negative prompt · suggestion applied"),
                 value=code(choices.negative_prompt, FIELD_VALUE_MAX),
                 inline=False,
             )
         else:
+            none = tr(locale, "none")
             embed.add_field(
-                name="Negative prompt · the server's default",
-                value=code(default_negative, DEFAULT_NEGATIVE_SHOWN_MAX) if default_negative else "none",
+                name=tr(locale, "Negative prompt · the server's default"),
+                value=code(default_negative, DEFAULT_NEGATIVE_SHOWN_MAX) if default_negative else none,
                 inline=False,
             )
             if suggestion:
                 embed.add_field(
-                    name="Negative suggestion · Apply negative uses it",
+                    name=tr(locale, "Negative suggestion · Apply negative uses it"),
                     value=code(suggestion, FIELD_VALUE_MAX),
                     inline=False,
                 )
     if choices.sampling:
-        embed.add_field(name="Settings · yours", value=sampling_text(choices), inline=False)
+        embed.add_field(
+            name=tr(locale, "Settings · yours"), value=sampling_text(choices, locale), inline=False
+        )
     if choices.keep:
-        embed.add_field(name="Keep from the image", value=guides_text(choices.keep), inline=False)
+        embed.add_field(
+            name=tr(locale, "Keep from the image"), value=guides_text(choices.keep, locale), inline=False
+        )
     if banned:
         embed.add_field(
-            name="Cannot generate",
-            value=f"This description contains banned terms ({', '.join(banned)}); edit it first.",
+            name=tr(locale, "Cannot generate"),
+            value=tr(
+                locale,
+                "This description contains banned terms ({terms}); edit it first.",
+                terms=", ".join(banned),
+            ),
             inline=False,
         )
     embed.set_thumbnail(url=f"attachment://{THUMBNAIL_NAME}")
     took = result.timings_s.get("total_s")
-    footer = [f"for {owner_name}", f"card {stored.id}"]
-    footer.append("cached" if stored.cached else (f"{took:.1f} s" if took is not None else ""))
-    embed.set_footer(text=" · ".join(p for p in footer if p))
+    footer = [tr(locale, "for {name}", name=owner_name), tr(locale, "card {card}", card=stored.id)]
+    if stored.cached:
+        footer.append(tr(locale, "cached"))
+    elif took is not None:
+        footer.append(f"{took:.1f} s")
+    embed.set_footer(text=" · ".join(footer))
     return embed
 
 
-def sampling_text(choices: CardChoices) -> str:
+def sampling_text(choices: CardChoices, locale: str | None = None) -> str:
     """A card's chosen sampling settings in one line; the server's defaults fill what is not chosen."""
     parts = []
     if choices.steps is not None:
-        parts.append(f"{choices.steps} steps")
+        parts.append(tr(locale, "{steps} steps", steps=choices.steps))
     if choices.guidance is not None:
-        parts.append(f"guidance {choices.guidance:g}")
+        parts.append(tr(locale, "guidance {guidance}", guidance=f"{choices.guidance:g}"))
     if choices.aspect is not None:
-        parts.append(f"aspect {choices.aspect}")
+        parts.append(tr(locale, "aspect {aspect}", aspect=choices.aspect))
     if choices.scheduler is not None:
         parts.append(choices.scheduler)
-    return " · ".join(parts) + " (the rest: the server's defaults)"
+    return tr(locale, "{settings} (the rest: the server's defaults)", settings=" · ".join(parts))
 
 
-def guides_text(keep: Sequence[Guide]) -> str:
+def guides_text(keep: Sequence[Guide], locale: str | None = None) -> str:
     """What images keep of their source besides the prompt, each guide with its weight, in one line."""
     if not keep:
-        return "the prompt only"
-    return " · ".join(f"{g.name} {g.weight:g} ({g.kind.keeps})" for g in keep)
+        return tr(locale, "the prompt only")
+    return " · ".join(f"{g.name} {g.weight:g} ({tr(locale, g.kind.keeps)})" for g in keep)
 
 
 def status_text(
     job: Job,
     position: Position | None,
     *,
+    locale: str | None,
     step: tuple[int, int] | None = None,
     images_done: int = 0,
     held: str | None = None,
 ) -> str:
-    """The one-line status of a queued or running job; ``held`` says why it waits for a restart."""
+    """The one-line status of a queued or running job, in `locale` (the job's own, Job.locale, on its
+    message); ``held`` says why it waits for a restart."""
     if held is not None:
-        return f"⏸️ Job #{job.id}: {held}; they will be made once the bot has restarted."
+        return tr(
+            locale,
+            "⏸️ Job #{job}: {held}; they will be made once the bot has restarted.",
+            job=job.id,
+            held=translate(held, locale),
+        )
     if job.status is JobStatus.QUEUED or (position is not None and position.status is JobStatus.QUEUED):
         if position is None:
-            return f"⏳ Job #{job.id} is queued."
+            return tr(locale, "⏳ Job #{job} is queued.", job=job.id)
         ahead = position.images_ahead
-        eta = f", about {_duration(position.eta_s)} to go" if position.eta_s else ""
+        eta = ""
+        if position.eta_s:
+            eta = tr(locale, ", about {duration} to go", duration=_duration(position.eta_s, locale))
         if ahead == 0:
-            return f"⏳ Job #{job.id} is next in line{eta}."
-        return f"⏳ Job #{job.id} is queued: {ahead} image{'s' * (ahead != 1)} ahead{eta}."
-    parts = [f"🎨 Job #{job.id}: making {job.request.count} image{'s' * (job.request.count != 1)}"]
+            return tr(locale, "⏳ Job #{job} is next in line{eta}.", job=job.id, eta=eta)
+        if ahead == 1:
+            return tr(locale, "⏳ Job #{job} is queued: 1 image ahead{eta}.", job=job.id, eta=eta)
+        return tr(
+            locale, "⏳ Job #{job} is queued: {ahead} images ahead{eta}.", job=job.id, ahead=ahead, eta=eta
+        )
+    count = job.request.count
+    if count == 1:
+        parts = [tr(locale, "🎨 Job #{job}: making 1 image", job=job.id)]
+    else:
+        parts = [tr(locale, "🎨 Job #{job}: making {count} images", job=job.id, count=count)]
     if images_done:
-        parts.append(f"{images_done}/{job.request.count} done")
+        parts.append(tr(locale, "{done}/{count} done", done=images_done, count=count))
     if step is not None:
-        parts.append(f"step {step[0]}/{step[1]}")
+        parts.append(tr(locale, "step {step}/{steps}", step=step[0], steps=step[1]))
     return " · ".join(parts) + "…"
 
 
-def _duration(seconds: float | None) -> str:
+def _duration(seconds: float | None, locale: str | None) -> str:
     if seconds is None:
         return "?"
     if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    return f"{round(seconds / 60)} min"
+        return tr(locale, "{seconds} s", seconds=max(1, round(seconds)))
+    return tr(locale, "{minutes} min", minutes=round(seconds / 60))
 
 
 @dataclass(frozen=True)
@@ -291,115 +323,210 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 
 
 def result_embed(job: Job, images: Sequence[StoredImage], files: ResultFiles) -> discord.Embed:
-    """The finished job: its prompt, and each image's seed and fidelity, best first."""
+    """The finished job: its prompt, and each image's seed and fidelity, best first; in the job's language."""
+    locale = job.locale
     failed = job.status is JobStatus.FAILED
     cancelled = job.status is JobStatus.CANCELLED
     colour = COLOR_FAILED if failed else (COLOR if cancelled else COLOR_DONE)
-    title = f"Job #{job.id}" + (" · failed" if failed else " · cancelled" if cancelled else "")
+    if failed:
+        title = tr(locale, "Job #{job} · failed", job=job.id)
+    elif cancelled:
+        title = tr(locale, "Job #{job} · cancelled", job=job.id)
+    else:
+        title = tr(locale, "Job #{job}", job=job.id)
     embed = discord.Embed(colour=colour, title=title, description=code(job.request.prompt, 1500))
     if job.request.negative_prompt:
         embed.add_field(
-            name="Negative", value=shorten(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
+            name=tr(locale, "Negative"),
+            value=shorten(job.request.negative_prompt, FIELD_VALUE_MAX),
+            inline=False,
         )
     if job.request.keep:
-        embed.add_field(name="Kept from the source", value=guides_text(job.request.keep), inline=False)
+        embed.add_field(
+            name=tr(locale, "Kept from the source"), value=guides_text(job.request.keep, locale), inline=False
+        )
     if job.request.loras:
         embed.add_field(name="LoRAs", value=shorten(describe_loras(job.request.loras), FIELD_VALUE_MAX))
     ranked = sorted(images, key=lambda m: -(m.fidelity if m.fidelity is not None else -2.0))
     lines = []
     for meta in ranked:
-        fid = f"fidelity {meta.fidelity:.3f}" if meta.fidelity is not None else "no source"
-        flag = _FLAGGED_NOTES[files.flagged] if meta.nsfw else ""
-        lines.append(f"#{meta.index + 1} seed `{meta.seed}` · {fid}{flag}")
+        flag = tr(locale, _FLAGGED_NOTES[files.flagged]) if meta.nsfw else ""
+        lines.append(f"#{meta.index + 1} seed `{meta.seed}` · {_fidelity(meta, locale)}{flag}")
     if lines:
         embed.add_field(
-            name="Images (closest to the source first)", value=shorten("\n".join(lines), FIELD_VALUE_MAX)
+            name=tr(locale, "Images (closest to the source first)"),
+            value=shorten("\n".join(lines), FIELD_VALUE_MAX),
         )
     notes = []
     if failed and job.error:
-        notes.append(f"Failed: {job.error}")
+        notes.append(tr(locale, "Failed: {error}", error=translate(job.error, locale)))
     if cancelled:
-        notes.append(f"Cancelled after {len(images)} of {job.request.count} images.")
+        notes.append(
+            tr(
+                locale,
+                "Cancelled after {made} of {count} images.",
+                made=len(images),
+                count=job.request.count,
+            )
+        )
     if files.withheld_nsfw:
-        notes.append(f"{files.withheld_nsfw} image(s) withheld: the safety checker flagged them.")
+        notes.append(
+            tr(
+                locale,
+                "{count} image(s) withheld: the safety checker flagged them.",
+                count=files.withheld_nsfw,
+            )
+        )
     if files.left_out:
         notes.append(
-            f"{files.left_out} image(s) did not fit in this channel's upload limit; use Info for seeds."
+            tr(
+                locale,
+                "{count} image(s) did not fit in this channel's upload limit; use Info for seeds.",
+                count=files.left_out,
+            )
         )
     if notes:
-        embed.add_field(name="Notes", value=shorten("\n".join(notes), FIELD_VALUE_MAX), inline=False)
-    p = job.request.params
-    embed.set_footer(text=f"{p.width}×{p.height} · {p.steps} steps · guidance {p.guidance:g} · {p.scheduler}")
+        embed.add_field(
+            name=tr(locale, "Notes"), value=shorten("\n".join(notes), FIELD_VALUE_MAX), inline=False
+        )
+    embed.set_footer(text=_settings_line(job, locale))
     if files.cover is not None:
         embed.set_image(url=f"attachment://{files.cover}")
     return embed
 
 
+def _settings_line(job: Job, locale: str | None) -> str:
+    p = job.request.params
+    return tr(
+        locale,
+        "{width}×{height} · {steps} steps · guidance {guidance} · {scheduler}",
+        width=p.width,
+        height=p.height,
+        steps=p.steps,
+        guidance=f"{p.guidance:g}",
+        scheduler=p.scheduler,
+    )
+
+
+def _fidelity(meta: StoredImage, locale: str | None) -> str:
+    if meta.fidelity is None:
+        return tr(locale, "no source")
+    return tr(locale, "fidelity {fidelity}", fidelity=f"{meta.fidelity:.3f}")
+
+
 # What a result's image line says of an image the safety checker flagged, by what it got there.
 _FLAGGED_NOTES = {
-    FlaggedPolicy.WITHHOLD: " · withheld by the safety checker",
-    FlaggedPolicy.SPOILER: " · flagged by the safety checker, posted as a spoiler",
-    FlaggedPolicy.SHOW: " · flagged by the safety checker",
+    FlaggedPolicy.WITHHOLD: N_(" · withheld by the safety checker"),
+    FlaggedPolicy.SPOILER: N_(" · flagged by the safety checker, posted as a spoiler"),
+    FlaggedPolicy.SHOW: N_(" · flagged by the safety checker"),
 }
 
 
 def info_embed(
-    job: Job, images: Sequence[StoredImage], models: dict[str, str], *, delivery: str | None = None
+    job: Job,
+    images: Sequence[StoredImage],
+    models: dict[str, str],
+    *,
+    delivery: str | None = None,
+    locale: str | None = None,
 ) -> discord.Embed:
-    """Everything about a job, for the Info button and /job; ``delivery`` says why a result is not posted.
+    """Everything about a job, for the Info button and /job (private: in the asking member's `locale`);
+    ``delivery`` says why a result is not posted.
 
     A job Delete hid (only admins see it then) says so in its title and when and by whom it was hidden.
     """
     p = job.request.params
-    hidden = " · hidden" if job.hidden_at is not None else ""
-    embed = discord.Embed(colour=COLOR, title=f"Job #{job.id} · {job.status}{hidden}")
+    status = tr(locale, STATUS_NAMES[job.status])
     if job.hidden_at is not None:
-        by = f" by <@{job.hidden_by}>" if job.hidden_by is not None else ""
+        title = tr(locale, "Job #{job} · {status} · hidden", job=job.id, status=status)
+    else:
+        title = tr(locale, "Job #{job} · {status}", job=job.id, status=status)
+    embed = discord.Embed(colour=COLOR, title=title)
+    if job.hidden_at is not None:
         when = f"<t:{int(job.hidden_at)}:R>"
-        note = f"Deleted{by} {when}: only admins see it, and its image files are gone."
-        embed.add_field(name="Hidden", value=note, inline=False)
-    embed.add_field(name="Prompt", value=code(job.request.prompt, FIELD_VALUE_MAX), inline=False)
+        if job.hidden_by is not None:
+            note = tr(
+                locale,
+                "Deleted by {member} {when}: only admins see it, and its image files are gone.",
+                member=f"<@{job.hidden_by}>",
+                when=when,
+            )
+        else:
+            note = tr(locale, "Deleted {when}: only admins see it, and its image files are gone.", when=when)
+        embed.add_field(name=tr(locale, "Hidden"), value=note, inline=False)
+    embed.add_field(name=tr(locale, "Prompt"), value=code(job.request.prompt, FIELD_VALUE_MAX), inline=False)
     if job.request.negative_prompt:
         embed.add_field(
-            name="Negative", value=code(job.request.negative_prompt, FIELD_VALUE_MAX), inline=False
+            name=tr(locale, "Negative"),
+            value=code(job.request.negative_prompt, FIELD_VALUE_MAX),
+            inline=False,
         )
     if job.request.keep:
         source = job.request.guide_source or "?"
+        kept = tr(locale, "source image {source}", source=f"`{source[:12]}`")
         embed.add_field(
-            name="Kept from the source",
-            value=f"{guides_text(job.request.keep)}\nsource image `{source[:12]}`",
+            name=tr(locale, "Kept from the source"),
+            value=f"{guides_text(job.request.keep, locale)}\n{kept}",
             inline=False,
         )
     if job.request.loras:
-        lines = [f"{lora.name} {lora.weight:g} · file `{lora.sha256[:12]}`" for lora in job.request.loras]
+        lines = [
+            f"{lora.name} {lora.weight:g} · " + tr(locale, "file {sha}", sha=f"`{lora.sha256[:12]}`")
+            for lora in job.request.loras
+        ]
         embed.add_field(name="LoRAs", value=shorten("\n".join(lines), FIELD_VALUE_MAX), inline=False)
-    embed.add_field(name="Size", value=f"{p.width}×{p.height}")
-    embed.add_field(name="Steps", value=str(p.steps))
-    embed.add_field(name="Guidance", value=f"{p.guidance:g}")
-    embed.add_field(name="Scheduler", value=p.scheduler)
-    embed.add_field(name="Seeds", value=", ".join(f"`{s}`" for s in job.request.seeds))
-    embed.add_field(name="Owner", value=f"<@{job.owner_id}>")
+    embed.add_field(name=tr(locale, "Size"), value=f"{p.width}×{p.height}")
+    embed.add_field(name=tr(locale, "Steps"), value=str(p.steps))
+    embed.add_field(name=tr(locale, "Guidance"), value=f"{p.guidance:g}")
+    embed.add_field(name=tr(locale, "Scheduler"), value=p.scheduler)
+    embed.add_field(name=tr(locale, "Seeds"), value=", ".join(f"`{s}`" for s in job.request.seeds))
+    embed.add_field(name=tr(locale, "Owner"), value=f"<@{job.owner_id}>")
     if images:
+        flagged = tr(locale, " · flagged")
         per_image = [
-            f"#{m.index + 1} `{m.seed}` · "
-            + (f"fidelity {m.fidelity:.3f}" if m.fidelity is not None else "no source")
-            + (" · flagged" if m.nsfw else "")
+            f"#{m.index + 1} `{m.seed}` · {_fidelity(m, locale)}" + (flagged if m.nsfw else "")
             for m in sorted(images, key=lambda m: m.index)
         ]
-        embed.add_field(name="Images", value=shorten("\n".join(per_image), FIELD_VALUE_MAX), inline=False)
+        embed.add_field(
+            name=tr(locale, "Images"), value=shorten("\n".join(per_image), FIELD_VALUE_MAX), inline=False
+        )
     embed.add_field(
-        name="Models", value=shorten("\n".join(f"{k}: {v}" for k, v in models.items()), 1024), inline=False
+        name=tr(locale, "Models"),
+        value=shorten("\n".join(f"{k}: {v}" for k, v in models.items()), 1024),
+        inline=False,
     )
-    timing = [f"queued <t:{int(job.created_at)}:R>"]
+    timing = [tr(locale, "queued {when}", when=f"<t:{int(job.created_at)}:R>")]
     if job.started_at and job.finished_at:
-        timing.append(f"ran {job.finished_at - job.started_at:.1f} s")
-    if job.attempts:
-        timing.append(f"{job.attempts} retr{'ies' if job.attempts != 1 else 'y'}")
-    embed.add_field(name="Timing", value=" · ".join(timing), inline=False)
+        timing.append(tr(locale, "ran {seconds} s", seconds=f"{job.finished_at - job.started_at:.1f}"))
+    if job.attempts == 1:
+        timing.append(tr(locale, "1 retry"))
+    elif job.attempts:
+        timing.append(tr(locale, "{count} retries", count=job.attempts))
+    embed.add_field(name=tr(locale, "Timing"), value=" · ".join(timing), inline=False)
     if job.parent_job_id:
-        embed.add_field(name="Rerolled from", value=f"job #{job.parent_job_id}")
+        embed.add_field(
+            name=tr(locale, "Rerolled from"), value=tr(locale, "job #{job}", job=job.parent_job_id)
+        )
     if job.error:
-        embed.add_field(name="Error", value=shorten(job.error, FIELD_VALUE_MAX), inline=False)
+        embed.add_field(
+            name=tr(locale, "Error"),
+            value=shorten(translate(job.error, locale), FIELD_VALUE_MAX),
+            inline=False,
+        )
     if delivery:
-        embed.add_field(name="Result", value=shorten(delivery, FIELD_VALUE_MAX), inline=False)
+        embed.add_field(
+            name=tr(locale, "Result"),
+            value=shorten(translate(delivery, locale), FIELD_VALUE_MAX),
+            inline=False,
+        )
     return embed
+
+
+# A job's status as /job, /history and Info name it.
+STATUS_NAMES = {
+    JobStatus.QUEUED: N_("queued"),
+    JobStatus.RUNNING: N_("running"),
+    JobStatus.COMPLETE: N_("complete"),
+    JobStatus.FAILED: N_("failed"),
+    JobStatus.CANCELLED: N_("cancelled"),
+}

@@ -21,13 +21,14 @@ from typing import Any
 import discord
 
 from i2p2i_bot.config import IntakeSettings
+from i2p2i_bot.i18n import N_, tr
 from i2p2i_bot.images import ImageError, Intake, decode_cost, held_bytes, load_intake
 from i2p2i_bot.memory_budget import MemoryBudget
-from i2p2i_bot.replies import ANSWER_ERRORS
+from i2p2i_bot.replies import ANSWER_ERRORS, channel_locale
 
 log = logging.getLogger("i2p2i.intake")
 
-WAITING_LINE = "⏳ Waiting for memory to read your picture…"
+WAITING_LINE = N_("⏳ Waiting for memory to read your picture…")
 # Set in an interaction's extras once its deferred answer shows the waiting line: that answer is no
 # longer a placeholder a follow-up replaces, so the describe's answer edits it (answer_deferred).
 _SHOWS_WAITING = "i2p2i.shows_waiting_line"
@@ -89,7 +90,8 @@ async def show_waiting(interaction: discord.Interaction) -> None:
     # again at the end is right in both cases.
     interaction.extras[_SHOWS_WAITING] = True
     try:
-        await interaction.edit_original_response(content=WAITING_LINE)
+        # The placeholder is public: in the channel's language.
+        await interaction.edit_original_response(content=tr(channel_locale(interaction), WAITING_LINE))
     except ANSWER_ERRORS as exc:
         log.info("interaction %s: could not show the waiting line (%s)", interaction.id, exc)
 

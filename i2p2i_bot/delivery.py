@@ -33,6 +33,7 @@ from PIL import Image
 from i2p2i_bot.cards import ResultFiles, result_embed, result_files, status_text
 from i2p2i_bot.events import Subscription
 from i2p2i_bot.flagged import FlaggedPolicy
+from i2p2i_bot.i18n import N_, tr
 from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, flagged_policy_in, job_view
 from i2p2i_bot.jobs import Delivery, EventKind, Job, JobEvent, JobStatus
 from i2p2i_bot.replies import ANSWER_ERRORS
@@ -69,12 +70,12 @@ CHANNEL_PERMISSIONS = discord.Permissions(sum(p.value for p in CHANNEL_PERMISSIO
 TOKEN_DEAD_CODES = frozenset({10015, 10062, 50027})
 # What a refusal means, for the owner.
 REFUSALS = {
-    10003: "the channel no longer exists",
-    10008: "its message was deleted",
-    10013: "Discord no longer knows your account",
-    50001: "I can no longer see the channel",
-    50007: "your DMs are closed to me",
-    50013: "I may not post or attach files in the channel",
+    10003: N_("the channel no longer exists"),
+    10008: N_("its message was deleted"),
+    10013: N_("Discord no longer knows your account"),
+    50001: N_("I can no longer see the channel"),
+    50007: N_("your DMs are closed to me"),
+    50013: N_("I may not post or attach files in the channel"),
 }
 
 
@@ -182,7 +183,7 @@ class ResultDelivery:
                 tracked.held = event.error
         edits = []
         for tracked in self._tracked.values():
-            text = status_text(tracked.job, None, held=tracked.held)
+            text = status_text(tracked.job, None, held=tracked.held, locale=tracked.job.locale)
             if tracked.held is not None and not tracked.progress_off and tracked.shown != text:
                 edits.append(self._edit_status(tracked, text))
         if edits:
@@ -201,9 +202,13 @@ class ResultDelivery:
         if not job.status.finished or job.delivered_at is not None:
             return None
         if job.id in self._delivering:
-            return "Being posted now."
+            return N_("Being posted now.")
         reason = self.undeliverable(job)
-        return "Not posted yet." if reason is None else f"Could not be posted: {reason}."
+        return (
+            N_("Not posted yet.")
+            if reason is None
+            else N_("Could not be posted: {reason}.").format(reason=reason)
+        )
 
     def undeliverable(self, job: Job | int) -> str | None:
         """Why the job's result could not be posted anywhere, when that is what happened (kept in the store
@@ -285,6 +290,7 @@ class ResultDelivery:
             text = status_text(
                 tracked.job,
                 self.bot.queue.position(tracked.job.id),
+                locale=tracked.job.locale,
                 step=tracked.step,
                 images_done=tracked.images_done,
                 held=tracked.held,
@@ -360,7 +366,7 @@ class ResultDelivery:
                 withheld = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
                 private = (result_embed(job, record.images, withheld), withheld)
             vary = "layout" in self.bot.engine.offered_guides
-            view = job_view(job, running=False, images=record.images, vary=vary)
+            view = job_view(job, running=False, locale=job.locale, images=record.images, vary=vary)
             try:
                 delivered, failures = await self._send_result(job, embed, files, view, private=private)
             except Exception:
@@ -438,7 +444,8 @@ class ResultDelivery:
         """
         delivery = job.delivery
         mention = f"<@{job.owner_id}>"
-        content = f"{mention} job #{job.id} is done." if job.status is JobStatus.COMPLETE else f"{mention}"
+        done = tr(job.locale, "{member} job #{job} is done.", member=mention, job=job.id)
+        content = done if job.status is JobStatus.COMPLETE else mention
         extra: dict[str, Any] = {"view": view} if view is not None else {}
         # Discord returns the message already sent with this nonce instead of posting a second one.
         nonce = f"i2p2i-job-{job.id}"
@@ -503,7 +510,9 @@ class ResultDelivery:
 
         async def direct_message() -> None:
             user = self.bot.get_user(job.owner_id) or await self.bot.fetch_user(job.owner_id)
-            note = f"Your job #{job.id} could not be posted in its channel, so here it is."
+            note = tr(
+                job.locale, "Your job #{job} could not be posted in its channel, so here it is.", job=job.id
+            )
             dm_embed, dm_files = private
             await user.send(note, embed=dm_embed, files=dm_files.files(), nonce=nonce, **extra)
 
@@ -577,11 +586,16 @@ class ResultDelivery:
             return
         if not _token_alive(delivery) or delivery.message_id is None:
             return
-        where = "below in this channel" if delivered == "channel" else "to you by DM"
+        if delivered == "channel":
+            said = tr(
+                job.locale, "Job #{job} is done: the result was posted below in this channel.", job=job.id
+            )
+        else:
+            said = tr(job.locale, "Job #{job} is done: the result was posted to you by DM.", job=job.id)
         try:
             await self._webhook(delivery).edit_message(
                 delivery.message_id,
-                content=f"Job #{job.id} is done: the result was posted {where}.",
+                content=said,
                 view=None,
             )
         except ANSWER_ERRORS as exc:

@@ -15,6 +15,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from i2p2i_bot.i18n import N_
+
 # Every guide this version knows; the order is the one sets are written and stored in.
 GuideName = Literal["layout", "edges", "depth", "look"]
 GUIDE_NAMES: tuple[GuideName, ...] = get_args(GuideName)
@@ -49,13 +51,13 @@ class GuideKind:
 
 
 GUIDE_KINDS: dict[GuideName, GuideKind] = {
-    "layout": GuideKind("layout", "composition and colours", 0.6, 0.0, 1.0, min_inclusive=False),
+    "layout": GuideKind("layout", N_("composition and colours"), 0.6, 0.0, 1.0, min_inclusive=False),
     "edges": GuideKind(
-        "edges", "outlines and pose", 0.8, 0.0, 2.0, min_inclusive=True, needs="the ControlNet weights"
+        "edges", N_("outlines and pose"), 0.8, 0.0, 2.0, min_inclusive=True, needs="the ControlNet weights"
     ),
     "depth": GuideKind(
         "depth",
-        "3-D arrangement",
+        N_("3-D arrangement"),
         0.8,
         0.0,
         2.0,
@@ -64,7 +66,7 @@ GUIDE_KINDS: dict[GuideName, GuideKind] = {
     ),
     "look": GuideKind(
         "look",
-        "subject look and style",
+        N_("subject look and style"),
         0.6,
         0.0,
         1.0,

@@ -1,10 +1,17 @@
 """Member-facing text in the member's language: English, and Simplified Chinese (zh-CN) from a catalogue.
 
-The English sentences are the keys (gettext's msgid), so a sentence is written once, where it is raised,
-and translated at the edge where it reaches a member. A key may hold `{name}` placeholders: a finished
-sentence is matched against it and the parts it filled in are carried into the translation, so errors
-raised deep in the engine ("Steps must be between 1 and 100 (got 120).") need no key of their own. A
-sentence without an entry stays English. Torch- and discord-free.
+The English sentences are the keys (gettext's msgid), so a sentence is written once, in English, where it
+is made. A key may hold `{name}` placeholders. Two doors lead into the one catalogue:
+
+- `tr(locale, key, **params)` for text the code composes (a card's field names, a button's label, a job's
+  status line): the key is looked up as written and its placeholders filled in, in the reader's language.
+  `N_(key)` marks a key held in a table for a later `tr`, as gettext's N_ does.
+- `translate(sentence, locale)` for a sentence finished elsewhere (an error raised deep in the engine: "Steps
+  must be between 1 and 100 (got 120)."): it is matched against the keys with placeholders and the parts it
+  filled in are carried into the translation, so such errors need no locale of their own.
+
+A sentence without an entry stays English. Which locale a message gets (the member's, or the server's for
+what the whole channel reads) is decided where it is sent: replies.py. Torch- and discord-free.
 """
 
 from __future__ import annotations
@@ -47,7 +54,10 @@ class Catalogue:
         for pattern, translated in self._templates:
             match = pattern.fullmatch(text)
             if match is not None:
-                return translated.format(**match.groupdict())
+                # A part that is itself a sentence of the catalogue ("…: this interaction has expired.")
+                # is carried over translated too.
+                parts = {name: self.messages.get(part, part) for name, part in match.groupdict().items()}
+                return translated.format(**parts)
         return None
 
 
@@ -67,6 +77,21 @@ def translate(text: str, locale: str | None) -> str:
     if found is None:
         return text
     return found.message(text) or text
+
+
+def tr(locale: str | None, key: str, /, **params: object) -> str:
+    """The catalogue's text for `key` in `locale` (English where it has none), `params` filled in."""
+    found = catalogue(locale) if locale else None
+    text = key
+    if found is not None:
+        # A command string (a mode's description) may also label a control: one entry serves both.
+        text = found.messages.get(key) or found.commands.get(key) or key
+    return text.format(**params) if params else text
+
+
+def N_(key: str) -> str:
+    """Mark `key` as a catalogue key that a later `tr` translates; it stays as it is."""
+    return key
 
 
 def placeholders(template: str) -> set[str]:

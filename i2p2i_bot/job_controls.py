@@ -23,10 +23,14 @@ from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.guides import Guide, not_offered
+from i2p2i_bot.i18n import N_, tr, translate
 from i2p2i_bot.jobs import Delivery, Job, JobRefused, JobRequest, JobStatus
 from i2p2i_bot.replies import (
     ANSWER_ERRORS,
     Refusal,
+    channel_locale,
+    member_locale,
+    message_locale,
     placeholder_replaced,
     report_error,
     think_in_public,
@@ -88,14 +92,16 @@ async def start_job_from_reply(bot: I2P2IBot, message: discord.Message, draft: J
         request_key=f"message:{message.id}",
         delivery=Delivery(message.channel.id, None, None, None),
         flagged_policy=flagged_policy_in(bot, guild_id, message.channel),
+        locale=message_locale(message),
     )
     await bot.queue.check(submitted)
     job = await bot.queue.submit(submitted)
     log.info("job %d queued by user %d from a reply (%d images)", job.id, job.owner_id, job.request.count)
     delivery = submitted.delivery
     try:
-        text = status_text(job, bot.queue.position(job.id))
-        status = await message.reply(text, view=job_view(job, running=True), mention_author=False)
+        text = status_text(job, bot.queue.position(job.id), locale=job.locale)
+        view = job_view(job, running=True, locale=job.locale)
+        status = await message.reply(text, view=view, mention_author=False)
         delivery = Delivery(message.channel.id, status.id, None, None)
         await bot.store.set_delivery(job.id, delivery)
     except discord.HTTPException as exc:
@@ -124,6 +130,7 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         channel_id=interaction.channel_id,
         request_key=f"interaction:{interaction.id}",
         flagged_policy=flagged_policy_in(bot, interaction.guild_id, interaction.channel),
+        locale=channel_locale(interaction),
         delivery=Delivery(interaction.channel_id, None, interaction.token, expires),
     )
     # Refused now, the member alone hears it; after the public placeholder, only a neutral line would hide it.
@@ -131,7 +138,7 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
     await think_in_public(interaction)
     job = await bot.queue.submit(submitted)
     log.info("job %d queued by user %d (%d images)", job.id, job.owner_id, job.request.count)
-    text = status_text(job, bot.queue.position(job.id))
+    text = status_text(job, bot.queue.position(job.id), locale=job.locale)
     delivery = submitted.delivery
     try:
         message = await _post_status(interaction, job, text)
@@ -181,7 +188,7 @@ async def _post_status(interaction: discord.Interaction, job: Job, text: str) ->
     answer makes it the status message either way, once, and tells the bot its id. A refusal (4xx) made
     no message and is raised, for the member to hear why.
     """
-    view = job_view(job, running=True)
+    view = job_view(job, running=True, locale=job.locale)
     try:
         return await interaction.followup.send(text, view=view, wait=True)
     except ANSWER_ERRORS as exc:
@@ -199,12 +206,17 @@ async def _post_status(interaction: discord.Interaction, job: Job, text: str) ->
 
 
 def job_view(
-    job: Job, *, running: bool, images: Sequence[StoredImage] = (), vary: bool = False
+    job: Job,
+    *,
+    running: bool,
+    locale: str | None,
+    images: Sequence[StoredImage] = (),
+    vary: bool = False,
 ) -> discord.ui.View:
     """Cancel while the job is queued or running; Reroll, Edit, Info and Delete once it is done; Retry
     instead of Reroll when it failed or was cancelled. Below them, once done, a select of what to do
     with each of its `images` the safety checker passed: Vary (where `vary`, the layout guide being on
-    offer) and Use as source."""
+    offer) and Use as source. Labelled in `locale`: the job's own on its message, the member's in /job."""
     view = discord.ui.View(timeout=None)
     if running:
         actions: tuple[str, ...] = ("cancel", "info")
@@ -213,10 +225,10 @@ def job_view(
     else:
         actions = ("reroll", "edit", "info", "delete")
     for action in actions:
-        view.add_item(JobButton(action, job.id))
+        view.add_item(JobButton(action, job.id, locale=locale))
     shown = [m.index for m in sorted(images, key=lambda m: m.index) if not m.nsfw]
     if not running and shown:
-        view.add_item(ImageActions(job.id, shown, vary=vary))
+        view.add_item(ImageActions(job.id, shown, vary=vary, locale=locale))
     return view
 
 
@@ -268,18 +280,20 @@ class JobButton(
     """A button whose only state is its job id; the job itself is read from SQLite on every press."""
 
     LOOKS: ClassVar[dict[str, tuple[str, discord.ButtonStyle, str]]] = {
-        "cancel": ("Cancel", discord.ButtonStyle.danger, "✖️"),
-        "info": ("Info", discord.ButtonStyle.secondary, "ℹ️"),
-        "reroll": ("Reroll", discord.ButtonStyle.primary, "🎲"),
-        "retry": ("Retry", discord.ButtonStyle.primary, "🔁"),
-        "edit": ("Edit & regenerate", discord.ButtonStyle.secondary, "✏️"),
-        "delete": ("Delete", discord.ButtonStyle.danger, "🗑️"),
+        "cancel": (N_("Cancel"), discord.ButtonStyle.danger, "✖️"),
+        "info": (N_("Info"), discord.ButtonStyle.secondary, "ℹ️"),
+        "reroll": (N_("Reroll"), discord.ButtonStyle.primary, "🎲"),
+        "retry": (N_("Retry"), discord.ButtonStyle.primary, "🔁"),
+        "edit": (N_("Edit & regenerate"), discord.ButtonStyle.secondary, "✏️"),
+        "delete": (N_("Delete"), discord.ButtonStyle.danger, "🗑️"),
     }
 
-    def __init__(self, action: str, job_id: int, *, label: str | None = None) -> None:
+    def __init__(
+        self, action: str, job_id: int, *, label: str | None = None, locale: str | None = None
+    ) -> None:
         text, style, emoji = self.LOOKS[action]
         button: discord.ui.Button[Any] = discord.ui.Button(
-            label=label or text, style=style, emoji=emoji, custom_id=f"i2p:job:{action}:{job_id}"
+            label=label or tr(locale, text), style=style, emoji=emoji, custom_id=f"i2p:job:{action}:{job_id}"
         )
         super().__init__(button)
         self.action = action
@@ -301,14 +315,16 @@ class JobButton(
     async def _cancel(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
         job = await _owned_job(bot, interaction, self.job_id, admin_ok=True)
         await bot.queue.cancel(job.id, interaction.user.id, admin=bot.is_admin(interaction.user))
-        await interaction.response.send_message(f"Cancelled job #{job.id}.", ephemeral=True)
+        said = tr(member_locale(interaction), "Cancelled job #{job}.", job=job.id)
+        await interaction.response.send_message(said, ephemeral=True)
 
     async def _info(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
         record = await bot.store.job_record(self.job_id)
         if record is None:
             raise Refusal(f"Job #{self.job_id} no longer exists.")
         check_may_see(bot, interaction, record.job)
-        embed = info_embed(record.job, record.images, await job_models(bot, record.job))
+        models = await job_models(bot, record.job)
+        embed = info_embed(record.job, record.images, models, locale=member_locale(interaction))
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def _reroll(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
@@ -326,8 +342,9 @@ class JobButton(
         job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)
         modal = PromptModal(
             job.reroll(interaction.user.id, origin="edit"),
-            title="Edit & regenerate",
+            title=N_("Edit & regenerate"),
             settings=bot.servers.generate(interaction.guild_id),
+            locale=member_locale(interaction),
         )
         await interaction.response.send_modal(modal)
 
@@ -348,16 +365,22 @@ class JobButton(
                 raise
             await interaction.message.delete()
         log.info("job %d deleted and hidden by user %d", job.id, interaction.user.id)
-        await interaction.followup.send(
-            f"Deleted job #{job.id}: its message and image files are gone, and only admins can still see it "
+        said = tr(
+            member_locale(interaction),
+            "Deleted job #{job}: its message and image files are gone, and only admins can still see it "
             "in /history or /job.",
-            ephemeral=True,
+            job=job.id,
         )
+        await interaction.followup.send(said, ephemeral=True)
 
 
 # Vary makes new images that keep a result's layout at these weights (how much may change).
 VARY_WEIGHTS = {"subtle": 0.35, "strong": 0.7}
-IMAGE_ACTION_LABELS = {"subtle": "Vary (subtle)", "strong": "Vary (strong)", "source": "Use as source"}
+IMAGE_ACTION_LABELS = {
+    "subtle": N_("Vary (subtle)"),
+    "strong": N_("Vary (strong)"),
+    "source": N_("Use as source"),
+}
 # Discord's limit on a select's options.
 MAX_SELECT_OPTIONS = 25
 
@@ -378,11 +401,13 @@ class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2
     after a restart. One select for every image keeps the message within Discord's five rows.
     """
 
-    def __init__(self, job_id: int, indexes: Sequence[int] = (), *, vary: bool = False) -> None:
+    def __init__(
+        self, job_id: int, indexes: Sequence[int] = (), *, vary: bool = False, locale: str | None = None
+    ) -> None:
         actions = ("subtle", "strong", "source") if vary else ("source",)
         options = [
             discord.SelectOption(
-                label=f"#{index + 1} {IMAGE_ACTION_LABELS[action]}", value=f"{action}:{index}"
+                label=f"#{index + 1} {tr(locale, IMAGE_ACTION_LABELS[action])}", value=f"{action}:{index}"
             )
             for index in indexes
             for action in actions
@@ -390,7 +415,9 @@ class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2
         super().__init__(
             discord.ui.Select(
                 custom_id=f"i2p:job:image:{job_id}",
-                placeholder="Image #k → Vary or Use as source…" if vary else "Image #k → Use as source…",
+                placeholder=tr(locale, "Image #k → Vary or Use as source…")
+                if vary
+                else tr(locale, "Image #k → Use as source…"),
                 options=options or [discord.SelectOption(label="#1", value="source:0")],
                 row=1,
             )
@@ -460,22 +487,27 @@ async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:
 
 
 def queue_message(
-    bot: I2P2IBot, jobs: list[Job], *, everyone: bool = False
+    bot: I2P2IBot, jobs: list[Job], *, locale: str | None, everyone: bool = False
 ) -> tuple[discord.Embed, discord.ui.View]:
-    """The queue as an embed, with a Cancel button for each of the first jobs."""
+    """The queue as an embed, with a Cancel button for each of the first jobs; private, in `locale`."""
     lines = []
     for job in jobs[:20]:
         position = bot.queue.position(job.id)
         owner = f" · <@{job.owner_id}>" if everyone else ""
-        lines.append(f"{status_text(job, position)}{owner}\n> {shorten(job.request.prompt, 120)}")
-    more = f"\n… and {len(jobs) - 20} more" if len(jobs) > 20 else ""
-    embed = discord.Embed(colour=COLOR, title="Queue", description=shorten("\n".join(lines) + more, 4000))
+        status = status_text(job, position, locale=locale)
+        lines.append(f"{status}{owner}\n> {shorten(job.request.prompt, 120)}")
+    more = "\n" + tr(locale, "… and {count} more", count=len(jobs) - 20) if len(jobs) > 20 else ""
+    embed = discord.Embed(
+        colour=COLOR, title=tr(locale, "Queue"), description=shorten("\n".join(lines) + more, 4000)
+    )
     if bot.queue.images_per_s:
-        embed.set_footer(text=f"{bot.queue.images_per_s:.2f} images/s lately")
+        rate = f"{bot.queue.images_per_s:.2f}"
+        embed.set_footer(text=tr(locale, "{rate} images/s lately", rate=rate))
     view = discord.ui.View(timeout=None)
     for job in jobs[:20]:
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            view.add_item(JobButton("cancel", job.id, label=f"Cancel #{job.id}"))
+            label = tr(locale, "Cancel #{job}", job=job.id)
+            view.add_item(JobButton("cancel", job.id, label=label))
     return embed, view
 
 
@@ -485,26 +517,43 @@ def queue_message(
 class PromptModal(discord.ui.Modal):
     """Prompt, negative prompt, count and seed; bad input is echoed back so nothing typed is lost."""
 
-    def __init__(self, draft: JobRequest, *, settings: GenerateSettings, title: str = "Edit prompt") -> None:
-        super().__init__(title=title[:45], timeout=15 * 60)
+    def __init__(
+        self,
+        draft: JobRequest,
+        *,
+        settings: GenerateSettings,
+        locale: str | None,
+        title: str = N_("Edit prompt"),
+    ) -> None:
+        """`title` is a catalogue key; the modal is the member's own, in their `locale`."""
+        super().__init__(title=tr(locale, title)[:45], timeout=15 * 60)
         self.draft = draft
+        self.locale = locale
         asked = draft.request
         negative = settings.negative_prompt if asked.negative_prompt is None else asked.negative_prompt
         self.prompt: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
-            label="Prompt", style=discord.TextStyle.paragraph, default=asked.prompt[:4000], max_length=4000
+            label=tr(locale, "Prompt"),
+            style=discord.TextStyle.paragraph,
+            default=asked.prompt[:4000],
+            max_length=4000,
         )
         self.negative: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
-            label="Negative prompt",
+            label=tr(locale, "Negative prompt"),
             style=discord.TextStyle.paragraph,
             default=negative[:4000] or None,
             required=False,
             max_length=4000,
         )
         self.count: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
-            label=f"Images (1–{settings.max_count})", default=str(asked.count), max_length=3
+            label=tr(locale, "Images (1–{high})", high=settings.max_count),
+            default=str(asked.count),
+            max_length=3,
         )
         self.seed: discord.ui.TextInput[PromptModal] = discord.ui.TextInput(
-            label="Seed (blank for random)", required=False, max_length=10, placeholder="e.g. 1234"
+            label=tr(locale, "Seed (blank for random)"),
+            required=False,
+            max_length=10,
+            placeholder=tr(locale, "e.g. {seed}", seed=1234),
         )
         for item in (self.prompt, self.negative, self.count, self.seed):
             self.add_item(item)
@@ -515,8 +564,9 @@ class PromptModal(discord.ui.Modal):
             await start_job(bot, interaction, self.parsed())
         except Exception as exc:
             if isinstance(exc, Refusal | GenerationError | JobRefused):
-                echo = f"\nWhat you typed, so nothing is lost:\n```\n{self.prompt.value[:1500]}\n```"
-                exc = Refusal(f"{exc}{echo}")
+                said = translate(str(exc), self.locale)
+                echo = tr(self.locale, "What you typed, so nothing is lost:")
+                exc = Refusal(f"{said}\n{echo}\n```\n{self.prompt.value[:1500]}\n```")
             await report_error(interaction, exc)
 
     def parsed(self) -> JobRequest:

@@ -60,6 +60,9 @@ class JobRequest:
     request_key: str | None = None
     # What flagged images of this job get; start_job decides from the server's setting and the channel.
     flagged_policy: FlaggedPolicy = FlaggedPolicy.WITHHOLD
+    # The language of the job's messages, which the whole channel reads: the server's, or in a direct
+    # message its owner's (replies.channel_locale); None for English.
+    locale: str | None = None
     delivery: Delivery = field(default_factory=Delivery)
 
 

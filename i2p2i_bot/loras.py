@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from i2p2i_bot.i18n import tr
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
@@ -299,9 +301,11 @@ class LoraLibrary:
     def _unknown(self, name: str, offered: Iterable[LoraFile]) -> str:
         names = [lora.name for lora in offered]
         if not names:
-            return f"There is no LoRA “{name[:40]}”: this server offers no LoRAs."
+            return tr(None, "There is no LoRA “{name}”: this server offers no LoRAs.", name=name[:40])
         listed = ", ".join(names[:25]) + (f" and {len(names) - 25} more" if len(names) > 25 else "")
-        return f"There is no LoRA “{name[:40]}”; the LoRAs on offer are {listed}."
+        return tr(
+            None, "There is no LoRA “{name}”; the LoRAs on offer are {names}.", name=name[:40], names=listed
+        )
 
 
 def misfit_sentence(name: str, why: str) -> str:

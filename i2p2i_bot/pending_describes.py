@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import discord
 
 from i2p2i_bot.decode_queue import WAITING_LINE
+from i2p2i_bot.i18n import N_, tr
 from i2p2i_bot.job_controls import TOKEN_LIFETIME_S
-from i2p2i_bot.replies import ANSWER_ERRORS
+from i2p2i_bot.replies import ANSWER_ERRORS, channel_locale
 from i2p2i_bot.store import PendingDescribe
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("i2p2i.describes")
 
-RESTARTED = "The bot restarted before your picture was described; please try again."
+RESTARTED = N_("The bot restarted before your picture was described; please try again.")
 # A token this close to its end is left alone: an edit would race the expiry.
 TOKEN_MARGIN_S = 10.0
 
@@ -61,6 +62,7 @@ class PendingDescribes:
             channel_id=interaction.channel_id,
             created_at=created,
             expires_at=created + TOKEN_LIFETIME_S,
+            locale=channel_locale(interaction),
         )
         store = self.bot.store
         await store.add_pending_describe(pending)
@@ -96,9 +98,9 @@ class PendingDescribes:
             # The card may have been posted just before the kill, with the row not yet gone: only a
             # placeholder still thinking, or still showing the waiting line, is replaced.
             message = await webhook.fetch_message(pending.message_id)
-            if not message.flags.loading and message.content != WAITING_LINE:
+            if not message.flags.loading and message.content != tr(pending.locale, WAITING_LINE):
                 return
-            await webhook.edit_message(pending.message_id, content=RESTARTED)
+            await webhook.edit_message(pending.message_id, content=tr(pending.locale, RESTARTED))
             log.info(
                 "told user %d that the restart cut their describe %d short",
                 pending.user_id,

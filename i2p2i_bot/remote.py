@@ -38,6 +38,7 @@ from PIL import Image
 
 from i2p2i_bot.batches import Batch, BatchFailure, BatchResult, BatchSource, FailureKind, GeneratedImage
 from i2p2i_bot.config import QueueSettings
+from i2p2i_bot.i18n import N_
 from i2p2i_bot.remote_wire import (
     PERMANENT,
     QUEUE_NAME,
@@ -57,7 +58,7 @@ from i2p2i_bot.remote_wire import (
 log = logging.getLogger(__name__)
 
 # What /queue and the health file say while Redis cannot be reached.
-UNREACHABLE = "GPU workers unreachable"
+UNREACHABLE = N_("GPU workers unreachable")
 # Errors that mean Redis is out of reach (or answered as a server that is still loading).
 REDIS_DOWN = (
     redis.ConnectionError,

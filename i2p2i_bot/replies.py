@@ -15,7 +15,7 @@ from discord import app_commands
 
 from i2p2i_bot.describes_in_flight import DescribeRefused
 from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory
-from i2p2i_bot.i18n import translate
+from i2p2i_bot.i18n import N_, tr, translate
 from i2p2i_bot.images import ImageError
 from i2p2i_bot.interrogate import InterrogateError
 from i2p2i_bot.jobs import JobRefused
@@ -44,7 +44,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 
 # A CUDA error left the GPU unusable: the bot stops and its service manager starts it again (app.py's
 # EXIT_GPU_LOST), so nothing in the request was wrong and the same request works after the restart.
-GPU_FAULT_MESSAGE = "The GPU stopped working; the bot is restarting, so try again in a minute."
+GPU_FAULT_MESSAGE = N_("The GPU stopped working; the bot is restarting, so try again in a minute.")
 
 
 # Discord's refusals, and a connection that dropped before Discord answered.
@@ -57,7 +57,7 @@ ANSWER_ERRORS: tuple[type[Exception], ...] = (
 
 
 # What a public "thinking…" placeholder becomes when its work came to nothing; why is told privately.
-WITHDRAWN = "This request did not go through; only the member who made it was told why."
+WITHDRAWN = N_("This request did not go through; only the member who made it was told why.")
 # Set in Interaction.extras while a public "thinking…" placeholder waits for the message it becomes.
 _PLACEHOLDER = "i2p2i.public_placeholder"
 
@@ -65,13 +65,13 @@ _PLACEHOLDER = "i2p2i.public_placeholder"
 # Discord refusing because the world changed under a reply (the channel or message went, a right was taken
 # away, the token ran out): not a bug, so no traceback, and a sentence instead of an error id.
 WORLD_CHANGED = {
-    10003: "this channel no longer exists",
-    10008: "the message I was answering was deleted",
-    10015: "this interaction has expired",
-    10062: "this interaction has expired",
-    50001: "I can no longer see this channel",
-    50013: "I am missing a permission in this channel",
-    50027: "this interaction has expired",
+    10003: N_("this channel no longer exists"),
+    10008: N_("the message I was answering was deleted"),
+    10015: N_("this interaction has expired"),
+    10062: N_("this interaction has expired"),
+    50001: N_("I can no longer see this channel"),
+    50013: N_("I am missing a permission in this channel"),
+    50027: N_("this interaction has expired"),
 }
 
 
@@ -88,11 +88,11 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, USER_ERRORS):
         return str(error)
     if isinstance(error, discord.HTTPException) and error.code in WORLD_CHANGED:
-        return f"I could not finish that: {WORLD_CHANGED[error.code]}."
+        return N_("I could not finish that: {reason}.").format(reason=WORLD_CHANGED[error.code])
     if isinstance(error, app_commands.CommandOnCooldown):
-        return f"Slow down a little: try again in {error.retry_after:.0f} s."
+        return N_("Slow down a little: try again in {seconds} s.").format(seconds=f"{error.retry_after:.0f}")
     if isinstance(error, app_commands.CheckFailure | app_commands.MissingPermissions):
-        return "You are not allowed to use that here."
+        return N_("You are not allowed to use that here.")
     return None
 
 
@@ -109,7 +109,9 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
             interaction.user.id,
             exc_info=error,
         )
-        message = f"Sorry, something went wrong on my side (error id `{error_id}`); it has been logged."
+        message = N_(
+            "Sorry, something went wrong on my side (error id `{error}`); it has been logged."
+        ).format(error=error_id)
     elif isinstance(fault, GpuFault):
         # Not the member's doing, and an operator needs the CUDA error behind it (the fault's cause).
         log.error(
@@ -139,20 +141,38 @@ def placeholder_replaced(interaction: discord.Interaction) -> None:
     interaction.extras.pop(_PLACEHOLDER, None)
 
 
+def member_locale(interaction: discord.Interaction) -> str:
+    """The language of what only the member reads (private answers, modals): their Discord's."""
+    return str(interaction.locale)
+
+
+def channel_locale(interaction: discord.Interaction) -> str | None:
+    """The language of what the whole channel reads (cards, job messages, results): the server's; in a
+    direct message, the member's own. None (English) where a server tells none."""
+    if interaction.guild_id is None:
+        return member_locale(interaction)
+    return str(interaction.guild_locale) if interaction.guild_locale is not None else None
+
+
+def message_locale(message: discord.Message) -> str | None:
+    """The language of an answer to a message (no interaction, so no member locale): its server's."""
+    return str(message.guild.preferred_locale) if message.guild is not None else None
+
+
 async def reply(interaction: discord.Interaction, message: str) -> None:
     """An ephemeral answer, as the first response or a followup; in the channel once the token is gone.
 
     In the member's language where the catalogue has the sentence (i18n.py)."""
-    message = translate(message, str(interaction.locale))
+    message = translate(message, member_locale(interaction))
     try:
         if not interaction.response.is_done():
             await interaction.response.send_message(message, ephemeral=True)
             return
         if not interaction.is_expired():
             if interaction.extras.pop(_PLACEHOLDER, False):
-                # Public: in the server's language.
-                locale = str(interaction.guild_locale) if interaction.guild_locale else None
-                await interaction.edit_original_response(content=translate(WITHDRAWN, locale))
+                # Public: in the channel's language.
+                withdrawn = tr(channel_locale(interaction), WITHDRAWN)
+                await interaction.edit_original_response(content=withdrawn)
             await interaction.followup.send(message, ephemeral=True)
             return
     except ANSWER_ERRORS as exc:
@@ -178,5 +198,5 @@ class PrivateView(discord.ui.View):
         if interaction.user.id == self.owner_id:
             return True
         log.info("refused interaction %s for user %s: not their view", interaction.id, interaction.user.id)
-        await reply(interaction, "Only the member who opened this can use it.")
+        await reply(interaction, N_("Only the member who opened this can use it."))
         return False

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import NSFW_SETTINGS, FlaggedPolicy, NsfwSetting, policy_for
+from i2p2i_bot.i18n import N_
 from i2p2i_bot.lookalikes import fold
 from i2p2i_bot.request import MAX_PROMPT_CHARS, whole_number
 from i2p2i_bot.terms import BannedTerms
@@ -39,17 +40,19 @@ SettingKey = Literal[
 ]
 # What /settings lists, in this order, with a line on what each means.
 KEYS: dict[SettingKey, str] = {
-    "steps": "denoising steps a request gets by default",
-    "max_steps": "most denoising steps a member may ask for",
-    "count": "images a request makes by default",
-    "max_count": "most images in one request",
-    "size": "default image size, WIDTHxHEIGHT",
-    "max_side": "largest width or height a member may ask for",
-    "negative_prompt": "negative prompt used when a request gives none",
-    "banned_terms": "terms refused in prompts here, besides the bot's own list",
-    "channels": "the channels the bot answers commands in (all when empty)",
-    "nsfw": "images the safety checker flags: filtered (withheld everywhere), or spoiler or unfiltered "
-    "in age-restricted channels only",
+    "steps": N_("denoising steps a request gets by default"),
+    "max_steps": N_("most denoising steps a member may ask for"),
+    "count": N_("images a request makes by default"),
+    "max_count": N_("most images in one request"),
+    "size": N_("default image size, WIDTHxHEIGHT"),
+    "max_side": N_("largest width or height a member may ask for"),
+    "negative_prompt": N_("negative prompt used when a request gives none"),
+    "banned_terms": N_("terms refused in prompts here, besides the bot's own list"),
+    "channels": N_("the channels the bot answers commands in (all when empty)"),
+    "nsfw": N_(
+        "images the safety checker flags: filtered (withheld everywhere), or spoiler or unfiltered "
+        "in age-restricted channels only"
+    ),
 }
 DEFAULT_COUNT = 4
 MAX_BANNED_TERMS = 200

@@ -175,6 +175,8 @@ class PendingDescribe:
     channel_id: int | None
     created_at: float
     expires_at: float
+    # The language of its public placeholder (replies.channel_locale); None for English.
+    locale: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -784,8 +786,9 @@ class Store:
         """Remember a deferred describe until it is answered (remove_pending_describe)."""
         query = """
             INSERT OR REPLACE INTO pending_describes (
-                interaction_id, application_id, token, message_id, user_id, channel_id, created_at, expires_at
-            ) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                interaction_id, application_id, token, message_id, user_id, channel_id, created_at,
+                expires_at, locale
+            ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
         """
         await self._execute(query, dataclasses.astuple(pending))
 

@@ -271,8 +271,8 @@ async def test_sigkill_during_a_describe_then_a_restart_answers_its_placeholder(
         # A describe from long ago that a kill also cut short: its token is dead, so nothing may use it.
         with sqlite3.connect(database) as db:
             db.execute(
-                "INSERT INTO pending_describes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (1, row["application_id"], "expired-token", 2, row["user_id"], None, 1.0, 901.0),
+                "INSERT INTO pending_describes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (1, row["application_id"], "expired-token", 2, row["user_id"], None, 1.0, 901.0, None),
             )
         mark = server.mark()
         process = lifecycle.lifecycle_bot(config, second_log, server.token)

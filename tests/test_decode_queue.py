@@ -139,6 +139,8 @@ class Member:
         self.id = interaction_id
         self.extras: dict[str, Any] = {}
         self.user = self
+        # In a direct message, in English: the waiting line is in the channel's language.
+        self.guild_id, self.guild_locale, self.locale = None, None, "en-US"
         self.edits: list[dict[str, Any]] = []
         self.edited = asyncio.Event()
 
