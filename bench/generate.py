@@ -13,7 +13,14 @@ over the device's measured dense matmul rate. Prints a table, writes JSON, ends 
 
 With no flag the smoke models run at a small size (wiring, not speed); --random-weights runs the real SD
 v1-4, ViT-L-14 and BLIP-large architectures with random weights (see bench/models.py). Run it as a file: it
-imports its siblings in bench/ (measure, models) from the folder Python puts first on the path.
+imports its siblings in bench/ (measure, models, guide_sets) from the folder Python puts first on the path.
+
+    python bench/generate.py --keep none,layout,edges,depth,look,edges+depth [--batches 8] ...
+
+measures instead what each set of guides costs per image against the prompt alone (`none`), side by side
+in one generator that offers them all, at the largest of --batches: s/image, and its ratio to none's
+(`layout` runs only steps × strength of the steps, so it may cost less). It ends with
+`none_s_per_image=… layout_ratio=… edges_depth_ratio=…` and writes bench/results/generate-guides-*.json.
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ from typing import Any, TypeVar, get_args
 
 import numpy as np
 import torch
+from guide_sets import (
+    GuideSet,
+    components_for,
+    guided_batch,
+    guides_needed,
+    hold_source,
+    load_guides,
+    parse_guide_sets,
+)
 from measure import (
     Measurement,
     count,
@@ -51,7 +67,7 @@ from measure import (
     synchronize,
     write_json,
 )
-from models import BenchModels, bench_models
+from models import COMPONENTS, BenchModels, bench_models
 
 from i2p2i_bot import progress_bars
 from i2p2i_bot.config import CompileMode, GenerateSettings, InterrogateSettings, QueueSettings
@@ -108,7 +124,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if not batches or batches[0] < 1:
         raise SystemExit(f"--batches takes positive whole numbers (got {args.batches!r})")
     cache_dir = Path(args.cache_dir).expanduser()
-    models = bench_models(cache_dir, random_weights=args.random_weights, device=device)
+    guide_sets = parse_guide_sets(args.keep) if args.keep is not None else None
+    needed = guides_needed(guide_sets or [])
+    models = bench_models(
+        cache_dir,
+        random_weights=args.random_weights,
+        device=device,
+        components=[*COMPONENTS, *components_for(needed)],
+    )
     size = args.size or (512 if models.random_weights else 128)
     steps = args.steps or (25 if models.random_weights else 10)
     jobs_per_user = args.jobs_per_user or (4 if device.type == "cuda" else 2)
@@ -129,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     peak_tflops = args.peak_tflops or _matmul_tflops(device, dtype)
     floor_images_per_s = peak_tflops * 1e12 / floor["per_image_flops"]
     reps, warmup = args.reps, args.warmup
+    if guide_sets is not None:
+        return _guides_main(args, models, settings, device, dtype, guide_sets, max(batches), load_at_start)
 
     # Stock first, then unloaded, so its weights do not count in our peak memory.
     stock_row, stock_image = _stock(models, settings, device, dtype, warmup=warmup, reps=reps)
@@ -245,6 +270,104 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return figures
 
 
+def _guides_main(
+    args: argparse.Namespace,
+    models: BenchModels,
+    settings: GenerateSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    guide_sets: list[GuideSet],
+    batch: int,
+    load_at_start: tuple[float, float, float],
+) -> dict[str, float]:
+    """Each guide set at one batch size in one generator that offers them all, none first; the table, the
+    JSON and the headline (none's s/image and each other set's ratio to it)."""
+    names = guides_needed(guide_sets)
+    gpu = GpuWorker()
+    rows: list[tuple[GuideSet, Row]] = []
+    try:
+        guides = _on(gpu, load_guides, models, names, device, dtype)
+        generator = _on(
+            gpu,
+            functools.partial(Generator.load, str(models.generator), settings, device, guides=guides),
+        )
+        hold_source(generator)
+        for guide_set in guide_sets:
+            params, specs = guided_batch(generator, guide_set, PROMPTS, FIRST_SEED, batch)
+            run = functools.partial(_on, gpu, generator.generate_batch, params, specs)
+            timing, _ = measure(run, device, warmup=args.warmup, reps=args.reps)
+            rows.append((guide_set, _row(guide_set.label, str(batch), batch, timing, per_batch=True)))
+        fast_path = generator.fast_path
+    finally:
+        gpu.close()
+    none_s = 1 / rows[0][1].images_per_s
+    figures = {"none_s_per_image": none_s}
+    for guide_set, row in rows[1:]:
+        figures[f"{guide_set.key}_ratio"] = (1 / row.images_per_s) / none_s
+    payload: dict[str, Any] = {
+        "benchmark": "generate-guides",
+        "environment": environment(device, load_at_start),
+        "models": {"kind": models.kind, "generator": str(models.generator), "precision": str(dtype)},
+        "settings": {
+            "size": settings.width,
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "scheduler": settings.scheduler,
+            "batch": batch,
+            "warmup": args.warmup,
+            "reps": args.reps,
+        },
+        "fast_path": fast_path,
+        "rows": [
+            {
+                "keep": guide_set.label,
+                "guides": [str(guide) for guide in guide_set.guides],
+                "batch": batch,
+                "seconds": row.seconds,
+                "s_per_image": 1 / row.images_per_s,
+                "s_per_batch": row.per_batch_s,
+                "peak_gib": None if row.peak_bytes is None else row.peak_bytes / 2**30,
+                "ratio_to_none": (1 / row.images_per_s) / none_s,
+            }
+            for guide_set, row in rows
+        ],
+        "headline": figures,
+    }
+    json_out = (
+        Path(args.json_out) if args.json_out else default_json_path("generate-guides", device, models.kind)
+    )
+    write_json(json_out, payload)
+    env = payload["environment"]
+    print(
+        f"guides: cost per image against the prompt alone, {models.kind} models ({dtype}) on "
+        f"{env['device_name']} [{env['device']}], {env['torch_threads']} threads"
+    )
+    print(
+        f"{settings.width}x{settings.height}, {settings.steps} steps {settings.scheduler}, guidance "
+        f"{settings.guidance:g}, batch {batch}; median of {args.reps} runs after {args.warmup} warm-up; "
+        f"fast path: {', '.join(fast_path) or 'none'}"
+    )
+    print()
+    print_table(
+        ["keep", "batch", "s/image", "s/batch", "peak GiB", "x none"],
+        [
+            [
+                r["keep"],
+                str(batch),
+                fmt(r["s_per_image"], 3),
+                fmt(r["s_per_batch"], 3),
+                fmt(r["peak_gib"], 2),
+                fmt(r["ratio_to_none"], 2),
+            ]
+            for r in payload["rows"]
+        ],
+    )
+    print()
+    print(f"JSON: {json_out}")
+    print(headline(figures))
+    return figures
+
+
 def _inductor_tuning() -> None:
     """The Inductor settings diffusers' speed-up guide gives for a compiled SD UNet."""
     import torch._inductor.config as inductor
@@ -295,6 +418,11 @@ def _parser() -> argparse.ArgumentParser:
         dest="fast_path_steps",
         action="store_false",
         help="skip the rows that add the fast path's steps one at a time",
+    )
+    parser.add_argument(
+        "--keep",
+        help="instead: each guide set's cost per image against none, e.g. none,layout,edges,depth,look,"
+        "edges+depth (guides of one set joined by +, each NAME[:WEIGHT])",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="models and label tables (reused)")

@@ -7,7 +7,10 @@
 #   1. wiring on the GPU with the smoke models (seconds; a failure here stops the run before the big models);
 #   2. bench/generate.py --random-weights (the eager fast path);
 #   3. bench/interrogate.py --random-weights (every mode, 3 timed calls each);
-#   4. bench/generate.py --random-weights --compile MODE for each of $BENCH_COMPILE while time is left.
+#   4. each guide set's cost per image against none (bench/generate.py --keep $BENCH_GUIDES at batch 8)
+#      and its peak memory (bench/memory.py --keep, CUDA max_memory_allocated; its JSON stays in /tmp, its
+#      headline in summary.txt), the guides' random-weight models built on the first run (~2.3 GB);
+#   5. bench/generate.py --random-weights --compile MODE for each of $BENCH_COMPILE while time is left.
 # Files go to $OUT (or bench/results/gpu): env.txt (device and versions), log.txt (everything printed),
 # summary.txt (each phase's last key=value line and how long it ran) and one JSON per benchmark, at most 8.
 #
@@ -16,8 +19,9 @@
 # (random-weights, or smoke for a dry run of the script itself on any machine), BENCH_WHEELS (.whl;
 # a folder without wheels installs none), BENCH_COMPILE (space-separated MODE[+tuned][@BATCHES]: a
 # torch.compile mode, "+tuned" for diffusers' Inductor settings, "@1,4,8" for its own batch sizes; empty
-# for none), BENCH_COMPILE_BATCHES (4,8), BENCH_PHASES (which of "wiring
-# generate interrogate compile" to run: all), BENCH_CACHE (/tmp/i2p2i-bench), PYTHON (python3).
+# for none), BENCH_COMPILE_BATCHES (4,8), BENCH_GUIDES (none,layout,edges,depth,look,edges+depth),
+# BENCH_PHASES (which of "wiring generate interrogate guides compile" to run: all),
+# BENCH_CACHE (/tmp/i2p2i-bench), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -27,7 +31,8 @@ device=${BENCH_DEVICE:-cuda}
 models=${BENCH_MODELS:-random-weights}
 compile_modes=${BENCH_COMPILE-reduce-overhead reduce-overhead+tuned}
 compile_batches=${BENCH_COMPILE_BATCHES:-4,8}
-phases=" ${BENCH_PHASES:-wiring generate interrogate compile} "
+phases=" ${BENCH_PHASES:-wiring generate interrogate guides compile} "
+guide_sets=${BENCH_GUIDES:-none,layout,edges,depth,look,edges+depth}
 cache=${BENCH_CACHE:-/tmp/i2p2i-bench}
 python=${PYTHON:-python3}
 wheels=${BENCH_WHEELS:-.whl}
@@ -132,6 +137,15 @@ iargs=("${big[@]}")
 [[ $models == random-weights ]] && iargs+=(--reps 3)
 phase interrogate 90 360 -- "$python" bench/interrogate.py "${common[@]}" "${iargs[@]}" \
   --json-out "$out/interrogate.json"
+# Guides: 6 sets x 3 batches of 8 eager, then one measured batch each for memory.
+gargs=("${big[@]}")
+[[ $models == random-weights ]] && gargs+=(--reps 2)
+phase guides 40 200 -- "$python" bench/generate.py "${common[@]}" "${gargs[@]}" --keep "$guide_sets" \
+  --batches 8 --json-out "$out/generate-guides.json"
+mbig=()
+[[ $models == random-weights ]] && mbig=(--random-weights)
+phase guides-memory 40 120 -- "$python" bench/memory.py --device "$device" --cache-dir "$cache" "${mbig[@]}" \
+  --keep "$guide_sets" --batch 8 --json-out /tmp/i2p2i-memory-guides.json
 for spec in $compile_modes; do
   # MODE[+tuned][@BATCHES]: "+tuned" adds diffusers' Inductor settings, "@4,8" its own batch sizes.
   mode=${spec%%@*} batches=$compile_batches tuning=()

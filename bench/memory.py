@@ -12,11 +12,23 @@ against a GPU run of bench/generate.py, whose `resident_peak_gib` is the measure
 Stock is diffusers' pipeline alone at batch 1; ours is the product at `--batch` images with the interrogation
 models and their label table resident, with and without VAE slicing. Ends with
 `stock_peak_gib=… resident_gib=… peak_gib=… peak_sliced_gib=…` and writes bench/results/memory.json.
+
+    python bench/memory.py --keep none,layout,edges,depth,look,edges+depth [--random-weights] [--device D]
+
+measures instead, on a real device, what each set of guides (bench/guide_sets.py) costs in memory: the
+weights each guide adds (counted), and each set's peak during a batch of `--batch` images from a source it
+has not seen (its edge map, depth map and image embedding made in that batch) in one generator that offers
+them all: `torch.cuda.max_memory_allocated` on CUDA, the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) on a Linux CPU. "alone" is that peak less the weights of the guides the set does not
+keep: what a bot that enables only its guides would reach. Ends with `none_peak_gib=… none_alone_gib=…
+edges_peak_gib=… edges_alone_gib=… …` and writes bench/results/memory-guides-<device>-<models>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,14 +36,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from measure import RESULTS_DIR, count, headline, print_table, write_json
-from models import BLIP_LARGE_TEXT, BLIP_LARGE_VISION, SD_SAFETY_VISION, SD_TEXT, SD_UNET, SD_VAE, VIT_L_14
+from guide_sets import (
+    components_for,
+    guided_batch,
+    guides_needed,
+    hold_fresh_source,
+    hold_source,
+    load_guides,
+    parse_guide_sets,
+)
+from measure import (
+    RESULTS_DIR,
+    count,
+    default_json_path,
+    environment,
+    fmt,
+    headline,
+    print_table,
+    release,
+    synchronize,
+    write_json,
+)
+from models import (
+    BLIP_LARGE_TEXT,
+    BLIP_LARGE_VISION,
+    SD_SAFETY_VISION,
+    SD_TEXT,
+    SD_UNET,
+    SD_VAE,
+    VIT_L_14,
+    bench_models,
+)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.generate import Generator
+from i2p2i_bot.gpu import resolve_device
+
 GIB = 2**30
+MIB = 2**20
 DEVICE = torch.device("cuda", 0)
 
 
@@ -90,24 +136,27 @@ def _packaged_label_count() -> int:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = _parser().parse_args(argv)
+    if args.keep is not None:
+        return _guides_main(args)
     labels = args.labels if args.labels is not None else _packaged_label_count()
-    latent = args.size // 8
+    size = args.size or 512
+    latent = size // 8
     with FakeTensorMode():
         torch.set_default_dtype(torch.float16)
         try:
-            figures, rows, details = _count(args.batch, args.size, latent, labels)
+            figures, rows, details = _count(args.batch, size, latent, labels)
         finally:
             torch.set_default_dtype(torch.float32)
     print(
         f"memory on fake CUDA tensors (fp16, counted storages, no allocator overhead): SD v1-4 at "
-        f"{args.size}x{args.size}, batch {args.batch}; ViT-L-14, BLIP-large and {labels} labels resident"
+        f"{size}x{size}, batch {args.batch}; ViT-L-14, BLIP-large and {labels} labels resident"
     )
     print()
     print_table(["", "model", "GiB"], rows)
     json_out = Path(args.json_out) if args.json_out else RESULTS_DIR / "memory.json"
     write_json(
         json_out,
-        {"benchmark": "memory", "settings": {"batch": args.batch, "size": args.size, "labels": labels},
+        {"benchmark": "memory", "settings": {"batch": args.batch, "size": size, "labels": labels},
          **details, "headline": figures},
     )  # fmt: skip
     print()
@@ -253,10 +302,199 @@ def _parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--batch", type=count, default=8, help="images per GPU batch (default 8)")
-    parser.add_argument("--size", type=count, default=512, help="image side in pixels (default 512)")
+    parser.add_argument(
+        "--size", type=count, help="image side in pixels (default 512; smoke models with --keep 128)"
+    )
     parser.add_argument("--labels", type=int, help="label table rows (default: the packaged lists')")
     parser.add_argument("--json-out", help="default: bench/results/memory.json")
+    guides = parser.add_argument_group("measured per guide set (--keep)")
+    guides.add_argument(
+        "--keep", help="each guide set's measured peak against none, e.g. none,layout,edges,depth,look"
+    )
+    guides.add_argument(
+        "--random-weights", action="store_true", help="the real architectures (default: the smoke models)"
+    )
+    guides.add_argument("--steps", type=count, help="denoising steps (default 25; smoke models 10)")
+    guides.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    guides.add_argument(
+        "--cache-dir",
+        default=str(Path.home() / ".cache" / "i2p2i-bench"),
+        help="models (reused; bench/generate.py's)",
+    )
     return parser
+
+
+class PeakMemory:
+    """A device's memory in use and its peak since the last reset: CUDA's allocator, or the process's
+    resident set on a Linux CPU (VmRSS, and VmHWM reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.source = "cuda max_memory_allocated" if device.type == "cuda" else "process RSS (VmHWM)"
+
+    def reset(self) -> None:
+        release(self.device)
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+                refs.write("5")  # the kernel's way to set the peak resident set back to the current one
+
+    def in_use(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return self._status_kib("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return self._status_kib("VmHWM") * 1024
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _guides_main(args: argparse.Namespace) -> dict[str, float]:
+    """Each guide set's peak during a batch, in one generator that offers them all, none first."""
+    import logging
+
+    from i2p2i_bot import progress_bars
+
+    load_at_start = os.getloadavg()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress_bars.only_on_a_terminal()
+    guide_sets = parse_guide_sets(args.keep)
+    names = guides_needed(guide_sets)
+    device = resolve_device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    models = bench_models(
+        Path(args.cache_dir).expanduser(),
+        random_weights=args.random_weights,
+        device=device,
+        components=["generator", *components_for(names)],
+    )
+    size = args.size or (512 if models.random_weights else 128)
+    steps = args.steps or (25 if models.random_weights else 10)
+    settings = GenerateSettings(
+        steps=steps,
+        width=size,
+        height=size,
+        min_side=min(size, 256),
+        max_side=max(size, 768),
+        max_count=args.batch,
+    )
+    memory = PeakMemory(device)
+    memory.reset()
+    before = memory.in_use()
+    guides = load_guides(models, names, device, dtype)
+    generator = Generator.load(str(models.generator), settings, device, dtype=dtype, guides=guides)
+    loaded = memory.in_use() - before
+    hold_source(generator)
+    pipe = generator.pipe
+    weights = {
+        "generator": sum(weight_bytes(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder"))
+        + (weight_bytes(pipe.safety_checker) if pipe.safety_checker is not None else 0)
+    }
+    if "edges" in names:
+        weights["edges"] = weight_bytes(guides.controlnet("edges"))
+    if "depth" in names and guides.depth_estimator is not None:
+        weights["depth"] = weight_bytes(guides.controlnet("depth")) + weight_bytes(
+            guides.depth_estimator.model
+        )
+    if "look" in names and guides.look is not None:
+        look_set = next(s for s in guide_sets if any(g.name == "look" for g in s.guides))
+        params, _ = guided_batch(generator, look_set, ["x"], 0, 1)
+        own = weight_bytes(pipe.unet)
+        # The IP-Adapter's attention and image projection are in the UNet only while look's batch runs.
+        with generator.guided.engaged(params):
+            adapter = weight_bytes(pipe.unet) - own
+        weights["look"] = weight_bytes(guides.look.image_encoder) + adapter
+    guide_weights = sum(nbytes for name, nbytes in weights.items() if name != "generator")
+
+    run_s: dict[str, float] = {}
+    peaks: dict[str, int] = {}
+    for guide_set in guide_sets:
+        # Warm: the first batch of a set builds its pipeline's lazy state; the measured one is the next.
+        params, specs = guided_batch(generator, guide_set, ["a lighthouse on a cliff"], 7, args.batch)
+        generator.generate_batch(params, specs)
+    for guide_set in guide_sets:
+        fresh = hold_fresh_source(generator, guide_set)
+        params, specs = guided_batch(generator, guide_set, ["a lighthouse on a cliff"], 7, args.batch, fresh)
+        memory.reset()
+        started = time.perf_counter()
+        generator.generate_batch(params, specs)
+        peaks[guide_set.label] = memory.peak()
+        run_s[guide_set.label] = time.perf_counter() - started
+    none_peak = peaks[guide_sets[0].label]
+    rows = []
+    details = []
+    figures: dict[str, float] = {}
+    for guide_set in guide_sets:
+        peak = peaks[guide_set.label]
+        kept = {g.name for g in guide_set.guides}
+        alone = peak - guide_weights + sum(weights.get(name, 0) for name in kept)
+        rows.append(
+            [
+                guide_set.label,
+                fmt(peak / MIB, 1),
+                fmt((peak - none_peak) / MIB, 1),
+                fmt(alone / MIB, 1),
+                fmt((alone - (none_peak - guide_weights)) / MIB, 1),
+            ]
+        )
+        details.append(
+            {
+                "keep": guide_set.label,
+                "peak_bytes": peak,
+                "over_none_bytes": peak - none_peak,
+                "alone_peak_bytes": alone,
+                "batch_s": run_s[guide_set.label],
+            }
+        )
+        figures[f"{guide_set.key}_peak_gib"] = peak / GIB
+        figures[f"{guide_set.key}_alone_gib"] = alone / GIB
+    figures["guide_weights_gib"] = guide_weights / GIB
+    env = environment(device, load_at_start)
+    print(
+        f"memory per guide set, measured: {models.kind} models ({dtype}) on {env['device_name']} "
+        f"[{env['device']}], {memory.source}; {size}x{size}, {steps} steps, batch {args.batch}, "
+        "each from a source it has not seen"
+    )
+    print()
+    print_table(
+        ["weights", "MiB"],
+        [[name, fmt(nbytes / MIB, 1)] for name, nbytes in weights.items()]
+        + [["all loaded, measured", fmt(loaded / MIB, 1)]],
+    )
+    print()
+    print_table(["keep", "peak MiB", "+ vs none", "alone MiB", "alone + vs none"], rows)
+    json_out = (
+        Path(args.json_out) if args.json_out else default_json_path("memory-guides", device, models.kind)
+    )
+    write_json(
+        json_out,
+        {
+            "benchmark": "memory-guides",
+            "environment": env,
+            "models": {"kind": models.kind, "precision": str(dtype)},
+            "settings": {"batch": args.batch, "size": size, "steps": steps, "memory": memory.source},
+            "weights_bytes": weights,
+            "loaded_bytes_measured": loaded,
+            "rows": details,
+            "headline": figures,
+        },
+    )
+    print()
+    print(f"JSON: {json_out}")
+    print(headline(figures))
+    return figures
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ still measures the real Stable Diffusion v1-4, open_clip ViT-L-14 and BLIP-large
 from their published configurations, initialised at random, written once with the libraries' own savers
 (fp16, ~4.3 GB in all) and loaded back through the production loaders. Their images are noise and their
 prompts nonsense, and a random BLIP never emits its end token, so every caption runs to the token limit.
+
+The guides' models are built the same way when a benchmark asks for them (GUIDE_COMPONENTS, ~2.3 GB):
+an SD 1.x ControlNet (lllyasviel/sd-controlnet-canny's and -depth's architecture, one folder that the
+edges and depth guides each load as their own model), MiDaS DPT-Hybrid (Intel/dpt-hybrid-midas) as the
+depth estimator, and h94/IP-Adapter's ip-adapter_sd15 with its ViT-H/14 image encoder.
 """
 
 from __future__ import annotations
@@ -21,13 +26,21 @@ from typing import Any
 
 import torch
 
-from i2p2i_bot.smoke import SD14_SCHEDULER, clip_tokenizer_vocab, ensure_smoke_models
+from i2p2i_bot.smoke import (
+    SD14_SCHEDULER,
+    SMOKE_LOOK_WEIGHTS,
+    clip_tokenizer_vocab,
+    ensure_smoke_models,
+    write_ip_adapter,
+)
 
 log = logging.getLogger(__name__)
 
 # Bump when an architecture below changes, so old caches are rebuilt instead of half-matching.
 RANDOM_WEIGHTS_VERSION = 1
 COMPONENTS = ("generator", "clip", "caption")
+# The guides' models, built only for the benchmarks that keep guides.
+GUIDE_COMPONENTS = ("controlnet", "depth_estimator", "ip_adapter")
 
 # open_clip's ViT-L-14 as OpenAI trained it (their weights use QuickGELU).
 VIT_L_14: dict[str, Any] = {
@@ -115,6 +128,54 @@ SD_SAFETY_VISION: dict[str, Any] = {
     "hidden_act": "quick_gelu",
 }
 
+# lllyasviel/sd-controlnet-canny and -depth: the SD v1 UNet's encoder half and its conditioning embedding.
+SD_CONTROLNET: dict[str, Any] = {
+    "in_channels": 4,
+    "conditioning_channels": 3,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "conditioning_embedding_out_channels": (16, 32, 96, 256),
+}
+# Intel/dpt-hybrid-midas: a ViT-B/16 over a BiT-ResNet stem at 384 px (ControlNet depth's own annotator).
+DPT_HYBRID: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "image_size": 384,
+    "patch_size": 16,
+    "is_hybrid": True,
+    "backbone_out_indices": [2, 5, 8, 11],
+    "neck_hidden_sizes": [256, 512, 768, 768],
+    "reassemble_factors": [4, 2, 1, 0.5],
+    "fusion_hidden_size": 256,
+    "backbone_featmap_shape": [1, 1024, 24, 24],
+    "neck_ignore_stages": [0, 1],
+    "readout_type": "project",
+}
+DPT_HYBRID_BACKBONE: dict[str, Any] = {
+    "global_padding": "same",
+    "layer_type": "bottleneck",
+    "depths": [3, 4, 9],
+    "out_features": ["stage1", "stage2", "stage3"],
+    "embedding_dynamic_padding": True,
+}
+# h94/IP-Adapter's models/image_encoder: OpenCLIP ViT-H/14's image tower as a CLIPVisionModelWithProjection.
+IP_ADAPTER_ENCODER: dict[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 1024,
+    "hidden_act": "gelu",
+}
+
 
 @dataclass(frozen=True)
 class BenchModels:
@@ -124,6 +185,13 @@ class BenchModels:
     generator: Path
     clip: Path
     caption: Path
+    # The guides' models (loaded by guided.load_guide_models); the random-weights edges and depth guides
+    # share one folder, each loading its own ControlNet from it.
+    edges: Path
+    depth: Path
+    depth_estimator: Path
+    look: Path
+    look_weights: str = SMOKE_LOOK_WEIGHTS
 
     @property
     def random_weights(self) -> bool:
@@ -140,20 +208,43 @@ def bench_models(
     """The smoke models, or the named real architectures with random weights, built once under cache_dir.
 
     Random weights are initialised on `device` (fast on a GPU) and stored as fp16; building them takes a
-    minute or two and ~8 GB of host memory.
+    minute or two and ~8 GB of host memory. `components` may name GUIDE_COMPONENTS too; the smoke models
+    always have their guides.
     """
     if not random_weights:
-        smoke = ensure_smoke_models(cache_dir)
-        return BenchModels("smoke", smoke.generator, smoke.clip, smoke.caption)
+        s = ensure_smoke_models(cache_dir)
+        return BenchModels(
+            "smoke", s.generator, s.clip, s.caption, s.edges, s.depth, s.depth_estimator, s.look
+        )
     root = cache_dir / f"random-weights-v{RANDOM_WEIGHTS_VERSION}"
-    models = BenchModels("random-weights", root / "generator", root / "clip", root / "caption")
+    models = BenchModels(
+        "random-weights",
+        root / "generator",
+        root / "clip",
+        root / "caption",
+        root / "controlnet",
+        root / "controlnet",
+        root / "depth-estimator",
+        root / "ip-adapter",
+    )
+    folders = {
+        "generator": models.generator,
+        "clip": models.clip,
+        "caption": models.caption,
+        "controlnet": models.edges,
+        "depth_estimator": models.depth_estimator,
+        "ip_adapter": models.look,
+    }
     builders: dict[str, Callable[[Path, torch.device], None]] = {
         "generator": _build_stable_diffusion,
         "clip": _build_vit_l_14,
         "caption": _build_blip_large,
+        "controlnet": _build_controlnet,
+        "depth_estimator": _build_dpt_hybrid,
+        "ip_adapter": _build_ip_adapter,
     }
     for name in components:
-        _ensure(getattr(models, name), builders[name], device or torch.device("cpu"))
+        _ensure(folders[name], builders[name], device or torch.device("cpu"))
     return models
 
 
@@ -268,3 +359,35 @@ def _build_stable_diffusion(directory: Path, device: torch.device) -> None:
         requires_safety_checker=True,
     )
     pipe.save_pretrained(directory)
+
+
+def _build_controlnet(directory: Path, device: torch.device) -> None:
+    from diffusers import ControlNetModel
+
+    with torch.device(device):
+        controlnet: Any = ControlNetModel(**SD_CONTROLNET)
+    controlnet.half().cpu().save_pretrained(directory)
+
+
+def _build_dpt_hybrid(directory: Path, device: torch.device) -> None:
+    from transformers import BitConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    # BitConfig takes out_features through its backbone mixin, which its annotations do not show.
+    config = DPTConfig(**DPT_HYBRID, backbone_config=BitConfig(**DPT_HYBRID_BACKBONE))
+    with torch.device(device):
+        model = DPTForDepthEstimation(config)
+    model.half().cpu().save_pretrained(directory)
+    # As Intel/dpt-hybrid-midas's: a square 384 px input, which its hybrid embedding requires.
+    DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=False).save_pretrained(directory)
+
+
+def _build_ip_adapter(directory: Path, device: torch.device) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    # Only the UNet's structure is read: its attention layers and their widths.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD_UNET)
+    with torch.device(device):
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**IP_ADAPTER_ENCODER))
+    write_ip_adapter(directory, unet, encoder.cpu(), weights_std=0.02, dtype=torch.float16)

@@ -384,20 +384,10 @@ def _build_depth_estimator(directory: Path) -> None:
 
 
 def _build_look(directory: Path, unet: Any) -> None:
-    """An IP-Adapter for the tiny UNet in the file layout diffusers' load_ip_adapter reads, with a tiny
-    CLIPVisionModelWithProjection as its image encoder.
-
-    The weights are those of diffusers' own ImageProjection and of one key and value projection per
-    cross-attention layer, named as IP-Adapter's checkpoints name them: `image_proj.*`, and
-    `ip_adapter.{1,3,5...}.to_{k,v}_ip.weight` in the UNet's order of attention processors. The
-    projections are large, so that the guide's effect shows through the tiny random UNet.
-    """
-    from diffusers.models.embeddings import ImageProjection
-    from safetensors.torch import save_file
+    """An IP-Adapter for the tiny UNet with a tiny image encoder; its projections are large, so that the
+    guide's effect shows through the tiny random UNet."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    embed_dim = 32
-    cross_dim = unet.config.cross_attention_dim
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
             hidden_size=32,
@@ -406,15 +396,35 @@ def _build_look(directory: Path, unet: Any) -> None:
             num_attention_heads=4,
             image_size=32,
             patch_size=8,
-            projection_dim=embed_dim,
+            projection_dim=32,
         )
     )
-    encoder.save_pretrained(directory / "models" / "image_encoder")
+    write_ip_adapter(directory, unet, encoder, weights_std=2.0)
+
+
+def write_ip_adapter(
+    directory: Path, unet: Any, encoder: Any, *, weights_std: float, dtype: torch.dtype = torch.float32
+) -> None:
+    """A random IP-Adapter for `unet` in the file layout diffusers' load_ip_adapter reads (h94/IP-Adapter's):
+    `encoder` (a CLIPVisionModelWithProjection) in models/image_encoder, the weights in
+    models/ip-adapter_sd15.safetensors.
+
+    The weights are those of diffusers' own ImageProjection and of one key and value projection per
+    cross-attention layer, named as IP-Adapter's checkpoints name them: `image_proj.*`, and
+    `ip_adapter.{1,3,5...}.to_{k,v}_ip.weight` in the UNet's order of attention processors. `unet` may
+    live on the meta device: only its structure is read.
+    """
+    from diffusers.models.embeddings import ImageProjection
+    from safetensors.torch import save_file
+
+    embed_dim = encoder.config.projection_dim
+    cross_dim = unet.config.cross_attention_dim
+    encoder.to(dtype).save_pretrained(directory / "models" / "image_encoder")
     projection = ImageProjection(
         image_embed_dim=embed_dim, cross_attention_dim=cross_dim, num_image_text_embeds=4
     )
     tensors = {
-        f"image_proj.{key.replace('image_embeds', 'proj')}": value.contiguous()
+        f"image_proj.{key.replace('image_embeds', 'proj')}": value.to(dtype).contiguous()
         for key, value in projection.state_dict().items()
     }
     key_id = 1
@@ -423,6 +433,7 @@ def _build_look(directory: Path, unet: Any) -> None:
             continue
         hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
         for which in ("to_k_ip", "to_v_ip"):
-            tensors[f"ip_adapter.{key_id}.{which}.weight"] = torch.randn(hidden, cross_dim) * 2.0
+            weight = torch.randn(hidden, cross_dim) * weights_std
+            tensors[f"ip_adapter.{key_id}.{which}.weight"] = weight.to(dtype)
         key_id += 2
     save_file(tensors, str(directory / SMOKE_LOOK_WEIGHTS))

@@ -99,6 +99,61 @@ def test_generate_bench_runs_on_smoke_models(
     assert payload["headline"] == pytest.approx(figures, rel=0.01)
 
 
+def test_generate_bench_compares_each_guide_set_with_none(
+    smoke_models: SmokeModels, smoke_cache: Path, tmp_path: Path
+) -> None:
+    """generate.py --keep times each guide set at one batch size in one generator, none first, and gives
+    each set's s/image and its ratio to none's."""
+    json_out = tmp_path / "guides.json"
+    argv = ["--device", "cpu", "--cache-dir", str(smoke_cache), "--size", "64", "--steps", "2",
+            "--batches", "1,2", "--reps", "1", "--warmup", "0",
+            "--keep", "layout,edges,depth,look:0.8,edges+depth", "--json-out", str(json_out)]  # fmt: skip
+    out = _run("generate.py", argv)
+    figures = _headline(out)
+    assert list(figures) == [
+        "none_s_per_image",
+        "layout_ratio",
+        "edges_ratio",
+        "depth_ratio",
+        "look_0_8_ratio",
+        "edges_depth_ratio",
+    ]
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "generate-guides" and payload["models"]["kind"] == "smoke"
+    _environment_ok(payload["environment"])
+    rows = payload["rows"]
+    assert [(r["keep"], r["guides"], r["batch"]) for r in rows] == [
+        ("none", [], 2),
+        ("layout", ["layout:0.6"], 2),
+        ("edges", ["edges:0.8"], 2),
+        ("depth", ["depth:0.8"], 2),
+        ("look:0.8", ["look:0.8"], 2),
+        ("edges+depth", ["edges:0.8", "depth:0.8"], 2),
+    ]
+    none = rows[0]["s_per_image"]
+    for row in rows:
+        assert row["s_per_image"] == pytest.approx(row["s_per_batch"] / 2)
+        assert row["ratio_to_none"] == pytest.approx(row["s_per_image"] / none)
+    assert figures["edges_depth_ratio"] == pytest.approx(rows[-1]["ratio_to_none"], rel=0.01)
+    lines = out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("keep ")) + 2 :][:6]
+    assert [line.split()[0] for line in table] == [r["keep"] for r in rows]
+    assert table[0].split()[-1] == "1.00"  # none against itself
+
+
+def test_a_guide_set_the_bench_cannot_read_is_one_line(smoke_cache: Path) -> None:
+    """An unknown guide in --keep stops the bench before any model loads, with the guide's own sentence."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "generate.py"), "--device", "cpu",
+         "--cache-dir", str(smoke_cache), "--keep", "edges+pose"],
+        cwd=ROOT, capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.decode().strip().splitlines()[-1] == (
+        "--keep 'edges+pose': There is no guide called 'pose'; the guides are layout, edges, depth, look."
+    )
+
+
 def test_interrogate_bench_runs_on_smoke_models(
     smoke_models: SmokeModels, smoke_cache: Path, labels_dir: Path, tmp_path: Path
 ) -> None:
@@ -238,6 +293,38 @@ def test_memory_bench_counts_weights_and_peaks_on_fake_cuda_tensors(tmp_path: Pa
     peaks = payload["activation_peak_bytes"]
     assert peaks["sliced"]["VAE decode, 2 images, sliced"] < peaks["ours"]["VAE decode, 2 images"]
     assert payload["headline"] == pytest.approx(figures, rel=0.01)
+
+
+def test_memory_bench_measures_each_guide_sets_peak(
+    smoke_models: SmokeModels, smoke_cache: Path, tmp_path: Path
+) -> None:
+    """memory.py --keep counts the weights each guide adds and measures each set's peak resident set in a
+    batch from a source it has not seen; "alone" takes off the weights of the guides a set does not keep."""
+    json_out = tmp_path / "memory-guides.json"
+    argv = ["--device", "cpu", "--cache-dir", str(smoke_cache), "--keep", "none,edges,depth,look",
+            "--batch", "1", "--size", "64", "--steps", "2", "--json-out", str(json_out)]  # fmt: skip
+    figures = _headline(_run("memory.py", argv))
+    sets = ["none", "edges", "depth", "look"]
+    assert list(figures) == [f"{s}_{what}_gib" for s in sets for what in ("peak", "alone")] + [
+        "guide_weights_gib"
+    ]
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "memory-guides"
+    assert payload["settings"]["memory"] == "process RSS (VmHWM)"
+    weights = payload["weights_bytes"]
+    assert list(weights) == ["generator", "edges", "depth", "look"]
+    # The smoke ControlNet is the smoke UNet's encoder half; depth's adds the estimator.
+    assert 0 < weights["edges"] < weights["depth"] < weights["generator"]
+    assert weights["look"] > 0 and payload["loaded_bytes_measured"] > 0
+    others = sum(weights.values()) - weights["generator"]
+    assert figures["guide_weights_gib"] * 2**30 == pytest.approx(others, rel=0.01)
+    rows = {row["keep"]: row for row in payload["rows"]}
+    assert list(rows) == sets
+    for keep, row in rows.items():
+        assert row["peak_bytes"] > 0 and row["batch_s"] > 0
+        assert row["over_none_bytes"] == row["peak_bytes"] - rows["none"]["peak_bytes"]
+        assert row["alone_peak_bytes"] == row["peak_bytes"] - others + weights.get(keep, 0)
+        assert figures[f"{keep}_alone_gib"] * 2**30 == pytest.approx(row["alone_peak_bytes"], rel=0.01)
 
 
 @pytest.mark.skipif(redis_server_path() is None, reason="redis-server is not installed")

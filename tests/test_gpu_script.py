@@ -71,14 +71,18 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     assert [call.split()[0] for call in calls] == ["bench/generate.py", "bench/interrogate.py"] * 2 + [
-        "bench/generate.py"
-    ] * 2
-    wiring_generate, wiring_interrogate, generate, interrogate, compiled, tuned = calls
+        "bench/generate.py",
+        "bench/memory.py",
+    ] + ["bench/generate.py"] * 2
+    wiring_generate, wiring_interrogate, generate, interrogate, guides, memory, compiled, tuned = calls
     for call in (wiring_generate, wiring_interrogate):  # smoke models, short lists, one timed run
         assert "--random-weights" not in call and "--reps 1" in call and "--labels" in call
         assert "--device cuda" in call
     assert "--random-weights" in generate and "--reps" not in generate
     assert "--random-weights" in interrogate and "--reps 3" in interrogate
+    assert "--random-weights --reps 2 --keep none,layout,edges,depth,look,edges+depth --batches 8" in guides
+    assert "--random-weights --keep none,layout,edges,depth,look,edges+depth --batch 8" in memory
+    assert "--device cuda" in memory and "--json-out /tmp/" in memory
     assert "--compile reduce-overhead --no-fast-path-steps --batches 4,8" in compiled
     assert "--compile reduce-overhead --inductor-tuning --no-fast-path-steps --batches 4,8" in tuned
 
@@ -88,6 +92,8 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
         "wiring-interrogate",
         "generate",
         "interrogate",
+        "guides",
+        "guides-memory",
         "compile-reduce-overhead",
         "compile-reduce-overhead+tuned",
     ]
@@ -100,6 +106,7 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
         "env.txt",
         "generate-compile-reduce-overhead+tuned.json",
         "generate-compile-reduce-overhead.json",
+        "generate-guides.json",
         "generate.json",
         "interrogate.json",
         "log.txt",
@@ -141,11 +148,10 @@ def test_too_small_a_budget_for_the_wiring_check_runs_nothing(tmp_path: Path) ->
 def test_the_dry_run_uses_the_smoke_models_and_compiles_nothing(tmp_path: Path) -> None:
     done, calls, out = _run(tmp_path, 900, BENCH_MODELS="smoke", BENCH_DEVICE="cpu")
     assert done.returncode == 0, done.stdout[-3000:]
-    assert len(calls) == 2
-    assert all(
-        "--random-weights" not in call and "--device cpu" in call and "--reps 1" in call for call in calls
-    )
-    assert list(_summary(out)) == ["generate", "interrogate"]
+    assert len(calls) == 4
+    assert all("--random-weights" not in call and "--device cpu" in call for call in calls)
+    assert all("--reps 1" in call for call in calls[:3])
+    assert list(_summary(out)) == ["generate", "interrogate", "guides", "guides-memory"]
 
 
 def test_a_rerun_can_take_only_the_phases_it_names(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ pinned by hash, LoRAs of another model refused, and the fused fast path giving t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,17 +13,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from i2p2i_bot.cli import main
-from i2p2i_bot.config import GenerateSettings, Settings
+from i2p2i_bot.config import GenerateSettings, GuideSettings, Settings
 from i2p2i_bot.generate import Generator
+from i2p2i_bot.guided import load_guide_models
+from i2p2i_bot.guides import parse_guides
 from i2p2i_bot.loras import Lora, LoraError, LoraLibrary, prompt_tags, strip_tags
+from i2p2i_bot.models import resolve_models
 from i2p2i_bot.prompt_syntax import parse
 from i2p2i_bot.request import GenerationError, GenerationRequest, ImageSpec
 from i2p2i_bot.smoke import SmokeModels, write_smoke_lora
 
 # Batched or fused arithmetic may round differently: a level or two of 255, never more.
 ROUNDING = 2
+CPU = torch.device("cpu")
+# The source the look guide keeps the look of, by its hash.
+ASTRONAUT = hashlib.sha256(b"astronaut").hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +351,66 @@ def test_a_compiled_unet_runs_lora_batches_eager_and_the_others_compiled_as_befo
         assert backend.compiles == 1
     finally:
         torch._dynamo.reset()
+
+
+def load_with_look(base_settings: Settings, lora_dir: Path, astronaut: Image.Image) -> Generator:
+    """A fresh smoke generator with LoRAs and the look guide (its IP-Adapter), loaded as Engine.load does."""
+    settings = dataclasses.replace(
+        base_settings,
+        generate=dataclasses.replace(base_settings.generate, steps=3),
+        guides=GuideSettings(enabled=["look"]),
+    )
+    sources = resolve_models(settings)
+    guides = load_guide_models(settings.guides, sources, CPU, torch.float32)
+    made = Generator.load(
+        sources.generator,
+        settings.generate,
+        CPU,
+        dtype=torch.float32,
+        guides=guides,
+        loras=LoraLibrary(lora_dir),
+    )
+    assert made.offered_guides == ("look",) and made.fast_path == ["fused_qkv"]
+    made.source_images.hold(ASTRONAUT, astronaut)
+    return made
+
+
+def made_with(generator: Generator, prompt: str, keep: str | None) -> list[np.ndarray]:
+    request = GenerationRequest(
+        prompt,
+        count=2,
+        seed=40,
+        keep=parse_guides(keep) if keep else (),
+        guide_source=ASTRONAUT if keep else None,
+    )
+    return [np.asarray(item.image, dtype=np.int16) for item in generator.generate(request).images]
+
+
+def test_lora_and_look_compose_and_each_batch_is_made_as_in_a_fresh_engine(
+    base_settings: Settings, lora_dir: Path, astronaut: Image.Image
+) -> None:
+    """LoRA and look both change the shared UNet's attention: a batch with both, then plain batches, then
+    look alone, then the LoRA alone, then another LoRA first loaded with look, each makes the images a
+    fresh engine makes of it alone; LoRA and look each act in the batch with both, and the fused
+    processors are back, without the IP-Adapter's projection, for the plain batch at the end."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    cases = [
+        ("a red fox <lora:style:0.9>", "look:0.8"),
+        ("a red fox", None),
+        ("a red fox", None),
+        ("a red fox", "look:0.8"),
+        ("a red fox <lora:style:0.9>", None),
+        ("a red fox <lora:ink:0.7>", "look:0.8"),
+        ("a red fox", None),
+    ]
+    alone = {case: made_with(load_with_look(base_settings, lora_dir, astronaut), *case) for case in cases}
+    running = load_with_look(base_settings, lora_dir, astronaut)
+    for case in cases:
+        assert largest_difference(made_with(running, *case), alone[case]) <= ROUNDING, case
+    both, plain, look, lora = (alone[cases[i]] for i in (0, 1, 3, 4))
+    for other in (plain, look, lora):
+        assert largest_difference(both, other) > 10 * ROUNDING
+    unet = running.pipe.unet
+    assert set(map(type, unet.attn_processors.values())) == {FusedAttnProcessor2_0}
+    assert unet.encoder_hid_proj is None
