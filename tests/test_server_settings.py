@@ -46,20 +46,20 @@ def test_a_server_changes_defaults_and_narrows_bounds_within_the_config_file() -
         ("max_steps", "0", "The most steps must be between 1 and 100 (got 0)."),
         ("steps", "²", "Steps must be a whole number (you typed “²”)."),
         ("steps", "-3", "Steps must be a whole number (you typed “-3”)."),
-        ("steps", "101", "Steps must be between 1 and 100 (the most steps here) (got 101)."),
+        ("steps", "101", "Steps must be between 1 and 100, which is the most steps here (got 101)."),
         ("size", "big", "Write the size as WIDTHxHEIGHT, like 512x512 (you typed “big”)."),
         ("size", "500x512", "The width must be a multiple of 8 (got 500)."),
         (
             "size",
             "1024x512",
-            "The default width must be between 256 and 768 (the largest side here) (got 1024).",
+            "The default width must be between 256 and 768, which is the largest side here (got 1024).",
         ),
         ("max_side", "1024", "The largest side must be between 256 and 768 (got 1024)."),
         ("max_side", "300", "The largest side must be a multiple of 8 (got 300)."),
         (
             "count",
             "12",
-            "The default number of images must be between 1 and 8 (the most images here) (got 12).",
+            "The default number of images must be between 1 and 8, which is the most images here (got 12).",
         ),
         (
             "channels",
