@@ -150,7 +150,26 @@ class ServerSettings:
         else:
             raise SettingError(f"There is no setting called {key!r}.")
         updated.check(base)
-        return updated
+        return updated.without_defaults(base)
+
+    def without_defaults(self, base: GenerateSettings) -> ServerSettings:
+        """These settings less every value the server would have anyway: a key set to the bot's default
+        follows the default from then on, as after /settings reset, and reads so in /settings show."""
+        changes: dict[str, Any] = {
+            name: None
+            for name in ("steps", "max_steps", "max_count", "max_side", "negative_prompt")
+            if getattr(self, name) == getattr(base, name)
+        }
+        if (self.width, self.height) == (base.width, base.height):
+            changes.update(width=None, height=None)
+        if self.nsfw == "filtered":
+            changes["nsfw"] = None
+        plain = dataclasses.replace(self, **changes)
+        if plain.count is not None and plain.count == dataclasses.replace(plain, count=None).default_count(
+            base
+        ):
+            plain = dataclasses.replace(plain, count=None)
+        return plain
 
     def reset(self, key: SettingKey | Literal["all"]) -> ServerSettings:
         """These settings with `key` (or everything) back to the config file's."""

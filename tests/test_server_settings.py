@@ -40,6 +40,36 @@ def test_a_server_changes_defaults_and_narrows_bounds_within_the_config_file() -
 
 
 @pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("steps", "25"),
+        ("max_steps", "100"),
+        ("count", "4"),
+        ("max_count", "8"),
+        ("size", "512x512"),
+        ("max_side", "768"),
+        ("negative_prompt", BASE.negative_prompt or "none"),
+        ("banned_terms", "none"),
+        ("channels", "all"),
+        ("nsfw", "filtered"),
+    ],
+)
+def test_a_key_set_to_the_bots_default_follows_the_default(key: str, text: str) -> None:
+    """Setting a key to the value it has anyway keeps no override: it reads as the default, and the server
+    keeps following the config file's value when that changes."""
+    changed = ServerSettings(steps=30).changed(key, text, BASE)  # type: ignore[arg-type]
+    # Only the key set changes: the server's other override (steps 30) stays unless steps was the key.
+    assert changed == (ServerSettings() if key == "steps" else ServerSettings(steps=30))
+    assert changed.describe(key, BASE)[1] is False  # type: ignore[arg-type]
+
+
+def test_a_default_count_follows_the_servers_own_maximum() -> None:
+    narrowed = ServerSettings().changed("max_count", "2", BASE)
+    assert narrowed.changed("count", "2", BASE) == narrowed
+    assert narrowed.changed("count", "1", BASE).count == 1
+
+
+@pytest.mark.parametrize(
     ("key", "text", "sentence"),
     [
         ("max_count", "9", "The most images must be between 1 and 8 (got 9)."),
