@@ -165,11 +165,8 @@ class ServerSettings:
         if self.nsfw == "filtered":
             changes["nsfw"] = None
         plain = dataclasses.replace(self, **changes)
-        if plain.count is not None and plain.count == dataclasses.replace(plain, count=None).default_count(
-            base
-        ):
-            plain = dataclasses.replace(plain, count=None)
-        return plain
+        unset_count = dataclasses.replace(plain, count=None)
+        return unset_count if plain.count == unset_count.default_count(base) else plain
 
     def reset(self, key: SettingKey | Literal["all"]) -> ServerSettings:
         """These settings with `key` (or everything) back to the config file's."""
