@@ -45,6 +45,7 @@ from i2p2i_bot.request import (
     MAX_GUIDANCE,
     SCHEDULERS,
     GenerationRequest,
+    check_length,
     size_for_aspect,
     whole_number,
 )
@@ -655,6 +656,7 @@ class CardButton(
             # Seconds on a busy GPU: Discord shows the press as pending meanwhile.
             await interaction.response.defer()
             suggestion = await work_out_negative(bot, stored)
+        check_length(suggestion, negative=True)  # as a typed one would be, before the card shows it
         await bot.store.set_card_negative(stored.id, suggestion)
 
     async def _redraw(

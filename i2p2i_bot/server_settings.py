@@ -20,7 +20,7 @@ from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import NSFW_SETTINGS, FlaggedPolicy, NsfwSetting, policy_for
 from i2p2i_bot.i18n import N_
 from i2p2i_bot.lookalikes import fold
-from i2p2i_bot.request import MAX_PROMPT_CHARS, whole_number
+from i2p2i_bot.request import GenerationError, check_length, whole_number
 from i2p2i_bot.terms import BannedTerms
 
 if TYPE_CHECKING:
@@ -136,10 +136,10 @@ class ServerSettings:
             _within(N_("The largest side"), value, base.min_side, base.max_side)
             updated = dataclasses.replace(self, max_side=value)
         elif key == "negative_prompt":
-            if len(text) > MAX_PROMPT_CHARS:
-                raise SettingError(
-                    f"The negative prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}."
-                )
+            try:
+                check_length(text, negative=True)
+            except GenerationError as exc:
+                raise SettingError(str(exc)) from None
             updated = dataclasses.replace(self, negative_prompt="" if text.lower() == "none" else text)
         elif key == "banned_terms":
             updated = dataclasses.replace(self, banned_terms=_terms(text))
