@@ -1,6 +1,7 @@
 """Delivery: follows every job from queue to result, editing its message and posting its images.
 
-While the interaction token lives, the job's own message is edited; after that the result goes to the
+While the interaction token lives, the job's own message is edited (a job asked for by a reply has the
+bot's own reply as its message, edited through the channel at any time); after that the result goes to the
 channel with a mention of the owner, then by DM; failing all three, the job stays undelivered in the store
 and the owner can read why in /job.
 
@@ -35,7 +36,7 @@ from i2p2i_bot.events import Subscription
 from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.i18n import LIST_AND, N_, tr
 from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, flagged_policy_in, job_view
-from i2p2i_bot.jobs import Delivery, EventKind, Job, JobEvent, JobStatus
+from i2p2i_bot.jobs import FROM_REPLY, Delivery, EventKind, Job, JobEvent, JobStatus
 from i2p2i_bot.replies import ANSWER_ERRORS
 
 if TYPE_CHECKING:
@@ -309,10 +310,16 @@ class ResultDelivery:
 
     async def _edit_status(self, tracked: _Tracked, text: str) -> None:
         delivery = tracked.delivery
-        if not _token_alive(delivery) or delivery.message_id is None:
-            return  # progress is a courtesy; after the token's life only the result is posted
+        message_id = delivery.message_id
+        if message_id is None:
+            return
         try:
-            await self._webhook(delivery).edit_message(delivery.message_id, content=text)
+            if _token_alive(delivery):
+                await self._webhook(delivery).edit_message(message_id, content=text)
+            elif _own_post(tracked.job, delivery):
+                await self._own_message(delivery, message_id).edit(content=text)
+            else:
+                return  # progress is a courtesy; after the token's life only the result is posted
             tracked.shown = text
         except ANSWER_ERRORS as exc:
             failure = classify("progress", exc)
@@ -334,6 +341,11 @@ class ResultDelivery:
             return delivery
         await self.bot.store.set_delivery(job_id, delivery)
         return delivery
+
+    def _own_message(self, delivery: Delivery, message_id: int) -> discord.PartialMessage:
+        """A message the bot posted itself (a reply job's status message), edited through its channel."""
+        assert delivery.channel_id is not None
+        return self.bot.get_partial_messageable(delivery.channel_id).get_partial_message(message_id)
 
     def _webhook(self, delivery: Delivery) -> discord.Webhook:
         assert delivery.interaction_token is not None
@@ -474,6 +486,18 @@ class ResultDelivery:
                 return "edited", failures
             failures.append(failure)
             by_webhook = not failure.token_dead
+            if failure.message_gone:
+                message_id = None
+        elif message_id is not None and _own_post(job, delivery):
+            own = self._own_message(delivery, message_id)
+
+            async def edit_own() -> None:
+                await own.edit(content=content, embed=embed, attachments=files.files(), **extra)
+
+            failure = await self._attempt("edit", job, edit_own)
+            if failure is None:
+                return "edited", failures
+            failures.append(failure)
             if failure.message_gone:
                 message_id = None
 
@@ -636,6 +660,12 @@ def _owner_reason(failures: list[Failure], retry_in_s: float | None) -> str:
     return N_("{reasons}. It will be tried again {when}, and when the bot restarts").format(
         reasons=text, when=when
     )
+
+
+def _own_post(job: Job, delivery: Delivery) -> bool:
+    """Whether the job's message is one the bot posted itself, which it may edit at any time: the status
+    reply of a job asked for by a reply (an interaction's message goes with its token)."""
+    return job.origin == FROM_REPLY and delivery.channel_id is not None and delivery.message_id is not None
 
 
 def _token_alive(delivery: Delivery) -> bool:
