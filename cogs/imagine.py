@@ -45,6 +45,7 @@ from i2p2i_bot.request import (
     MAX_GUIDANCE,
     SCHEDULERS,
     GenerationRequest,
+    check_length,
     size_for_aspect,
     whole_number,
 )
@@ -655,6 +656,7 @@ class CardButton(
             # Seconds on a busy GPU: Discord shows the press as pending meanwhile.
             await interaction.response.defer()
             suggestion = await work_out_negative(bot, stored)
+        check_length(suggestion, negative=True)  # as a typed one would be, before the card shows it
         await bot.store.set_card_negative(stored.id, suggestion)
 
     async def _redraw(
@@ -685,7 +687,7 @@ async def redraw_card(
 class ModeSelect(
     discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:card:mode:(?P<card>\d+):(?P<count>\d+)"
 ):
-    """Re-describe the card's image in another mode, in place; an applied negative suggestion stays."""
+    """Re-describe the card's image in another mode, in place; what the member chose for its images stays."""
 
     def __init__(
         self, card: int, count: int, *, current: str | None = None, locale: str | None = None
@@ -725,10 +727,12 @@ class ModeSelect(
             with bot.describes.hold(interaction.user.id):
                 await interaction.response.defer()
                 fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode)
-            # The suggestion is the image's, whatever the mode: the member's choice to use it carries over.
-            applied = (await bot.store.card_choices(stored.id)).negative_prompt
-            if applied is not None and mode != "negative":
-                await bot.store.set_card_negative(fresh.id, applied)
+            # What the member chose for the card's images (the applied suggestion, which is the image's
+            # whatever the mode; settings; guides) carries over to the new card of the same image.
+            chosen = await bot.store.card_choices(stored.id)
+            if mode == "negative":  # a negative card's words are its images' negative prompt
+                chosen = dataclasses.replace(chosen, negative_prompt=None)
+            await bot.store.carry_card_choices(fresh.id, chosen)
             message = await card_message(
                 bot,
                 fresh,

@@ -19,7 +19,7 @@ from discord.ext import commands
 from cogs.imagine import card_message
 from i2p2i_bot.i18n import translate
 from i2p2i_bot.job_controls import planned_for, start_job_from_reply
-from i2p2i_bot.jobs import JobRequest
+from i2p2i_bot.jobs import FROM_REPLY, JobRequest
 from i2p2i_bot.prompt_edits import ReplyError, read_reply
 from i2p2i_bot.replies import USER_ERRORS, message_locale
 from i2p2i_bot.request import GenerationRequest
@@ -124,7 +124,8 @@ class ReplyEditCog(commands.Cog, name="ReplyEdit"):
         changes: dict[str, str] = {"prompt": edit.prompt}
         if edit.negative is not None:
             changes["negative_prompt"] = edit.negative
-        await start_job_from_reply(bot, message, job.reroll(message.author.id, origin="reply", **changes))
+        draft = job.reroll(message.author.id, origin=FROM_REPLY, **changes)
+        await start_job_from_reply(bot, message, draft)
 
     async def _answer(self, message: discord.Message, text: str) -> None:
         try:

@@ -64,8 +64,12 @@ class SettingsCog(
             raise Refusal(str(exc)) from None
         await book.put(guild_id, updated, by=interaction.user.id)
         log.info("admin %d set %s on server %d", interaction.user.id, name, guild_id)
-        shown, _ = updated.describe(name, book.base)
-        said = tr(member_locale(interaction), "Set {key} to {value} for this server.", key=name, value=shown)
+        shown, changed = updated.describe(name, book.base)
+        locale = member_locale(interaction)
+        if changed:
+            said = tr(locale, "Set {key} to {value} for this server.", key=name, value=shown)
+        else:  # the bot's default: nothing is kept for this server, as after a reset
+            said = tr(locale, "{key} is the bot's default again here.", key=name)
         await interaction.response.send_message(said, embed=self._embed(interaction), ephemeral=True)
 
     @app_commands.command(name="reset", description="Put a setting (or all) back to the bot's default")

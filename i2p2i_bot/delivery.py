@@ -1,6 +1,7 @@
 """Delivery: follows every job from queue to result, editing its message and posting its images.
 
-While the interaction token lives, the job's own message is edited; after that the result goes to the
+While the interaction token lives, the job's own message is edited (a job asked for by a reply has the
+bot's own reply as its message, edited through the channel at any time); after that the result goes to the
 channel with a mention of the owner, then by DM; failing all three, the job stays undelivered in the store
 and the owner can read why in /job.
 
@@ -33,9 +34,9 @@ from PIL import Image
 from i2p2i_bot.cards import ResultFiles, result_embed, result_files, status_text
 from i2p2i_bot.events import Subscription
 from i2p2i_bot.flagged import FlaggedPolicy
-from i2p2i_bot.i18n import N_, tr
+from i2p2i_bot.i18n import LIST_AND, N_, tr
 from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, flagged_policy_in, job_view
-from i2p2i_bot.jobs import Delivery, EventKind, Job, JobEvent, JobStatus
+from i2p2i_bot.jobs import FROM_REPLY, Delivery, EventKind, Job, JobEvent, JobStatus
 from i2p2i_bot.replies import ANSWER_ERRORS
 
 if TYPE_CHECKING:
@@ -79,6 +80,10 @@ REFUSALS = {
 }
 
 
+# The owner reads these reasons in /job (delivery_state), in their language: each is a catalogue key.
+TOKEN_OVER = N_("the interaction's 15 minutes were over")
+
+
 class Unusable(Exception):
     """A way of posting that cannot work now, found out before asking Discord."""
 
@@ -106,16 +111,18 @@ def classify(path: str, exc: BaseException) -> Failure:
     if isinstance(exc, discord.HTTPException):
         status, code = exc.status, exc.code
         if path in TOKEN_PATHS and (status == 401 or code in TOKEN_DEAD_CODES):
-            return Failure(path, "the interaction's 15 minutes were over", token_dead=True)
+            return Failure(path, TOKEN_OVER, token_dead=True)
         if status == 401:
-            return Failure(path, "Discord no longer accepts my token")
+            return Failure(path, N_("Discord no longer accepts my token"))
         if status == 429:
-            return Failure(path, "Discord kept rate limiting me", transient=True)
+            return Failure(path, N_("Discord kept rate limiting me"), transient=True)
         if status >= 500:
-            return Failure(path, f"Discord kept failing (HTTP {status})", transient=True)
-        reason = REFUSALS.get(code, f"Discord refused (HTTP {status}, code {code})")
-        return Failure(path, reason, message_gone=code in (10003, 10008))
-    return Failure(path, "the connection to Discord kept dropping", transient=True)
+            return Failure(
+                path, N_("Discord kept failing (HTTP {status})").format(status=status), transient=True
+            )
+        refused = N_("Discord refused (HTTP {status}, code {code})").format(status=status, code=code)
+        return Failure(path, REFUSALS.get(code, refused), message_gone=code in (10003, 10008))
+    return Failure(path, N_("the connection to Discord kept dropping"), transient=True)
 
 
 @dataclass
@@ -303,10 +310,16 @@ class ResultDelivery:
 
     async def _edit_status(self, tracked: _Tracked, text: str) -> None:
         delivery = tracked.delivery
-        if not _token_alive(delivery) or delivery.message_id is None:
-            return  # progress is a courtesy; after the token's life only the result is posted
+        message_id = delivery.message_id
+        if message_id is None:
+            return
         try:
-            await self._webhook(delivery).edit_message(delivery.message_id, content=text)
+            if _token_alive(delivery):
+                await self._webhook(delivery).edit_message(message_id, content=text)
+            elif _own_post(tracked.job, delivery):
+                await self._own_message(delivery, message_id).edit(content=text)
+            else:
+                return  # progress is a courtesy; after the token's life only the result is posted
             tracked.shown = text
         except ANSWER_ERRORS as exc:
             failure = classify("progress", exc)
@@ -328,6 +341,11 @@ class ResultDelivery:
             return delivery
         await self.bot.store.set_delivery(job_id, delivery)
         return delivery
+
+    def _own_message(self, delivery: Delivery, message_id: int) -> discord.PartialMessage:
+        """A message the bot posted itself (a reply job's status message), edited through its channel."""
+        assert delivery.channel_id is not None
+        return self.bot.get_partial_messageable(delivery.channel_id).get_partial_message(message_id)
 
     def _webhook(self, delivery: Delivery) -> discord.Webhook:
         assert delivery.interaction_token is not None
@@ -371,7 +389,7 @@ class ResultDelivery:
                 delivered, failures = await self._send_result(job, embed, files, view, private=private)
             except Exception:
                 log.exception("delivering job %d failed on my side", job.id)
-                delivered, failures = None, [Failure("bot", "an error on my side")]
+                delivered, failures = None, [Failure("bot", N_("an error on my side"))]
             if delivered:
                 await self.bot.store.mark_delivered(job.id)
                 self._undeliverable.pop(job.id, None)
@@ -458,7 +476,7 @@ class ResultDelivery:
 
             async def edit() -> None:
                 if not _token_alive(delivery):  # discord.py may have slept out the token on 429s
-                    raise Unusable("the interaction's 15 minutes were over")
+                    raise Unusable(TOKEN_OVER)
                 await self._webhook(delivery).edit_message(
                     job_message_id, content=content, embed=embed, attachments=files.files(), **extra
                 )
@@ -468,6 +486,18 @@ class ResultDelivery:
                 return "edited", failures
             failures.append(failure)
             by_webhook = not failure.token_dead
+            if failure.message_gone:
+                message_id = None
+        elif message_id is not None and _own_post(job, delivery):
+            own = self._own_message(delivery, message_id)
+
+            async def edit_own() -> None:
+                await own.edit(content=content, embed=embed, attachments=files.files(), **extra)
+
+            failure = await self._attempt("edit", job, edit_own)
+            if failure is None:
+                return "edited", failures
+            failures.append(failure)
             if failure.message_gone:
                 message_id = None
 
@@ -499,7 +529,7 @@ class ResultDelivery:
             async def post() -> None:
                 channel = self.bot.get_channel(channel_id) or await self.bot.fetch_channel(channel_id)
                 if not isinstance(channel, discord.abc.Messageable):
-                    raise Unusable(f"channel {channel_id} is not a text channel")
+                    raise Unusable(N_("channel {channel} is not a text channel").format(channel=channel_id))
                 _warn_missing_permissions(channel)
                 await channel.send(content, embed=embed, files=files.files(), nonce=nonce, **extra)
 
@@ -622,11 +652,20 @@ def _warn_missing_permissions(channel: discord.abc.Messageable) -> None:
 def _owner_reason(failures: list[Failure], retry_in_s: float | None) -> str:
     """One sentence for the owner: every way that failed, most telling first, and when it is tried next."""
     reasons = [f.reason for f in failures if f.path != "edit"] or [f.reason for f in failures]
-    text = " and ".join(dict.fromkeys(reasons)) or "there was nowhere to post it"
+    text = LIST_AND.join(dict.fromkeys(reasons)) or N_("there was nowhere to post it")
     if retry_in_s is None:
-        return f"{text}. It will be tried again when the bot restarts"
+        return N_("{reasons}. It will be tried again when the bot restarts").format(reasons=text)
     # A Discord timestamp: every reader sees it in their own time zone, relative to now.
-    return f"{text}. It will be tried again <t:{int(time.time() + retry_in_s)}:R>, and when the bot restarts"
+    when = f"<t:{int(time.time() + retry_in_s)}:R>"
+    return N_("{reasons}. It will be tried again {when}, and when the bot restarts").format(
+        reasons=text, when=when
+    )
+
+
+def _own_post(job: Job, delivery: Delivery) -> bool:
+    """Whether the job's message is one the bot posted itself, which it may edit at any time: the status
+    reply of a job asked for by a reply (an interaction's message goes with its token)."""
+    return job.origin == FROM_REPLY and delivery.channel_id is not None and delivery.message_id is not None
 
 
 def _token_alive(delivery: Delivery) -> bool:

@@ -37,9 +37,13 @@ class DescribesInFlight:
         """
         cap = self.max_per_member
         if self._held[member] >= cap:
-            pictures = "1 picture" if cap == 1 else f"{cap} pictures"
+            if cap == 1:
+                raise DescribeRefused(
+                    "You already have 1 picture being described, the most at once; wait for a card, "
+                    "then ask again."
+                )
             raise DescribeRefused(
-                f"You already have {pictures} being described, the most at once; wait for a card, "
+                f"You already have {cap} pictures being described, the most at once; wait for a card, "
                 "then ask again."
             )
         self._held[member] += 1

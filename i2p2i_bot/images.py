@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import IntakeSettings
+from .i18n import N_
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,20 @@ BACKGROUND_RGB: tuple[int, int, int] = (128, 128, 128)
 
 DEFAULT_LIMITS = IntakeSettings()
 
-NOT_AN_IMAGE = f"That file is not an image I can read ({FORMAT_NAMES})."
-EMPTY_FILE = "That file is empty."
-DAMAGED_IMAGE = "That image is damaged or incomplete, so I can't read it."
+# Member-facing sentences held here are marked with N_ so the catalogue check (tests/test_i18n.py) sees them.
+NOT_AN_IMAGE = N_("That file is not an image I can read ({formats}).").format(formats=FORMAT_NAMES)
+EMPTY_FILE = N_("That file is empty.")
+DAMAGED_IMAGE = N_("That image is damaged or incomplete, so I can't read it.")
 # For bytes that start like an allowed format but that no decoder accepts: naming the format they claim reads
 # better than "not an image" to a member who knows they sent a TIFF.
-UNREADABLE_VARIANT = (
+UNREADABLE_VARIANT = N_(
     "That {kind} file is damaged or uses a feature I can't read; try saving it again as PNG or JPEG."
 )
 # Running out of memory while decoding says nothing about the file being broken: a large but valid picture can
 # meet a process already short of memory, so the member is told that rather than that the file is damaged.
-TOO_MUCH_MEMORY = "That image needs more memory to decode than I can spare; try sending a smaller version."
+TOO_MUCH_MEMORY = N_(
+    "That image needs more memory to decode than I can spare; try sending a smaller version."
+)
 
 # What Pillow raises on malformed input. A decoder fed hostile bytes fails in many ways, each of them the
 # file's fault; other exception types are bugs and propagate. MemoryError is not among them: it is not the
@@ -374,16 +378,17 @@ def _bomb_message(pillow_message: str, limits: IntakeSettings) -> str:
     limit = _describe_pixels(limits.max_pixels)
     found = _BOMB_PIXELS.search(pillow_message)
     if found is None:
-        return f"That image has too many pixels; the limit is {limit}."
-    return f"That image is about {_describe_pixels(int(found.group(1)))}; the limit is {limit}."
+        return N_("That image has too many pixels; the limit is {limit}.").format(limit=limit)
+    pixels = _describe_pixels(int(found.group(1)))
+    return N_("That image is about {pixels}; the limit is {limit}.").format(pixels=pixels, limit=limit)
 
 
 def _describe_pixels(pixels: int) -> str:
     if pixels < 100_000:
-        return f"{pixels:,} pixels"
+        return N_("{number} pixels").format(number=f"{pixels:,}")
     tenths = round(pixels / 100_000)
     number = f"{tenths // 10:,}" if tenths % 10 == 0 else f"{tenths / 10:,.1f}"
-    return f"{number} megapixels"
+    return N_("{number} megapixels").format(number=number)
 
 
 def _describe_bytes(size_bytes: int, *, round_up: bool) -> str:

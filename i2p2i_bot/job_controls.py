@@ -78,8 +78,8 @@ def planned_for(bot: I2P2IBot, guild_id: int | None, draft: JobRequest) -> Gener
 async def start_job_from_reply(bot: I2P2IBot, message: discord.Message, draft: JobRequest) -> Job:
     """Plan, queue and post the status message of a job a member asked for by replying to the bot.
 
-    There is no interaction, so no token: the status message is a reply in the channel, and the result is
-    posted in the channel with a mention, as for any job whose token has expired.
+    There is no interaction, so no token: the status message is the bot's own reply in the channel, which
+    delivery edits with progress and then the result (FROM_REPLY), as a card's Generate edits its message.
     """
     guild_id = message.guild.id if message.guild is not None else None
     request = planned_for(bot, guild_id, draft)

@@ -39,6 +39,11 @@ class Delivery:
     token_expires_at: float | None = None
 
 
+# The origin of a job a member asked for by replying to the bot (discord.reply_edits): its status message
+# is the bot's own reply, so it is edited through its channel, with no interaction token and no time limit.
+FROM_REPLY = "reply"
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobRequest:
     """A request with whose it is, where it came from and where its result goes.

@@ -27,6 +27,7 @@ from i2p2i_bot.batches import (
 )
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.events import EventHub, Subscription
+from i2p2i_bot.i18n import N_
 from i2p2i_bot.jobs import (
     EventKind,
     Job,
@@ -47,7 +48,7 @@ _RATE_SMOOTHING = 0.3
 _RECORD_RETRY_FIRST_S = 0.5
 _RECORD_RETRY_MAX_S = 30.0
 _EMBEDDING_CACHE_SIZE = 128
-CARD_GONE = "The prompt card this came from no longer exists; describe the image again."
+CARD_GONE = N_("The prompt card this came from no longer exists; describe the image again.")
 
 
 @dataclass(frozen=True)
@@ -271,13 +272,19 @@ class JobQueue:
             raise JobRefused("The bot is shutting down and takes no new jobs; try again in a minute.")
         cap = self._settings.max_queued_jobs_per_user
         if self._owner_jobs[owner] + self._reserved[owner] >= cap:
+            # Whole sentences for one and for many, so each language says the number its own way.
+            if cap == 1:
+                raise JobRefused(
+                    "You already have 1 job queued, the most allowed; wait for one to finish or cancel one."
+                )
             raise JobRefused(
-                f"You already have {_count(cap, 'job')} queued, the most allowed; "
-                "wait for one to finish or cancel one."
+                f"You already have {cap} jobs queued, the most allowed; wait for one to finish or cancel one."
             )
         total = self._settings.max_queued_jobs
         if len(self._active) + self._reserved_total >= total:
-            raise JobRefused(f"The queue is full ({_count(total, 'job')}); try again in a few minutes.")
+            if total == 1:
+                raise JobRefused("The queue is full (1 job); try again in a few minutes.")
+            raise JobRefused(f"The queue is full ({total} jobs); try again in a few minutes.")
 
     async def _flush_intake(self) -> None:
         """Store waiting submissions in groups, one commit per group, then queue and announce them."""
@@ -640,7 +647,7 @@ class JobQueue:
             if failure.kind is FailureKind.PERMANENT or attempts >= self._settings.max_attempts:
                 reason = failure.reason
                 if failure.kind is not FailureKind.PERMANENT:
-                    reason = f"{reason} (gave up after {_count(attempts, 'try', 'tries')})"
+                    reason = _gave_up(reason, attempts)
                 changes[job_id] = JobChange(
                     job_id=job_id, status=JobStatus.FAILED, attempts=attempts, error=reason, finished_at=now
                 )
@@ -767,9 +774,14 @@ class JobQueue:
                         )
                     )
                 elif attempts >= self._settings.max_attempts:
-                    reason = f"generation was interrupted or failed {_count(attempts, 'time')}; giving up"
                     if job.error:
-                        reason = f"{job.error} (gave up after {_count(attempts, 'try', 'tries')})"
+                        reason = _gave_up(job.error, attempts)
+                    elif attempts == 1:
+                        reason = N_("generation was interrupted or failed 1 time; giving up")
+                    else:
+                        reason = N_("generation was interrupted or failed {count} times; giving up").format(
+                            count=attempts
+                        )
                     changes.append(
                         JobChange(
                             job_id=job.id,
@@ -808,5 +820,8 @@ def _indices_by_job(batch: Batch) -> dict[int, list[int]]:
     return found
 
 
-def _count(n: int, singular: str, plural: str | None = None) -> str:
-    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+def _gave_up(reason: str, attempts: int) -> str:
+    """Why a job failed for good, in words the catalogue translates (a member reads it in /job)."""
+    if attempts == 1:
+        return N_("{reason} (gave up after 1 try)").format(reason=reason)
+    return N_("{reason} (gave up after {count} tries)").format(reason=reason, count=attempts)

@@ -187,6 +187,18 @@ def check_count(count: int, settings: GenerateSettings) -> None:
         )
 
 
+def check_length(text: str, *, negative: bool = False) -> None:
+    """The one cap on a prompt or negative prompt, wherever it comes from (typed, replied, applied from a
+    card's suggestion, a server's default), with the one sentence for it."""
+    if len(text) <= MAX_PROMPT_CHARS:
+        return
+    if negative:
+        raise GenerationError(
+            f"The negative prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}."
+        )
+    raise GenerationError(f"The prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}.")
+
+
 def plan(
     request: GenerationRequest,
     settings: GenerateSettings,
@@ -205,15 +217,11 @@ def plan(
     prompt = visible(request.prompt).strip()
     if not prompt:
         raise GenerationError("The prompt is empty; write what the image should show.")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise GenerationError(f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
+    check_length(prompt)
     negative = visible(
         settings.negative_prompt if request.negative_prompt is None else request.negative_prompt
     ).strip()
-    if len(negative) > MAX_PROMPT_CHARS:
-        raise GenerationError(
-            f"The negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}."
-        )
+    check_length(negative, negative=True)
     try:
         check_weights(strip_tags(prompt))
         check_weights(negative, "negative prompt")

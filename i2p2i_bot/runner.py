@@ -14,6 +14,7 @@ from typing import Any
 
 from i2p2i_bot.batches import Batch, BatchFailure, BatchMaker, BatchResult, BatchSource, FailureKind
 from i2p2i_bot.gpu import GpuClosed, GpuFault, GpuOutOfMemory, GpuWorker, Priority
+from i2p2i_bot.i18n import N_
 from i2p2i_bot.request import GenerationError
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 _MAX_UNSTORED_BATCHES = 2
 
 # Why a job waits for a restart, and, after max_attempts of them, why it failed.
-GPU_FAULT_REASON = "the GPU failed while making these images"
+GPU_FAULT_REASON = N_("the GPU failed while making these images")
 
 
 class JobRunner:

@@ -20,7 +20,7 @@ from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import NSFW_SETTINGS, FlaggedPolicy, NsfwSetting, policy_for
 from i2p2i_bot.i18n import N_
 from i2p2i_bot.lookalikes import fold
-from i2p2i_bot.request import MAX_PROMPT_CHARS, whole_number
+from i2p2i_bot.request import GenerationError, check_length, whole_number
 from i2p2i_bot.terms import BannedTerms
 
 if TYPE_CHECKING:
@@ -116,30 +116,30 @@ class ServerSettings:
         """
         text = text.strip()
         if key == "steps":
-            updated = dataclasses.replace(self, steps=_whole(text, "Steps"))
+            updated = dataclasses.replace(self, steps=_whole(text, N_("Steps")))
         elif key == "max_steps":
-            value = _whole(text, "The most steps")
-            _within("The most steps", value, 1, base.max_steps)
+            value = _whole(text, N_("The most steps"))
+            _within(N_("The most steps"), value, 1, base.max_steps)
             updated = dataclasses.replace(self, max_steps=value)
         elif key == "count":
-            updated = dataclasses.replace(self, count=_whole(text, "The default number of images"))
+            updated = dataclasses.replace(self, count=_whole(text, N_("The default number of images")))
         elif key == "max_count":
-            value = _whole(text, "The most images")
-            _within("The most images", value, 1, base.max_count)
+            value = _whole(text, N_("The most images"))
+            _within(N_("The most images"), value, 1, base.max_count)
             updated = dataclasses.replace(self, max_count=value)
         elif key == "size":
             width, height = _size(text)
             updated = dataclasses.replace(self, width=width, height=height)
         elif key == "max_side":
-            value = _whole(text, "The largest side")
-            _multiple_of_8("The largest side", value)
-            _within("The largest side", value, base.min_side, base.max_side)
+            value = _whole(text, N_("The largest side"))
+            _multiple_of_8(N_("The largest side"), value)
+            _within(N_("The largest side"), value, base.min_side, base.max_side)
             updated = dataclasses.replace(self, max_side=value)
         elif key == "negative_prompt":
-            if len(text) > MAX_PROMPT_CHARS:
-                raise SettingError(
-                    f"The negative prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}."
-                )
+            try:
+                check_length(text, negative=True)
+            except GenerationError as exc:
+                raise SettingError(str(exc)) from None
             updated = dataclasses.replace(self, negative_prompt="" if text.lower() == "none" else text)
         elif key == "banned_terms":
             updated = dataclasses.replace(self, banned_terms=_terms(text))
@@ -150,7 +150,23 @@ class ServerSettings:
         else:
             raise SettingError(f"There is no setting called {key!r}.")
         updated.check(base)
-        return updated
+        return updated.without_defaults(base)
+
+    def without_defaults(self, base: GenerateSettings) -> ServerSettings:
+        """These settings less every value the server would have anyway: a key set to the bot's default
+        follows the default from then on, as after /settings reset, and reads so in /settings show."""
+        changes: dict[str, Any] = {
+            name: None
+            for name in ("steps", "max_steps", "max_count", "max_side", "negative_prompt")
+            if getattr(self, name) == getattr(base, name)
+        }
+        if (self.width, self.height) == (base.width, base.height):
+            changes.update(width=None, height=None)
+        if self.nsfw == "filtered":
+            changes["nsfw"] = None
+        plain = dataclasses.replace(self, **changes)
+        unset_count = dataclasses.replace(plain, count=None)
+        return unset_count if plain.count == unset_count.default_count(base) else plain
 
     def reset(self, key: SettingKey | Literal["all"]) -> ServerSettings:
         """These settings with `key` (or everything) back to the config file's."""
@@ -163,23 +179,20 @@ class ServerSettings:
     def check(self, base: GenerateSettings) -> None:
         """Every default within every bound, and no bound past the config file's."""
         settings = self.generate(base)
-        _within("Steps", settings.steps, 1, settings.max_steps, bound_name="the most steps")
+        _within(N_("Steps"), settings.steps, 1, settings.max_steps, bound=N_("the most steps"))
         if self.count is not None:
             _within(
-                "The default number of images",
+                N_("The default number of images"),
                 self.count,
                 1,
                 settings.max_count,
-                bound_name="the most images",
+                bound=N_("the most images"),
             )
-        for side_name, side in (("width", settings.width), ("height", settings.height)):
-            _within(
-                f"The default {side_name}",
-                side,
-                settings.min_side,
-                settings.max_side,
-                bound_name="the largest side",
-            )
+        for name, side in (
+            (N_("The default width"), settings.width),
+            (N_("The default height"), settings.height),
+        ):
+            _within(name, side, settings.min_side, settings.max_side, bound=N_("the largest side"))
 
     def describe(self, key: SettingKey, base: GenerateSettings) -> tuple[str, bool]:
         """The value `key` has on this server, as text, and whether the server changed it."""
@@ -287,10 +300,13 @@ def _whole(text: str, name: str) -> int:
     return value
 
 
-def _within(name: str, value: int, low: int, high: int, *, bound_name: str | None = None) -> None:
-    if not low <= value <= high:
-        where = f" ({bound_name} here)" if bound_name else ""
-        raise SettingError(f"{name} must be between {low} and {high}{where} (got {value}).")
+def _within(name: str, value: int, low: int, high: int, *, bound: str | None = None) -> None:
+    """`name` and `bound` are catalogue keys (N_): translate() carries them into the member's language."""
+    if low <= value <= high:
+        return
+    if bound is None:
+        raise SettingError(f"{name} must be between {low} and {high} (got {value}).")
+    raise SettingError(f"{name} must be between {low} and {high}, which is {bound} here (got {value}).")
 
 
 def _multiple_of_8(name: str, value: int) -> None:
@@ -303,8 +319,8 @@ def _size(text: str) -> tuple[int, int]:
     if match is None:
         raise SettingError(f"Write the size as WIDTHxHEIGHT, like 512x512 (you typed “{text[:40]}”).")
     width, height = int(match[1]), int(match[2])
-    _multiple_of_8("The width", width)
-    _multiple_of_8("The height", height)
+    _multiple_of_8(N_("The width"), width)
+    _multiple_of_8(N_("The height"), height)
     return width, height
 
 

@@ -720,6 +720,34 @@ class Store:
         params = (card_id, steps, guidance, aspect, scheduler, time.time() if now is None else now)
         await self._execute(query, params)
 
+    async def carry_card_choices(self, card_id: int, choices: CardChoices, now: float | None = None) -> None:
+        """Give a new card of the same image what the member chose on the old one: its applied negative
+        prompt, sampling settings and guides (its prompt and prompt list are the new description's)."""
+        query = """
+            INSERT INTO cards (interrogation_id, negative_prompt, steps, guidance, aspect, scheduler, keep,
+                               updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (interrogation_id) DO UPDATE SET
+                negative_prompt = excluded.negative_prompt,
+                steps = excluded.steps,
+                guidance = excluded.guidance,
+                aspect = excluded.aspect,
+                scheduler = excluded.scheduler,
+                keep = excluded.keep,
+                updated_at = excluded.updated_at
+        """
+        params = (
+            card_id,
+            choices.negative_prompt,
+            choices.steps,
+            choices.guidance,
+            choices.aspect,
+            choices.scheduler,
+            _keep_column(choices.keep),
+            time.time() if now is None else now,
+        )
+        await self._execute(query, params)
+
     async def set_card_keep(self, card_id: int, keep: Sequence[Guide], now: float | None = None) -> None:
         """What a card's images keep of its image besides the prompt, each guide with its weight."""
         query = """

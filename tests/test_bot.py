@@ -1045,6 +1045,25 @@ async def test_a_candidates_card_applies_its_own_suggestion_and_redescribe_keeps
         await bot.queue.join()
 
 
+async def test_an_applied_negative_suggestion_meets_the_same_cap_as_a_typed_one(
+    discord_server: FakeDiscord,
+    settings_for,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """A suggestion longer than a negative prompt may be is refused on Apply with the sentence a typed one
+    gets, and the card keeps the server's negative prompt."""
+    server = discord_server
+    async with running_i2p2i(settings_for(server), server, engine) as bot:
+        _, card = await describe(server, astronaut, mode="candidates")
+        long = "blurry, " * 600
+        await bot.store._execute("UPDATE interrogation_results SET negative = ?", (long,))
+        apply = await server.push_button(card, button(card, "i2p:card:neg:"))
+        said = await ephemeral_answer(apply)
+        assert said == f"The negative prompt is {len(long)} characters; the limit is 4000."
+        assert (await bot.store.card_choices(1)).negative_prompt is None
+
+
 @pytest.mark.parametrize("all_prompts", [False, True])
 @pytest.mark.parametrize("applied", [False, True])
 def test_a_card_of_the_longest_prompts_fits_discords_limits(all_prompts: bool, applied: bool) -> None:

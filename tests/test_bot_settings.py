@@ -66,6 +66,16 @@ async def test_admins_narrow_a_servers_bounds_and_members_meet_them(
         assert fields["max_count (set here)"].startswith("2\n")
         assert fields["max_steps"].startswith(f"{settings.generate.max_steps}\n")
 
+        # Set to the bot's own value, a key follows the default again rather than reading "set here".
+        said = await set_setting(server, "max_count", str(settings.generate.max_count))
+        assert said == "max_count is the bot's default again here."
+        shown = await server.push_slash("settings show", user="owner")
+        embed = (await shown.wait_response()).json["data"]["embeds"][0]
+        assert "max_count" in {f["name"] for f in embed["fields"]}
+        assert "max_count (set here)" not in {f["name"] for f in embed["fields"]}
+        assert await bot.store.server_settings() == [(guild, '{"steps": 2}')]
+        assert await set_setting(server, "max_count", "2") == "Set max_count to 2 for this server."
+
     # A restart keeps them.
     async with running_i2p2i(settings, server, engine) as bot:
         assert bot.servers.get(guild).max_count == 2

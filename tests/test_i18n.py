@@ -25,10 +25,11 @@ from i2p2i_bot.jobs import Job, JobStatus, Position
 from i2p2i_bot.prompt_edits import ReplyError
 from i2p2i_bot.replies import USER_ERRORS
 from i2p2i_bot.request import GenerationRequest
+from i2p2i_bot.runner import GPU_FAULT_REASON
 from i2p2i_bot.server_settings import SettingError
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
-from tests.test_bot import button, ephemeral_answer
+from tests.test_bot import button, ephemeral_answer, gpu_blocked
 
 ZH = catalogue("zh-CN")
 # Choice names that are values, not words: setting keys, aspect ratios, "all".
@@ -105,6 +106,71 @@ async def test_a_zh_cn_member_reads_chinese_and_the_commands_carry_it(
         assert await ephemeral_answer(english) == "The number of images must be between 1 and 8 (got 9)."
 
 
+# Latin letters: an English word left inside a Chinese sentence.
+_ENGLISH = re.compile(r"[A-Za-z]{2,}")
+
+
+async def test_limits_and_bounds_read_as_whole_chinese_sentences(
+    discord_server: FakeDiscord, base_settings: Settings, engine: Engine, tmp_path: Path
+) -> None:
+    """The queue's cap and a /settings bound name their numbers and bound in Chinese too: no "2 jobs" or
+    "(the most steps here)" left in English inside the sentence."""
+    server = discord_server
+    settings = bot_settings(base_settings, tmp_path / "data", server, max_queued_jobs_per_user=2)
+    top = settings.generate.max_steps
+    async with running_i2p2i(settings, server, engine) as bot:
+        with gpu_blocked(bot):
+            for prompt in ("a red kite", "a blue kite"):
+                queued = await server.push_slash("imagine", {"prompt": prompt, "count": 1})
+                await queued.wait_followup(timeout_s=30)
+            refused = await server.push_slash("imagine", {"prompt": "a kite", "count": 1}, locale="zh-CN")
+            said = await ephemeral_answer(refused)
+            assert said == "你已有 2 个任务在排队，已达上限；请等待其中一个完成或取消一个。"
+            assert not _ENGLISH.search(said)
+            english = await server.push_slash("imagine", {"prompt": "a kite", "count": 1}, locale="en-US")
+            assert await ephemeral_answer(english) == (
+                "You already have 2 jobs queued, the most allowed; wait for one to finish or cancel one."
+            )
+
+        options = {"key": "steps", "value": "999"}
+        bound = await server.push_slash("settings set", options, user="owner", locale="zh-CN")
+        said = await ephemeral_answer(bound)
+        assert said == f"步数必须在 1 到 {top} 之间，{top} 即本服务器的步数上限（收到 999）。"
+        assert not _ENGLISH.search(said)
+        bound = await server.push_slash("settings set", options, user="owner", locale="en-US")
+        assert await ephemeral_answer(bound) == (
+            f"Steps must be between 1 and {top}, which is the most steps here (got 999)."
+        )
+        options = {"key": "max_count", "value": "64"}
+        wider = await server.push_slash("settings set", options, user="owner", locale="zh-CN")
+        high = settings.generate.max_count
+        assert await ephemeral_answer(wider) == f"图片数量上限必须在 1 到 {high} 之间（收到 64）。"
+        assert await bot.store.server_settings() == []
+
+
+def test_a_delivery_failure_and_a_held_job_read_in_chinese() -> None:
+    """Reasons joined into one sentence, and the GPU's reason in a paused job's line, are translated piece
+    by piece; words of the member's own are never split into pieces."""
+    reasons = "the channel no longer exists and your DMs are closed to me"
+    stored = f"{reasons}. It will be tried again <t:1700000000:R>, and when the bot restarts"
+    assert translate(f"Could not be posted: {stored}.", "zh-CN") == (
+        "无法发布：频道已不存在；你的私信对我关闭了。将于 <t:1700000000:R> 再试，机器人重启时也会再试。"
+    )
+    job = Job(
+        owner_id=1,
+        request=GenerationRequest("a kite", count=2),
+        id=3,
+        status=JobStatus.RUNNING,
+        created_at=0.0,
+        locale="zh-CN",
+    )
+    line = status_text(job, None, locale="zh-CN", held=GPU_FAULT_REASON)
+    assert line == "⏸️ 任务 #3：生成这些图片时 GPU 出错了；机器人重启后会继续生成。"
+    assert not _ENGLISH.search(line.replace("GPU", ""))
+    typed = "Steps must be a whole number (you typed “cats and dogs”)."
+    assert translate(typed, "zh-CN") == "步数 必须是整数（你输入的是“cats and dogs”）。"
+
+
 # -- every sentence the code sends is in the catalogue -------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +224,49 @@ def used_in_code() -> tuple[set[str], set[str]]:
                 if found is not None and re.search(r"[A-Za-z]{3}", found):
                     raised.add(found)
     return keys, raised
+
+
+def unmarked_constants() -> list[str]:
+    """Module constants holding text that a member's error is made from without an N_ mark: the walk over
+    tr's and N_'s literals would never see them, so their sentences could lack a translation unnoticed."""
+    found: list[str] = []
+    for path in SENT_FROM:
+        if path.name in NOT_SENT:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        plain = set()
+        for statement in tree.body:
+            target = None
+            if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+                target = statement.targets[0]
+            elif isinstance(statement, ast.AnnAssign):
+                target = statement.target
+            value = statement.value if isinstance(statement, ast.Assign | ast.AnnAssign) else None
+            if isinstance(target, ast.Name) and value is not None and _template(value) is not None:
+                plain.add(target.id)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = (
+                func.id
+                if isinstance(func, ast.Name)
+                else func.attr
+                if isinstance(func, ast.Attribute)
+                else ""
+            )
+            if name in MEMBER_ERRORS:
+                for arg in node.args:
+                    found.extend(
+                        f"{path.name}: {n.id}"
+                        for n in ast.walk(arg)
+                        if isinstance(n, ast.Name) and n.id in plain
+                    )
+    return sorted(set(found))
+
+
+def test_sentences_held_in_constants_are_marked_for_the_catalogue() -> None:
+    assert unmarked_constants() == []
 
 
 def test_every_sentence_and_label_the_code_sends_has_its_chinese_and_every_entry_is_used() -> None:

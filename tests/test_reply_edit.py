@@ -18,6 +18,7 @@ from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 from tests.test_bot import button, describe
 
 MESSAGE_CONTENT = 1 << 15
+EDIT_MESSAGE = "PATCH /channels/{channel}/messages/{message}"
 GUILD_MESSAGES = 1 << 9
 
 
@@ -93,17 +94,18 @@ async def test_replies_edit_a_card_and_make_a_result_again(
         assert second.request.prompt == "a red kite, at dusk"
         assert (second.request.steps, second.request.negative_prompt) == (first.request.steps, "fog")
         await bot.queue.join()
-        # The result is posted in the channel with a mention: no interaction token for a reply.
-        await server.wait_until(
-            lambda: (
-                any(
-                    m.attachments and f"<@{server.user('alice').id}>" in m.content and "job #2" in m.content
-                    for m in server.messages_in("general")
-                )
-                or None
-            ),
-            timeout_s=30,
+        # The status reply is the job's message, as a card's Generate has one: the bot edits its own
+        # message (no interaction token, so no 15 minutes) with progress, then with the result.
+        done = await server.wait_until(lambda: server.message(status.id).attachments or None, timeout_s=30)
+        assert done
+        shown = server.message(status.id)
+        assert shown.content == f"<@{server.user('alice').id}> job #2 is done." and shown.embeds
+        assert "i2p:job:reroll:2" in shown.custom_ids()
+        assert not [m for m in server.messages_in("general") if m.id != status.id and "job #2" in m.content]
+        edits = server.calls(
+            route=EDIT_MESSAGE, predicate=lambda c: c.params.get("message") == str(status.id)
         )
+        assert [c for c in edits if not c.files]  # progress, before the result's edit with its files
 
         # A banned term or an unknown option: one sentence in reply, nothing queued.
         bad = await server.post_user_message("general", "alice", "--ar 16:9", reply_to=result)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.engine import Engine
+from i2p2i_bot.guides import Guide
 from i2p2i_bot.request import GenerationError, size_for_aspect
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
@@ -154,4 +155,40 @@ async def test_a_cards_settings_come_from_imagine_from_and_its_settings_button(
         generate = await server.push_button(card, button(card, "i2p:card:gen:"))
         await generate.wait_followup(timeout_s=30)
         assert job_row(bot, 1) == (2, 3, 4.0, 64, 64, "pndm")
+        await bot.queue.join()
+
+
+async def test_re_describe_keeps_what_the_member_chose_for_the_cards_images(
+    discord_server: FakeDiscord, settings: Settings, engine: Engine, astronaut: Image.Image
+) -> None:
+    """Settings from /imagine-from and the guides kept stay on the new card Re-describe makes, and its
+    Generate uses them; only the prompt is the new description's."""
+    server = discord_server
+    async with running_i2p2i(settings, server, engine) as bot:
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        options = {"image": upload, "count": 1, "steps": 2, "guidance": 5.5, "aspect": "3:2"}
+        handle = await server.push_slash("imagine-from", options)
+        await handle.wait_followup(timeout_s=60)
+        card = cast(StoredMessage, handle.original)
+        await bot.store.set_card_keep(1, [Guide("layout", 0.6)])
+        before = await bot.store.card_choices(1)
+
+        redo = await server.push_select(card, button(card, "i2p:card:mode:"), ["fast"])
+        await redo.wait_response()
+        await server.wait_until(
+            lambda: "Prompt · fast" in str(server.message(card.id).embeds) or None, timeout_s=30
+        )
+        card = server.message(card.id)
+        assert button(card, "i2p:card:gen:").startswith("i2p:card:gen:2:")
+        after = await bot.store.card_choices(2)
+        assert (after.steps, after.guidance, after.aspect, after.scheduler) == (2, 5.5, "3:2", None)
+        assert after.keep == before.keep == (Guide("layout", 0.6),)
+        fields = {f["name"]: f["value"] for f in card.embeds[0]["fields"]}
+        assert fields["Settings · yours"].startswith("2 steps · guidance 5.5 · aspect 3:2")
+
+        # Keeping nothing again, Generate makes the new card's images with the carried settings.
+        await bot.store.set_card_keep(2, [])
+        generate = await server.push_button(card, button(card, "i2p:card:gen:"))
+        await generate.wait_followup(timeout_s=30)
+        assert job_row(bot, 1) == (1, 2, 5.5, 96, 64, "dpm")
         await bot.queue.join()

@@ -40,26 +40,56 @@ def test_a_server_changes_defaults_and_narrows_bounds_within_the_config_file() -
 
 
 @pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("steps", "25"),
+        ("max_steps", "100"),
+        ("count", "4"),
+        ("max_count", "8"),
+        ("size", "512x512"),
+        ("max_side", "768"),
+        ("negative_prompt", BASE.negative_prompt or "none"),
+        ("banned_terms", "none"),
+        ("channels", "all"),
+        ("nsfw", "filtered"),
+    ],
+)
+def test_a_key_set_to_the_bots_default_follows_the_default(key: str, text: str) -> None:
+    """Setting a key to the value it has anyway keeps no override: it reads as the default, and the server
+    keeps following the config file's value when that changes."""
+    changed = ServerSettings(steps=30).changed(key, text, BASE)  # type: ignore[arg-type]
+    # Only the key set changes: the server's other override (steps 30) stays unless steps was the key.
+    assert changed == (ServerSettings() if key == "steps" else ServerSettings(steps=30))
+    assert changed.describe(key, BASE)[1] is False  # type: ignore[arg-type]
+
+
+def test_a_default_count_follows_the_servers_own_maximum() -> None:
+    narrowed = ServerSettings().changed("max_count", "2", BASE)
+    assert narrowed.changed("count", "2", BASE) == narrowed
+    assert narrowed.changed("count", "1", BASE).count == 1
+
+
+@pytest.mark.parametrize(
     ("key", "text", "sentence"),
     [
         ("max_count", "9", "The most images must be between 1 and 8 (got 9)."),
         ("max_steps", "0", "The most steps must be between 1 and 100 (got 0)."),
         ("steps", "²", "Steps must be a whole number (you typed “²”)."),
         ("steps", "-3", "Steps must be a whole number (you typed “-3”)."),
-        ("steps", "101", "Steps must be between 1 and 100 (the most steps here) (got 101)."),
+        ("steps", "101", "Steps must be between 1 and 100, which is the most steps here (got 101)."),
         ("size", "big", "Write the size as WIDTHxHEIGHT, like 512x512 (you typed “big”)."),
         ("size", "500x512", "The width must be a multiple of 8 (got 500)."),
         (
             "size",
             "1024x512",
-            "The default width must be between 256 and 768 (the largest side here) (got 1024).",
+            "The default width must be between 256 and 768, which is the largest side here (got 1024).",
         ),
         ("max_side", "1024", "The largest side must be between 256 and 768 (got 1024)."),
         ("max_side", "300", "The largest side must be a multiple of 8 (got 300)."),
         (
             "count",
             "12",
-            "The default number of images must be between 1 and 8 (the most images here) (got 12).",
+            "The default number of images must be between 1 and 8, which is the most images here (got 12).",
         ),
         (
             "channels",
