@@ -170,6 +170,8 @@ async def test_remote_workers_store_the_same_images_in_the_same_order_as_the_loc
     await bounded(remote_runner.stop(5), "the runner stopping", 5 + 2 * CLOSE_S)
     local_batches = [[spec.seed for spec in specs] for _, specs in engine.batches]
     assert [batch["seeds"] for batch in started_batches(workers)] == local_batches
+    # A worker whose engine does not need torch starts without importing it (seconds on a small machine).
+    assert [batch["torch"] for batch in started_batches(workers)] == [False] * len(local_batches)
     assert sum(len(b) for b in local_batches) == sum(n for _, n, _ in script())
     for job_id in range(1, len(script()) + 1):
         local_rows = await image_rows(local_store, job_id)
