@@ -113,6 +113,9 @@ class RemoteRunner:
         self._run = str(int(time.time() * 1000))
         self._sent: dict[str, _Sent] = {}
         self._taking: set[str] = set()
+        # Jobs the bot is done with that Redis still holds because a worker had them locked; removed once
+        # the worker lets go (it stops a batch the bot gave up on at its next step).
+        self._unremoved: set[str] = set()
         self._room = asyncio.Event()
         self._closed = False
         # Set when run() ends: the helper loops stop at their next turn even if a cancellation is lost.
@@ -266,8 +269,7 @@ class RemoteRunner:
         """Drop a job of an earlier run that nothing wants, and its PNGs if it made any."""
         assert self._bull is not None and self._client is not None
         await self._cancel(bull_id)
-        with contextlib.suppress(Exception):  # a job still locked by its worker stays until it stops
-            await self._bull.remove(bull_id)
+        await self._forget(bull_id)
         with contextlib.suppress(WireError, ValueError):
             keys = [ref.key for ref in ResultRefs.from_json(returnvalue).images] if returnvalue else []
             if keys:
@@ -367,6 +369,8 @@ class RemoteRunner:
                 async for _ in self._client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100):
                     workers += 1
                 self.live_workers = workers
+                for bull_id in list(self._unremoved):
+                    await self._forget(bull_id)
                 for sent in list(self._sent.values()):
                     if not sent.enqueued:
                         await self._enqueue(sent)
@@ -468,9 +472,26 @@ class RemoteRunner:
         self._room.set()
         self.batches_run += 1
         await self._source.batch_result(sent.batch, outcome)
-        if forget and self._bull is not None:
-            with contextlib.suppress(Exception):
-                await self._bull.remove(sent.bull_id)
+        if forget:
+            await self._forget(sent.bull_id)
+
+    async def _forget(self, bull_id: str) -> None:
+        """Remove a job the bot is done with (made, failed or given up) from Redis, with its cancel key.
+
+        BullMQ keeps finished jobs until they are removed, and refuses to remove one a worker holds: such a
+        job is tried again at each watch until its worker lets go, so none pile up between restarts.
+        """
+        assert self._bull is not None and self._client is not None
+        try:
+            removed = await self._bull.remove(bull_id)
+            if removed == 1:
+                await self._client.delete(cancel_key(bull_id))
+        except (*REDIS_DOWN, redis.ResponseError):
+            removed = 0
+        if removed == 1:
+            self._unremoved.discard(bull_id)
+        else:
+            self._unremoved.add(bull_id)
 
     async def _cancel(self, bull_id: str) -> None:
         """Ask the worker that holds a batch to stop it at its next step (it fails the job)."""

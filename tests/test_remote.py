@@ -27,7 +27,7 @@ from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.jobs import JobStatus
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.remote import CLOSE_S, UNREACHABLE, RemoteRunner
-from i2p2i_bot.remote_wire import QUEUE_NAME, RESULT_KEY_PREFIX, WORKER_KEY_PREFIX
+from i2p2i_bot.remote_wire import CANCEL_KEY_PREFIX, QUEUE_NAME, RESULT_KEY_PREFIX, WORKER_KEY_PREFIX
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.store import Store
@@ -112,6 +112,13 @@ async def live_workers(server: RedisServer, n: int) -> None:
         return len(list(client.scan_iter(match=WORKER_KEY_PREFIX + "*"))) >= n
 
     await until(ready, f"{n} workers reporting ready")
+
+
+def bull_jobs(server: RedisServer) -> list[str]:
+    """The BullMQ jobs Redis still holds, in any state."""
+    client = server.client()
+    keys = cast(list[bytes], client.keys(f"bull:{QUEUE_NAME}:*"))
+    return [key.decode() for key in keys if key.decode().rpartition(":")[2].isdigit()]
 
 
 def started_batches(pool: Workers) -> list[dict[str, object]]:
@@ -211,6 +218,7 @@ async def test_a_batch_whose_worker_is_killed_finishes_on_another_with_each_imag
         stored = await store.get_job(job.id)
         assert stored is not None and stored.status is JobStatus.COMPLETE
         assert [index for index, _ in await image_rows(store, job.id)] == [0, 1, 2]
+        assert bull_jobs(server) == []  # the made batch left Redis once taken
     finally:
         pool.stop()
 
@@ -342,13 +350,13 @@ async def test_a_batch_past_the_job_timeout_fails_its_job_and_stops_on_its_worke
         stored = await store.get_job(job.id)
         assert stored is not None and stored.status is JobStatus.FAILED
         assert stored.error == "generation took longer than 1 s and was abandoned"
+        (worker,) = pool.processes
+        await until(lambda: "the bot gave up on it; stopped" in pool.output(worker), "the worker stopping it")
+        # The worker held the job when the bot gave up on it; once it lets go, the job leaves Redis.
+        await until(lambda: not bull_jobs(server), "the failed batch leaving Redis")
         client = server.client()
-        await until(lambda: client.zcard(f"bull:{QUEUE_NAME}:failed") == 1, "the worker stopping the batch")
-        failed_ids = cast(list[bytes], client.zrange(f"bull:{QUEUE_NAME}:failed", 0, -1))
-        assert len(failed_ids) == 1
-        reason = client.hget(f"bull:{QUEUE_NAME}:{failed_ids[0].decode()}", "failedReason")
-        assert reason == b"permanent: the bot gave up on the batch"
         assert list(client.scan_iter(match=RESULT_KEY_PREFIX + "*")) == []
+        assert list(client.scan_iter(match=CANCEL_KEY_PREFIX + "*")) == []
         assert await image_rows(store, job.id) == []
         await bounded(runner.stop(5), "the runner stopping", 5 + 2 * CLOSE_S)
     finally:
