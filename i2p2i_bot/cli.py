@@ -215,12 +215,8 @@ OPERATIONS_COMMANDS = ("health", "backup", "loras")
 
 def _run(args: argparse.Namespace) -> int:
     progress = not args.quiet and is_terminal(sys.stderr)
-    if args.command not in OPERATIONS_COMMANDS:
-        if not args.verbose:
-            _quiet_libraries()
-        if not progress:
-            # Bars redrawn into a file or a pipe are carriage returns and escape codes, even with --verbose.
-            disable_library_bars()
+    if args.command not in (*OPERATIONS_COMMANDS, "worker"):  # a worker does this when it loads its models
+        _prepare_libraries(args, progress)
     try:
         settings = load_settings(args.config)
         if args.models:
@@ -234,14 +230,14 @@ def _run(args: argparse.Namespace) -> int:
         return _backup(settings, args)
     if args.command == "loras":
         return _loras(settings, args)
+    if args.command == "worker":
+        return _worker(settings, args)
     from i2p2i_bot.models import ModelUnavailable
     from i2p2i_bot.request import GenerationError
 
     try:
         if args.command == "download-models":
             return _download(settings)
-        if args.command == "worker":
-            return _worker(settings, args)
         if args.command == "describe":
             return _describe(settings, args, progress)
         if args.command == "generate":
@@ -344,7 +340,17 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         settings = replace(settings, models=replace(settings.models, device=args.device))
     from i2p2i_bot.remote_worker import run_worker
 
-    return run_worker(settings, url)
+    progress = not args.quiet and is_terminal(sys.stderr)
+    try:
+        return run_worker(settings, url, prepare=lambda: _prepare_libraries(args, progress))
+    except Exception as exc:
+        # Imported only now: the model modules import torch, which a worker imports only to load models.
+        from i2p2i_bot.models import ModelUnavailable
+
+        if not isinstance(exc, ModelUnavailable):
+            raise
+        print(f"i2p2i: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> int:
@@ -775,6 +781,15 @@ def _unique_stem(out: Path, slug: str) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _prepare_libraries(args: argparse.Namespace, progress: bool) -> None:
+    """Before models load: the libraries' chatter off unless --verbose, their bars off without a terminal."""
+    if not args.verbose:
+        _quiet_libraries()
+    if not progress:
+        # Bars redrawn into a file or a pipe are carriage returns and escape codes, even with --verbose.
+        disable_library_bars()
 
 
 def _quiet_libraries() -> None:

@@ -1,4 +1,8 @@
-"""The one thread that owns the GPU: every model call runs here, submitted from asyncio or plain threads."""
+"""The one thread that owns the GPU: every model call runs here, submitted from asyncio or plain threads.
+
+torch is imported only by the helpers that need it, so that a process whose engine does not use it (a
+GPU worker running a stand-in engine, the bot with remote workers) starts without its seconds of import.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import asyncio
 import concurrent.futures
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from i2p2i_bot.gpu_turns import GpuTurns, Member, Priority
 
@@ -173,7 +179,8 @@ def cuda_context_lost(exc: BaseException) -> bool:
     """
     if not isinstance(exc, RuntimeError) or not str(exc).startswith("CUDA error"):
         return False
-    if not torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # a process that never imported torch has no CUDA context
+    if torch is None or not torch.cuda.is_initialized():
         return True  # no context to ask (tests raise such errors on the CPU): take the error at its word
     try:
         for index in range(torch.cuda.device_count()):
@@ -194,6 +201,8 @@ def split_on_oom(
 
     Results keep the order of items. A single item that still does not fit raises GpuOutOfMemory.
     """
+    import torch
+
     try:
         return run(items)
     except torch.cuda.OutOfMemoryError:
@@ -215,6 +224,8 @@ def split_on_oom(
 
 def out_of_memory_as(message: str, run: Callable[[], R]) -> R:
     """run(), with CUDA out-of-memory turned into GpuOutOfMemory(message) once its memory is released."""
+    import torch
+
     try:
         return run()
     except torch.cuda.OutOfMemoryError:
@@ -224,6 +235,8 @@ def out_of_memory_as(message: str, run: Callable[[], R]) -> R:
 
 
 def _release_cached_memory() -> None:
+    import torch
+
     # Tensors of the failed attempt that sit in reference cycles are only freed by a collection.
     gc.collect()
     if torch.cuda.is_available():
@@ -232,11 +245,15 @@ def _release_cached_memory() -> None:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """The models' precision where nothing else is asked: fp16 on CUDA, fp32 elsewhere."""
+    import torch
+
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     """Turn the models.precision setting into a dtype; 'auto' is `default_dtype`."""
+    import torch
+
     if setting == "auto":
         return default_dtype(device)
     return {"fp16": torch.float16, "fp32": torch.float32}[setting]
@@ -244,6 +261,8 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def resolve_device(setting: str) -> torch.device:
     """Turn the models.device setting into a torch device; 'auto' prefers CUDA."""
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)

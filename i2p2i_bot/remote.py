@@ -27,7 +27,7 @@ import io
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -71,6 +71,9 @@ _LATENCIES_KEPT = 10_000
 # BullMQ states of a batch an earlier run sent, in the order they are taken back: a made batch first, so
 # that its images count rather than a later try's of the same images.
 _STATES_TAKEN_BACK = ("completed", "active", "waiting", "prioritized", "delayed", "paused")
+# What a stop may take beyond its grace period: ending the helper tasks, then closing each connection.
+CLOSE_S = 5.0
+_RECANCEL_S = 0.1
 
 
 class AdoptingSource(BatchSource, Protocol):
@@ -111,8 +114,13 @@ class RemoteRunner:
         self._run = str(int(time.time() * 1000))
         self._sent: dict[str, _Sent] = {}
         self._taking: set[str] = set()
+        # Jobs the bot is done with that Redis still holds because a worker had them locked; removed once
+        # the worker lets go (it stops a batch the bot gave up on at its next step).
+        self._unremoved: set[str] = set()
         self._room = asyncio.Event()
         self._closed = False
+        # Set when run() ends: the helper loops stop at their next turn even if a cancellation is lost.
+        self._ending = False
         self._grace_s: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
@@ -145,10 +153,18 @@ class RemoteRunner:
         self._room.set()
 
     async def stop(self, grace_s: float | None = None) -> None:
+        """Stop sending; wait up to grace_s for the batches out, then close. With a grace period this
+        returns within grace_s + 2 * CLOSE_S whatever Redis does; the batches still out stay in Redis,
+        where the next start takes them back."""
         self.request_stop(grace_s)
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._task)
+        task = self._task
+        if task is None:
+            return
+        limit_s = None if grace_s is None else grace_s + 2 * CLOSE_S
+        done, _ = await asyncio.wait({task}, timeout=limit_s)
+        if not done:
+            log.error("the remote runner did not stop within %g s; leaving it behind", limit_s)
+            task.cancel()
 
     @property
     def in_flight(self) -> int:
@@ -165,18 +181,32 @@ class RemoteRunner:
             await self._feed()
             await self._drain()
         finally:
-            for task in list(self._helpers):
-                task.cancel()
-            await asyncio.gather(*self._helpers, return_exceptions=True)
+            self._ending = True
+            await self._end_helpers()
             # Their jobs stay in Redis, where the next start finds them (made or still on a worker).
             for sent in list(self._sent.values()):
                 await self._hand_back(
                     sent, BatchFailure("the bot stopped", FailureKind.INTERRUPTED), forget=False
                 )
-            with contextlib.suppress(Exception):
-                await self._bull.close()
-            with contextlib.suppress(Exception):
-                await self._client.aclose()
+            await _close_within(self._bull.close(), "the BullMQ queue")
+            await _close_within(self._client.aclose(), "the Redis client")
+
+    async def _end_helpers(self) -> None:
+        """Cancel the helper tasks and wait for them, for at most CLOSE_S.
+
+        A cancellation alone is not enough: on Python 3.11, asyncio.wait_for (which redis-py wraps around
+        every command it sends) drops a cancellation that arrives as the command completes, and the
+        helper goes on. So each is cancelled again until it ends, and the loops also check `_ending`.
+        """
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + CLOSE_S
+        while self._helpers and loop.time() < give_up_at:
+            for task in list(self._helpers):
+                task.cancel()
+            await asyncio.wait(list(self._helpers), timeout=_RECANCEL_S)
+        if self._helpers:
+            names = ", ".join(sorted(task.get_name() for task in self._helpers))
+            log.error("left behind helper tasks that would not stop within %g s: %s", CLOSE_S, names)
 
     # -- sending ---------------------------------------------------------------------------------------
 
@@ -240,8 +270,7 @@ class RemoteRunner:
         """Drop a job of an earlier run that nothing wants, and its PNGs if it made any."""
         assert self._bull is not None and self._client is not None
         await self._cancel(bull_id)
-        with contextlib.suppress(Exception):  # a job still locked by its worker stays until it stops
-            await self._bull.remove(bull_id)
+        await self._forget(bull_id)
         with contextlib.suppress(WireError, ValueError):
             keys = [ref.key for ref in ResultRefs.from_json(returnvalue).images] if returnvalue else []
             if keys:
@@ -272,7 +301,7 @@ class RemoteRunner:
 
     async def _listen(self) -> None:
         """Follow BullMQ's events; a listener that loses Redis is started again where it left off."""
-        while True:
+        while not self._ending:
             conn = redis.from_url(self._url, decode_responses=True, socket_connect_timeout=5)
             events = QueueEvents(
                 QUEUE_NAME,
@@ -335,12 +364,14 @@ class RemoteRunner:
     async def _watch(self) -> None:
         """Every poll_s: count live workers, send what could not be sent, check each batch's state."""
         assert self._client is not None and self._bull is not None
-        while True:
+        while not self._ending:
             try:
                 workers = 0
                 async for _ in self._client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100):
                     workers += 1
                 self.live_workers = workers
+                for bull_id in list(self._unremoved):
+                    await self._forget(bull_id)
                 for sent in list(self._sent.values()):
                     if not sent.enqueued:
                         await self._enqueue(sent)
@@ -442,9 +473,26 @@ class RemoteRunner:
         self._room.set()
         self.batches_run += 1
         await self._source.batch_result(sent.batch, outcome)
-        if forget and self._bull is not None:
-            with contextlib.suppress(Exception):
-                await self._bull.remove(sent.bull_id)
+        if forget:
+            await self._forget(sent.bull_id)
+
+    async def _forget(self, bull_id: str) -> None:
+        """Remove a job the bot is done with (made, failed or given up) from Redis, with its cancel key.
+
+        BullMQ keeps finished jobs until they are removed, and refuses to remove one a worker holds: such a
+        job is tried again at each watch until its worker lets go, so none pile up between restarts.
+        """
+        assert self._bull is not None and self._client is not None
+        try:
+            removed = await self._bull.remove(bull_id)
+            if removed == 1:
+                await self._client.delete(cancel_key(bull_id))
+        except (*REDIS_DOWN, redis.ResponseError):
+            removed = 0
+        if removed == 1:
+            self._unremoved.discard(bull_id)
+        else:
+            self._unremoved.add(bull_id)
 
     async def _cancel(self, bull_id: str) -> None:
         """Ask the worker that holds a batch to stop it at its next step (it fails the job)."""
@@ -486,6 +534,17 @@ def _result(batch: Batch, refs: ResultRefs, blobs: list[bytes | None]) -> BatchR
             return BatchFailure("a GPU worker sent an image that cannot be read")
         images.append(GeneratedImage(item.spec, image, ref.nsfw, ref.fidelity))
     return BatchResult(tuple(images), dict(refs.timings_s), refs.warnings)
+
+
+async def _close_within(closing: Coroutine[Any, Any, Any], what: str) -> None:
+    """Close a connection, giving up after CLOSE_S (a server that stopped answering must not hold a stop)."""
+    task = asyncio.ensure_future(closing)
+    done, _ = await asyncio.wait({task}, timeout=CLOSE_S)
+    if not done:
+        task.cancel()
+        log.warning("%s did not close within %g s", what, CLOSE_S)
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("%s closed with an error: %s", what, task.exception())
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -73,15 +73,23 @@ class Cancelled(Exception):
     """The bot gave up on the batch, so the worker stops making it."""
 
 
-def engine_loader() -> EngineLoader:
+def engine_loader(prepare: Callable[[], None] | None = None) -> EngineLoader:
+    """What loads the worker's engine: the models (after `prepare`, which sets up the model libraries),
+    or the tests' stand-in, which never imports them."""
     spec = os.environ.get(TEST_ENGINE_ENV)
     if spec:
         module, _, name = spec.partition(":")
         loader: EngineLoader = getattr(importlib.import_module(module), name)
         return loader
-    from i2p2i_bot.engine import Engine
 
-    return lambda settings: Engine.load(settings)
+    def load(settings: Settings) -> ImageEngine:
+        if prepare is not None:
+            prepare()
+        from i2p2i_bot.engine import Engine
+
+        return Engine.load(settings)
+
+    return load
 
 
 class RemoteWorker:
@@ -271,10 +279,12 @@ def _ignore_failure(future: asyncio.Future[Any]) -> None:
         log.debug("a progress update was lost: %s", future.exception())
 
 
-def run_worker(settings: Settings, redis_url: str) -> int:
-    """The worker's process: run until SIGTERM/SIGINT, then finish the running batch; return the exit code."""
+def run_worker(settings: Settings, redis_url: str, prepare: Callable[[], None] | None = None) -> int:
+    """The worker's process: run until SIGTERM/SIGINT, then finish the running batch; return the exit code.
+
+    `prepare` runs before the models load (torch and the model libraries are imported only then)."""
     logging.getLogger().setLevel(logging.INFO)
-    loader = engine_loader()
+    loader = engine_loader(prepare)
 
     async def main() -> int:
         worker = RemoteWorker(settings, redis_url, loader)

@@ -2,13 +2,14 @@
 
 Selected with I2P2I_TEST_ENGINE=tests.stub_engine:load. I2P2I_STUB_STEP_S sets the sleep per denoising
 step; I2P2I_STUB_LOG names a file that gets one JSON line per batch the worker starts (its pid and seeds),
-so a test can tell when a batch is on a worker and which one.
+so a test can tell when a batch is on a worker and which one, and whether its process imported torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 
@@ -31,7 +32,8 @@ class StubEngine(FakeEngine):
     ) -> BatchResult:
         if self.log_path:
             with open(self.log_path, "a", encoding="utf-8") as log:
-                log.write(json.dumps({"pid": os.getpid(), "seeds": [s.seed for s in specs]}) + "\n")
+                line = {"pid": os.getpid(), "seeds": [s.seed for s in specs], "torch": "torch" in sys.modules}
+                log.write(json.dumps(line) + "\n")
 
         def slow_step(step: int, total: int) -> None:
             time.sleep(self.step_s)
