@@ -16,7 +16,7 @@ from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
 from i2p2i_bot.guided import load_guide_models
 from i2p2i_bot.guides import GuideName
-from i2p2i_bot.interrogate import Interrogator
+from i2p2i_bot.interrogate import ClipEncoder, Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.loras import LoraLibrary
 from i2p2i_bot.models import ModelSources, check_downloaded, quick_gelu_name, resolve_models
@@ -152,7 +152,20 @@ def _interrogator(
         progress=progress,
     )
     recorded = {k: v for k, v in sources.recorded().items() if k != "generator"}
-    if interrogator.clip.quick_gelu:
-        recorded["clip"] = quick_gelu_name(recorded["clip"])
+    recorded["clip"] = _recorded_clip(sources, interrogator.clip)
     interrogator.models = recorded
     return interrogator
+
+
+def load_clip(settings: Settings) -> tuple[ClipEncoder, str]:
+    """The interrogation CLIP alone, loaded as the engine loads it, and its name as results record it:
+    for scoring images made earlier (bench/fidelity.py)."""
+    sources = resolve_models(settings)
+    device = resolve_device(settings.models.device)
+    clip = ClipEncoder.load(sources.clip, device, resolve_dtype(settings.models.precision, device))
+    return clip, _recorded_clip(sources, clip)
+
+
+def _recorded_clip(sources: ModelSources, clip: ClipEncoder) -> str:
+    name = sources.recorded()["clip"]
+    return quick_gelu_name(name) if clip.quick_gelu else name

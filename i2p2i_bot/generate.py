@@ -21,6 +21,7 @@ from i2p2i_bot.acceleration import (
 )
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.fidelity import fidelity_scores
 from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.guided import GuidedPipelines, GuideModels, compiles
 from i2p2i_bot.guides import GuideName
@@ -334,10 +335,9 @@ class Generator:
             embeds = self.embed_images([outputs[i][0] for i in wanted])
         else:
             return scores
-        embeds = embeds.float().cpu()
-        for row, i in enumerate(wanted):
-            source = torch.tensor(specs[i].source_embedding, dtype=torch.float32)
-            scores[i] = float(embeds[row] @ (source / source.norm()))
+        sources = [e for i in wanted if (e := specs[i].source_embedding) is not None]
+        for i, score in zip(wanted, fidelity_scores(embeds, sources), strict=True):
+            scores[i] = score
         return scores
 
 

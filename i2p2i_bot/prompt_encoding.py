@@ -44,7 +44,7 @@ class PromptEncoder:
         """Say which words of a prompt the text encoder will not read, instead of cutting them silently."""
         if self.chunks:
             return []
-        text = plain_text(_read(prompt))
+        text = prompt_words(prompt)
         encoded = self.tokenizer(text, truncation=False, verbose=False, return_offsets_mapping=True)
         ids = encoded.input_ids
         if len(ids) <= self.window:
@@ -120,6 +120,11 @@ class PromptEncoder:
             # A1111 ends a window at the last comma before it; compel at the last phrase mark.
             split_long_text_mode=SplitLongTextMode.PHRASES,
         )
+
+
+def prompt_words(prompt: str) -> str:
+    """A prompt's words as the text encoder reads them: no LoRA tags, no emphasis brackets or weights."""
+    return plain_text(_read(prompt))
 
 
 def _read(prompt: str) -> tuple[Fragment, ...]:

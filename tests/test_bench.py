@@ -11,17 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from PIL import Image
 
-from i2p2i_bot.interrogate import MODES
+from i2p2i_bot.cli import main as cli
+from i2p2i_bot.images import open_image
+from i2p2i_bot.interrogate import MODES, ClipEncoder
 from i2p2i_bot.smoke import SmokeModels
 from tests.redis_server import redis_server_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, argv: list[str]) -> str:
+def _run(script: str, argv: list[str], returncode: int = 0) -> str:
     """Run a benchmark as its documentation says, `python bench/<script>`, offline; return its stdout."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return _run_both(script, argv, returncode)[0]
+
+
+def _run_both(script: str, argv: list[str], returncode: int = 0) -> tuple[str, str]:
+    """_run's stdout, and the benchmark's stderr."""
+    # The package of this checkout, whichever one is installed.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *argv],
         cwd=ROOT,
@@ -31,10 +42,10 @@ def _run(script: str, argv: list[str]) -> str:
         check=False,
     )
     stderr = done.stderr.decode(errors="replace")
-    assert done.returncode == 0, stderr[-4000:]
+    assert done.returncode == returncode, stderr[-4000:]
     # Bytes, as written: no progress bar redrawn with carriage returns into what is a log here.
     assert b"\r" not in done.stderr and "%|" not in stderr, stderr[-4000:]
-    return done.stdout.decode()
+    return done.stdout.decode(), stderr
 
 
 def _headline(out: str) -> dict[str, float]:
@@ -335,3 +346,107 @@ def test_scale_bench_runs_with_stub_workers() -> None:
     assert set(_headline(out)) == {"efficiency_2", "jain_min"}
     rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
     assert [(row[0], row[1], row[2]) for row in rows] == [("1", "8", "2"), ("2", "16", "4")]
+
+
+def test_fidelity_bench_scores_each_guide_set_as_the_engine_does(
+    smoke_models: SmokeModels, smoke_cache: Path, labels_dir: Path, tmp_path: Path, astronaut: Image.Image
+) -> None:
+    """fidelity.py reads the folders `i2p2i imagine-from` and `generate --source` write, groups their images
+    by guide set and weight, and gives each image the fidelity the engine recorded for it and the CLIP
+    similarity of its prompt's words; a moved source is found with --sources, and only with its own bytes."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+data_dir = "{tmp_path / "data"}"
+[models]
+preset = "smoke"
+cache_dir = "{smoke_cache}"
+device = "cpu"
+[interrogate]
+labels_dir = "{labels_dir}"
+[generate]
+steps = 2
+width = 64
+height = 64
+min_side = 64
+[guides]
+enabled = ["layout", "edges"]
+""",
+        encoding="utf-8",
+    )
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    astronaut.save(photos / "astronaut.png")
+    source = str(photos / "astronaut.png")
+    imagine = ["--config", str(config), "-q", "imagine-from", source, "-n", "2", "--seed", "5",
+               "--mode", "fast"]  # fmt: skip
+    assert cli([*imagine, "--out", str(out)]) == 0
+    assert cli([*imagine, "--keep", "edges:0.9", "--out", str(out)]) == 0
+    weighted = "a (red:1.2) fox in the snow"
+    generate = ["--config", str(config), "-q", "generate", weighted, "-n", "2", "--seed", "5"]
+    assert cli([*generate, "--source", source, "--keep", "layout:0.5", "--out", str(out / "generated")]) == 0
+
+    payload = json.loads(_run("fidelity.py", ["--config", str(config), "--json", str(out)]))
+    assert payload["benchmark"] == "fidelity" and payload["clip"] == "smoke:clip"
+    assert payload["notes"] == [] and payload["problems"] == []
+    sets = payload["sets"]
+    assert [(s["keep"], s["guides"], s["images"], s["fidelity"]["n"]) for s in sets] == [
+        ("none", [], 2, 2),
+        ("edges:0.9", [{"name": "edges", "weight": 0.9}], 2, 2),
+        ("layout:0.5", [{"name": "layout", "weight": 0.5}], 2, 2),
+    ]
+    images = {Path(i["file"]).relative_to(out).as_posix(): i for i in payload["images"]}
+    assert {name: i["keep"] for name, i in images.items()} == {
+        "astronaut.1.png": "none",
+        "astronaut.2.png": "none",
+        "astronaut_2.1.png": "edges:0.9",
+        "astronaut_2.2.png": "edges:0.9",
+        "generated/a-red-1-2-fox-in-the-snow.1.png": "layout:0.5",
+        "generated/a-red-1-2-fox-in-the-snow.2.png": "layout:0.5",
+    }
+    # The engine's own score of each image imagine-from made, from the PNG instead of the decoded pixels.
+    for name in ("astronaut.1.png", "astronaut.2.png", "astronaut_2.1.png", "astronaut_2.2.png"):
+        record = json.loads((out / f"{name.split('.')[0]}.json").read_text(encoding="utf-8"))
+        recorded = {i["file"]: i["fidelity"] for i in record["images"]}[name]
+        assert images[name]["recorded_fidelity"] == recorded
+        assert images[name]["fidelity"] == pytest.approx(recorded, abs=2e-3)
+    # generate records no fidelity; the bench gives the same cosine, and adherence is to the prompt's words.
+    clip = ClipEncoder.load(str(smoke_models.clip), torch.device("cpu"))
+    source_embedding = clip.encode_images([open_image((photos / "astronaut.png").read_bytes())])[0]
+    words = clip.encode_texts(["a red fox in the snow"])[0]
+    for name, image in images.items():
+        if not name.startswith("generated/"):
+            continue
+        assert image["recorded_fidelity"] is None and image["prompt"] == weighted
+        with Image.open(out / name) as png:
+            embedding = clip.encode_images([png.convert("RGB")])[0]
+        assert image["fidelity"] == pytest.approx(float(embedding @ source_embedding), abs=1e-4)
+        assert image["adherence"] == pytest.approx(float(embedding @ words), abs=1e-4)
+    for s in sets:
+        members = [i for i in images.values() if i["keep"] == s["keep"]]
+        for score in ("fidelity", "adherence"):
+            values = [i[score] for i in members]
+            assert s[score]["mean"] == pytest.approx(sum(values) / len(values), abs=1e-5)
+            assert s[score]["sd"] == pytest.approx(float(torch.tensor(values).std()), abs=1e-5)
+    assert payload["headline"]["edges_0_9_fidelity"] == sets[1]["fidelity"]["mean"]
+    assert payload["headline"]["layout_0_5_adherence"] == sets[2]["adherence"]["mean"]
+
+    # The source moved away; a file of the same name with other bytes is not taken for it.
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    photos.rename(moved)
+    other.mkdir()
+    astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other / "astronaut.png")
+    argv = ["--config", str(config), "--json", "--sources", str(other), "--sources", str(moved), str(out)]
+    found = json.loads(_run("fidelity.py", argv))
+    assert [i["fidelity"] for i in found["images"]] == [i["fidelity"] for i in payload["images"]]
+    table, stderr = _run_both(
+        "fidelity.py", ["--config", str(config), "--sources", str(other), str(out)], returncode=1
+    )
+    assert stderr.count("with the sha256 it records (give its folder with --sources DIR)") == 1
+    rows = {line.split()[0]: line for line in table.splitlines()[3:6]}
+    assert list(rows) == ["none", "edges:0.9", "layout:0.5"]
+    for s in sets:
+        # Fidelity is left out where the source is lost; adherence is not.
+        assert rows[s["keep"]].split()[1:] == [
+            "2", "n/a", f"{s['adherence']['mean']:.3f}", "±", f"{s['adherence']['sd']:.3f}"
+        ]  # fmt: skip
