@@ -196,6 +196,13 @@ def status_text(
             job=job.id,
             held=translate(held, locale),
         )
+    if position is not None and position.blocked is not None:
+        return tr(
+            locale,
+            "⏳ Job #{job} is queued, {reason}.",
+            job=job.id,
+            reason=translate(position.blocked, locale),
+        )
     if job.status is JobStatus.QUEUED or (position is not None and position.status is JobStatus.QUEUED):
         if position is None:
             return tr(locale, "⏳ Job #{job} is queued.", job=job.id)

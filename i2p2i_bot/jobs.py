@@ -124,6 +124,9 @@ class EventKind(enum.StrEnum):
     CANCELLED = "cancelled"
     # The GPU failed while the job's images were on it: the job waits, unfinished, for the bot's restart.
     HELD = "held"
+    # Nothing can make the job's waiting images now (no live GPU worker offers what they need), or
+    # something can again: `error` says why it waits, None once it no longer does. It never fails for it.
+    WAITING = "waiting"
 
     @property
     def terminal(self) -> bool:
@@ -157,3 +160,6 @@ class Position:
     images_left: int
     # Seconds until the job should be finished, from measured throughput; None before anything was measured.
     eta_s: float | None
+    # Why nothing can make its waiting images now ("waiting for a GPU worker that can keep edges"); None
+    # when something can (JobQueue.set_blocker).
+    blocked: str | None = None

@@ -37,6 +37,7 @@ from i2p2i_bot.jobs import (
     JobStatus,
     Position,
 )
+from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.ring import FairRing, Pick
 from i2p2i_bot.store import ForgetResult, JobChange, Store, StoredImage
 
@@ -74,6 +75,7 @@ class _Active:
 
     __slots__ = (
         "attempts",
+        "blocked",
         "count",
         "done",
         "embedding",
@@ -104,6 +106,8 @@ class _Active:
         self.embedding = embedding
         self.in_flight: set[int] = set()
         self.done = done
+        # Why nothing can make its waiting images now, as last announced (JobQueue.set_blocker).
+        self.blocked: str | None = None
 
     def snapshot(self, finished_at: float | None = None) -> Job:
         return dataclasses.replace(
@@ -153,6 +157,7 @@ class JobQueue:
         self._idle.set()
         self._closed = False
         self._paused = False
+        self._blocker: Callable[[GenerationParams], str | None] | None = None
 
     @classmethod
     async def open(
@@ -208,7 +213,10 @@ class JobQueue:
             return Position(job_id, active.status, 0, images_left, self._eta(self._in_flight_images))
         images_ahead = self._in_flight_images + place.ahead
         until_done = self._in_flight_images + place.through
-        return Position(job_id, active.status, images_ahead, images_left, self._eta(until_done))
+        blocked = self._blocked(active)
+        return Position(
+            job_id, active.status, images_ahead, images_left, self._eta(until_done), blocked=blocked
+        )
 
     def _eta(self, images: int) -> float | None:
         return images / self._images_per_s if self._images_per_s else None
@@ -387,16 +395,43 @@ class JobQueue:
         self._paused = False
         self._wakeup.set()
 
-    async def next_batch(self) -> Batch | None:
+    async def next_batch(self, can_run: Callable[[GenerationParams], bool] | None = None) -> Batch | None:
+        """Wait for the next batch the ring picks; None once the queue is closed.
+
+        `can_run` limits the pick to params something can run now (remote GPU workers with room that
+        offer what the params need); a caller whose answer changes calls reconsider() to be asked again.
+        """
         while True:
             async with self._lock:
                 if self._closed:
                     return None
-                pick = None if self._paused else self._ring.plan()
+                pick = None if self._paused else self._ring.plan(can_run)
                 if pick is not None:
                     return await self._dispatch(pick)
                 self._wakeup.clear()
             await self._wakeup.wait()
+
+    def reconsider(self) -> None:
+        """Plan again: what next_batch's `can_run` accepts has changed."""
+        self._wakeup.set()
+
+    def set_blocker(self, blocker: Callable[[GenerationParams], str | None] | None) -> None:
+        """Say, for each job, why nothing can make its waiting images now (blocker(params), a sentence for
+        its member, such as "waiting for a GPU worker that can keep edges"); None when something can.
+
+        Positions carry the reason, and each job whose reason changes gets a WAITING event, so its message
+        and /queue say it while it waits (it never fails for it)."""
+        self._blocker = blocker
+        for active in list(self._active.values()):
+            reason = self._blocked(active)
+            if reason != active.blocked:
+                active.blocked = reason
+                self._publish(EventKind.WAITING, active, error=reason)
+
+    def _blocked(self, active: _Active) -> str | None:
+        if self._blocker is None or active.in_flight or not self._ring.pending(active.id):
+            return None
+        return self._blocker(active.job.request.params)
 
     async def adopt(self, items: Sequence[tuple[int, int]]) -> Batch | None:
         """Count as out again a batch that an earlier run of the bot handed out and that is still out (on a

@@ -12,6 +12,13 @@ QueueEvents bring progress and results at once; a poll of each batch's state eve
 what events miss (an outage of Redis, a listener that restarted) and batches Redis lost (sent again as
 the next attempt). Nothing here imports torch or discord.
 
+Workers differ in what they can run (the guides they offer): each says so in its record, and workers
+alike share one BullMQ queue (worker_capabilities.py). The ring picks a batch only among the jobs a live
+worker with room can run, so fairness holds among what can run now and a job nobody live can run waits,
+saying why, instead of failing; the batch goes to the queue of workers that can make it. A guided batch's
+source images go into Redis with it, for workers that do not share the bot's data folder
+(remote_sources.py).
+
 A restarted bot takes back what its last run sent before it sends anything: each batch in Redis names its
 (job, image) items, and the queue counts those still waiting as out again (JobQueue.adopt). A batch made
 meanwhile is taken in, one on a worker or waiting for one is followed, and the images of one that failed
@@ -29,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
@@ -39,9 +47,10 @@ from PIL import Image
 from i2p2i_bot.batches import Batch, BatchFailure, BatchResult, BatchSource, FailureKind, GeneratedImage
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.i18n import N_
+from i2p2i_bot.remote_sources import SourceUnavailable, carry
 from i2p2i_bot.remote_wire import (
     PERMANENT,
-    QUEUE_NAME,
+    QUEUES_KEY,
     RESULT_TTL_S,
     WORKER_KEY_PREFIX,
     ResultRefs,
@@ -54,6 +63,8 @@ from i2p2i_bot.remote_wire import (
     payload_items,
     sha256,
 )
+from i2p2i_bot.request import GenerationParams
+from i2p2i_bot.worker_capabilities import BASE_QUEUE, Capabilities, waiting_reason
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +88,29 @@ _RECANCEL_S = 0.1
 
 
 class AdoptingSource(BatchSource, Protocol):
+    async def next_batch(self, can_run: Callable[[GenerationParams], bool] | None = None) -> Batch | None:
+        """The next batch among the jobs `can_run` accepts (JobQueue.next_batch)."""
+        ...
+
+    def reconsider(self) -> None:
+        """Plan again: what `can_run` accepts has changed."""
+        ...
+
+    def set_blocker(self, blocker: Callable[[GenerationParams], str | None] | None) -> None:
+        """Say why nothing can make a job's images now (JobQueue.set_blocker)."""
+        ...
+
     async def adopt(self, items: Sequence[tuple[int, int]]) -> Batch | None:
         """Count again as out the images of a batch an earlier run sent that still wait (JobQueue.adopt)."""
         ...
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Live workers alike: what they can run, and how many there are."""
+
+    capabilities: Capabilities
+    workers: int
 
 
 @dataclass
@@ -90,6 +121,8 @@ class _Sent:
     enqueued: bool = False
     started_at: float | None = None
     bull_id: str = field(default="")
+    # The BullMQ queue it went to: that of the workers that can make it.
+    queue: str = BASE_QUEUE
     # For a batch taken back after a restart: which of the images its worker makes are this batch's, in
     # order (the others were stored before the restart, or their jobs are gone). None: all of them.
     positions: tuple[int, ...] | None = None
@@ -105,8 +138,11 @@ class RemoteRunner:
         *,
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        sources_dir: Path | None = None,
     ) -> None:
+        """`sources_dir` holds the guide sources the bot keeps (Settings.sources_path); None: none."""
         self._source = source
+        self._sources_dir = sources_dir
         self._url = settings.redis_url
         self._timeout_s = settings.job_timeout_s
         self._poll_s = poll_s
@@ -114,9 +150,9 @@ class RemoteRunner:
         self._run = str(int(time.time() * 1000))
         self._sent: dict[str, _Sent] = {}
         self._taking: set[str] = set()
-        # Jobs the bot is done with that Redis still holds because a worker had them locked; removed once
-        # the worker lets go (it stops a batch the bot gave up on at its next step).
-        self._unremoved: set[str] = set()
+        # Jobs the bot is done with that Redis still holds because a worker had them locked, with their
+        # queues; removed once the worker lets go (it stops a batch the bot gave up on at its next step).
+        self._unremoved: dict[str, str] = {}
         self._room = asyncio.Event()
         self._closed = False
         # Set when run() ends: the helper loops stop at their next turn even if a cancellation is lost.
@@ -125,8 +161,11 @@ class RemoteRunner:
         self._task: asyncio.Task[None] | None = None
         self._helpers: set[asyncio.Task[Any]] = set()
         self._client: redis.Redis | None = None
-        self._bull: Queue | None = None
-        self._last_event = "$"
+        self._text: redis.Redis | None = None
+        self._queues: dict[str, Queue] = {}
+        # The live workers by the queue they take batches from, as the last watch found them.
+        self._groups: dict[str, _Group] = {}
+        self._last_events: dict[str, str] = {}
         self.live_workers = 0
         # Why the workers cannot be reached now, for /queue and the health file; None while they can.
         self.problem: str | None = None
@@ -172,11 +211,11 @@ class RemoteRunner:
 
     async def run(self) -> None:
         self._client = redis.from_url(self._url, socket_connect_timeout=5, socket_timeout=15)
-        text = redis.from_url(self._url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
-        self._bull = Queue(QUEUE_NAME, {"connection": text})
+        self._text = redis.from_url(
+            self._url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
+        )
         try:
             await self._take_back()
-            self._spawn(self._listen(), "i2p2i-remote-events")
             self._spawn(self._watch(), "i2p2i-remote-watch")
             await self._feed()
             await self._drain()
@@ -188,7 +227,8 @@ class RemoteRunner:
                 await self._hand_back(
                     sent, BatchFailure("the bot stopped", FailureKind.INTERRUPTED), forget=False
                 )
-            await _close_within(self._bull.close(), "the BullMQ queue")
+            for name, bull in self._queues.items():
+                await _close_within(bull.close(), f"the BullMQ queue {name}")
             await _close_within(self._client.aclose(), "the Redis client")
 
     async def _end_helpers(self) -> None:
@@ -211,19 +251,64 @@ class RemoteRunner:
     # -- sending ---------------------------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        """Form a batch each time a worker has room for one, and send it."""
+        """Form a batch each time a worker has room for one, among the jobs such a worker can run, and
+        send it to the queue of the workers that can make it."""
         while not self._closed:
-            if len(self._sent) >= self.live_workers + 1 or self.problem is not None:
+            if self.problem is not None or not any(self._room_on(name) for name in self._groups):
                 self._room.clear()
                 await self._room.wait()
                 continue
-            batch = await self._source.next_batch()
+            batch = await self._source.next_batch(self._can_send)
             if batch is None:
                 return
-            sent = _Sent(batch, 1, self._clock())
+            queue = self._queue_for(batch.params)
+            if queue is None:  # its workers went away while the batch was formed: its images wait again
+                gone = BatchFailure("no GPU worker can make it now", FailureKind.INTERRUPTED)
+                await self._source.batch_result(batch, gone)
+                continue
+            sent = _Sent(batch, 1, self._clock(), queue=queue)
             sent.bull_id = job_id(self._run, batch.id, sent.attempt)
             self._sent[sent.bull_id] = sent
             await self._enqueue(sent)
+
+    def _can_send(self, params: GenerationParams) -> bool:
+        return self.problem is None and self._queue_for(params) is not None
+
+    def _room_on(self, queue: str) -> bool:
+        """Whether the workers of a queue have room: one batch each, and one more waiting for the first
+        of them to be free."""
+        group = self._groups.get(queue)
+        if group is None:
+            return False
+        out = sum(1 for sent in self._sent.values() if sent.queue == queue)
+        return out < group.workers + 1
+
+    def _queue_for(self, params: GenerationParams) -> str | None:
+        """The queue of live workers with room that can run these params: of those, the one with the
+        fewest batches out per worker, then the one that offers least (keeping the others for what only
+        they can make); None when there is none."""
+        best: tuple[float, int, str] | None = None
+        for name, group in self._groups.items():
+            if not group.capabilities.can_run(params) or not self._room_on(name):
+                continue
+            out = sum(1 for sent in self._sent.values() if sent.queue == name)
+            rank = (out / group.workers, len(group.capabilities.guides), name)
+            if best is None or rank < best:
+                best = rank
+        return None if best is None else best[2]
+
+    def _bull(self, name: str) -> Queue:
+        """The BullMQ queue of this name, opened on first use."""
+        bull = self._queues.get(name)
+        if bull is None:
+            assert self._text is not None
+            bull = self._queues[name] = Queue(name, {"connection": self._text})
+        return bull
+
+    def _wake(self) -> None:
+        """Room or workers changed: the feed looks again, and the queue plans again."""
+        self._room.set()
+        self._source.reconsider()
 
     async def _take_back(self) -> None:
         """Before sending anything, take back the batches an earlier run sent; wait while Redis is down."""
@@ -236,14 +321,16 @@ class RemoteRunner:
             await asyncio.sleep(self._poll_s)
 
     async def _adopt_all(self) -> None:
-        assert self._bull is not None
-        found: dict[str, tuple[str, BullJob]] = {}
-        for state in (*_STATES_TAKEN_BACK, "failed"):
-            for job in await self._bull.getJobs([state], 0, -1, True):
-                if job is not None and job.id is not None:
-                    found.setdefault(str(job.id), (state, job))
+        assert self._client is not None
+        names = {BASE_QUEUE, *(_text(name) for name in await self._client.smembers(QUEUES_KEY))}
+        found: dict[str, tuple[str, BullJob, str]] = {}
+        for name in sorted(names):
+            for state in (*_STATES_TAKEN_BACK, "failed"):
+                for job in await self._bull(name).getJobs([state], 0, -1, True):
+                    if job is not None and job.id is not None:
+                        found.setdefault(str(job.id), (state, job, name))
         adopted = 0
-        for bull_id, (state, job) in found.items():
+        for bull_id, (state, job, queue) in found.items():
             if bull_id in self._sent:
                 continue
             batch = None
@@ -253,34 +340,46 @@ class RemoteRunner:
                     items = payload_items(job.data)
                     batch = await self._source.adopt(items)
             if batch is None:
-                await self._discard(bull_id, job.returnvalue if state == "completed" else None)
+                await self._discard(bull_id, queue, job.returnvalue if state == "completed" else None)
                 continue
             kept = {(item.job_id, item.index) for item in batch.items}
-            sent = _Sent(batch, attempt_of(bull_id), self._clock(), enqueued=True, bull_id=bull_id)
+            sent = _Sent(
+                batch, attempt_of(bull_id), self._clock(), enqueued=True, bull_id=bull_id, queue=queue
+            )
             sent.positions = tuple(i for i, item in enumerate(items) if item in kept)
             if state == "active":
                 sent.started_at = sent.made_at
             self._sent[bull_id] = sent
+            self._listen_to(queue)
             adopted += 1
             log.info("took back batch %s (%s, %d images) from the last run", bull_id, state, len(kept))
         if found:
             log.info("found %d batches of the last run in Redis; %d still wanted", len(found), adopted)
 
-    async def _discard(self, bull_id: str, returnvalue: Any) -> None:
+    async def _discard(self, bull_id: str, queue: str, returnvalue: Any) -> None:
         """Drop a job of an earlier run that nothing wants, and its PNGs if it made any."""
-        assert self._bull is not None and self._client is not None
+        assert self._client is not None
         await self._cancel(bull_id)
-        await self._forget(bull_id)
+        await self._forget(bull_id, queue)
         with contextlib.suppress(WireError, ValueError):
             keys = [ref.key for ref in ResultRefs.from_json(returnvalue).images] if returnvalue else []
             if keys:
                 await self._client.delete(*keys)
 
     async def _enqueue(self, sent: _Sent) -> None:
-        assert self._bull is not None
-        payload = batch_payload(sent.batch)
+        """Send a batch to its queue, its guide sources first (into Redis, for workers elsewhere)."""
+        assert self._client is not None
+        names = [spec.guide_source for spec in sent.batch.specs if spec.guide_source is not None]
         try:
-            await self._bull.add("batch", payload, {"jobId": sent.bull_id, "attempts": 1})
+            sources = await carry(self._client, self._sources_dir, names)
+            await self._client.sadd(QUEUES_KEY, sent.queue)
+            payload = batch_payload(sent.batch, sources)
+            self._listen_to(sent.queue)
+            await self._bull(sent.queue).add("batch", payload, {"jobId": sent.bull_id, "attempts": 1})
+        except SourceUnavailable as exc:
+            log.warning("batch %s: %s", sent.bull_id, exc)
+            await self._hand_back(sent, BatchFailure(str(exc), FailureKind.PERMANENT), forget=False)
+            return
         except REDIS_DOWN as exc:
             self._unreachable(exc)
             return
@@ -299,23 +398,29 @@ class RemoteRunner:
 
     # -- hearing back ----------------------------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        """Follow BullMQ's events; a listener that loses Redis is started again where it left off."""
+    def _listen_to(self, queue: str) -> None:
+        """Follow a queue's events from now on (once per queue)."""
+        if queue not in self._last_events:
+            self._last_events[queue] = "$"
+            self._spawn(self._listen(queue), f"i2p2i-remote-events-{queue}")
+
+    async def _listen(self, queue: str) -> None:
+        """Follow a queue's BullMQ events; a listener that loses Redis is started again where it left off."""
         while not self._ending:
             conn = redis.from_url(self._url, decode_responses=True, socket_connect_timeout=5)
             events = QueueEvents(
-                QUEUE_NAME,
+                queue,
                 {
                     "connection": conn,
                     "autorun": False,
-                    "lastEventId": self._last_event,
+                    "lastEventId": self._last_events[queue],
                     "blockingTimeout": 1000,
                 },
             )
-            events.on("active", self._on_event(self._on_active))
-            events.on("progress", self._on_event(self._on_progress))
-            events.on("completed", self._on_event(self._on_completed))
-            events.on("failed", self._on_event(self._on_failed))
+            events.on("active", self._on_event(queue, self._on_active))
+            events.on("progress", self._on_event(queue, self._on_progress))
+            events.on("completed", self._on_event(queue, self._on_completed))
+            events.on("failed", self._on_event(queue, self._on_failed))
             events.on("error", lambda error, *_: self._unreachable(error))
             try:
                 await events.run()
@@ -326,9 +431,9 @@ class RemoteRunner:
                     await events.close()
             await asyncio.sleep(self._poll_s)
 
-    def _on_event(self, handler: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+    def _on_event(self, queue: str, handler: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
         def on(args: dict[str, Any], entry_id: str, *_: Any) -> None:
-            self._last_event = entry_id
+            self._last_events[queue] = entry_id
             handler(args)
 
         return on
@@ -362,16 +467,14 @@ class RemoteRunner:
             self.start_latencies_s.append(sent.started_at - sent.made_at)
 
     async def _watch(self) -> None:
-        """Every poll_s: count live workers, send what could not be sent, check each batch's state."""
-        assert self._client is not None and self._bull is not None
+        """Every poll_s: find the live workers and what they can run, send what could not be sent, check
+        each batch's state."""
+        assert self._client is not None
         while not self._ending:
             try:
-                workers = 0
-                async for _ in self._client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100):
-                    workers += 1
-                self.live_workers = workers
-                for bull_id in list(self._unremoved):
-                    await self._forget(bull_id)
+                workers = await self._find_workers()
+                for bull_id, queue in list(self._unremoved.items()):
+                    await self._forget(bull_id, queue)
                 for sent in list(self._sent.values()):
                     if not sent.enqueued:
                         await self._enqueue(sent)
@@ -382,21 +485,56 @@ class RemoteRunner:
                 self.problem = None
             except REDIS_DOWN as exc:
                 self._unreachable(exc)
-            self._room.set()
+            self._wake()
             await asyncio.sleep(self._poll_s)
 
+    async def _find_workers(self) -> int:
+        """Read the live workers' records: group them by queue, follow each queue, and tell the queue why
+        the jobs that none of them can run wait. Returns how many are live."""
+        assert self._text is not None
+        keys = [key async for key in self._text.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100)]
+        groups: dict[str, _Group] = {}
+        for key in keys:
+            record = await self._text.hgetall(key)
+            if not record:
+                continue  # it expired between the scan and the read
+            capabilities = Capabilities.from_record(cast(dict[str, str], record))
+            # The queue the worker takes from is the one its capabilities name: a record that says another
+            # (a different version's) is not trusted to run what this bot sends there.
+            queue = capabilities.queue if record.get("queue", BASE_QUEUE) == capabilities.queue else None
+            if queue is None:
+                continue
+            found = groups.get(queue)
+            groups[queue] = _Group(capabilities, 1 if found is None else found.workers + 1)
+        if groups.keys() != self._groups.keys():
+            log.info(
+                "live GPU workers: %s",
+                "; ".join(
+                    f"{g.workers} offering {', '.join(g.capabilities.guides) or 'no guides'}"
+                    for g in groups.values()
+                )
+                or "none",
+            )
+        self._groups = groups
+        for queue in groups:
+            self._listen_to(queue)
+        live = [group.capabilities for group in groups.values()]
+        self._source.set_blocker(lambda params: waiting_reason(params, live))
+        self.live_workers = sum(group.workers for group in groups.values())
+        return self.live_workers
+
     async def _check(self, sent: _Sent) -> None:
-        assert self._bull is not None
+        bull = self._bull(sent.queue)
         bull_id = sent.bull_id
-        state = await self._bull.getJobState(bull_id)
+        state = await bull.getJobState(bull_id)
         if bull_id not in self._sent or bull_id in self._taking:
             return
         if state == "completed":
-            job = await BullJob.fromId(self._bull, bull_id)
+            job = await BullJob.fromId(bull, bull_id)
             if job is not None:
                 self._spawn(self._take(bull_id, job.returnvalue), "i2p2i-remote-result")
         elif state == "failed":
-            job = await BullJob.fromId(self._bull, bull_id)
+            job = await BullJob.fromId(bull, bull_id)
             reason = job.failedReason if job is not None else ""
             self._spawn(
                 self._failed(bull_id, reason or "the batch failed on a worker"), "i2p2i-remote-result"
@@ -404,12 +542,23 @@ class RemoteRunner:
         elif state == "unknown":  # Redis lost it (a flush, a restart without AOF): send it again
             log.warning("batch %s is gone from Redis; sending it again", bull_id)
             del self._sent[bull_id]
-            again = _Sent(sent.batch, sent.attempt + 1, sent.made_at)
+            again = _Sent(sent.batch, sent.attempt + 1, sent.made_at, queue=sent.queue)
             again.bull_id = job_id(self._run, sent.batch.id, again.attempt)
             self._sent[again.bull_id] = again
             await self._enqueue(again)
         elif state == "active":
             self._started(sent)
+        elif (
+            state in ("waiting", "prioritized", "delayed")
+            and sent.queue not in self._groups
+            # Every worker that could take it is gone: its images wait in the ring again, for a worker
+            # that can make them (unless one took it meanwhile, when Redis refuses to remove it).
+            and await bull.remove(bull_id) == 1
+            and bull_id in self._sent
+        ):
+            log.warning("batch %s: no live worker takes from %s; taking it back", bull_id, sent.queue)
+            gone = BatchFailure("its GPU workers went away", FailureKind.INTERRUPTED)
+            await self._hand_back(sent, gone, forget=False)
         if sent.started_at is not None and self._clock() - sent.started_at > self._timeout_s:
             log.error("batch %s took longer than %g s; failing its jobs", bull_id, self._timeout_s)
             reason = f"generation took longer than {self._timeout_s:g} s and was abandoned"
@@ -470,29 +619,29 @@ class RemoteRunner:
     ) -> None:
         if not popped and self._sent.pop(sent.bull_id, None) is None:
             return
-        self._room.set()
+        self._wake()
         self.batches_run += 1
         await self._source.batch_result(sent.batch, outcome)
         if forget:
-            await self._forget(sent.bull_id)
+            await self._forget(sent.bull_id, sent.queue)
 
-    async def _forget(self, bull_id: str) -> None:
+    async def _forget(self, bull_id: str, queue: str) -> None:
         """Remove a job the bot is done with (made, failed or given up) from Redis, with its cancel key.
 
         BullMQ keeps finished jobs until they are removed, and refuses to remove one a worker holds: such a
         job is tried again at each watch until its worker lets go, so none pile up between restarts.
         """
-        assert self._bull is not None and self._client is not None
+        assert self._client is not None
         try:
-            removed = await self._bull.remove(bull_id)
+            removed = await self._bull(queue).remove(bull_id)
             if removed == 1:
                 await self._client.delete(cancel_key(bull_id))
         except (*REDIS_DOWN, redis.ResponseError):
             removed = 0
         if removed == 1:
-            self._unremoved.discard(bull_id)
+            self._unremoved.pop(bull_id, None)
         else:
-            self._unremoved.add(bull_id)
+            self._unremoved[bull_id] = queue
 
     async def _cancel(self, bull_id: str) -> None:
         """Ask the worker that holds a batch to stop it at its next step (it fails the job)."""
@@ -516,6 +665,10 @@ class RemoteRunner:
         self._helpers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s failed", task.get_name(), exc_info=task.exception())
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _result(batch: Batch, refs: ResultRefs, blobs: list[bytes | None]) -> BatchResult | BatchFailure:

@@ -2,7 +2,8 @@
 
 Plain JSON and key names, without torch or discord, so the bot, the workers and the tests agree on one
 format. Images travel by reference: a worker writes each PNG to its own key with a time to live, and the
-result names the keys and the PNGs' sha256.
+result names the keys and the PNGs' sha256; a guided batch's source images travel the other way the same
+way (remote_sources.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +20,19 @@ from i2p2i_bot.guides import GuideError, check_guides, guides_from_json, guides_
 from i2p2i_bot.loras import loras_from_json, loras_json
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 
-# The BullMQ queue the bot adds batches to and the workers take them from.
-QUEUE_NAME = "i2p2i-batches"
 # A live worker's record: a hash that the worker refreshes and that expires when it stops doing so.
 WORKER_KEY_PREFIX = "i2p2i:worker:"
 RESULT_KEY_PREFIX = "i2p2i:result:"
+SOURCE_KEY_PREFIX = "i2p2i:source:"
+# The BullMQ queues the bot has sent batches to (one per set of worker capabilities), for a restarted bot
+# to look for its batches in.
+QUEUES_KEY = "i2p2i:queues"
 # Set by the bot on a batch it gave up on (too slow, or nobody wants it after a restart): its worker stops
 # it at the next step. BullMQ cannot remove a job a worker holds, so the worker is asked instead.
 CANCEL_KEY_PREFIX = "i2p2i:cancel:"
 # How long a result's PNGs wait in Redis for the bot; longer than any outage the bot should ride out.
 RESULT_TTL_S = 24 * 3600
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Reasons a worker gives when a batch fails: the first word says whose fault it is.
 PERMANENT = "permanent"
 TRANSIENT = "transient"
@@ -52,10 +57,11 @@ def attempt_of(bull_job_id: str) -> int:
     return int(attempt) if attempt.isdigit() else 1
 
 
-def batch_payload(batch: Batch) -> dict[str, Any]:
+def batch_payload(batch: Batch, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """A batch as the workers get it; `items` (job, image index) are for the bot, which finds the batches
-    it sent before a restart by them."""
+    it sent before a restart by them; `sources` the sha256 of each guide source's PNG, by its name."""
     return {
+        "sources": sources or {},
         "items": [[item.job_id, item.index] for item in batch.items],
         "params": {
             **dataclasses.asdict(batch.params),
@@ -107,7 +113,7 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
                 str(s["negative_prompt"]),
                 int(s["seed"]),
                 None if s["source_embedding"] is None else tuple(float(x) for x in s["source_embedding"]),
-                guide_source=None if s.get("guide_source") is None else str(s["guide_source"]),
+                guide_source=None if s.get("guide_source") is None else _hash(s["guide_source"]),
                 keep_flagged=s.get("keep_flagged") is True,
             )
             for s in payload["specs"]
@@ -117,6 +123,24 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
     if not specs:
         raise WireError("a batch without images")
     return params, specs
+
+
+def payload_sources(payload: Any) -> dict[str, str]:
+    """The sha256 of each guide source's PNG a batch's payload carries, by source name; WireError when
+    they are malformed."""
+    raw = payload.get("sources") if isinstance(payload, dict) else None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise WireError("a batch whose sources are not a mapping")
+    return {_hash(name): _hash(digest) for name, digest in raw.items()}
+
+
+def _hash(value: Any) -> str:
+    """A sha256 in hex: a source's name is a file name on the worker, so nothing else may pass."""
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise WireError(f"not a sha256: {value!r}")
+    return value
 
 
 def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:

@@ -8,6 +8,11 @@ lock renewal never stalls; if the lock is lost anyway (the worker was paused, cu
 its next step, and BullMQ refuses the finish of a worker whose lock is gone. A batch the bot gave up on
 (it took longer than queue.job_timeout_s) stops at its next step too: the bot sets a cancel key, which
 the worker looks for every CANCEL_POLL_S while the batch runs.
+
+The worker says what it can run (its guides) in its record, and takes batches from the BullMQ queue of
+workers with the same capabilities (worker_capabilities.py), so it gets only batches it can make. A
+guided batch's source image that this machine lacks is fetched from Redis and kept under its own data
+folder (remote_sources.py).
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ from i2p2i_bot.batches import BatchResult
 from i2p2i_bot.config import Settings
 from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory, GpuWorker, Priority
 from i2p2i_bot.image_engine import ImageEngine
+from i2p2i_bot.remote_sources import NOT_FETCHED, SourceUnavailable, fetch
 from i2p2i_bot.remote_wire import (
     PERMANENT,
-    QUEUE_NAME,
     RESULT_TTL_S,
     TRANSIENT,
     WORKER_KEY_PREFIX,
@@ -48,10 +53,12 @@ from i2p2i_bot.remote_wire import (
     batch_from_payload,
     cancel_key,
     failure_reason,
+    payload_sources,
     result_key,
     sha256,
 )
 from i2p2i_bot.request import GenerationError
+from i2p2i_bot.worker_capabilities import Capabilities
 
 log = logging.getLogger("i2p2i.worker")
 
@@ -107,6 +114,7 @@ class RemoteWorker:
         self._lost: dict[str, threading.Event] = {}
         self._stop = asyncio.Event()
         self.exit_code = 0
+        self.capabilities = Capabilities()
 
     def stop(self) -> None:
         """Take no more batches; the running one finishes. Safe in a signal handler."""
@@ -114,9 +122,10 @@ class RemoteWorker:
 
     async def run(self) -> int:
         self._engine = await self._gpu.run(self._loader, self._settings, priority=Priority.URGENT)
+        self.capabilities = Capabilities.of(self._engine.offered_guides)
         client = self._client = redis.from_url(self._url)
         worker = Worker(
-            QUEUE_NAME,
+            self.capabilities.queue,
             self._process,
             {
                 "connection": self._url,
@@ -132,7 +141,13 @@ class RemoteWorker:
         worker.on("error", lambda *args: log.warning("queue error: %s", args[0] if args else "?"))
         heartbeat = asyncio.create_task(self._heartbeat(client), name="i2p2i-worker-heartbeat")
         running = asyncio.create_task(worker.run(), name="i2p2i-worker")
-        log.info("worker %s ready: %s", self.id, self._engine.models)
+        log.info(
+            "worker %s ready: %s, guides %s, queue %s",
+            self.id,
+            self._engine.models,
+            ", ".join(self.capabilities.guides) or "none",
+            self.capabilities.queue,
+        )
         try:
             await asyncio.wait(
                 {running, asyncio.create_task(self._stop.wait())}, return_when="FIRST_COMPLETED"
@@ -158,6 +173,8 @@ class RemoteWorker:
             "models": json.dumps(self._engine.models),
             "device": self._settings.models.device,
             "started_at": str(time.time()),
+            "queue": self.capabilities.queue,
+            **self.capabilities.record(),
         }
         while True:
             try:
@@ -183,8 +200,18 @@ class RemoteWorker:
             params, specs = batch_from_payload(job.data)
             for spec in specs:
                 engine.plan(as_request(params, spec))
+            sources = payload_sources(job.data)
         except (WireError, GenerationError) as exc:
             raise UnrecoverableError(failure_reason(PERMANENT, str(exc))) from None
+        assert self._client is not None
+        try:
+            await fetch(self._client, self._settings.sources_path, sources)
+        except SourceUnavailable as exc:
+            log.warning("batch %s: %s", job.id, exc)
+            raise UnrecoverableError(failure_reason(PERMANENT, str(exc))) from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.warning("batch %s: could not fetch its source images (%s)", job.id, exc)
+            raise UnrecoverableError(failure_reason(TRANSIENT, NOT_FETCHED)) from None
         lost = self._lost[job.id] = threading.Event()
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()

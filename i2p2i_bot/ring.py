@@ -4,6 +4,8 @@ Each member has a FIFO of jobs, each job a list of images still to hand out. Mem
 one image each per pass, so nobody waits behind another member's backlog. A batch holds images with the same
 GenerationParams as the first member's next job, from several members in ring order; a member whose next job
 has other params is skipped for that batch and keeps its place. A job marked solo runs in a batch of its own.
+A plan may be limited to what can run now (remote GPU workers offer different guides): jobs that cannot
+are passed over, their members keep their places, and among the rest the ring is as fair as ever.
 
 Plain state and no I/O: the job queue drives it on the event loop today, remote GPU workers may later.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from i2p2i_bot.request import GenerationParams
@@ -152,19 +154,28 @@ class FairRing:
         """The indices of a job's images that wait to be handed out."""
         return frozenset(self._jobs[job_id].pending)
 
-    def plan(self) -> Pick | None:
+    def plan(self, can_run: Callable[[GenerationParams], bool] | None = None) -> Pick | None:
         """The next batch, without handing it out: one image per member per pass, in ring order, all with
-        the first member's next job's params; None when nothing waits."""
-        if not self._members:
-            return None
+        the first member's next job's params; None when nothing waits.
+
+        With `can_run`, jobs whose params it refuses are passed over as if they were not there: the first
+        member with a job it accepts leads, each member's first such job sets what joins, and members
+        passed over keep their places for when their jobs can run."""
+        accepted = _Memo(can_run)
         limit = self.max_batch_images
-        head = next(iter(self._members.values()))[0]
+        head: _Job | None = None
+        for jobs in self._members.values():
+            head = next((job for job in jobs if accepted(job.params)), None)
+            if head is not None:
+                break
+        if head is None:
+            return None
         if head.solo:
             return Pick(
                 head.params, tuple((head.id, index) for index in itertools.islice(head.pending, limit))
             )
         items: list[tuple[int, int]] = []
-        streams = [_compatible(jobs, head.params) for jobs in self._members.values()]
+        streams = [_compatible(jobs, head.params, accepted) for jobs in self._members.values()]
         while streams and len(items) < limit:
             still: list[Iterator[tuple[int, int]]] = []
             for stream in streams:
@@ -190,10 +201,11 @@ class FairRing:
             self._drop_waiting(job.owner, 1)
             last_position[job.owner] = position
         for owner in last_position:
-            jobs = self._members[owner]
-            while jobs and not jobs[0].pending:
-                jobs.popleft()
-            if not jobs:
+            # A pick limited to what can run may empty a job behind one passed over, not only the first.
+            jobs = deque(job for job in self._members[owner] if job.pending)
+            if jobs:
+                self._members[owner] = jobs
+            else:
                 del self._members[owner]
         for owner in sorted(last_position, key=last_position.__getitem__):
             self._last_served[owner] = self._served_images + last_position[owner]
@@ -265,13 +277,34 @@ class FairRing:
             del self._waiting[owner]
 
 
-def _compatible(jobs: deque[_Job], params: GenerationParams) -> Iterator[tuple[int, int]]:
-    """A member's images that can join a batch: their FIFO's first jobs with the same params, in order."""
+def _compatible(
+    jobs: deque[_Job], params: GenerationParams, accepted: Callable[[GenerationParams], bool]
+) -> Iterator[tuple[int, int]]:
+    """A member's images that can join a batch: their FIFO's first jobs with the same params, in order,
+    passing over jobs that cannot run now."""
     for job in jobs:
+        if not accepted(job.params):
+            continue
         if job.solo or job.params != params:
             return
         for index in job.pending:
             yield job.id, index
+
+
+class _Memo:
+    """A plan's `can_run`, asked once per distinct params (None accepts everything)."""
+
+    def __init__(self, can_run: Callable[[GenerationParams], bool] | None) -> None:
+        self._can_run = can_run
+        self._known: dict[GenerationParams, bool] = {}
+
+    def __call__(self, params: GenerationParams) -> bool:
+        if self._can_run is None:
+            return True
+        found = self._known.get(params)
+        if found is None:
+            found = self._known[params] = self._can_run(params)
+        return found
 
 
 def _insert_by_id(jobs: deque[_Job], job: _Job) -> None:

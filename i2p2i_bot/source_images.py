@@ -13,7 +13,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from i2p2i_bot.i18n import N_
 from i2p2i_bot.request import GenerationError
+
+GONE = N_("The source image these guides keep elements of is no longer stored; upload it again.")
 
 
 class SourceImages:
@@ -63,6 +66,4 @@ class SourceImages:
             with Image.open(path) as image:
                 return image.convert("RGB")
         except FileNotFoundError:
-            raise GenerationError(
-                "The source image these guides keep elements of is no longer stored; upload it again."
-            ) from None
+            raise GenerationError(GONE) from None

@@ -68,15 +68,26 @@ class RedisServer:
 class Workers:
     """`i2p2i worker` processes running the stub engine; each logs the batches it starts to one file."""
 
-    def __init__(self, server: RedisServer, directory: Path, *, step_s: float, lock_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        server: RedisServer,
+        directory: Path,
+        *,
+        step_s: float,
+        lock_s: float = 2.0,
+        guides: Sequence[str] = (),
+    ) -> None:
+        """Workers whose data folder is `directory`/data (not the bot's), offering `guides`."""
         self.server = server
         self.directory = directory
         self.step_s = step_s
+        self.guides = guides
+        self.data = directory / "data"
         self.log = directory / "batches.jsonl"
         self.config = directory / "worker.toml"
         directory.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
-            f'data_dir = "{directory / "data"}"\n[queue]\nworker_lock_s = {lock_s}\nstop_grace_s = 2.0\n',
+            f'data_dir = "{self.data}"\n[queue]\nworker_lock_s = {lock_s}\nstop_grace_s = 2.0\n',
             encoding="utf-8",
         )
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -88,6 +99,7 @@ class Workers:
             "I2P2I_TEST_ENGINE": STUB_ENGINE,
             "I2P2I_STUB_STEP_S": str(self.step_s),
             "I2P2I_STUB_LOG": str(self.log),
+            "I2P2I_STUB_GUIDES": ",".join(self.guides),
         }
         env.pop("I2P2I_REDIS_URL", None)
         started = []

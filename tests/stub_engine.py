@@ -3,36 +3,63 @@
 Selected with I2P2I_TEST_ENGINE=tests.stub_engine:load. I2P2I_STUB_STEP_S sets the sleep per denoising
 step; I2P2I_STUB_LOG names a file that gets one JSON line per batch the worker starts (its pid and seeds),
 so a test can tell when a batch is on a worker and which one, and whether its process imported torch.
+I2P2I_STUB_GUIDES lists the guides it offers (comma-separated); a guided batch reads each image's source
+from the worker's own data folder, as the real engine does, and logs the sha256 of the bytes it read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.config import GenerateSettings, Settings
+from i2p2i_bot.guides import GUIDE_NAMES, GuideName
 from i2p2i_bot.request import GenerationParams, ImageSpec
+from i2p2i_bot.source_images import SourceImages
 from tests.fake_engine import FakeEngine
 
 
 class StubEngine(FakeEngine):
     settings = GenerateSettings(steps=2, max_steps=50, width=64, height=64, min_side=64, max_side=128)
 
-    def __init__(self, step_s: float, log_path: str | None) -> None:
+    def __init__(
+        self,
+        step_s: float,
+        log_path: str | None,
+        guides: Sequence[GuideName] = (),
+        sources_dir: Path | None = None,
+    ) -> None:
         super().__init__()
         self.step_s = step_s
         self.log_path = log_path
+        self.offered_guides = tuple(guides)
+        self.sources = SourceImages(sources_dir)
 
     def generate_batch(
         self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
     ) -> BatchResult:
+        read = []
+        for spec in specs:
+            if spec.guide_source is not None:
+                self.sources.open(spec.guide_source)  # as the real engine does: GenerationError if gone
+                path = self.sources.path(spec.guide_source)
+                assert path is not None
+                read.append(hashlib.sha256(path.read_bytes()).hexdigest())
         if self.log_path:
             with open(self.log_path, "a", encoding="utf-8") as log:
-                line = {"pid": os.getpid(), "seeds": [s.seed for s in specs], "torch": "torch" in sys.modules}
+                line = {
+                    "pid": os.getpid(),
+                    "seeds": [s.seed for s in specs],
+                    "torch": "torch" in sys.modules,
+                    "guides": [g.name for g in params.keep],
+                    "sources": read,
+                }
                 log.write(json.dumps(line) + "\n")
 
         def slow_step(step: int, total: int) -> None:
@@ -44,4 +71,10 @@ class StubEngine(FakeEngine):
 
 
 def load(settings: Settings) -> StubEngine:
-    return StubEngine(float(os.environ.get("I2P2I_STUB_STEP_S", "0.05")), os.environ.get("I2P2I_STUB_LOG"))
+    offered = os.environ.get("I2P2I_STUB_GUIDES", "").split(",")
+    return StubEngine(
+        float(os.environ.get("I2P2I_STUB_STEP_S", "0.05")),
+        os.environ.get("I2P2I_STUB_LOG"),
+        [name for name in GUIDE_NAMES if name in offered],
+        settings.sources_path,
+    )

@@ -57,3 +57,30 @@ async def test_queue_and_admin_queue_say_when_gpu_workers_are_unreachable(
         monkeypatch.setattr(bot.runner, "problem", None, raising=False)
         assert (await answer(server, "queue", "bob"))["content"] == "You have nothing queued."
         assert (await answer(server, "admin queue", "owner"))["content"] == "The queue is paused."
+
+
+async def test_a_job_no_live_worker_can_run_says_why_on_its_message_and_in_queue(
+    server: FakeDiscord, base_settings: Settings, tmp_path: Path
+) -> None:
+    """When the queue hears that nothing can make a job now, its status message is edited to say what it
+    waits for, and /queue says the same; the job stays queued, and once something can, the line goes."""
+    settings = bot_settings(base_settings, tmp_path / "data", server)
+    async with running_i2p2i(settings, server, FakeEngine()) as bot:
+        bot.queue.pause()
+        job = await server.push_slash("imagine", {"prompt": "a red kite", "count": 1}, user="alice")
+        await job.wait_followup(timeout_s=30)
+        waiting = "⏳ Job #1 is queued, waiting for a GPU worker that can keep edges."
+
+        def shown() -> list[str]:
+            return [m.content for m in (job.original, *job.followups) if m is not None]
+
+        bot.queue.set_blocker(lambda params: "waiting for a GPU worker that can keep edges")
+        await server.wait_until(lambda: waiting in shown() or None, timeout_s=10, what="the waiting line")
+        assert waiting in str((await answer(server, "queue", "alice"))["embeds"])
+        assert [j.status for j in bot.queue.active_jobs()] == ["queued"]
+
+        bot.queue.set_blocker(None)
+        await server.wait_until(
+            lambda: "⏳ Job #1 is next in line." in shown() or None, timeout_s=10, what="the line gone"
+        )
+        assert waiting not in str((await answer(server, "queue", "alice"))["embeds"])

@@ -21,16 +21,24 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
+from PIL import Image
 
+from i2p2i_bot import remote
+from i2p2i_bot.cards import status_text
 from i2p2i_bot.config import QueueSettings
+from i2p2i_bot.events import Subscription
 from i2p2i_bot.gpu import GpuWorker
-from i2p2i_bot.jobs import JobStatus
+from i2p2i_bot.guides import Guide
+from i2p2i_bot.jobs import EventKind, JobEvent, JobStatus
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.remote import CLOSE_S, UNREACHABLE, RemoteRunner
-from i2p2i_bot.remote_wire import CANCEL_KEY_PREFIX, QUEUE_NAME, RESULT_KEY_PREFIX, WORKER_KEY_PREFIX
+from i2p2i_bot.remote_sources import DAMAGED, NOT_CARRIED, carry, source_key
+from i2p2i_bot.remote_wire import CANCEL_KEY_PREFIX, RESULT_KEY_PREFIX, WORKER_KEY_PREFIX, sha256
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.source_images import GONE, SourceImages
 from i2p2i_bot.store import Store
+from i2p2i_bot.worker_capabilities import BASE_QUEUE
 from tests.fake_engine import FakeEngine
 from tests.redis_server import ROOT, RedisServer, Workers, redis_server_path
 from tests.requests import job_request
@@ -117,7 +125,7 @@ async def live_workers(server: RedisServer, n: int) -> None:
 def bull_jobs(server: RedisServer) -> list[str]:
     """The BullMQ jobs Redis still holds, in any state."""
     client = server.client()
-    keys = cast(list[bytes], client.keys(f"bull:{QUEUE_NAME}:*"))
+    keys = cast(list[bytes], client.keys(f"bull:{BASE_QUEUE}:*"))
     return [key.decode() for key in keys if key.decode().rpartition(":")[2].isdigit()]
 
 
@@ -309,7 +317,7 @@ async def test_a_restarted_bot_takes_back_the_batch_its_last_run_sent(
         bot.kill()
         bot.wait(timeout=10)
         if at_restart == "made":
-            await until(lambda: client.zcard(f"bull:{QUEUE_NAME}:completed") == 1, "the batch being made")
+            await until(lambda: client.zcard(f"bull:{BASE_QUEUE}:completed") == 1, "the batch being made")
         elif at_restart == "gone from Redis":
             client.flushall()
         store = await Store.open(db, images_dir=images)
@@ -377,3 +385,163 @@ async def test_stopping_the_runner_at_any_moment_ends_within_its_bound(
         await asyncio.sleep(rng.uniform(0.0, 0.1))
         await bounded(runner.stop(1), "the runner stopping", 1 + 2 * CLOSE_S)
         assert not runner.running
+
+
+# -- guided batches and workers that differ ------------------------------------------------------------
+
+EDGES = dataclasses.replace(PARAMS, keep=(Guide("edges", 0.8),))
+SOURCE = "ab" * 32  # a source's name: the sha256 of the member's upload
+
+
+def bot_source(tmp_path: Path) -> tuple[Path, bytes]:
+    """The bot's sources folder, holding SOURCE as the bot keeps it, and its PNG bytes."""
+    sources = tmp_path / "bot-data" / "sources"
+    path = SourceImages(sources).save(SOURCE, Image.new("RGB", (64, 64), (200, 30, 90)))
+    return sources, path.read_bytes()
+
+
+async def guided_runner(
+    store: Store, server: RedisServer, sources: Path | None
+) -> tuple[JobQueue, RemoteRunner]:
+    queue = await JobQueue.open(store, remote_settings(server))
+    return queue, RemoteRunner(queue, remote_settings(server), poll_s=0.2, sources_dir=sources)
+
+
+async def test_a_guided_batch_reaches_a_worker_on_another_data_folder_with_the_bots_exact_source(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """The worker's data folder is not the bot's: the source travels through Redis, the worker keeps the
+    very bytes the bot holds, and its engine reads them for each image."""
+    sources, png = bot_source(tmp_path)
+    pool = Workers(server, tmp_path / "edges", step_s=0.05, lock_s=LOCK_S, guides=("edges",))
+    try:
+        pool.spawn(1)
+        await live_workers(server, 1)
+        queue, runner = await guided_runner(store, server, sources)
+        runner.start()
+        job = await queue.submit(job_request(1, "kite", EDGES, count=2, seed=3, guide_source=SOURCE))
+        await bounded(queue.join(), "the queue emptying")
+        await bounded(runner.stop(5), "the runner stopping", 5 + 2 * CLOSE_S)
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.COMPLETE, stored
+        assert [index for index, _ in await image_rows(store, job.id)] == [0, 1]
+        assert pool.data != sources.parent
+        assert (pool.data / "sources" / f"{SOURCE}.png").read_bytes() == png
+        (batch,) = started_batches(pool)
+        assert batch["guides"] == ["edges"] and batch["sources"] == [sha256(png)] * 2
+    finally:
+        pool.stop()
+
+
+@pytest.mark.parametrize("harm", ["damaged in Redis", "lost from Redis", "gone from the bot"])
+async def test_a_source_that_cannot_reach_the_worker_fails_its_job_with_one_sentence(
+    store: Store, server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, harm: str
+) -> None:
+    """A source damaged or lost on its way fails the batch with one sentence; the worker keeps nothing
+    and goes on to make the next job. A source the bot no longer keeps is never sent."""
+    sources, png = bot_source(tmp_path)
+    client = server.client()
+
+    async def harmed(*args: Any) -> dict[str, str]:
+        digests = await carry(*args)
+        if harm == "damaged in Redis":
+            client.set(source_key(SOURCE), png[:-8])
+        elif harm == "lost from Redis":
+            client.delete(source_key(SOURCE))
+        return digests
+
+    monkeypatch.setattr(remote, "carry", harmed)
+    if harm == "gone from the bot":
+        (sources / f"{SOURCE}.png").unlink()
+    pool = Workers(server, tmp_path / "edges", step_s=0.05, lock_s=LOCK_S, guides=("edges",))
+    try:
+        pool.spawn(1)
+        await live_workers(server, 1)
+        queue, runner = await guided_runner(store, server, sources)
+        runner.start()
+        job = await queue.submit(job_request(1, "kite", EDGES, count=2, seed=3, guide_source=SOURCE))
+        await bounded(queue.join(), "the queue emptying")
+        after = await queue.submit(job_request(2, "plain", PARAMS, count=1, seed=9))
+        await bounded(queue.join(), "the queue emptying again")
+        await bounded(runner.stop(5), "the runner stopping", 5 + 2 * CLOSE_S)
+        stored = await store.get_job(job.id)
+        assert stored is not None and stored.status is JobStatus.FAILED
+        assert (
+            stored.error
+            == {
+                "damaged in Redis": DAMAGED,
+                "lost from Redis": NOT_CARRIED,
+                "gone from the bot": GONE,
+            }[harm]
+        )
+        assert await image_rows(store, job.id) == []
+        assert not (pool.data / "sources" / f"{SOURCE}.png").exists()
+        made = await store.get_job(after.id)
+        assert made is not None and made.status is JobStatus.COMPLETE
+        assert [batch["seeds"] for batch in started_batches(pool)] == [[9]]
+        assert all(process.poll() is None for process in pool.processes)
+    finally:
+        pool.stop()
+
+
+async def test_batches_go_only_to_workers_that_can_run_them_and_a_job_nobody_can_run_waits(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """Two workers, one offering edges and one nothing beyond the prompt. While only the plain one is live,
+    an edges job waits, saying why, and plain jobs queued behind it run; once the edges worker is live the
+    job runs there, and no worker is ever given a batch it cannot make."""
+    sources, _ = bot_source(tmp_path)
+    plain = Workers(server, tmp_path / "plain", step_s=0.05, lock_s=LOCK_S)
+    edges = Workers(server, tmp_path / "edges", step_s=0.05, lock_s=LOCK_S, guides=("edges",))
+    try:
+        plain.spawn(1)
+        await live_workers(server, 1)
+        queue, runner = await guided_runner(store, server, sources)
+        events = queue.subscribe()
+        runner.start()
+        guided = await queue.submit(job_request(1, "kite", EDGES, count=3, seed=30, guide_source=SOURCE))
+        first = await queue.submit(job_request(2, "plain", PARAMS, count=2, seed=40))
+        reason = "waiting for a GPU worker that can keep edges"
+        await until(lambda: queue.position(guided.id) is not None, "the job being queued")
+
+        async def plain_done() -> bool:
+            job = await store.get_job(first.id)
+            return job is not None and job.status is JobStatus.COMPLETE
+
+        await until(plain_done, "the plain job finishing on the plain worker")
+        position = queue.position(guided.id)
+        assert position is not None and position.blocked == reason
+        assert status_text(guided, position, locale=None) == f"⏳ Job #{guided.id} is queued, {reason}."
+        waiting = await bounded(events_of(events, guided.id, EventKind.WAITING), "the waiting event")
+        assert waiting.error == reason
+        stored = await store.get_job(guided.id)
+        assert stored is not None and stored.status is JobStatus.QUEUED and stored.error is None
+
+        edges.spawn(1)
+        await bounded(queue.join(), "the queue emptying")
+        later = await queue.submit(job_request(3, "more", PARAMS, count=1, seed=50))
+        more = await queue.submit(job_request(1, "kite", EDGES, count=1, seed=60, guide_source=SOURCE))
+        await bounded(queue.join(), "the queue emptying again")
+        await bounded(runner.stop(5), "the runner stopping", 5 + 2 * CLOSE_S)
+        for job in (guided, first, later, more):
+            done = await store.get_job(job.id)
+            assert done is not None and done.status is JobStatus.COMPLETE, done
+        assert all(batch["guides"] == [] for batch in started_batches(plain))
+        assert [40, 41] in [batch["seeds"] for batch in started_batches(plain)]
+        guided_seeds = sorted(
+            s for b in started_batches(edges) if b["guides"] for s in cast(list[int], b["seeds"])
+        )
+        assert guided_seeds == [30, 31, 32, 60]
+        lifted = await bounded(events_of(events, guided.id, EventKind.WAITING), "the waiting lifted")
+        assert lifted.error is None
+    finally:
+        plain.stop()
+        edges.stop()
+
+
+async def events_of(subscription: Subscription, job_id: int, kind: EventKind) -> JobEvent:
+    """The next event of this kind for this job."""
+    while True:
+        event = await subscription.get()
+        if event.job_id == job_id and event.kind is kind:
+            return event

@@ -82,6 +82,23 @@ def test_a_member_stops_at_its_first_job_with_other_params() -> None:
     assert jobs.take() == Pick(SMALL, ((first, 0), (b, 0), (b, 1), (b, 2)))
 
 
+def test_a_plan_limited_to_what_can_run_passes_over_the_rest_and_they_keep_their_places() -> None:
+    """Jobs nothing can run now are passed over (a member's later job that can run goes instead); members
+    with nothing that can run keep their places and lead once their jobs can run."""
+    jobs = Jobs(FairRing(4))
+    a_large = jobs.add(A, 2, LARGE)
+    a_small = jobs.add(A, 2)
+    b = jobs.add(B, 2)
+    c = jobs.add(C, 1, LARGE)
+    small_only = jobs.ring.plan(lambda params: params != LARGE)
+    assert small_only == Pick(SMALL, ((a_small, 0), (b, 0), (a_small, 1), (b, 1)))
+    jobs.ring.take(small_only)
+    assert jobs.ring.plan(lambda params: params != LARGE) is None
+    assert jobs.ring.waiting(a_large) == {0, 1} and jobs.ring.waiting(a_small) == frozenset()
+    assert jobs.take() == Pick(LARGE, ((c, 0), (a_large, 0), (a_large, 1)))
+    assert jobs.ring.plan() is None
+
+
 def test_a_solo_job_runs_alone() -> None:
     """A solo job fills a batch by itself when its member's turn comes, and does not join anyone else's."""
     jobs = Jobs(FairRing(4))
