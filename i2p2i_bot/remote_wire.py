@@ -94,6 +94,7 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
             height=int(raw["height"]),
             scheduler=str(raw["scheduler"]),
             keep=check_guides(guides_from_json(raw.get("keep") or [])),
+            preset=str(raw["preset"]),
         )
         specs = tuple(
             ImageSpec(
@@ -128,6 +129,7 @@ def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
         model=params.model,
         keep=params.keep,
         guide_source=spec.guide_source,
+        preset=params.preset,
     )
 
 

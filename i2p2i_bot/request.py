@@ -17,6 +17,7 @@ from collections.abc import Collection
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING
 
+from i2p2i_bot.config import BUILTIN_PRESET
 from i2p2i_bot.guides import Guide, GuideError, check_guides
 from i2p2i_bot.lookalikes import visible
 from i2p2i_bot.prompt_syntax import PromptSyntaxError, check_weights
@@ -51,6 +52,8 @@ class GenerationParams:
     scheduler: str
     # The guides and their weights: images kept from their sources the same way share a batch.
     keep: tuple[Guide, ...] = ()
+    # The model preset (presets.py) whose pipeline makes the batch; `model` is its generator as recorded.
+    preset: str = BUILTIN_PRESET
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,15 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    # The generator as recorded: plan() fills it in from the preset, whatever a reroll brings.
     model: str | None = None
     # What the images keep of the source besides the prompt (guides.py); empty: only what the prompt says.
     keep: tuple[Guide, ...] = ()
     # The sha256 of the stored image the guides keep elements of: the member's upload, as a job's
     # source_sha256 names it, or (later) one of their results.
     guide_source: str | None = None
+    # The model preset by name (presets.py); None: the bot's default preset.
+    preset: str | None = None
 
     @property
     def planned(self) -> bool:
@@ -114,7 +120,9 @@ class GenerationRequest:
         )
         if m is None or steps is None or g is None or w is None or h is None or sched is None:
             raise ValueError(_UNPLANNED)
-        return GenerationParams(m, steps, g, w, h, sched, self.keep)
+        if self.preset is None:
+            raise ValueError(_UNPLANNED)
+        return GenerationParams(m, steps, g, w, h, sched, self.keep, self.preset)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -186,12 +194,14 @@ def plan(
     settings: GenerateSettings,
     model: str,
     guides: Collection[str] = (),
+    preset: str = BUILTIN_PRESET,
 ) -> GenerationRequest:
     """Check a request against the settings; return it with every default filled in and its first seed.
 
-    `guides` names the guides on offer. Raises GenerationError, one sentence for the member, for anything
-    out of bounds. A request that is planned already is checked again (the settings may have changed
-    since) and keeps its seed.
+    `settings`, `model` and `guides` are those of the request's preset, named `preset`: the caller chose
+    it (presets.Presets.get). `guides` names the guides on offer. Raises GenerationError, one sentence
+    for the member, for anything out of bounds. A request that is planned already is checked again (the
+    settings may have changed since) and keeps its seed.
     """
     # Characters that draw nothing (zero-width spaces, soft hyphens...) are dropped from what is generated
     # and shown; a prompt of nothing else is empty, as it is once folded for matching banned terms.
@@ -232,8 +242,6 @@ def plan(
         raise GenerationError(f"The scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler!r}).")
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise GenerationError(f"The seed must be a whole number from 0 to {MAX_SEED} (got {request.seed}).")
-    if request.model is not None and request.model != model:
-        raise GenerationError(f"This bot makes images with {model}, not {request.model}.")
     keep, source = _check_keep(request, steps, guides)
     return GenerationRequest(
         prompt,
@@ -248,6 +256,7 @@ def plan(
         model=model,
         keep=keep,
         guide_source=source,
+        preset=preset,
     )
 
 

@@ -33,6 +33,7 @@ def planned(
         model=params.model,
         keep=params.keep,
         guide_source=guide_source,
+        preset=params.preset,
     )
 
 

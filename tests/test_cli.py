@@ -100,7 +100,14 @@ def test_imagine_from_writes_images_and_json(
         == __import__("hashlib").sha256((photos / "astronaut.png").read_bytes()).hexdigest()
     )
     assert [i["seed"] for i in record["images"]] == [77, 78]
-    assert record["params"] == {"steps": 2, "guidance": 7.5, "width": 64, "height": 64, "scheduler": "dpm"}
+    assert record["params"] == {
+        "steps": 2,
+        "guidance": 7.5,
+        "width": 64,
+        "height": 64,
+        "scheduler": "dpm",
+        "preset": "sd-v1-4",
+    }
     assert record["smoke"] is True and record["models"]["generator"] == "smoke:generator"
     for item in record["images"]:
         assert -1.0 <= item["fidelity"] <= 1.0 and item["nsfw"] is False
@@ -412,9 +419,9 @@ def test_bad_inputs_are_reported_before_the_models_load_and_the_rest_go_on(
     load = cli._load_engine
     said_before_loading: list[str] = []
 
-    def spy(settings: Settings, progress: bool) -> Any:
+    def spy(settings: Settings, progress: bool, preset: str | None) -> Any:
         said_before_loading.append(capsys.readouterr().err)
-        return load(settings, progress)
+        return load(settings, progress, preset)
 
     monkeypatch.setattr(cli, "_load_engine", spy)
     out = tmp_path / "out"
@@ -1129,7 +1136,7 @@ def test_the_command_line_compiles_only_when_a_mode_is_named(
 
     seen: list[Settings] = []
 
-    def fake_load(settings: Settings, *, progress: bool = False) -> Any:
+    def fake_load(settings: Settings, *, progress: bool = False, preset: str | None = None) -> Any:
         seen.append(settings)
         raise SystemExit(0)
 
