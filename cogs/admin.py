@@ -35,10 +35,9 @@ class AdminCog(commands.GroupCog, name="Admin", group_name="admin", group_descri
     async def queue(self, interaction: discord.Interaction) -> None:
         jobs = self.bot.queue.active_jobs()
         state = "paused" if self.bot.queue.paused else "running"
-        notice = self.bot.workers_notice()
+        notices = [self.bot.workers_notice(), self.bot.engine.presets.safety_notice()]
         said = f"The queue is empty ({state})." if not jobs else f"The queue is {state}."
-        if notice:
-            said = f"{notice}\n{said}"
+        said = "\n".join([*(n for n in notices if n), said])
         if not jobs:
             await interaction.response.send_message(said, ephemeral=True)
             return

@@ -123,6 +123,8 @@ def prompt_card(
                     value=code(suggestion, FIELD_VALUE_MAX),
                     inline=False,
                 )
+    if choices.preset is not None:
+        embed.add_field(name="Model", value=choices.preset, inline=False)
     if choices.sampling:
         embed.add_field(name="Settings · yours", value=sampling_text(choices), inline=False)
     if choices.keep:

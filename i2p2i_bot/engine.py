@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import gc
 import logging
 import time
@@ -36,11 +35,6 @@ from i2p2i_bot.server_settings import ServerSettings
 from i2p2i_bot.source_images import SourceImages
 
 log = logging.getLogger(__name__)
-
-UNCHECKED_PRESETS = (
-    "no safety checker looks at the images of presets %s: SD 2.x and SDXL ship none, so their images are "
-    "posted unchecked"
-)
 
 
 class Engine:
@@ -90,9 +84,9 @@ class Engine:
         engine.interrogator_for(preset)
         engine.first = preset
         engine.generator_for(preset)
-        unchecked = presets.without_safety_checker()
-        if unchecked:
-            log.warning(UNCHECKED_PRESETS, ", ".join(unchecked))
+        notice = presets.safety_notice()
+        if notice:
+            log.warning(notice)
         engine.load_s = time.perf_counter() - started
         log.info("models loaded in %.1f s", engine.load_s)
         warm_up = settings.models.warm_up
@@ -228,15 +222,7 @@ class Engine:
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         preset = self.presets.get(request.preset)
-        settings = preset.generate
-        if server is not None:
-            settings = server.generate(settings)
-            if preset.generate.width != self.settings.generate.width:
-                # A server's sizes are for the built-in family's; this preset keeps its own.
-                own = preset.generate
-                settings = dataclasses.replace(
-                    settings, width=own.width, height=own.height, max_side=own.max_side
-                )
+        settings = self.presets.settings_for(preset.name, server, self.settings.generate)
         offered = self.guides.offered if preset.family == "sd1" else ()
         return plan(request, settings, preset.recorded_generator, offered, preset.name)
 

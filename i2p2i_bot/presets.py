@@ -16,6 +16,7 @@ from typing import Literal
 
 from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings, PresetSettings
 from i2p2i_bot.request import GenerationError
+from i2p2i_bot.server_settings import ServerSettings
 
 Family = Literal["sd1", "sd2", "sdxl"]
 FAMILIES: tuple[Family, ...] = ("sd1", "sd2", "sdxl")
@@ -102,9 +103,33 @@ class Presets:
             )
         return found
 
+    def settings_for(
+        self, name: str | None, server: ServerSettings | None, base: GenerateSettings
+    ) -> GenerateSettings:
+        """A preset's request settings with a server's changes; a server's sizes are for `base`'s (the
+        built-in family's), so a preset of another size keeps its own."""
+        own = self.get(name).generate
+        if server is None:
+            return own
+        settings = server.generate(own)
+        if (own.width, own.height) != (base.width, base.height):
+            sizes = {"width": own.width, "height": own.height, "max_side": own.max_side}
+            settings = dataclasses.replace(settings, **sizes)  # type: ignore[arg-type]
+        return settings
+
     def without_safety_checker(self) -> list[str]:
         """Presets whose images no safety checker looks at, though [generate] asks for one."""
         return [p.name for p in self if p.generate.safety_checker and not p.safety_checker]
+
+    def safety_notice(self) -> str | None:
+        """One sentence for admins (at start, in /admin) naming the presets whose images go unchecked."""
+        unchecked = self.without_safety_checker()
+        if not unchecked:
+            return None
+        return (
+            f"No safety checker looks at the images of {', '.join(unchecked)}: SD 2.x and SDXL ship none, "
+            "so their images are posted unchecked."
+        )
 
 
 def preset_from_settings(
