@@ -22,6 +22,7 @@ from i2p2i_bot.interrogate import Captioner, Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.models import (
     ModelSources,
+    ModelUnavailable,
     check_downloaded,
     check_preset,
     clip_files,
@@ -213,7 +214,15 @@ class Engine:
         chosen = self.presets.get(preset)
         recorded = preset_sources(self.settings, chosen).recorded()
         loaded = self._interrogators.get(chosen.clip)
-        interrogation = loaded.models if loaded is not None else _recorded_interrogation(recorded)
+        if loaded is not None:
+            return {"generator": chosen.recorded_generator, **loaded.models}
+        interrogation = _recorded_interrogation(recorded)
+        try:
+            # As the interrogator will record it once loaded, so the cache key stays the same.
+            if clip_files(chosen.clip).quick_gelu:
+                interrogation["clip"] = quick_gelu_name(interrogation["clip"])
+        except ModelUnavailable:
+            pass  # not here yet: loading it says so
         return {"generator": chosen.recorded_generator, **interrogation}
 
     @property

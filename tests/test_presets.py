@@ -72,7 +72,7 @@ negative_prompt = "blurry"
         ('[models]\ndefault_preset = "nope"\n', "models.default_preset 'nope' is not a preset"),
         ('[[models.presets]]\nname = "Big One"\ngenerator = "x"\n', "must be 1-32 lowercase"),
         (
-            '[[models.presets]]\nname = "a"\ngenerator = "x"\n[[models.presets]]\nname = "a"\ngenerator = "y"\n',
+            '[[models.presets]]\nname = "a"\ngenerator = "x"\n' * 2,
             "once",
         ),
         ('[[models.presets]]\nname = "a"\ngenerator = "x"\nfamily = "sd3"\n', "family must be one of"),
