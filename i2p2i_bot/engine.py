@@ -30,8 +30,8 @@ from i2p2i_bot.models import (
     quick_gelu_name,
     resolve_presets,
 )
-from i2p2i_bot.presets import Presets
-from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
+from i2p2i_bot.presets import Preset, Presets
+from i2p2i_bot.request import GenerationError, GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
 from i2p2i_bot.source_images import SourceImages
 
@@ -67,6 +67,8 @@ class Engine:
         self.first: str | None = None
         self._interrogators: dict[str, Interrogator] = {}
         self._generators: collections.OrderedDict[str, Generator] = collections.OrderedDict()
+        # Why each preset looked up so far cannot be loaded (None: it can).
+        self._missing: dict[str, str | None] = {}
 
     @classmethod
     def load(cls, settings: Settings, *, progress: bool = False, preset: str | None = None) -> Engine:
@@ -102,8 +104,8 @@ class Engine:
         return engine
 
     def sharing(self, *, settings: Settings | None = None, generator: Generator | None = None) -> Engine:
-        """An engine sharing these loaded models, with other settings or another generator for the preset
-        loaded first (for tests and benchmarks that vary one thing)."""
+        """An engine sharing these loaded models, with other settings or another generator (and its
+        guides) for the preset loaded first (for tests and benchmarks that vary one thing)."""
         other = copy.copy(self)
         if settings is not None:
             other.settings = settings
@@ -112,6 +114,7 @@ class Engine:
         other._generators = collections.OrderedDict(self._generators)
         if generator is not None:
             other._generators[self.presets.get(self.first).name] = generator
+            other.guides = generator.guided.models
         return other
 
     @property
@@ -174,6 +177,7 @@ class Engine:
             source_images=self.source_images,
             family=chosen.family,
             config=chosen.config,
+            preset=chosen.name,
         )
         log.info(
             "loaded preset %s (%s, %s) in %.1f s",
@@ -184,6 +188,24 @@ class Engine:
         )
         self._generators[chosen.name] = generator
         return generator
+
+    def _check_present(self, preset: Preset) -> None:
+        """Refuse a preset whose weights are not on this machine, before a job waits for it (looked up
+        once per preset: download-models is followed by a restart)."""
+        if preset.name in self._generators:
+            return
+        if preset.name not in self._missing:
+            try:
+                check_preset(preset, safety_checker=preset.generate.safety_checker)
+                self._missing[preset.name] = None
+            except ModelUnavailable as exc:
+                log.warning("preset %s cannot be loaded: %s", preset.name, exc)
+                self._missing[preset.name] = str(exc)
+        if self._missing[preset.name] is not None:
+            raise GenerationError(
+                f"The model preset “{preset.name}” is not on this machine yet; an admin can run "
+                "`i2p2i download-models`."
+            )
 
     @property
     def resident_presets(self) -> tuple[str, ...]:
@@ -231,6 +253,7 @@ class Engine:
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         preset = self.presets.get(request.preset)
+        self._check_present(preset)
         settings = self.presets.settings_for(preset.name, server, self.settings.generate)
         offered = self.guides.offered if preset.family == "sd1" else ()
         return plan(request, settings, preset.recorded_generator, offered, preset.name)

@@ -21,7 +21,7 @@ from i2p2i_bot.acceleration import (
     use_vae_slicing,
 )
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
-from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings
 from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.guided import GuidedPipelines, GuideModels, compiles
 from i2p2i_bot.guides import GuideName
@@ -60,12 +60,15 @@ class Generator:
         compile_backend: str | Callable[..., Any] = "inductor",
         guides: GuideModels | None = None,
         source_images: SourceImages | None = None,
+        preset: str = BUILTIN_PRESET,
     ) -> None:
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
         self.pipe = pipe
         self.settings = settings
         self.model = model
+        # The model preset this pipeline is, which its plans and batches name.
+        self.preset = preset
         self.embed_images = embed_images
         self.embed_pixels = embed_pixels
         self.device = pipe.device
@@ -118,7 +121,7 @@ class Generator:
 
     def _warm_up_params(self) -> GenerationParams:
         s = self.settings
-        return GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)
+        return GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler, preset=self.preset)
 
     @classmethod
     def load(
@@ -135,6 +138,7 @@ class Generator:
         source_images: SourceImages | None = None,
         family: Family = "sd1",
         config: str = "",
+        preset: str = BUILTIN_PRESET,
     ) -> Generator:
         """Load the pipeline from `source`; `name` is what jobs record as its model (default: the source).
 
@@ -168,6 +172,7 @@ class Generator:
             embed_pixels=embed_pixels,
             guides=guides,
             source_images=source_images,
+            preset=preset,
         )
 
     @property
@@ -179,7 +184,7 @@ class Generator:
         """The request checked against this generator's settings, with a server's changes over them, its
         defaults and seed filled in."""
         settings = self.settings if server is None else server.generate(self.settings)
-        return plan(request, settings, self.model, self.offered_guides)
+        return plan(request, settings, self.model, self.offered_guides, self.preset)
 
     def generate(
         self,

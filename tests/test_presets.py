@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from i2p2i_bot.config import ConfigError, Settings, load_settings
+from i2p2i_bot.config import ConfigError, PresetSettings, Settings, load_settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.models import resolve_presets
 from i2p2i_bot.presets import UnknownPreset, detect_family
-from i2p2i_bot.request import GenerationRequest
+from i2p2i_bot.request import GenerationError, GenerationRequest
 from i2p2i_bot.smoke import SmokeModels
 
 
@@ -152,3 +152,18 @@ def test_a_plan_takes_the_presets_defaults_and_records_it(engine: Engine, base_s
     assert engine.plan(GenerationRequest("a cat")).preset == "sd-v1-4"
     with pytest.raises(UnknownPreset):
         engine.plan(dataclasses.replace(planned, preset="gone"))
+
+
+def test_a_preset_without_its_weights_is_refused_when_planned(
+    engine: Engine, base_settings: Settings, tmp_path: Path
+) -> None:
+    """A request for a preset whose checkpoint is not here is one sentence at once, not a failed job."""
+    gone = PresetSettings(name="gone", generator=str(tmp_path / "gone.safetensors"), family="sd1")
+    models = dataclasses.replace(base_settings.models, presets=[gone])
+    other = engine.sharing(settings=dataclasses.replace(base_settings, models=models))
+    with pytest.raises(GenerationError) as caught:
+        other.plan(GenerationRequest("a cat", preset="gone"))
+    assert str(caught.value) == (
+        "The model preset “gone” is not on this machine yet; an admin can run `i2p2i download-models`."
+    )
+    assert other.plan(GenerationRequest("a cat", preset="sd2")).preset == "sd2"
