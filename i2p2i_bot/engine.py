@@ -76,14 +76,19 @@ class Engine:
         which the warm-up runs too; other presets load on first use."""
         started = time.perf_counter()
         presets = resolve_presets(settings)
-        sources = preset_sources(settings, presets.get(None))
-        check_downloaded(sources, safety_checker=settings.generate.safety_checker)
+        first = presets.get(preset)  # an unknown preset costs no model load
+        sources = preset_sources(settings, first)
+        if first.single_file:
+            check_downloaded(sources, generator=False)
+            check_preset(first, safety_checker=first.generate.safety_checker)
+        else:
+            check_downloaded(sources, safety_checker=first.safety_checker)
         device = resolve_device(settings.models.device)
         dtype = resolve_dtype(settings.models.precision, device)
         log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
+        # The guides' weights fit SD 1.x: loaded only where such a preset is loaded first.
         guides = load_guide_models(settings.guides, sources, device, dtype)
         engine = cls(settings, presets, device, dtype, guides, progress=progress)
-        presets.get(preset)  # an unknown preset costs no model load
         engine.interrogator_for(preset)
         engine.first = preset
         engine.generator_for(preset)

@@ -61,6 +61,8 @@ class Preset:
     config: str = ""
     # Built by the smoke preset: recorded by role alone.
     smoke: bool = False
+    # The entry's own defaults (size, steps...), applied over whatever [generate] a server has.
+    changes: PresetSettings = dataclasses.field(default_factory=PresetSettings)
 
     @property
     def single_file(self) -> bool:
@@ -106,16 +108,11 @@ class Presets:
     def settings_for(
         self, name: str | None, server: ServerSettings | None, base: GenerateSettings
     ) -> GenerateSettings:
-        """A preset's request settings with a server's changes; a server's sizes are for `base`'s (the
-        built-in family's), so a preset of another size keeps its own."""
-        own = self.get(name).generate
-        if server is None:
-            return own
-        settings = server.generate(own)
-        if (own.width, own.height) != (base.width, base.height):
-            sizes = {"width": own.width, "height": own.height, "max_side": own.max_side}
-            settings = dataclasses.replace(settings, **sizes)  # type: ignore[arg-type]
-        return settings
+        """A preset's request settings: `base` ([generate]) with a server's changes, then the preset's
+        own (its family's size wins over a server's, which is for the built-in family)."""
+        preset = self.get(name)
+        settings = base if server is None else server.generate(base)
+        return preset_generate(preset.changes, preset.family, settings)
 
     def without_safety_checker(self) -> list[str]:
         """Presets whose images no safety checker looks at, though [generate] asks for one."""
@@ -148,6 +145,7 @@ def preset_from_settings(
         generate=preset_generate(entry, family, generate),
         config=(entry.config or FAMILY_CONFIG[family]) if _is_single_file(entry.generator) else "",
         smoke=smoke,
+        changes=entry,
     )
 
 
