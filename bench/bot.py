@@ -41,11 +41,12 @@ from PIL import Image
 
 from i2p2i_bot import progress_bars
 from i2p2i_bot.batches import BatchResult, GeneratedImage
-from i2p2i_bot.config import GenerateSettings, Settings
+from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import GpuWorker, Priority, resolve_device
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogation import Candidate, Interrogation
+from i2p2i_bot.presets import Preset, Presets
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.request import plan as plan_request
 from i2p2i_bot.server_settings import ServerSettings
@@ -69,16 +70,26 @@ class ZeroCostEngine:
     def __init__(self, settings: GenerateSettings) -> None:
         self.settings = settings
         self.models = {"generator": ZERO_COST, "clip": ZERO_COST, "caption": ZERO_COST}
+        # One preset, the built-in one's name, made by nothing.
+        only = Preset(BUILTIN_PRESET, ZERO_COST, "sd1", ZERO_COST, settings)
+        self.presets = Presets({BUILTIN_PRESET: only})
         # Its images keep nothing of a source: it offers no guide.
         self.offered_guides: tuple[GuideName, ...] = ()
         self._tile = Image.new("RGB", (8, 8), (90, 120, 200))
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         """The real request validation and seed planning, for a model that does not exist."""
-        settings = self.settings if server is None else server.generate(self.settings)
-        return plan_request(request, settings, ZERO_COST)
+        preset = self.presets.get(request.preset)
+        settings = self.presets.settings_for(preset.name, server, self.settings)
+        return plan_request(request, settings, ZERO_COST, (), preset=preset.name)
 
-    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
+    def models_for(self, preset: str | None) -> dict[str, str]:
+        self.presets.get(preset)
+        return self.models
+
+    def interrogate(
+        self, image: Image.Image, mode: str, key: str | None = None, preset: str | None = None
+    ) -> Interrogation:
         prompt = "a lighthouse on a cliff at dusk, oil on canvas"
         modes = ("best", "fast", "classic") if mode == "candidates" else (mode,)
         candidates = tuple(Candidate(m, prompt, 0.3) for m in modes)

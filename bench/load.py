@@ -55,6 +55,7 @@ from i2p2i_bot.gpu import resolve_device
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogate import LABEL_FILES
 from i2p2i_bot.interrogation import Interrogation
+from i2p2i_bot.presets import Presets
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
 from i2p2i_bot.server_settings import ServerSettings
 
@@ -286,8 +287,15 @@ class GpuCallLog:
         self.started: list[tuple[float, str]] = []  # (time.time(), "describe <member>" or "generate")
 
     @property
+    def presets(self) -> Presets:
+        return self._engine.presets
+
+    @property
     def models(self) -> dict[str, str]:
         return self._engine.models
+
+    def models_for(self, preset: str | None) -> dict[str, str]:
+        return self._engine.models_for(preset)
 
     @property
     def offered_guides(self) -> tuple[GuideName, ...]:
@@ -296,9 +304,11 @@ class GpuCallLog:
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         return self._engine.plan(request, server)
 
-    def interrogate(self, image: Any, mode: str, key: str | None = None) -> Interrogation:
+    def interrogate(
+        self, image: Any, mode: str, key: str | None = None, preset: str | None = None
+    ) -> Interrogation:
         self._note(f"describe {self._owner_of.get(key or '', 'nobody')}")
-        return self._engine.interrogate(image, mode, key)
+        return self._engine.interrogate(image, mode, key, preset)
 
     def generate_batch(
         self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None

@@ -37,7 +37,7 @@ class AdminCog(commands.GroupCog, name="Admin", group_name="admin", group_descri
         jobs = self.bot.queue.active_jobs()
         locale = member_locale(interaction)
         paused = self.bot.queue.paused
-        notice = self.bot.workers_notice(locale)
+        notices = [self.bot.workers_notice(locale), self.bot.engine.presets.safety_notice(locale)]
         if not jobs:
             said = (
                 tr(locale, "The queue is empty (paused).")
@@ -46,8 +46,7 @@ class AdminCog(commands.GroupCog, name="Admin", group_name="admin", group_descri
             )
         else:
             said = tr(locale, "The queue is paused.") if paused else tr(locale, "The queue is running.")
-        if notice:
-            said = f"{notice}\n{said}"
+        said = "\n".join([*(n for n in notices if n), said])
         if not jobs:
             await interaction.response.send_message(said, ephemeral=True)
             return

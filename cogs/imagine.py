@@ -99,6 +99,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         image="The picture to describe",
         mode="Prompt style (default: best)",
         count="How many images the Generate button makes (default 4)",
+        model="The model preset the prompt is written for and the images are made with",
         **SAMPLING_HELP,
     )
     @app_commands.choices(
@@ -116,14 +117,22 @@ class ImagineCog(commands.Cog, name="Imagine"):
         guidance: app_commands.Range[float, 0.0, MAX_GUIDANCE] | None = None,
         aspect: app_commands.Choice[str] | None = None,
         scheduler: app_commands.Choice[str] | None = None,
+        model: app_commands.Range[str, 1, 100] | None = None,
     ) -> None:
         sampling = CardChoices(
             steps=steps,
             guidance=guidance,
             aspect=aspect.value if aspect else None,
             scheduler=scheduler.value if scheduler else None,
+            preset=model.strip() if model else None,
         )
         await self.describe(interaction, image_source(image), mode.value if mode else None, count, sampling)
+
+    @imagine_from.autocomplete("model")
+    async def model_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return preset_choices(self.bot, current)
 
     @app_commands.command(name="imagine", description="Make images from a prompt you write")
     @app_commands.describe(
@@ -205,7 +214,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         count = count or bot.servers.default_count(interaction.guild_id)
         # The card's settings are checked now, by the one validator, not when Generate is pressed.
         server = bot.servers.get(interaction.guild_id)
-        generate = server.generate(bot.servers.base)
+        generate = bot.engine.presets.settings_for(sampling.preset, server, bot.servers.base)
         bot.engine.plan(sampled_request("check", None, count, sampling, generate), server)
         # The interaction's filesize_limit is what the bot may upload, not what members may: downloads are
         # capped by intake.max_bytes alone. A file declared bigger is refused here, before any GET; an embed's
@@ -235,13 +244,15 @@ class ImagineCog(commands.Cog, name="Imagine"):
         try:
             data = await self.download(source, limit)
             intake = await bot.decodes.load(interaction, data)
-            stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode)
+            stored = await describe_for(bot, interaction, intake.image, intake.sha256, mode, sampling.preset)
             # Saved once the interrogation that names it is stored: another member's /forget either saw
             # that row and keeps the file, or removed it before the row existed and this writes it again.
             await asyncio.to_thread(SourceImages(bot.sources_dir).save, intake.sha256, intake.image)
         except (ImageError, Refusal) as exc:
             await report_error(interaction, exc)
             return
+        if sampling.preset is not None:
+            await bot.store.set_card_preset(stored.id, sampling.preset)
         if sampling.sampling:
             await bot.store.set_card_sampling(
                 stored.id,
@@ -315,16 +326,22 @@ class ImagineCog(commands.Cog, name="Imagine"):
 
 
 async def describe_for(
-    bot: I2P2IBot, interaction: discord.Interaction, image: Image.Image, sha256: str, mode: str
+    bot: I2P2IBot,
+    interaction: discord.Interaction,
+    image: Image.Image,
+    sha256: str,
+    mode: str,
+    preset: str | None = None,
 ) -> StoredInterrogation:
-    """Describe an image for the member of `interaction` on the GPU thread (or from the cache), stored."""
+    """Describe an image for the member of `interaction` on the GPU thread (or from the cache), stored;
+    with the CLIP of `preset` (None: the default preset)."""
     engine = bot.engine
     log.info("describing %s for user %d in mode %s", sha256[:12], interaction.user.id, mode)
     return await bot.interrogations.interrogate(
-        lambda: engine.interrogate(image, mode, key=sha256),
+        lambda: engine.interrogate(image, mode, key=sha256, preset=preset),
         source_sha256=sha256,
         mode=mode,
-        models=described_with(bot),
+        models=described_with(bot, preset),
         user_id=interaction.user.id,
         guild_id=interaction.guild_id,
         channel_id=interaction.channel_id,
@@ -491,9 +508,18 @@ def card_view(
     return view
 
 
-def described_with(bot: I2P2IBot) -> dict[str, str]:
-    """The models a description made now is recorded with (the cache key's models)."""
-    return {k: v for k, v in bot.engine.models.items() if k != "generator"}
+def described_with(bot: I2P2IBot, preset: str | None = None) -> dict[str, str]:
+    """The models a description for a preset made now is recorded with (the cache key's models)."""
+    return {k: v for k, v in bot.engine.models_for(preset).items() if k != "generator"}
+
+
+def preset_choices(bot: I2P2IBot, current: str) -> list[app_commands.Choice[str]]:
+    """The model presets whose names contain what the member typed, the default first (at most 25)."""
+    presets = bot.engine.presets
+    typed = current.strip().lower()
+    names = [n for n in presets.names if typed in n]
+    names.sort(key=lambda n: n != presets.default)
+    return [app_commands.Choice(name=f"{n} ({presets.get(n).family})", value=n) for n in names[:25]]
 
 
 async def known_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str | None:
@@ -502,7 +528,8 @@ async def known_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str | No
     own = stored.interrogation.negative_suggestion
     if own or stored.interrogation.mode == "negative":
         return own
-    hit = await bot.store.find_interrogation(stored.source_sha256, "negative", described_with(bot))
+    preset = (await bot.store.card_choices(stored.id)).preset
+    hit = await bot.store.find_interrogation(stored.source_sha256, "negative", described_with(bot, preset))
     return hit[1].negative if hit is not None else None
 
 
@@ -512,12 +539,13 @@ async def work_out_negative(bot: I2P2IBot, stored: StoredInterrogation) -> str:
     sha256 = stored.source_sha256
     image = await saved_source(bot, sha256)
     engine = bot.engine
+    preset = (await bot.store.card_choices(stored.id)).preset
     log.info("suggesting a negative prompt for card %d (%s)", stored.id, sha256[:12])
     described = await bot.interrogations.result(
-        lambda: engine.interrogate(image, "negative", key=sha256),
+        lambda: engine.interrogate(image, "negative", key=sha256, preset=preset),
         source_sha256=sha256,
         mode="negative",
-        models=described_with(bot),
+        models=described_with(bot, preset),
         user_id=stored.user_id,
     )
     if not described.negative:
@@ -594,7 +622,8 @@ class CardButton(
                 return
             if self.action == "set":
                 choices = await bot.store.card_choices(stored.id)
-                settings = bot.servers.generate(interaction.guild_id)
+                server = bot.servers.get(interaction.guild_id)
+                settings = bot.engine.presets.settings_for(choices.preset, server, bot.servers.base)
                 modal = SamplingModal(
                     stored, self.count, choices, settings, locale=member_locale(interaction)
                 )
@@ -629,7 +658,8 @@ class CardButton(
         if self.k is None and choices.prompt is not None:  # Generate and Edit use the member's own
             prompt = choices.prompt
         negative = result.image_negative if choices.negative_prompt is None else choices.negative_prompt
-        settings = bot.servers.generate(interaction.guild_id)
+        server = bot.servers.get(interaction.guild_id)
+        settings = bot.engine.presets.settings_for(choices.preset, server, bot.servers.base)
         request = sampled_request(prompt, negative, min(self.count, settings.max_count), choices, settings)
         if choices.keep:
             request = dataclasses.replace(request, keep=choices.keep, guide_source=stored.source_sha256)
@@ -724,15 +754,19 @@ class ModeSelect(
         try:
             stored = await _owned_card(bot, interaction, self.card)
             image = await saved_source(bot, stored.source_sha256)
+            before = await bot.store.card_choices(stored.id)
             with bot.describes.hold(interaction.user.id):
                 await interaction.response.defer()
-                fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode)
+                fresh = await describe_for(bot, interaction, image, stored.source_sha256, mode, before.preset)
             # What the member chose for the card's images (the applied suggestion, which is the image's
-            # whatever the mode; settings; guides) carries over to the new card of the same image.
+            # whatever the mode; settings; guides; the model preset) carries over to the new card of the
+            # same image.
             chosen = await bot.store.card_choices(stored.id)
             if mode == "negative":  # a negative card's words are its images' negative prompt
                 chosen = dataclasses.replace(chosen, negative_prompt=None)
             await bot.store.carry_card_choices(fresh.id, chosen)
+            if before.preset is not None:
+                await bot.store.set_card_preset(fresh.id, before.preset)
             message = await card_message(
                 bot,
                 fresh,
@@ -910,6 +944,7 @@ def sampled_request(
         width=width,
         height=height,
         scheduler=choices.scheduler,
+        preset=choices.preset,
     )
 
 
@@ -927,6 +962,7 @@ class SamplingModal(discord.ui.Modal):
     ) -> None:
         super().__init__(title=tr(locale, "Image settings"), timeout=15 * 60)
         self.stored, self.settings = stored, settings
+        self.preset = choices.preset
         guidance = settings.guidance if choices.guidance is None else choices.guidance
         self.images: discord.ui.TextInput[SamplingModal] = discord.ui.TextInput(
             label=tr(locale, "Images (1–{high})", high=settings.max_count), default=str(count), max_length=3
@@ -1003,7 +1039,9 @@ class SamplingModal(discord.ui.Modal):
         scheduler = self.scheduler.value.strip().lower()
         if scheduler not in SCHEDULERS:
             raise Refusal(f"The scheduler must be {' or '.join(SCHEDULERS)}; you typed “{scheduler[:20]}”.")
-        return images, CardChoices(steps=steps, guidance=guidance, aspect=aspect, scheduler=scheduler)
+        return images, CardChoices(
+            steps=steps, guidance=guidance, aspect=aspect, scheduler=scheduler, preset=self.preset
+        )
 
     async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:  # type: ignore[override]
         await report_error(interaction, error)

@@ -128,6 +128,8 @@ def prompt_card(
                     value=code(suggestion, FIELD_VALUE_MAX),
                     inline=False,
                 )
+    if choices.preset is not None:
+        embed.add_field(name="Model", value=choices.preset, inline=False)
     if choices.sampling:
         embed.add_field(
             name=tr(locale, "Settings · yours"), value=sampling_text(choices, locale), inline=False

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     describe.add_argument("--mode", choices=MODES, help="prompt style (default: from the config, 'best')")
     describe.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    _add_model_option(describe)
 
     generate = sub.add_parser("generate", help="make images from a prompt", parents=[common])
     generate.add_argument("prompt")
@@ -109,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(imagine)
 
     sub.add_parser(
-        "download-models", help="fetch the configured models into the Hugging Face cache", parents=[common]
+        "download-models",
+        help="fetch the configured models and every preset's into the Hugging Face cache",
+        parents=[common],
+    )
+    sub.add_parser(
+        "models",
+        help="list the model presets, what each needs, and whether its weights are on this machine",
+        parents=[common],
     )
 
     loras = sub.add_parser(
@@ -154,7 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="the model preset (`i2p2i models` lists them; default: models.default_preset)",
+    )
+
+
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_option(parser)
     parser.add_argument("-n", "--count", type=int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--seed", type=int, help="first seed; image k uses seed+k (default: random)")
     parser.add_argument("--negative", metavar="TEXT", help="negative prompt (default: from the config)")
@@ -238,6 +255,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "download-models":
             return _download(settings)
+        if args.command == "models":
+            return _models(settings)
         if args.command == "describe":
             return _describe(settings, args, progress)
         if args.command == "generate":
@@ -261,16 +280,44 @@ def _download(settings: Settings) -> int:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         print("i2p2i: HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it first", file=sys.stderr)
         return EXIT_USAGE
-    from i2p2i_bot.models import download_models, resolve_models
+    from i2p2i_bot.models import download_models, resolve_models, resolve_presets
 
     sources = resolve_models(settings)
     try:
-        for line in download_models(sources, safety_checker=settings.generate.safety_checker):
+        lines = download_models(
+            sources, safety_checker=settings.generate.safety_checker, presets=resolve_presets(settings)
+        )
+        for line in lines:
             print(line)
     except Exception as exc:  # network and hub errors come in many types; the message is what matters
         print(f"i2p2i: download failed: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
+
+
+def _models(settings: Settings) -> int:
+    """One paragraph per preset: its family, generator, CLIP, default size and steps, and what is missing."""
+    from i2p2i_bot.models import ModelUnavailable, check_preset, resolve_presets
+
+    presets = resolve_presets(settings)
+    missing = 0
+    for preset in presets:
+        try:
+            check_preset(preset, safety_checker=preset.generate.safety_checker)
+            state = "weights present"
+        except ModelUnavailable as exc:
+            missing += 1
+            state = f"missing: {exc}"
+        default = " (default)" if preset.name == presets.default else ""
+        g = preset.generate
+        print(f"{preset.name}{default}: {preset.family}, {g.width}x{g.height}, {g.steps} steps, {state}")
+        print(f"  generator: {preset.generator}")
+        if preset.single_file:
+            print(f"  config: {preset.config}")
+        print(f"  clip: {preset.clip}")
+        if not preset.safety_checker:
+            print("  no safety checker")
+    return EXIT_SOME_FAILED if missing else EXIT_OK
 
 
 def _health(settings: Settings, args: argparse.Namespace) -> int:
@@ -325,10 +372,11 @@ def _loras(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _lora_library(settings: Settings) -> LoraLibrary:
+def _lora_library(settings: Settings, family: str = "sd1") -> LoraLibrary:
     from i2p2i_bot.loras import LoraLibrary
 
-    return LoraLibrary(settings.models.lora_dir, max_per_prompt=settings.models.max_loras)
+    models = settings.models
+    return LoraLibrary(models.lora_dir, max_per_prompt=models.max_loras, family=family)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -360,7 +408,10 @@ def _describe(settings: Settings, args: argparse.Namespace, progress: bool) -> i
     sources, failed = _check_inputs(args.images, settings)
     if not sources:
         return EXIT_SOME_FAILED
-    interrogator = _load_interrogator(settings, progress)
+    from i2p2i_bot.models import resolve_presets
+
+    resolve_presets(settings).get(args.model)  # an unknown preset costs no model load
+    interrogator = _load_interrogator(settings, progress, args.model)
     for path in _progress(sources, progress, "Describing"):
         try:
             image, sha = _read_image(path, settings)
@@ -390,15 +441,15 @@ def _generate(settings: Settings, args: argparse.Namespace, progress: bool) -> i
             image, source = _read_image(Path(args.source), settings)
         except (InputError, ImageError) as exc:
             raise UsageError(f"--source {args.source}: {exc}") from None
-    engine = _load_engine(settings, progress)
+    engine = _load_engine(settings, progress, args.model)
     request = _request(args, args.prompt)
     if source is not None:
-        engine.generator.source_images.hold(source, image)
+        engine.source_images.hold(source, image)
         request = replace(request, keep=keep, guide_source=source)
     params, result = _run_generation(engine, request, None, progress, "Generating")
     out.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(out, _slug(args.prompt))
-    files = _write_images(out, stem, result.images, engine.models, params)
+    files = _write_images(out, stem, result.images, engine.models_for(params.preset), params)
     record = {
         "prompt": request.prompt,
         **({"source": args.source, "source_sha256": source} if source is not None else {}),
@@ -431,11 +482,11 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
     sources, failed = _check_inputs(args.images, settings)
     if not sources:
         return EXIT_SOME_FAILED
-    engine = _load_engine(settings, progress)
+    engine = _load_engine(settings, progress, args.model)
     for path in _progress(sources, progress, "Images"):
         try:
             image, sha = _read_image(path, settings)
-            interrogation = engine.interrogate(image, mode, key=sha)
+            interrogation = engine.interrogate(image, mode, key=sha, preset=args.model)
             original = interrogation.image_prompts[0]
             prompt = (
                 args.prompt
@@ -451,7 +502,7 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             if args.negative is None and interrogation.image_negative is not None:
                 request = replace(request, negative_prompt=interrogation.image_negative)
             if keep:
-                engine.generator.source_images.hold(sha, image)
+                engine.source_images.hold(sha, image)
                 request = replace(request, keep=keep, guide_source=sha)
             params, result = _run_generation(
                 engine, request, interrogation.image_embedding, progress, path.name
@@ -462,7 +513,7 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
             continue
         out.mkdir(parents=True, exist_ok=True)
         stem = _unique_stem(out, _slug(path.stem))
-        files = _write_images(out, stem, result.images, engine.models, params)
+        files = _write_images(out, stem, result.images, engine.models_for(params.preset), params)
         record = {
             "source": str(path),
             "source_sha256": sha,
@@ -487,19 +538,19 @@ def _imagine_from(settings: Settings, args: argparse.Namespace, progress: bool) 
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def _load_engine(settings: Settings, progress: bool) -> Engine:
+def _load_engine(settings: Settings, progress: bool, preset: str | None) -> Engine:
     from i2p2i_bot.engine import Engine
 
     if settings.generate.compile == "auto":
         # "auto" compiles for the long-running bot; a command's few batches would wait minutes for it.
         settings = replace(settings, generate=replace(settings.generate, compile="off"))
-    return Engine.load(settings, progress=progress)
+    return Engine.load(settings, progress=progress, preset=preset)
 
 
-def _load_interrogator(settings: Settings, progress: bool) -> Interrogator:
+def _load_interrogator(settings: Settings, progress: bool, preset: str | None) -> Interrogator:
     from i2p2i_bot.engine import load_interrogator
 
-    return load_interrogator(settings, progress=progress)
+    return load_interrogator(settings, progress=progress, preset=preset)
 
 
 def _check_inputs(items: Sequence[str], settings: Settings) -> tuple[list[Path], int]:
@@ -584,6 +635,7 @@ def _request(args: argparse.Namespace, prompt: str) -> GenerationRequest:
         width=args.width,
         height=args.height,
         scheduler=args.scheduler,
+        preset=args.model,
     )
 
 
@@ -591,8 +643,10 @@ def _check_request(
     settings: Settings, args: argparse.Namespace, prompt: str, *, has_source: bool
 ) -> tuple[Guide, ...]:
     """The options checked as plan() will check them, before any model loads; returns --keep's guides."""
+    from i2p2i_bot.models import resolve_presets
     from i2p2i_bot.request import plan
 
+    preset = resolve_presets(settings).get(args.model)
     keep: tuple[Guide, ...] = ()
     if args.keep is not None:
         try:
@@ -603,7 +657,8 @@ def _check_request(
             raise UsageError("--keep needs a source image: give one with --source IMAGE")
     # A stand-in for the source's hash: the image itself is read later, with the others.
     request = replace(_request(args, prompt), keep=keep, guide_source="0" * 64 if keep else None)
-    plan(request, settings.generate, "check", settings.guides.enabled, _lora_library(settings))
+    guides = settings.guides.enabled if preset.family == "sd1" else ()
+    plan(request, preset.generate, "check", guides, _lora_library(settings, preset.family), preset.name)
     return keep
 
 
@@ -689,7 +744,7 @@ def _result_json(
     )
     from i2p2i_bot.loras import loras_json
 
-    guide_models = engine.generator.guided.models.recorded
+    guide_models = engine.guides.recorded
     return {
         "negative_prompt": first.negative_prompt if first else "",
         "params": {k: v for k, v in asdict(params).items() if k not in ("model", "keep", "loras")},
@@ -701,7 +756,7 @@ def _result_json(
         ],
         # The LoRAs the prompt named, each with its weight and its file's sha256.
         "loras": loras_json(params.loras),
-        "models": engine.models,
+        "models": engine.models_for(params.preset),
         "smoke": engine.sources.smoke,
         "images": images,
         "by_fidelity": [i["file"] for i in ranked],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -25,6 +26,11 @@ DEFAULT_LOOK_MODEL = "h94/IP-Adapter"
 DEFAULT_LOOK_WEIGHTS = "models/ip-adapter_sd15.safetensors"
 
 ModelPreset = Literal["default", "smoke"]
+# A generator's family ("" in a preset: found from its files); the names match presets.Family.
+PresetFamily = Literal["", "sd1", "sd2", "sdxl"]
+# The preset made from models.generator and models.clip, the default unless models.default_preset says else.
+BUILTIN_PRESET = "sd-v1-4"
+_PRESET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 WarmUp = Literal["auto", "on", "off"]
 ChannelsLast = Literal["auto", "on", "off"]
 Precision = Literal["auto", "fp16", "fp32"]
@@ -39,6 +45,42 @@ CompileMode = Literal[
 
 class ConfigError(Exception):
     """A setting is missing, unknown or out of range; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class PresetSettings:
+    """One `[[models.presets]]` entry: a generator members may choose by name, with its own defaults."""
+
+    name: str = ""
+    # A Hub id, a diffusers folder, or one .safetensors/.ckpt file (loaded with from_single_file).
+    generator: str = ""
+    # "" finds it from the generator's files (sd1 where they are not here yet).
+    family: PresetFamily = ""
+    # The interrogator's CLIP for cards made for this preset; "": the family's (presets.FAMILY_CLIP).
+    clip: str = ""
+    # For a single file: the diffusers folder or Hub id whose configs and tokenizers describe it; "": the
+    # family's base repository.
+    config: str = ""
+    # The default side in pixels; 0: the family's (generate.width x height for sd1, 768 for sd2, 1024 sdxl).
+    size: int = 0
+    # Defaults for this preset's requests; 0, -1 and "" leave them to [generate].
+    steps: int = 0
+    guidance: float = -1.0
+    negative_prompt: str = ""
+
+    def validate(self) -> None:
+        if not _PRESET_NAME.match(self.name):
+            raise ConfigError(
+                f"models.presets name {self.name!r} must be 1-32 lowercase letters, digits, '.', '_' or '-'"
+            )
+        if not self.generator.strip():
+            raise ConfigError(f"models.presets {self.name!r} must name a generator")
+        if self.size and (self.size % 8 or not 64 <= self.size <= 4096):
+            raise ConfigError(f"models.presets {self.name!r}: size must be a multiple of 8 from 64 to 4096")
+        if self.steps < 0:
+            raise ConfigError(f"models.presets {self.name!r}: steps must not be negative")
+        if self.guidance != -1.0 and not 0.0 <= self.guidance <= 30.0:
+            raise ConfigError(f"models.presets {self.name!r}: guidance must be between 0 and 30")
 
 
 @dataclass(frozen=True)
@@ -57,11 +99,24 @@ class ModelSettings:
     lora_dir: str = ""
     # How many LoRAs one prompt may name.
     max_loras: int = 4
+    # Generators members may choose besides the built-in sd-v1-4 (models.generator and models.clip).
+    presets: list[PresetSettings] = field(default_factory=list)
+    default_preset: str = BUILTIN_PRESET
+    # Generators kept loaded at once; the least recently used one is unloaded to load another.
+    max_resident: int = 1
 
     def validate(self) -> None:
         _between("models.max_loras", self.max_loras, 1, 16)
         if self.lora_dir and not Path(self.lora_dir).expanduser().is_dir():
             raise ConfigError(f"models.lora_dir {self.lora_dir!r} is not a directory")
+        names = [BUILTIN_PRESET, *(p.name for p in self.presets if p.name != BUILTIN_PRESET)]
+        if len({p.name for p in self.presets}) != len(self.presets):
+            raise ConfigError("models.presets must name each preset once")
+        if self.default_preset not in names:
+            raise ConfigError(
+                f"models.default_preset {self.default_preset!r} is not a preset ({', '.join(names)})"
+            )
+        _between("models.max_resident", self.max_resident, 1, 16)
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(
                 f"models.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})"
@@ -385,6 +440,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         (item,) = get_args(hint)
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list (got {value!r})")
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            if not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{key} must be a list of tables ([[{key}]])")
+            return [_build(item, v, f"{key}.") for v in value]
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported setting type for {key}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import copy
+import gc
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -14,55 +16,91 @@ from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.config import Settings
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
-from i2p2i_bot.guided import load_guide_models
+from i2p2i_bot.guided import GuideModels, load_guide_models
 from i2p2i_bot.guides import GuideName
-from i2p2i_bot.interrogate import ClipEncoder, Interrogator
+from i2p2i_bot.interrogate import Captioner, ClipEncoder, Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.loras import LoraLibrary
-from i2p2i_bot.models import ModelSources, check_downloaded, quick_gelu_name, resolve_models
-from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec
+from i2p2i_bot.models import (
+    ModelSources,
+    ModelUnavailable,
+    check_downloaded,
+    check_preset,
+    clip_files,
+    preset_sources,
+    quick_gelu_name,
+    resolve_models,
+    resolve_presets,
+)
+from i2p2i_bot.presets import Preset, Presets
+from i2p2i_bot.request import GenerationError, GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
 from i2p2i_bot.source_images import SourceImages
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Engine:
-    """Every model the product uses, resident (an ImageEngine); only `plan` may run off the GPU thread."""
+    """Every model the product uses (an ImageEngine): an interrogator per CLIP, sharing one caption model,
+    and a generator per model preset, loaded on first use and the least recently used unloaded past
+    models.max_resident. Only `plan` and `models_for` may run off the GPU thread."""
 
-    settings: Settings
-    sources: ModelSources
-    interrogator: Interrogator
-    generator: Generator
-    load_s: float
-    warm_up_s: float | None = None
+    def __init__(
+        self,
+        settings: Settings,
+        presets: Presets,
+        device: torch.device,
+        dtype: torch.dtype,
+        guides: GuideModels,
+        *,
+        progress: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.presets = presets
+        self.sources = preset_sources(settings, presets.get(None))
+        self.device = device
+        self.dtype = dtype
+        self.guides = guides
+        self.source_images = SourceImages(settings.sources_path)
+        # The LoRAs prompts may name, as each family of generator reads them (a LoRA fits one family).
+        self._loras: dict[str, LoraLibrary] = {}
+        self.progress = progress
+        self.load_s = 0.0
+        self.warm_up_s: float | None = None
+        # The preset loaded first and warmed up (None: the default one).
+        self.first: str | None = None
+        self._interrogators: dict[str, Interrogator] = {}
+        self._generators: collections.OrderedDict[str, Generator] = collections.OrderedDict()
+        # Why each preset looked up so far cannot be loaded (None: it can).
+        self._missing: dict[str, str | None] = {}
 
     @classmethod
-    def load(cls, settings: Settings, *, progress: bool = False) -> Engine:
+    def load(cls, settings: Settings, *, progress: bool = False, preset: str | None = None) -> Engine:
+        """Load the interrogation models and the generator of `preset` (None: the default one), for
+        which the warm-up runs too; other presets load on first use."""
         started = time.perf_counter()
-        sources = resolve_models(settings)
-        check_downloaded(sources, safety_checker=settings.generate.safety_checker)
+        presets = resolve_presets(settings)
+        first = presets.get(preset)  # an unknown preset costs no model load
+        sources = preset_sources(settings, first)
+        if first.single_file:
+            check_downloaded(sources, generator=False)
+            check_preset(first, safety_checker=first.generate.safety_checker)
+        else:
+            check_downloaded(sources, safety_checker=first.safety_checker)
         device = resolve_device(settings.models.device)
         dtype = resolve_dtype(settings.models.precision, device)
         log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
-        interrogator = _interrogator(settings, sources, device, dtype, progress)
+        # The guides' weights fit SD 1.x: loaded only where such a preset is loaded first.
         guides = load_guide_models(settings.guides, sources, device, dtype)
-        generator = Generator.load(
-            sources.generator,
-            settings.generate,
-            device,
-            embed_images=interrogator.embed_images,
-            embed_pixels=interrogator.embed_pixels,
-            dtype=dtype,
-            name=sources.recorded()["generator"],
-            guides=guides,
-            source_images=SourceImages(settings.sources_path),
-            loras=LoraLibrary(settings.models.lora_dir, max_per_prompt=settings.models.max_loras),
-        )
-        load_s = time.perf_counter() - started
-        log.info("models loaded in %.1f s", load_s)
-        engine = cls(settings, sources, interrogator, generator, load_s)
+        engine = cls(settings, presets, device, dtype, guides, progress=progress)
+        engine.interrogator_for(preset)
+        engine.first = preset
+        engine.generator_for(preset)
+        notice = presets.safety_notice()
+        if notice:
+            log.warning(notice)
+        engine.load_s = time.perf_counter() - started
+        log.info("models loaded in %.1f s", engine.load_s)
         warm_up = settings.models.warm_up
         if warm_up == "on" or (warm_up == "auto" and device.type == "cuda"):
             try:
@@ -74,6 +112,127 @@ class Engine:
                 log.warning("the warm-up failed; the first request pays for it", exc_info=True)
         return engine
 
+    def sharing(self, *, settings: Settings | None = None, generator: Generator | None = None) -> Engine:
+        """An engine sharing these loaded models, with other settings or another generator (and its
+        guides and LoRAs) for the preset loaded first (for tests and benchmarks that vary one thing)."""
+        other = copy.copy(self)
+        if settings is not None:
+            other.settings = settings
+            other.presets = resolve_presets(settings)
+            other._loras = {}
+        other._interrogators = dict(self._interrogators)
+        other._generators = collections.OrderedDict(self._generators)
+        if generator is not None:
+            other._generators[self.presets.get(self.first).name] = generator
+            other.guides = generator.guided.models
+            other._loras = {**other._loras, generator.lora_library.family: generator.lora_library}
+        return other
+
+    @property
+    def interrogator(self) -> Interrogator:
+        """The default preset's interrogator."""
+        return self.interrogator_for(None)
+
+    @property
+    def generator(self) -> Generator:
+        """The default preset's generator (loaded again if another preset took its place)."""
+        return self.generator_for(None)
+
+    def interrogator_for(self, preset: str | None) -> Interrogator:
+        """The interrogator with a preset's CLIP, loaded on first use; GPU thread only."""
+        chosen = self.presets.get(preset)
+        found = self._interrogators.get(chosen.clip)
+        if found is None:
+            sources = preset_sources(self.settings, chosen)
+            shared = next(iter(self._interrogators.values()), None)
+            if shared is None:
+                check_downloaded(sources, generator=False)
+            else:
+                clip_files(sources.clip)  # says what to download before anything is loaded
+            found = _interrogator(
+                self.settings,
+                sources,
+                self.device,
+                self.dtype,
+                self.progress,
+                captioner=None if shared is None else shared.captioner,
+            )
+            self._interrogators[chosen.clip] = found
+        return found
+
+    def generator_for(self, preset: str | None) -> Generator:
+        """A preset's generator, loaded on first use; the least recently used one makes room. GPU thread."""
+        chosen = self.presets.get(preset)
+        found = self._generators.get(chosen.name)
+        if found is not None:
+            self._generators.move_to_end(chosen.name)
+            return found
+        check_preset(chosen, safety_checker=chosen.generate.safety_checker)
+        while len(self._generators) >= self.settings.models.max_resident:
+            name, _ = self._generators.popitem(last=False)
+            log.info("unloading the generator of preset %s to load %s", name, chosen.name)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        started = time.perf_counter()
+        sd1 = chosen.family == "sd1"
+        generator = Generator.load(
+            chosen.generator,
+            chosen.generate,
+            self.device,
+            embed_images=lambda images: self.interrogator_for(chosen.name).embed_images(images),
+            embed_pixels=lambda pixels: self.interrogator_for(chosen.name).embed_pixels(pixels),
+            dtype=self.dtype,
+            name=chosen.recorded_generator,
+            guides=self.guides if sd1 else None,
+            source_images=self.source_images,
+            loras=self.loras_for(chosen.family),
+            family=chosen.family,
+            config=chosen.config,
+            preset=chosen.name,
+        )
+        log.info(
+            "loaded preset %s (%s, %s) in %.1f s",
+            chosen.name,
+            chosen.family,
+            chosen.generator,
+            time.perf_counter() - started,
+        )
+        self._generators[chosen.name] = generator
+        return generator
+
+    def loras_for(self, family: str) -> LoraLibrary:
+        """The LoRA library as generators of `family` read it: a LoRA made for another is refused."""
+        found = self._loras.get(family)
+        if found is None:
+            models = self.settings.models
+            found = LoraLibrary(models.lora_dir, max_per_prompt=models.max_loras, family=family)
+            self._loras[family] = found
+        return found
+
+    def _check_present(self, preset: Preset) -> None:
+        """Refuse a preset whose weights are not on this machine, before a job waits for it (looked up
+        once per preset: download-models is followed by a restart)."""
+        if preset.name in self._generators:
+            return
+        if preset.name not in self._missing:
+            try:
+                check_preset(preset, safety_checker=preset.generate.safety_checker)
+                self._missing[preset.name] = None
+            except ModelUnavailable as exc:
+                log.warning("preset %s cannot be loaded: %s", preset.name, exc)
+                self._missing[preset.name] = str(exc)
+        if self._missing[preset.name] is not None:
+            raise GenerationError(
+                f"The model preset “{preset.name}” is not on this machine yet; an admin can run "
+                "`i2p2i download-models`."
+            )
+
+    @property
+    def resident_presets(self) -> tuple[str, ...]:
+        """The presets whose generators are loaded, the most recently used last."""
+        return tuple(self._generators)
+
     def warm_up(self) -> float:
         """Interrogate a blank picture in the default mode and make one image from it, timed by nobody.
 
@@ -82,28 +241,51 @@ class Engine:
         """
         started = time.perf_counter()
         blank = Image.new("RGB", (512, 512), (128, 128, 128))
-        described = self.interrogator.interrogate(blank, self.settings.interrogate.mode)
-        self.generator.warm_up(described.image_embedding)
+        described = self.interrogator_for(self.first).interrogate(blank, self.settings.interrogate.mode)
+        self.generator_for(self.first).warm_up(described.image_embedding)
         self.warm_up_s = time.perf_counter() - started
         log.info("models warmed up in %.1f s", self.warm_up_s)
         return self.warm_up_s
 
     @property
     def models(self) -> dict[str, str]:
-        """Model names as they should be recorded next to results."""
-        return {"generator": self.generator.model, **self.interrogator.models}
+        """Model names as they should be recorded next to results, for the default preset."""
+        return self.models_for(None)
+
+    def models_for(self, preset: str | None) -> dict[str, str]:
+        """A preset's model names as results record them: its generator and its interrogation models."""
+        chosen = self.presets.get(preset)
+        recorded = preset_sources(self.settings, chosen).recorded()
+        loaded = self._interrogators.get(chosen.clip)
+        if loaded is not None:
+            return {"generator": chosen.recorded_generator, **loaded.models}
+        interrogation = _recorded_interrogation(recorded)
+        try:
+            # As the interrogator will record it once loaded, so the cache key stays the same.
+            if clip_files(chosen.clip).quick_gelu:
+                interrogation["clip"] = quick_gelu_name(interrogation["clip"])
+        except ModelUnavailable:
+            pass  # not here yet: loading it says so
+        return {"generator": chosen.recorded_generator, **interrogation}
 
     @property
     def offered_guides(self) -> tuple[GuideName, ...]:
-        return self.generator.offered_guides
+        return self.guides.offered if self.presets.get(None).family == "sd1" else ()
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
-        return self.generator.plan(request, server)
+        preset = self.presets.get(request.preset)
+        self._check_present(preset)
+        settings = self.presets.settings_for(preset.name, server, self.settings.generate)
+        offered = self.guides.offered if preset.family == "sd1" else ()
+        loras = self.loras_for(preset.family)
+        return plan(request, settings, preset.recorded_generator, offered, loras, preset.name)
 
-    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
+    def interrogate(
+        self, image: Image.Image, mode: str, key: str | None = None, preset: str | None = None
+    ) -> Interrogation:
         return out_of_memory_as(
             "The GPU ran out of memory while describing this image; try again in a moment.",
-            lambda: self.interrogator.interrogate(image, mode, key=key),
+            lambda: self.interrogator_for(preset).interrogate(image, mode, key=key),
         )
 
     def generate(
@@ -113,7 +295,7 @@ class Engine:
         source_embedding: tuple[float, ...] | None = None,
         on_step: StepCallback | None = None,
     ) -> BatchResult:
-        return self.generator.generate(
+        return self.generator_for(request.preset).generate(
             request,
             source_embedding=source_embedding,
             on_step=on_step,
@@ -123,12 +305,14 @@ class Engine:
     def generate_batch(
         self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
     ) -> BatchResult:
-        return self.generator.generate_batch(params, specs, on_step=on_step)
+        return self.generator_for(params.preset).generate_batch(params, specs, on_step=on_step)
 
 
-def load_interrogator(settings: Settings, *, progress: bool = False) -> Interrogator:
-    """The interrogator alone, for work that makes no images: no Stable Diffusion in memory."""
-    sources = resolve_models(settings)
+def load_interrogator(
+    settings: Settings, *, progress: bool = False, preset: str | None = None
+) -> Interrogator:
+    """A preset's interrogator alone, for work that makes no images: no Stable Diffusion in memory."""
+    sources = preset_sources(settings, resolve_presets(settings).get(preset))
     check_downloaded(sources, generator=False)
     device = resolve_device(settings.models.device)
     log.info(
@@ -140,7 +324,13 @@ def load_interrogator(settings: Settings, *, progress: bool = False) -> Interrog
 
 
 def _interrogator(
-    settings: Settings, sources: ModelSources, device: torch.device, dtype: torch.dtype, progress: bool
+    settings: Settings,
+    sources: ModelSources,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    *,
+    captioner: Captioner | None = None,
 ) -> Interrogator:
     interrogator = Interrogator.load(
         sources.clip,
@@ -150,8 +340,9 @@ def _interrogator(
         settings.cache_path,
         dtype=dtype,
         progress=progress,
+        captioner=captioner,
     )
-    recorded = {k: v for k, v in sources.recorded().items() if k != "generator"}
+    recorded = _recorded_interrogation(sources.recorded())
     recorded["clip"] = _recorded_clip(sources, interrogator.clip)
     interrogator.models = recorded
     return interrogator
@@ -169,3 +360,7 @@ def load_clip(settings: Settings) -> tuple[ClipEncoder, str]:
 def _recorded_clip(sources: ModelSources, clip: ClipEncoder) -> str:
     name = sources.recorded()["clip"]
     return quick_gelu_name(name) if clip.quick_gelu else name
+
+
+def _recorded_interrogation(recorded: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in recorded.items() if k != "generator"}

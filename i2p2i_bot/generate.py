@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,14 +21,20 @@ from i2p2i_bot.acceleration import (
     use_vae_slicing,
 )
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
-from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings
 from i2p2i_bot.fidelity import fidelity_scores
 from i2p2i_bot.gpu import default_dtype, split_on_oom
 from i2p2i_bot.guided import GuidedPipelines, GuideModels, compiles
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.lora_adapters import LoraAdapters, pipeline_family
 from i2p2i_bot.loras import LoraLibrary
-from i2p2i_bot.models import ModelUnavailable, generator_folder
+from i2p2i_bot.models import (
+    ModelUnavailable,
+    generator_file,
+    generator_folder,
+    single_file_config_folder,
+)
+from i2p2i_bot.presets import FAMILY_PIPELINE, SINGLE_FILE_SUFFIXES, Family
 from i2p2i_bot.prompt_encoding import PromptEncoder
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
@@ -57,21 +64,33 @@ class Generator:
         guides: GuideModels | None = None,
         source_images: SourceImages | None = None,
         loras: LoraLibrary | None = None,
+        preset: str = BUILTIN_PRESET,
     ) -> None:
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
         self.pipe = pipe
         self.settings = settings
         self.model = model
+        # The model preset this pipeline is, which its plans and batches name.
+        self.preset = preset
         self.embed_images = embed_images
         self.embed_pixels = embed_pixels
         self.device = pipe.device
-        mode = compile_mode(settings, self.device)
+        # The compiled UNet's buckets are captured for SD 1.x/2.x inputs; SDXL's extra conditioning runs
+        # eager.
+        mode = (
+            "off"
+            if getattr(pipe, "text_encoder_2", None) is not None
+            else compile_mode(settings, self.device)
+        )
         self.fast_path = apply_layout_and_fusion(pipe, settings, compiled=mode != "off")
         # Where the sources that guided images keep elements of are found, by hash.
         self.source_images = source_images or SourceImages()
         self.guided = GuidedPipelines(pipe, guides or GuideModels(), self.source_images)
-        self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+        # SDXL encodes with two text encoders and a pooled embedding, which compel's one-encoder path does
+        # not make: its prompts go to the pipeline as text, cut at the window (and it says so).
+        xl = getattr(pipe, "text_encoder_2", None) is not None
+        self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder, chunks=not xl, weights=not xl)
         # The LoRAs prompts may name, and those loaded into this pipeline.
         self.lora_library = loras or LoraLibrary(None)
         self.lora_library.family = pipeline_family(pipe)
@@ -110,7 +129,7 @@ class Generator:
 
     def _warm_up_params(self) -> GenerationParams:
         s = self.settings
-        return GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler)
+        return GenerationParams(self.model, 2, s.guidance, s.width, s.height, s.scheduler, preset=self.preset)
 
     @classmethod
     def load(
@@ -126,17 +145,28 @@ class Generator:
         guides: GuideModels | None = None,
         source_images: SourceImages | None = None,
         loras: LoraLibrary | None = None,
+        family: Family = "sd1",
+        config: str = "",
+        preset: str = BUILTIN_PRESET,
     ) -> Generator:
         """Load the pipeline from `source`; `name` is what jobs record as its model (default: the source).
 
         `guides` are the loaded guides' weights (guided.load_guide_models), in the same dtype and device.
+        `family` picks the pipeline class; a single file (.safetensors/.ckpt) is read with the configs of
+        the diffusers folder or Hub id `config`, from this machine only.
         """
-        extra: dict[str, Any] = {}
-        if not settings.safety_checker:
-            extra = {"safety_checker": None, "requires_safety_checker": False}
-        folder = generator_folder(source, safety_checker=settings.safety_checker)
+        dtype = dtype or default_dtype(device)
         try:
-            pipe = pipeline_class().from_pretrained(folder, dtype=dtype or default_dtype(device), **extra)
+            if source.lower().endswith(SINGLE_FILE_SUFFIXES):
+                pipe = _single_file_pipeline(source, config, family, settings, dtype)
+            else:
+                extra: dict[str, Any] = {}
+                if family == "sdxl":
+                    pass  # SDXL pipelines have no safety checker to leave out
+                elif not settings.safety_checker or family == "sd2":
+                    extra = {"safety_checker": None, "requires_safety_checker": False}
+                folder = generator_folder(source, safety_checker=settings.safety_checker and family == "sd1")
+                pipe = pipeline_class(FAMILY_PIPELINE[family]).from_pretrained(folder, dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(
                 f"Stable Diffusion model {source!r} could not be loaded ({exc}); run `i2p2i download-models` "
@@ -152,6 +182,7 @@ class Generator:
             guides=guides,
             source_images=source_images,
             loras=loras,
+            preset=preset,
         )
 
     @property
@@ -163,7 +194,7 @@ class Generator:
         """The request checked against this generator's settings, with a server's changes over them, its
         defaults and seed filled in."""
         settings = self.settings if server is None else server.generate(self.settings)
-        return plan(request, settings, self.model, self.offered_guides, self.lora_library)
+        return plan(request, settings, self.model, self.offered_guides, self.lora_library, self.preset)
 
     def generate(
         self,
@@ -307,7 +338,8 @@ class Generator:
                 callback_on_step_end=step_end,
                 **inputs,
             )
-        flags = out.nsfw_content_detected or [False] * len(specs)
+        # SDXL's output has no safety flags at all; a pipeline without a checker gives None.
+        flags = getattr(out, "nsfw_content_detected", None) or [False] * len(specs)
         decoded = getattr(pipe, "decoded", None)
         rows: list[torch.Tensor | None] = [None] * len(specs)
         if decoded is not None:
@@ -335,10 +367,43 @@ class Generator:
             embeds = self.embed_images([outputs[i][0] for i in wanted])
         else:
             return scores
-        sources = [e for i in wanted if (e := specs[i].source_embedding) is not None]
-        for i, score in zip(wanted, fidelity_scores(embeds, sources), strict=True):
-            scores[i] = score
+        # A source described with another preset's CLIP has no comparable embedding: no score for it.
+        comparable = [
+            (row, i, source)
+            for row, i in enumerate(wanted)
+            if (source := specs[i].source_embedding) is not None and len(source) == embeds.shape[-1]
+        ]
+        if comparable:
+            rows = embeds[[row for row, _, _ in comparable]]
+            found = fidelity_scores(rows, [source for _, _, source in comparable])
+            for (_, i, _), score in zip(comparable, found, strict=True):
+                scores[i] = score
         return scores
+
+
+def _single_file_pipeline(
+    source: str, config: str, family: Family, settings: GenerateSettings, dtype: torch.dtype
+) -> Any:
+    """A checkpoint in the original layout, read with a diffusers folder's configs so nothing is fetched;
+    an SD 1.x one gets that folder's safety checker, as from_single_file would fetch it."""
+    checker = settings.safety_checker and family == "sd1"
+    folder = Path(single_file_config_folder(config, safety_checker=checker))
+    extra: dict[str, Any] = {}
+    if family != "sdxl":
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+        if checker and (folder / "safety_checker").is_dir():
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+            from transformers import CLIPImageProcessor
+
+            extra = {
+                "safety_checker": StableDiffusionSafetyChecker.from_pretrained(
+                    folder / "safety_checker", dtype=dtype
+                ),
+                "feature_extractor": CLIPImageProcessor.from_pretrained(folder / "feature_extractor"),
+            }
+    return pipeline_class(FAMILY_PIPELINE[family]).from_single_file(
+        generator_file(source), config=str(folder), local_files_only=True, torch_dtype=dtype, **extra
+    )
 
 
 def _unfiltered(pixels: torch.Tensor | None, blacked_out: Image.Image) -> Image.Image:

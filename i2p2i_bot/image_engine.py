@@ -13,6 +13,7 @@ from PIL import Image
 from i2p2i_bot.batches import BatchMaker
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogation import Interrogation
+from i2p2i_bot.presets import Presets
 from i2p2i_bot.request import GenerationRequest
 from i2p2i_bot.server_settings import ServerSettings
 
@@ -21,8 +22,17 @@ class ImageEngine(BatchMaker, Protocol):
     """Every model the product uses; call its methods only from the thread that owns the GPU, but `plan`."""
 
     @property
+    def presets(self) -> Presets:
+        """The model presets a request may name (request.preset)."""
+        ...
+
+    @property
     def models(self) -> dict[str, str]:
-        """Model names as they are recorded next to results (role -> name)."""
+        """Model names as they are recorded next to results (role -> name), for the default preset."""
+        ...
+
+    def models_for(self, preset: str | None) -> dict[str, str]:
+        """A preset's model names as they are recorded next to results (its CLIP's for its cards)."""
         ...
 
     @property
@@ -35,6 +45,9 @@ class ImageEngine(BatchMaker, Protocol):
         filled in (no GPU)."""
         ...
 
-    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
-        """Describe an image in one mode; `key` (the image's hash) lets modes share its features."""
+    def interrogate(
+        self, image: Image.Image, mode: str, key: str | None = None, preset: str | None = None
+    ) -> Interrogation:
+        """Describe an image in one mode with a preset's CLIP; `key` (the image's hash) lets modes share
+        its features."""
         ...

@@ -402,15 +402,19 @@ class Interrogator:
         *,
         dtype: torch.dtype | None = None,
         progress: bool = False,
+        captioner: Captioner | None = None,
     ) -> Interrogator:
+        """Load a CLIP, its label tables and (unless an interrogator with another CLIP shares its own)
+        the caption model."""
         clip = ClipEncoder.load(clip_source, device, dtype)
-        captioner = Captioner.load(
-            caption_source,
-            device,
-            max_new_tokens=settings.caption_max_tokens,
-            fast=settings.fast_caption,
-            dtype=dtype,
-        )
+        if captioner is None:
+            captioner = Captioner.load(
+                caption_source,
+                device,
+                max_new_tokens=settings.caption_max_tokens,
+                fast=settings.fast_caption,
+                dtype=dtype,
+            )
         banned = BannedTerms.from_settings(settings)
         source_tables = label_tables(Path(settings.labels_dir).expanduser() if settings.labels_dir else None)
         kept = {

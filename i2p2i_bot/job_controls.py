@@ -476,9 +476,9 @@ def _open_rgb(path: Path) -> Image.Image:
 
 
 async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:
-    """The models a job was made with, as recorded: its generator, and the interrogation models of the
-    card it came from."""
-    models = {"generator": job.request.model or "?"}
+    """The models a job was made with, as recorded: its preset and generator, and the interrogation
+    models of the card it came from."""
+    models = {"preset": job.request.preset or "?", "generator": job.request.model or "?"}
     if job.interrogation_id is not None:
         stored = await bot.store.get_interrogation(job.interrogation_id)
         if stored is not None:

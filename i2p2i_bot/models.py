@@ -7,6 +7,7 @@ below, which look in the local cache alone, whatever HF_HUB_OFFLINE says.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from i2p2i_bot.config import Settings
-from i2p2i_bot.smoke import SMOKE_LOOK_WEIGHTS, SMOKE_WARNING, ensure_smoke_models
+from i2p2i_bot.config import BUILTIN_PRESET, PresetSettings, Settings
+from i2p2i_bot.presets import Preset, Presets, detect_family, preset_from_settings
+from i2p2i_bot.smoke import SMOKE_LOOK_WEIGHTS, SMOKE_WARNING, SmokeModels, ensure_smoke_models
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class ModelSources:
     # [guides] does not enable look.
     look: str | None = None
     look_weights: str | None = None
+    # How results record a smoke CLIP (the smoke models have two); "" for "smoke:clip".
+    recorded_clip: str = ""
 
     def as_dict(self) -> dict[str, str]:
         return {"generator": self.generator, "clip": self.clip, "caption": self.caption}
@@ -57,7 +61,9 @@ class ModelSources:
     def recorded(self) -> dict[str, str]:
         """Model names as they should be recorded next to results (the smoke models by role alone)."""
         if self.smoke:
-            return {key: f"smoke:{key}" for key in self.as_dict()}
+            return {key: f"smoke:{key}" for key in self.as_dict()} | {
+                "clip": self.recorded_clip or "smoke:clip"
+            }
         return self.as_dict()
 
     def recorded_guide(self, role: str, source: str) -> str:
@@ -66,15 +72,21 @@ class ModelSources:
 
 
 def resolve_models(settings: Settings) -> ModelSources:
-    """Turn the models settings into sources; the smoke preset builds its tiny models on first use."""
+    """The default preset's models as sources; the smoke preset builds its tiny models on first use."""
+    return preset_sources(settings, resolve_presets(settings).get(None))
+
+
+def preset_sources(settings: Settings, preset: Preset) -> ModelSources:
+    """The models a preset's cards and images are made with: its generator, its CLIP, the caption model,
+    and the guides' weights (they fit SD 1.x alone)."""
     g = settings.guides
-    edges, depth, look = ("edges" in g.enabled), ("depth" in g.enabled), ("look" in g.enabled)
-    if settings.models.preset == "smoke":
-        log.warning(SMOKE_WARNING)
+    sd1 = preset.family == "sd1"
+    edges, depth, look = (sd1 and name in g.enabled for name in ("edges", "depth", "look"))
+    if preset.smoke:
         smoke = ensure_smoke_models(settings.cache_path)
         return ModelSources(
-            str(smoke.generator),
-            str(smoke.clip),
+            preset.generator,
+            preset.clip,
             str(smoke.caption),
             smoke=True,
             edges=str(smoke.edges) if edges else None,
@@ -82,11 +94,12 @@ def resolve_models(settings: Settings) -> ModelSources:
             depth_estimator=str(smoke.depth_estimator) if depth else None,
             look=str(smoke.look) if look else None,
             look_weights=SMOKE_LOOK_WEIGHTS if look else None,
+            recorded_clip=_smoke_role(smoke, preset.clip),
         )
     m = settings.models
     return ModelSources(
-        m.generator,
-        m.clip,
+        preset.generator,
+        preset.clip,
         m.caption,
         edges=g.edges_model if edges else None,
         depth=g.depth_model if depth else None,
@@ -94,6 +107,55 @@ def resolve_models(settings: Settings) -> ModelSources:
         look=g.look_model if look else None,
         look_weights=g.look_weights if look else None,
     )
+
+
+def resolve_presets(settings: Settings) -> Presets:
+    """Every preset of this bot: the built-in sd-v1-4 (models.generator and models.clip) and
+    [[models.presets]]; with the smoke models, tiny ones of each family instead of the real weights."""
+    m = settings.models
+    entries = [
+        PresetSettings(name=BUILTIN_PRESET, generator=m.generator, clip=m.clip),
+        *m.presets,
+    ]
+    smoke: SmokeModels | None = None
+    if m.preset == "smoke":
+        _warn_smoke()
+        smoke = ensure_smoke_models(settings.cache_path)
+        # Every family at [generate]'s size: the tiny models check an install, quickly.
+        side = min(settings.generate.width, settings.generate.height)
+        entries = [
+            PresetSettings(name=BUILTIN_PRESET, generator=str(smoke.generator), clip=str(smoke.clip)),
+            PresetSettings(name="sd2", generator=str(smoke.sd2), clip=str(smoke.sd2_clip), size=side),
+            PresetSettings(name="sdxl", generator=str(smoke.sdxl), clip=str(smoke.clip), size=side),
+            PresetSettings(
+                name="sd1-file",
+                generator=str(smoke.single_file),
+                clip=str(smoke.clip),
+                config=str(smoke.generator),
+            ),
+            *(p for p in m.presets if p.name not in ("sd2", "sdxl", "sd1-file")),
+        ]
+    by_name: dict[str, Preset] = {}
+    for entry in entries:
+        # A configured preset named like a built-in one replaces it.
+        clip = None
+        if smoke is not None:
+            family = entry.family or detect_family(entry.generator)
+            clip = str(smoke.sd2_clip if family == "sd2" else smoke.clip)
+        by_name[entry.name] = preset_from_settings(
+            entry, settings.generate, clip=clip, smoke=smoke is not None
+        )
+    return Presets(by_name, m.default_preset)
+
+
+@functools.cache
+def _warn_smoke() -> None:
+    log.warning(SMOKE_WARNING)
+
+
+def _smoke_role(smoke: SmokeModels, clip: str) -> str:
+    """How results record a smoke CLIP: by its role, each CLIP its own (their embeddings differ)."""
+    return "smoke:sd2-clip" if clip == str(smoke.sd2_clip) else "smoke:clip"
 
 
 def quick_gelu_name(source: str) -> str:
@@ -162,11 +224,21 @@ def look_files(weights: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 SAFETY_CHECKER_FILES = ("safety_checker/*",)
 
 
-def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]:
+# What a single-file generator needs of its config repository: every config and tokenizer, no weights but
+# the safety checker's (a checkpoint has none of its own).
+SINGLE_FILE_CONFIG_FILES = ("model_index.json", "*/*.json", "*/*.txt")
+SINGLE_FILE_SAFETY_CHECKER = ("safety_checker/model.safetensors",)
+
+
+def download_models(
+    sources: ModelSources, *, safety_checker: bool, presets: Presets | None = None
+) -> list[str]:
     """Fetch every configured model into the Hugging Face cache; return a line per model.
 
     safety_checker is generate.safety_checker: when it is off, the loader never reads the safety checker,
-    so it is not fetched either. A guide's weights are fetched only when [guides] enables it.
+    so it is not fetched either. A guide's weights are fetched only when [guides] enables it. With
+    `presets`, every preset's generator and CLIP are fetched too (a single file must be on this machine;
+    its config repository is fetched).
     """
     skipped: tuple[str, ...] = () if safety_checker else SAFETY_CHECKER_FILES
     lines = []
@@ -184,6 +256,20 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
         )
     if sources.look is not None and sources.look_weights is not None:
         fetched.append(("look", sources.look, *look_files(sources.look_weights), ()))
+    clips = [sources.clip]
+    for preset in presets or ():
+        if preset.generator == sources.generator and preset.clip == sources.clip:
+            continue
+        label = f"preset {preset.name}"
+        if preset.single_file:
+            if not Path(preset.generator).expanduser().is_file():
+                lines.append(f"{label}: {preset.generator} is not a file here; copy it to this machine")
+            config_files = SINGLE_FILE_CONFIG_FILES + (SINGLE_FILE_SAFETY_CHECKER if safety_checker else ())
+            fetched.append((f"{label} config", preset.config, config_files, (), ()))
+        elif preset.generator != sources.generator:
+            fetched.append((label, preset.generator, GENERATOR_FILES, GENERATOR_PICKLED, skipped))
+        if preset.clip not in clips:
+            clips.append(preset.clip)
     for label, source, files, pickled, ignored in fetched:
         if Path(source).expanduser().is_dir():
             lines.append(f"{label}: {source} is a local directory; nothing to download")
@@ -192,7 +278,7 @@ def download_models(sources: ModelSources, *, safety_checker: bool) -> list[str]
         if ignored:
             line += " (no safety checker: generate.safety_checker is off)"
         lines.append(line)
-    lines.append(_fetch_clip(sources.clip))
+    lines.extend(_fetch_clip(clip) for clip in clips)
     return lines
 
 
@@ -211,7 +297,7 @@ def _repository_snapshot(
         source, allow_patterns=list(files), ignore_patterns=ignore, local_files_only=local_files_only
     )
     weights = [pattern for pattern in files if pattern.endswith(".safetensors")]
-    if not any(next(Path(path).glob(pattern), None) for pattern in weights):
+    if pickled and not any(next(Path(path).glob(pattern), None) for pattern in weights):
         path = snapshot_download(
             source, allow_patterns=list(pickled), ignore_patterns=ignore, local_files_only=local_files_only
         )
@@ -252,6 +338,20 @@ def generator_folder(source: str, *, safety_checker: bool) -> str:
     """The folder Generator.load reads: source itself, or what download_models put in the cache for it."""
     ignored = () if safety_checker else SAFETY_CHECKER_FILES
     return _cached_repository("Stable Diffusion", source, GENERATOR_FILES, GENERATOR_PICKLED, ignored)
+
+
+def single_file_config_folder(config: str, *, safety_checker: bool) -> str:
+    """The folder of configs a single-file generator is read with: config itself, or its cached copy."""
+    files = SINGLE_FILE_CONFIG_FILES + (SINGLE_FILE_SAFETY_CHECKER if safety_checker else ())
+    return _cached_repository("Stable Diffusion config", config, files, (), ())
+
+
+def generator_file(source: str) -> str:
+    """A single-file generator, which must be on this machine (download-models fetches repositories)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ModelUnavailable(f"The checkpoint {source} is not a file on this machine")
+    return str(path)
 
 
 def controlnet_folder(source: str) -> str:
@@ -437,6 +537,22 @@ def check_downloaded(sources: ModelSources, *, generator: bool = True, safety_ch
     ]
     if generator:
         locators.insert(0, lambda: generator_folder(sources.generator, safety_checker=safety_checker))
+    _raise_missing(locators)
+
+
+def check_preset(preset: Preset, *, safety_checker: bool) -> None:
+    """Raise ModelUnavailable naming what of a preset's generator and CLIP is not on this machine."""
+    if preset.single_file:
+        generator_file(preset.generator)
+        locators: list[Callable[[], object]] = [
+            lambda: single_file_config_folder(preset.config, safety_checker=safety_checker)
+        ]
+    else:
+        locators = [lambda: generator_folder(preset.generator, safety_checker=safety_checker)]
+    _raise_missing([*locators, lambda: clip_files(preset.clip)])
+
+
+def _raise_missing(locators: list[Callable[[], object]]) -> None:
     missing: list[str] = []
     for locate in locators:
         try:

@@ -28,12 +28,16 @@ from i2p2i_bot.request import ImageSpec
 class PromptEncoder:
     """The text arguments of a batch's pipeline call, from its images' prompts. GPU thread only."""
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, *, chunks: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Any, text_encoder: Any, *, chunks: bool = True, weights: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        # Whether a prompt past the window is read in windows; a text encoder that cannot be (none of
-        # today's) cuts it, and says so (`warnings`).
+        # Whether a prompt past the window is read in windows; a pipeline whose encoding compel cannot
+        # make here (SDXL's) cuts it, and says so (`warnings`).
         self.chunks = chunks
+        # Whether emphasis weights are applied; without, the words are read plainly, and `warnings` says so.
+        self.weights = weights
         self.window = int(tokenizer.model_max_length)
 
     def windows(self, spec: ImageSpec) -> int:
@@ -42,18 +46,22 @@ class PromptEncoder:
 
     def warnings(self, prompt: str, label: str = "prompt") -> list[str]:
         """Say which words of a prompt the text encoder will not read, instead of cutting them silently."""
+        notes = []
+        if not self.weights and is_weighted(_read(prompt)):
+            notes.append(f"This model reads the {label} without its emphasis weights.")
         if self.chunks:
-            return []
+            return notes
         text = prompt_words(prompt)
         encoded = self.tokenizer(text, truncation=False, verbose=False, return_offsets_mapping=True)
         ids = encoded.input_ids
         if len(ids) <= self.window:
-            return []
+            return notes
         # Position window-1 is the first token past the window (the window ends with the end token).
         ignored = text[encoded.offset_mapping[self.window - 1][0] :].strip()
         return [
+            *notes,
             f"The {label} is {len(ids) - 2} tokens and Stable Diffusion reads only {self.window - 2}; "
-            f"this end is ignored: “{ignored}”"
+            f"this end is ignored: “{ignored}”",
         ]
 
     def arguments(self, pipe: Any, specs: Sequence[ImageSpec]) -> dict[str, Any]:
@@ -94,7 +102,8 @@ class PromptEncoder:
 
     def _plain(self, fragments: tuple[Fragment, ...]) -> bool:
         """Text the pipeline encodes as it is: no weights, and within the window (or past it but cut)."""
-        return not is_weighted(fragments) and (not self.chunks or self._fits(plain_text(fragments)))
+        weighted = self.weights and is_weighted(fragments)
+        return not weighted and (not self.chunks or self._fits(plain_text(fragments)))
 
     def _fits(self, text: str) -> bool:
         return len(self.tokenizer(text, truncation=False, verbose=False).input_ids) <= self.window

@@ -106,6 +106,7 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
             scheduler=str(raw["scheduler"]),
             keep=check_guides(guides_from_json(raw.get("keep") or [])),
             loras=loras_from_json(raw.get("loras") or []),
+            preset=str(raw["preset"]),
         )
         specs = tuple(
             ImageSpec(
@@ -159,6 +160,7 @@ def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
         keep=params.keep,
         guide_source=spec.guide_source,
         loras=params.loras,
+        preset=params.preset,
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Collection
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING
 
+from i2p2i_bot.config import BUILTIN_PRESET
 from i2p2i_bot.guides import Guide, GuideError, check_guides
 from i2p2i_bot.lookalikes import visible
 from i2p2i_bot.loras import Lora, LoraError, LoraLibrary, strip_tags
@@ -54,6 +55,8 @@ class GenerationParams:
     keep: tuple[Guide, ...] = ()
     # The LoRAs and their weights and files (loras.py): images made with the same set share a batch.
     loras: tuple[Lora, ...] = ()
+    # The model preset (presets.py) whose pipeline makes the batch; `model` is its generator as recorded.
+    preset: str = BUILTIN_PRESET
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    # The generator as recorded: plan() fills it in from the preset, whatever a reroll brings.
     model: str | None = None
     # What the images keep of the source besides the prompt (guides.py); empty: only what the prompt says.
     keep: tuple[Guide, ...] = ()
@@ -99,6 +103,8 @@ class GenerationRequest:
     # The LoRAs the prompt's <lora:NAME:WEIGHT> tags name, with their files' sha256 (loras.py); plan()
     # fills it in, and a job's set pins the files its rerolls may use.
     loras: tuple[Lora, ...] = ()
+    # The model preset by name (presets.py); None: the bot's default preset.
+    preset: str | None = None
 
     @property
     def planned(self) -> bool:
@@ -120,7 +126,9 @@ class GenerationRequest:
         )
         if m is None or steps is None or g is None or w is None or h is None or sched is None:
             raise ValueError(_UNPLANNED)
-        return GenerationParams(m, steps, g, w, h, sched, self.keep, self.loras)
+        if self.preset is None:
+            raise ValueError(_UNPLANNED)
+        return GenerationParams(m, steps, g, w, h, sched, self.keep, self.loras, self.preset)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -205,12 +213,15 @@ def plan(
     model: str,
     guides: Collection[str] = (),
     loras: LoraLibrary | None = None,
+    preset: str = BUILTIN_PRESET,
 ) -> GenerationRequest:
     """Check a request against the settings; return it with every default filled in and its first seed.
 
-    `guides` names the guides on offer, `loras` the LoRAs (None: none). Raises GenerationError, one
-    sentence for the member, for anything out of bounds. A request that is planned already is checked
-    again (the settings may have changed since) and keeps its seed; its LoRA set pins the files it used.
+    `settings`, `model` and `guides` are those of the request's preset, named `preset`: the caller chose
+    it (presets.Presets.get). `guides` names the guides on offer, `loras` the LoRAs (None: none). Raises
+    GenerationError, one sentence for the member, for anything out of bounds. A request that is planned
+    already is checked again (the settings may have changed since) and keeps its seed; its LoRA set pins
+    the files it used.
     """
     # Characters that draw nothing (zero-width spaces, soft hyphens...) are dropped from what is generated
     # and shown; a prompt of nothing else is empty, as it is once folded for matching banned terms.
@@ -247,8 +258,6 @@ def plan(
         raise GenerationError(f"The scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler!r}).")
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise GenerationError(f"The seed must be a whole number from 0 to {MAX_SEED} (got {request.seed}).")
-    if request.model is not None and request.model != model:
-        raise GenerationError(f"This bot makes images with {model}, not {request.model}.")
     keep, source = _check_keep(request, steps, guides)
     try:
         # Last: it may hash a LoRA file not seen before.
@@ -269,6 +278,7 @@ def plan(
         keep=keep,
         guide_source=source,
         loras=lora_set,
+        preset=preset,
     )
 
 

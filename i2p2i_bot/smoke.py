@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # Bump when the tiny architectures change, so old caches are rebuilt instead of half-matching.
-SMOKE_VERSION = 4
+SMOKE_VERSION = 5
 # The smoke IP-Adapter's weights file, where h94/IP-Adapter keeps ip-adapter_sd15's.
 SMOKE_LOOK_WEIGHTS = "models/ip-adapter_sd15.safetensors"
 SMOKE_WARNING = (
@@ -66,6 +66,13 @@ class SmokeModels:
     depth_estimator: Path
     # The look guide's IP-Adapter for the tiny UNet, laid out as h94/IP-Adapter: weights and image encoder.
     look: Path
+    # The other families, each loaded as its real models are: an SD 2.x (v-prediction, no safety checker)
+    # with its own, wider CLIP for interrogation; an SDXL; and the SD 1.x generator as one single-file
+    # checkpoint in the original layout, read with the SD 1.x folder as its config.
+    sd2: Path
+    sd2_clip: Path
+    sdxl: Path
+    single_file: Path
 
 
 def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
@@ -79,6 +86,10 @@ def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
         root / "depth",
         root / "depth-estimator",
         root / "look",
+        root / "sd2",
+        root / "sd2-clip",
+        root / "sdxl",
+        root / "sd1-single-file.safetensors",
     )
     if (root / "complete").exists():
         return models
@@ -90,11 +101,15 @@ def ensure_smoke_models(cache_dir: Path) -> SmokeModels:
             torch.manual_seed(0)
             _build_clip(staging / "clip")
             _build_caption(staging / "caption")
-            unet = _build_generator(staging / "generator")
-            _build_controlnet(staging / "edges", unet)
-            _build_controlnet(staging / "depth", unet)
+            pipe = _build_generator(staging / "generator")
+            _build_controlnet(staging / "edges", pipe.unet)
+            _build_controlnet(staging / "depth", pipe.unet)
             _build_depth_estimator(staging / "depth-estimator")
-            _build_look(staging / "look", unet)
+            _build_look(staging / "look", pipe.unet)
+            _build_single_file(staging / models.single_file.name, pipe)
+            _build_clip(staging / "sd2-clip", width=48)
+            _build_sd2(staging / "sd2")
+            _build_sdxl(staging / "sdxl")
         (staging / "complete").write_text("ok\n")
         try:
             os.rename(staging, root)
@@ -120,14 +135,14 @@ def clip_tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def _build_clip(directory: Path) -> None:
+def _build_clip(directory: Path, width: int = 32) -> None:
     import open_clip
     from safetensors.torch import save_model
 
     model_cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+        "embed_dim": width,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": width, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
     }
     directory.mkdir(parents=True)
     (directory / "open_clip_config.json").write_text(
@@ -187,28 +202,58 @@ def _build_caption(directory: Path) -> None:
     processor.save_pretrained(directory)
 
 
-def _build_generator(directory: Path) -> Any:
-    """The tiny Stable Diffusion pipeline, saved; returns its UNet, which the tiny ControlNet copies."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tokenizer() -> Any:
+    from transformers import CLIPTokenizer
 
     vocab, merges = clip_tokenizer_vocab()
     # The tokenizers backend wants (a, b) pairs, though the annotation says strings.
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
+
+
+def _text_config(**changes: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        **{
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+            **changes,
+        }
     )
+
+
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    # Four blocks, like SD's VAE, so latents are 1/8 of the image side as with the real model.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+
+
+def _build_generator(directory: Path) -> Any:
+    """The tiny Stable Diffusion pipeline, saved and returned (the tiny ControlNet copies its UNet)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel
+
+    tokenizer = _tokenizer()
+    text_encoder = CLIPTextModel(_text_config())
     unet = UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
@@ -221,18 +266,7 @@ def _build_generator(directory: Path) -> Any:
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    # Four blocks, like SD's VAE, so latents are 1/8 of the image side as with the real model.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
-    )
+    vae = _vae()
     scheduler = PNDMScheduler(**SD14_SCHEDULER)
     safety_checker = StableDiffusionSafetyChecker(
         CLIPConfig(
@@ -269,7 +303,78 @@ def _build_generator(directory: Path) -> Any:
         requires_safety_checker=True,
     )
     pipe.save_pretrained(directory)
-    return unet
+    return pipe
+
+
+def _build_single_file(path: Path, pipe: Any) -> None:
+    """The SD 1.x pipeline's weights as one file in the original layout, as checkpoints are shared."""
+    from safetensors.torch import save_file
+
+    from i2p2i_bot.checkpoint_layout import original_state_dict
+
+    save_file(original_state_dict(pipe), str(path))
+
+
+def _build_sd2(directory: Path) -> None:
+    """A tiny SD 2.x: v-prediction in its scheduler config, linear projections, no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+    )
+    pipe: Any = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(hidden_size=48, hidden_act="gelu")),
+        tokenizer=_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(**SD14_SCHEDULER, prediction_type="v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+
+
+def _build_sdxl(directory: Path) -> None:
+    """A tiny SDXL: two text encoders (the second with a projection), size and crop conditioning."""
+    from diffusers import PNDMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        # The pooled text embedding (32) and six size numbers of 8 each.
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    pipe: Any = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection_dim=32)),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(**SD14_SCHEDULER),
+    )
+    pipe.save_pretrained(directory)
 
 
 def _build_controlnet(directory: Path, unet: Any) -> None:

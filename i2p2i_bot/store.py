@@ -155,6 +155,8 @@ class CardChoices:
     # What the card's images keep of its image besides the prompt, each guide with its weight; (): the
     # prompt only.
     keep: tuple[Guide, ...] = ()
+    # The model preset the card was described for and makes its images with; None: the bot's default.
+    preset: str | None = None
 
     @property
     def sampling(self) -> bool:
@@ -678,7 +680,7 @@ class Store:
     async def card_choices(self, card_id: int) -> CardChoices:
         """What the member chose on a card (an interrogation request); the defaults where nothing yet."""
         query = """
-            SELECT negative_prompt, all_prompts, prompt, steps, guidance, aspect, scheduler, keep
+            SELECT negative_prompt, all_prompts, prompt, steps, guidance, aspect, scheduler, keep, preset
             FROM cards WHERE interrogation_id = ?
         """
         rows = await self._fetchall(query, (card_id,))
@@ -694,6 +696,7 @@ class Store:
             aspect=row["aspect"],
             scheduler=row["scheduler"],
             keep=_keep_field(row["keep"]),
+            preset=row["preset"],
         )
 
     async def set_card_sampling(
@@ -747,6 +750,15 @@ class Store:
             time.time() if now is None else now,
         )
         await self._execute(query, params)
+
+    async def set_card_preset(self, card_id: int, preset: str | None, now: float | None = None) -> None:
+        """The model preset a card was described for, which its images are made with (None: the default)."""
+        query = """
+            INSERT INTO cards (interrogation_id, preset, updated_at) VALUES (?, ?, ?)
+            ON CONFLICT (interrogation_id)
+            DO UPDATE SET preset = excluded.preset, updated_at = excluded.updated_at
+        """
+        await self._execute(query, (card_id, preset, time.time() if now is None else now))
 
     async def set_card_keep(self, card_id: int, keep: Sequence[Guide], now: float | None = None) -> None:
         """What a card's images keep of its image besides the prompt, each guide with its weight."""

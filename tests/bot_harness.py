@@ -84,7 +84,10 @@ def quick_engine(engine: Engine, *, steps: int = 1) -> Engine:
     """The same loaded models, generating with `steps` denoising steps, for runs that make many images."""
     generator = copy.copy(engine.generator)
     generator.settings = dataclasses.replace(generator.settings, steps=steps)
-    return dataclasses.replace(engine, generator=generator)
+    generate = dataclasses.replace(engine.settings.generate, steps=steps)
+    return engine.sharing(
+        settings=dataclasses.replace(engine.settings, generate=generate), generator=generator
+    )
 
 
 def sample_images(count: int, side: int = 96) -> list[bytes]:

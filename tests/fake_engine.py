@@ -8,9 +8,10 @@ from collections.abc import Callable, Sequence
 from PIL import Image
 
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
-from i2p2i_bot.config import GenerateSettings
+from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogation import Candidate, Interrogation
+from i2p2i_bot.presets import Preset, Presets
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
 
@@ -30,14 +31,35 @@ class FakeEngine:
     offered_guides: tuple[GuideName, ...] = ()
 
     @property
+    def presets(self) -> Presets:
+        """Two presets with its settings, whose batches must never mix: the built-in one and "other"."""
+        return Presets(
+            {
+                name: Preset(name, f"fake-{name}", "sd1", f"fake-clip-{name}", self.settings)
+                for name in (BUILTIN_PRESET, "other")
+            }
+        )
+
+    @property
     def models(self) -> dict[str, str]:
-        return {"generator": "fake", "clip": "fake", "caption": "fake"}
+        return self.models_for(None)
+
+    def models_for(self, preset: str | None) -> dict[str, str]:
+        chosen = self.presets.get(preset)
+        # The built-in preset keeps the names recorded before presets.
+        if chosen.name == BUILTIN_PRESET:
+            return {"generator": "fake", "clip": "fake", "caption": "fake"}
+        return {"generator": chosen.generator, "clip": chosen.clip, "caption": "fake"}
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
-        settings = self.settings if server is None else server.generate(self.settings)
-        return plan(request, settings, self.models["generator"], self.offered_guides)
+        preset = self.presets.get(request.preset)
+        settings = self.presets.settings_for(preset.name, server, self.settings)
+        generator = self.models_for(preset.name)["generator"]
+        return plan(request, settings, generator, self.offered_guides, preset=preset.name)
 
-    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
+    def interrogate(
+        self, image: Image.Image, mode: str, key: str | None = None, preset: str | None = None
+    ) -> Interrogation:
         prompt = f"a {image.width}x{image.height} picture"
         return Interrogation(
             mode=mode,
@@ -47,7 +69,7 @@ class FakeEngine:
             negative=None,
             candidates=(Candidate(mode, prompt, 0.25),),
             image_embedding=(1.0, 0.0),
-            models={k: v for k, v in self.models.items() if k != "generator"},
+            models={k: v for k, v in self.models_for(preset).items() if k != "generator"},
         )
 
     def __init__(

@@ -65,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.describe_hangs:
 
-        def hang(self: FakeEngine, image: Any, mode: str, key: str | None = None) -> Any:
+        def hang(
+            self: FakeEngine, image: Any, mode: str, key: str | None = None, preset: str | None = None
+        ) -> Any:
             print("stand-in engine: describing", flush=True)
             threading.Event().wait()
 

@@ -34,6 +34,7 @@ def planned(
         keep=params.keep,
         guide_source=guide_source,
         loras=params.loras,
+        preset=params.preset,
     )
 
 

@@ -25,6 +25,7 @@ from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.gpu import Priority
 from i2p2i_bot.interrogation import Candidate, Interrogation
+from i2p2i_bot.models import resolve_presets
 from i2p2i_bot.replies import WITHDRAWN
 from i2p2i_bot.store import CardChoices, Store, StoredInterrogation
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
@@ -367,9 +368,8 @@ async def test_jobs_take_the_server_defaults_and_rerolls_keep_their_own(
     settings = dataclasses.replace(
         settings, generate=dataclasses.replace(settings.generate, negative_prompt="blurry, lowres")
     )
-    generator = engine.generator
-    made_with, described_with = generator.settings, engine.interrogator.models
-    generator.settings = settings.generate
+    described_with = engine.interrogator.models
+    engine = engine.sharing(settings=settings)
     try:
         async with running_i2p2i(settings, server, engine) as bot:
             _, card = await describe(server, astronaut)
@@ -389,9 +389,10 @@ async def test_jobs_take_the_server_defaults_and_rerolls_keep_their_own(
             assert tuple(rows[0]) == ("blurry, lowres", settings.generate.steps, settings.generate.guidance)
 
             # The server's defaults and models change; the job's settings are its own.
-            generator.settings = dataclasses.replace(
+            changed = dataclasses.replace(
                 settings.generate, steps=settings.generate.steps + 1, guidance=2.5, negative_prompt="new"
             )
+            engine.presets = resolve_presets(dataclasses.replace(settings, generate=changed))
             engine.interrogator.models = {"clip": "now/clip", "caption": "now/caption"}
             result = cast(StoredMessage, press.original)
             reroll = await server.push_button(result, "i2p:job:reroll:1")
@@ -421,7 +422,7 @@ async def test_jobs_take_the_server_defaults_and_rerolls_keep_their_own(
             assert "now/" not in models
             await bot.queue.join()
     finally:
-        generator.settings, engine.interrogator.models = made_with, described_with
+        engine.interrogator.models = described_with
 
 
 async def test_a_negative_card_generates_its_caption_without_those_words(
@@ -454,11 +455,7 @@ async def test_imagine_makes_images_from_a_written_prompt(
     settings = dataclasses.replace(
         settings, generate=dataclasses.replace(settings.generate, negative_prompt="blurry")
     )
-    made_with, engine.generator.settings = engine.generator.settings, settings.generate
-    try:
-        await imagine_a_kite(server, settings, engine)
-    finally:
-        engine.generator.settings = made_with
+    await imagine_a_kite(server, settings, engine.sharing(settings=settings))
 
 
 async def imagine_a_kite(server: FakeDiscord, settings: Settings, engine: Engine) -> None:

@@ -38,9 +38,11 @@ class RecordingEngine(FakeEngine):
         super().__init__()
         self.calls: list[str] = []
 
-    def interrogate(self, image: Image.Image, mode: str, key: str | None = None) -> Interrogation:
+    def interrogate(
+        self, image: Image.Image, mode: str, key: str | None = None, preset: str | None = None
+    ) -> Interrogation:
         self.calls.append(f"describe {image.width}")
-        return super().interrogate(image, mode, key)
+        return super().interrogate(image, mode, key, preset)
 
     def generate_batch(
         self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None

@@ -58,7 +58,7 @@ def guided_engine(engine: Engine, settings: Settings) -> Callable[[GuideModels],
         generator = copy.copy(engine.generator)
         generator.source_images = SourceImages(settings.sources_path)
         generator.guided = GuidedPipelines(generator.pipe, guides, generator.source_images)
-        return dataclasses.replace(engine, generator=generator)
+        return engine.sharing(generator=generator)
 
     return make
 

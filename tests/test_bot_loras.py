@@ -62,7 +62,7 @@ def lora_engine(engine: Engine, settings: Settings, smoke_models: SmokeModels, l
         name=engine.generator.model,
         loras=LoraLibrary(lora_dir, max_per_prompt=settings.models.max_loras),
     )
-    return dataclasses.replace(engine, generator=generator)
+    return engine.sharing(generator=generator)
 
 
 def job_loras(bot: Any, job_id: int) -> list[dict[str, Any]]:

@@ -105,7 +105,14 @@ def test_imagine_from_writes_images_and_json(
         == __import__("hashlib").sha256((photos / "astronaut.png").read_bytes()).hexdigest()
     )
     assert [i["seed"] for i in record["images"]] == [77, 78]
-    assert record["params"] == {"steps": 2, "guidance": 7.5, "width": 64, "height": 64, "scheduler": "dpm"}
+    assert record["params"] == {
+        "steps": 2,
+        "guidance": 7.5,
+        "width": 64,
+        "height": 64,
+        "scheduler": "dpm",
+        "preset": "sd-v1-4",
+    }
     assert record["smoke"] is True and record["models"]["generator"] == "smoke:generator"
     for item in record["images"]:
         assert -1.0 <= item["fidelity"] <= 1.0 and item["nsfw"] is False
@@ -417,9 +424,9 @@ def test_bad_inputs_are_reported_before_the_models_load_and_the_rest_go_on(
     load = cli._load_engine
     said_before_loading: list[str] = []
 
-    def spy(settings: Settings, progress: bool) -> Any:
+    def spy(settings: Settings, progress: bool, preset: str | None) -> Any:
         said_before_loading.append(capsys.readouterr().err)
-        return load(settings, progress)
+        return load(settings, progress, preset)
 
     monkeypatch.setattr(cli, "_load_engine", spy)
     out = tmp_path / "out"
@@ -1191,7 +1198,7 @@ def test_the_command_line_compiles_only_when_a_mode_is_named(
 
     seen: list[Settings] = []
 
-    def fake_load(settings: Settings, *, progress: bool = False) -> Any:
+    def fake_load(settings: Settings, *, progress: bool = False, preset: str | None = None) -> Any:
         seen.append(settings)
         raise SystemExit(0)
 
@@ -1201,3 +1208,85 @@ def test_the_command_line_compiles_only_when_a_mode_is_named(
     with pytest.raises(SystemExit):
         main(["--config", str(config), "generate", "a kite", "--out", str(tmp_path / "out")])
     assert [s.generate.compile for s in seen] == [loaded]
+
+
+@pytest.mark.parametrize(
+    ("preset", "generator"),
+    [
+        ("sd-v1-4", "smoke:generator"),
+        ("sd2", "smoke:generator-sd2"),
+        ("sdxl", "smoke:generator-sdxl"),
+        ("sd1-file", "smoke:generator-sd1-file"),
+    ],
+)
+def test_generate_makes_images_with_each_preset(
+    config_file: Path, tmp_path: Path, preset: str, generator: str
+) -> None:
+    """generate --model NAME runs that preset's pipeline (SD 1.x, SD 2.x, SDXL, a single file) and
+    records the preset beside its images."""
+    out = tmp_path / "out"
+    options = ["--model", preset, "--seed", "3", "--out", str(out)]
+    assert main(["--config", str(config_file), "-q", "generate", "a red boat", *options]) == 0
+    record = json.loads((out / "a-red-boat.json").read_text())
+    assert record["params"]["preset"] == preset
+    assert record["models"]["generator"] == generator
+    with Image.open(out / record["images"][0]["file"]) as png:
+        assert isinstance(png, PngImagePlugin.PngImageFile) and png.size == (64, 64)
+        assert json.loads(png.text["parameters"])["generator"] == generator
+
+
+def test_imagine_from_describes_with_the_presets_clip(
+    config_file: Path, photos: Path, tmp_path: Path
+) -> None:
+    """A card for SD 2.x is written with the SD 2.x preset's own CLIP, and its images are that preset's."""
+    out = tmp_path / "out"
+    source = str(photos / "astronaut.png")
+    options = ["--model", "sd2", "--mode", "fast", "--out", str(out)]
+    assert main(["--config", str(config_file), "-q", "imagine-from", source, *options]) == 0
+    record = json.loads((out / "astronaut.json").read_text())
+    assert record["interrogation"]["models"]["clip"] == "smoke:sd2-clip"
+    assert record["models"]["clip"] == "smoke:sd2-clip" and record["params"]["preset"] == "sd2"
+    assert len(record["images"]) == 1
+
+
+def test_describe_uses_the_presets_clip(
+    config_file: Path, photos: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """describe --model sd2 ranks labels with the SD 2.x preset's CLIP; by default with the built-in one."""
+    source = str(photos / "astronaut.png")
+    for preset, clip in (("sd2", "smoke:sd2-clip"), (None, "smoke:clip")):
+        model = ["--model", preset] if preset else []
+        assert main(["--config", str(config_file), "-q", "describe", source, "--json", *model]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        assert json.loads(line)["models"]["clip"] == clip
+
+
+def test_an_unknown_preset_is_refused_before_any_model_loads(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--config", str(config_file), "generate", "a cat", "--model", "sd3", "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "i2p2i: There is no model preset “sd3”; choose one of sd-v1-4, sd2, sdxl, sd1-file."
+    )
+
+
+def test_models_lists_each_preset_with_what_it_needs(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`i2p2i models` names every preset, its family, size and weights; a missing checkpoint exits 1."""
+    assert main(["--config", str(config_file), "models"]) == 0
+    out = capsys.readouterr().out
+    assert "sd-v1-4 (default): sd1, 64x64, 2 steps, weights present" in out
+    assert "sd2: sd2, 64x64, 2 steps, weights present" in out and "sd1-file: sd1" in out
+    assert out.count("no safety checker") == 2  # sd2 and sdxl
+    config = tmp_path / "gone.toml"
+    config.write_text(
+        config_file.read_text().replace(
+            "[interrogate]",
+            f'[[models.presets]]\nname = "gone"\ngenerator = "{tmp_path / "gone.safetensors"}"\n'
+            'family = "sd1"\n[interrogate]',
+        )
+    )
+    assert main(["--config", str(config), "models"]) == 1
+    assert "gone: sd1, 64x64, 2 steps, missing: The checkpoint" in capsys.readouterr().out

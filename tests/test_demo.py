@@ -167,7 +167,7 @@ def test_demo_serves_imagine_from_to_the_real_bot(
     output = processes.output("serve")
     assert f"Fake Discord listening on http://127.0.0.1:{port}" in output
     connected = next(ln for ln in output.splitlines() if ln.startswith("The bot connected as i2p2i-test"))
-    assert "synced 9 commands" in connected and "imagine-from" in connected
+    assert "synced 10 commands" in connected and "imagine-from" in connected
     assert "alice uploads astronaut.png (512×512, " in output
     assert "/imagine-from image:astronaut.png count:2 in #general" in output
 

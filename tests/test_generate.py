@@ -76,8 +76,8 @@ def test_a_planned_request_plans_to_itself_and_keeps_its_settings(base_settings:
     assert plan(first, changed, "m") == first
     reroll = plan(dataclasses.replace(first, seed=None), changed, "m")
     assert dataclasses.replace(reroll, seed=first.seed) == first
-    with pytest.raises(GenerationError, match="makes images with m, not other"):
-        plan(dataclasses.replace(first, model="other"), changed, "m")
+    # The generator is recorded as the preset names it now (the admin may have replaced its weights).
+    assert plan(dataclasses.replace(first, model="other"), changed, "m").model == "m"
     with pytest.raises(ValueError, match="planned"):
         _ = GenerationRequest("not planned").params
 
@@ -203,7 +203,7 @@ def test_out_of_memory_splits_the_batch(engine: Engine, monkeypatch: pytest.Monk
 def test_batches_follow_max_batch_images(engine: Engine) -> None:
     """A request larger than max_batch_images runs as several batches with the right seeds."""
     queue = dataclasses.replace(engine.settings.queue, max_batch_images=2)
-    small = dataclasses.replace(engine, settings=dataclasses.replace(engine.settings, queue=queue))
+    small = engine.sharing(settings=dataclasses.replace(engine.settings, queue=queue))
     seen: list[tuple[int, int]] = []
     result = small.generate(
         GenerationRequest("a kite", count=5, seed=90, steps=1), on_step=lambda k, n: seen.append((k, n))

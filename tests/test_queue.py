@@ -149,6 +149,43 @@ async def test_compatible_jobs_share_a_batch_and_different_sizes_never_do(store:
     assert [(p.width, len(specs)) for p, specs in engine.batches] == [(64, 4), (128, 2)]
 
 
+async def test_two_presets_alternate_without_mixing_a_batch(store: Store) -> None:
+    """Members alternating between two presets of the same size get batches of one preset each, and each
+    batch names the preset its pipeline must be."""
+    queue = await make_queue(store)
+    engine = FakeEngine()
+    other = dataclasses.replace(SMALL, preset="other")
+    jobs = [
+        await queue.submit(request(owner, 1, params))
+        for owner, params in ((A, SMALL), (B, other), (C, SMALL), (A, other), (B, SMALL))
+    ]
+    batches = await run_all(queue, engine)
+    preset_of = {job.id: job.request.preset for job in jobs}
+    assert all(len({preset_of[i.job_id] for i in b.items}) == 1 for b in batches)
+    assert all(b.params.preset == preset_of[b.items[0].job_id] for b in batches)
+    assert {b.params.preset for b in batches} == {"sd-v1-4", "other"}
+    made = sorted((p.preset, len(specs)) for p, specs in engine.batches)
+    assert sum(n for _, n in made) == 5 and len(made) >= 2
+
+
+async def test_a_restart_keeps_a_queued_jobs_preset(store: Store, tmp_path: Path) -> None:
+    """A job queued for a preset comes back after a restart for the same preset, and is made with it."""
+    queue = await make_queue(store)
+    job = await queue.submit(request(A, 2, dataclasses.replace(SMALL, preset="other")))
+    await store.close()
+    reopened = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images")
+    try:
+        revived = await make_queue(reopened)
+        (active,) = revived.active_jobs()
+        assert active.id == job.id and active.request.preset == "other"
+        engine = FakeEngine()
+        await run_all(revived, engine)
+        assert [p.preset for p, _ in engine.batches] == ["other"]
+        assert rows(reopened, "SELECT preset FROM jobs") == [("other",)]
+    finally:
+        await reopened.close()
+
+
 async def test_caps_refuse_with_a_sentence_naming_the_cap(store: Store) -> None:
     """Over a cap, submit raises JobRefused naming it, and nothing is stored."""
     queue = await make_queue(store, max_queued_jobs_per_user=2, max_queued_jobs=3)

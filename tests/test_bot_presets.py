@@ -1,0 +1,107 @@
+"""Model presets through the loopback Discord: the model option, the card, the job, Info and Reroll."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from PIL import Image
+
+from cogs.imagine import preset_choices
+from i2p2i_bot.config import Settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.models import resolve_presets
+from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.fake_engine import FakeEngine
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    async with running_fake_discord() as server:
+        yield server
+
+
+def button(message: StoredMessage, prefix: str) -> str:
+    return next(c for c in message.custom_ids() if c.startswith(prefix))
+
+
+async def test_a_card_for_a_preset_describes_and_generates_with_it(
+    discord_server: FakeDiscord,
+    base_settings: Settings,
+    tmp_path: Path,
+    engine: Engine,
+    astronaut: Image.Image,
+) -> None:
+    """/imagine-from model:sd2 describes with SD 2.x's CLIP, the card shows and keeps the model, its job
+    records the preset and is made by it, Info names it, and Reroll fails in one sentence once the preset
+    is gone from the config."""
+    server = discord_server
+    settings = bot_settings(base_settings, tmp_path / "data", server)
+    engine = engine.sharing(settings=settings)  # its generators swap in a copy, not the session's engine
+    async with running_i2p2i(settings, server, engine) as bot:
+        (command,) = [c for c in server.synced_commands() if c["name"] == "imagine-from"]
+        (model,) = [o for o in command["options"] if o["name"] == "model"]
+        assert model["autocomplete"] is True
+
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        slash = await server.push_slash("imagine-from", {"image": upload, "count": 1, "model": "sd2"})
+        await slash.wait_followup(timeout_s=60)
+        card = cast(StoredMessage, slash.original)
+        fields = {f["name"]: f["value"] for f in card.embeds[0].get("fields", [])}
+        assert fields["Model"] == "sd2"
+        card_id = int(button(card, "i2p:card:gen:").split(":")[3])
+        stored = await bot.store.get_interrogation(card_id)
+        assert stored is not None and stored.interrogation.models["clip"] == "smoke:sd2-clip"
+        assert (await bot.store.card_choices(card_id)).preset == "sd2"
+
+        press = await server.push_button(card, button(card, "i2p:card:gen:"))
+        await press.wait_followup(timeout_s=30)
+        await server.wait_until(lambda: cast(StoredMessage, press.original).attachments or None, timeout_s=60)
+        job = await bot.store.get_job(1)
+        assert job is not None and job.status == "complete"
+        assert (job.request.preset, job.request.model) == ("sd2", "smoke:generator-sd2")
+        assert "sd2" in engine.resident_presets
+        rows = await bot.store._fetchall("SELECT preset FROM jobs WHERE id = 1")
+        assert rows[0]["preset"] == "sd2"
+
+        result = cast(StoredMessage, press.original)
+        info = await server.push_button(result, "i2p:job:info:1")
+        embed = (await info.wait_response()).json["data"]["embeds"][0]
+        models = next(f["value"] for f in embed["fields"] if f["name"] == "Models")
+        assert "preset: sd2" in models and "generator: smoke:generator-sd2" in models
+
+        # The admin removes the preset: a Reroll says so in one sentence and queues nothing.
+        without = dataclasses.replace(settings, models=dataclasses.replace(settings.models, preset="default"))
+        engine.presets = resolve_presets(without)
+        reroll = await server.push_button(result, "i2p:job:reroll:1")
+        data = (await reroll.wait_response()).json.get("data") or {}
+        text = data.get("content") or (await reroll.wait_call("POST /webhooks/{app}/{token}")).json["content"]
+        assert text == "There is no model preset “sd2”; choose one of sd-v1-4."
+        assert await bot.store.get_job(2) is None
+
+
+async def test_an_unknown_model_is_one_private_sentence(
+    discord_server: FakeDiscord, base_settings: Settings, tmp_path: Path, astronaut: Image.Image
+) -> None:
+    """/imagine-from with a model the bot does not have answers privately, before describing anything."""
+    server = discord_server
+    settings = bot_settings(base_settings, tmp_path / "data", server)
+    fake = FakeEngine()
+    async with running_i2p2i(settings, server, cast(Any, fake)) as bot:
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        slash = await server.push_slash("imagine-from", {"image": upload, "model": "sdxl"})
+        answer = (await slash.wait_response()).json
+        assert answer["data"]["flags"] & 64
+        assert answer["data"]["content"] == "There is no model preset “sdxl”; choose one of sd-v1-4, other."
+        assert await bot.store._fetchall("SELECT id FROM interrogations") == []
+
+
+def test_model_autocomplete_offers_matching_presets_the_default_first() -> None:
+    bot = cast(Any, type("Bot", (), {"engine": FakeEngine()})())
+    assert [c.value for c in preset_choices(bot, "")] == ["sd-v1-4", "other"]
+    assert [(c.name, c.value) for c in preset_choices(bot, "OTH")] == [("other (sd1)", "other")]
+    assert preset_choices(bot, "xl") == []

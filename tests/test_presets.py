@@ -1,0 +1,169 @@
+"""Model presets: config, families, the single-file layout, and each family's pipeline on the smoke models."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from i2p2i_bot.config import ConfigError, PresetSettings, Settings, load_settings
+from i2p2i_bot.engine import Engine
+from i2p2i_bot.models import resolve_presets
+from i2p2i_bot.presets import UnknownPreset, detect_family
+from i2p2i_bot.request import GenerationError, GenerationRequest
+from i2p2i_bot.smoke import SmokeModels
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_config_without_presets_keeps_its_one_generator(tmp_path: Path) -> None:
+    """An existing config names no preset: sd-v1-4 is its generator and CLIP, with [generate] unchanged."""
+    settings = load_settings(
+        write(tmp_path, '[models]\ngenerator = "my/sd15"\n[generate]\nsteps = 30\n'), env={}
+    )
+    presets = resolve_presets(settings)
+    assert presets.names == ("sd-v1-4",) and presets.default == "sd-v1-4"
+    (preset,) = presets
+    assert (preset.generator, preset.family, preset.clip) == ("my/sd15", "sd1", "ViT-L-14/openai")
+    assert preset.generate == settings.generate
+
+
+def test_presets_take_their_familys_clip_size_and_their_own_defaults(tmp_path: Path) -> None:
+    """sd2 pairs with ViT-H and 768, sdxl with ViT-L and 1024; a preset's steps and negative win."""
+    text = """
+[models]
+default_preset = "xl"
+[[models.presets]]
+name = "sd21"
+generator = "stabilityai/stable-diffusion-2-1"
+[[models.presets]]
+name = "xl"
+generator = "some/checkpoint.safetensors"
+family = "sdxl"
+steps = 40
+negative_prompt = "blurry"
+"""
+    presets = resolve_presets(load_settings(write(tmp_path, text), env={}))
+    assert presets.names == ("sd-v1-4", "sd21", "xl") and presets.get(None).name == "xl"
+    sd21, xl = presets.get("sd21"), presets.get("xl")
+    assert (sd21.family, sd21.clip, sd21.generate.width, sd21.generate.max_side) == (
+        "sd2",
+        "ViT-H-14/laion2b_s32b_b79k",
+        768,
+        1152,
+    )
+    assert not sd21.safety_checker and not sd21.single_file
+    assert (xl.family, xl.clip, xl.generate.width, xl.generate.steps) == ("sdxl", "ViT-L-14/openai", 1024, 40)
+    assert xl.generate.negative_prompt == "blurry"
+    assert xl.single_file and xl.config == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert presets.without_safety_checker() == ["sd21", "xl"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('[models]\ndefault_preset = "nope"\n', "models.default_preset 'nope' is not a preset"),
+        ('[[models.presets]]\nname = "Big One"\ngenerator = "x"\n', "must be 1-32 lowercase"),
+        (
+            '[[models.presets]]\nname = "a"\ngenerator = "x"\n' * 2,
+            "once",
+        ),
+        ('[[models.presets]]\nname = "a"\ngenerator = "x"\nfamily = "sd3"\n', "family must be one of"),
+        ('[models]\npresets = ["a"]\n', "must be a list of tables"),
+    ],
+)
+def test_bad_presets_stop_the_program_with_one_line(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        load_settings(write(tmp_path, text), env={})
+
+
+def test_an_unknown_preset_is_one_sentence_listing_the_others(base_settings: Settings) -> None:
+    presets = resolve_presets(base_settings)
+    with pytest.raises(UnknownPreset) as caught:
+        presets.get("sd3")
+    assert str(caught.value) == (
+        "There is no model preset “sd3”; choose one of sd-v1-4, sd2, sdxl, sd1-file."
+    )
+
+
+def test_families_are_found_from_the_files(smoke_models: SmokeModels) -> None:
+    """A folder's configs and a single file's tensor names say the family; a Hub id its name."""
+    found = [detect_family(str(p)) for p in (smoke_models.generator, smoke_models.sd2, smoke_models.sdxl)]
+    assert found == ["sd1", "sd2", "sdxl"]
+    assert detect_family(str(smoke_models.single_file)) == "sd1"
+    assert detect_family("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    assert detect_family("stabilityai/stable-diffusion-2-1") == "sd2"
+
+
+def test_the_single_file_holds_the_same_weights_as_the_folder(smoke_models: SmokeModels) -> None:
+    """The original-layout checkpoint, read by from_single_file with the folder as its config, gives back
+    every weight of the diffusers folder it was written from."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = StableDiffusionPipeline.from_pretrained(smoke_models.generator)
+    single = StableDiffusionPipeline.from_single_file(
+        str(smoke_models.single_file), config=str(smoke_models.generator), local_files_only=True
+    )
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want), part
+
+
+def test_each_family_loads_its_own_pipeline(engine: Engine) -> None:
+    """SD 2.x keeps v-prediction in every scheduler it runs and has no safety checker; SDXL runs its own
+    pipeline; only the presets in use stay loaded (models.max_resident is 1)."""
+    engine = engine.sharing()  # swaps generators in a copy: the session's engine keeps its own
+    sd2 = engine.generator_for("sd2")
+    assert {s.config.prediction_type for s in sd2._schedulers.values()} == {"v_prediction"}
+    assert sd2.pipe.safety_checker is None
+    xl = engine.generator_for("sdxl")
+    assert type(xl.pipe).__mro__[1].__name__ == "StableDiffusionXLPipeline"
+    assert engine.resident_presets == ("sdxl",)
+    assert engine.generator.pipe.safety_checker is not None  # sd-v1-4 is loaded again for its turn
+    assert engine.resident_presets == ("sd-v1-4",)
+
+
+def test_the_single_file_preset_makes_the_folders_images(engine: Engine) -> None:
+    """The same weights make the same image whichever way they were stored; another family another."""
+    engine = engine.sharing()
+
+    def pixels(preset: str) -> torch.Tensor:
+        request = GenerationRequest("a lighthouse", seed=5, steps=2, preset=preset)
+        (made,) = engine.generate(request).images
+        return torch.from_numpy(np.asarray(made.image).astype(np.float32))
+
+    folder, single, sd2 = pixels("sd-v1-4"), pixels("sd1-file"), pixels("sd2")
+    assert torch.equal(folder, single)
+    assert not torch.equal(folder, sd2)
+
+
+def test_a_plan_takes_the_presets_defaults_and_records_it(engine: Engine, base_settings: Settings) -> None:
+    """A request for a preset is planned with that preset's settings and names it and its generator."""
+    planned = engine.plan(GenerationRequest("a cat", preset="sd2"))
+    assert (planned.preset, planned.model, planned.params.preset) == ("sd2", "smoke:generator-sd2", "sd2")
+    assert engine.plan(GenerationRequest("a cat")).preset == "sd-v1-4"
+    with pytest.raises(UnknownPreset):
+        engine.plan(dataclasses.replace(planned, preset="gone"))
+
+
+def test_a_preset_without_its_weights_is_refused_when_planned(
+    engine: Engine, base_settings: Settings, tmp_path: Path
+) -> None:
+    """A request for a preset whose checkpoint is not here is one sentence at once, not a failed job."""
+    gone = PresetSettings(name="gone", generator=str(tmp_path / "gone.safetensors"), family="sd1")
+    models = dataclasses.replace(base_settings.models, presets=[gone])
+    other = engine.sharing(settings=dataclasses.replace(base_settings, models=models))
+    with pytest.raises(GenerationError) as caught:
+        other.plan(GenerationRequest("a cat", preset="gone"))
+    assert str(caught.value) == (
+        "The model preset “gone” is not on this machine yet; an admin can run `i2p2i download-models`."
+    )
+    assert other.plan(GenerationRequest("a cat", preset="sd2")).preset == "sd2"
