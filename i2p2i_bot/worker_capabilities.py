@@ -1,12 +1,16 @@
 """What a GPU worker can run, which of the bot's batches that covers, and the BullMQ queue it takes them from.
 
-Workers report their capabilities in their record in Redis. Workers with the same capabilities share one
-BullMQ queue, named for them, and the bot sends a batch only to the queue of workers that can run it: every
-worker on a queue can make every batch on it, so BullMQ's own stalled-job recovery hands a dead worker's
-batch only to a worker that can make it, and no worker ever takes a batch it would refuse.
+Workers report their capabilities in their record in Redis: the guides they offer, the model presets whose
+weights they have, and the LoRA files they hold (name and sha256, as a batch pins them). Workers with the
+same capabilities share one BullMQ queue, named for them, and the bot sends a batch only to the queue of
+workers that can run it: every worker on a queue can make every batch on it, so BullMQ's own stalled-job
+recovery hands a dead worker's batch only to a worker that can make it, and no worker ever takes a batch it
+would refuse. A batch that several queues can run goes to one of them (remote.py picks it); a queue is
+never shared by workers that differ, so there are as many queues as distinct worker setups, however many
+presets and LoRAs there are.
 
-Today a capability is a guide (an engine's offered_guides). A model preset joins here once requests carry
-one: a worker reports the presets it has loaded, `needs` adds a batch's preset, and `missing` names it.
+Capabilities are read once, when a worker starts: a preset downloaded or a LoRA added later counts after
+its restart, which keeps a worker on one queue for its whole life.
 Plain values, without torch, Redis or discord.
 """
 
@@ -19,67 +23,121 @@ from dataclasses import dataclass
 
 from i2p2i_bot.guides import GUIDE_NAMES
 from i2p2i_bot.i18n import LIST_AND, N_
+from i2p2i_bot.loras import Lora
 from i2p2i_bot.request import GenerationParams
 
-# The queue of workers that offer nothing beyond the prompt (and of workers too old to say what they offer).
+# The queue of workers that offer nothing (and of workers too old to say what they offer: they get nothing).
 BASE_QUEUE = "i2p2i-batches"
 # What a job waits for, for its member, while no live worker can make it.
 WAITING_FOR_WORKER = N_("waiting for a GPU worker")
 WAITING_FOR_GUIDES = N_("waiting for a GPU worker that can keep {guides}")
+WAITING_FOR_MODEL = N_("waiting for a GPU worker that has the model {model}")
+WAITING_FOR_LORA = N_("waiting for a GPU worker that has the LoRA {lora}")
+WAITING_FOR_LORAS = N_("waiting for a GPU worker that has the LoRAs {loras}")
+
+# A LoRA file as workers offer and batches need it: its name and its sha256.
+LoraFileId = tuple[str, str]
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """The guides a worker offers (names, in GUIDE_NAMES' order)."""
+    """The guides a worker offers (in GUIDE_NAMES' order), the presets it has and its LoRA files (sorted)."""
 
     guides: tuple[str, ...] = ()
+    presets: tuple[str, ...] = ()
+    loras: tuple[LoraFileId, ...] = ()
 
     @classmethod
-    def of(cls, guides: Iterable[str]) -> Capabilities:
+    def of(
+        cls, guides: Iterable[str] = (), presets: Iterable[str] = (), loras: Iterable[LoraFileId] = ()
+    ) -> Capabilities:
         offered = set(guides)
-        return cls(tuple(name for name in GUIDE_NAMES if name in offered))
+        return cls(
+            tuple(name for name in GUIDE_NAMES if name in offered),
+            tuple(sorted(set(presets))),
+            tuple(sorted(set(loras), key=lambda lora: (lora[0].casefold(), lora[1]))),
+        )
 
     @property
     def queue(self) -> str:
         """The BullMQ queue of the workers with exactly these capabilities."""
-        if not self.guides:
+        if self == Capabilities():
             return BASE_QUEUE
-        digest = hashlib.sha256(json.dumps(self.record()).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:12]
         return f"{BASE_QUEUE}-{digest}"
 
     def record(self) -> dict[str, str]:
         """The fields a worker's record in Redis holds for these capabilities."""
-        return {"guides": json.dumps(list(self.guides))}
+        return {
+            "guides": json.dumps(list(self.guides)),
+            "presets": json.dumps(list(self.presets)),
+            "loras": json.dumps([list(lora) for lora in self.loras]),
+        }
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Capabilities:
-        """A worker's capabilities from its record; a record that does not say offers nothing beyond the
-        prompt (what the base queue's workers run)."""
+        """A worker's capabilities from its record; a record that cannot be read offers nothing."""
         try:
             guides = json.loads(record.get("guides") or "[]")
-            return cls.of(str(name) for name in guides)
+            presets = json.loads(record.get("presets") or "[]")
+            loras = json.loads(record.get("loras") or "[]")
+            return cls.of(
+                (str(name) for name in guides),
+                (str(name) for name in presets),
+                ((str(name), str(sha256)) for name, sha256 in loras),
+            )
         except (ValueError, TypeError):
             return cls()
 
-    def missing(self, params: GenerationParams) -> tuple[str, ...]:
-        """What a batch with these params needs that these capabilities lack; () when they can run it."""
-        return tuple(name for name in needs(params).guides if name not in self.guides)
+    @property
+    def size(self) -> int:
+        """How much these capabilities offer: a batch goes first to workers that offer least."""
+        return len(self.guides) + len(self.presets) + len(self.loras)
+
+    def missing(self, params: GenerationParams) -> Capabilities:
+        """What a batch with these params needs that these capabilities lack; empty when they can run it."""
+        wanted = needs(params)
+        held = {(name.casefold(), sha256) for name, sha256 in self.loras}
+        return Capabilities(
+            tuple(name for name in wanted.guides if name not in self.guides),
+            tuple(name for name in wanted.presets if name not in self.presets),
+            tuple(lora for lora in wanted.loras if (lora[0].casefold(), lora[1]) not in held),
+        )
 
     def can_run(self, params: GenerationParams) -> bool:
-        return not self.missing(params)
+        return self.missing(params) == Capabilities()
+
+
+def lora_ids(loras: Iterable[Lora]) -> tuple[LoraFileId, ...]:
+    return tuple((lora.name, lora.sha256) for lora in loras)
 
 
 def needs(params: GenerationParams) -> Capabilities:
-    """What a worker must offer to make a batch with these params."""
-    return Capabilities.of(guide.name for guide in params.keep)
+    """What a worker must offer to make a batch with these params: its guides, its preset, its LoRA files."""
+    return Capabilities.of((guide.name for guide in params.keep), (params.preset,), lora_ids(params.loras))
 
 
 def waiting_reason(params: GenerationParams, live: Iterable[Capabilities]) -> str | None:
-    """Why no live worker can make a batch with these params, for its member; None when one can."""
+    """Why no live worker can make a batch with these params, for its member; None when one can.
+
+    It names the model when no live worker has it; otherwise what the closest worker that has the model
+    lacks (the LoRAs first: a guide is a switch, a LoRA a file someone must copy). With no worker live it
+    names what a worker must offer beyond the model, if anything."""
     live = list(live)
     if any(capabilities.can_run(params) for capabilities in live):
         return None
-    wanted = needs(params).guides
-    if not wanted:
-        return WAITING_FOR_WORKER
-    return WAITING_FOR_GUIDES.format(guides=LIST_AND.join(wanted))
+    with_model = [c for c in live if params.preset in c.presets]
+    if live and not with_model:
+        return WAITING_FOR_MODEL.format(model=params.preset)
+    closest = min(
+        (c.missing(params) for c in with_model),
+        key=lambda lacking: (lacking.size, lacking.loras, lacking.guides),
+        default=Capabilities.of(needs(params).guides, (), needs(params).loras),
+    )
+    if len(closest.loras) == 1:
+        return WAITING_FOR_LORA.format(lora=closest.loras[0][0])
+    if closest.loras:
+        return WAITING_FOR_LORAS.format(loras=LIST_AND.join(name for name, _ in closest.loras))
+    if closest.guides:
+        return WAITING_FOR_GUIDES.format(guides=LIST_AND.join(closest.guides))
+    return WAITING_FOR_WORKER
