@@ -87,6 +87,9 @@ class ZeroCostEngine:
         self.presets.get(preset)
         return self.models
 
+    def available_presets(self) -> tuple[str, ...]:
+        return self.presets.names
+
     def interrogate(
         self, image: Image.Image, mode: str, key: str | None = None, preset: str | None = None
     ) -> Interrogation:

@@ -297,6 +297,9 @@ class GpuCallLog:
     def models_for(self, preset: str | None) -> dict[str, str]:
         return self._engine.models_for(preset)
 
+    def available_presets(self) -> tuple[str, ...]:
+        return self._engine.available_presets()
+
     @property
     def offered_guides(self) -> tuple[GuideName, ...]:
         return self._engine.offered_guides

@@ -210,11 +210,14 @@ class Engine:
             self._loras[family] = found
         return found
 
-    def _check_present(self, preset: Preset) -> None:
-        """Refuse a preset whose weights are not on this machine, before a job waits for it (looked up
-        once per preset: download-models is followed by a restart)."""
+    def available_presets(self) -> tuple[str, ...]:
+        return tuple(preset.name for preset in self.presets if self._present(preset))
+
+    def _present(self, preset: Preset) -> bool:
+        """Whether a preset's weights are on this machine (looked up once per preset: download-models is
+        followed by a restart)."""
         if preset.name in self._generators:
-            return
+            return True
         if preset.name not in self._missing:
             try:
                 check_preset(preset, safety_checker=preset.generate.safety_checker)
@@ -222,7 +225,11 @@ class Engine:
             except ModelUnavailable as exc:
                 log.warning("preset %s cannot be loaded: %s", preset.name, exc)
                 self._missing[preset.name] = str(exc)
-        if self._missing[preset.name] is not None:
+        return self._missing[preset.name] is None
+
+    def _check_present(self, preset: Preset) -> None:
+        """Refuse a preset whose weights are not on this machine, before a job waits for it."""
+        if not self._present(preset):
             raise GenerationError(
                 f"The model preset “{preset.name}” is not on this machine yet; an admin can run "
                 "`i2p2i download-models`."

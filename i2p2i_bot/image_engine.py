@@ -35,6 +35,10 @@ class ImageEngine(BatchMaker, Protocol):
         """A preset's model names as they are recorded next to results (its CLIP's for its cards)."""
         ...
 
+    def available_presets(self) -> tuple[str, ...]:
+        """The names of the presets whose weights are on this machine (a worker runs only those)."""
+        ...
+
     @property
     def offered_guides(self) -> tuple[GuideName, ...]:
         """The guides a request may keep: those enabled whose weights are loaded (plan refuses others)."""

@@ -202,6 +202,10 @@ class LoraLibrary:
                     found.append(listed)
         return tuple(found)
 
+    def files(self) -> tuple[tuple[str, str], ...]:
+        """Each LoRA on offer as a batch pins it: its name and its file's sha256 (hashed once per version)."""
+        return tuple((lora.name, self.sha256(lora.path)) for lora in self.available())
+
     def find(self, name: str) -> LoraFile | None:
         key = name.casefold()
         return next((lora for lora in self.available() if lora.name.casefold() == key), None)

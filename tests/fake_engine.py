@@ -44,6 +44,9 @@ class FakeEngine:
     def models(self) -> dict[str, str]:
         return self.models_for(None)
 
+    def available_presets(self) -> tuple[str, ...]:
+        return self.presets.names
+
     def models_for(self, preset: str | None) -> dict[str, str]:
         chosen = self.presets.get(preset)
         # The built-in preset keeps the names recorded before presets.

@@ -167,3 +167,6 @@ def test_a_preset_without_its_weights_is_refused_when_planned(
         "The model preset “gone” is not on this machine yet; an admin can run `i2p2i download-models`."
     )
     assert other.plan(GenerationRequest("a cat", preset="sd2")).preset == "sd2"
+    # A worker reports the presets it can run: those whose weights are here.
+    assert "gone" not in other.available_presets()
+    assert {"sd-v1-4", "sd2"} <= set(other.available_presets())
