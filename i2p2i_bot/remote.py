@@ -12,10 +12,11 @@ QueueEvents bring progress and results at once; a poll of each batch's state eve
 what events miss (an outage of Redis, a listener that restarted) and batches Redis lost (sent again as
 the next attempt). Nothing here imports torch or discord.
 
-Workers differ in what they can run (the guides they offer): each says so in its record, and workers
-alike share one BullMQ queue (worker_capabilities.py). The ring picks a batch only among the jobs a live
-worker with room can run, so fairness holds among what can run now and a job nobody live can run waits,
-saying why, instead of failing; the batch goes to the queue of workers that can make it. A guided batch's
+Workers differ in what they can run (the guides they offer, the model presets and LoRA files they have):
+each says so in its record, and workers alike share one BullMQ queue (worker_capabilities.py). The ring
+picks a batch only among the jobs a live worker with room can run, so fairness holds among what can run
+now and a job nobody live can run waits, saying why, instead of failing; the batch goes to the queue of
+workers that can make it (of several, the least busy, then the one that offers least). A guided batch's
 source images go into Redis with it, for workers that do not share the bot's data folder
 (remote_sources.py).
 
@@ -292,7 +293,7 @@ class RemoteRunner:
             if not group.capabilities.can_run(params) or not self._room_on(name):
                 continue
             out = sum(1 for sent in self._sent.values() if sent.queue == name)
-            rank = (out / group.workers, len(group.capabilities.guides), name)
+            rank = (out / group.workers, group.capabilities.size, name)
             if best is None or rank < best:
                 best = rank
         return None if best is None else best[2]
@@ -510,7 +511,9 @@ class RemoteRunner:
             log.info(
                 "live GPU workers: %s",
                 "; ".join(
-                    f"{g.workers} offering {', '.join(g.capabilities.guides) or 'no guides'}"
+                    f"{g.workers} with presets {', '.join(g.capabilities.presets) or 'none'}, guides "
+                    f"{', '.join(g.capabilities.guides) or 'none'}, "
+                    f"{len(g.capabilities.loras)} LoRAs"
                     for g in groups.values()
                 )
                 or "none",

@@ -9,7 +9,8 @@ its next step, and BullMQ refuses the finish of a worker whose lock is gone. A b
 (it took longer than queue.job_timeout_s) stops at its next step too: the bot sets a cancel key, which
 the worker looks for every CANCEL_POLL_S while the batch runs.
 
-The worker says what it can run (its guides) in its record, and takes batches from the BullMQ queue of
+The worker says what it can run (its guides, the presets whose weights it has, its LoRA files by name and
+sha256) in its record, and takes batches from the BullMQ queue of
 workers with the same capabilities (worker_capabilities.py), so it gets only batches it can make. A
 guided batch's source image that this machine lacks is fetched from Redis and kept under its own data
 folder (remote_sources.py).
@@ -40,6 +41,7 @@ from i2p2i_bot.batches import BatchResult
 from i2p2i_bot.config import Settings
 from i2p2i_bot.gpu import GpuFault, GpuOutOfMemory, GpuWorker, Priority
 from i2p2i_bot.image_engine import ImageEngine
+from i2p2i_bot.loras import LoraLibrary
 from i2p2i_bot.remote_sources import NOT_FETCHED, SourceUnavailable, fetch
 from i2p2i_bot.remote_wire import (
     PERMANENT,
@@ -122,7 +124,11 @@ class RemoteWorker:
 
     async def run(self) -> int:
         self._engine = await self._gpu.run(self._loader, self._settings, priority=Priority.URGENT)
-        self.capabilities = Capabilities.of(self._engine.offered_guides)
+        engine = self._engine
+        loras = LoraLibrary(self._settings.models.lora_dir)
+        self.capabilities = Capabilities.of(
+            engine.offered_guides, engine.available_presets(), await asyncio.to_thread(loras.files)
+        )
         client = self._client = redis.from_url(self._url)
         worker = Worker(
             self.capabilities.queue,
@@ -142,10 +148,12 @@ class RemoteWorker:
         heartbeat = asyncio.create_task(self._heartbeat(client), name="i2p2i-worker-heartbeat")
         running = asyncio.create_task(worker.run(), name="i2p2i-worker")
         log.info(
-            "worker %s ready: %s, guides %s, queue %s",
+            "worker %s ready: %s, presets %s, guides %s, LoRAs %s, queue %s",
             self.id,
             self._engine.models,
+            ", ".join(self.capabilities.presets) or "none",
             ", ".join(self.capabilities.guides) or "none",
+            ", ".join(name for name, _ in self.capabilities.loras) or "none",
             self.capabilities.queue,
         )
         try:

@@ -76,18 +76,23 @@ class Workers:
         step_s: float,
         lock_s: float = 2.0,
         guides: Sequence[str] = (),
+        presets: Sequence[str] | None = None,
     ) -> None:
-        """Workers whose data folder is `directory`/data (not the bot's), offering `guides`."""
+        """Workers whose data folder is `directory`/data (not the bot's), offering `guides`, having the
+        weights of `presets` (None: all the stub's) and the LoRA files put in `lora_dir`."""
         self.server = server
         self.directory = directory
         self.step_s = step_s
         self.guides = guides
+        self.presets = presets
         self.data = directory / "data"
+        self.lora_dir = directory / "loras"
         self.log = directory / "batches.jsonl"
         self.config = directory / "worker.toml"
-        directory.mkdir(parents=True, exist_ok=True)
+        self.lora_dir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
-            f'data_dir = "{self.data}"\n[queue]\nworker_lock_s = {lock_s}\nstop_grace_s = 2.0\n',
+            f'data_dir = "{self.data}"\n[queue]\nworker_lock_s = {lock_s}\nstop_grace_s = 2.0\n'
+            f'[models]\nlora_dir = "{self.lora_dir}"\n',
             encoding="utf-8",
         )
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -101,6 +106,8 @@ class Workers:
             "I2P2I_STUB_LOG": str(self.log),
             "I2P2I_STUB_GUIDES": ",".join(self.guides),
         }
+        if self.presets is not None:
+            env["I2P2I_STUB_PRESETS"] = ",".join(self.presets)
         env.pop("I2P2I_REDIS_URL", None)
         started = []
         for _ in range(n):

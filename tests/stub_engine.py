@@ -5,6 +5,8 @@ step; I2P2I_STUB_LOG names a file that gets one JSON line per batch the worker s
 so a test can tell when a batch is on a worker and which one, and whether its process imported torch.
 I2P2I_STUB_GUIDES lists the guides it offers (comma-separated); a guided batch reads each image's source
 from the worker's own data folder, as the real engine does, and logs the sha256 of the bytes it read.
+I2P2I_STUB_PRESETS lists the presets whose weights it has (unset: all of FakeEngine's). It plans LoRAs
+against the files of its own models.lora_dir, as the real engine does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.guides import GUIDE_NAMES, GuideName
-from i2p2i_bot.request import GenerationParams, ImageSpec
+from i2p2i_bot.loras import LoraLibrary
+from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
+from i2p2i_bot.server_settings import ServerSettings
 from i2p2i_bot.source_images import SourceImages
 from tests.fake_engine import FakeEngine
 
@@ -34,12 +38,25 @@ class StubEngine(FakeEngine):
         log_path: str | None,
         guides: Sequence[GuideName] = (),
         sources_dir: Path | None = None,
+        presets: Sequence[str] | None = None,
+        lora_dir: str = "",
     ) -> None:
         super().__init__()
         self.step_s = step_s
         self.log_path = log_path
         self.offered_guides = tuple(guides)
         self.sources = SourceImages(sources_dir)
+        self.have_presets = self.presets.names if presets is None else tuple(presets)
+        self.loras = LoraLibrary(lora_dir)
+
+    def available_presets(self) -> tuple[str, ...]:
+        return self.have_presets
+
+    def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
+        preset = self.presets.get(request.preset)
+        settings = self.presets.settings_for(preset.name, server, self.settings)
+        generator = self.models_for(preset.name)["generator"]
+        return plan(request, settings, generator, self.offered_guides, self.loras, preset=preset.name)
 
     def generate_batch(
         self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
@@ -58,6 +75,8 @@ class StubEngine(FakeEngine):
                     "seeds": [s.seed for s in specs],
                     "torch": "torch" in sys.modules,
                     "guides": [g.name for g in params.keep],
+                    "preset": params.preset,
+                    "loras": [lora.name for lora in params.loras],
                     "sources": read,
                 }
                 log.write(json.dumps(line) + "\n")
@@ -72,9 +91,12 @@ class StubEngine(FakeEngine):
 
 def load(settings: Settings) -> StubEngine:
     offered = os.environ.get("I2P2I_STUB_GUIDES", "").split(",")
+    presets = os.environ.get("I2P2I_STUB_PRESETS")
     return StubEngine(
         float(os.environ.get("I2P2I_STUB_STEP_S", "0.05")),
         os.environ.get("I2P2I_STUB_LOG"),
         [name for name in GUIDE_NAMES if name in offered],
         settings.sources_path,
+        None if presets is None else [name for name in presets.split(",") if name],
+        settings.models.lora_dir,
     )

@@ -30,6 +30,7 @@ from i2p2i_bot.events import Subscription
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.guides import Guide
 from i2p2i_bot.jobs import EventKind, JobEvent, JobStatus
+from i2p2i_bot.loras import Lora
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.remote import CLOSE_S, UNREACHABLE, RemoteRunner
 from i2p2i_bot.remote_sources import DAMAGED, NOT_CARRIED, carry, source_key
@@ -38,7 +39,7 @@ from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.source_images import GONE, SourceImages
 from i2p2i_bot.store import Store
-from i2p2i_bot.worker_capabilities import BASE_QUEUE
+from i2p2i_bot.worker_capabilities import Capabilities
 from tests.fake_engine import FakeEngine
 from tests.redis_server import ROOT, RedisServer, Workers, redis_server_path
 from tests.requests import job_request
@@ -49,6 +50,8 @@ if redis_server_path() is None:
     pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
 
 PARAMS = GenerationParams("fake", 4, 7.5, 64, 64, "dpm")
+# The queue of the stub's workers by default: every preset, no guide, no LoRA.
+PLAIN_QUEUE = Capabilities.of(presets=FakeEngine().presets.names).queue
 # Every wait in these tests is bounded by this; a run that needs longer is a failure, not a slow pass.
 LIMIT_S = 40.0
 LOCK_S = 2.0
@@ -125,7 +128,7 @@ async def live_workers(server: RedisServer, n: int) -> None:
 def bull_jobs(server: RedisServer) -> list[str]:
     """The BullMQ jobs Redis still holds, in any state."""
     client = server.client()
-    keys = cast(list[bytes], client.keys(f"bull:{BASE_QUEUE}:*"))
+    keys = cast(list[bytes], client.keys(f"bull:{PLAIN_QUEUE}:*"))
     return [key.decode() for key in keys if key.decode().rpartition(":")[2].isdigit()]
 
 
@@ -317,7 +320,7 @@ async def test_a_restarted_bot_takes_back_the_batch_its_last_run_sent(
         bot.kill()
         bot.wait(timeout=10)
         if at_restart == "made":
-            await until(lambda: client.zcard(f"bull:{BASE_QUEUE}:completed") == 1, "the batch being made")
+            await until(lambda: client.zcard(f"bull:{PLAIN_QUEUE}:completed") == 1, "the batch being made")
         elif at_restart == "gone from Redis":
             client.flushall()
         store = await Store.open(db, images_dir=images)
@@ -545,3 +548,92 @@ async def events_of(subscription: Subscription, job_id: int, kind: EventKind) ->
         event = await subscription.get()
         if event.job_id == job_id and event.kind is kind:
             return event
+
+
+async def waiting_then_run(
+    store: Store,
+    server: RedisServer,
+    first: Workers,
+    then: Workers,
+    wanted: GenerationParams,
+    prompt: str,
+    reason: str,
+) -> None:
+    """With only `first` live, a job with `wanted` waits saying `reason` while a plain job behind it runs
+    on `first`; once `then` is live, the job runs there."""
+    first.spawn(1)
+    await live_workers(server, 1)
+    queue, runner = await remote_queue(store, server)
+    events = queue.subscribe()
+    runner.start()
+    waiting = await queue.submit(job_request(1, prompt, wanted, count=3, seed=30))
+    plain = await queue.submit(job_request(2, "plain", PARAMS, count=2, seed=40))
+
+    async def plain_done() -> bool:
+        job = await store.get_job(plain.id)
+        return job is not None and job.status is JobStatus.COMPLETE
+
+    await until(plain_done, "the plain job finishing on the first worker")
+    position = queue.position(waiting.id)
+    assert position is not None and position.blocked == reason
+    assert status_text(waiting, position, locale=None) == f"⏳ Job #{waiting.id} is queued, {reason}."
+    said = await bounded(events_of(events, waiting.id, EventKind.WAITING), "the waiting event")
+    assert said.error == reason
+    then.spawn(1)
+    await bounded(queue.join(), "the queue emptying")
+    await bounded(runner.stop(5), "the runner stopping", 5 + 2 * CLOSE_S)
+    done = await store.get_job(waiting.id)
+    assert done is not None and done.status is JobStatus.COMPLETE, done
+    assert [batch["seeds"] for batch in started_batches(first)] == [[40, 41]]
+    assert [batch["seeds"] for batch in started_batches(then)] == [[30, 31, 32]]
+
+
+async def test_a_batch_goes_only_to_workers_that_have_its_model_and_waits_naming_it(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """Two workers with different presets: while only the one without "other" is live, an "other" job
+    waits naming the model and a plain job behind it runs; the job then runs on the worker that has it."""
+    base = Workers(server, tmp_path / "base", step_s=0.05, lock_s=LOCK_S, presets=("sd-v1-4",))
+    both = Workers(server, tmp_path / "both", step_s=0.05, lock_s=LOCK_S, presets=("sd-v1-4", "other"))
+    other = dataclasses.replace(PARAMS, preset="other")
+    reason = "waiting for a GPU worker that has the model other"
+    try:
+        await waiting_then_run(store, server, base, both, other, "kite", reason)
+        assert [batch["preset"] for batch in started_batches(both)] == ["other"]
+    finally:
+        base.stop()
+        both.stop()
+
+
+def write_lora(folder: Path, name: str) -> str:
+    """A LoRA file as the library lists it (a safetensors header and no tensors); returns its sha256."""
+    header = json.dumps({"__metadata__": {"ss_base_model_version": "sd_v1"}}).encode()
+    data = len(header).to_bytes(8, "little") + header
+    (folder / f"{name}.safetensors").write_bytes(data)
+    return sha256(data)
+
+
+async def test_a_batch_with_a_lora_goes_only_to_the_worker_with_its_file_and_waits_naming_it(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """Two workers alike but for one LoRA file (and a file of the same name with other bytes on the
+    first): a job using it waits naming the LoRA, then runs on the worker holding that very file."""
+    plain = Workers(server, tmp_path / "plain", step_s=0.05, lock_s=LOCK_S)
+    inked = Workers(server, tmp_path / "inked", step_s=0.05, lock_s=LOCK_S)
+    digest = write_lora(inked.lora_dir, "ink")
+    (plain.lora_dir / "ink.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    ink = dataclasses.replace(PARAMS, loras=(Lora("ink", 0.8, digest),))
+    try:
+        await waiting_then_run(
+            store,
+            server,
+            plain,
+            inked,
+            ink,
+            "<lora:ink:0.8> kite",
+            "waiting for a GPU worker that has the LoRA ink",
+        )
+        assert [batch["loras"] for batch in started_batches(inked)] == [["ink"]]
+    finally:
+        plain.stop()
+        inked.stop()
