@@ -206,6 +206,7 @@ class Engine:
         models.max_offloaded allows (a compiled one is unloaded: its captured graphs hold device memory),
         the oldest there unloaded."""
         keep = self.settings.models.max_offloaded
+        unloaded = False
         while len(self._generators) >= self.max_resident:
             name, generator = self._generators.popitem(last=False)
             if keep and generator.buckets is None:
@@ -214,11 +215,14 @@ class Engine:
                 self._offloaded[name] = generator
             else:
                 log.info("unloading the generator of preset %s to load %s", name, loading)
+                unloaded = True
         while len(self._offloaded) > keep:
             name, _ = self._offloaded.popitem(last=False)
             log.info("unloading the generator of preset %s from CPU RAM", name)
+            unloaded = True
         self._resident = tuple(self._generators)
-        gc.collect()
+        if unloaded:  # a full collection costs a good part of a second: only when weights were let go
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
