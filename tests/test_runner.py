@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.cards import status_text
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.gpu import GpuFault, GpuWorker
@@ -23,7 +22,7 @@ from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.request import GenerationError, GenerationParams, ImageSpec
 from i2p2i_bot.runner import GPU_FAULT_REASON, JobRunner
 from i2p2i_bot.store import Store
-from tests.fake_engine import FakeEngine, seed_colour
+from tests.fake_engine import FakeEngine, OneModelEngine, seed_colour
 from tests.requests import job_request
 
 PARAMS = GenerationParams("tiny", 3, 7.5, 64, 64, "dpm")
@@ -363,24 +362,6 @@ async def test_a_batch_after_another_task_broke_the_gpu_is_handed_back_uncharged
     handed_back = await store.get_job(job.id)
     assert handed_back is not None and (handed_back.status.value, handed_back.attempts) == ("running", 0)
     await runner.stop()
-
-
-class OneModelEngine(FakeEngine):
-    """Holds one model preset on its GPU at a time, as a GPU with room for one generator does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._resident: tuple[str, ...] = (PARAMS.preset,)
-
-    @property
-    def resident_presets(self) -> tuple[str, ...]:
-        return self._resident
-
-    def generate_batch(
-        self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
-    ) -> BatchResult:
-        self._resident = (params.preset,)
-        return super().generate_batch(params, specs, on_step)
 
 
 async def test_the_resident_preset_goes_first_and_a_swap_waits_one_batch(
