@@ -534,3 +534,30 @@ def test_without_resident_presets_the_ring_keeps_its_order() -> None:
     jobs.add(B, 2)
     pick = jobs.take()
     assert (jobs.owners(pick), pick.passed_over) == ("AA", ())
+
+
+@PROPERTY_SETTINGS
+@given(
+    st.integers(1, 4),
+    st.lists(st.tuples(OWNERS, st.integers(1, 4), st.booleans()), min_size=1, max_size=12),
+)
+def test_a_swap_never_passes_a_member_over_twice(limit: int, added: list[tuple[int, int, bool]]) -> None:
+    """With one preset resident at a time, the one the last batch ran: a batch that passes members over for
+    the resident preset is followed by one led by the first of them, which passes nobody over; every image
+    is handed out once."""
+    jobs = Jobs(FairRing(limit))
+    for owner, count, other in added:
+        jobs.add(owner, count, OTHER_MODEL if other else SMALL)
+    jobs.ring.resident = frozenset({SMALL.preset})
+    handed: list[tuple[int, int]] = []
+    previous: Pick | None = None
+    while (pick := jobs.ring.plan()) is not None:
+        if previous is not None and previous.passed_over:
+            assert jobs.owner[pick.items[0][0]] == previous.passed_over[0]
+            assert pick.passed_over == ()
+        assert all(jobs.owner[job_id] not in pick.passed_over for job_id, _ in pick.items)
+        jobs.ring.take(pick)
+        jobs.ring.resident = frozenset({pick.params.preset})
+        handed.extend(pick.items)
+        previous = pick
+    assert len(handed) == len(set(handed)) == sum(count for _, count, _ in added)
