@@ -21,6 +21,13 @@ measures instead what each set of guides costs per image against the prompt alon
 in one generator that offers them all, at the largest of --batches: s/image, and its ratio to none's
 (`layout` runs only steps × strength of the steps, so it may cost less). It ends with
 `none_s_per_image=… layout_ratio=… edges_depth_ratio=…` and writes bench/results/generate-guides-*.json.
+
+    python bench/generate.py --presets sd-v1-4,sd2 [--batches 4] [--reps 3] ...
+
+measures instead two smoke presets alternating through the engine with one generator on the device
+(bench/preset_swaps.py): images/s of the first alone, of both alternating with the swapped-out generator
+kept in CPU RAM and with it unloaded, and the median swap time of each, side by side; --reps rounds of A
+then B at the largest of --batches. Writes bench/results/generate-presets-*.json.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from measure import (
     write_json,
 )
 from models import COMPONENTS, BenchModels, bench_models
+from preset_swaps import parse_presets, presets_main
 
 from i2p2i_bot import progress_bars
 from i2p2i_bot.config import CompileMode, GenerateSettings, InterrogateSettings, QueueSettings
@@ -124,6 +132,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if not batches or batches[0] < 1:
         raise SystemExit(f"--batches takes positive whole numbers (got {args.batches!r})")
     cache_dir = Path(args.cache_dir).expanduser()
+    if args.presets is not None:
+        json_out = (
+            Path(args.json_out) if args.json_out else default_json_path("generate-presets", device, "smoke")
+        )
+        return presets_main(
+            parse_presets(args.presets),
+            cache_dir=cache_dir,
+            labels=Path(args.labels).expanduser() if args.labels else None,
+            device=device,
+            size=args.size or 128,
+            steps=args.steps or 10,
+            batch=max(batches),
+            rounds=args.reps,
+            json_out=json_out,
+            load_at_start=load_at_start,
+        )
     guide_sets = parse_guide_sets(args.keep) if args.keep is not None else None
     needed = guides_needed(guide_sets or [])
     models = bench_models(
@@ -423,6 +447,11 @@ def _parser() -> argparse.ArgumentParser:
         "--keep",
         help="instead: each guide set's cost per image against none, e.g. none,layout,edges,depth,look,"
         "edges+depth (guides of one set joined by +, each NAME[:WEIGHT])",
+    )
+    parser.add_argument(
+        "--presets",
+        help="instead: two smoke presets alternating, e.g. sd-v1-4,sd2: swap time and images/s against the "
+        "first alone",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="models and label tables (reused)")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -90,12 +90,30 @@ class BatchSource(Protocol):
         """Report denoising progress; cheap and never blocking."""
         ...
 
+    def models_resident(self, presets: Iterable[str]) -> None:
+        """The model presets the GPU holds now, so the scheduler can prefer batches for them."""
+        ...
+
+    def batch_loading(self, batch: Batch, preset: str) -> None:
+        """The GPU loads `preset` before it can start the batch (it was not resident)."""
+        ...
+
     async def batch_result(self, batch: Batch, outcome: BatchResult | BatchFailure) -> None:
         """Hand back a batch's images (in item order) or why it failed; returns once the result is stored."""
         ...
 
     def close(self) -> None:
         """Stop handing out batches; results of batches already out are still taken."""
+        ...
+
+
+@runtime_checkable
+class ModelKeeper(Protocol):
+    """A BatchMaker that keeps some model presets loaded and loads others when a batch needs them."""
+
+    @property
+    def resident_presets(self) -> tuple[str, ...]:
+        """The presets loaded on the GPU now, the most recently used last; safe to read off the GPU thread."""
         ...
 
 

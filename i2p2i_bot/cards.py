@@ -198,6 +198,8 @@ def status_text(
             job=job.id,
             held=translate(held, locale),
         )
+    if position is not None and position.loading is not None:
+        return tr(locale, "🔄 Job #{job}: loading model {model}…", job=job.id, model=position.loading)
     if position is not None and position.blocked is not None:
         return tr(
             locale,

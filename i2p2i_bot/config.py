@@ -102,8 +102,10 @@ class ModelSettings:
     # Generators members may choose besides the built-in sd-v1-4 (models.generator and models.clip).
     presets: list[PresetSettings] = field(default_factory=list)
     default_preset: str = BUILTIN_PRESET
-    # Generators kept loaded at once; the least recently used one is unloaded to load another.
-    max_resident: int = 1
+    # Generators kept on the device at once; 0 ('auto'): 2 on a GPU with more than 16 GB, else 1.
+    max_resident: int = 0
+    # Generators moved out to CPU RAM, where they come back from faster than from disk; 0: unloaded.
+    max_offloaded: int = 1
 
     def validate(self) -> None:
         _between("models.max_loras", self.max_loras, 1, 16)
@@ -116,7 +118,8 @@ class ModelSettings:
             raise ConfigError(
                 f"models.default_preset {self.default_preset!r} is not a preset ({', '.join(names)})"
             )
-        _between("models.max_resident", self.max_resident, 1, 16)
+        _between("models.max_resident", self.max_resident, 0, 16)
+        _between("models.max_offloaded", self.max_offloaded, 0, 16)
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(
                 f"models.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {self.device!r})"

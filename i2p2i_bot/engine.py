@@ -15,7 +15,13 @@ from PIL import Image
 from i2p2i_bot.batches import BatchResult, StepCallback
 from i2p2i_bot.config import Settings
 from i2p2i_bot.generate import Generator
-from i2p2i_bot.gpu import cuda_context_lost, out_of_memory_as, resolve_device, resolve_dtype
+from i2p2i_bot.gpu import (
+    cuda_context_lost,
+    out_of_memory_as,
+    resolve_device,
+    resolve_dtype,
+    resolve_max_resident,
+)
 from i2p2i_bot.guided import GuideModels, load_guide_models
 from i2p2i_bot.guides import GuideName
 from i2p2i_bot.interrogate import Captioner, ClipEncoder, Interrogator
@@ -42,8 +48,10 @@ log = logging.getLogger(__name__)
 
 class Engine:
     """Every model the product uses (an ImageEngine): an interrogator per CLIP, sharing one caption model,
-    and a generator per model preset, loaded on first use and the least recently used unloaded past
-    models.max_resident. Only `plan` and `models_for` may run off the GPU thread."""
+    and a generator per model preset, loaded on first use. Past models.max_resident the least recently used
+    generator moves to CPU RAM (up to models.max_offloaded of them there, the oldest unloaded past that), from
+    where it comes back much faster than from disk. Only `plan`, `models_for` and `resident_presets` may
+    run off the GPU thread."""
 
     def __init__(
         self,
@@ -70,7 +78,11 @@ class Engine:
         # The preset loaded first and warmed up (None: the default one).
         self.first: str | None = None
         self._interrogators: dict[str, Interrogator] = {}
+        # On the device, the most recently used last; then those moved to CPU RAM, the same way.
         self._generators: collections.OrderedDict[str, Generator] = collections.OrderedDict()
+        self._offloaded: collections.OrderedDict[str, Generator] = collections.OrderedDict()
+        self._resident: tuple[str, ...] = ()
+        self.max_resident = resolve_max_resident(settings.models.max_resident, device)
         # Why each preset looked up so far cannot be loaded (None: it can).
         self._missing: dict[str, str | None] = {}
 
@@ -122,8 +134,11 @@ class Engine:
             other._loras = {}
         other._interrogators = dict(self._interrogators)
         other._generators = collections.OrderedDict(self._generators)
+        other._offloaded = collections.OrderedDict(self._offloaded)
+        other.max_resident = resolve_max_resident(other.settings.models.max_resident, self.device)
         if generator is not None:
             other._generators[self.presets.get(self.first).name] = generator
+            other._resident = tuple(other._generators)
             other.guides = generator.guided.models
             other._loras = {**other._loras, generator.lora_library.family: generator.lora_library}
         return other
@@ -161,19 +176,57 @@ class Engine:
         return found
 
     def generator_for(self, preset: str | None) -> Generator:
-        """A preset's generator, loaded on first use; the least recently used one makes room. GPU thread."""
+        """A preset's generator, loaded on first use or brought back from CPU RAM; the least recently used
+        one makes room. GPU thread."""
         chosen = self.presets.get(preset)
         found = self._generators.get(chosen.name)
         if found is not None:
             self._generators.move_to_end(chosen.name)
+            self._resident = tuple(self._generators)
             return found
-        check_preset(chosen, safety_checker=chosen.generate.safety_checker)
-        while len(self._generators) >= self.settings.models.max_resident:
-            name, _ = self._generators.popitem(last=False)
-            log.info("unloading the generator of preset %s to load %s", name, chosen.name)
+        offloaded = self._offloaded.pop(chosen.name, None)
+        if offloaded is None:
+            check_preset(chosen, safety_checker=chosen.generate.safety_checker)
+        self._make_room(chosen.name)
+        if offloaded is not None:
+            started = time.perf_counter()
+            offloaded.move_to(self.device)
+            log.info(
+                "brought preset %s back from CPU RAM in %.1f s", chosen.name, time.perf_counter() - started
+            )
+            found = offloaded
+        else:
+            found = self._load_generator(chosen)
+        self._generators[chosen.name] = found
+        self._resident = tuple(self._generators)
+        return found
+
+    def _make_room(self, loading: str) -> None:
+        """Move the least recently used generators off the device until one more fits: to CPU RAM while
+        models.max_offloaded allows (a compiled one is unloaded: its captured graphs hold device memory),
+        the oldest there unloaded."""
+        keep = self.settings.models.max_offloaded
+        unloaded = False
+        while len(self._generators) >= self.max_resident:
+            name, generator = self._generators.popitem(last=False)
+            if keep and generator.buckets is None:
+                log.info("moving the generator of preset %s to CPU RAM to load %s", name, loading)
+                generator.move_to(torch.device("cpu"))
+                self._offloaded[name] = generator
+            else:
+                log.info("unloading the generator of preset %s to load %s", name, loading)
+                unloaded = True
+        while len(self._offloaded) > keep:
+            name, _ = self._offloaded.popitem(last=False)
+            log.info("unloading the generator of preset %s from CPU RAM", name)
+            unloaded = True
+        self._resident = tuple(self._generators)
+        if unloaded:  # a full collection costs a good part of a second: only when weights were let go
             gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _load_generator(self, chosen: Preset) -> Generator:
         started = time.perf_counter()
         sd1 = chosen.family == "sd1"
         generator = Generator.load(
@@ -198,7 +251,6 @@ class Engine:
             chosen.generator,
             time.perf_counter() - started,
         )
-        self._generators[chosen.name] = generator
         return generator
 
     def loras_for(self, family: str) -> LoraLibrary:
@@ -216,7 +268,7 @@ class Engine:
     def _present(self, preset: Preset) -> bool:
         """Whether a preset's weights are on this machine (looked up once per preset: download-models is
         followed by a restart)."""
-        if preset.name in self._generators:
+        if preset.name in self._generators or preset.name in self._offloaded:
             return True
         if preset.name not in self._missing:
             try:
@@ -237,8 +289,14 @@ class Engine:
 
     @property
     def resident_presets(self) -> tuple[str, ...]:
-        """The presets whose generators are loaded, the most recently used last."""
-        return tuple(self._generators)
+        """The presets whose generators are on the device, the most recently used last (a snapshot the
+        GPU thread takes, so any thread may read it)."""
+        return self._resident
+
+    @property
+    def offloaded_presets(self) -> tuple[str, ...]:
+        """The presets whose generators wait in CPU RAM, the most recently used last; GPU thread."""
+        return tuple(self._offloaded)
 
     def warm_up(self) -> float:
         """Interrogate a blank picture in the default mode and make one image from it, timed by nobody.

@@ -119,6 +119,11 @@ class Generator:
         log.info("generator fast path: %s", ", ".join(self.fast_path) or "none")
         log.info("guides offered: %s", ", ".join(self.offered_guides) or "none")
 
+    def move_to(self, device: torch.device) -> None:
+        """Move the pipeline, with its loaded LoRAs, to `device` (CPU RAM while another preset runs)."""
+        self.pipe.to(device)
+        self.device = self.pipe.device
+
     def warm_up(self, source_embedding: tuple[float, ...] | None = None) -> None:
         """One image of two steps at the default size, through every stage a member's batch takes."""
         self.generate_batch(self._warm_up_params(), [ImageSpec("warm-up", "", 0, source_embedding)])

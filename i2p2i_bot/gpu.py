@@ -269,3 +269,19 @@ def resolve_device(setting: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"models.device is {setting!r} but CUDA is not available on this machine")
     return device
+
+
+# Above this much GPU memory two SD generators fit beside the interrogation models (SDXL takes about 7 GB).
+_ROOM_FOR_TWO_BYTES = 16 * 1024**3
+
+
+def resolve_max_resident(setting: int, device: torch.device) -> int:
+    """Turn models.max_resident into a count; 0 ('auto'): 2 on a GPU with more than 16 GB, else 1."""
+    if setting:
+        return setting
+    if device.type != "cuda":
+        return 1
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 2 if total > _ROOM_FOR_TWO_BYTES else 1

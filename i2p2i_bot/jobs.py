@@ -127,6 +127,8 @@ class EventKind(enum.StrEnum):
     # Nothing can make the job's waiting images now (no live GPU worker offers what they need), or
     # something can again: `error` says why it waits, None once it no longer does. It never fails for it.
     WAITING = "waiting"
+    # The GPU loads the model preset (`model`) that the job's next images need before it can make them.
+    LOADING = "loading"
 
     @property
     def terminal(self) -> bool:
@@ -148,6 +150,8 @@ class JobEvent:
     image_index: int | None = None
     image_path: str | None = None
     error: str | None = None
+    # For LOADING events: the model preset being loaded.
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,3 +167,5 @@ class Position:
     # Why nothing can make its waiting images now ("waiting for a GPU worker that can keep edges"); None
     # when something can (JobQueue.set_blocker).
     blocked: str | None = None
+    # The model preset the GPU loads before it can make the job's next images; None when none is loading.
+    loading: str | None = None

@@ -83,6 +83,7 @@ class _Active:
         "id",
         "in_flight",
         "job",
+        "loading",
         "owner",
         "started_at",
         "status",
@@ -108,6 +109,8 @@ class _Active:
         self.done = done
         # Why nothing can make its waiting images now, as last announced (JobQueue.set_blocker).
         self.blocked: str | None = None
+        # The model preset the GPU is loading for a batch of this job's images; None when it is not.
+        self.loading: str | None = None
 
     def snapshot(self, finished_at: float | None = None) -> Job:
         return dataclasses.replace(
@@ -210,12 +213,19 @@ class JobQueue:
         place = self._ring.place(job_id)
         images_left = place.pending + len(active.in_flight)
         if not place.pending:
-            return Position(job_id, active.status, 0, images_left, self._eta(self._in_flight_images))
+            eta = self._eta(self._in_flight_images)
+            return Position(job_id, active.status, 0, images_left, eta, loading=active.loading)
         images_ahead = self._in_flight_images + place.ahead
         until_done = self._in_flight_images + place.through
         blocked = self._blocked(active)
         return Position(
-            job_id, active.status, images_ahead, images_left, self._eta(until_done), blocked=blocked
+            job_id,
+            active.status,
+            images_ahead,
+            images_left,
+            self._eta(until_done),
+            blocked=blocked,
+            loading=active.loading,
         )
 
     def _eta(self, images: int) -> float | None:
@@ -411,6 +421,26 @@ class JobQueue:
                 self._wakeup.clear()
             await self._wakeup.wait()
 
+    def models_resident(self, presets: Iterable[str]) -> None:
+        """The model presets the GPU holds now: the ring prefers batches for them (ring.py says how far)."""
+        self._ring.resident = frozenset(presets)
+
+    def batch_loading(self, batch: Batch, preset: str) -> None:
+        """The GPU loads `preset` before it can start the batch: its jobs say so until the first step."""
+        if batch.id not in self._outstanding:
+            return
+        for job_id in batch.job_ids:
+            active = self._active.get(job_id)
+            if active is not None and active.loading != preset:
+                active.loading = preset
+                self._publish(EventKind.LOADING, active, model=preset)
+
+    def _loaded(self, batch: Batch) -> None:
+        for job_id in batch.job_ids:
+            active = self._active.get(job_id)
+            if active is not None:
+                active.loading = None
+
     def reconsider(self) -> None:
         """Plan again: what next_batch's `can_run` accepts has changed."""
         self._wakeup.set()
@@ -474,6 +504,7 @@ class JobQueue:
     def batch_progress(self, batch: Batch, step: int, total_steps: int) -> None:
         if batch.id not in self._outstanding:
             return
+        self._loaded(batch)
         for job_id in batch.job_ids:
             active = self._active.get(job_id)
             if active is not None:
@@ -486,6 +517,7 @@ class JobQueue:
                 "ignoring a result for batch %d, which is not out (a duplicate or a stale worker)", batch.id
             )
             return
+        self._loaded(batch)
         self._in_flight_images -= len(batch.items)
         hashes: list[str] = []
         written: list[tuple[BatchItem, GeneratedImage]] = []
@@ -763,6 +795,7 @@ class JobQueue:
         image_index: int | None = None,
         image_path: str | None = None,
         error: str | None = None,
+        model: str | None = None,
     ) -> None:
         event = JobEvent(
             kind,
@@ -775,6 +808,7 @@ class JobQueue:
             image_index,
             image_path,
             error,
+            model,
         )
         self.events.publish(event)
 

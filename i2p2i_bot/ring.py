@@ -7,6 +7,11 @@ has other params is skipped for that batch and keeps its place. A job marked sol
 A plan may be limited to what can run now (remote GPU workers offer different guides): jobs that cannot
 are passed over, their members keep their places, and among the rest the ring is as fair as ever.
 
+Swapping a model preset onto the GPU costs seconds, so the ring prefers a batch for a resident preset (one
+the GPU holds now, `resident`, which the GPU side keeps up to date): a member whose next job needs another
+preset may be passed over once for a member later in the same pass whose job runs on a resident one, and
+then leads the next batch whatever it needs. A member's wait thus grows by at most one batch per swap.
+
 Plain state and no I/O: the job queue drives it on the event loop today, remote GPU workers may later.
 """
 
@@ -27,6 +32,8 @@ class Pick:
 
     params: GenerationParams
     items: tuple[tuple[int, int], ...]
+    # Members whose turn this batch took because their next job needs a preset that is not resident.
+    passed_over: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,10 @@ class FairRing:
         # When each member was last served (a count of images handed out); orders newcomers into the ring.
         self._last_served: dict[int, int] = {}
         self._served_images = 0
+        # The model presets the GPU holds now (the GPU side sets it); empty: no preference.
+        self.resident: frozenset[str] = frozenset()
+        # Members passed over once for a resident preset: they lead the next batch whatever it needs.
+        self._deferred: set[int] = set()
 
     def add(
         self,
@@ -107,6 +118,7 @@ class FairRing:
         jobs.remove(job)
         if not jobs:
             del self._members[owner]
+            self._deferred.discard(owner)
         elif job.retries and not any(other.retries for other in jobs):
             # Its place at the front was for the images it was retrying; without them the member goes
             # back to its turn.
@@ -160,20 +172,32 @@ class FairRing:
 
         With `can_run`, jobs whose params it refuses are passed over as if they were not there: the first
         member with a job it accepts leads, each member's first such job sets what joins, and members
-        passed over keep their places for when their jobs can run."""
+        passed over keep their places for when their jobs can run.
+
+        A leader whose preset is not resident is passed over (once, see the module's docstring) for the
+        first member whose next job runs on a resident preset; the Pick names the members passed over."""
         accepted = _Memo(can_run)
         limit = self.max_batch_images
-        head: _Job | None = None
-        for jobs in self._members.values():
-            head = next((job for job in jobs if accepted(job.params)), None)
-            if head is not None:
-                break
-        if head is None:
+        heads = (
+            (owner, next((job for job in jobs if accepted(job.params)), None))
+            for owner, jobs in self._members.items()
+        )
+        leaders = ((owner, job) for owner, job in heads if job is not None)
+        first = next(leaders, None)
+        if first is None:
             return None
+        head = first[1]
+        passed_over: tuple[int, ...] = ()
+        if self._prefers_another(*first):
+            behind = [first[0]]
+            for owner, job in leaders:
+                if job.params.preset in self.resident:
+                    head, passed_over = job, tuple(behind)
+                    break
+                behind.append(owner)
         if head.solo:
-            return Pick(
-                head.params, tuple((head.id, index) for index in itertools.islice(head.pending, limit))
-            )
+            alone = tuple((head.id, index) for index in itertools.islice(head.pending, limit))
+            return Pick(head.params, alone, passed_over)
         items: list[tuple[int, int]] = []
         streams = [_compatible(jobs, head.params, accepted) for jobs in self._members.values()]
         while streams and len(items) < limit:
@@ -187,7 +211,11 @@ class FairRing:
                     break
                 still.append(stream)
             streams = still
-        return Pick(head.params, tuple(items))
+        return Pick(head.params, tuple(items), passed_over)
+
+    def _prefers_another(self, owner: int, head: _Job) -> bool:
+        """Whether the leader may wait one batch for a member whose preset is resident."""
+        return bool(self.resident) and head.params.preset not in self.resident and owner not in self._deferred
 
     def take(self, pick: Pick) -> None:
         """Hand out a planned batch: its images leave their jobs, and the members served move to the back
@@ -207,6 +235,8 @@ class FairRing:
                 self._members[owner] = jobs
             else:
                 del self._members[owner]
+        self._deferred.difference_update(last_position)
+        self._deferred.update(owner for owner in pick.passed_over if owner in self._members)
         for owner in sorted(last_position, key=last_position.__getitem__):
             self._last_served[owner] = self._served_images + last_position[owner]
             if owner in self._members:

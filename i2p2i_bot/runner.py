@@ -12,7 +12,15 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from i2p2i_bot.batches import Batch, BatchFailure, BatchMaker, BatchResult, BatchSource, FailureKind
+from i2p2i_bot.batches import (
+    Batch,
+    BatchFailure,
+    BatchMaker,
+    BatchResult,
+    BatchSource,
+    FailureKind,
+    ModelKeeper,
+)
 from i2p2i_bot.gpu import GpuClosed, GpuFault, GpuOutOfMemory, GpuWorker, Priority
 from i2p2i_bot.i18n import N_
 from i2p2i_bot.request import GenerationError
@@ -60,9 +68,13 @@ class JobRunner:
                 if self._gpu.device_fault is not None:
                     log.critical("the GPU is unusable, so no more batches run; restart the bot to go on")
                     return
+                self._share_resident()
                 batch = await self._source.next_batch()
                 if batch is None:
                     return
+                engine = self._engine
+                if isinstance(engine, ModelKeeper) and batch.params.preset not in engine.resident_presets:
+                    self._source.batch_loading(batch, batch.params.preset)
                 outcome = await self._run_batch(batch)
                 storing.append(asyncio.create_task(self._source.batch_result(batch, outcome)))
                 self.batches_run += 1
@@ -71,6 +83,11 @@ class JobRunner:
         finally:
             while storing:
                 await storing.popleft()
+
+    def _share_resident(self) -> None:
+        """Tell the scheduler which presets the GPU holds, so it prefers batches that need no swap."""
+        if isinstance(self._engine, ModelKeeper):
+            self._source.models_resident(self._engine.resident_presets)
 
     @property
     def running(self) -> bool:

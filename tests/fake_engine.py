@@ -122,3 +122,21 @@ class FakeEngine:
     def owners_by_batch(self, owner_of_prompt: Callable[[str], str]) -> list[list[str]]:
         """For each recorded batch, who each image was for, read from its prompt."""
         return [[owner_of_prompt(spec.prompt) for spec in specs] for _, specs in self.batches]
+
+
+class OneModelEngine(FakeEngine):
+    """Holds one model preset on its GPU at a time, as a GPU with room for one generator does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._resident: tuple[str, ...] = (BUILTIN_PRESET,)
+
+    @property
+    def resident_presets(self) -> tuple[str, ...]:
+        return self._resident
+
+    def generate_batch(
+        self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None
+    ) -> BatchResult:
+        self._resident = (params.preset,)
+        return super().generate_batch(params, specs, on_step)

@@ -152,6 +152,44 @@ def test_generate_bench_compares_each_guide_set_with_none(
     assert table[0].split()[-1] == "1.00"  # none against itself
 
 
+def test_generate_bench_alternates_two_presets(
+    smoke_models: SmokeModels, smoke_cache: Path, tmp_path: Path
+) -> None:
+    """generate.py --presets times the first preset alone, then both alternating with the swapped-out
+    generator kept in CPU RAM and with it unloaded, each swap counted and timed, side by side."""
+    json_out = tmp_path / "presets.json"
+    argv = ["--device", "cpu", "--cache-dir", str(smoke_cache), "--size", "64", "--steps", "2",
+            "--batches", "2", "--reps", "2", "--presets", "sd-v1-4,sd2",
+            "--json-out", str(json_out)]  # fmt: skip
+    out = _run("generate.py", argv)
+    figures = _headline(out)
+    assert list(figures) == [
+        "single_images_per_s",
+        "alternating_ram_images_per_s",
+        "alternating_ram_ratio",
+        "swap_ram_s",
+        "alternating_unloaded_images_per_s",
+        "alternating_unloaded_ratio",
+        "swap_unloaded_s",
+    ]
+    payload = json.loads(json_out.read_text(encoding="utf-8"))
+    assert payload["benchmark"] == "generate-presets"
+    _environment_ok(payload["environment"])
+    rows = payload["rows"]
+    # Two rounds of two batches of 2: A A A A alone; A B A B alternating, three swaps after the first A.
+    assert [(r["run"], r["images"], r["swaps"]) for r in rows] == [
+        ("sd-v1-4 alone", 8, 0),
+        ("sd-v1-4,sd2 kept in RAM", 8, 3),
+        ("sd-v1-4,sd2 unloaded", 8, 3),
+    ]
+    assert rows[0]["swap_s"] is None and all(r["swap_s"] > 0 for r in rows[1:])
+    assert rows[1]["ratio_to_single"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+    assert figures["swap_ram_s"] == pytest.approx(rows[1]["swap_s"], rel=0.01)
+    lines = out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("run ")) + 2 :][:3]
+    assert [line.split()[-2] for line in table] == ["0", "3", "3"]
+
+
 def test_a_guide_set_the_bench_cannot_read_is_one_line(smoke_cache: Path) -> None:
     """An unknown guide in --keep stops the bench before any model loads, with the guide's own sentence."""
     done = subprocess.run(

@@ -16,7 +16,7 @@ from i2p2i_bot.engine import Engine
 from i2p2i_bot.models import resolve_presets
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import FakeEngine, OneModelEngine
 
 
 @pytest.fixture
@@ -105,3 +105,31 @@ def test_model_autocomplete_offers_matching_presets_the_default_first() -> None:
     assert [c.value for c in preset_choices(bot, "")] == ["sd-v1-4", "other"]
     assert [(c.name, c.value) for c in preset_choices(bot, "OTH")] == [("other (sd1)", "other")]
     assert preset_choices(bot, "xl") == []
+
+
+async def test_the_job_and_queue_say_which_model_loads(
+    discord_server: FakeDiscord, base_settings: Settings, tmp_path: Path, astronaut: Image.Image
+) -> None:
+    """A job for a preset the GPU does not hold says "loading model other" on its message and in /queue
+    until the model is there, then makes its images as usual."""
+    server = discord_server
+    settings = bot_settings(base_settings, tmp_path / "data", server)
+    fake = OneModelEngine()
+    fake.gate.clear()  # the batch holds before its first step, as a load from disk does
+    async with running_i2p2i(settings, server, cast(Any, fake)):
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        slash = await server.push_slash("imagine-from", {"image": upload, "count": 1, "model": "other"})
+        await slash.wait_followup(timeout_s=30)
+        card = cast(StoredMessage, slash.original)
+        press = await server.push_button(card, button(card, "i2p:card:gen:"))
+        await press.wait_followup(timeout_s=30)
+        message = cast(StoredMessage, press.original)
+        await server.wait_until(lambda: "loading model other" in message.content or None, timeout_s=30)
+        assert message.content.startswith("🔄 Job #1: loading model other")
+        queue = await server.push_slash("queue")
+        embed = (await queue.wait_response()).json["data"]["embeds"][0]
+        assert "🔄 Job #1: loading model other…" in embed["description"]
+        fake.gate.set()
+        await server.wait_until(lambda: message.attachments or None, timeout_s=30)
+        assert "loading" not in message.content
+        assert fake.resident_presets == ("other",)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from i2p2i_bot.config import ConfigError, PresetSettings, Settings, load_settings
 from i2p2i_bot.engine import Engine
+from i2p2i_bot.gpu import resolve_max_resident
 from i2p2i_bot.models import resolve_presets
 from i2p2i_bot.presets import UnknownPreset, detect_family
 from i2p2i_bot.request import GenerationError, GenerationRequest
@@ -170,3 +172,55 @@ def test_a_preset_without_its_weights_is_refused_when_planned(
     # A worker reports the presets it can run: those whose weights are here.
     assert "gone" not in other.available_presets()
     assert {"sd-v1-4", "sd2"} <= set(other.available_presets())
+
+
+def _pixels(engine: Engine, preset: str) -> torch.Tensor:
+    request = GenerationRequest("a lighthouse", seed=5, steps=2, preset=preset)
+    (made,) = engine.generate(request).images
+    return torch.from_numpy(np.asarray(made.image).astype(np.float32))
+
+
+def test_an_offloaded_generator_comes_back_and_makes_the_same_pixels(
+    engine: Engine, base_settings: Settings
+) -> None:
+    """Another preset moves the resident generator to CPU RAM; choosing it again brings that same
+    generator back, not a fresh load, and it makes the same image; past models.max_offloaded the oldest
+    one in CPU RAM is unloaded."""
+    engine = engine.sharing()  # max_resident 0 is 1 on a CPU; max_offloaded is 1
+    first = engine.generator_for(None)
+    before = _pixels(engine, "sd-v1-4")
+    engine.generator_for("sd2")
+    assert (engine.resident_presets, engine.offloaded_presets) == (("sd2",), ("sd-v1-4",))
+    assert first.pipe.device.type == "cpu"
+    assert engine.generator_for(None) is first
+    assert (engine.resident_presets, engine.offloaded_presets) == (("sd-v1-4",), ("sd2",))
+    assert torch.equal(_pixels(engine, "sd-v1-4"), before)
+    sd2 = engine._offloaded["sd2"]
+    engine.generator_for("sd1-file")  # sd-v1-4 goes to CPU RAM, sd2 leaves it
+    assert engine.offloaded_presets == ("sd-v1-4",)
+    assert engine.generator_for("sd2") is not sd2
+
+
+def test_max_offloaded_zero_unloads_as_before(engine: Engine, base_settings: Settings) -> None:
+    """With models.max_offloaded = 0 a generator moved off is unloaded: choosing it again loads it anew."""
+    models = dataclasses.replace(base_settings.models, max_offloaded=0)
+    engine = engine.sharing(settings=dataclasses.replace(base_settings, models=models))
+    first = engine.generator_for(None)
+    engine.generator_for("sd2")
+    assert engine.offloaded_presets == ()
+    assert engine.generator_for(None) is not first
+
+
+def test_max_resident_auto_follows_the_gpus_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """0 ('auto'): 1 on a CPU and on a GPU with 16 GB or less, 2 above; a number is taken as it is."""
+    sizes = {"small": 16 * 1024**3, "large": 80 * 1024**3}
+    chosen = ["small"]
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=sizes[chosen[0]])
+    )
+    cuda = torch.device("cuda")
+    assert resolve_max_resident(0, torch.device("cpu")) == 1
+    assert resolve_max_resident(0, cuda) == 1
+    chosen[0] = "large"
+    assert resolve_max_resident(0, cuda) == 2
+    assert resolve_max_resident(3, cuda) == 3

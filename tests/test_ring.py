@@ -491,3 +491,73 @@ def test_position_figures_are_exact_for_one_params_value(
     assert place.pending == handed.count(job_id)
     assert place.ahead == handed.index(job_id)
     assert place.through == len(handed) - handed[::-1].index(job_id)
+
+
+OTHER_MODEL = dataclasses.replace(SMALL, preset="sd2")
+
+
+def test_a_resident_preset_is_preferred_within_a_pass() -> None:
+    """With sd-v1-4 on the GPU, B's sd-v1-4 batch goes before A's sd2 one, though A leads the ring."""
+    ring = FairRing(2)
+    ring.resident = frozenset({SMALL.preset})
+    jobs = Jobs(ring)
+    jobs.add(A, 2, OTHER_MODEL)
+    jobs.add(B, 2)
+    first = jobs.take()
+    assert (jobs.owners(first), first.params.preset, first.passed_over) == ("BB", SMALL.preset, (A,))
+    assert jobs.owners(jobs.take()) == "AA"
+
+
+def test_a_member_waits_at_most_one_batch_for_a_swap() -> None:
+    """A's job for a preset not on the GPU runs after one batch of preference, while B's backlog on the
+    resident preset would fill many more; once sd2 is on the GPU, B is passed over for it once in turn."""
+    ring = FairRing(2)
+    ring.resident = frozenset({SMALL.preset})
+    jobs = Jobs(ring)
+    jobs.add(A, 2, OTHER_MODEL)
+    jobs.add(A, 2, OTHER_MODEL)
+    for _ in range(5):
+        jobs.add(B, 2)
+    order = []
+    for _ in range(4):
+        pick = jobs.take()
+        order.append(jobs.owners(pick))
+        # The GPU side reports the preset it holds after each batch.
+        ring.resident = frozenset({pick.params.preset})
+    assert order == ["BB", "AA", "AA", "BB"]
+
+
+def test_without_resident_presets_the_ring_keeps_its_order() -> None:
+    """No preference when the GPU side says nothing (remote workers, tests): plain round robin."""
+    jobs = Jobs(FairRing(2))
+    jobs.add(A, 2, OTHER_MODEL)
+    jobs.add(B, 2)
+    pick = jobs.take()
+    assert (jobs.owners(pick), pick.passed_over) == ("AA", ())
+
+
+@PROPERTY_SETTINGS
+@given(
+    st.integers(1, 4),
+    st.lists(st.tuples(OWNERS, st.integers(1, 4), st.booleans()), min_size=1, max_size=12),
+)
+def test_a_swap_never_passes_a_member_over_twice(limit: int, added: list[tuple[int, int, bool]]) -> None:
+    """With one preset resident at a time, the one the last batch ran: a batch that passes members over for
+    the resident preset is followed by one led by the first of them, which passes nobody over; every image
+    is handed out once."""
+    jobs = Jobs(FairRing(limit))
+    for owner, count, other in added:
+        jobs.add(owner, count, OTHER_MODEL if other else SMALL)
+    jobs.ring.resident = frozenset({SMALL.preset})
+    handed: list[tuple[int, int]] = []
+    previous: Pick | None = None
+    while (pick := jobs.ring.plan()) is not None:
+        if previous is not None and previous.passed_over:
+            assert jobs.owner[pick.items[0][0]] == previous.passed_over[0]
+            assert pick.passed_over == ()
+        assert all(jobs.owner[job_id] not in pick.passed_over for job_id, _ in pick.items)
+        jobs.ring.take(pick)
+        jobs.ring.resident = frozenset({pick.params.preset})
+        handed.extend(pick.items)
+        previous = pick
+    assert len(handed) == len(set(handed)) == sum(count for _, count, _ in added)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from i2p2i_bot.cards import status_text
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.gpu import GpuFault, GpuWorker
 from i2p2i_bot.interrogation import Interrogation
@@ -20,7 +22,7 @@ from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.request import GenerationError, GenerationParams, ImageSpec
 from i2p2i_bot.runner import GPU_FAULT_REASON, JobRunner
 from i2p2i_bot.store import Store
-from tests.fake_engine import FakeEngine, seed_colour
+from tests.fake_engine import FakeEngine, OneModelEngine, seed_colour
 from tests.requests import job_request
 
 PARAMS = GenerationParams("tiny", 3, 7.5, 64, 64, "dpm")
@@ -360,3 +362,56 @@ async def test_a_batch_after_another_task_broke_the_gpu_is_handed_back_uncharged
     handed_back = await store.get_job(job.id)
     assert handed_back is not None and (handed_back.status.value, handed_back.attempts) == ("running", 0)
     await runner.stop()
+
+
+async def test_the_resident_preset_goes_first_and_a_swap_waits_one_batch(
+    store: Store, gpu: GpuWorker
+) -> None:
+    """A, due first, wants the preset not on the GPU: C's and B's batch on the resident one goes before it,
+    then A's runs (one batch of preference, not B's whole backlog), saying "loading model other" until its
+    first step."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=2))
+    engine = OneModelEngine()
+    engine.gate.clear()  # B's first batch stays on the GPU while the members queue their jobs
+    events = queue.subscribe()
+    runner = JobRunner(queue, engine, gpu, timeout_s=30)
+    runner.start()
+    await queue.submit(request(B, 2, prompt="B"))
+    await until(engine.entered.is_set)
+    other = dataclasses.replace(PARAMS, preset="other")
+    a_job = await queue.submit(job_request(A, "A", other, count=2))
+    for _ in range(3):
+        await queue.submit(request(B, 2, prompt="B"))
+    await queue.submit(request(C, 2, prompt="C"))
+    engine.gate.set()
+    await queue.join()
+    await runner.stop()
+    owners = engine.owners_by_batch(lambda prompt: prompt)
+    assert owners[:4] == [["B", "B"], ["C", "B"], ["A", "A"], ["C", "B"]]
+    assert [p.preset for p, _ in engine.batches][:4] == ["sd-v1-4", "sd-v1-4", "other", "sd-v1-4"]
+    seen = [events.get_nowait() for _ in range(events.pending())]
+    loading = [(e.job_id, e.model) for e in seen if e.kind is EventKind.LOADING]
+    # A's batch loads "other"; the batch after it, C's and B's jobs, loads sd-v1-4 back: two swaps in all.
+    assert loading[0] == (a_job.id, "other")
+    assert [model for _, model in loading[1:]] == ["sd-v1-4", "sd-v1-4"]
+    a_kinds = [e.kind for e in seen if e.job_id == a_job.id]
+    assert a_kinds.index(EventKind.LOADING) < a_kinds.index(EventKind.STEP)
+
+
+async def test_a_job_says_loading_model_until_its_first_step(store: Store) -> None:
+    """While its batch waits for its preset, the job's position and its status line (its message and
+    /queue) say which model loads; the first step clears it."""
+    queue = await JobQueue.open(store, QueueSettings(max_batch_images=2))
+    other = dataclasses.replace(PARAMS, preset="other")
+    job = await queue.submit(job_request(A, "A", other, count=2))
+    batch = await queue.next_batch()
+    assert batch is not None
+    queue.batch_loading(batch, "other")
+    position = queue.position(job.id)
+    assert position is not None and position.loading == "other"
+    assert status_text(job, position, locale=None) == f"🔄 Job #{job.id}: loading model other…"
+    assert status_text(job, position, locale="zh-CN") == f"🔄 任务 #{job.id}：正在加载模型 other…"
+    queue.batch_progress(batch, 1, 3)
+    position = queue.position(job.id)
+    assert position is not None and position.loading is None
+    assert "loading" not in status_text(job, position, locale=None)
