@@ -565,8 +565,12 @@ class RemoteRunner:
         if sent.started_at is not None and self._clock() - sent.started_at > self._timeout_s:
             log.error("batch %s took longer than %g s; failing its jobs", bull_id, self._timeout_s)
             reason = f"generation took longer than {self._timeout_s:g} s and was abandoned"
+            # Taken out before the cancel is sent: the worker's failure that the cancel causes must not
+            # be handed back in its place, with another reason.
+            if self._sent.pop(bull_id, None) is None:
+                return
             await self._cancel(bull_id)
-            await self._hand_back(sent, BatchFailure(reason, FailureKind.PERMANENT))
+            await self._hand_back(sent, BatchFailure(reason, FailureKind.PERMANENT), popped=True)
 
     async def _take(self, bull_id: str, returnvalue: Any) -> None:
         """Fetch a finished batch's PNGs, check them, and hand them to the queue once."""
