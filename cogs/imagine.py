@@ -29,7 +29,7 @@ from i2p2i_bot.decode_queue import answer_deferred
 from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, Guide, GuideError, GuideName, check_guides, not_offered
 from i2p2i_bot.i18n import tr
 from i2p2i_bot.images import ImageError, check_declared
-from i2p2i_bot.job_controls import PromptModal, bot_of, start_job
+from i2p2i_bot.job_controls import MAX_SELECT_OPTIONS, PromptModal, bot_of, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import (
     PrivateView,
@@ -436,8 +436,16 @@ async def card_message(
         banned=banned,
         locale=locale,
     )
+    presets = bot.engine.presets
+    chosen = choices.preset or presets.default
     view = card_view(
-        stored, count, choices, offered=bot.engine.offered_guides, blocked=bool(banned), locale=locale
+        stored,
+        count,
+        choices,
+        offered=bot.engine.offered_guides,
+        presets=[n for n in presets.names if n != chosen],
+        blocked=bool(banned),
+        locale=locale,
     )
     message: dict[str, Any] = {"embed": embed, "view": view}
     if thumbnail is not None:
@@ -451,11 +459,13 @@ def card_view(
     choices: CardChoices,
     *,
     offered: Sequence[GuideName] = (),
+    presets: Sequence[str] = (),
     blocked: bool = False,
     locale: str | None = None,
 ) -> discord.ui.View:
     """Generate, Edit, Apply or Remove negative, More prompts and Settings; Use #k for each listed prompt;
-    Re-describe; Keep from the image where the model offers guides, and Guide weights once one is kept.
+    Re-describe or another model (`presets`); Keep from the image where the model offers guides, and Guide
+    weights once one is kept.
 
     Each group has its row (at most five, five, one, one and one items), so no row passes Discord's five
     buttons and the card stays within its five rows.
@@ -499,7 +509,7 @@ def card_view(
     if len(listed) > 1:
         for k in range(1, len(listed) + 1):
             view.add_item(CardButton("use", card, count, k=k, label=tr(locale, "Use #{k}", k=k), row=1))
-    view.add_item(ModeSelect(card, count, current=result.mode, locale=locale))
+    view.add_item(ModeSelect(card, count, current=result.mode, presets=presets, locale=locale))
     if offered:
         view.add_item(KeepSelect(card, count, offered=offered, keep=choices.keep, locale=locale))
         if choices.keep:
@@ -714,13 +724,30 @@ async def redraw_card(
         await interaction.response.edit_message(**message)
 
 
+# A model option's value: the preset's name after it (modes are plain words, so the two never meet).
+MODEL_OPTION = "model:"
+# Discord's limit on a select option's value.
+SELECT_VALUE_MAX = 100
+
+
 class ModeSelect(
     discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:card:mode:(?P<card>\d+):(?P<count>\d+)"
 ):
-    """Re-describe the card's image in another mode, in place; what the member chose for its images stays."""
+    """Re-describe the card's image in another mode, in place, or make its images with another model
+    preset; what the member chose for its images stays.
+
+    Models share this select because the card's five rows are all taken and the Settings modal holds its
+    five inputs already; a model choice is kept on the card and Generate uses it.
+    """
 
     def __init__(
-        self, card: int, count: int, *, current: str | None = None, locale: str | None = None
+        self,
+        card: int,
+        count: int,
+        *,
+        current: str | None = None,
+        presets: Sequence[str] = (),
+        locale: str | None = None,
     ) -> None:
         options = [
             discord.SelectOption(
@@ -732,6 +759,15 @@ class ModeSelect(
             for m in MODES
             if m != current
         ]
+        options += [
+            discord.SelectOption(
+                label=tr(locale, "Model: {name}", name=name)[:100],
+                value=MODEL_OPTION + name,
+                description=tr(locale, "Make this card's images with this model")[:100],
+            )
+            for name in presets
+            if len(MODEL_OPTION + name) <= SELECT_VALUE_MAX
+        ][: MAX_SELECT_OPTIONS - len(options)]
         super().__init__(
             discord.ui.Select(
                 custom_id=f"i2p:card:mode:{card}:{count}",
@@ -751,6 +787,9 @@ class ModeSelect(
     async def callback(self, interaction: discord.Interaction) -> None:
         bot = bot_of(interaction)
         mode = self.item.values[0]
+        if mode.startswith(MODEL_OPTION):
+            await self._choose_model(interaction, mode.removeprefix(MODEL_OPTION))
+            return
         try:
             stored = await _owned_card(bot, interaction, self.card)
             image = await saved_source(bot, stored.source_sha256)
@@ -777,6 +816,17 @@ class ModeSelect(
                 locale=channel_locale(interaction),
             )
             await interaction.edit_original_response(**message)
+        except Exception as exc:
+            await report_error(interaction, exc)
+
+    async def _choose_model(self, interaction: discord.Interaction, name: str) -> None:
+        """Keep the preset on the card (one that is gone from the config is refused) and show it."""
+        bot = bot_of(interaction)
+        try:
+            stored = await _owned_card(bot, interaction, self.card)
+            preset = bot.engine.presets.get(name).name
+            await bot.store.set_card_preset(stored.id, preset)
+            await redraw_card(bot, interaction, stored, self.count)
         except Exception as exc:
             await report_error(interaction, exc)
 

@@ -87,10 +87,7 @@ class Generator:
         # Where the sources that guided images keep elements of are found, by hash.
         self.source_images = source_images or SourceImages()
         self.guided = GuidedPipelines(pipe, guides or GuideModels(), self.source_images)
-        # SDXL encodes with two text encoders and a pooled embedding, which compel's one-encoder path does
-        # not make: its prompts go to the pipeline as text, cut at the window (and it says so).
-        xl = getattr(pipe, "text_encoder_2", None) is not None
-        self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder, chunks=not xl, weights=not xl)
+        self.prompts = PromptEncoder(pipe)
         # The LoRAs prompts may name, and those loaded into this pipeline.
         self.lora_library = loras or LoraLibrary(None)
         self.lora_library.family = pipeline_family(pipe)

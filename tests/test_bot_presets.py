@@ -133,3 +133,47 @@ async def test_the_job_and_queue_say_which_model_loads(
         await server.wait_until(lambda: message.attachments or None, timeout_s=30)
         assert "loading" not in message.content
         assert fake.resident_presets == ("other",)
+
+
+def model_options(message: StoredMessage) -> list[str]:
+    select = message.component(button(message, "i2p:card:mode:"))
+    assert select is not None
+    return [o["value"] for o in select["options"] if o["value"].startswith("model:")]
+
+
+async def test_the_cards_select_changes_its_model_and_generate_uses_it(
+    discord_server: FakeDiscord, base_settings: Settings, tmp_path: Path, astronaut: Image.Image
+) -> None:
+    """The card's select offers the other presets; picking one keeps it on the card, shows it, and
+    Generate makes the job with it; a preset the config no longer has is one private sentence and the
+    card keeps its model."""
+    server = discord_server
+    settings = bot_settings(base_settings, tmp_path / "data", server)
+    fake = FakeEngine()
+    async with running_i2p2i(settings, server, cast(Any, fake)) as bot:
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        slash = await server.push_slash("imagine-from", {"image": upload, "count": 1})
+        await slash.wait_followup(timeout_s=30)
+        card = cast(StoredMessage, slash.original)
+        assert model_options(card) == ["model:other"]
+        card_id = int(button(card, "i2p:card:gen:").split(":")[3])
+
+        pick = await server.push_select(card, button(card, "i2p:card:mode:"), ["model:other"])
+        await server.wait_until(lambda: "other" in str(server.message(card.id).embeds) or None, timeout_s=30)
+        assert pick.callbacks()[0].json["type"] == 7  # the card itself is redrawn
+        redrawn = server.message(card.id)
+        fields = {f["name"]: f["value"] for f in redrawn.embeds[0].get("fields", [])}
+        assert fields["Model"] == "other"
+        assert model_options(redrawn) == ["model:sd-v1-4"]
+        assert (await bot.store.card_choices(card_id)).preset == "other"
+
+        stale = await server.push_select(redrawn, button(redrawn, "i2p:card:mode:"), ["model:sdxl"])
+        answer = (await stale.wait_response()).json
+        assert answer["data"]["flags"] & 64
+        assert answer["data"]["content"] == "There is no model preset “sdxl”; choose one of sd-v1-4, other."
+        assert (await bot.store.card_choices(card_id)).preset == "other"
+
+        press = await server.push_button(redrawn, button(redrawn, "i2p:card:gen:"))
+        await press.wait_followup(timeout_s=30)
+        job = await bot.store.get_job(1)
+        assert job is not None and job.request.preset == "other"

@@ -137,7 +137,7 @@ def test_only_a_text_encoder_that_cuts_reports_the_cut(engine: Engine, chunks: b
     """Past the window, an encoder that reads in windows says nothing; one that cuts quotes the ignored
     words, counted without the emphasis brackets."""
     pipe = engine.generator.pipe
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, chunks=chunks)
+    encoder = PromptEncoder(pipe, chunks=chunks)
     long, _ = long_prompt(pipe.tokenizer, "red sails")
     warnings = encoder.warnings(f"({long})")
     if chunks:
@@ -147,3 +147,66 @@ def test_only_a_text_encoder_that_cuts_reports_the_cut(engine: Engine, chunks: b
     assert "Stable Diffusion reads only 75" in warning and "red sails”" in warning and "word0 " not in warning
     assert encoder.warnings("(short:1.2)") == []
     assert encoder.windows(ImageSpec(long, "", 1)) == 1
+
+
+@pytest.fixture(scope="module")
+def xl_engine(engine: Engine) -> Engine:
+    """The session's engine with the smoke SDXL preset loaded, in a copy that keeps the session's own."""
+    shared = engine.sharing()
+    shared.generator_for("sdxl")
+    return shared
+
+
+def made_xl(engine: Engine, prompt: str, negative: str = "") -> np.ndarray:
+    request = GenerationRequest(prompt, negative_prompt=negative, seed=5, steps=2, guidance=30, preset="sdxl")
+    result = engine.generate(request)
+    assert result.warnings == ()
+    return pixels(result.images[0].image)
+
+
+def test_sdxl_reads_emphasis_and_words_past_the_window(xl_engine: Engine) -> None:
+    """SDXL's two encoders read emphasis and windows too, with no warning: (word:1.0) is the plain word to
+    the bit, (word:1.5) and a weighted negative change the image, and a 120-token prompt's words past
+    token 77 change it."""
+    plain = made_xl(xl_engine, "a lighthouse at dusk")
+    assert np.array_equal(made_xl(xl_engine, "a (lighthouse:1.0) at dusk"), plain)
+    assert changed(made_xl(xl_engine, "a (lighthouse:1.5) at dusk"), plain)
+    assert changed(made_xl(xl_engine, "a lighthouse", "(fog:1.5)"), made_xl(xl_engine, "a lighthouse", "fog"))
+    tokenizer = xl_engine.generator_for("sdxl").pipe.tokenizer
+    long, cut = long_prompt(tokenizer, "red sails")
+    other, _ = long_prompt(tokenizer, "blue sails")
+    image = made_xl(xl_engine, long)
+    assert changed(image, made_xl(xl_engine, other))
+    assert changed(image, made_xl(xl_engine, cut))
+
+
+def test_sdxl_plain_and_weighted_prompts_beside_each_other(xl_engine: Engine) -> None:
+    """A plain SDXL prompt gives the stock pipeline's image to the bit, alone (as text) or beside a
+    weighted one (encoded for the pipeline): compel's SDXL embeddings of unweighted words, pooled one
+    included, are the pipeline's own."""
+    generator = xl_engine.generator_for("sdxl")
+    params = xl_engine.plan(GenerationRequest("x", steps=2, preset="sdxl")).params
+    specs = [ImageSpec("a red car", "", 21), ImageSpec("a blue house", "blurry", 22)]
+    pipe = generator.pipe
+    with torch.inference_mode():
+        stock = pipe(
+            prompt=[s.prompt for s in specs],
+            negative_prompt=[s.negative_prompt for s in specs],
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance,
+            generator=[torch.Generator("cpu").manual_seed(s.seed) for s in specs],
+            width=params.width,
+            height=params.height,
+        )
+    ours = generator.generate_batch(params, specs)
+    for item, image in zip(ours.images, stock.images, strict=True):
+        assert np.array_equal(pixels(item.image), pixels(image))
+    mixed = generator.generate_batch(params, [*specs, ImageSpec("a (red:1.5) car", "", 21)])
+    for item, image in zip(mixed.images, stock.images, strict=False):
+        assert np.abs(pixels(item.image) - pixels(image)).max() <= BATCH_ROUNDING
+    # The pooled embedding compel makes of unweighted words is the pipeline's.
+    provider = generator.prompts._provider()
+    with torch.inference_mode():
+        encoded = pipe.encode_prompt(["a red car"], device=pipe.device, do_classifier_free_guidance=False)
+        pooled = encoded[2]
+        assert torch.equal(provider.get_pooled_embeddings(["a red car"], device=pipe.device), pooled)
