@@ -129,7 +129,7 @@ def prompt_card(
                     inline=False,
                 )
     if choices.preset is not None:
-        embed.add_field(name="Model", value=choices.preset, inline=False)
+        embed.add_field(name=tr(locale, "Model"), value=choices.preset, inline=False)
     if choices.sampling:
         embed.add_field(
             name=tr(locale, "Settings · yours"), value=sampling_text(choices, locale), inline=False
