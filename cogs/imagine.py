@@ -155,18 +155,23 @@ class ImagineCog(commands.Cog, name="Imagine"):
         aspect: app_commands.Choice[str] | None = None,
         scheduler: app_commands.Choice[str] | None = None,
     ) -> None:
-        sampling = CardChoices(
-            steps=steps,
-            guidance=guidance,
-            aspect=aspect.value if aspect else None,
-            scheduler=scheduler.value if scheduler else None,
+        sampling = with_server_model(
+            self.bot,
+            interaction,
+            CardChoices(
+                steps=steps,
+                guidance=guidance,
+                aspect=aspect.value if aspect else None,
+                scheduler=scheduler.value if scheduler else None,
+            ),
         )
+        server = self.bot.servers.get(interaction.guild_id)
         request = sampled_request(
             prompt,
             negative,
             count or self.bot.servers.default_count(interaction.guild_id),
             sampling,
-            self.bot.servers.generate(interaction.guild_id),
+            self.bot.engine.presets.settings_for(sampling.preset, server, self.bot.servers.base),
         )
         request = dataclasses.replace(request, seed=seed)
         draft = JobRequest(owner_id=interaction.user.id, request=request, origin="imagine")
@@ -196,6 +201,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
     ) -> None:
         """Describe an image and post its card, refused privately before any answer when the member has
         interrogate.max_describes_per_user descriptions in flight already."""
+        sampling = with_server_model(self.bot, interaction, sampling)
         with self.bot.describes.hold(interaction.user.id):
             await self._describe(interaction, source, mode, count, sampling)
 
@@ -516,6 +522,15 @@ def card_view(
             label = tr(locale, "Guide weights")
             view.add_item(CardButton("wts", card, count, label=label, emoji="⚖️", row=4))
     return view
+
+
+def with_server_model(bot: I2P2IBot, interaction: discord.Interaction, choices: CardChoices) -> CardChoices:
+    """A member's choices with the server's model where they name none: the card is described with its
+    CLIP and keeps it, and the job records it, as if the member had chosen it."""
+    if choices.preset is not None:
+        return choices
+    server = bot.servers.get(interaction.guild_id)
+    return dataclasses.replace(choices, preset=bot.engine.presets.server_model(server, interaction.guild_id))
 
 
 def described_with(bot: I2P2IBot, preset: str | None = None) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""/settings: a server's own defaults and bounds, banned terms and channels, for its admins.
+"""/settings: a server's own defaults and bounds, model, banned terms and channels, for its admins.
 
 Admins are the application's owner and members with a role listed in discord.admin_role_ids. What they set is
 stored in SQLite (i2p2i_bot/server_settings.py); the config file stays the fallback for every server.
@@ -59,12 +59,12 @@ class SettingsCog(
         book = self.bot.servers
         name: SettingKey = _key(key.value)
         try:
-            updated = book.get(guild_id).changed(name, value, book.base)
+            updated = book.get(guild_id).changed(name, value, book.base, self.bot.engine.presets)
         except SettingError as exc:
             raise Refusal(str(exc)) from None
         await book.put(guild_id, updated, by=interaction.user.id)
         log.info("admin %d set %s on server %d", interaction.user.id, name, guild_id)
-        shown, changed = updated.describe(name, book.base)
+        shown, changed = updated.describe(name, book.base, self.bot.engine.presets)
         locale = member_locale(interaction)
         if changed:
             said = tr(locale, "Set {key} to {value} for this server.", key=name, value=shown)
@@ -98,7 +98,7 @@ class SettingsCog(
         locale = member_locale(interaction)
         embed = discord.Embed(title=tr(locale, "Settings of this server"))
         for key, meaning in KEYS.items():
-            value, changed = server.describe(key, book.base)
+            value, changed = server.describe(key, book.base, self.bot.engine.presets)
             mark = tr(locale, " (set here)") if changed else ""
             embed.add_field(
                 name=f"{key}{mark}", value=f"{shorten(value, 900)}\n-# {tr(locale, meaning)}", inline=False

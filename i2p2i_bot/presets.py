@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ FAMILY_PIPELINE: dict[Family, str] = {
     "sdxl": "StableDiffusionXLPipeline",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+log = logging.getLogger("i2p2i.presets")
 
 
 class UnknownPreset(GenerationError):
@@ -110,6 +113,19 @@ class Presets:
                 )
             )
         return found
+
+    def server_model(self, server: ServerSettings, guild_id: int | None = None) -> str | None:
+        """The preset a server's requests get when the member names none; None: the bot's default, also
+        where the server chose a preset the config no longer has (logged, never a member's error)."""
+        if server.model is None or server.model in self.by_name:
+            return server.model
+        log.warning(
+            "server %s chose model preset %r, which the config no longer has; using %r",
+            guild_id,
+            server.model,
+            self.default,
+        )
+        return None
 
     def settings_for(
         self, name: str | None, server: ServerSettings | None, base: GenerateSettings

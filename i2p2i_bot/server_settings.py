@@ -24,6 +24,7 @@ from i2p2i_bot.request import GenerationError, check_length, whole_number
 from i2p2i_bot.terms import BannedTerms
 
 if TYPE_CHECKING:
+    from i2p2i_bot.presets import Presets
     from i2p2i_bot.store import Store
 
 SettingKey = Literal[
@@ -37,6 +38,7 @@ SettingKey = Literal[
     "banned_terms",
     "channels",
     "nsfw",
+    "model",
 ]
 # What /settings lists, in this order, with a line on what each means.
 KEYS: dict[SettingKey, str] = {
@@ -53,6 +55,7 @@ KEYS: dict[SettingKey, str] = {
         "images the safety checker flags: filtered (withheld everywhere), or spoiler or unfiltered "
         "in age-restricted channels only"
     ),
+    "model": N_("the model preset a request gets when the member names none"),
 }
 DEFAULT_COUNT = 4
 MAX_BANNED_TERMS = 200
@@ -82,6 +85,8 @@ class ServerSettings:
     channel_ids: tuple[int, ...] = ()
     # What age-restricted channels get of flagged images (flagged.py); None: filtered, as everywhere else.
     nsfw: NsfwSetting | None = None
+    # The preset a request gets when its member names none; None: the bot's default preset.
+    model: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -108,11 +113,14 @@ class ServerSettings:
         """What a job asked (or a result shown) in such a place does with flagged images."""
         return policy_for(self.nsfw or "filtered", in_server=in_server, age_restricted=age_restricted)
 
-    def changed(self, key: SettingKey, text: str, base: GenerateSettings) -> ServerSettings:
+    def changed(
+        self, key: SettingKey, text: str, base: GenerateSettings, presets: Presets | None = None
+    ) -> ServerSettings:
         """These settings with `key` set from an admin's text; SettingError names what is wrong.
 
         The result is checked as a whole: a default may not lie outside a bound (say, a default of 8 images
-        under a maximum of 4), and no bound may go past the config file's.
+        under a maximum of 4), and no bound may go past the config file's. A model is checked against
+        `presets`, the bot's own; naming the bot's default clears the server's.
         """
         text = text.strip()
         if key == "steps":
@@ -147,6 +155,14 @@ class ServerSettings:
             updated = dataclasses.replace(self, channel_ids=_channels(text))
         elif key == "nsfw":
             updated = dataclasses.replace(self, nsfw=_nsfw(text))
+        elif key == "model":
+            if presets is None:
+                raise TypeError("a model is checked against the bot's presets")
+            try:
+                name = presets.get(text).name
+            except GenerationError as exc:  # UnknownPreset: its sentence lists the presets there are
+                raise SettingError(str(exc)) from None
+            updated = dataclasses.replace(self, model=None if name == presets.default else name)
         else:
             raise SettingError(f"There is no setting called {key!r}.")
         updated.check(base)
@@ -194,9 +210,16 @@ class ServerSettings:
         ):
             _within(name, side, settings.min_side, settings.max_side, bound=N_("the largest side"))
 
-    def describe(self, key: SettingKey, base: GenerateSettings) -> tuple[str, bool]:
+    def describe(
+        self, key: SettingKey, base: GenerateSettings, presets: Presets | None = None
+    ) -> tuple[str, bool]:
         """The value `key` has on this server, as text, and whether the server changed it."""
         settings = self.generate(base)
+        if key == "model":
+            default = presets.default if presets is not None else "default"
+            if presets is not None and self.model not in presets.by_name:
+                return default, False  # none set, or a preset the config no longer has
+            return (self.model or default), self.model is not None
         if key == "size":
             return f"{settings.width}x{settings.height}", self.width is not None
         if key == "count":

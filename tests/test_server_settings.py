@@ -9,6 +9,7 @@ import pytest
 
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import FlaggedPolicy
+from i2p2i_bot.presets import Preset, Presets
 from i2p2i_bot.request import GenerationError, GenerationRequest, plan
 from i2p2i_bot.server_settings import ServerSettings, ServerSettingsBook, SettingError
 from i2p2i_bot.store import Store
@@ -223,3 +224,29 @@ def test_a_server_plan_through_the_engine_keeps_its_own_bounds() -> None:
     assert engine.plan(GenerationRequest("x")).steps == 5
     with pytest.raises(GenerationError):
         engine.plan(GenerationRequest("x", count=2), narrow)
+
+
+def two_presets() -> Presets:
+    return Presets({name: Preset(name, f"fake-{name}", "sd1", "clip", BASE) for name in ("sd-v1-4", "sd2")})
+
+
+def test_a_servers_model_is_checked_and_falls_back_when_the_config_drops_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    presets = two_presets()
+    server = ServerSettings().changed("model", " sd2 ", BASE, presets)
+    assert server.model == "sd2" and presets.server_model(server) == "sd2"
+    assert server.describe("model", BASE, presets) == ("sd2", True)
+    with pytest.raises(SettingError) as refused:
+        server.changed("model", "sd3", BASE, presets)
+    assert str(refused.value) == "There is no model preset “sd3”; choose one of sd-v1-4, sd2."
+    # The bot's default keeps nothing for the server.
+    assert server.changed("model", "sd-v1-4", BASE, presets).empty
+    assert ServerSettings().describe("model", BASE, presets) == ("sd-v1-4", False)
+    # The config no longer has sd2: the server's requests get the default, with a log line and no error.
+    only_default = Presets({"sd-v1-4": presets.get(None)})
+    with caplog.at_level("WARNING", logger="i2p2i.presets"):
+        assert only_default.server_model(server, 7) is None
+    assert "server 7 chose model preset 'sd2'" in caplog.text
+    assert server.describe("model", BASE, only_default) == ("sd-v1-4", False)
+    assert ServerSettings.from_json(server.to_json()) == server
