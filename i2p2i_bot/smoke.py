@@ -248,24 +248,13 @@ def _vae() -> Any:
 
 def _build_generator(directory: Path) -> Any:
     """The tiny Stable Diffusion pipeline, saved and returned (the tiny ControlNet copies its UNet)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextModel
 
     tokenizer = _tokenizer()
     text_encoder = CLIPTextModel(_text_config())
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
+    unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=4)
     vae = _vae()
     scheduler = PNDMScheduler(**SD14_SCHEDULER)
     safety_checker = StableDiffusionSafetyChecker(
@@ -315,22 +304,27 @@ def _build_single_file(path: Path, pipe: Any) -> None:
     save_file(original_state_dict(pipe), str(path))
 
 
-def _build_sd2(directory: Path) -> None:
-    """A tiny SD 2.x: v-prediction in its scheduler config, linear projections, no safety checker."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _tiny_unet(**family: Any) -> Any:
+    """The tiny UNet every smoke generator shares the shape of, with its family's own settings."""
+    from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=64,
         block_out_channels=(16, 32),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=48,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
         norm_num_groups=8,
+        **family,
     )
+
+
+def _build_sd2(directory: Path) -> None:
+    """A tiny SD 2.x: v-prediction in its scheduler config, linear projections, no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    unet = _tiny_unet(cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True)
     pipe: Any = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(hidden_size=48, hidden_act="gelu")),
@@ -346,15 +340,11 @@ def _build_sd2(directory: Path) -> None:
 
 def _build_sdxl(directory: Path) -> None:
     """A tiny SDXL: two text encoders (the second with a projection), size and crop conditioning."""
-    from diffusers import PNDMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
+        cross_attention_dim=64,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -362,8 +352,6 @@ def _build_sdxl(directory: Path) -> None:
         transformer_layers_per_block=(1, 2),
         # The pooled text embedding (32) and six size numbers of 8 each.
         projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-        norm_num_groups=8,
     )
     pipe: Any = StableDiffusionXLPipeline(
         vae=_vae(),
