@@ -70,9 +70,16 @@ def picture(width: int) -> bytes:
 
 @contextlib.contextmanager
 def gpu_blocked(bot: I2P2IBot) -> Iterator[None]:
-    """Hold the GPU thread, so everything submitted meanwhile waits until the block ends."""
-    gate = threading.Event()
-    bot.gpu.submit(gate.wait, priority=Priority.URGENT)
+    """Hold the GPU thread, so everything submitted meanwhile waits until the block ends. The hold has
+    started when this returns: it no longer counts among the GPU queue's pending tasks."""
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        gate.wait()
+
+    bot.gpu.submit(hold, priority=Priority.URGENT)
+    assert holding.wait(10), "the GPU thread never took the hold"
     try:
         yield
     finally:
