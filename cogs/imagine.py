@@ -68,6 +68,7 @@ SAMPLING_HELP = {
     "aspect": "Aspect ratio (default: the server's size)",
     "scheduler": "Sampler (default: the server's)",
 }
+MODEL_HELP = "The model preset the prompt is written for and the images are made with"
 
 # Discord's own file hosts; anything else (and any redirect) is refused, so a crafted URL cannot make the bot
 # fetch from elsewhere.
@@ -99,7 +100,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         image="The picture to describe",
         mode="Prompt style (default: best)",
         count="How many images the Generate button makes (default 4)",
-        model="The model preset the prompt is written for and the images are made with",
+        model=MODEL_HELP,
         **SAMPLING_HELP,
     )
     @app_commands.choices(
@@ -128,18 +129,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         )
         await self.describe(interaction, image_source(image), mode.value if mode else None, count, sampling)
 
-    @imagine_from.autocomplete("model")
-    async def model_autocomplete(
-        self, interaction: discord.Interaction, current: str
-    ) -> list[app_commands.Choice[str]]:
-        return preset_choices(self.bot, current)
-
     @app_commands.command(name="imagine", description="Make images from a prompt you write")
     @app_commands.describe(
         prompt="What the images should show",
         negative="What they should not show (default: the server's negative prompt)",
         count="How many images (default 4)",
         seed="The first image's seed, to make an image again (default: random)",
+        model=MODEL_HELP,
         **SAMPLING_HELP,
     )
     @app_commands.choices(aspect=ASPECT_CHOICES, scheduler=SCHEDULER_CHOICES)
@@ -154,6 +150,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
         guidance: app_commands.Range[float, 0.0, MAX_GUIDANCE] | None = None,
         aspect: app_commands.Choice[str] | None = None,
         scheduler: app_commands.Choice[str] | None = None,
+        model: app_commands.Range[str, 1, 100] | None = None,
     ) -> None:
         sampling = with_server_model(
             self.bot,
@@ -163,6 +160,7 @@ class ImagineCog(commands.Cog, name="Imagine"):
                 guidance=guidance,
                 aspect=aspect.value if aspect else None,
                 scheduler=scheduler.value if scheduler else None,
+                preset=model.strip() if model else None,
             ),
         )
         server = self.bot.servers.get(interaction.guild_id)
@@ -176,6 +174,13 @@ class ImagineCog(commands.Cog, name="Imagine"):
         request = dataclasses.replace(request, seed=seed)
         draft = JobRequest(owner_id=interaction.user.id, request=request, origin="imagine")
         await start_job(self.bot, interaction, draft)
+
+    @imagine_from.autocomplete("model")
+    @imagine.autocomplete("model")
+    async def model_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        return preset_choices(self.bot, current)
 
     async def imagine_from_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         sources = message_images(message)
@@ -282,16 +287,25 @@ class ImagineCog(commands.Cog, name="Imagine"):
         placeholder_replaced(interaction)
 
     async def describe_stored(
-        self, interaction: discord.Interaction, image: Image.Image, sha256: str
+        self, interaction: discord.Interaction, image: Image.Image, sha256: str, preset: str | None
     ) -> None:
         """Describe an image the bot keeps (a result's "Use as source") and post its card, as for an upload:
         in the default mode and count, counted against the member's describes in flight, answered after a
-        restart. Saved as a source by its hash once its interrogation names it, as an upload is."""
+        restart. Saved as a source by its hash once its interrogation names it, as an upload is.
+
+        `preset` is the model the image was made with: the card is described with its CLIP and keeps it,
+        as the member was using it; the server's model where the config no longer has it."""
         bot = self.bot
+        if preset not in bot.engine.presets.by_name:
+            preset = None
+        sampling = with_server_model(bot, interaction, CardChoices(preset=preset))
         with bot.describes.hold(interaction.user.id):
             deferred = await think_in_public(interaction)
             async with bot.pending_describes.held(interaction, deferred):
-                stored = await describe_for(bot, interaction, image, sha256, bot.settings.interrogate.mode)
+                mode = bot.settings.interrogate.mode
+                stored = await describe_for(bot, interaction, image, sha256, mode, sampling.preset)
+                if sampling.preset is not None:
+                    await bot.store.set_card_preset(stored.id, sampling.preset)
                 await asyncio.to_thread(SourceImages(bot.sources_dir).save, sha256, image)
                 thumbnail = await asyncio.to_thread(thumbnail_file, image)
                 count = bot.servers.default_count(interaction.guild_id)

@@ -389,13 +389,14 @@ class SourceDescriber(Protocol):
     """What describes an image the bot keeps and posts its prompt card: the imagine cog."""
 
     async def describe_stored(
-        self, interaction: discord.Interaction, image: Image.Image, sha256: str
+        self, interaction: discord.Interaction, image: Image.Image, sha256: str, preset: str | None
     ) -> None: ...
 
 
 class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:job:image:(?P<job>\d+)"):
     """ "Image #k → action" on a result: Vary (subtle / strong) makes new images of the job's prompt that
-    keep that image's layout; Use as source makes it the image of a new prompt card. The owner's alone.
+    keep that image's layout; Use as source makes it the image of a new prompt card, described for the
+    job's model. The owner's alone.
 
     Either way the image becomes a source by its hash, as an upload is, so its guides and its card work
     after a restart. One select for every image keeps the message within Discord's five rows.
@@ -443,7 +444,10 @@ class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2
                 describer = bot.get_cog("Imagine")
                 if describer is None:
                     raise Refusal("Describing images is switched off on this bot right now.")
-                await cast(SourceDescriber, describer).describe_stored(interaction, image, sha256)
+                # Described for the model the image was made with: the member was using it.
+                await cast(SourceDescriber, describer).describe_stored(
+                    interaction, image, sha256, job.request.preset
+                )
                 return
             await asyncio.to_thread(SourceImages(bot.sources_dir).save, sha256, image)
             keep = (Guide("layout", VARY_WEIGHTS[action]),)

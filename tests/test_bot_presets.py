@@ -11,12 +11,14 @@ import pytest
 from PIL import Image
 
 from cogs.imagine import preset_choices
-from i2p2i_bot.config import Settings
+from i2p2i_bot.config import BUILTIN_PRESET, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.models import resolve_presets
+from i2p2i_bot.presets import Preset, Presets
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 from tests.fake_engine import FakeEngine, OneModelEngine
+from tests.test_bot import ephemeral_answer
 
 
 @pytest.fixture
@@ -177,3 +179,115 @@ async def test_the_cards_select_changes_its_model_and_generate_uses_it(
         await press.wait_followup(timeout_s=30)
         job = await bot.store.get_job(1)
         assert job is not None and job.request.preset == "other"
+
+
+class ThreePresetEngine(FakeEngine):
+    """FakeEngine with a third preset; an admin takes presets out of its config by changing `names`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: tuple[str, ...] = (BUILTIN_PRESET, "other", "third")
+
+    @property
+    def presets(self) -> Presets:
+        def preset(name: str) -> Preset:
+            return Preset(name, f"fake-{name}", "sd1", f"fake-clip-{name}", self.settings)
+
+        return Presets({name: preset(name) for name in self.names})
+
+
+async def set_server_model(server: FakeDiscord, name: str) -> None:
+    handle = await server.push_slash("settings set", {"key": "model", "value": name}, user="owner")
+    assert await ephemeral_answer(handle) == f"Set model to {name} for this server."
+
+
+async def finished(server: FakeDiscord, handle: Any) -> StoredMessage:
+    """The job message an interaction's job posted, once its images are on it."""
+    await handle.wait_followup(timeout_s=30)
+    await server.wait_until(lambda: cast(StoredMessage, handle.original).attachments or None, timeout_s=30)
+    return cast(StoredMessage, handle.original)
+
+
+async def test_imagine_takes_a_model_of_its_own(
+    discord_server: FakeDiscord, base_settings: Settings, tmp_path: Path
+) -> None:
+    """/imagine has /imagine-from's model option (same checks, text and autocomplete); the member's model
+    wins over the server's, the job records it, Info names it and Reroll keeps it; an unknown name is the
+    presets' sentence, privately, and queues nothing."""
+    server = discord_server
+    settings = bot_settings(base_settings, tmp_path / "data", server)
+    fake = ThreePresetEngine()
+    async with running_i2p2i(settings, server, cast(Any, fake)) as bot:
+        commands = {c["name"]: c for c in server.synced_commands()}
+        options = {c: {o["name"]: o for o in commands[c]["options"]} for c in ("imagine", "imagine-from")}
+        assert options["imagine"]["model"] == options["imagine-from"]["model"]
+        assert options["imagine"]["model"]["autocomplete"] is True
+        typed = await server.push_autocomplete("imagine", {"prompt": "a kite", "model": "THI"}, "model")
+        answer = (await typed.wait_response()).json
+        assert answer["type"] == 8
+        assert [(c["name"], c["value"]) for c in answer["data"]["choices"]] == [("third (sd1)", "third")]
+
+        await set_server_model(server, "other")
+        own = await server.push_slash("imagine", {"prompt": "a red kite", "count": 1, "model": " third "})
+        result = await finished(server, own)
+        job = await bot.store.get_job(1)
+        assert job is not None and (job.request.preset, job.request.model) == ("third", "fake-third")
+        rows = await bot.store._fetchall("SELECT preset FROM jobs WHERE id = 1")
+        assert rows[0]["preset"] == "third"
+        assert [params.preset for params, _ in fake.batches] == ["third"]
+
+        unknown = await server.push_slash("imagine", {"prompt": "a red kite", "model": "sdxl"})
+        said = await ephemeral_answer(unknown)
+        assert said == "There is no model preset “sdxl”; choose one of sd-v1-4, other, third."
+        assert await bot.store.get_job(2) is None
+
+        info = await server.push_button(result, "i2p:job:info:1")
+        embed = (await info.wait_response()).json["data"]["embeds"][0]
+        models = next(f["value"] for f in embed["fields"] if f["name"] == "Models")
+        assert "preset: third" in models and "generator: fake-third" in models
+
+        await finished(server, await server.push_button(result, "i2p:job:reroll:1"))
+        again = await bot.store.get_job(2)
+        assert again is not None and again.request.preset == "third" and again.parent_job_id == 1
+        await bot.queue.join()
+
+
+async def test_use_as_source_describes_for_the_model_the_image_was_made_with(
+    discord_server: FakeDiscord, base_settings: Settings, tmp_path: Path, astronaut: Image.Image
+) -> None:
+    """A result's Use as source describes it with its job's preset's CLIP, and the card keeps that preset
+    for Generate; once the config no longer has that preset, the server's model does both."""
+    server = discord_server
+    settings = bot_settings(base_settings, tmp_path / "data", server)
+    fake = ThreePresetEngine()
+    async with running_i2p2i(settings, server, cast(Any, fake)) as bot:
+        await set_server_model(server, "other")
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        slash = await server.push_slash("imagine-from", {"image": upload, "count": 1, "model": "third"})
+        await slash.wait_followup(timeout_s=30)
+        first = cast(StoredMessage, slash.original)
+        result = await finished(server, await server.push_button(first, button(first, "i2p:card:gen:")))
+
+        async def use_as_source() -> tuple[StoredMessage, int]:
+            use = await server.push_select(result, "i2p:job:image:1", ["source:0"])
+            await use.wait_followup(timeout_s=30)
+            card = cast(StoredMessage, use.original)
+            return card, int(button(card, "i2p:card:gen:").split(":")[3])
+
+        card, card_id = await use_as_source()
+        stored = await bot.store.get_interrogation(card_id)
+        assert stored is not None and stored.interrogation.models["clip"] == "fake-clip-third"
+        assert (await bot.store.card_choices(card_id)).preset == "third"
+        fields = {f["name"]: f["value"] for f in card.embeds[0].get("fields", [])}
+        assert fields["Model"] == "third"
+        await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        job = await bot.store.get_job(2)
+        assert job is not None and (job.request.preset, job.interrogation_id) == ("third", card_id)
+        assert [params.preset for params, _ in fake.batches] == ["third", "third"]
+
+        fake.names = (BUILTIN_PRESET, "other")  # the admin takes "third" out of the config
+        card, card_id = await use_as_source()
+        stored = await bot.store.get_interrogation(card_id)
+        assert stored is not None and stored.interrogation.models["clip"] == "fake-clip-other"
+        assert (await bot.store.card_choices(card_id)).preset == "other"
+        await bot.queue.join()

@@ -505,6 +505,36 @@ class FakeDiscord:
         )
         return await self._push(self._record(ix.APPLICATION_COMMAND, data, who, where, in_guild, **context))
 
+    async def push_autocomplete(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        focused: str,
+        *,
+        user: UserRef = "alice",
+        channel: ChannelRef = "general",
+        **context: Any,
+    ) -> InteractionHandle:
+        """A member types in the option ``focused`` of ``/name`` (its value as given in ``options``): the
+        bot answers with its choices (callback type 8)."""
+        who, where, in_guild = self._where(user, channel, None, False)
+        command = self._synced_command(name.split()[0], ix.CHAT_INPUT, in_guild, True)
+        assert command is not None
+        data = ix.chat_input_data(
+            command=command,
+            name=name,
+            options=options,
+            guild=in_guild,
+            world=self.world,
+            command_id=int(command["id"]),
+        )
+        leaves = data["options"]
+        while leaves and "options" in leaves[0]:  # a subcommand's options
+            leaves = leaves[0]["options"]
+        typed = next(o for o in leaves if o["name"] == focused)
+        typed["focused"] = True
+        return await self._push(self._record(ix.AUTOCOMPLETE, data, who, where, in_guild, **context))
+
     async def push_message_command(
         self,
         name: str,
