@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import discord
@@ -55,9 +56,9 @@ class LorasCog(commands.Cog, name="LoRAs"):
         name="loras", description="The LoRAs your prompts can use, with their trigger words"
     )
     async def loras(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(
-            embed=loras_embed(self.library, member_locale(interaction)), ephemeral=True
-        )
+        # Listing reads every file's header, from a folder that may be on a slow disk: off the event loop.
+        embed = await asyncio.to_thread(loras_embed, self.library, member_locale(interaction))
+        await interaction.response.send_message(embed=embed, ephemeral=True)
 
 
 async def setup(bot: I2P2IBot) -> None:

@@ -258,8 +258,10 @@ class Engine:
         found = self._loras.get(family)
         if found is None:
             models = self.settings.models
-            found = LoraLibrary(models.lora_dir, max_per_prompt=models.max_loras, family=family)
-            self._loras[family] = found
+            made = LoraLibrary(models.lora_dir, max_per_prompt=models.max_loras, family=family)
+            # Planning threads and the GPU thread may both get here first: one library wins, so the LoRAs
+            # the GPU side refuses are the ones planning refuses.
+            found = self._loras.setdefault(family, made)
         return found
 
     def available_presets(self) -> tuple[str, ...]:

@@ -46,6 +46,9 @@ log = logging.getLogger("i2p2i.jobs")
 
 # Discord interaction tokens live 15 minutes.
 TOKEN_LIFETIME_S = 15 * 60
+# Discord drops an interaction not answered within 3 s: planning that takes longer than this (a LoRA file
+# hashed for the first time) posts the public placeholder first.
+PLAN_BEFORE_ANSWER_S = 2.0
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 
 
@@ -62,9 +65,12 @@ def bot_of(interaction: discord.Interaction) -> I2P2IBot:
 # -- starting a job -------------------------------------------------------------------------------------
 
 
-def planned_for(bot: I2P2IBot, guild_id: int | None, draft: JobRequest) -> GenerationRequest:
+async def planned_for(bot: I2P2IBot, guild_id: int | None, draft: JobRequest) -> GenerationRequest:
     """A draft's request planned with its server's settings, after its server's banned terms and the guides
-    on offer."""
+    on offer.
+
+    Planning hashes a LoRA file the first time a prompt names it (or after it changed): hundreds of MB,
+    seconds of reading, so it runs on a worker thread and the bot keeps answering meanwhile."""
     banned = bot.servers.banned(guild_id)
     found = banned.find(draft.request.prompt) + banned.find(draft.request.negative_prompt or "")
     if found:
@@ -72,7 +78,7 @@ def planned_for(bot: I2P2IBot, guild_id: int | None, draft: JobRequest) -> Gener
             f"That prompt contains banned terms ({', '.join(dict.fromkeys(found))}); remove them first."
         )
     check_keep(bot, draft.request)
-    return bot.engine.plan(draft.request, bot.servers.get(guild_id))
+    return await asyncio.to_thread(bot.engine.plan, draft.request, bot.servers.get(guild_id))
 
 
 async def start_job_from_reply(bot: I2P2IBot, message: discord.Message, draft: JobRequest) -> Job:
@@ -82,7 +88,7 @@ async def start_job_from_reply(bot: I2P2IBot, message: discord.Message, draft: J
     delivery edits with progress and then the result (FROM_REPLY), as a card's Generate edits its message.
     """
     guild_id = message.guild.id if message.guild is not None else None
-    request = planned_for(bot, guild_id, draft)
+    request = await planned_for(bot, guild_id, draft)
     submitted = dataclasses.replace(
         draft,
         owner_id=message.author.id,
@@ -118,7 +124,7 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
     `draft` is what the member asked for, its request not yet planned: planning fills in the server's
     defaults and the seed, and refuses anything out of bounds with one sentence.
     """
-    request = planned_for(bot, interaction.guild_id, draft)
+    request = await _planned_answering(bot, interaction, draft)
     expires = interaction.created_at.timestamp() + TOKEN_LIFETIME_S
     # discord.py keeps the interaction's attachment_size_limit as filesize_limit.
     limit = interaction.filesize_limit or DEFAULT_UPLOAD_LIMIT
@@ -135,7 +141,8 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
     )
     # Refused now, the member alone hears it; after the public placeholder, only a neutral line would hide it.
     await bot.queue.check(submitted)
-    await think_in_public(interaction)
+    if not interaction.response.is_done():  # answered already while a LoRA was hashed
+        await think_in_public(interaction)
     job = await bot.queue.submit(submitted)
     log.info("job %d queued by user %d (%d images)", job.id, job.owner_id, job.request.count)
     text = status_text(job, bot.queue.position(job.id), locale=job.locale)
@@ -152,6 +159,23 @@ async def start_job(bot: I2P2IBot, interaction: discord.Interaction, draft: JobR
         placeholder_replaced(interaction)
         bot.delivery.track(job, delivery, limit)
     return job
+
+
+async def _planned_answering(
+    bot: I2P2IBot, interaction: discord.Interaction, draft: JobRequest
+) -> GenerationRequest:
+    """planned_for, answering the interaction with the public placeholder first where planning outlasts
+    PLAN_BEFORE_ANSWER_S; a refusal after that withdraws the placeholder and is told privately."""
+    planning = asyncio.ensure_future(planned_for(bot, interaction.guild_id, draft))
+    done, _ = await asyncio.wait({planning}, timeout=PLAN_BEFORE_ANSWER_S)
+    if not done:
+        log.info("planning for user %d takes a while (a LoRA file hashed); answering first", draft.owner_id)
+        try:
+            await think_in_public(interaction)
+        except BaseException:
+            planning.cancel()
+            raise
+    return await planning
 
 
 def flagged_policy_in(bot: I2P2IBot, guild_id: int | None, channel: object) -> FlaggedPolicy:

@@ -4,9 +4,12 @@ whose file changed is one private sentence."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -15,14 +18,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
+from i2p2i_bot import job_controls
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import Generator
-from i2p2i_bot.loras import LoraLibrary
+from i2p2i_bot.loras import Lora, LoraLibrary
 from i2p2i_bot.smoke import SmokeModels, write_smoke_lora
 from tests.bot_harness import bot_settings, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.stub_engine import StubEngine
 from tests.test_bot import embed_fields, ephemeral_answer
 
 
@@ -131,4 +137,57 @@ async def test_loras_are_listed_applied_recorded_and_pinned(
             "write the prompt anew to use the new file."
         )
         assert await bot.store.get_job(3) is None
+        await bot.queue.join()
+
+
+class HeldHashing(LoraLibrary):
+    """A LoRA library whose hashing waits for the test's word, as reading a file of hundreds of MB keeps
+    it busy; it gives up after a while rather than hang a bot that waits on it."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.hashing = threading.Event()
+        self.release = threading.Event()
+        # Whether the hash was still held when the test released it (None while it waits).
+        self.released: bool | None = None
+
+    def sha256(self, path: Path) -> str:
+        self.hashing.set()
+        self.released = self.release.wait(timeout=10)
+        return super().sha256(path)
+
+
+async def test_hashing_a_new_lora_leaves_the_bot_answering(
+    discord_server: FakeDiscord, base_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the first /imagine naming a LoRA hashes its file, the bot answers another member's /loras and
+    tells Discord the /imagine is under way (before its 3 s run out); released, the job is queued with
+    the file's hash, as it would have been."""
+    server = discord_server
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file({"lora_unet_down.lora_down.weight": torch.ones(2, 4)}, str(folder / "big.safetensors"))
+    made = bot_settings(base_settings, tmp_path / "data", server)
+    settings = dataclasses.replace(made, models=dataclasses.replace(made.models, lora_dir=str(folder)))
+    engine = StubEngine(0.0, None, lora_dir=str(folder))
+    engine.loras = library = HeldHashing(folder)
+    monkeypatch.setattr(job_controls, "PLAN_BEFORE_ANSWER_S", 0.2)
+    async with running_i2p2i(settings, server, engine) as bot:
+        slash = await server.push_slash("imagine", {"prompt": "a kite <lora:big:0.5>", "count": 1})
+        assert await asyncio.to_thread(library.hashing.wait, 10)
+
+        listing = await server.push_slash("loras", user="bob")
+        data = (await listing.wait_response()).json["data"]
+        assert data["embeds"][0]["description"] == "`<lora:big:1>`"
+        thinking = await slash.wait_response()
+        assert thinking.json["type"] == 5  # the public placeholder, while the file is still being read
+        assert library.released is None and await bot.store.get_job(1) is None
+
+        library.release.set()
+        await slash.wait_followup(timeout_s=30)
+        assert library.released is True
+        job = await bot.store.get_job(1)
+        sha = hashlib.sha256((folder / "big.safetensors").read_bytes()).hexdigest()
+        assert job is not None and job.request.loras == (Lora("big", 0.5, sha),)
+        assert "Job #1" in cast(StoredMessage, slash.original).content  # the placeholder became its message
         await bot.queue.join()
