@@ -85,6 +85,12 @@ GPU_WATCH_INTERVAL_S = 5.0
 EngineLoader = Callable[[Settings], ImageEngine]
 
 
+def load_engine(settings: Settings) -> ImageEngine:
+    """The bot's models: with queue.backend = "redis" GPU workers make every image, so its own GPU holds
+    the interrogation models alone (no Stable Diffusion weights needed on this machine)."""
+    return Engine.load(settings, generate=settings.queue.backend != "redis")
+
+
 class StoppedDuringStart(Exception):
     """A stop (SIGTERM, Ctrl-C) came while the bot was still setting up: it goes no further."""
 
@@ -188,7 +194,7 @@ class I2P2IBot(commands.Bot):
         self.settings = settings
         self.extension_names = tuple(extensions)
         self.failed_extensions: list[str] = []
-        self._engine_loader: EngineLoader = engine_loader or (lambda s: Engine.load(s))
+        self._engine_loader: EngineLoader = engine_loader or load_engine
         self.banned = BannedTerms.from_settings(settings.interrogate)
         self.describes = DescribesInFlight(settings.interrogate.max_describes_per_user)
         self.sources_dir = settings.sources_path

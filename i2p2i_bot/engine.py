@@ -1,4 +1,5 @@
-"""The engine: interrogator and generator loaded together, sharing one device and one CLIP."""
+"""The engine: interrogator and generator loaded together, sharing one device and one CLIP; or, where GPU
+workers on other machines make every image, the interrogators alone."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from i2p2i_bot.gpu import (
     resolve_max_resident,
 )
 from i2p2i_bot.guided import GuideModels, load_guide_models
-from i2p2i_bot.guides import GuideName
+from i2p2i_bot.guides import GUIDE_NAMES, GuideName
 from i2p2i_bot.interrogate import Captioner, ClipEncoder, Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.loras import LoraLibrary
@@ -51,7 +52,12 @@ class Engine:
     and a generator per model preset, loaded on first use. Past models.max_resident the least recently used
     generator moves to CPU RAM (up to models.max_offloaded of them there, the oldest unloaded past that), from
     where it comes back much faster than from disk. Only `plan`, `models_for` and `resident_presets` may
-    run off the GPU thread."""
+    run off the GPU thread.
+
+    With generates=False it only describes (the bot of `queue.backend = "redis"`, whose images GPU workers
+    make): no generator and no guide weights are loaded, and what a request may ask for is checked against
+    the configuration (every preset, the guides enabled in [guides]); each worker checks it again against
+    what it has loaded, and a job no live worker can make waits for one."""
 
     def __init__(
         self,
@@ -62,8 +68,10 @@ class Engine:
         guides: GuideModels,
         *,
         progress: bool = False,
+        generates: bool = True,
     ) -> None:
         self.settings = settings
+        self.generates = generates
         self.presets = presets
         self.sources = preset_sources(settings, presets.get(None))
         self.device = device
@@ -87,27 +95,48 @@ class Engine:
         self._missing: dict[str, str | None] = {}
 
     @classmethod
-    def load(cls, settings: Settings, *, progress: bool = False, preset: str | None = None) -> Engine:
+    def load(
+        cls,
+        settings: Settings,
+        *,
+        progress: bool = False,
+        preset: str | None = None,
+        generate: bool = True,
+    ) -> Engine:
         """Load the interrogation models and the generator of `preset` (None: the default one), for
-        which the warm-up runs too; other presets load on first use."""
+        which the warm-up runs too; other presets load on first use. generate=False loads the
+        interrogation models alone, for a bot whose images GPU workers make."""
         started = time.perf_counter()
         presets = resolve_presets(settings)
         first = presets.get(preset)  # an unknown preset costs no model load
         sources = preset_sources(settings, first)
-        if first.single_file:
+        if not generate or first.single_file:
             check_downloaded(sources, generator=False)
-            check_preset(first, safety_checker=first.generate.safety_checker)
         else:
             check_downloaded(sources, safety_checker=first.safety_checker)
+        if generate and first.single_file:
+            check_preset(first, safety_checker=first.generate.safety_checker)
         device = resolve_device(settings.models.device)
         dtype = resolve_dtype(settings.models.precision, device)
-        log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
-        # The guides' weights fit SD 1.x: loaded only where such a preset is loaded first.
-        guides = load_guide_models(settings.guides, sources, device, dtype)
-        engine = cls(settings, presets, device, dtype, guides, progress=progress)
+        if generate:
+            log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
+            # The guides' weights fit SD 1.x: loaded only where such a preset is loaded first.
+            guides = load_guide_models(settings.guides, sources, device, dtype)
+        else:
+            log.info(
+                "loading the interrogation models on %s in %s (GPU workers make the images): clip %s, "
+                "caption %s",
+                device,
+                dtype,
+                sources.clip,
+                sources.caption,
+            )
+            guides = GuideModels()
+        engine = cls(settings, presets, device, dtype, guides, progress=progress, generates=generate)
         engine.interrogator_for(preset)
         engine.first = preset
-        engine.generator_for(preset)
+        if generate:
+            engine.generator_for(preset)
         notice = presets.safety_notice()
         if notice:
             log.warning(notice)
@@ -178,6 +207,9 @@ class Engine:
     def generator_for(self, preset: str | None) -> Generator:
         """A preset's generator, loaded on first use or brought back from CPU RAM; the least recently used
         one makes room. GPU thread."""
+        if not self.generates:
+            # The runner of queue.backend = "redis" sends every batch to the workers: reaching here is a bug.
+            raise RuntimeError("this engine only describes images: GPU workers make them")
         chosen = self.presets.get(preset)
         found = self._generators.get(chosen.name)
         if found is not None:
@@ -269,7 +301,9 @@ class Engine:
 
     def _present(self, preset: Preset) -> bool:
         """Whether a preset's weights are on this machine (looked up once per preset: download-models is
-        followed by a restart)."""
+        followed by a restart); every preset for an engine that only describes: the workers have them."""
+        if not self.generates:
+            return True
         if preset.name in self._generators or preset.name in self._offloaded:
             return True
         if preset.name not in self._missing:
@@ -309,7 +343,8 @@ class Engine:
         started = time.perf_counter()
         blank = Image.new("RGB", (512, 512), (128, 128, 128))
         described = self.interrogator_for(self.first).interrogate(blank, self.settings.interrogate.mode)
-        self.generator_for(self.first).warm_up(described.image_embedding)
+        if self.generates:
+            self.generator_for(self.first).warm_up(described.image_embedding)
         self.warm_up_s = time.perf_counter() - started
         log.info("models warmed up in %.1f s", self.warm_up_s)
         return self.warm_up_s
@@ -337,13 +372,24 @@ class Engine:
 
     @property
     def offered_guides(self) -> tuple[GuideName, ...]:
-        return self.guides.offered if self.presets.get(None).family == "sd1" else ()
+        return self._guides_for(self.presets.get(None))
+
+    def _guides_for(self, preset: Preset) -> tuple[GuideName, ...]:
+        """The guides a request of `preset` may keep: the guides' weights fit SD 1.x alone. Those loaded
+        here, or for an engine that only describes, those enabled in [guides] (each worker says which it
+        has, and a job waits for one that has them)."""
+        if preset.family != "sd1":
+            return ()
+        if self.generates:
+            return self.guides.offered
+        enabled = self.settings.guides.enabled
+        return tuple(name for name in GUIDE_NAMES if name in enabled)
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         preset = self.presets.get(request.preset)
         self._check_present(preset)
         settings = self.presets.settings_for(preset.name, server, self.settings.generate)
-        offered = self.guides.offered if preset.family == "sd1" else ()
+        offered = self._guides_for(preset)
         loras = self.loras_for(preset.family)
         return plan(request, settings, preset.recorded_generator, offered, loras, preset.name)
 

@@ -51,9 +51,11 @@ class TestBot(I2P2IBot):
 
 @contextlib.asynccontextmanager
 async def running_i2p2i(settings: Settings, server: FakeDiscord, engine: Any) -> AsyncIterator[I2P2IBot]:
-    """Start the production bot (its setup_hook, cogs and sync) with an already loaded engine."""
+    """Start the production bot (its setup_hook, cogs and sync) with an already loaded engine (None: the
+    bot loads its own, as bot.py's does)."""
     create_bot(settings)  # applies the endpoints exactly as bot.py does
-    bot = TestBot(settings, engine_loader=lambda _settings: engine, guild_ready_timeout=0.05)
+    loader = None if engine is None else (lambda _settings: engine)
+    bot = TestBot(settings, engine_loader=loader, guild_ready_timeout=0.05)
     async with running_bot(bot, server, ready_timeout_s=60) as running:
         yield running
 

@@ -10,6 +10,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import dataclasses
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,23 @@ def smoke_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smoke_models(smoke_cache: Path) -> SmokeModels:
     return ensure_smoke_models(smoke_cache)
+
+
+@pytest.fixture(scope="session")
+def describing_cache(tmp_path_factory: pytest.TempPathFactory, smoke_models: SmokeModels) -> Path:
+    """A models.cache_dir with the smoke models a bot needs that GPU workers make every image for: the
+    interrogation CLIPs and BLIP, and each generator folder without its UNet, VAE and safety checker; no
+    single-file checkpoint, no guide weights."""
+    cache = tmp_path_factory.mktemp("describing-cache")
+    left_out = {"unet", "vae", "safety_checker", smoke_models.single_file.name}
+    left_out |= {path.name for path in (smoke_models.edges, smoke_models.depth, smoke_models.look)}
+    left_out.add(smoke_models.depth_estimator.name)
+    shutil.copytree(
+        smoke_models.clip.parent,
+        cache / smoke_models.clip.parent.name,
+        ignore=lambda _folder, names: [name for name in names if name in left_out],
+    )
+    return cache
 
 
 @pytest.fixture(scope="session")

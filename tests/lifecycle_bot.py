@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         app.I2P2IBot.gpu_lost = gpu_lost  # type: ignore[method-assign]
 
-    def load(cls: type[Engine], settings: Any) -> Any:
+    def load(cls: type[Engine], settings: Any, **options: Any) -> Any:
         print("stand-in engine: loading", flush=True)
         time.sleep(args.load_s)
         return FakeEngine()

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_parameter_registration_hook,
+)
 
 from i2p2i_bot.config import (
     DEFAULT_CAPTION,
     DEFAULT_CLIP,
     DEFAULT_GENERATOR,
+    GuideSettings,
     ModelSettings,
     QueueSettings,
     Settings,
@@ -24,12 +30,14 @@ from i2p2i_bot.config import (
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import Generator
 from i2p2i_bot.gpu import GpuOutOfMemory, GpuWorker
+from i2p2i_bot.guides import Guide
 from i2p2i_bot.interrogate import MODES, Captioner, ClipEncoder
 from i2p2i_bot.models import ModelUnavailable
 from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.replies import user_message
-from i2p2i_bot.request import GenerationRequest
+from i2p2i_bot.request import GenerationError, GenerationRequest
 from i2p2i_bot.runner import JobRunner
+from i2p2i_bot.smoke import SmokeModels, write_smoke_lora
 from i2p2i_bot.store import Store
 from tests.requests import job_request
 
@@ -198,3 +206,89 @@ def test_running_out_of_gpu_memory_while_describing_is_one_sentence_and_the_next
     assert user_message(info.value) == str(info.value)
     monkeypatch.setattr(captioner, "caption", caption)
     assert engine.interrogate(astronaut, "fast").prompt
+
+
+# What a generator and the guides are built of: none of it may be built where GPU workers make the images.
+GENERATOR_MODULES = {
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+    "CLIPTextModel",
+    "StableDiffusionSafetyChecker",
+    "ControlNetModel",
+}
+
+
+@contextlib.contextmanager
+def modules_built() -> Iterator[set[str]]:
+    """The class names of the torch modules that register a parameter meanwhile (any thread)."""
+    built: set[str] = set()
+    hook = register_module_parameter_registration_hook(lambda module, *_: built.add(type(module).__name__))
+    try:
+        yield built
+    finally:
+        hook.remove()
+
+
+def test_an_engine_that_only_describes_builds_no_generator_and_checks_requests_against_the_config(
+    base_settings: Settings,
+    engine: Engine,
+    describing_cache: Path,
+    smoke_models: SmokeModels,
+    astronaut: Image.Image,
+    tmp_path: Path,
+) -> None:
+    """generate=False (the bot of queue.backend = "redis") starts over models with no UNet, VAE or safety
+    checker: it builds no generator module, warms up and describes as the full engine does, offers every
+    preset and the guides enabled in [guides], plans as strictly (steps, size, guides, LoRA family) and
+    records the same model names."""
+    lora = tmp_path / "loras" / "ink.safetensors"
+    write_smoke_lora(
+        smoke_models.generator, lora, seed=3, text_encoder=False, metadata={"ss_base_model_version": "sd_v1"}
+    )
+    settings = dataclasses.replace(
+        base_settings,
+        models=dataclasses.replace(
+            base_settings.models, cache_dir=str(describing_cache), lora_dir=str(lora.parent), warm_up="on"
+        ),
+        guides=GuideSettings(enabled=["edges", "layout"]),
+    )
+    with pytest.raises(ModelUnavailable, match="Stable Diffusion"):
+        Engine.load(settings)  # the generator's weights are not on this machine
+    with modules_built() as built:
+        only = Engine.load(settings, generate=False)
+    assert {"VisionTransformer", "BlipVisionEmbeddings"} <= built  # CLIP's and BLIP's image towers
+    assert built & GENERATOR_MODULES == set()
+    assert only.resident_presets == () and only.offloaded_presets == ()
+    assert only.warm_up_s is not None  # the interrogator's alone
+    with pytest.raises(RuntimeError, match="only describes"):
+        only.generate(GenerationRequest("a red kite", seed=1))
+    assert only.interrogate(astronaut, "fast").prompt == engine.interrogate(astronaut, "fast").prompt
+
+    assert only.available_presets() == ("sd-v1-4", "sd2", "sdxl", "sd1-file")
+    assert only.offered_guides == ("layout", "edges")  # in canonical order, none of their weights loaded
+    for preset in only.presets.names:
+        assert only.models_for(preset) == engine.models_for(preset)
+        plain = GenerationRequest("a red kite", seed=7, preset=preset)
+        assert only.plan(plain) == engine.plan(plain)  # sdxl's too, though its UNet is not here
+    source = "a" * 64
+    edges = GenerationRequest("a red kite", keep=(Guide("edges", 0.8),), guide_source=source)
+    assert only.plan(edges).keep == (Guide("edges", 0.8),)
+    styled = only.plan(GenerationRequest("a red kite <lora:ink:0.5>"))
+    assert [(lora.name, lora.weight) for lora in styled.loras] == [("ink", 0.5)]
+    refused = {
+        "Steps must be between 1 and": GenerationRequest("a red kite", steps=10_000),
+        "The width must be a multiple of 8": GenerationRequest("a red kite", width=100),
+        "This bot does not offer the look guide (available: layout, edges).": GenerationRequest(
+            "a red kite", keep=(Guide("look", 0.5),), guide_source=source
+        ),
+        "This bot does not offer the edges guide (available: none).": dataclasses.replace(
+            edges, preset="sdxl"
+        ),
+        "The LoRA “ink” was made for another model than this server's": GenerationRequest(
+            "a red kite <lora:ink:0.5>", preset="sdxl"
+        ),
+    }
+    for said, request in refused.items():
+        with pytest.raises(GenerationError) as raised:
+            only.plan(request)
+        assert str(raised.value).startswith(said)

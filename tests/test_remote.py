@@ -25,7 +25,8 @@ from PIL import Image
 
 from i2p2i_bot import remote
 from i2p2i_bot.cards import status_text
-from i2p2i_bot.config import QueueSettings
+from i2p2i_bot.config import GuideSettings, QueueSettings, Settings
+from i2p2i_bot.engine import Engine
 from i2p2i_bot.events import Subscription
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.guides import Guide
@@ -40,9 +41,13 @@ from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.source_images import GONE, SourceImages
 from i2p2i_bot.store import Store
 from i2p2i_bot.worker_capabilities import Capabilities
+from tests.bot_harness import bot_settings, running_i2p2i
+from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 from tests.fake_engine import FakeEngine
 from tests.redis_server import ROOT, RedisServer, Workers, redis_server_path
 from tests.requests import job_request
+from tests.test_bot import button, describe, ephemeral_answer
+from tests.test_jobs_engine import GENERATOR_MODULES, modules_built
 
 if redis_server_path() is None:
     if os.environ.get("CI"):
@@ -641,3 +646,83 @@ async def test_a_batch_with_a_lora_goes_only_to_the_worker_with_its_file_and_wai
     finally:
         plain.stop()
         inked.stop()
+
+
+async def test_a_bot_in_redis_mode_loads_no_generator_and_a_worker_makes_what_it_offers(
+    tmp_path: Path,
+    server: RedisServer,
+    base_settings: Settings,
+    describing_cache: Path,
+    astronaut: Image.Image,
+) -> None:
+    """With queue.backend = "redis" the bot starts over models without any UNet, VAE or safety checker and
+    never builds a generator; it describes an image, its card offers the guides enabled in [guides] (no
+    ControlNet here), a worker makes the card's plain and edges jobs, /settings offers every preset, and a
+    job for a preset no worker has waits for one rather than being refused."""
+    pool = Workers(server, tmp_path / "workers", step_s=0.01, lock_s=LOCK_S, guides=("layout", "edges"))
+    pool.spawn(1)
+    models = dataclasses.replace(base_settings.models, cache_dir=str(describing_cache))
+    describing = dataclasses.replace(
+        base_settings, models=models, guides=GuideSettings(enabled=["edges", "layout"])
+    )
+    queue = {"backend": "redis", "redis_url": server.url, "worker_lock_s": LOCK_S, "max_batch_images": 4}
+    async with running_fake_discord() as discord:
+        settings = bot_settings(describing, tmp_path / "data", discord, **queue)
+        with modules_built() as built:
+            async with running_i2p2i(settings, discord, None) as bot:
+                engine = bot.engine
+                assert isinstance(engine, Engine) and not engine.generates
+                await live_workers(server, 1)
+
+                _, card = await describe(discord, astronaut)
+                assert card.embeds[0]["title"] == "Prompt · best"
+                keep = button(card, "i2p:card:keep:")
+                select = card.component(keep)
+                assert select is not None
+                assert [o["value"] for o in select["options"]] == ["prompt", "layout", "edges"]
+                await made(discord, card)
+                chosen = await discord.push_select(card, keep, ["edges"])
+                assert (await chosen.wait_response()).json["type"] == 7
+                await made(discord, discord.message(card.id))
+                stored = await bot.store.get_interrogation(1)
+                assert stored is not None
+                batches = started_batches(pool)
+                assert [(b["preset"], b["guides"]) for b in batches] == [
+                    ("sd-v1-4", []),
+                    ("sd-v1-4", ["edges"]),
+                ]
+                assert batches[1]["sources"] == [stored.source_sha256]
+                for job_id in (1, 2):
+                    record = await bot.store.job_record(job_id)
+                    assert record is not None and record.job.status == "complete"
+                    assert len(record.images) == 1
+
+                # sdxl's UNet is not on the bot's machine, nor is the preset on the worker: /settings
+                # offers it, and a job of it waits for a worker that has it.
+                answer = await discord.push_slash(
+                    "settings set", {"key": "model", "value": "sdxl"}, user="owner"
+                )
+                assert await ephemeral_answer(answer) == "Set model to sdxl for this server."
+                wanted = await discord.push_slash("imagine", {"prompt": "a red kite"})
+                await wanted.wait_followup(timeout_s=LIMIT_S)
+                waiting = "⏳ Job #3 is queued, waiting for a GPU worker that has the model sdxl."
+                await discord.wait_until(
+                    lambda: waiting in [m.content for m in (wanted.original, *wanted.followups) if m],
+                    timeout_s=LIMIT_S,
+                    what="the waiting line",
+                )
+                assert engine.resident_presets == ()
+        assert built & GENERATOR_MODULES == set()
+        assert {"VisionTransformer", "BlipVisionEmbeddings"} <= built
+
+
+async def made(discord: FakeDiscord, card: StoredMessage) -> StoredMessage:
+    """Press a card's Generate and wait for the job's message to carry its images."""
+    press = await discord.push_button(card, button(card, "i2p:card:gen:"))
+    await press.wait_followup(timeout_s=LIMIT_S)
+
+    def result() -> StoredMessage | None:
+        message = press.original
+        return message if message is not None and message.attachments else None
+
+    return await discord.wait_until(result, timeout_s=LIMIT_S, what="the job's images")
