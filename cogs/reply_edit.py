@@ -93,8 +93,9 @@ class ReplyEditCog(commands.Cog, name="ReplyEdit"):
         if not edit.changed:
             return
         guild_id = message.guild.id if message.guild is not None else None
-        # The one validator, as Generate will ask: banned terms, an empty or too long prompt.
-        check = GenerationRequest(edit.prompt, negative_prompt=edit.negative, count=1)
+        # The one validator, as Generate will ask: banned terms, an empty or too long prompt, LoRAs that fit
+        # the card's model.
+        check = GenerationRequest(edit.prompt, negative_prompt=edit.negative, count=1, preset=choices.preset)
         await planned_for(bot, guild_id, JobRequest(owner_id=message.author.id, request=check))
         await bot.store.set_card_prompt(
             card_id, None if edit.prompt == stored.interrogation.prompt else edit.prompt

@@ -13,7 +13,8 @@ from PIL import Image
 
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
-from tests.bot_harness import bot_settings, running_i2p2i
+from i2p2i_bot.smoke import SmokeModels, write_smoke_lora
+from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 from tests.test_bot import button, describe
 
@@ -129,3 +130,42 @@ async def test_without_reply_edits_the_bot_asks_for_no_privileged_intent(
         await server.post_user_message("general", "alice", "a red kite", reply_to=card)
         card_id = int(button(card, "i2p:card:gen:").split(":")[3])
         assert (await bot.store.card_choices(card_id)).prompt is None
+
+
+async def test_a_reply_to_a_card_is_checked_against_the_cards_model(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    engine: Engine,
+    astronaut: Image.Image,
+    smoke_models: SmokeModels,
+    tmp_path: Path,
+) -> None:
+    """A LoRA made for SD 2.x may be named in a reply to a card made for the sd2 preset: the reply is checked
+    as that card's Generate will plan it, not against the bot's default model."""
+    server = discord_server
+    folder = tmp_path / "loras"
+    metadata = {"ss_base_model_version": "sd_v2"}
+    write_smoke_lora(smoke_models.generator, folder / "two.safetensors", seed=3, metadata=metadata)
+    models = dataclasses.replace(settings.models, lora_dir=str(folder))
+    settings = dataclasses.replace(settings, models=models)
+    async with running_i2p2i(settings, server, engine.sharing(settings=settings)) as bot:
+        upload = server.add_attachment(png_bytes(astronaut), "photo.png")
+        slash = await server.push_slash("imagine-from", {"image": upload, "count": 1, "model": "sd2"})
+        await slash.wait_followup(timeout_s=60)
+        card = cast(StoredMessage, slash.original)
+        card_id = int(button(card, "i2p:card:gen:").split(":")[3])
+        reply = await server.post_user_message("general", "alice", "a kite <lora:two:0.5>", reply_to=card)
+        answer = await bot_reply_to(server, reply)
+        assert answer.embeds, answer.content
+        assert (await bot.store.card_choices(card_id)).prompt == "a kite <lora:two:0.5>"
+
+        # The same reply to a card for the default model (SD 1.x) is refused in one sentence.
+        _, plain = await describe(server, astronaut)
+        plain_id = int(button(plain, "i2p:card:gen:").split(":")[3])
+        refused = await server.post_user_message("general", "alice", "a kite <lora:two:0.5>", reply_to=plain)
+        said = await bot_reply_to(server, refused)
+        assert said.content == (
+            "The LoRA “two” was made for another model than this server's (it was made for "
+            "Stable Diffusion 2.x); choose another."
+        )
+        assert (await bot.store.card_choices(plain_id)).prompt is None
