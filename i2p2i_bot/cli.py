@@ -109,10 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     imagine.add_argument("--prompt", metavar="TEXT", help="use this prompt instead of the interrogated one")
     _add_generation_options(imagine)
 
-    sub.add_parser(
+    download = sub.add_parser(
         "download-models",
         help="fetch the configured models and every preset's into the Hugging Face cache",
         parents=[common],
+    )
+    download.add_argument(
+        "--describe-only",
+        action="store_true",
+        help="only what a bot whose images GPU workers make loads (queue.backend redis): CLIP and caption",
     )
     sub.add_parser(
         "models",
@@ -254,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "download-models":
-            return _download(settings)
+            return _download(settings, describe_only=args.describe_only)
         if args.command == "models":
             return _models(settings)
         if args.command == "describe":
@@ -276,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
 # --- commands -------------------------------------------------------------------------------------------
 
 
-def _download(settings: Settings) -> int:
+def _download(settings: Settings, *, describe_only: bool = False) -> int:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         print("i2p2i: HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it first", file=sys.stderr)
         return EXIT_USAGE
@@ -285,7 +290,10 @@ def _download(settings: Settings) -> int:
     sources = resolve_models(settings)
     try:
         lines = download_models(
-            sources, safety_checker=settings.generate.safety_checker, presets=resolve_presets(settings)
+            sources,
+            safety_checker=settings.generate.safety_checker,
+            presets=resolve_presets(settings),
+            describe_only=describe_only,
         )
         for line in lines:
             print(line)

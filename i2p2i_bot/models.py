@@ -231,21 +231,27 @@ SINGLE_FILE_SAFETY_CHECKER = ("safety_checker/model.safetensors",)
 
 
 def download_models(
-    sources: ModelSources, *, safety_checker: bool, presets: Presets | None = None
+    sources: ModelSources,
+    *,
+    safety_checker: bool,
+    presets: Presets | None = None,
+    describe_only: bool = False,
 ) -> list[str]:
     """Fetch every configured model into the Hugging Face cache; return a line per model.
 
     safety_checker is generate.safety_checker: when it is off, the loader never reads the safety checker,
     so it is not fetched either. A guide's weights are fetched only when [guides] enables it. With
     `presets`, every preset's generator and CLIP are fetched too (a single file must be on this machine;
-    its config repository is fetched).
+    its config repository is fetched). `describe_only` fetches what a bot whose images GPU workers make
+    loads (queue.backend "redis"): the caption model and every preset's CLIP, no generator and no guide.
     """
     skipped: tuple[str, ...] = () if safety_checker else SAFETY_CHECKER_FILES
     lines = []
-    fetched = [
-        ("generator", sources.generator, GENERATOR_FILES, GENERATOR_PICKLED, skipped),
-        ("caption", sources.caption, CAPTION_FILES, CAPTION_PICKLED, ()),
-    ]
+    caption = ("caption", sources.caption, CAPTION_FILES, CAPTION_PICKLED, ())
+    if describe_only:
+        clips = list(dict.fromkeys([sources.clip, *(preset.clip for preset in presets or ())]))
+        return [_fetched(*caption), *(_fetch_clip(clip) for clip in clips)]
+    fetched = [("generator", sources.generator, GENERATOR_FILES, GENERATOR_PICKLED, skipped), caption]
     if sources.edges is not None:
         fetched.append(("edges", sources.edges, CONTROLNET_FILES, CONTROLNET_PICKLED, ()))
     if sources.depth is not None:
@@ -270,16 +276,21 @@ def download_models(
             fetched.append((label, preset.generator, GENERATOR_FILES, GENERATOR_PICKLED, skipped))
         if preset.clip not in clips:
             clips.append(preset.clip)
-    for label, source, files, pickled, ignored in fetched:
-        if Path(source).expanduser().is_dir():
-            lines.append(f"{label}: {source} is a local directory; nothing to download")
-            continue
-        line = f"{label}: {source} → {_repository_snapshot(source, files, pickled, ignored)}"
-        if ignored:
-            line += " (no safety checker: generate.safety_checker is off)"
-        lines.append(line)
+    lines.extend(_fetched(*entry) for entry in fetched)
     lines.extend(_fetch_clip(clip) for clip in clips)
     return lines
+
+
+def _fetched(
+    label: str, source: str, files: tuple[str, ...], pickled: tuple[str, ...], ignored: tuple[str, ...]
+) -> str:
+    """One repository fetched into the Hugging Face cache, as download-models reports it."""
+    if Path(source).expanduser().is_dir():
+        return f"{label}: {source} is a local directory; nothing to download"
+    line = f"{label}: {source} → {_repository_snapshot(source, files, pickled, ignored)}"
+    if ignored:
+        line += " (no safety checker: generate.safety_checker is off)"
+    return line
 
 
 def _repository_snapshot(

@@ -1290,3 +1290,20 @@ def test_models_lists_each_preset_with_what_it_needs(
     )
     assert main(["--config", str(config), "models"]) == 1
     assert "gone: sd1, 64x64, 2 steps, missing: The checkpoint" in capsys.readouterr().out
+
+
+def test_download_models_describe_only_fetches_the_caption_model_and_every_presets_clip(
+    hub_calls: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A bot whose images GPU workers make loads only its interrogators: `download-models --describe-only`
+    fetches BLIP and the CLIP of every preset, and no generator or guide, even with guides enabled."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[guides]\nenabled = ["layout", "edges"]\n'
+        '[[models.presets]]\nname = "sd2"\ngenerator = "stabilityai/stable-diffusion-2-1"\nfamily = "sd2"\n'
+    )
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["download-models", "--describe-only", "--config", str(config)]) == 0
+    assert hub_calls["snapshot"] == [(DEFAULT_CAPTION, BLIP_FILES, None)]
+    assert hub_calls["file"][0] == CLIP_FILE
+    assert len(hub_calls["file"]) == 2 and "ViT-H-14" in hub_calls["file"][1][0]
