@@ -14,7 +14,16 @@ from discord.ext import commands
 
 from i2p2i_bot.cards import COLOR, STATUS_NAMES, info_embed, shorten
 from i2p2i_bot.i18n import tr
-from i2p2i_bot.job_controls import bot_of, check_may_see, job_models, job_view, queue_message
+from i2p2i_bot.job_controls import (
+    bot_of,
+    check_may_see,
+    job_models,
+    job_view,
+    offered_image_actions,
+    queue_message,
+    upscaled_image,
+)
+from i2p2i_bot.jobs import UPSCALE
 from i2p2i_bot.replies import PrivateView, Refusal, member_locale, report_error
 
 if TYPE_CHECKING:
@@ -48,6 +57,11 @@ class HistoryCog(commands.Cog, name="History"):
             tr(locale, "**Job #{job}**", job=j.id)
             + f" · {tr(locale, STATUS_NAMES[j.status])}"
             + (tr(locale, " · hidden") if j.hidden_at is not None else "")
+            + (
+                tr(locale, " · upscale of job #{job}", job=j.parent_job_id)
+                if j.origin == UPSCALE and j.parent_job_id
+                else ""
+            )
             + (tr(locale, " · ⚠️ not posted, see /job") if delivery.undeliverable(j) else "")
             + tr(locale, " · {count} image(s)", count=j.request.count)
             + f" · <t:{int(j.created_at)}:R>\n> {shorten(j.request.prompt, 180)}"
@@ -84,14 +98,17 @@ class HistoryCog(commands.Cog, name="History"):
         check_may_see(self.bot, interaction, job)
         models = await job_models(self.bot, job)
         locale = member_locale(interaction)
+        upscaled = await upscaled_image(self.bot, job)
         if job.owner_id != interaction.user.id and not self.bot.is_admin(interaction.user):
             # Another member's job, shared where they asked for it: what was posted there, without why
             # its result may not have arrived (that is the owner's business) and without the owner's buttons.
-            embed = info_embed(job, record.images, models, locale=locale)
+            embed = info_embed(job, record.images, models, locale=locale, upscaled_image=upscaled)
             await interaction.response.send_message(embed=embed, ephemeral=True)
             return
         delivery = self.bot.delivery.delivery_state(job)
-        embed = info_embed(job, record.images, models, delivery=delivery, locale=locale)
+        embed = info_embed(
+            job, record.images, models, delivery=delivery, locale=locale, upscaled_image=upscaled
+        )
         await interaction.response.send_message(
             embed=embed,
             view=job_view(
@@ -99,7 +116,7 @@ class HistoryCog(commands.Cog, name="History"):
                 running=not job.status.finished,
                 locale=locale,
                 images=record.images,
-                vary="layout" in self.bot.engine.offered_guides,
+                image_actions=offered_image_actions(self.bot, job),
             ),
             ephemeral=True,
         )

@@ -14,7 +14,7 @@ from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.guides import Guide
 from i2p2i_bot.i18n import N_, tr, translate
 from i2p2i_bot.interrogation import Candidate, Interrogation
-from i2p2i_bot.jobs import Job, JobStatus, Position
+from i2p2i_bot.jobs import UPSCALE, Job, JobStatus, Position
 from i2p2i_bot.loras import describe as describe_loras
 from i2p2i_bot.store import CardChoices, StoredImage, StoredInterrogation
 
@@ -440,9 +440,11 @@ def info_embed(
     *,
     delivery: str | None = None,
     locale: str | None = None,
+    upscaled_image: int | None = None,
 ) -> discord.Embed:
     """Everything about a job, for the Info button and /job (private: in the asking member's `locale`);
-    ``delivery`` says why a result is not posted.
+    ``delivery`` says why a result is not posted; ``upscaled_image`` is the index of the image of its
+    parent job an upscale doubles, where that image is still known.
 
     A job Delete hid (only admins see it then) says so in its title and when and by whom it was hidden.
     """
@@ -514,7 +516,14 @@ def info_embed(
     elif job.attempts:
         timing.append(tr(locale, "{count} retries", count=job.attempts))
     embed.add_field(name=tr(locale, "Timing"), value=" · ".join(timing), inline=False)
-    if job.parent_job_id:
+    if job.parent_job_id and job.origin == UPSCALE:
+        parent = job.parent_job_id
+        if upscaled_image is None:
+            value = tr(locale, "job #{job}", job=parent)
+        else:
+            value = tr(locale, "job #{job}, image #{image}", job=parent, image=upscaled_image + 1)
+        embed.add_field(name=tr(locale, "Upscale (2×) of"), value=value)
+    elif job.parent_job_id:
         embed.add_field(
             name=tr(locale, "Rerolled from"), value=tr(locale, "job #{job}", job=job.parent_job_id)
         )

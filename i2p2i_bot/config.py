@@ -191,6 +191,10 @@ class GenerateSettings:
     max_count: int = 8
     negative_prompt: str = ""
     safety_checker: bool = True
+    # Upscale (2×) on a result (the hires fix): how much of the doubled image may change (the layout
+    # guide's weight) and the largest side an upscaled image may have, beyond max_side.
+    upscale_strength: float = 0.4
+    upscale_max_side: int = 1536
     # The fast path (see i2p2i_bot/acceleration.py).
     # "auto": on where the UNet is compiled, off for the eager UNet.
     channels_last: ChannelsLast = "auto"
@@ -205,7 +209,7 @@ class GenerateSettings:
         _between("generate.steps", self.steps, 1, self.max_steps)
         if not 0.0 <= self.guidance <= 30.0:
             raise ConfigError(f"generate.guidance must be between 0 and 30 (got {self.guidance})")
-        for key in ("min_side", "max_side", "width", "height"):
+        for key in ("min_side", "max_side", "width", "height", "upscale_max_side"):
             value = getattr(self, key)
             if value % 8:
                 raise ConfigError(f"generate.{key} must be a multiple of 8 (got {value})")
@@ -214,6 +218,9 @@ class GenerateSettings:
         _between("generate.width", self.width, self.min_side, self.max_side)
         _between("generate.height", self.height, self.min_side, self.max_side)
         _between("generate.max_count", self.max_count, 1, 64)
+        _between("generate.upscale_max_side", self.upscale_max_side, self.min_side, 4096)
+        if not 0.0 < self.upscale_strength <= 1.0:
+            raise ConfigError(f"generate.upscale_strength must be in (0, 1] (got {self.upscale_strength})")
         _between("generate.vae_slicing_from", self.vae_slicing_from, 0, 64)
         if not self.compile_buckets or sorted(set(self.compile_buckets)) != self.compile_buckets:
             raise ConfigError("generate.compile_buckets must be batch sizes in increasing order, each once")

@@ -35,7 +35,7 @@ from i2p2i_bot.cards import ResultFiles, result_embed, result_files, status_text
 from i2p2i_bot.events import Subscription
 from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.i18n import LIST_AND, N_, tr
-from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, flagged_policy_in, job_view
+from i2p2i_bot.job_controls import DEFAULT_UPLOAD_LIMIT, flagged_policy_in, job_view, offered_image_actions
 from i2p2i_bot.jobs import FROM_REPLY, Delivery, EventKind, Job, JobEvent, JobStatus
 from i2p2i_bot.replies import ANSWER_ERRORS
 
@@ -383,8 +383,10 @@ class ResultDelivery:
             if flagged is not FlaggedPolicy.WITHHOLD and any(m.nsfw for m in record.images):
                 withheld = await asyncio.to_thread(result_files, images, upload_limit, job_id=job.id)
                 private = (result_embed(job, record.images, withheld), withheld)
-            vary = "layout" in self.bot.engine.offered_guides
-            view = job_view(job, running=False, locale=job.locale, images=record.images, vary=vary)
+            actions = offered_image_actions(self.bot, job)
+            view = job_view(
+                job, running=False, locale=job.locale, images=record.images, image_actions=actions
+            )
             try:
                 delivered, failures = await self._send_result(job, embed, files, view, private=private)
             except Exception:

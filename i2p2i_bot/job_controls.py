@@ -2,7 +2,7 @@
 
 The bot registers the buttons; the cogs start jobs through start_job. Who may press what: every button
 on a job belongs to the member who queued it (Reroll, Edit & regenerate, Delete, Cancel, and the result
-images' Vary and Use as source); admins may also Delete and Cancel. Info is read-only and open to
+images' Vary, Upscale and Use as source); admins may also Delete and Cancel. Info is read-only and open to
 whoever may see the job (check_may_see), as /job is.
 """
 
@@ -24,7 +24,7 @@ from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.guides import Guide, not_offered
 from i2p2i_bot.i18n import N_, tr, translate
-from i2p2i_bot.jobs import Delivery, Job, JobRefused, JobRequest, JobStatus
+from i2p2i_bot.jobs import UPSCALE, Delivery, Job, JobRefused, JobRequest, JobStatus
 from i2p2i_bot.replies import (
     ANSWER_ERRORS,
     Refusal,
@@ -35,7 +35,7 @@ from i2p2i_bot.replies import (
     report_error,
     think_in_public,
 )
-from i2p2i_bot.request import GenerationError, GenerationRequest, whole_number
+from i2p2i_bot.request import GenerationError, GenerationRequest, upscale_fits, upscale_of, whole_number
 from i2p2i_bot.source_images import SourceImages
 from i2p2i_bot.store import StoredImage
 
@@ -235,12 +235,13 @@ def job_view(
     running: bool,
     locale: str | None,
     images: Sequence[StoredImage] = (),
-    vary: bool = False,
+    image_actions: Sequence[str] = ("source",),
 ) -> discord.ui.View:
     """Cancel while the job is queued or running; Reroll, Edit, Info and Delete once it is done; Retry
     instead of Reroll when it failed or was cancelled. Below them, once done, a select of what to do
-    with each of its `images` the safety checker passed: Vary (where `vary`, the layout guide being on
-    offer) and Use as source. Labelled in `locale`: the job's own on its message, the member's in /job."""
+    with each of its `images` the safety checker passed: `image_actions` (offered_image_actions), in two
+    selects where one cannot list them all. Labelled in `locale`: the job's own on its message, the
+    member's in /job."""
     view = discord.ui.View(timeout=None)
     if running:
         actions: tuple[str, ...] = ("cancel", "info")
@@ -252,8 +253,24 @@ def job_view(
         view.add_item(JobButton(action, job.id, locale=locale))
     shown = [m.index for m in sorted(images, key=lambda m: m.index) if not m.nsfw]
     if not running and shown:
-        view.add_item(ImageActions(job.id, shown, vary=vary, locale=locale))
+        # Whole images per select: a member finds every action of image #k in one list.
+        per_select = max(1, MAX_SELECT_OPTIONS // len(image_actions))
+        for part, first in enumerate(range(0, len(shown), per_select)):
+            indexes = shown[first : first + per_select]
+            view.add_item(ImageActions(job.id, indexes, actions=image_actions, part=part, locale=locale))
     return view
+
+
+def offered_image_actions(bot: I2P2IBot, job: Job) -> tuple[str, ...]:
+    """What the select under a job's result offers for each image: Vary where the layout guide is on offer,
+    Upscale (2×) there too where twice the job's size fits generate.upscale_max_side (plan's own check),
+    and Use as source everywhere."""
+    if "layout" not in bot.engine.offered_guides:
+        return ("source",)
+    width, height = job.request.width, job.request.height
+    if width is None or height is None or not upscale_fits(width, height, bot.settings.generate):
+        return ("subtle", "strong", "source")
+    return ("subtle", "strong", "upscale", "source")
 
 
 def check_may_see(bot: I2P2IBot, interaction: discord.Interaction, job: Job) -> None:
@@ -348,7 +365,13 @@ class JobButton(
             raise Refusal(f"Job #{self.job_id} no longer exists.")
         check_may_see(bot, interaction, record.job)
         models = await job_models(bot, record.job)
-        embed = info_embed(record.job, record.images, models, locale=member_locale(interaction))
+        embed = info_embed(
+            record.job,
+            record.images,
+            models,
+            locale=member_locale(interaction),
+            upscaled_image=await upscaled_image(bot, record.job),
+        )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def _reroll(self, bot: I2P2IBot, interaction: discord.Interaction) -> None:
@@ -403,6 +426,7 @@ VARY_WEIGHTS = {"subtle": 0.35, "strong": 0.7}
 IMAGE_ACTION_LABELS = {
     "subtle": N_("Vary (subtle)"),
     "strong": N_("Vary (strong)"),
+    "upscale": N_("Upscale (2×)"),
     "source": N_("Use as source"),
 }
 # Discord's limit on a select's options.
@@ -417,19 +441,37 @@ class SourceDescriber(Protocol):
     ) -> None: ...
 
 
-class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2p:job:image:(?P<job>\d+)"):
+# What a result's select says before a choice, by the actions it offers.
+IMAGE_ACTION_PLACEHOLDERS = {
+    ("subtle", "strong", "upscale", "source"): N_("Image #k → Vary, Upscale or Use as source…"),
+    ("subtle", "strong", "source"): N_("Image #k → Vary or Use as source…"),
+    ("source",): N_("Image #k → Use as source…"),
+}
+
+
+class ImageActions(
+    discord.ui.DynamicItem[discord.ui.Select[Any]],
+    template=r"i2p:job:image:(?P<job>\d+)(?::(?P<part>\d+))?",
+):
     """ "Image #k → action" on a result: Vary (subtle / strong) makes new images of the job's prompt that
-    keep that image's layout; Use as source makes it the image of a new prompt card, described for the
-    job's model. The owner's alone.
+    keep that image's layout; Upscale (2×) makes that image again at twice its size (the hires fix: its
+    seed, kept from it with layout at generate.upscale_strength); Use as source makes it the image of a
+    new prompt card, described for the job's model. The owner's alone.
 
     Either way the image becomes a source by its hash, as an upload is, so its guides and its card work
-    after a restart. One select for every image keeps the message within Discord's five rows.
+    after a restart. One select for every image keeps the message within Discord's five rows; where a
+    select's 25 options cannot hold every image's actions, the images after them get a second (`part`).
     """
 
     def __init__(
-        self, job_id: int, indexes: Sequence[int] = (), *, vary: bool = False, locale: str | None = None
+        self,
+        job_id: int,
+        indexes: Sequence[int] = (),
+        *,
+        actions: Sequence[str] = ("source",),
+        part: int = 0,
+        locale: str | None = None,
     ) -> None:
-        actions = ("subtle", "strong", "source") if vary else ("source",)
         options = [
             discord.SelectOption(
                 label=f"#{index + 1} {tr(locale, IMAGE_ACTION_LABELS[action])}", value=f"{action}:{index}"
@@ -437,14 +479,13 @@ class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2
             for index in indexes
             for action in actions
         ][:MAX_SELECT_OPTIONS]
+        placeholder = IMAGE_ACTION_PLACEHOLDERS.get(tuple(actions), N_("Image #k → Use as source…"))
         super().__init__(
             discord.ui.Select(
-                custom_id=f"i2p:job:image:{job_id}",
-                placeholder=tr(locale, "Image #k → Vary or Use as source…")
-                if vary
-                else tr(locale, "Image #k → Use as source…"),
+                custom_id=f"i2p:job:image:{job_id}" + (f":{part}" if part else ""),
+                placeholder=tr(locale, placeholder),
                 options=options or [discord.SelectOption(label="#1", value="source:0")],
-                row=1,
+                row=1 + part,
             )
         )
         self.job_id = job_id
@@ -463,26 +504,31 @@ class ImageActions(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"i2
             if action not in IMAGE_ACTION_LABELS or index is None:
                 raise Refusal("Choose one of the actions listed.")
             job = await _owned_job(bot, interaction, self.job_id, admin_ok=False)
-            image, sha256 = await _result_source(bot, job, index)
+            image, meta = await _result_source(bot, job, index)
             if action == "source":
                 describer = bot.get_cog("Imagine")
                 if describer is None:
                     raise Refusal("Describing images is switched off on this bot right now.")
                 # Described for the model the image was made with: the member was using it.
                 await cast(SourceDescriber, describer).describe_stored(
-                    interaction, image, sha256, job.request.preset
+                    interaction, image, meta.sha256, job.request.preset
                 )
                 return
-            await asyncio.to_thread(SourceImages(bot.sources_dir).save, sha256, image)
-            keep = (Guide("layout", VARY_WEIGHTS[action]),)
-            draft = job.reroll(interaction.user.id, origin="vary", keep=keep, guide_source=sha256)
+            await asyncio.to_thread(SourceImages(bot.sources_dir).save, meta.sha256, image)
+            if action == "upscale":
+                strength = bot.settings.generate.upscale_strength
+                request = upscale_of(job.request, seed=meta.seed, source=meta.sha256, strength=strength)
+                draft = dataclasses.replace(job.reroll(interaction.user.id, origin=UPSCALE), request=request)
+            else:
+                keep = (Guide("layout", VARY_WEIGHTS[action]),)
+                draft = job.reroll(interaction.user.id, origin="vary", keep=keep, guide_source=meta.sha256)
             await start_job(bot, interaction, draft)
         except Exception as exc:
             await report_error(interaction, exc)
 
 
-async def _result_source(bot: I2P2IBot, job: Job, index: int) -> tuple[Image.Image, str]:
-    """Result image `index` of a job and its hash, or one sentence why it cannot be used."""
+async def _result_source(bot: I2P2IBot, job: Job, index: int) -> tuple[Image.Image, StoredImage]:
+    """Result image `index` of a job and what is stored of it, or one sentence why it cannot be used."""
     if job.hidden_at is not None:
         raise Refusal(f"Job #{job.id} was deleted.")
     record = await bot.store.job_record(job.id)
@@ -495,7 +541,7 @@ async def _result_source(bot: I2P2IBot, job: Job, index: int) -> tuple[Image.Ima
         image = await asyncio.to_thread(_open_rgb, bot.store.image_path(job.id, index))
     except OSError:
         raise Refusal(f"Image #{index + 1} of job #{job.id} is no longer stored.") from None
-    return image, meta.sha256
+    return image, meta
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -512,6 +558,17 @@ async def job_models(bot: I2P2IBot, job: Job) -> dict[str, str]:
         if stored is not None:
             models.update(stored.interrogation.models)
     return models
+
+
+async def upscaled_image(bot: I2P2IBot, job: Job) -> int | None:
+    """The index of the image of its parent job an upscale doubles (the one whose hash it keeps); None for
+    any other job, or where the parent and its images are gone."""
+    if job.origin != UPSCALE or job.parent_job_id is None:
+        return None
+    record = await bot.store.job_record(job.parent_job_id)
+    if record is None:
+        return None
+    return next((m.index for m in record.images if m.sha256 == job.request.guide_source), None)
 
 
 def queue_message(

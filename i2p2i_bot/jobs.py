@@ -42,6 +42,8 @@ class Delivery:
 # The origin of a job a member asked for by replying to the bot (discord.reply_edits): its status message
 # is the bot's own reply, so it is edited through its channel, with no interaction token and no time limit.
 FROM_REPLY = "reply"
+# The origin of a job made by Upscale (2×) on one image of its parent job (request.upscale_of).
+UPSCALE = "upscale"
 
 
 @dataclass(frozen=True, kw_only=True)

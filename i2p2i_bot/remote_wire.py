@@ -107,6 +107,7 @@ def batch_from_payload(payload: Any) -> tuple[GenerationParams, tuple[ImageSpec,
             keep=check_guides(guides_from_json(raw.get("keep") or [])),
             loras=loras_from_json(raw.get("loras") or []),
             preset=str(raw["preset"]),
+            upscale=raw.get("upscale") is True,
         )
         specs = tuple(
             ImageSpec(
@@ -161,6 +162,7 @@ def as_request(params: GenerationParams, spec: ImageSpec) -> GenerationRequest:
         guide_source=spec.guide_source,
         loras=params.loras,
         preset=params.preset,
+        upscale=params.upscale,
     )
 
 

@@ -57,6 +57,9 @@ class GenerationParams:
     loras: tuple[Lora, ...] = ()
     # The model preset (presets.py) whose pipeline makes the batch; `model` is its generator as recorded.
     preset: str = BUILTIN_PRESET
+    # Whether the batch's images are upscales (GenerationRequest.upscale): a worker plans them again
+    # within generate.upscale_max_side rather than max_side.
+    upscale: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ class GenerationRequest:
     loras: tuple[Lora, ...] = ()
     # The model preset by name (presets.py); None: the bot's default preset.
     preset: str | None = None
+    # An upscale (the hires fix, upscale_of): a result image made again at twice its size, kept from it
+    # with layout; its sides may reach generate.upscale_max_side instead of max_side.
+    upscale: bool = False
 
     @property
     def planned(self) -> bool:
@@ -128,7 +134,7 @@ class GenerationRequest:
             raise ValueError(_UNPLANNED)
         if self.preset is None:
             raise ValueError(_UNPLANNED)
-        return GenerationParams(m, steps, g, w, h, sched, self.keep, self.loras, self.preset)
+        return GenerationParams(m, steps, g, w, h, sched, self.keep, self.loras, self.preset, self.upscale)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -176,6 +182,29 @@ def size_for_aspect(aspect: str, settings: GenerateSettings) -> tuple[int, int]:
     short_side = max(settings.min_side, int(short) // 8 * 8)
     long_side = max(settings.min_side, int(long) // 8 * 8)
     return (long_side, short_side) if wide >= high else (short_side, long_side)
+
+
+def upscale_of(request: GenerationRequest, *, seed: int, source: str, strength: float) -> GenerationRequest:
+    """One image of a planned request made again at twice its width and height, as A1111's hires fix does:
+    its prompt, negative prompt, settings and `seed`, kept from that image (stored as `source`, its sha256)
+    with the layout guide at `strength`. One image, whatever the request's count."""
+    if request.width is None or request.height is None:
+        raise ValueError(_UNPLANNED)
+    return dataclasses.replace(
+        request,
+        count=1,
+        seed=seed,
+        width=request.width * 2,
+        height=request.height * 2,
+        keep=(Guide("layout", strength),),
+        guide_source=source,
+        upscale=True,
+    )
+
+
+def upscale_fits(width: int, height: int, settings: GenerateSettings) -> bool:
+    """Whether an image of this size may be upscaled: twice each side within generate.upscale_max_side."""
+    return max(width, height) * 2 <= settings.upscale_max_side
 
 
 def whole_number(text: str) -> int | None:
@@ -247,11 +276,16 @@ def plan(
         raise GenerationError(f"Guidance must be between 0 and {MAX_GUIDANCE:g} (got {guidance:g}).")
     width = settings.width if request.width is None else request.width
     height = settings.height if request.height is None else request.height
+    if request.upscale and max(width, height) > settings.upscale_max_side:
+        raise GenerationError(
+            f"Upscaled, the image would be {width}×{height} pixels; an upscale may be at most "
+            f"{settings.upscale_max_side} pixels on a side."
+        )
+    high = settings.upscale_max_side if request.upscale else settings.max_side
     for name, side in (("width", width), ("height", height)):
-        if side % 8 or not settings.min_side <= side <= settings.max_side:
+        if side % 8 or not settings.min_side <= side <= high:
             raise GenerationError(
-                f"The {name} must be a multiple of 8 between {settings.min_side} and {settings.max_side} "
-                f"(got {side})."
+                f"The {name} must be a multiple of 8 between {settings.min_side} and {high} (got {side})."
             )
     scheduler = settings.scheduler if request.scheduler is None else request.scheduler
     if scheduler not in SCHEDULERS:
@@ -279,6 +313,7 @@ def plan(
         guide_source=source,
         loras=lora_set,
         preset=preset,
+        upscale=request.upscale,
     )
 
 
@@ -288,6 +323,8 @@ def _check_keep(
     """The request's guides, checked, and their source; a source without guides is dropped (it would
     change nothing, and would keep the request from sharing a batch with plain ones)."""
     if not request.keep:
+        if request.upscale:
+            raise ValueError("an upscale keeps its source image's layout; upscale_of makes one")
         return (), None
     try:
         keep = check_guides(request.keep, offered)
@@ -298,6 +335,8 @@ def _check_keep(
         raise GenerationError(f"Keeping {names} needs a source image; give one, or keep nothing.")
     if not _SHA256.match(request.guide_source):
         raise ValueError(f"a guide source is the sha256 of a stored image (got {request.guide_source!r})")
+    if request.upscale and [g.name for g in keep] != ["layout"]:
+        raise ValueError(f"an upscale keeps its source image's layout alone (got {keep})")
     for guide in keep:
         # The pipeline runs int(steps * strength) of the steps: none would leave the source as it is.
         if guide.name == "layout" and int(steps * guide.weight) < 1:

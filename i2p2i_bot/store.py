@@ -1077,6 +1077,7 @@ def _loras_field(text: str) -> tuple[Lora, ...]:
 _REQUEST_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "keep": (_keep_column, _keep_field),
     "loras": (_loras_column, _loras_field),
+    "upscale": (int, bool),
 }
 _PLAIN = (lambda value: value, lambda value: value)
 _REQUEST_CODING = tuple((name, *_REQUEST_CODECS.get(name, _PLAIN)) for name in _REQUEST_COLUMNS)

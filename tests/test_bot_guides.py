@@ -19,8 +19,12 @@ from PIL import Image
 from i2p2i_bot.config import GuideSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.guided import GuidedPipelines, GuideModels, load_guide_models
+from i2p2i_bot.job_controls import ImageActions, job_view
+from i2p2i_bot.jobs import Job, JobStatus
 from i2p2i_bot.models import resolve_models
+from i2p2i_bot.request import GenerationRequest
 from i2p2i_bot.source_images import SourceImages
+from i2p2i_bot.store import StoredImage
 from tests.bot_harness import bot_settings, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 from tests.test_bot import button, describe, embed_fields, ephemeral_answer
@@ -71,6 +75,11 @@ def job_guides(bot: Any, job_id: int) -> tuple[Any, ...]:
     finally:
         db.close()
     return (json.loads(row[0]), row[1]) if row else ()
+
+
+def embed_fields_of(data: dict[str, Any]) -> dict[str, str]:
+    """The fields of an answer's first embed, by name."""
+    return {f["name"]: f["value"] for f in data["embeds"][0]["fields"]}
 
 
 def image_file(bot: Any, job_id: int, index: int = 0) -> np.ndarray:
@@ -278,9 +287,11 @@ async def test_vary_and_use_as_source_start_from_the_chosen_result(
         assert [(o["label"], o["value"]) for o in select["options"]] == [
             ("#1 Vary (subtle)", "subtle:0"),
             ("#1 Vary (strong)", "strong:0"),
+            ("#1 Upscale (2×)", "upscale:0"),
             ("#1 Use as source", "source:0"),
             ("#2 Vary (subtle)", "subtle:1"),
             ("#2 Vary (strong)", "strong:1"),
+            ("#2 Upscale (2×)", "upscale:1"),
             ("#2 Use as source", "source:1"),
         ]
 
@@ -308,3 +319,100 @@ async def test_vary_and_use_as_source_start_from_the_chosen_result(
         assert stored is not None and stored.source_sha256 == second.sha256
         assert new_card.embeds[0]["title"] == "Prompt · best" and new_card.component(button(new_card, KEEP))
         await bot.queue.join()
+
+
+async def test_upscale_makes_the_chosen_result_again_at_twice_its_size(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    both_guides: GuideModels,
+    astronaut: Image.Image,
+) -> None:
+    """Upscale (2×) on image #2 queues one image with that image's seed, prompt and negative at twice the
+    size, kept from it with layout at generate.upscale_strength, and posts a 128-pixel PNG; the result
+    offers no second upscale (256 is past upscale_max_side); Info and /history name job #1 image #2;
+    Reroll makes another upscale of it past max_side; another member is refused as for Vary."""
+    generate = dataclasses.replace(settings.generate, max_side=64, upscale_max_side=128)
+    upscaling = dataclasses.replace(settings, generate=generate)
+    server = discord_server
+    engine = guided_engine(both_guides).sharing(settings=upscaling)
+    async with running_i2p2i(upscaling, server, engine) as bot:
+        _, card = await describe(server, astronaut, count=2)
+        result = await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        record = await bot.store.job_record(1)
+        assert record is not None and len(record.images) == 2
+        first, second = sorted(record.images, key=lambda m: m.index)
+        select = result.component("i2p:job:image:1")
+        assert select is not None
+        assert select["placeholder"] == "Image #k → Vary, Upscale or Use as source…"
+        assert [(o["label"], o["value"]) for o in select["options"]] == [
+            ("#1 Vary (subtle)", "subtle:0"),
+            ("#1 Vary (strong)", "strong:0"),
+            ("#1 Upscale (2×)", "upscale:0"),
+            ("#1 Use as source", "source:0"),
+            ("#2 Vary (subtle)", "subtle:1"),
+            ("#2 Vary (strong)", "strong:1"),
+            ("#2 Upscale (2×)", "upscale:1"),
+            ("#2 Use as source", "source:1"),
+        ]
+
+        theirs = await server.push_select(result, "i2p:job:image:1", ["upscale:1"], user="bob")
+        vary = await server.push_select(result, "i2p:job:image:1", ["subtle:1"], user="bob")
+        refused = await ephemeral_answer(theirs)
+        assert refused.startswith("Only <@") and refused == await ephemeral_answer(vary)
+        assert await bot.store.get_job(2) is None
+
+        upscaled = await finished(server, await server.push_select(result, "i2p:job:image:1", ["upscale:1"]))
+        job = await bot.store.get_job(2)
+        assert job is not None and (job.origin, job.parent_job_id) == ("upscale", 1)
+        asked, made = record.job.request, job.request
+        assert (made.prompt, made.negative_prompt) == (asked.prompt, asked.negative_prompt)
+        assert (made.count, made.seed, made.upscale) == (1, second.seed, True)
+        assert (made.width, made.height) == (128, 128)
+        assert second.seed != first.seed == asked.seed
+        assert job_guides(bot, 2) == ([{"name": "layout", "weight": 0.4}], second.sha256)
+        with Image.open(bot.store.image_path(2, 0)) as png:
+            assert (png.format, png.size) == ("PNG", (128, 128))
+        assert embed_fields(upscaled)["Kept from the source"] == "layout 0.4 (composition and colours)"
+        again = upscaled.component("i2p:job:image:2")
+        assert again is not None and again["placeholder"] == "Image #k → Vary or Use as source…"
+        assert [o["value"] for o in again["options"]] == ["subtle:0", "strong:0", "source:0"]
+
+        info = await server.push_button(upscaled, "i2p:job:info:2")
+        fields = embed_fields_of((await info.wait_response()).json["data"])
+        assert fields["Upscale (2×) of"] == "job #1, image #2" and "Rerolled from" not in fields
+        history = await server.push_slash("history")
+        listed = (await history.wait_response()).json["data"]["embeds"][0]["description"]
+        assert "**Job #2** · complete · upscale of job #1 ·" in listed
+
+        await finished(server, await server.push_button(upscaled, "i2p:job:reroll:2"))
+        reroll = await bot.store.get_job(3)
+        assert reroll is not None and reroll.status.value == "complete"
+        assert (reroll.request.width, reroll.request.upscale, reroll.request.count) == (128, True, 1)
+        assert job_guides(bot, 3) == ([{"name": "layout", "weight": 0.4}], second.sha256)
+        await bot.queue.join()
+
+
+async def test_every_image_keeps_every_action_past_one_selects_options() -> None:
+    """Eight images with four actions each are 32 options, past a select's 25: the images after the sixth
+    get a second select rather than losing theirs; labels read in the job's language."""
+    job = Job(
+        owner_id=1,
+        request=GenerationRequest("a kite", count=8, width=64, height=64),
+        id=4,
+        status=JobStatus.COMPLETE,
+        created_at=0.0,
+    )
+    images = [
+        StoredImage(job_id=4, index=i, seed=i, nsfw=False, fidelity=None, sha256=f"{i:064x}", created_at=0.0)
+        for i in range(8)
+    ]
+    actions = ("subtle", "strong", "upscale", "source")
+    view = job_view(job, running=False, locale="zh-CN", images=images, image_actions=actions)
+    selects = [item.item for item in view.children if isinstance(item, ImageActions)]
+    assert [s.custom_id for s in selects] == ["i2p:job:image:4", "i2p:job:image:4:1"]
+    assert [len(s.options) for s in selects] == [24, 8]
+    values = [o.value for s in selects for o in s.options]
+    assert values == [f"{action}:{i}" for i in range(8) for action in actions]
+    assert selects[1].options[2].label == "#7 放大（2×）"
+    assert ImageActions.__discord_ui_compiled_template__.fullmatch("i2p:job:image:4:1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 from typing import Any
 
@@ -15,7 +16,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from i2p2i_bot.config import GenerateSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import Generator
-from i2p2i_bot.request import GenerationError, GenerationRequest, ImageSpec, plan
+from i2p2i_bot.guides import Guide
+from i2p2i_bot.i18n import translate
+from i2p2i_bot.request import (
+    GenerationError,
+    GenerationRequest,
+    ImageSpec,
+    plan,
+    upscale_fits,
+    upscale_of,
+)
 from i2p2i_bot.smoke import SmokeModels
 from tests.safety import flagging_everything
 
@@ -219,6 +229,55 @@ def test_settings_bound_the_sizes(base_settings: Settings) -> None:
     roomy = GenerateSettings(min_side=64, max_side=1024)
     params = plan(GenerationRequest("a", width=1024, height=64), roomy, "m").params
     assert (params.width, params.height) == (1024, 64)
+
+
+def test_an_upscale_doubles_one_image_within_its_own_cap(base_settings: Settings) -> None:
+    """Upscale (2×) of image #2: one image, that image's seed, prompt and negative, twice the size, kept
+    from it with layout at the strength; plan() bounds it by upscale_max_side instead of max_side, and a
+    doubling past that cap is one sentence (which upscale_fits foresees, so it is never offered)."""
+    settings = dataclasses.replace(base_settings.generate, max_side=64, upscale_max_side=128)
+    job = plan(GenerationRequest("a cat", count=3, seed=10, negative_prompt="blurry"), settings, "m")
+    source = "ab" * 32
+    upscale = plan(upscale_of(job, seed=11, source=source, strength=0.4), settings, "m", ("layout",))
+    assert (upscale.prompt, upscale.negative_prompt) == ("a cat", "blurry")
+    assert (upscale.count, upscale.seed) == (1, 11)
+    assert (upscale.width, upscale.height, upscale.steps) == (128, 128, job.steps)
+    assert (upscale.keep, upscale.guide_source, upscale.upscale) == ((Guide("layout", 0.4),), source, True)
+    assert upscale.params.upscale and upscale.specs()[0].guide_source == source
+    # The same size asked for plainly is over max_side.
+    with pytest.raises(GenerationError, match=r"between 64 and 64 \(got 128\)"):
+        plan(dataclasses.replace(upscale, upscale=False), settings, "m", ("layout",))
+    assert upscale_fits(64, 64, settings) and not upscale_fits(128, 128, settings)
+    with pytest.raises(GenerationError) as info:
+        plan(upscale_of(upscale, seed=11, source=source, strength=0.4), settings, "m", ("layout",))
+    said = "Upscaled, the image would be 256×256 pixels; an upscale may be at most 128 pixels on a side."
+    assert str(info.value) == said
+    assert translate(said, "zh-CN") == "放大后图片将为 256×256 像素；放大的图片每边最多 128 像素。"
+
+
+def test_the_smoke_engine_makes_an_upscale_at_twice_the_size(engine: Engine, tmp_path: Any) -> None:
+    """The layout guide fits the stored source to the doubled size: a 64-pixel result upscaled is a
+    128-pixel image, and which image it upscales changes its pixels (the smoke VAE is random, so closeness
+    to the source means nothing here)."""
+    from i2p2i_bot.guided import GuidedPipelines, GuideModels
+    from i2p2i_bot.source_images import SourceImages
+
+    sources = SourceImages(tmp_path)
+    for seed, name in ((5, "cd"), (6, "ef")):
+        small = engine.generate(GenerationRequest("a lighthouse at dusk", seed=seed)).images[0].image
+        sources.save(name * 32, small)
+    generator = copy.copy(engine.generator)
+    generator.source_images = sources
+    generator.guided = GuidedPipelines(generator.pipe, GuideModels(layout=True), sources)
+    guided = engine.sharing(generator=generator)
+    settings = dataclasses.replace(engine.settings.generate, upscale_max_side=128)
+    job = plan(GenerationRequest("a lighthouse at dusk", seed=5), settings, "m")
+    made = {}
+    for name in ("cd", "ef"):
+        request = plan(upscale_of(job, seed=5, source=name * 32, strength=0.4), settings, "m", ("layout",))
+        made[name] = guided.generate(request).images[0].image
+    assert made["cd"].size == made["ef"].size == (128, 128)
+    assert float(np.abs(pixels(made["cd"]) - pixels(made["ef"])).mean()) > 1.0
 
 
 class _HostReads(TorchDispatchMode):

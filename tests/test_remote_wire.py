@@ -43,3 +43,15 @@ def test_guides_and_each_images_source_cross_to_the_worker() -> None:
     payload["params"]["keep"] = [{"name": "layout", "weight": 7}]
     with pytest.raises(WireError):
         batch_from_payload(payload)
+
+
+def test_an_upscale_batch_reaches_the_worker_as_an_upscale() -> None:
+    """A worker plans an upscale's images again within generate.upscale_max_side: the payload says the
+    batch is one, so a 128-pixel upscale where max_side is 64 is not refused there as too large."""
+    upscale = GenerationParams("fake", 4, 7.5, 128, 128, "dpm", keep=(Guide("layout", 0.4),), upscale=True)
+    specs = [ImageSpec("a", "", 1, guide_source="aa" * 32)]
+    payload = json.loads(json.dumps(batch_payload(batch(upscale, specs))))
+    params, back = batch_from_payload(payload)
+    assert params == upscale and as_request(params, back[0]).upscale
+    del payload["params"]["upscale"]
+    assert not batch_from_payload(payload)[0].upscale
