@@ -10,7 +10,9 @@
 #   4. each guide set's cost per image against none (bench/generate.py --keep $BENCH_GUIDES at batch 8)
 #      and its peak memory (bench/memory.py --keep, CUDA max_memory_allocated; its JSON stays in /tmp, its
 #      headline in summary.txt), the guides' random-weight models built on the first run (~2.3 GB);
-#   5. bench/generate.py --random-weights --compile MODE for each of $BENCH_COMPILE while time is left.
+#   5. Upscale (2×) on a result: one 1024² image kept from its 512² source with layout at the default
+#      strength, against a plain 1024² image (bench/generate.py --keep none,layout:0.4 --size 1024);
+#   6. bench/generate.py --random-weights --compile MODE for each of $BENCH_COMPILE while time is left.
 # Files go to $OUT (or bench/results/gpu): env.txt (device and versions), log.txt (everything printed),
 # summary.txt (each phase's last key=value line and how long it ran) and one JSON per benchmark, at most 8.
 #
@@ -20,7 +22,7 @@
 # a folder without wheels installs none), BENCH_COMPILE (space-separated MODE[+tuned][@BATCHES]: a
 # torch.compile mode, "+tuned" for diffusers' Inductor settings, "@1,4,8" for its own batch sizes; empty
 # for none), BENCH_COMPILE_BATCHES (4,8), BENCH_GUIDES (none,layout,edges,depth,look,edges+depth),
-# BENCH_PHASES (which of "wiring generate interrogate guides compile" to run: all),
+# BENCH_PHASES (which of "wiring generate interrogate guides upscale compile" to run: all),
 # BENCH_CACHE (/tmp/i2p2i-bench), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -31,7 +33,7 @@ device=${BENCH_DEVICE:-cuda}
 models=${BENCH_MODELS:-random-weights}
 compile_modes=${BENCH_COMPILE-reduce-overhead reduce-overhead+tuned}
 compile_batches=${BENCH_COMPILE_BATCHES:-4,8}
-phases=" ${BENCH_PHASES:-wiring generate interrogate guides compile} "
+phases=" ${BENCH_PHASES:-wiring generate interrogate guides upscale compile} "
 guide_sets=${BENCH_GUIDES:-none,layout,edges,depth,look,edges+depth}
 cache=${BENCH_CACHE:-/tmp/i2p2i-bench}
 python=${PYTHON:-python3}
@@ -146,6 +148,12 @@ mbig=()
 [[ $models == random-weights ]] && mbig=(--random-weights)
 phase guides-memory 40 120 -- "$python" bench/memory.py --device "$device" --cache-dir "$cache" "${mbig[@]}" \
   --keep "$guide_sets" --batch 8 --json-out /tmp/i2p2i-memory-guides.json
+# Upscale: its JSON stays in /tmp (at most 8 files come back), its headline in summary.txt.
+# (The smoke models' dry run doubles their own 128-pixel side.)
+upscale_side=1024
+[[ $models == random-weights ]] || upscale_side=256
+phase upscale 30 150 -- "$python" bench/generate.py "${common[@]}" "${gargs[@]}" --keep none,layout:0.4 \
+  --size "$upscale_side" --batches 1 --json-out /tmp/i2p2i-upscale.json
 for spec in $compile_modes; do
   # MODE[+tuned][@BATCHES]: "+tuned" adds diffusers' Inductor settings, "@4,8" its own batch sizes.
   mode=${spec%%@*} batches=$compile_batches tuning=()

@@ -73,8 +73,9 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
     assert [call.split()[0] for call in calls] == ["bench/generate.py", "bench/interrogate.py"] * 2 + [
         "bench/generate.py",
         "bench/memory.py",
-    ] + ["bench/generate.py"] * 2
-    wiring_generate, wiring_interrogate, generate, interrogate, guides, memory, compiled, tuned = calls
+    ] + ["bench/generate.py"] * 3
+    wiring_generate, wiring_interrogate, generate, interrogate, guides, memory, upscale, *compiles = calls
+    compiled, tuned = compiles
     for call in (wiring_generate, wiring_interrogate):  # smoke models, short lists, one timed run
         assert "--random-weights" not in call and "--reps 1" in call and "--labels" in call
         assert "--device cuda" in call
@@ -83,6 +84,8 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
     assert "--random-weights --reps 2 --keep none,layout,edges,depth,look,edges+depth --batches 8" in guides
     assert "--random-weights --keep none,layout,edges,depth,look,edges+depth --batch 8" in memory
     assert "--device cuda" in memory and "--json-out /tmp/" in memory
+    assert "--reps 2 --keep none,layout:0.4 --size 1024 --batches 1 --json-out /tmp/" in upscale
+    assert "--random-weights" in upscale
     assert "--compile reduce-overhead --no-fast-path-steps --batches 4,8" in compiled
     assert "--compile reduce-overhead --inductor-tuning --no-fast-path-steps --batches 4,8" in tuned
 
@@ -94,6 +97,7 @@ def test_every_phase_runs_with_its_arguments_and_files(tmp_path: Path) -> None:
         "interrogate",
         "guides",
         "guides-memory",
+        "upscale",
         "compile-reduce-overhead",
         "compile-reduce-overhead+tuned",
     ]
@@ -148,10 +152,11 @@ def test_too_small_a_budget_for_the_wiring_check_runs_nothing(tmp_path: Path) ->
 def test_the_dry_run_uses_the_smoke_models_and_compiles_nothing(tmp_path: Path) -> None:
     done, calls, out = _run(tmp_path, 900, BENCH_MODELS="smoke", BENCH_DEVICE="cpu")
     assert done.returncode == 0, done.stdout[-3000:]
-    assert len(calls) == 4
+    assert len(calls) == 5
     assert all("--random-weights" not in call and "--device cpu" in call for call in calls)
-    assert all("--reps 1" in call for call in calls[:3])
-    assert list(_summary(out)) == ["generate", "interrogate", "guides", "guides-memory"]
+    assert all("--reps 1" in call for call in calls[:3] + calls[4:])
+    assert "--size 256 --batches 1" in calls[4]
+    assert list(_summary(out)) == ["generate", "interrogate", "guides", "guides-memory", "upscale"]
 
 
 def test_a_rerun_can_take_only_the_phases_it_names(tmp_path: Path) -> None:
