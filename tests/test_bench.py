@@ -488,3 +488,8 @@ enabled = ["layout", "edges"]
         assert rows[s["keep"]].split()[1:] == [
             "2", "n/a", f"{s['adherence']['mean']:.3f}", "±", f"{s['adherence']['sd']:.3f}"
         ]  # fmt: skip
+
+
+def test_png_bench_encodes_the_same_files_both_ways() -> None:
+    figures = _headline(_run("png.py", ["--batch", "3", "--size", "64", "--reps", "1"]))
+    assert set(figures) == {"serial_s", "ours_s", "speedup"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import io
 import json
 import sqlite3
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from i2p2i_bot import store as store_module
 from i2p2i_bot.flagged import FlaggedPolicy
 from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.guides import Guide
@@ -280,6 +282,36 @@ async def test_image_files_are_written_whole_with_their_hash(store: Store) -> No
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert Image.open(path).getpixel((0, 0)) == (10, 20, 30)
     assert [p.name for p in path.parent.iterdir()] == ["1.png"]
+
+
+def test_a_batchs_pngs_are_encoded_side_by_side_into_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """png_bytes_of gives each image's own PNG, in order, and encodes two at once: each encoding waits at a
+    barrier for another, which one encoder thread would never reach."""
+    images = [Image.new("RGB", (8, 8), (k, 2 * k, 3 * k)) for k in range(4)]
+    expected = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        expected.append(buffer.getvalue())
+    both = threading.Barrier(2, timeout=10)
+    threads: set[str] = set()
+    encode = store_module._png_bytes
+
+    def waiting_for_another(image: Image.Image) -> bytes:
+        threads.add(threading.current_thread().name)
+        both.wait()
+        return encode(image)
+
+    monkeypatch.setattr(store_module, "_PNG_THREADS", 2)
+    monkeypatch.setattr(store_module, "_png_pool", None)
+    monkeypatch.setattr(store_module, "_png_bytes", waiting_for_another)
+    try:
+        assert store_module.png_bytes_of(images) == expected
+    finally:
+        pool = store_module._png_pool
+        if pool is not None:
+            pool.shutdown()
+    assert len(threads) == 2 and all(name.startswith("i2p2i-png") for name in threads)
 
 
 async def test_interrogation_cache_hit(store: Store) -> None:
