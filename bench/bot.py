@@ -73,8 +73,6 @@ class ZeroCostEngine:
         # One preset, the built-in one's name, made by nothing.
         only = Preset(BUILTIN_PRESET, ZERO_COST, "sd1", ZERO_COST, settings)
         self.presets = Presets({BUILTIN_PRESET: only})
-        # Its images keep nothing of a source: it offers no guide.
-        self.offered_guides: tuple[GuideName, ...] = ()
         self._tile = Image.new("RGB", (8, 8), (90, 120, 200))
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
@@ -82,6 +80,10 @@ class ZeroCostEngine:
         preset = self.presets.get(request.preset)
         settings = self.presets.settings_for(preset.name, server, self.settings)
         return plan_request(request, settings, ZERO_COST, (), preset=preset.name)
+
+    def guides_for(self, preset: str | None) -> tuple[GuideName, ...]:
+        """None: its images keep nothing of a source."""
+        return ()
 
     def models_for(self, preset: str | None) -> dict[str, str]:
         self.presets.get(preset)

@@ -300,9 +300,8 @@ class GpuCallLog:
     def available_presets(self) -> tuple[str, ...]:
         return self._engine.available_presets()
 
-    @property
-    def offered_guides(self) -> tuple[GuideName, ...]:
-        return self._engine.offered_guides
+    def guides_for(self, preset: str | None) -> tuple[GuideName, ...]:
+        return self._engine.guides_for(preset)
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         return self._engine.plan(request, server)

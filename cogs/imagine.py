@@ -26,10 +26,10 @@ from PIL import Image
 from i2p2i_bot.cards import MAX_LISTED_PROMPTS, MODE_LABELS, listed_prompts, prompt_card, thumbnail_file
 from i2p2i_bot.config import GenerateSettings, InterrogateMode
 from i2p2i_bot.decode_queue import answer_deferred
-from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, Guide, GuideError, GuideName, check_guides, not_offered
+from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, Guide, GuideError, GuideName, check_guides
 from i2p2i_bot.i18n import tr
 from i2p2i_bot.images import ImageError, check_declared
-from i2p2i_bot.job_controls import MAX_SELECT_OPTIONS, PromptModal, bot_of, start_job
+from i2p2i_bot.job_controls import MAX_SELECT_OPTIONS, PromptModal, bot_of, check_offered, start_job
 from i2p2i_bot.jobs import JobRequest
 from i2p2i_bot.replies import (
     PrivateView,
@@ -462,7 +462,7 @@ async def card_message(
         stored,
         count,
         choices,
-        offered=bot.engine.offered_guides,
+        offered=bot.engine.guides_for(choices.preset),
         presets=[n for n in presets.names if n != chosen],
         blocked=bool(banned),
         locale=locale,
@@ -484,8 +484,9 @@ def card_view(
     locale: str | None = None,
 ) -> discord.ui.View:
     """Generate, Edit, Apply or Remove negative, More prompts and Settings; Use #k for each listed prompt;
-    Re-describe or another model (`presets`); Keep from the image where the model offers guides, and Guide
-    weights once one is kept.
+    Re-describe or another model (`presets`); Keep from the image where the card's model is `offered`
+    guides (or still keeps some it is not, for Prompt only to clear them), and Guide weights once an
+    offered one is kept.
 
     Each group has its row (at most five, five, one, one and one items), so no row passes Discord's five
     buttons and the card stays within its five rows.
@@ -530,9 +531,9 @@ def card_view(
         for k in range(1, len(listed) + 1):
             view.add_item(CardButton("use", card, count, k=k, label=tr(locale, "Use #{k}", k=k), row=1))
     view.add_item(ModeSelect(card, count, current=result.mode, presets=presets, locale=locale))
-    if offered:
+    if offered or choices.keep:
         view.add_item(KeepSelect(card, count, offered=offered, keep=choices.keep, locale=locale))
-        if choices.keep:
+        if offered and choices.keep:
             label = tr(locale, "Guide weights")
             view.add_item(CardButton("wts", card, count, label=label, emoji="⚖️", row=4))
     return view
@@ -868,8 +869,9 @@ class KeepSelect(
 ):
     """Keep from the image: the guides the card's images keep of its image besides the prompt.
 
-    Only the guides the loaded model offers are listed; each chosen one keeps the weight it had, or starts
-    at its default (Guide weights changes them). Adding "Prompt only" to a choice of guides clears them.
+    Only the guides the card's model is offered are listed; each chosen one keeps the weight it had, or
+    starts at its default (Guide weights changes them). Adding "Prompt only" to a choice of guides clears
+    them.
     """
 
     def __init__(
@@ -928,17 +930,19 @@ class KeepSelect(
         bot = bot_of(interaction)
         try:
             stored = await _owned_card(bot, interaction, self.card)
-            before = (await bot.store.card_choices(stored.id)).keep
-            keep = chosen_guides(bot, self.item.values, before)
+            choices = await bot.store.card_choices(stored.id)
+            keep = chosen_guides(bot, self.item.values, choices.keep, choices.preset)
             await bot.store.set_card_keep(stored.id, keep)
             await redraw_card(bot, interaction, stored, self.count)
         except Exception as exc:
             await report_error(interaction, exc)
 
 
-def chosen_guides(bot: I2P2IBot, values: Sequence[str], before: Sequence[Guide]) -> tuple[Guide, ...]:
-    """The guides a Keep from the image choice means: each with the weight it had, or its default; none
-    when Prompt only was added to guides already chosen."""
+def chosen_guides(
+    bot: I2P2IBot, values: Sequence[str], before: Sequence[Guide], preset: str | None
+) -> tuple[Guide, ...]:
+    """The guides a Keep from the image choice means for a card of model `preset`: each with the weight
+    it had, or its default; none when Prompt only was added to guides already chosen."""
     if PROMPT_ONLY in values and before:
         return ()
     weights = {g.name: g.weight for g in before}
@@ -949,8 +953,7 @@ def chosen_guides(bot: I2P2IBot, values: Sequence[str], before: Sequence[Guide])
         name = next((n for n in GUIDE_NAMES if n == value), None)
         if name is None:
             raise Refusal("Choose from the guides listed.")
-        if name not in bot.engine.offered_guides:
-            raise Refusal(not_offered(name, bot.settings.guides.enabled))
+        check_offered(bot, (name,), preset)
         guides.append(Guide(name, weights.get(name, GUIDE_KINDS[name].default_weight)))
     return check_guides(guides)
 
@@ -984,9 +987,11 @@ class WeightsModal(discord.ui.Modal):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         bot = bot_of(interaction)
         try:
-            keep = check_guides(self.parsed(), bot.engine.offered_guides)
+            keep = check_guides(self.parsed())
         except GuideError as exc:
             raise Refusal(str(exc)) from None
+        preset = (await bot.store.card_choices(self.stored.id)).preset
+        check_offered(bot, (guide.name for guide in keep), preset)
         await bot.store.set_card_keep(self.stored.id, keep)
         await redraw_card(bot, interaction, self.stored, self.count)
 

@@ -24,7 +24,7 @@ from i2p2i_bot.gpu import (
     resolve_max_resident,
 )
 from i2p2i_bot.guided import GuideModels, load_guide_models
-from i2p2i_bot.guides import GUIDE_NAMES, GuideName
+from i2p2i_bot.guides import GUIDE_NAMES, GUIDED_FAMILIES, GuideName
 from i2p2i_bot.interrogate import Captioner, ClipEncoder, Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.loras import LoraLibrary
@@ -39,7 +39,7 @@ from i2p2i_bot.models import (
     resolve_models,
     resolve_presets,
 )
-from i2p2i_bot.presets import Preset, Presets
+from i2p2i_bot.presets import Preset, Presets, UnknownPreset
 from i2p2i_bot.request import GenerationError, GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
 from i2p2i_bot.source_images import SourceImages
@@ -260,7 +260,7 @@ class Engine:
 
     def _load_generator(self, chosen: Preset) -> Generator:
         started = time.perf_counter()
-        sd1 = chosen.family == "sd1"
+        guided = chosen.family in GUIDED_FAMILIES
         generator = Generator.load(
             chosen.generator,
             chosen.generate,
@@ -269,7 +269,7 @@ class Engine:
             embed_pixels=lambda pixels: self.interrogator_for(chosen.name).embed_pixels(pixels),
             dtype=self.dtype,
             name=chosen.recorded_generator,
-            guides=self.guides if sd1 else None,
+            guides=self.guides if guided else None,
             source_images=self.source_images,
             loras=self.loras_for(chosen.family),
             family=chosen.family,
@@ -370,15 +370,18 @@ class Engine:
             pass  # not here yet: loading it says so
         return {"generator": chosen.recorded_generator, **interrogation}
 
-    @property
-    def offered_guides(self) -> tuple[GuideName, ...]:
-        return self._guides_for(self.presets.get(None))
+    def guides_for(self, preset: str | None) -> tuple[GuideName, ...]:
+        try:
+            chosen = self.presets.get(preset)
+        except UnknownPreset:
+            return ()
+        return self._guides_for(chosen)
 
     def _guides_for(self, preset: Preset) -> tuple[GuideName, ...]:
         """The guides a request of `preset` may keep: the guides' weights fit SD 1.x alone. Those loaded
         here, or for an engine that only describes, those enabled in [guides] (each worker says which it
         has, and a job waits for one that has them)."""
-        if preset.family != "sd1":
+        if preset.family not in GUIDED_FAMILIES:
             return ()
         if self.generates:
             return self.guides.offered

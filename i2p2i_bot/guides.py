@@ -20,6 +20,9 @@ from i2p2i_bot.i18n import N_
 # Every guide this version knows; the order is the one sets are written and stored in.
 GuideName = Literal["layout", "edges", "depth", "look"]
 GUIDE_NAMES: tuple[GuideName, ...] = get_args(GuideName)
+# The model families the guides' weights fit (the ControlNets, the IP-Adapter and the image-to-image
+# pipeline as loaded are SD 1.x's): a preset of another family is offered none.
+GUIDED_FAMILIES = frozenset({"sd1"})
 
 
 class GuideError(Exception):

@@ -39,9 +39,10 @@ class ImageEngine(BatchMaker, Protocol):
         """The names of the presets whose weights are on this machine (a worker runs only those)."""
         ...
 
-    @property
-    def offered_guides(self) -> tuple[GuideName, ...]:
-        """The guides a request may keep: those enabled whose weights are loaded (plan refuses others)."""
+    def guides_for(self, preset: str | None) -> tuple[GuideName, ...]:
+        """The guides a request of `preset` (None: the default one) may keep: those enabled whose weights
+        are loaded and fit its model's family; none for a preset the config does not have. plan refuses
+        others, so whatever offers guides to a member asks this with the preset they will be used with."""
         ...
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:

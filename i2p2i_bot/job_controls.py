@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
@@ -22,7 +22,7 @@ from PIL import Image
 from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import FlaggedPolicy
-from i2p2i_bot.guides import Guide, not_offered
+from i2p2i_bot.guides import GUIDED_FAMILIES, Guide, GuideName, not_offered
 from i2p2i_bot.i18n import N_, tr, translate
 from i2p2i_bot.jobs import UPSCALE, Delivery, Job, JobRefused, JobRequest, JobStatus
 from i2p2i_bot.replies import (
@@ -187,15 +187,27 @@ def flagged_policy_in(bot: I2P2IBot, guild_id: int | None, channel: object) -> F
     return bot.servers.flagged_policy(guild_id, age_restricted=age_restricted)
 
 
+def check_offered(bot: I2P2IBot, names: Iterable[GuideName], preset: str | None) -> None:
+    """Refuse, in one sentence, a guide the model `preset` (None: the default one) is not offered now, and
+    say why: its family takes none, the operator has not enabled it, or its weights are not here."""
+    offered = bot.engine.guides_for(preset)
+    for name in names:
+        if name in offered:
+            continue
+        chosen = bot.engine.presets.get(preset)  # an unknown preset is its own sentence
+        if chosen.family not in GUIDED_FAMILIES:
+            raise Refusal(
+                f"The {chosen.name} model cannot keep {name} of an image: guides fit SD 1.x models only."
+            )
+        raise Refusal(not_offered(name, bot.settings.guides.enabled))
+
+
 def check_keep(bot: I2P2IBot, request: GenerationRequest) -> None:
-    """Refuse, in one sentence, guides this bot does not offer now (say why), or a source image that is no
-    longer stored (forgotten since the card or the job it repeats was made)."""
+    """Refuse, in one sentence, guides the request's model is not offered now (say why), or a source image
+    that is no longer stored (forgotten since the card or the job it repeats was made)."""
     if not request.keep:
         return
-    offered = bot.engine.offered_guides
-    for guide in request.keep:
-        if guide.name not in offered:
-            raise Refusal(not_offered(guide.name, bot.settings.guides.enabled))
+    check_offered(bot, (guide.name for guide in request.keep), request.preset)
     path = bot.store.source_path(request.guide_source) if request.guide_source else None
     if path is not None and not path.exists():
         raise Refusal(
@@ -262,10 +274,10 @@ def job_view(
 
 
 def offered_image_actions(bot: I2P2IBot, job: Job) -> tuple[str, ...]:
-    """What the select under a job's result offers for each image: Vary where the layout guide is on offer,
-    Upscale (2×) there too where twice the job's size fits generate.upscale_max_side (plan's own check),
-    and Use as source everywhere."""
-    if "layout" not in bot.engine.offered_guides:
+    """What the select under a job's result offers for each image: Vary where the layout guide is on offer
+    for the job's model, Upscale (2×) there too where twice the job's size fits generate.upscale_max_side
+    (plan's own check), and Use as source everywhere."""
+    if "layout" not in bot.engine.guides_for(job.request.preset):
         return ("source",)
     width, height = job.request.width, job.request.height
     if width is None or height is None or not upscale_fits(width, height, bot.settings.generate):
@@ -514,6 +526,8 @@ class ImageActions(
                     interaction, image, meta.sha256, job.request.preset
                 )
                 return
+            # A select posted before its model lost the layout guide: refused before the image is kept.
+            check_offered(bot, ("layout",), job.request.preset)
             await asyncio.to_thread(SourceImages(bot.sources_dir).save, meta.sha256, image)
             if action == "upscale":
                 strength = bot.settings.generate.upscale_strength

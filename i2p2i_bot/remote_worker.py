@@ -126,9 +126,10 @@ class RemoteWorker:
         self._engine = await self._gpu.run(self._loader, self._settings, priority=Priority.URGENT)
         engine = self._engine
         loras = LoraLibrary(self._settings.models.lora_dir)
-        self.capabilities = Capabilities.of(
-            engine.offered_guides, engine.available_presets(), await asyncio.to_thread(loras.files)
-        )
+        presets = engine.available_presets()
+        # The guides of any preset it has: a job keeping some names a preset they fit.
+        guides = [name for preset in presets for name in engine.guides_for(preset)]
+        self.capabilities = Capabilities.of(guides, presets, await asyncio.to_thread(loras.files))
         client = self._client = redis.from_url(self._url)
         worker = Worker(
             self.capabilities.queue,

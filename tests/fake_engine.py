@@ -9,7 +9,7 @@ from PIL import Image
 
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings
-from i2p2i_bot.guides import GuideName
+from i2p2i_bot.guides import GUIDED_FAMILIES, GuideName
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.presets import Preset, Presets
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
@@ -27,8 +27,8 @@ class FakeEngine:
     """
 
     settings = GenerateSettings(steps=2, width=64, height=64, min_side=64, max_side=128)
-    # Its images keep nothing of a source: it offers no guide.
-    offered_guides: tuple[GuideName, ...] = ()
+    # The guides its SD 1.x presets offer; its images keep nothing of a source, so none by default.
+    offered: tuple[GuideName, ...] = ()
 
     @property
     def presets(self) -> Presets:
@@ -54,11 +54,15 @@ class FakeEngine:
             return {"generator": "fake", "clip": "fake", "caption": "fake"}
         return {"generator": chosen.generator, "clip": chosen.clip, "caption": "fake"}
 
+    def guides_for(self, preset: str | None) -> tuple[GuideName, ...]:
+        found = self.presets.by_name.get(self.presets.default if preset is None else preset)
+        return self.offered if found is not None and found.family in GUIDED_FAMILIES else ()
+
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         preset = self.presets.get(request.preset)
         settings = self.presets.settings_for(preset.name, server, self.settings)
         generator = self.models_for(preset.name)["generator"]
-        return plan(request, settings, generator, self.offered_guides, preset=preset.name)
+        return plan(request, settings, generator, self.guides_for(preset.name), preset=preset.name)
 
     def interrogate(
         self, image: Image.Image, mode: str, key: str | None = None, preset: str | None = None

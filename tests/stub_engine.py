@@ -44,7 +44,7 @@ class StubEngine(FakeEngine):
         super().__init__()
         self.step_s = step_s
         self.log_path = log_path
-        self.offered_guides = tuple(guides)
+        self.offered = tuple(guides)
         self.sources = SourceImages(sources_dir)
         self.have_presets = self.presets.names if presets is None else tuple(presets)
         self.loras = LoraLibrary(lora_dir)
@@ -56,7 +56,8 @@ class StubEngine(FakeEngine):
         preset = self.presets.get(request.preset)
         settings = self.presets.settings_for(preset.name, server, self.settings)
         generator = self.models_for(preset.name)["generator"]
-        return plan(request, settings, generator, self.offered_guides, self.loras, preset=preset.name)
+        offered = self.guides_for(preset.name)
+        return plan(request, settings, generator, offered, self.loras, preset=preset.name)
 
     def generate_batch(
         self, params: GenerationParams, specs: Sequence[ImageSpec], on_step: StepCallback | None = None

@@ -416,3 +416,125 @@ async def test_every_image_keeps_every_action_past_one_selects_options() -> None
     assert values == [f"{action}:{i}" for i in range(8) for action in actions]
     assert selects[1].options[2].label == "#7 放大（2×）"
     assert ImageActions.__discord_ui_compiled_template__.fullmatch("i2p:job:image:4:1")
+
+
+def select_values(message: StoredMessage, prefix: str) -> list[str] | None:
+    """The option values of the message's select whose custom_id starts with `prefix`; None: none."""
+    custom_id = next((c for c in message.custom_ids() if c.startswith(prefix)), None)
+    select = message.component(custom_id) if custom_id is not None else None
+    return None if select is None else [o["value"] for o in select["options"]]
+
+
+async def test_keep_from_the_image_follows_the_cards_model(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    both_guides: GuideModels,
+    astronaut: Image.Image,
+) -> None:
+    """The guides fit SD 1.x alone: an SD 1.x card lists layout and edges; the same card switched to sd2
+    lists Prompt only (to clear what it keeps), has no Guide weights, and Generate, an old select's edges
+    and an old Guide weights modal are each one sentence that changes nothing; an sd2 card, asked for or
+    the server's model, has no Keep from the image."""
+    server = discord_server
+    async with running_i2p2i(settings, server, guided_engine(both_guides)) as bot:
+        _, card = await describe(server, astronaut)
+        assert select_values(card, KEEP) == ["prompt", "layout", "edges"]
+        choose = await server.push_select(card, button(card, KEEP), ["layout"])
+        assert (await choose.wait_response()).json["type"] == 7
+        kept = copy.deepcopy(server.message(card.id))  # as a member's client may still show it
+        assert any(c.startswith(WEIGHTS) for c in kept.custom_ids())
+
+        switch = await server.push_select(card, button(card, "i2p:card:mode:"), ["model:sd2"])
+        assert (await switch.wait_response()).json["type"] == 7
+        card = server.message(card.id)
+        assert embed_fields(card)["Model"] == "sd2"
+        assert select_values(card, KEEP) == ["prompt"]
+        assert not any(c.startswith(WEIGHTS) for c in card.custom_ids())
+        refused = "The sd2 model cannot keep layout of an image: guides fit SD 1.x models only."
+        assert (
+            await ephemeral_answer(await server.push_button(card, button(card, "i2p:card:gen:"))) == refused
+        )
+        assert await bot.store.get_job(1) is None
+        edges = await server.push_select(card, button(card, KEEP), ["edges"])
+        assert await ephemeral_answer(edges) == refused.replace("layout", "edges")
+        weights = await server.push_button(kept, button(kept, WEIGHTS))
+        await weights.wait_response()
+        update = await server.push_modal_submit(weights, {"Layout weight (0, 1], default 0.6": "0.5"})
+        assert await ephemeral_answer(update) == refused
+        assert [(g.name, g.weight) for g in (await bot.store.card_choices(1)).keep] == [("layout", 0.6)]
+
+        clear = await server.push_select(card, button(card, KEEP), ["prompt"])
+        assert (await clear.wait_response()).json["type"] == 7
+        assert (await bot.store.card_choices(1)).keep == ()
+        assert select_values(server.message(card.id), KEEP) is None
+
+        _, asked = await describe(server, astronaut, model="sd2")
+        assert embed_fields(asked)["Model"] == "sd2" and select_values(asked, KEEP) is None
+        handle = await server.push_slash("settings set", {"key": "model", "value": "sd2"}, user="owner")
+        assert await ephemeral_answer(handle) == "Set model to sd2 for this server."
+        _, servers = await describe(server, astronaut)
+        card_id = int(button(servers, "i2p:card:gen:").split(":")[3])
+        assert (await bot.store.card_choices(card_id)).preset == "sd2"
+        assert select_values(servers, KEEP) is None
+
+
+async def test_an_sd1_card_keeps_guides_on_a_bot_whose_default_model_takes_none(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    both_guides: GuideModels,
+    astronaut: Image.Image,
+) -> None:
+    """With sd2 the bot's default model, its cards offer no guides, and a card for the SD 1.x preset lists
+    layout and edges, and its Generate makes a job keeping layout of the card's image."""
+    models = dataclasses.replace(settings.models, default_preset="sd2")
+    sd2_default = dataclasses.replace(settings, models=models)
+    server = discord_server
+    engine = guided_engine(both_guides).sharing(settings=sd2_default)
+    async with running_i2p2i(sd2_default, server, engine) as bot:
+        _, plain = await describe(server, astronaut)
+        described = await bot.store.get_interrogation(1)
+        assert described is not None and described.interrogation.models["clip"] == "smoke:sd2-clip"
+        assert select_values(plain, KEEP) is None
+
+        _, card = await describe(server, astronaut, model="sd-v1-4")
+        assert select_values(card, KEEP) == ["prompt", "layout", "edges"]
+        choose = await server.push_select(card, button(card, KEEP), ["layout"])
+        await choose.wait_response()
+        card = server.message(card.id)
+        await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        job = await bot.store.get_job(1)
+        assert job is not None and job.request.preset == "sd-v1-4"
+        stored = await bot.store.get_interrogation(2)
+        assert stored is not None
+        assert job_guides(bot, 1) == ([{"name": "layout", "weight": 0.6}], stored.source_sha256)
+        await bot.queue.join()
+
+
+async def test_a_results_vary_and_upscale_follow_its_jobs_model(
+    discord_server: FakeDiscord,
+    settings: Settings,
+    guided_engine: Callable[[GuideModels], Engine],
+    both_guides: GuideModels,
+) -> None:
+    """An sd2 job's result offers Use as source alone, and an old select's Vary of it is one sentence that
+    keeps no source; an SD 1.x job's result on the same bot offers Vary and Upscale."""
+    server = discord_server
+    async with running_i2p2i(settings, server, guided_engine(both_guides)) as bot:
+        sd2 = await finished(
+            server, await server.push_slash("imagine", {"prompt": "a kite", "count": 1, "model": "sd2"})
+        )
+        assert select_values(sd2, "i2p:job:image:1") == ["source:0"]
+        record = await bot.store.job_record(1)
+        assert record is not None and record.job.request.preset == "sd2"
+        vary = await server.push_select(sd2, "i2p:job:image:1", ["subtle:0"])
+        said = await ephemeral_answer(vary)
+        assert said == "The sd2 model cannot keep layout of an image: guides fit SD 1.x models only."
+        assert await bot.store.get_job(2) is None
+        source = bot.store.source_path(record.images[0].sha256)
+        assert source is not None and not source.exists()
+
+        sd1 = await finished(server, await server.push_slash("imagine", {"prompt": "a kite", "count": 1}))
+        assert select_values(sd1, "i2p:job:image:2") == ["subtle:0", "strong:0", "upscale:0", "source:0"]
+        await bot.queue.join()

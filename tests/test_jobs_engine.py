@@ -265,7 +265,9 @@ def test_an_engine_that_only_describes_builds_no_generator_and_checks_requests_a
     assert only.interrogate(astronaut, "fast").prompt == engine.interrogate(astronaut, "fast").prompt
 
     assert only.available_presets() == ("sd-v1-4", "sd2", "sdxl", "sd1-file")
-    assert only.offered_guides == ("layout", "edges")  # in canonical order, none of their weights loaded
+    assert only.guides_for(None) == ("layout", "edges")  # in canonical order, none of their weights loaded
+    assert only.guides_for("sd1-file") == ("layout", "edges")
+    assert only.guides_for("sd2") == only.guides_for("sdxl") == only.guides_for("gone") == ()
     for preset in only.presets.names:
         assert only.models_for(preset) == engine.models_for(preset)
         plain = GenerationRequest("a red kite", seed=7, preset=preset)
