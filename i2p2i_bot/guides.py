@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from i2p2i_bot.i18n import N_
+from i2p2i_bot.i18n import N_, tr
 
 # Every guide this version knows; the order is the one sets are written and stored in.
 GuideName = Literal["layout", "edges", "depth", "look"]
@@ -56,7 +56,13 @@ class GuideKind:
 GUIDE_KINDS: dict[GuideName, GuideKind] = {
     "layout": GuideKind("layout", N_("composition and colours"), 0.6, 0.0, 1.0, min_inclusive=False),
     "edges": GuideKind(
-        "edges", N_("outlines and pose"), 0.8, 0.0, 2.0, min_inclusive=True, needs="the ControlNet weights"
+        "edges",
+        N_("outlines and pose"),
+        0.8,
+        0.0,
+        2.0,
+        min_inclusive=True,
+        needs=N_("the ControlNet weights"),
     ),
     "depth": GuideKind(
         "depth",
@@ -65,7 +71,7 @@ GUIDE_KINDS: dict[GuideName, GuideKind] = {
         0.0,
         2.0,
         min_inclusive=True,
-        needs="a depth ControlNet and a depth estimator",
+        needs=N_("a depth ControlNet and a depth estimator"),
     ),
     "look": GuideKind(
         "look",
@@ -74,7 +80,7 @@ GUIDE_KINDS: dict[GuideName, GuideKind] = {
         0.0,
         1.0,
         min_inclusive=True,
-        needs="the IP-Adapter weights and its image encoder",
+        needs=N_("the IP-Adapter weights and its image encoder"),
     ),
 }
 
@@ -141,8 +147,18 @@ def not_offered(name: GuideName, enabled: Collection[str]) -> str:
     """Why a guide this version knows is not on offer, in one sentence for a member."""
     kind = GUIDE_KINDS[name]
     if name in enabled and kind.needs is not None:
-        return f"{name.capitalize()} needs {kind.needs}, which this bot has not downloaded."
-    return f"This bot does not offer {name} (keeping {kind.keeps}): its operator has not enabled it."
+        return tr(
+            None,
+            "{guide} needs {weights}, which this bot has not downloaded.",
+            guide=name.capitalize(),
+            weights=kind.needs,
+        )
+    return tr(
+        None,
+        "This bot does not offer {guide} (keeping {keeps}): its operator has not enabled it.",
+        guide=name,
+        keeps=kind.keeps,
+    )
 
 
 def format_guides(guides: Iterable[Guide]) -> str:

@@ -19,7 +19,7 @@ from i2p2i_bot.app import EXTENSIONS, I2P2IBot
 from i2p2i_bot.cards import status_text
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
-from i2p2i_bot.guides import GuideError
+from i2p2i_bot.guides import GuideError, not_offered
 from i2p2i_bot.i18n import catalogue, placeholders, tr, translate
 from i2p2i_bot.jobs import Job, JobStatus, Position
 from i2p2i_bot.prompt_edits import ReplyError
@@ -393,3 +393,11 @@ async def test_a_zh_cn_server_reads_chinese_cards_jobs_and_results_and_an_englis
         result = await finished(server, press)
         assert result.content.endswith("job #2 is done.") and result.embeds[0]["title"] == "Job #2"
         assert {"Reroll", "Edit & regenerate", "Info", "Delete"} <= labels(result)
+
+
+def test_why_a_guide_is_not_offered_reads_wholly_in_chinese() -> None:
+    """The guide's name stays as members type it; what it needs and keeps is translated with the sentence."""
+    needs = translate(not_offered("edges", ["edges"]), "zh-CN")
+    assert needs == "Edges 需要ControlNet 权重，此机器人尚未下载。"
+    off = translate(not_offered("look", []), "zh-CN")
+    assert off == "此机器人不提供 look（保留主体外观和风格）：管理员尚未启用。"
