@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from i2p2i_bot.i18n import tr
 from i2p2i_bot.loras import Lora, LoraError, LoraLibrary, misfit_sentence
 from i2p2i_bot.request import GenerationError
 
@@ -111,12 +112,18 @@ class LoraAdapters:
             # diffusers takes out what it had put in before raising; a mismatch of shapes says another family.
             self._forget(name)
             log.warning("LoRA %s does not load: %s", lora.name, _first_line(exc))
-            self._refuse(lora, "its layers have other shapes than this model's")
+            self._refuse(lora, tr(None, "its layers have other shapes than this model's"))
         expected = _lora_layers_in(self.pipe.lora_state_dict(str(path.parent), weight_name=path.name)[0])
         placed = self._layers_of(name)
         if placed == 0 or placed < expected:
             self._forget(name)
-            self._refuse(lora, f"{expected - placed} of its {expected} layers have no place in this model")
+            unplaced = tr(
+                None,
+                "{missing} of its {total} layers have no place in this model",
+                missing=expected - placed,
+                total=expected,
+            )
+            self._refuse(lora, unplaced)
         self._loaded[name] = lora
         log.info("LoRA %s (%s) loaded as %s: %d layers", lora.name, lora.sha256[:12], name, placed)
 

@@ -250,7 +250,9 @@ class LoraLibrary:
         """Refuse a LoRA known not to fit this generator: by its metadata, or as its last load found."""
         reason = self._misfits.get(sha256)
         if reason is None and lora.family is not None and lora.family != self.family:
-            reason = misfit_sentence(lora.name, f"it was made for {FAMILY_NAMES[lora.family]}")
+            reason = misfit_sentence(
+                lora.name, tr(None, "it was made for {family}", family=FAMILY_NAMES[lora.family])
+            )
         if reason is not None:
             raise LoraError(reason)
 
@@ -314,7 +316,12 @@ class LoraLibrary:
 
 def misfit_sentence(name: str, why: str) -> str:
     """The one sentence that refuses a LoRA made for another model than the server's."""
-    return f"The LoRA “{name}” was made for another model than this server's ({why}); choose another."
+    return tr(
+        None,
+        "The LoRA “{name}” was made for another model than this server's ({why}); choose another.",
+        name=name,
+        why=why,
+    )
 
 
 def _stamp(path: Path) -> tuple[int, int]:

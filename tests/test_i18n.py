@@ -22,6 +22,7 @@ from i2p2i_bot.engine import Engine
 from i2p2i_bot.guides import GuideError, not_offered
 from i2p2i_bot.i18n import catalogue, placeholders, tr, translate
 from i2p2i_bot.jobs import Job, JobStatus, Position
+from i2p2i_bot.loras import misfit_sentence
 from i2p2i_bot.prompt_edits import ReplyError
 from i2p2i_bot.replies import USER_ERRORS
 from i2p2i_bot.request import GenerationRequest
@@ -401,3 +402,19 @@ def test_why_a_guide_is_not_offered_reads_wholly_in_chinese() -> None:
     assert needs == "Edges 需要ControlNet 权重，此机器人尚未下载。"
     off = translate(not_offered("look", []), "zh-CN")
     assert off == "此机器人不提供 look（保留主体外观和风格）：管理员尚未启用。"
+
+
+def test_a_lora_made_for_another_model_is_refused_wholly_in_chinese() -> None:
+    """The refusal and its reason (the family named, or the layers that do not fit) read in Chinese."""
+    family = misfit_sentence("xl", tr(None, "it was made for {family}", family="SDXL"))
+    assert family == (
+        "The LoRA “xl” was made for another model than this server's (it was made for SDXL); choose another."
+    )
+    assert translate(family, "zh-CN") == (
+        "LoRA“xl”是为其他模型制作的，不适用于本服务器的模型（它是为 SDXL 制作的）；请换一个。"
+    )
+    why = tr(None, "{missing} of its {total} layers have no place in this model", missing=3, total=8)
+    assert translate(misfit_sentence("wide", why), "zh-CN") == (
+        "LoRA“wide”是为其他模型制作的，不适用于本服务器的模型（它的 8 个层中有 3 个在此模型中没有对应位置）；"
+        "请换一个。"
+    )
