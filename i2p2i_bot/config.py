@@ -276,6 +276,9 @@ class QueueSettings:
     redis_url: str = field(default="", repr=False)
     # How long a worker's hold on a batch lasts without renewal: a worker silent this long loses the batch.
     worker_lock_s: float = 30.0
+    # How often a worker looks again, between batches, at what it can make (LoRA files, presets' weights);
+    # 0: only when it starts.
+    worker_rescan_s: float = 30.0
 
     def validate(self) -> None:
         _between("queue.max_batch_images", self.max_batch_images, 1, 64)
@@ -294,6 +297,10 @@ class QueueSettings:
             )
         if not 1.0 <= self.worker_lock_s <= 3600.0:
             raise ConfigError(f"queue.worker_lock_s must be between 1 and 3600 (got {self.worker_lock_s})")
+        if not 0.0 <= self.worker_rescan_s <= 86400.0:
+            raise ConfigError(
+                f"queue.worker_rescan_s must be between 0 and 86400 (got {self.worker_rescan_s})"
+            )
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ class Engine:
             other.settings = settings
             other.presets = resolve_presets(settings)
             other._loras = {}
+            other._missing = {}  # its presets are looked up anew: they may name other files
         other._interrogators = dict(self._interrogators)
         other._generators = collections.OrderedDict(self._generators)
         other._offloaded = collections.OrderedDict(self._offloaded)
@@ -297,23 +298,31 @@ class Engine:
         return found
 
     def available_presets(self) -> tuple[str, ...]:
-        return tuple(preset.name for preset in self.presets if self._present(preset))
+        """The presets whose weights are here, looking again for those that were missing: a worker asks
+        between batches, so a preset downloaded meanwhile counts without a restart."""
+        return tuple(preset.name for preset in self.presets if self._present(preset, again=True))
 
-    def _present(self, preset: Preset) -> bool:
-        """Whether a preset's weights are on this machine (looked up once per preset: download-models is
-        followed by a restart); every preset for an engine that only describes: the workers have them."""
+    def _present(self, preset: Preset, *, again: bool = False) -> bool:
+        """Whether a preset's weights are on this machine (looked up once per preset, or again when
+        `again` and it was missing); every preset for an engine that only describes: the workers have them."""
         if not self.generates:
             return True
         if preset.name in self._generators or preset.name in self._offloaded:
             return True
-        if preset.name not in self._missing:
-            try:
-                check_preset(preset, safety_checker=preset.generate.safety_checker)
-                self._missing[preset.name] = None
-            except ModelUnavailable as exc:
-                log.warning("preset %s cannot be loaded: %s", preset.name, exc)
-                self._missing[preset.name] = str(exc)
-        return self._missing[preset.name] is None
+        looked_up = preset.name in self._missing
+        if looked_up and (self._missing[preset.name] is None or not again):
+            return self._missing[preset.name] is None
+        try:
+            check_preset(preset, safety_checker=preset.generate.safety_checker)
+            missing = None
+        except ModelUnavailable as exc:
+            missing = str(exc)
+        if missing is not None and (not looked_up or missing != self._missing[preset.name]):
+            log.warning("preset %s cannot be loaded: %s", preset.name, missing)  # once, not at every look
+        elif missing is None and looked_up:
+            log.info("preset %s is on this machine now", preset.name)
+        self._missing[preset.name] = missing
+        return missing is None
 
     def _check_present(self, preset: Preset) -> None:
         """Refuse a preset whose weights are not on this machine, before a job waits for it."""

@@ -10,8 +10,11 @@ its next step, and BullMQ refuses the finish of a worker whose lock is gone. A b
 the worker looks for every CANCEL_POLL_S while the batch runs.
 
 The worker says what it can run (its guides, the presets whose weights it has, its LoRA files by name and
-sha256) in its record, and takes batches from the BullMQ queue of
-workers with the same capabilities (worker_capabilities.py), so it gets only batches it can make. A
+sha256) in its record, and takes batches from the BullMQ queue of workers with the same capabilities
+(worker_capabilities.py), so it gets only batches it can make. It looks again every queue.worker_rescan_s
+(in a thread; LoRA files are hashed once per version): when what it can make changed, it says so in its
+record, where the bot reads it, and moves to the queue of its new capabilities once the batch it holds is
+done, without losing or repeating a batch and without loading its models again. A
 guided batch's source image that this machine lacks is fetched from Redis and kept under its own data
 folder (remote_sources.py).
 """
@@ -72,6 +75,8 @@ PROGRESS_INTERVAL_S = 1.0
 # How often the worker asks Redis whether the bot gave up on the batch it makes.
 CANCEL_POLL_S = 0.5
 EXIT_GPU_LOST = 3
+# Event-loop turns given BullMQ's worker to hand a batch it took to its processor before it counts as idle.
+_TURNS = 3
 
 
 class LockLost(Exception):
@@ -117,6 +122,13 @@ class RemoteWorker:
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.capabilities = Capabilities()
+        self._loras = LoraLibrary(settings.models.lora_dir)
+        # BullMQ's worker on the queue of this worker's capabilities (another one after they change).
+        self._worker: Worker | None = None
+        self._started_at = ""
+        # The heartbeat and a move both write the record: one at a time, so the last written is the newest.
+        self._announcing = asyncio.Lock()
+        self._record_ttl_s = max(3, round(settings.queue.worker_lock_s))
 
     def stop(self) -> None:
         """Take no more batches; the running one finishes. Safe in a signal handler."""
@@ -124,15 +136,121 @@ class RemoteWorker:
 
     async def run(self) -> int:
         self._engine = await self._gpu.run(self._loader, self._settings, priority=Priority.URGENT)
+        self.capabilities = await asyncio.to_thread(self._read_capabilities)
+        self._started_at = str(time.time())
+        client = self._client = redis.from_url(self._url)
+        heartbeat = asyncio.create_task(self._heartbeat(client), name="i2p2i-worker-heartbeat")
+        serving = asyncio.create_task(self._serve(client), name="i2p2i-worker")
+        log.info(
+            "worker %s ready: %s, presets %s, guides %s, LoRAs %s, queue %s",
+            self.id,
+            self._engine.models,
+            ", ".join(self.capabilities.presets) or "none",
+            ", ".join(self.capabilities.guides) or "none",
+            ", ".join(name for name, _ in self.capabilities.loras) or "none",
+            self.capabilities.queue,
+        )
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({serving, stopping}, return_when="FIRST_COMPLETED")
+        finally:
+            stopping.cancel()
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving
+            if self._worker is not None and not self._worker.closed:
+                await self._worker.close()  # the batch it holds finishes first
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heartbeat
+            with contextlib.suppress(Exception):
+                await client.delete(WORKER_KEY_PREFIX + self.id)
+            await client.aclose()
+            await asyncio.to_thread(self._gpu.close, True, self._settings.queue.stop_grace_s)
+        log.info("worker %s stopped", self.id)
+        return self.exit_code
+
+    def _read_capabilities(self) -> Capabilities:
+        """What this worker can make now (reads the LoRA folder and looks for presets' weights: a thread)."""
+        assert self._engine is not None
         engine = self._engine
-        loras = LoraLibrary(self._settings.models.lora_dir)
         presets = engine.available_presets()
         # The guides of any preset it has: a job keeping some names a preset they fit.
         guides = [name for preset in presets for name in engine.guides_for(preset)]
-        self.capabilities = Capabilities.of(guides, presets, await asyncio.to_thread(loras.files))
-        client = self._client = redis.from_url(self._url)
+        return Capabilities.of(guides, presets, self._loras.files())
+
+    async def _serve(self, client: redis.Redis) -> None:
+        """Take batches from the queue of this worker's capabilities, and move to the queue of its new ones
+        when they change; returns only if BullMQ's worker ends by itself."""
+        while True:
+            worker = self._worker = self._bull_worker(self.capabilities.queue)
+            running = asyncio.create_task(worker.run(), name="i2p2i-worker-queue")
+            changed = asyncio.create_task(self._changed(), name="i2p2i-worker-rescan")
+            try:
+                await asyncio.wait({running, changed}, return_when="FIRST_COMPLETED")
+            finally:
+                changed.cancel()
+            if running.done():
+                return
+            now = changed.result()
+            log.info(
+                "worker %s now has presets %s, guides %s, LoRAs %s; moving to queue %s after its batch",
+                self.id,
+                ", ".join(now.presets) or "none",
+                ", ".join(now.guides) or "none",
+                ", ".join(name for name, _ in now.loras) or "none",
+                now.queue,
+            )
+            # Said first: the bot stops sending batches this worker can no longer make, and takes back those
+            # that wait on the old queue once no live worker takes from it.
+            self.capabilities = now
+            try:
+                await self._announce(client)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("cannot reach Redis to say what this worker can make now (%s)", exc)
+            await self._leave(worker, running)
+            self._worker = None
+
+    async def _changed(self) -> Capabilities:
+        """This worker's capabilities once they differ from those it announced; looked at every
+        queue.worker_rescan_s (never when 0)."""
+        period_s = self._settings.queue.worker_rescan_s
+        if period_s <= 0:
+            await asyncio.Event().wait()
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                now = await asyncio.to_thread(self._read_capabilities)
+            except OSError as exc:  # a file went while it was read: look again next time
+                log.warning("could not look again at what this worker can make (%s)", exc)
+                continue
+            except Exception:  # a bug; the worker goes on with what it announced
+                log.exception("could not look again at what this worker can make")
+                continue
+            if now != self.capabilities:
+                return now
+
+    async def _leave(self, worker: Worker, running: asyncio.Task[None]) -> None:
+        """Stop taking batches from a queue without dropping the one held: BullMQ's worker takes no new
+        batch once paused, and one it took as it was paused is made (its hold still renewed) before it
+        closes."""
+        await worker.pause()
+        while True:
+            # A batch taken just as the worker paused becomes a task of BullMQ's loop a few turns later.
+            for _ in range(_TURNS):
+                await asyncio.sleep(0)
+            busy = [task for task in worker.processing if not task.done()]
+            if not busy:
+                break
+            await asyncio.wait(busy)
+        await worker.close()
+        await asyncio.wait({running})  # it ends once closed
+        if not running.cancelled() and running.exception() is not None:
+            log.warning("the queue %s ended with an error: %s", worker.name, running.exception())
+
+    def _bull_worker(self, queue: str) -> Worker:
         worker = Worker(
-            self.capabilities.queue,
+            queue,
             self._process,
             {
                 "connection": self._url,
@@ -146,54 +264,34 @@ class RemoteWorker:
         )
         worker.on("lockRenewalFailed", self._on_lock_lost)
         worker.on("error", lambda *args: log.warning("queue error: %s", args[0] if args else "?"))
-        heartbeat = asyncio.create_task(self._heartbeat(client), name="i2p2i-worker-heartbeat")
-        running = asyncio.create_task(worker.run(), name="i2p2i-worker")
-        log.info(
-            "worker %s ready: %s, presets %s, guides %s, LoRAs %s, queue %s",
-            self.id,
-            self._engine.models,
-            ", ".join(self.capabilities.presets) or "none",
-            ", ".join(self.capabilities.guides) or "none",
-            ", ".join(name for name, _ in self.capabilities.loras) or "none",
-            self.capabilities.queue,
-        )
-        try:
-            await asyncio.wait(
-                {running, asyncio.create_task(self._stop.wait())}, return_when="FIRST_COMPLETED"
-            )
-        finally:
-            await worker.close()
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await heartbeat
-            with contextlib.suppress(Exception):
-                await client.delete(WORKER_KEY_PREFIX + self.id)
-            await client.aclose()
-            await asyncio.to_thread(self._gpu.close, True, self._settings.queue.stop_grace_s)
-        log.info("worker %s stopped", self.id)
-        return self.exit_code
+        return worker
 
-    async def _heartbeat(self, client: redis.Redis) -> None:
-        """Keep this worker's record alive; the bot counts live records to size what it sends."""
+    def _record(self) -> dict[Any, Any]:
         assert self._engine is not None
-        key = WORKER_KEY_PREFIX + self.id
-        ttl_s = max(3, round(self._settings.queue.worker_lock_s))
-        record: dict[Any, Any] = {
+        return {
             "models": json.dumps(self._engine.models),
             "device": self._settings.models.device,
-            "started_at": str(time.time()),
+            "started_at": self._started_at,
             "queue": self.capabilities.queue,
             **self.capabilities.record(),
         }
+
+    async def _announce(self, client: redis.Redis) -> None:
+        """Write this worker's record, with the capabilities it has now, and keep it a while."""
+        key = WORKER_KEY_PREFIX + self.id
+        async with self._announcing, client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=self._record())
+            pipe.expire(key, self._record_ttl_s)
+            await pipe.execute()
+
+    async def _heartbeat(self, client: redis.Redis) -> None:
+        """Keep this worker's record alive; the bot counts live records to size what it sends."""
         while True:
             try:
-                async with client.pipeline(transaction=True) as pipe:
-                    pipe.hset(key, mapping=record)
-                    pipe.expire(key, ttl_s)
-                    await pipe.execute()
+                await self._announce(client)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("cannot reach Redis to say this worker is alive (%s)", exc)
-            await asyncio.sleep(ttl_s / 3)
+            await asyncio.sleep(self._record_ttl_s / 3)
 
     def _on_lock_lost(self, job_ids: list[str]) -> None:
         for job_id in job_ids:

@@ -9,8 +9,8 @@ would refuse. A batch that several queues can run goes to one of them (remote.py
 never shared by workers that differ, so there are as many queues as distinct worker setups, however many
 presets and LoRAs there are.
 
-Capabilities are read once, when a worker starts: a preset downloaded or a LoRA added later counts after
-its restart, which keeps a worker on one queue for its whole life.
+A worker reads its capabilities when it starts and again every queue.worker_rescan_s: when they change
+(a LoRA copied in or removed, a preset downloaded) it moves, between batches, to the queue of its new set.
 Plain values, without torch, Redis or discord.
 """
 

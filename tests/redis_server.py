@@ -77,9 +77,11 @@ class Workers:
         lock_s: float = 2.0,
         guides: Sequence[str] = (),
         presets: Sequence[str] | None = None,
+        rescan_s: float | None = None,
     ) -> None:
         """Workers whose data folder is `directory`/data (not the bot's), offering `guides`, having the
-        weights of `presets` (None: all the stub's) and the LoRA files put in `lora_dir`."""
+        weights of `presets` (None: all the stub's) and the LoRA files put in `lora_dir`, looking again
+        at what they can make every `rescan_s` (None: the default)."""
         self.server = server
         self.directory = directory
         self.step_s = step_s
@@ -90,8 +92,9 @@ class Workers:
         self.log = directory / "batches.jsonl"
         self.config = directory / "worker.toml"
         self.lora_dir.mkdir(parents=True, exist_ok=True)
+        rescan = "" if rescan_s is None else f"worker_rescan_s = {rescan_s}\n"
         self.config.write_text(
-            f'data_dir = "{self.data}"\n[queue]\nworker_lock_s = {lock_s}\nstop_grace_s = 2.0\n'
+            f'data_dir = "{self.data}"\n[queue]\nworker_lock_s = {lock_s}\nstop_grace_s = 2.0\n{rescan}'
             f'[models]\nlora_dir = "{self.lora_dir}"\n',
             encoding="utf-8",
         )

@@ -62,6 +62,7 @@ def test_values_are_read_from_toml(tmp_path: Path) -> None:
         ('[queue]\nbackend = "redis"\n', "queue.backend 'redis' needs a redis://"),
         ('[queue]\nbackend = "redis"\nredis_url = "http://x"\n', "I2P2I_REDIS_URL"),
         ("[queue]\nworker_lock_s = 0.5\n", "queue.worker_lock_s must be between 1 and 3600"),
+        ("[queue]\nworker_rescan_s = -1\n", "queue.worker_rescan_s must be between 0 and 86400"),
         (
             '[guides]\nenabled = ["pose"]\n',
             "guides.enabled[0] must be one of 'layout', 'edges', 'depth', 'look'",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -157,10 +158,16 @@ def test_a_plan_takes_the_presets_defaults_and_records_it(engine: Engine, base_s
 
 
 def test_a_preset_without_its_weights_is_refused_when_planned(
-    engine: Engine, base_settings: Settings, tmp_path: Path
+    engine: Engine, base_settings: Settings, smoke_models: SmokeModels, tmp_path: Path
 ) -> None:
     """A request for a preset whose checkpoint is not here is one sentence at once, not a failed job."""
-    gone = PresetSettings(name="gone", generator=str(tmp_path / "gone.safetensors"), family="sd1")
+    gone = PresetSettings(
+        name="gone",
+        generator=str(tmp_path / "gone.safetensors"),
+        family="sd1",
+        clip=str(smoke_models.clip),
+        config=str(smoke_models.generator),
+    )
     models = dataclasses.replace(base_settings.models, presets=[gone])
     other = engine.sharing(settings=dataclasses.replace(base_settings, models=models))
     with pytest.raises(GenerationError) as caught:
@@ -169,9 +176,13 @@ def test_a_preset_without_its_weights_is_refused_when_planned(
         "The model preset “gone” is not on this machine yet; an admin can run `i2p2i download-models`."
     )
     assert other.plan(GenerationRequest("a cat", preset="sd2")).preset == "sd2"
-    # A worker reports the presets it can run: those whose weights are here.
+    # A worker reports the presets it can run: those whose weights are here, looked for again each time it
+    # asks, so a checkpoint copied in later counts without a restart.
     assert "gone" not in other.available_presets()
     assert {"sd-v1-4", "sd2"} <= set(other.available_presets())
+    shutil.copy(smoke_models.single_file, tmp_path / "gone.safetensors")
+    assert "gone" in other.available_presets()
+    assert other.plan(GenerationRequest("a cat", preset="gone")).preset == "gone"
 
 
 def _pixels(engine: Engine, preset: str) -> torch.Tensor:

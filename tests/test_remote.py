@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -646,6 +647,78 @@ async def test_a_batch_with_a_lora_goes_only_to_the_worker_with_its_file_and_wai
     finally:
         plain.stop()
         inked.stop()
+
+
+def worker_capabilities(server: RedisServer) -> list[Capabilities]:
+    """The capabilities each live worker's record in Redis announces, checked against the queue it names."""
+    client = server.client()
+    found = []
+    for key in client.scan_iter(match=WORKER_KEY_PREFIX + "*"):
+        record = {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], client.hgetall(key)).items()}
+        capabilities = Capabilities.from_record(record)
+        assert record["queue"] == capabilities.queue
+        found.append(capabilities)
+    return found
+
+
+async def test_a_lora_copied_into_a_running_worker_is_used_without_a_restart_and_one_removed_is_not(
+    store: Store, server: RedisServer, tmp_path: Path
+) -> None:
+    """A job naming the LoRA ink waits, saying so; the file is copied into the worker's folder while it
+    makes a plain batch: that batch is made once, then the same worker process (no restart) moves to its
+    new queue and makes the job, once. Once the file is removed, the next job naming it waits again while a
+    plain job behind it runs on that worker."""
+    pool = Workers(server, tmp_path / "workers", step_s=0.1, lock_s=LOCK_S, rescan_s=0.1)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    digest = write_lora(staged, "ink")
+    ink = dataclasses.replace(PARAMS, loras=(Lora("ink", 0.8, digest),))
+    reason = "waiting for a GPU worker that has the LoRA ink"
+    presets = FakeEngine().presets.names
+    try:
+        (process,) = pool.spawn(1)
+        await live_workers(server, 1)
+        queue, runner = await remote_queue(store, server)
+        events = queue.subscribe()
+        runner.start()
+        waiting = await queue.submit(job_request(1, "<lora:ink:0.8> kite", ink, count=3, seed=30))
+        plain = await queue.submit(job_request(2, "plain", PARAMS, count=2, seed=40))
+        said = await bounded(events_of(events, waiting.id, EventKind.WAITING), "the waiting event")
+        assert said.error == reason
+        position = queue.position(waiting.id)
+        assert position is not None and position.blocked == reason
+        await until(lambda: len(started_batches(pool)) == 1, "the plain batch starting on the worker")
+        shutil.copy(staged / "ink.safetensors", pool.lora_dir / "ink.safetensors")
+        await bounded(queue.join(), "the queue emptying", 10)
+        for job in (waiting, plain):
+            done = await store.get_job(job.id)
+            assert done is not None and done.status is JobStatus.COMPLETE, done
+        assert len(await image_rows(store, waiting.id)) == 3
+        batches = started_batches(pool)
+        assert [(b["seeds"], b["loras"]) for b in batches] == [([40, 41], []), ([30, 31, 32], ["ink"])]
+        assert {b["pid"] for b in batches} == {process.pid} and process.poll() is None
+        assert worker_capabilities(server) == [Capabilities.of(presets=presets, loras=[("ink", digest)])]
+
+        (pool.lora_dir / "ink.safetensors").unlink()
+        await until(
+            lambda: worker_capabilities(server) == [Capabilities.of(presets=presets)],
+            "the worker announcing the LoRA gone",
+        )
+        again = await queue.submit(job_request(1, "<lora:ink:0.8> kite", ink, count=1, seed=60))
+        after = await queue.submit(job_request(2, "plain", PARAMS, count=1, seed=70))
+
+        async def after_done() -> bool:
+            job = await store.get_job(after.id)
+            return job is not None and job.status is JobStatus.COMPLETE
+
+        await until(after_done, "the plain job behind it finishing")
+        position = queue.position(again.id)
+        assert position is not None and position.blocked == reason
+        assert [b["seeds"] for b in started_batches(pool)] == [[40, 41], [30, 31, 32], [70]]
+        assert process.poll() is None
+        await bounded(runner.stop(5), "the runner stopping", 5 + 2 * CLOSE_S)
+    finally:
+        pool.stop()
 
 
 async def test_a_bot_in_redis_mode_loads_no_generator_and_a_worker_makes_what_it_offers(
