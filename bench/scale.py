@@ -43,6 +43,7 @@ from i2p2i_bot.remote import RemoteRunner
 from i2p2i_bot.remote_wire import WORKER_KEY_PREFIX
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import Store
+from tests.fake_engine import FakeEngine
 from tests.redis_server import RedisServer, Workers, redis_server_path
 from tests.requests import job_request
 
@@ -124,7 +125,7 @@ async def run_point(n: int, args: argparse.Namespace, folder: Path) -> Point:
                         at_half.extend(done[m] for m in members)
 
         counter = asyncio.create_task(count_images())
-        runner = RemoteRunner(queue, settings, poll_s=0.5)
+        runner = RemoteRunner(queue, settings, presets=FakeEngine().presets, poll_s=0.5)
         cpu_before, wall_before = time.process_time(), time.monotonic()
         runner.start()
         await queue.join()

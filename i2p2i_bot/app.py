@@ -288,7 +288,9 @@ class I2P2IBot(commands.Bot):
         if settings.queue.backend == "redis":
             from i2p2i_bot.remote import RemoteRunner  # BullMQ is installed only where it is used
 
-            self.runner = RemoteRunner(self.queue, settings.queue, sources_dir=settings.sources_path)
+            self.runner = RemoteRunner(
+                self.queue, settings.queue, presets=self.engine.presets, sources_dir=settings.sources_path
+            )
         else:
             self.runner = JobRunner(self.queue, self.engine, self.gpu, timeout_s=settings.queue.job_timeout_s)
         self.runner.start()

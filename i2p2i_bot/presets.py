@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings, PresetSettings
@@ -43,6 +44,8 @@ FAMILY_PIPELINE: dict[Family, str] = {
     "sdxl": "StableDiffusionXLPipeline",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# A Hub id as a generator names it ("org/name"); a path starts otherwise ("/", "./", "~") or goes deeper.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 log = logging.getLogger("i2p2i.presets")
 
@@ -76,6 +79,12 @@ class Preset:
     def safety_checker(self) -> bool:
         """Whether the family's pipelines ship a safety checker (SD 2.x and SDXL repositories do not)."""
         return self.family == "sd1" and self.generate.safety_checker
+
+    @property
+    def weights(self) -> str:
+        """What identifies this preset's weights on every machine: its family and its generator's name
+        (weights_name). Workers and the bot compare it, so that a preset name means the same model on both."""
+        return f"{self.family}:{weights_name(self.generator)}"
 
     @property
     def recorded_generator(self) -> str:
@@ -189,6 +198,16 @@ def preset_generate(entry: PresetSettings, family: Family, generate: GenerateSet
     if entry.negative_prompt:
         changes["negative_prompt"] = entry.negative_prompt
     return dataclasses.replace(generate, **changes)  # type: ignore[arg-type]
+
+
+def weights_name(generator: str) -> str:
+    """A generator as every machine names it, from its setting alone: a Hub id as written, a file or
+    folder by its own name (the folders above it differ between machines). Nothing is read: the bot in
+    redis mode has no generator weights to read, so a size or a hash could not be compared with its own."""
+    text = generator.strip()
+    if not _is_single_file(text) and _HUB_ID.fullmatch(text):
+        return text
+    return PurePosixPath(text.replace("\\", "/").rstrip("/")).name or text
 
 
 def _is_single_file(generator: str) -> bool:

@@ -13,7 +13,9 @@ what events miss (an outage of Redis, a listener that restarted) and batches Red
 the next attempt). Nothing here imports torch or discord.
 
 Workers differ in what they can run (the guides they offer, the model presets and LoRA files they have):
-each says so in its record, and workers alike share one BullMQ queue (worker_capabilities.py). The ring
+each says so in its record, and workers alike share one BullMQ queue (worker_capabilities.py). A preset
+counts only with the weights the bot's config gives it: a worker whose config gives the name other weights
+gets none of its batches, and the bot warns once per worker and preset and tells /admin queue. The ring
 picks a batch only among the jobs a live worker with room can run, so fairness holds among what can run
 now and a job nobody live can run waits, saying why, instead of failing; the batch goes to the queue of
 workers that can make it (of several, the least busy, then the one that offers least). A guided batch's
@@ -48,6 +50,7 @@ from PIL import Image
 from i2p2i_bot.batches import Batch, BatchFailure, BatchResult, BatchSource, FailureKind, GeneratedImage
 from i2p2i_bot.config import QueueSettings
 from i2p2i_bot.i18n import N_
+from i2p2i_bot.presets import Presets
 from i2p2i_bot.remote_sources import SourceUnavailable, carry
 from i2p2i_bot.remote_wire import (
     PERMANENT,
@@ -65,7 +68,13 @@ from i2p2i_bot.remote_wire import (
     sha256,
 )
 from i2p2i_bot.request import GenerationParams
-from i2p2i_bot.worker_capabilities import BASE_QUEUE, Capabilities, waiting_reason
+from i2p2i_bot.worker_capabilities import (
+    BASE_QUEUE,
+    Capabilities,
+    Mismatch,
+    preset_weights,
+    waiting_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +146,15 @@ class RemoteRunner:
         source: AdoptingSource,
         settings: QueueSettings,
         *,
+        presets: Presets,
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sources_dir: Path | None = None,
     ) -> None:
-        """`sources_dir` holds the guide sources the bot keeps (Settings.sources_path); None: none."""
+        """`presets` are the bot's: a batch needs its preset with the weights they give it. `sources_dir`
+        holds the guide sources the bot keeps (Settings.sources_path); None: none."""
         self._source = source
+        self._weights = preset_weights(presets)
         self._sources_dir = sources_dir
         self._url = settings.redis_url
         self._timeout_s = settings.job_timeout_s
@@ -168,6 +180,10 @@ class RemoteRunner:
         self._groups: dict[str, _Group] = {}
         self._last_events: dict[str, str] = {}
         self.live_workers = 0
+        # The presets live workers have with other weights than the bot's (they get none of their batches),
+        # and the (worker, preset, weights) already warned of, so each is logged once.
+        self.mismatches: tuple[Mismatch, ...] = ()
+        self._warned: set[tuple[str, Mismatch]] = set()
         # Why the workers cannot be reached now, for /queue and the health file; None while they can.
         self.problem: str | None = None
         # Seconds from a batch's forming to a worker starting it, most recent last (for the benchmark).
@@ -290,7 +306,7 @@ class RemoteRunner:
         they can make); None when there is none."""
         best: tuple[float, int, str] | None = None
         for name, group in self._groups.items():
-            if not group.capabilities.can_run(params) or not self._room_on(name):
+            if not group.capabilities.can_run(params, self._weights) or not self._room_on(name):
                 continue
             out = sum(1 for sent in self._sent.values() if sent.queue == name)
             rank = (out / group.workers, group.capabilities.size, name)
@@ -495,6 +511,8 @@ class RemoteRunner:
         assert self._text is not None
         keys = [key async for key in self._text.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100)]
         groups: dict[str, _Group] = {}
+        mismatches: dict[Mismatch, None] = {}
+        warned: set[tuple[str, Mismatch]] = set()
         for key in keys:
             record = await self._text.hgetall(key)
             if not record:
@@ -507,11 +525,27 @@ class RemoteRunner:
                 continue
             found = groups.get(queue)
             groups[queue] = _Group(capabilities, 1 if found is None else found.workers + 1)
+            for mismatch in capabilities.mismatches(self._weights):
+                mismatches[mismatch] = None
+                seen = (key, mismatch)
+                warned.add(seen)
+                if seen not in self._warned:
+                    log.warning(
+                        "GPU worker %s has preset %s as %s, the bot as %s: it gets no jobs of %s",
+                        key.removeprefix(WORKER_KEY_PREFIX),
+                        mismatch.preset,
+                        mismatch.worker,
+                        mismatch.bot,
+                        mismatch.preset,
+                    )
+        # Only live workers' warnings are kept: a worker's id is new at each start.
+        self._warned = warned
+        self.mismatches = tuple(mismatches)
         if groups.keys() != self._groups.keys():
             log.info(
                 "live GPU workers: %s",
                 "; ".join(
-                    f"{g.workers} with presets {', '.join(g.capabilities.presets) or 'none'}, guides "
+                    f"{g.workers} with presets {', '.join(g.capabilities.preset_names) or 'none'}, guides "
                     f"{', '.join(g.capabilities.guides) or 'none'}, "
                     f"{len(g.capabilities.loras)} LoRAs"
                     for g in groups.values()
@@ -522,7 +556,7 @@ class RemoteRunner:
         for queue in groups:
             self._listen_to(queue)
         live = [group.capabilities for group in groups.values()]
-        self._source.set_blocker(lambda params: waiting_reason(params, live))
+        self._source.set_blocker(lambda params: waiting_reason(params, live, self._weights))
         self.live_workers = sum(group.workers for group in groups.values())
         return self.live_workers
 

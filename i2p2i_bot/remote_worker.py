@@ -9,14 +9,14 @@ its next step, and BullMQ refuses the finish of a worker whose lock is gone. A b
 (it took longer than queue.job_timeout_s) stops at its next step too: the bot sets a cancel key, which
 the worker looks for every CANCEL_POLL_S while the batch runs.
 
-The worker says what it can run (its guides, the presets whose weights it has, its LoRA files by name and
-sha256) in its record, and takes batches from the BullMQ queue of workers with the same capabilities
-(worker_capabilities.py), so it gets only batches it can make. It looks again every queue.worker_rescan_s
-(in a thread; LoRA files are hashed once per version): when what it can make changed, it says so in its
-record, where the bot reads it, and moves to the queue of its new capabilities once the batch it holds is
-done, without losing or repeating a batch and without loading its models again. A
-guided batch's source image that this machine lacks is fetched from Redis and kept under its own data
-folder (remote_sources.py).
+The worker says what it can run (its guides, the presets whose weights it has, by name and what identifies
+those weights in its own config, its LoRA files by name and sha256) in its record, and takes batches from
+the BullMQ queue of workers with the same capabilities (worker_capabilities.py), so it gets only batches
+it can make. It looks again every queue.worker_rescan_s (in a thread; LoRA files are hashed once per
+version): when what it can make changed, it says so in its record, where the bot reads it, and moves to
+the queue of its new capabilities once the batch it holds is done, without losing or repeating a batch and
+without loading its models again. A guided batch's source image that this machine lacks is fetched from
+Redis and kept under its own data folder (remote_sources.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from i2p2i_bot.remote_wire import (
     sha256,
 )
 from i2p2i_bot.request import GenerationError
-from i2p2i_bot.worker_capabilities import Capabilities
+from i2p2i_bot.worker_capabilities import Capabilities, preset_ids
 
 log = logging.getLogger("i2p2i.worker")
 
@@ -145,7 +145,7 @@ class RemoteWorker:
             "worker %s ready: %s, presets %s, guides %s, LoRAs %s, queue %s",
             self.id,
             self._engine.models,
-            ", ".join(self.capabilities.presets) or "none",
+            ", ".join(f"{name} ({weights})" for name, weights in self.capabilities.presets) or "none",
             ", ".join(self.capabilities.guides) or "none",
             ", ".join(name for name, _ in self.capabilities.loras) or "none",
             self.capabilities.queue,
@@ -177,7 +177,7 @@ class RemoteWorker:
         presets = engine.available_presets()
         # The guides of any preset it has: a job keeping some names a preset they fit.
         guides = [name for preset in presets for name in engine.guides_for(preset)]
-        return Capabilities.of(guides, presets, self._loras.files())
+        return Capabilities.of(guides, preset_ids(engine.presets, presets), self._loras.files())
 
     async def _serve(self, client: redis.Redis) -> None:
         """Take batches from the queue of this worker's capabilities, and move to the queue of its new ones
@@ -196,7 +196,7 @@ class RemoteWorker:
             log.info(
                 "worker %s now has presets %s, guides %s, LoRAs %s; moving to queue %s after its batch",
                 self.id,
-                ", ".join(now.presets) or "none",
+                ", ".join(now.preset_names) or "none",
                 ", ".join(now.guides) or "none",
                 ", ".join(name for name, _ in now.loras) or "none",
                 now.queue,

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -78,10 +78,12 @@ class Workers:
         guides: Sequence[str] = (),
         presets: Sequence[str] | None = None,
         rescan_s: float | None = None,
+        generators: Mapping[str, str] | None = None,
     ) -> None:
         """Workers whose data folder is `directory`/data (not the bot's), offering `guides`, having the
         weights of `presets` (None: all the stub's) and the LoRA files put in `lora_dir`, looking again
-        at what they can make every `rescan_s` (None: the default)."""
+        at what they can make every `rescan_s` (None: the default); their config gives the presets named
+        in `generators` those generators."""
         self.server = server
         self.directory = directory
         self.step_s = step_s
@@ -93,9 +95,13 @@ class Workers:
         self.config = directory / "worker.toml"
         self.lora_dir.mkdir(parents=True, exist_ok=True)
         rescan = "" if rescan_s is None else f"worker_rescan_s = {rescan_s}\n"
+        entries = "".join(
+            f'[[models.presets]]\nname = "{name}"\ngenerator = "{generator}"\n'
+            for name, generator in (generators or {}).items()
+        )
         self.config.write_text(
             f'data_dir = "{self.data}"\n[queue]\nworker_lock_s = {lock_s}\nstop_grace_s = 2.0\n{rescan}'
-            f'[models]\nlora_dir = "{self.lora_dir}"\n',
+            f'[models]\nlora_dir = "{self.lora_dir}"\n{entries}',
             encoding="utf-8",
         )
         self.processes: list[subprocess.Popen[bytes]] = []

@@ -17,6 +17,7 @@ from i2p2i_bot.queue import JobQueue
 from i2p2i_bot.remote import RemoteRunner
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import Store
+from tests.fake_engine import FakeEngine
 from tests.requests import job_request
 
 PARAMS = GenerationParams("fake", 4, 7.5, 64, 64, "dpm")
@@ -39,7 +40,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
     store = await Store.open(args.db, images_dir=args.images)
     queue = await JobQueue.open(store, settings)
     await queue.submit(job_request(1, "restart", PARAMS, count=args.count, seed=args.seed))
-    runner = RemoteRunner(queue, settings, poll_s=0.2)
+    runner = RemoteRunner(queue, settings, presets=FakeEngine().presets, poll_s=0.2)
     runner.start()
     print("ready", flush=True)
     await asyncio.Event().wait()  # until killed

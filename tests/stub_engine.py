@@ -5,12 +5,15 @@ step; I2P2I_STUB_LOG names a file that gets one JSON line per batch the worker s
 so a test can tell when a batch is on a worker and which one, and whether its process imported torch.
 I2P2I_STUB_GUIDES lists the guides it offers (comma-separated); a guided batch reads each image's source
 from the worker's own data folder, as the real engine does, and logs the sha256 of the bytes it read.
-I2P2I_STUB_PRESETS lists the presets whose weights it has (unset: all of FakeEngine's). It plans LoRAs
-against the files of its own models.lora_dir, as the real engine does.
+I2P2I_STUB_PRESETS lists the presets whose weights it has (unset: all of FakeEngine's). A
+[[models.presets]] entry of its config gives the FakeEngine preset of that name its generator and family,
+as the real engine's config does. It plans LoRAs against the files of its own models.lora_dir, as the real
+engine does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from i2p2i_bot.batches import BatchResult, StepCallback
-from i2p2i_bot.config import GenerateSettings, Settings
+from i2p2i_bot.config import GenerateSettings, PresetSettings, Settings
 from i2p2i_bot.guides import GUIDE_NAMES, GuideName
 from i2p2i_bot.loras import LoraLibrary
+from i2p2i_bot.presets import Presets, detect_family
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
 from i2p2i_bot.server_settings import ServerSettings
 from i2p2i_bot.source_images import SourceImages
@@ -40,14 +44,27 @@ class StubEngine(FakeEngine):
         sources_dir: Path | None = None,
         presets: Sequence[str] | None = None,
         lora_dir: str = "",
+        configured: Sequence[PresetSettings] = (),
     ) -> None:
         super().__init__()
+        self.configured = {entry.name: entry for entry in configured}
         self.step_s = step_s
         self.log_path = log_path
         self.offered = tuple(guides)
         self.sources = SourceImages(sources_dir)
         self.have_presets = self.presets.names if presets is None else tuple(presets)
         self.loras = LoraLibrary(lora_dir)
+
+    @property
+    def presets(self) -> Presets:
+        """FakeEngine's presets, with the generator and family its config gives any of them."""
+        found = super().presets
+        by_name = dict(found.by_name)
+        for name, entry in self.configured.items():
+            if name in by_name:
+                family = entry.family or detect_family(entry.generator)
+                by_name[name] = dataclasses.replace(by_name[name], generator=entry.generator, family=family)
+        return Presets(by_name, found.default)
 
     def available_presets(self) -> tuple[str, ...]:
         return self.have_presets
@@ -100,4 +117,5 @@ def load(settings: Settings) -> StubEngine:
         settings.sources_path,
         None if presets is None else [name for name in presets.split(",") if name],
         settings.models.lora_dir,
+        settings.models.presets,
     )

@@ -41,7 +41,7 @@ from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.runner import JobRunner
 from i2p2i_bot.source_images import GONE, SourceImages
 from i2p2i_bot.store import Store
-from i2p2i_bot.worker_capabilities import Capabilities
+from i2p2i_bot.worker_capabilities import Capabilities, preset_ids
 from tests.bot_harness import bot_settings, running_i2p2i
 from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
 from tests.fake_engine import FakeEngine
@@ -57,7 +57,8 @@ if redis_server_path() is None:
 
 PARAMS = GenerationParams("fake", 4, 7.5, 64, 64, "dpm")
 # The queue of the stub's workers by default: every preset, no guide, no LoRA.
-PLAIN_QUEUE = Capabilities.of(presets=FakeEngine().presets.names).queue
+PRESETS = FakeEngine().presets
+PLAIN_QUEUE = Capabilities.of(presets=preset_ids(PRESETS)).queue
 # Every wait in these tests is bounded by this; a run that needs longer is a failure, not a slow pass.
 LIMIT_S = 40.0
 LOCK_S = 2.0
@@ -184,7 +185,7 @@ async def test_remote_workers_store_the_same_images_in_the_same_order_as_the_loc
     workers.spawn(1)
     remote_store = await Store.open(tmp_path / "remote.sqlite3", images_dir=tmp_path / "remote-images")
     remote_queue = await JobQueue.open(remote_store, remote_settings(server))
-    remote_runner = RemoteRunner(remote_queue, remote_settings(server), poll_s=0.2)
+    remote_runner = RemoteRunner(remote_queue, remote_settings(server), presets=PRESETS, poll_s=0.2)
 
     async def start_remote() -> None:
         await live_workers(server, 1)
@@ -210,7 +211,7 @@ async def test_remote_workers_store_the_same_images_in_the_same_order_as_the_loc
 
 async def remote_queue(store: Store, server: RedisServer) -> tuple[JobQueue, RemoteRunner]:
     queue = await JobQueue.open(store, remote_settings(server))
-    return queue, RemoteRunner(queue, remote_settings(server), poll_s=0.2)
+    return queue, RemoteRunner(queue, remote_settings(server), presets=PRESETS, poll_s=0.2)
 
 
 async def test_a_batch_whose_worker_is_killed_finishes_on_another_with_each_image_stored_once(
@@ -359,7 +360,7 @@ async def test_a_batch_past_the_job_timeout_fails_its_job_and_stops_on_its_worke
         await live_workers(server, 1)
         settings = remote_settings(server, job_timeout_s=1.0)
         queue = await JobQueue.open(store, settings)
-        runner = RemoteRunner(queue, settings, poll_s=0.2)
+        runner = RemoteRunner(queue, settings, presets=PRESETS, poll_s=0.2)
         runner.start()
         slow = dataclasses.replace(PARAMS, steps=12)  # 6 s on the worker
         job = await queue.submit(job_request(1, "slow", slow, count=2, seed=5))
@@ -393,7 +394,8 @@ async def test_stopping_the_runner_at_any_moment_ends_within_its_bound(
     rng = random.Random(7)
     for _ in range(20):
         queue = await JobQueue.open(store, settings)
-        runner = RemoteRunner(queue, settings, poll_s=0.0)  # the watch sends commands without a pause
+        # The watch sends commands without a pause.
+        runner = RemoteRunner(queue, settings, presets=PRESETS, poll_s=0.0)
         runner.start()
         await asyncio.sleep(rng.uniform(0.0, 0.1))
         await bounded(runner.stop(1), "the runner stopping", 1 + 2 * CLOSE_S)
@@ -417,7 +419,8 @@ async def guided_runner(
     store: Store, server: RedisServer, sources: Path | None
 ) -> tuple[JobQueue, RemoteRunner]:
     queue = await JobQueue.open(store, remote_settings(server))
-    return queue, RemoteRunner(queue, remote_settings(server), poll_s=0.2, sources_dir=sources)
+    runner = RemoteRunner(queue, remote_settings(server), presets=PRESETS, poll_s=0.2, sources_dir=sources)
+    return queue, runner
 
 
 async def test_a_guided_batch_reaches_a_worker_on_another_data_folder_with_the_bots_exact_source(
@@ -674,7 +677,7 @@ async def test_a_lora_copied_into_a_running_worker_is_used_without_a_restart_and
     digest = write_lora(staged, "ink")
     ink = dataclasses.replace(PARAMS, loras=(Lora("ink", 0.8, digest),))
     reason = "waiting for a GPU worker that has the LoRA ink"
-    presets = FakeEngine().presets.names
+    presets = preset_ids(PRESETS)
     try:
         (process,) = pool.spawn(1)
         await live_workers(server, 1)
@@ -732,7 +735,11 @@ async def test_a_bot_in_redis_mode_loads_no_generator_and_a_worker_makes_what_it
     never builds a generator; it describes an image, its card offers the guides enabled in [guides] (no
     ControlNet here), a worker makes the card's plain and edges jobs, /settings offers every preset, and a
     job for a preset no worker has waits for one rather than being refused."""
-    pool = Workers(server, tmp_path / "workers", step_s=0.01, lock_s=LOCK_S, guides=("layout", "edges"))
+    # The worker's sd-v1-4 is the bot's smoke generator, in a folder of its own.
+    same = {"sd-v1-4": str(tmp_path / "elsewhere" / "generator")}
+    pool = Workers(
+        server, tmp_path / "workers", step_s=0.01, lock_s=LOCK_S, guides=("layout", "edges"), generators=same
+    )
     pool.spawn(1)
     models = dataclasses.replace(base_settings.models, cache_dir=str(describing_cache))
     describing = dataclasses.replace(
