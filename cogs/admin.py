@@ -37,7 +37,11 @@ class AdminCog(commands.GroupCog, name="Admin", group_name="admin", group_descri
         jobs = self.bot.queue.active_jobs()
         locale = member_locale(interaction)
         paused = self.bot.queue.paused
-        notices = [self.bot.workers_notice(locale), self.bot.engine.presets.safety_notice(locale)]
+        notices = [
+            self.bot.workers_notice(locale),
+            self.bot.presets_notice(locale),
+            self.bot.engine.presets.safety_notice(locale),
+        ]
         if not jobs:
             said = (
                 tr(locale, "The queue is empty (paused).")

@@ -52,6 +52,7 @@ from i2p2i_bot.terms import BannedTerms
 
 if TYPE_CHECKING:
     from i2p2i_bot.remote import RemoteRunner
+    from i2p2i_bot.worker_capabilities import Mismatch
 
 log = logging.getLogger("i2p2i.bot")
 
@@ -402,6 +403,29 @@ class I2P2IBot(commands.Bot):
             locale,
             "⚠️ {problem}: jobs wait in the queue and start once the workers can be reached again.",
             problem=tr(locale, problem),
+        )
+
+    def presets_notice(self, locale: str | None = None) -> str | None:
+        """The line /admin queue opens with while live GPU workers give a preset other weights than the
+        bot's config: they get none of its jobs (worker_capabilities.Mismatch)."""
+        runner = getattr(self, "runner", None)
+        mismatches: Sequence[Mismatch] = getattr(runner, "mismatches", ())
+        if not mismatches:
+            return None
+        found = "; ".join(
+            tr(
+                locale,
+                "{preset} ({worker} on a worker, {bot} in the bot's config)",
+                preset=m.preset,
+                worker=m.worker,
+                bot=m.bot,
+            )
+            for m in mismatches
+        )
+        return tr(
+            locale,
+            "⚠️ GPU workers get no jobs of a preset they have with other weights than the bot: {found}.",
+            found=found,
         )
 
     def gpu_lost(self) -> str | None:

@@ -618,6 +618,63 @@ async def test_a_batch_goes_only_to_workers_that_have_its_model_and_waits_naming
         both.stop()
 
 
+async def test_a_worker_whose_config_gives_a_preset_other_weights_gets_none_of_its_jobs(
+    server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose config maps "other" to another generator than the bot's makes plain jobs but no
+    "other" job, which waits naming the model; the bot warns once and /admin queue names both sides in
+    one line; a worker that matches the bot then makes the job, recorded with the bot's generator."""
+    differing = Workers(
+        server, tmp_path / "differing", step_s=0.01, lock_s=LOCK_S, generators={"other": "/w/fake-other-b"}
+    )
+    matching = Workers(server, tmp_path / "matching", step_s=0.01, lock_s=LOCK_S)
+    differing.spawn(1)
+    queue = {"backend": "redis", "redis_url": server.url, "worker_lock_s": LOCK_S, "max_batch_images": 4}
+    try:
+        async with running_fake_discord() as discord:
+            settings = bot_settings(Settings(), tmp_path / "data", discord, **queue)
+            async with running_i2p2i(settings, discord, FakeEngine()) as bot:
+                await bounded(live_workers(server, 1), "the differing worker starting")
+                wanted = await discord.push_slash(
+                    "imagine", {"prompt": "a red kite", "model": "other", "count": 1}
+                )
+                plain = await discord.push_slash("imagine", {"prompt": "a blue kite", "count": 1}, user="bob")
+                await bounded(plain.wait_followup(timeout_s=LIMIT_S), "the plain job's message")
+
+                async def done(job_id: int) -> bool:
+                    job = await bot.store.get_job(job_id)
+                    return job is not None and job.status is JobStatus.COMPLETE
+
+                await until(lambda: done(2), "the plain job finishing on the differing worker")
+                waiting = "⏳ Job #1 is queued, waiting for a GPU worker that has the model other."
+                await discord.wait_until(
+                    lambda: waiting in [m.content for m in (wanted.original, *wanted.followups) if m],
+                    timeout_s=LIMIT_S,
+                    what="the waiting line",
+                )
+                listing = await bounded(discord.push_slash("admin queue", user="owner"), "/admin queue")
+                content = (await bounded(listing.wait_response(), "its answer")).json["data"]["content"]
+                assert content.splitlines()[0] == (
+                    "⚠️ GPU workers get no jobs of a preset they have with other weights than the bot: "
+                    "other (sd1:fake-other-b on a worker, sd1:fake-other in the bot's config)."
+                )
+
+                matching.spawn(1)
+                await until(lambda: done(1), "the other job finishing on the matching worker")
+                record = await bot.store.job_record(1)
+                assert record is not None and len(record.images) == 1
+                assert record.job.request.model == "fake-other"
+        assert [b["preset"] for b in started_batches(differing)] == ["sd-v1-4"]
+        assert [b["preset"] for b in started_batches(matching)] == ["other"]
+        # Seen at every watch from the first until the matching worker was found: warned of once.
+        warned = [r.getMessage() for r in caplog.records if r.name == remote.__name__ and "preset" in r.msg]
+        assert len(warned) == 1, warned
+        assert "has preset other as sd1:fake-other-b, the bot as sd1:fake-other" in warned[0]
+    finally:
+        differing.stop()
+        matching.stop()
+
+
 def write_lora(folder: Path, name: str) -> str:
     """A LoRA file as the library lists it (a safetensors header and no tensors); returns its sha256."""
     header = json.dumps({"__metadata__": {"ss_base_model_version": "sd_v1"}}).encode()
