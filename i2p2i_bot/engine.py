@@ -24,7 +24,7 @@ from i2p2i_bot.gpu import (
     resolve_max_resident,
 )
 from i2p2i_bot.guided import GuideModels, load_guide_models
-from i2p2i_bot.guides import GUIDE_NAMES, GUIDED_FAMILIES, GuideName
+from i2p2i_bot.guides import GUIDE_NAMES, GuideName, fitting
 from i2p2i_bot.interrogate import Captioner, ClipEncoder, Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.loras import LoraLibrary
@@ -261,7 +261,6 @@ class Engine:
 
     def _load_generator(self, chosen: Preset) -> Generator:
         started = time.perf_counter()
-        guided = chosen.family in GUIDED_FAMILIES
         generator = Generator.load(
             chosen.generator,
             chosen.generate,
@@ -270,7 +269,7 @@ class Engine:
             embed_pixels=lambda pixels: self.interrogator_for(chosen.name).embed_pixels(pixels),
             dtype=self.dtype,
             name=chosen.recorded_generator,
-            guides=self.guides if guided else None,
+            guides=self.guides,
             source_images=self.source_images,
             loras=self.loras_for(chosen.family),
             family=chosen.family,
@@ -387,15 +386,13 @@ class Engine:
         return self._guides_for(chosen)
 
     def _guides_for(self, preset: Preset) -> tuple[GuideName, ...]:
-        """The guides a request of `preset` may keep: the guides' weights fit SD 1.x alone. Those loaded
-        here, or for an engine that only describes, those enabled in [guides] (each worker says which it
-        has, and a job waits for one that has them)."""
-        if preset.family not in GUIDED_FAMILIES:
-            return ()
+        """The guides a request of `preset` may keep: those that fit its family (layout every one, the
+        others SD 1.x alone), of those loaded here, or for an engine that only describes, of those enabled
+        in [guides] (each worker says which it has, and a job waits for one that has them)."""
         if self.generates:
-            return self.guides.offered
+            return fitting(self.guides.offered, preset.family)
         enabled = self.settings.guides.enabled
-        return tuple(name for name in GUIDE_NAMES if name in enabled)
+        return fitting((name for name in GUIDE_NAMES if name in enabled), preset.family)
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         preset = self.presets.get(request.preset)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from i2p2i_bot.config import BUILTIN_PRESET, PresetSettings, Settings
-from i2p2i_bot.guides import GUIDED_FAMILIES
+from i2p2i_bot.guides import GUIDE_KINDS
 from i2p2i_bot.presets import Preset, Presets, detect_family, preset_from_settings
 from i2p2i_bot.smoke import SMOKE_LOOK_WEIGHTS, SMOKE_WARNING, SmokeModels, ensure_smoke_models
 
@@ -79,10 +79,11 @@ def resolve_models(settings: Settings) -> ModelSources:
 
 def preset_sources(settings: Settings, preset: Preset) -> ModelSources:
     """The models a preset's cards and images are made with: its generator, its CLIP, the caption model,
-    and the guides' weights (they fit SD 1.x alone)."""
+    and the guides' weights where they fit its family (SD 1.x alone)."""
     g = settings.guides
-    guided = preset.family in GUIDED_FAMILIES
-    edges, depth, look = (guided and name in g.enabled for name in ("edges", "depth", "look"))
+    edges, depth, look = (
+        name in g.enabled and GUIDE_KINDS[name].fits(preset.family) for name in ("edges", "depth", "look")
+    )
     if preset.smoke:
         smoke = ensure_smoke_models(settings.cache_path)
         return ModelSources(
