@@ -471,3 +471,25 @@ def test_an_sdxl_layout_batch_reads_prompt_weights(families: Engine) -> None:
     )
     (made,) = families.generate(request).images
     assert made.image.size == (64, 64)
+
+
+def test_a_bot_whose_default_model_is_sd2_loads_the_guides_with_its_first_sd1_generator(
+    base_settings: Settings,
+) -> None:
+    """The edges ControlNet fits SD 1.x: a bot that loads an sd2 generator first does not load it then,
+    yet offers edges to its SD 1.x preset from the start (its weights are on this machine), and loads it
+    with the first SD 1.x generator, whose guided pipelines keep it; sd2 keeps layout alone."""
+    models = dataclasses.replace(base_settings.models, default_preset="sd2")
+    guides = GuideSettings(enabled=["layout", "edges"])
+    sd2_first = Engine.load(dataclasses.replace(base_settings, models=models, guides=guides))
+    assert sd2_first.resident_presets == ("sd2",)
+    assert sd2_first.guides.edges is None
+    assert sd2_first.guides_for("sd-v1-4") == ("layout", "edges")
+    assert sd2_first.guides_for(None) == sd2_first.guides_for("sdxl") == ("layout",)
+    sd1 = sd2_first.generator_for("sd-v1-4")
+    assert sd1.offered_guides == ("layout", "edges") and sd2_first.guides.edges is not None
+    assert sd2_first.guides.recorded == {"edges": "smoke:edges"}
+    assert sd2_first.guides_for("sd-v1-4") == ("layout", "edges")
+    edges = parse_guides("edges")
+    request = GenerationRequest("a red fox", keep=edges, guide_source=CAT, preset="sd-v1-4")
+    assert sd2_first.plan(request).keep == edges
