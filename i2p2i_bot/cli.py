@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 from i2p2i_bot import __version__
 from i2p2i_bot.backup import BackupError, backup_database
 from i2p2i_bot.config import ConfigError, InterrogateMode, Settings, load_settings
-from i2p2i_bot.guides import GUIDE_KINDS, Guide, GuideError, guides_json, parse_guides
+from i2p2i_bot.guides import GUIDE_KINDS, Guide, GuideError, fitting, guides_json, parse_guides
 from i2p2i_bot.health import HEALTH_FILE, STALE_AFTER_S, check_health
 from i2p2i_bot.images import ImageError, check_declared, check_image, image_sha256, open_image
 from i2p2i_bot.progress_bars import disable_library_bars, is_terminal
@@ -665,7 +665,7 @@ def _check_request(
             raise UsageError("--keep needs a source image: give one with --source IMAGE")
     # A stand-in for the source's hash: the image itself is read later, with the others.
     request = replace(_request(args, prompt), keep=keep, guide_source="0" * 64 if keep else None)
-    guides = settings.guides.enabled if preset.family == "sd1" else ()
+    guides = fitting(settings.guides.enabled, preset.family)
     plan(request, preset.generate, "check", guides, _lora_library(settings, preset.family), preset.name)
     return keep
 

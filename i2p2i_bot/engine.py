@@ -24,7 +24,7 @@ from i2p2i_bot.gpu import (
     resolve_max_resident,
 )
 from i2p2i_bot.guided import GuideModels, load_guide_models
-from i2p2i_bot.guides import GUIDE_NAMES, GUIDED_FAMILIES, GuideName
+from i2p2i_bot.guides import GUIDE_NAMES, GuideName, fitting
 from i2p2i_bot.interrogate import Captioner, ClipEncoder, Interrogator
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.loras import LoraLibrary
@@ -34,6 +34,7 @@ from i2p2i_bot.models import (
     check_downloaded,
     check_preset,
     clip_files,
+    guide_weights_here,
     preset_sources,
     quick_gelu_name,
     resolve_models,
@@ -77,6 +78,11 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.guides = guides
+        # Whether the guides' own weights (edges, depth, look: SD 1.x's) were loaded, or looked for and found
+        # missing: with the first generator they fit, whichever preset loads first.
+        self._guide_weights_loaded = False
+        # Until then, the guides whose weights are on this machine (looked up once).
+        self._guide_weights_here: tuple[GuideName, ...] | None = None
         self.source_images = SourceImages(settings.sources_path)
         # The LoRAs prompts may name, as each family of generator reads them (a LoRA fits one family).
         self._loras: dict[str, LoraLibrary] = {}
@@ -120,8 +126,8 @@ class Engine:
         dtype = resolve_dtype(settings.models.precision, device)
         if generate:
             log.info("loading models on %s in %s: %s", device, dtype, sources.as_dict())
-            # The guides' weights fit SD 1.x: loaded only where such a preset is loaded first.
-            guides = load_guide_models(settings.guides, sources, device, dtype)
+            # Layout needs no weights of its own; the others load with the first generator they fit.
+            guides = GuideModels(layout="layout" in settings.guides.enabled)
         else:
             log.info(
                 "loading the interrogation models on %s in %s (GPU workers make the images): clip %s, "
@@ -170,6 +176,7 @@ class Engine:
             other._generators[self.presets.get(self.first).name] = generator
             other._resident = tuple(other._generators)
             other.guides = generator.guided.models
+            other._guide_weights_loaded = True
             other._loras = {**other._loras, generator.lora_library.family: generator.lora_library}
         return other
 
@@ -261,7 +268,7 @@ class Engine:
 
     def _load_generator(self, chosen: Preset) -> Generator:
         started = time.perf_counter()
-        guided = chosen.family in GUIDED_FAMILIES
+        self._load_guide_weights(chosen)
         generator = Generator.load(
             chosen.generator,
             chosen.generate,
@@ -270,7 +277,7 @@ class Engine:
             embed_pixels=lambda pixels: self.interrogator_for(chosen.name).embed_pixels(pixels),
             dtype=self.dtype,
             name=chosen.recorded_generator,
-            guides=self.guides if guided else None,
+            guides=self.guides,
             source_images=self.source_images,
             loras=self.loras_for(chosen.family),
             family=chosen.family,
@@ -285,6 +292,18 @@ class Engine:
             time.perf_counter() - started,
         )
         return generator
+
+    def _load_guide_weights(self, chosen: Preset) -> None:
+        """Load the enabled guides' weights with the first generator they fit (SD 1.x), so a bot whose
+        default preset is SD 2.x or SDXL offers them on its SD 1.x cards too; once, whether or not they
+        are all here."""
+        if self._guide_weights_loaded:
+            return
+        sources = preset_sources(self.settings, chosen)
+        if sources.edges is None and sources.depth is None and sources.look is None:
+            return  # none enabled, or none fits this preset's family
+        self.guides = load_guide_models(self.settings.guides, sources, self.device, self.dtype)
+        self._guide_weights_loaded = True
 
     def loras_for(self, family: str) -> LoraLibrary:
         """The LoRA library as generators of `family` read it: a LoRA made for another is refused."""
@@ -387,15 +406,18 @@ class Engine:
         return self._guides_for(chosen)
 
     def _guides_for(self, preset: Preset) -> tuple[GuideName, ...]:
-        """The guides a request of `preset` may keep: the guides' weights fit SD 1.x alone. Those loaded
-        here, or for an engine that only describes, those enabled in [guides] (each worker says which it
-        has, and a job waits for one that has them)."""
-        if preset.family not in GUIDED_FAMILIES:
-            return ()
+        """The guides a request of `preset` may keep: those that fit its family (layout every one, the
+        others SD 1.x alone), of those loaded here, or for an engine that only describes, of those enabled
+        in [guides] (each worker says which it has, and a job waits for one that has them)."""
+        if self.generates and self._guide_weights_loaded:
+            return fitting(self.guides.offered, preset.family)
         if self.generates:
-            return self.guides.offered
+            # No generator the weights fit has loaded yet: those on this machine, which it will load.
+            if self._guide_weights_here is None:
+                self._guide_weights_here = guide_weights_here(self.settings, self.presets)
+            return fitting(self._guide_weights_here, preset.family)
         enabled = self.settings.guides.enabled
-        return tuple(name for name in GUIDE_NAMES if name in enabled)
+        return fitting((name for name in GUIDE_NAMES if name in enabled), preset.family)
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         preset = self.presets.get(request.preset)

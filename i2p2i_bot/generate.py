@@ -65,6 +65,7 @@ class Generator:
         source_images: SourceImages | None = None,
         loras: LoraLibrary | None = None,
         preset: str = BUILTIN_PRESET,
+        family: Family = "sd1",
     ) -> None:
         from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
@@ -73,6 +74,8 @@ class Generator:
         self.model = model
         # The model preset this pipeline is, which its plans and batches name.
         self.preset = preset
+        # Its model family (presets.Family): which guides' weights fit it.
+        self.family = family
         self.embed_images = embed_images
         self.embed_pixels = embed_pixels
         self.device = pipe.device
@@ -86,7 +89,8 @@ class Generator:
         self.fast_path = apply_layout_and_fusion(pipe, settings, compiled=mode != "off")
         # Where the sources that guided images keep elements of are found, by hash.
         self.source_images = source_images or SourceImages()
-        self.guided = GuidedPipelines(pipe, guides or GuideModels(), self.source_images)
+        # Layout with the family's own image-to-image pipeline; the other guides where their weights fit.
+        self.guided = GuidedPipelines(pipe, guides or GuideModels(), self.source_images, family=family)
         self.prompts = PromptEncoder(pipe)
         # The LoRAs prompts may name, and those loaded into this pipeline.
         self.lora_library = loras or LoraLibrary(None)
@@ -153,7 +157,8 @@ class Generator:
     ) -> Generator:
         """Load the pipeline from `source`; `name` is what jobs record as its model (default: the source).
 
-        `guides` are the loaded guides' weights (guided.load_guide_models), in the same dtype and device.
+        `guides` are the loaded guides' weights (guided.load_guide_models), in the same dtype and device;
+        those that do not fit `family` are left out.
         `family` picks the pipeline class; a single file (.safetensors/.ckpt) is read with the configs of
         the diffusers folder or Hub id `config`, from this machine only.
         """
@@ -185,6 +190,7 @@ class Generator:
             source_images=source_images,
             loras=loras,
             preset=preset,
+            family=family,
         )
 
     @property

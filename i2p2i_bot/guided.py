@@ -1,6 +1,8 @@
 """Guided generation: the pipelines and inputs that make images keep elements of their source.
 
-- layout: image-to-image from the source, its weight the strength (how much may change);
+- layout: image-to-image from the source, its weight the strength (how much may change), with the
+  family's own pipeline (SD 1.x and 2.x: StableDiffusionImg2ImgPipeline, SDXL its XL one), so any preset
+  may keep it;
 - edges: a ControlNet on the source's Canny edges, its weight the conditioning scale;
 - depth: a ControlNet on the source's depth map (from a depth estimator), its weight the same;
 - edges and depth together: both ControlNets (diffusers' MultiControlNetModel), each with its weight;
@@ -10,9 +12,10 @@
 
 Each pipeline is made from the resident one's components, so the UNet, VAE and text encoder exist once in
 memory; only the ControlNets, the depth estimator and the IP-Adapter are added, and only when their guide
-is enabled. Every image of a batch brings its own source (by hash): the init, edge and depth images and
-the image embeddings are made per image (the pictures scaled to cover the image size and centre-cropped),
-and kept for the next batches from the same source.
+is enabled and fits the pipeline's family (they are SD 1.x weights: guides.GUIDE_KINDS says which fit).
+Every image of a batch brings its own source (by hash): the init, edge and depth images and the image
+embeddings are made per image (the pictures scaled to cover the image size and centre-cropped), and kept
+for the next batches from the same source.
 
 The IP-Adapter lives in the shared UNet's attention processors, which every pipeline runs: its processors
 and image projection are put in place for the batches that keep look only, and the UNet's own (fused or
@@ -22,6 +25,7 @@ not) are put back after each, so the other batches run exactly as without it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import OrderedDict
@@ -35,7 +39,7 @@ from PIL import Image, ImageOps
 
 from i2p2i_bot.acceleration import pipeline_class
 from i2p2i_bot.config import GuideSettings
-from i2p2i_bot.guides import GUIDE_NAMES, Guide, GuideName
+from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, Guide, GuideName
 from i2p2i_bot.models import (
     IMAGE_ENCODER_FOLDER,
     ModelSources,
@@ -128,6 +132,18 @@ class GuideModels:
             "look": self.look is not None,
         }
         return tuple(name for name in GUIDE_NAMES if on[name])
+
+    def fitting(self, family: str) -> GuideModels:
+        """These guides less those whose weights do not fit a model family (layout fits every one)."""
+        kept: dict[str, bool] = {name: GUIDE_KINDS[name].fits(family) for name in GUIDE_NAMES}
+        return dataclasses.replace(
+            self,
+            edges=self.edges if kept["edges"] else None,
+            depth=self.depth if kept["depth"] else None,
+            depth_estimator=self.depth_estimator if kept["depth"] else None,
+            look=self.look if kept["look"] else None,
+            recorded={name: model for name, model in self.recorded.items() if kept[name]},
+        )
 
     def controlnet(self, name: GuideName) -> Any:
         """The ControlNet of a guide that has one."""
@@ -247,16 +263,20 @@ def compiles(keep: Sequence[Guide]) -> bool:
 
 
 class GuidedPipelines:
-    """The guided pipelines over one resident pipeline, and each batch's inputs for them. GPU thread only."""
+    """The guided pipelines over one resident pipeline, and each batch's inputs for them. GPU thread only.
 
-    def __init__(self, pipe: Any, models: GuideModels, sources: SourceImages) -> None:
+    `family` is the resident pipeline's model family (presets.Family): the guides whose weights do not fit
+    it are left out."""
+
+    def __init__(self, pipe: Any, models: GuideModels, sources: SourceImages, *, family: str = "sd1") -> None:
+        models = models.fitting(family)
         self.models = models
         self.sources = sources
         self._unet = pipe.unet
         # Each set of guides but look, with the pipeline class and the extra modules that keep it.
         kinds: list[tuple[frozenset[str], str, dict[str, Any]]] = []
         if models.layout:
-            kinds.append((frozenset({"layout"}), "StableDiffusionImg2ImgPipeline", {}))
+            kinds.append((frozenset({"layout"}), _image_to_image(pipe), {}))
         offered = set(models.offered)
         controls = [name for name in CONTROLNET_GUIDES if name in offered]
         # Every set of ControlNets, alone or with layout; several run as one MultiControlNetModel.
@@ -421,6 +441,14 @@ def _batch_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
 
 
+def _image_to_image(pipe: Any) -> str:
+    """The image-to-image pipeline class over a text-to-image one's modules: SDXL's own for SDXL (its
+    second text encoder and size conditioning), else SD 1.x's and 2.x's (v-prediction stays in the shared
+    scheduler's config)."""
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    return "StableDiffusionXLImg2ImgPipeline" if xl else "StableDiffusionImg2ImgPipeline"
+
+
 def _derived(pipe: Any, stock: str, **components: Any) -> Any:
     """A pipeline of another kind over `pipe`'s own modules, plus `components`.
 
@@ -431,6 +459,9 @@ def _derived(pipe: Any, stock: str, **components: Any) -> Any:
     modules, options = cls._get_signature_keys(cls)
     kwargs = {name: module for name, module in pipe.components.items() if name in modules}
     kwargs.update({name: pipe.config[name] for name in options if name in pipe.config})
+    if "add_watermarker" in options:
+        # SDXL's: not in its config; the derived pipeline marks its images as the resident one does.
+        kwargs["add_watermarker"] = getattr(pipe, "watermark", None) is not None
     kwargs.update(components)  # over the resident pipeline's own (its image_encoder is None)
     derived = cls(**kwargs)
     derived.set_progress_bar_config(disable=True)

@@ -6,7 +6,9 @@ much may change); `edges` keeps outlines and pose (ControlNet on the source's Ca
 conditioning scale; `look` keeps the subject's look and style (an IP-Adapter fed the source; its weight
 the adapter's scale). A member writes a set of guides as
 `NAME[:WEIGHT][,NAME[:WEIGHT]...]`, e.g. `edges:0.9,layout`; a name without a weight takes the kind's
-default. Nothing here imports torch.
+default. Layout runs each family's own image-to-image pipeline, so every preset may keep it; the
+ControlNets and the IP-Adapter are SD 1.x weights, so only SD 1.x presets may keep edges, depth and look.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from i2p2i_bot.i18n import N_, tr
 # Every guide this version knows; the order is the one sets are written and stored in.
 GuideName = Literal["layout", "edges", "depth", "look"]
 GUIDE_NAMES: tuple[GuideName, ...] = get_args(GuideName)
-# The model families the guides' weights fit (the ControlNets, the IP-Adapter and the image-to-image
-# pipeline as loaded are SD 1.x's): a preset of another family is offered none.
-GUIDED_FAMILIES = frozenset({"sd1"})
+# The families the ControlNets' and the IP-Adapter's weights fit, as [guides] loads them.
+SD1_ONLY = frozenset({"sd1"})
 
 
 class GuideError(Exception):
@@ -42,6 +43,12 @@ class GuideKind:
     min_inclusive: bool
     # The weights the guide needs beyond the generator's, as a member reads it; None: nothing more.
     needs: str | None = None
+    # The model families (presets.Family) those weights fit; None: every family (nothing more needed).
+    families: frozenset[str] | None = None
+
+    def fits(self, family: str) -> bool:
+        """Whether a preset of this model family may keep this guide."""
+        return self.families is None or family in self.families
 
     def accepts(self, weight: float) -> bool:
         low_ok = weight >= self.min_weight if self.min_inclusive else weight > self.min_weight
@@ -63,6 +70,7 @@ GUIDE_KINDS: dict[GuideName, GuideKind] = {
         2.0,
         min_inclusive=True,
         needs=N_("the ControlNet weights"),
+        families=SD1_ONLY,
     ),
     "depth": GuideKind(
         "depth",
@@ -72,6 +80,7 @@ GUIDE_KINDS: dict[GuideName, GuideKind] = {
         2.0,
         min_inclusive=True,
         needs=N_("a depth ControlNet and a depth estimator"),
+        families=SD1_ONLY,
     ),
     "look": GuideKind(
         "look",
@@ -81,6 +90,7 @@ GUIDE_KINDS: dict[GuideName, GuideKind] = {
         1.0,
         min_inclusive=True,
         needs=N_("the IP-Adapter weights and its image encoder"),
+        families=SD1_ONLY,
     ),
 }
 
@@ -159,6 +169,11 @@ def not_offered(name: GuideName, enabled: Collection[str]) -> str:
         guide=name,
         keeps=kind.keeps,
     )
+
+
+def fitting(names: Iterable[GuideName], family: str) -> tuple[GuideName, ...]:
+    """Those of `names` a preset of this model family may keep, in their order."""
+    return tuple(name for name in names if GUIDE_KINDS[name].fits(family))
 
 
 def format_guides(guides: Iterable[Guide]) -> str:

@@ -22,7 +22,7 @@ from PIL import Image
 from i2p2i_bot.cards import COLOR, info_embed, shorten, status_text
 from i2p2i_bot.config import GenerateSettings
 from i2p2i_bot.flagged import FlaggedPolicy
-from i2p2i_bot.guides import GUIDED_FAMILIES, Guide, GuideName, not_offered
+from i2p2i_bot.guides import GUIDE_KINDS, Guide, GuideName, not_offered
 from i2p2i_bot.i18n import N_, tr, translate
 from i2p2i_bot.jobs import UPSCALE, Delivery, Job, JobRefused, JobRequest, JobStatus
 from i2p2i_bot.replies import (
@@ -189,15 +189,16 @@ def flagged_policy_in(bot: I2P2IBot, guild_id: int | None, channel: object) -> F
 
 def check_offered(bot: I2P2IBot, names: Iterable[GuideName], preset: str | None) -> None:
     """Refuse, in one sentence, a guide the model `preset` (None: the default one) is not offered now, and
-    say why: its family takes none, the operator has not enabled it, or its weights are not here."""
+    say why: its weights do not fit the model's family, the operator has not enabled it, or its weights
+    are not here."""
     offered = bot.engine.guides_for(preset)
     for name in names:
         if name in offered:
             continue
         chosen = bot.engine.presets.get(preset)  # an unknown preset is its own sentence
-        if chosen.family not in GUIDED_FAMILIES:
+        if not GUIDE_KINDS[name].fits(chosen.family):
             raise Refusal(
-                f"The {chosen.name} model cannot keep {name} of an image: guides fit SD 1.x models only."
+                f"The {chosen.name} model cannot keep {name} of an image: that guide fits SD 1.x models only."
             )
         raise Refusal(not_offered(name, bot.settings.guides.enabled))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from i2p2i_bot.config import BUILTIN_PRESET, PresetSettings, Settings
-from i2p2i_bot.guides import GUIDED_FAMILIES
+from i2p2i_bot.guides import GUIDE_KINDS, GUIDE_NAMES, GuideName
 from i2p2i_bot.presets import Preset, Presets, detect_family, preset_from_settings
 from i2p2i_bot.smoke import SMOKE_LOOK_WEIGHTS, SMOKE_WARNING, SmokeModels, ensure_smoke_models
 
@@ -79,10 +79,11 @@ def resolve_models(settings: Settings) -> ModelSources:
 
 def preset_sources(settings: Settings, preset: Preset) -> ModelSources:
     """The models a preset's cards and images are made with: its generator, its CLIP, the caption model,
-    and the guides' weights (they fit SD 1.x alone)."""
+    and the guides' weights where they fit its family (SD 1.x alone)."""
     g = settings.guides
-    guided = preset.family in GUIDED_FAMILIES
-    edges, depth, look = (guided and name in g.enabled for name in ("edges", "depth", "look"))
+    edges, depth, look = (
+        name in g.enabled and GUIDE_KINDS[name].fits(preset.family) for name in ("edges", "depth", "look")
+    )
     if preset.smoke:
         smoke = ensure_smoke_models(settings.cache_path)
         return ModelSources(
@@ -108,6 +109,35 @@ def preset_sources(settings: Settings, preset: Preset) -> ModelSources:
         look=g.look_model if look else None,
         look_weights=g.look_weights if look else None,
     )
+
+
+def guide_weights_here(settings: Settings, presets: Presets) -> tuple[GuideName, ...]:
+    """The enabled guides a generator of this bot can keep once loaded: layout, and those whose weights
+    are on this machine (found, not loaded) where a preset they fit is configured."""
+    here = {"layout"} if "layout" in settings.guides.enabled else set()
+    for preset in presets:
+        s = preset_sources(settings, preset)
+        wanted: dict[str, list[Callable[[], object]]] = {}
+        if s.edges:
+            wanted["edges"] = [functools.partial(controlnet_folder, s.edges)]
+        if s.depth and s.depth_estimator:
+            wanted["depth"] = [
+                functools.partial(controlnet_folder, s.depth),
+                functools.partial(depth_estimator_folder, s.depth_estimator),
+            ]
+        if s.look and s.look_weights:
+            wanted["look"] = [functools.partial(look_folder, s.look, s.look_weights)]
+        if not wanted:
+            continue  # a family they do not fit: every preset they fit names the same weights
+        for name, locators in wanted.items():
+            try:
+                for locate in locators:
+                    locate()
+            except ModelUnavailable:
+                continue
+            here.add(name)
+        break
+    return tuple(name for name in GUIDE_NAMES if name in here)
 
 
 def resolve_presets(settings: Settings) -> Presets:

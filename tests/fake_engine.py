@@ -9,7 +9,7 @@ from PIL import Image
 
 from i2p2i_bot.batches import BatchResult, GeneratedImage, StepCallback
 from i2p2i_bot.config import BUILTIN_PRESET, GenerateSettings
-from i2p2i_bot.guides import GUIDED_FAMILIES, GuideName
+from i2p2i_bot.guides import GuideName, fitting
 from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.presets import Preset, Presets
 from i2p2i_bot.request import GenerationParams, GenerationRequest, ImageSpec, plan
@@ -27,7 +27,8 @@ class FakeEngine:
     """
 
     settings = GenerateSettings(steps=2, width=64, height=64, min_side=64, max_side=128)
-    # The guides its SD 1.x presets offer; its images keep nothing of a source, so none by default.
+    # The guides it offers (those that fit a preset's family); its images keep nothing of a source, so
+    # none by default.
     offered: tuple[GuideName, ...] = ()
 
     @property
@@ -56,7 +57,7 @@ class FakeEngine:
 
     def guides_for(self, preset: str | None) -> tuple[GuideName, ...]:
         found = self.presets.by_name.get(self.presets.default if preset is None else preset)
-        return self.offered if found is not None and found.family in GUIDED_FAMILIES else ()
+        return fitting(self.offered, found.family) if found is not None else ()
 
     def plan(self, request: GenerationRequest, server: ServerSettings | None = None) -> GenerationRequest:
         preset = self.presets.get(request.preset)

@@ -16,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from i2p2i_bot.config import GuideSettings, Settings
+from i2p2i_bot.config import GuideSettings, PresetSettings, Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.guided import GuidedPipelines, GuideModels, load_guide_models
 from i2p2i_bot.job_controls import ImageActions, job_view
 from i2p2i_bot.jobs import Job, JobStatus
 from i2p2i_bot.models import resolve_models
 from i2p2i_bot.request import GenerationRequest
+from i2p2i_bot.smoke import SmokeModels
 from i2p2i_bot.source_images import SourceImages
 from i2p2i_bot.store import StoredImage
 from tests.bot_harness import bot_settings, running_i2p2i
@@ -62,7 +63,10 @@ def guided_engine(engine: Engine, settings: Settings) -> Callable[[GuideModels],
         generator = copy.copy(engine.generator)
         generator.source_images = SourceImages(settings.sources_path)
         generator.guided = GuidedPipelines(generator.pipe, guides, generator.source_images)
-        return engine.sharing(generator=generator)
+        shared = engine.sharing(generator=generator)
+        # The other presets' generators, loaded there, read the same folder.
+        shared.source_images = generator.source_images
+        return shared
 
     return make
 
@@ -432,15 +436,16 @@ async def test_keep_from_the_image_follows_the_cards_model(
     both_guides: GuideModels,
     astronaut: Image.Image,
 ) -> None:
-    """The guides fit SD 1.x alone: an SD 1.x card lists layout and edges; the same card switched to sd2
-    lists Prompt only (to clear what it keeps), has no Guide weights, and Generate, an old select's edges
-    and an old Guide weights modal are each one sentence that changes nothing; an sd2 card, asked for or
-    the server's model, has no Keep from the image."""
+    """Layout fits every model, edges SD 1.x alone: an SD 1.x card lists layout and edges; the same card
+    switched to sd2 lists layout alone, and while it still keeps edges its Generate, an old select's edges
+    and an old Guide weights modal are each one sentence that changes nothing; keeping layout alone, its
+    Generate makes an sd2 job keeping layout of the card's image; an sd2 card, asked for or the server's
+    model, lists layout too."""
     server = discord_server
     async with running_i2p2i(settings, server, guided_engine(both_guides)) as bot:
         _, card = await describe(server, astronaut)
         assert select_values(card, KEEP) == ["prompt", "layout", "edges"]
-        choose = await server.push_select(card, button(card, KEEP), ["layout"])
+        choose = await server.push_select(card, button(card, KEEP), ["layout", "edges"])
         assert (await choose.wait_response()).json["type"] == 7
         kept = copy.deepcopy(server.message(card.id))  # as a member's client may still show it
         assert any(c.startswith(WEIGHTS) for c in kept.custom_ids())
@@ -449,34 +454,44 @@ async def test_keep_from_the_image_follows_the_cards_model(
         assert (await switch.wait_response()).json["type"] == 7
         card = server.message(card.id)
         assert embed_fields(card)["Model"] == "sd2"
-        assert select_values(card, KEEP) == ["prompt"]
-        assert not any(c.startswith(WEIGHTS) for c in card.custom_ids())
-        refused = "The sd2 model cannot keep layout of an image: guides fit SD 1.x models only."
+        assert select_values(card, KEEP) == ["prompt", "layout"]
+        assert any(c.startswith(WEIGHTS) for c in card.custom_ids())
+        refused = "The sd2 model cannot keep edges of an image: that guide fits SD 1.x models only."
         assert (
             await ephemeral_answer(await server.push_button(card, button(card, "i2p:card:gen:"))) == refused
         )
         assert await bot.store.get_job(1) is None
         edges = await server.push_select(card, button(card, KEEP), ["edges"])
-        assert await ephemeral_answer(edges) == refused.replace("layout", "edges")
+        assert await ephemeral_answer(edges) == refused
         weights = await server.push_button(kept, button(kept, WEIGHTS))
         await weights.wait_response()
         update = await server.push_modal_submit(weights, {"Layout weight (0, 1], default 0.6": "0.5"})
         assert await ephemeral_answer(update) == refused
-        assert [(g.name, g.weight) for g in (await bot.store.card_choices(1)).keep] == [("layout", 0.6)]
+        before = [(g.name, g.weight) for g in (await bot.store.card_choices(1)).keep]
+        assert before == [("layout", 0.6), ("edges", 0.8)]
+
+        layout = await server.push_select(card, button(card, KEEP), ["layout"])
+        assert (await layout.wait_response()).json["type"] == 7
+        card = server.message(card.id)
+        await finished(server, await server.push_button(card, button(card, "i2p:card:gen:")))
+        job = await bot.store.get_job(1)
+        stored = await bot.store.get_interrogation(1)
+        assert job is not None and job.request.preset == "sd2" and stored is not None
+        assert job_guides(bot, 1) == ([{"name": "layout", "weight": 0.6}], stored.source_sha256)
 
         clear = await server.push_select(card, button(card, KEEP), ["prompt"])
         assert (await clear.wait_response()).json["type"] == 7
         assert (await bot.store.card_choices(1)).keep == ()
-        assert select_values(server.message(card.id), KEEP) is None
 
         _, asked = await describe(server, astronaut, model="sd2")
-        assert embed_fields(asked)["Model"] == "sd2" and select_values(asked, KEEP) is None
+        assert embed_fields(asked)["Model"] == "sd2" and select_values(asked, KEEP) == ["prompt", "layout"]
         handle = await server.push_slash("settings set", {"key": "model", "value": "sd2"}, user="owner")
         assert await ephemeral_answer(handle) == "Set model to sd2 for this server."
         _, servers = await describe(server, astronaut)
         card_id = int(button(servers, "i2p:card:gen:").split(":")[3])
         assert (await bot.store.card_choices(card_id)).preset == "sd2"
-        assert select_values(servers, KEEP) is None
+        assert select_values(servers, KEEP) == ["prompt", "layout"]
+        await bot.queue.join()
 
 
 async def test_an_sd1_card_keeps_guides_on_a_bot_whose_default_model_takes_none(
@@ -486,8 +501,8 @@ async def test_an_sd1_card_keeps_guides_on_a_bot_whose_default_model_takes_none(
     both_guides: GuideModels,
     astronaut: Image.Image,
 ) -> None:
-    """With sd2 the bot's default model, its cards offer no guides, and a card for the SD 1.x preset lists
-    layout and edges, and its Generate makes a job keeping layout of the card's image."""
+    """With sd2 the bot's default model, its cards offer layout alone, and a card for the SD 1.x preset
+    lists layout and edges, and its Generate makes a job keeping layout of the card's image."""
     models = dataclasses.replace(settings.models, default_preset="sd2")
     sd2_default = dataclasses.replace(settings, models=models)
     server = discord_server
@@ -496,7 +511,7 @@ async def test_an_sd1_card_keeps_guides_on_a_bot_whose_default_model_takes_none(
         _, plain = await describe(server, astronaut)
         described = await bot.store.get_interrogation(1)
         assert described is not None and described.interrogation.models["clip"] == "smoke:sd2-clip"
-        assert select_values(plain, KEEP) is None
+        assert select_values(plain, KEEP) == ["prompt", "layout"]
 
         _, card = await describe(server, astronaut, model="sd-v1-4")
         assert select_values(card, KEEP) == ["prompt", "layout", "edges"]
@@ -517,24 +532,40 @@ async def test_a_results_vary_and_upscale_follow_its_jobs_model(
     settings: Settings,
     guided_engine: Callable[[GuideModels], Engine],
     both_guides: GuideModels,
+    smoke_models: SmokeModels,
 ) -> None:
-    """An sd2 job's result offers Use as source alone, and an old select's Vary of it is one sentence that
-    keeps no source; an SD 1.x job's result on the same bot offers Vary and Upscale."""
+    """An sd2 job's result offers Vary and Upscale (layout fits every model), and its Vary makes an sd2 job
+    keeping layout of that image; an SD 1.x job's result on the same bot offers them too, and one of an
+    SDXL preset whose default size doubled passes generate.upscale_max_side (the cap is the bot's, the size
+    the preset's: SDXL's 1024 against 1536) offers Vary alone."""
+    xl = PresetSettings(name="xl", generator=str(smoke_models.sdxl), family="sdxl", size=80)
+    capped = dataclasses.replace(
+        settings,
+        generate=dataclasses.replace(settings.generate, upscale_max_side=128),
+        models=dataclasses.replace(settings.models, presets=[xl]),
+    )
     server = discord_server
-    async with running_i2p2i(settings, server, guided_engine(both_guides)) as bot:
+    engine = guided_engine(both_guides).sharing(settings=capped)
+    async with running_i2p2i(capped, server, engine) as bot:
         sd2 = await finished(
             server, await server.push_slash("imagine", {"prompt": "a kite", "count": 1, "model": "sd2"})
         )
-        assert select_values(sd2, "i2p:job:image:1") == ["source:0"]
+        assert select_values(sd2, "i2p:job:image:1") == ["subtle:0", "strong:0", "upscale:0", "source:0"]
         record = await bot.store.job_record(1)
         assert record is not None and record.job.request.preset == "sd2"
         vary = await server.push_select(sd2, "i2p:job:image:1", ["subtle:0"])
-        said = await ephemeral_answer(vary)
-        assert said == "The sd2 model cannot keep layout of an image: guides fit SD 1.x models only."
-        assert await bot.store.get_job(2) is None
-        source = bot.store.source_path(record.images[0].sha256)
-        assert source is not None and not source.exists()
+        varied = await finished(server, vary)
+        job = await bot.store.get_job(2)
+        assert job is not None and job.request.preset == "sd2"
+        assert job_guides(bot, 2) == ([{"name": "layout", "weight": 0.35}], record.images[0].sha256)
+        assert select_values(varied, "i2p:job:image:2") == ["subtle:0", "strong:0", "upscale:0", "source:0"]
 
         sd1 = await finished(server, await server.push_slash("imagine", {"prompt": "a kite", "count": 1}))
-        assert select_values(sd1, "i2p:job:image:2") == ["subtle:0", "strong:0", "upscale:0", "source:0"]
+        assert select_values(sd1, "i2p:job:image:3") == ["subtle:0", "strong:0", "upscale:0", "source:0"]
+        big = await finished(
+            server, await server.push_slash("imagine", {"prompt": "a kite", "count": 1, "model": "xl"})
+        )
+        made = await bot.store.get_job(4)
+        assert made is not None and (made.request.width, made.request.height) == (80, 80)
+        assert select_values(big, "i2p:job:image:4") == ["subtle:0", "strong:0", "source:0"]
         await bot.queue.join()

@@ -334,6 +334,11 @@ def test_inputs_are_checked_before_the_models_load(
             ["imagine-from", "{photos}/cat.jpg", "--keep", "edges"],
             "i2p2i: This bot does not offer the edges guide (available: layout).",
         ),
+        # Layout fits every model family.
+        (
+            ["generate", "a fox", "--model", "sdxl", "--source", "{photos}/cat.jpg", "--keep", "look"],
+            "i2p2i: This bot does not offer the look guide (available: layout).",
+        ),
     ],
 )
 def test_bad_guides_are_one_line_and_exit_2_before_the_models_load(

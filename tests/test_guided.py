@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 
 from i2p2i_bot.config import GuideSettings, Settings
+from i2p2i_bot.engine import Engine
 from i2p2i_bot.generate import Generator
-from i2p2i_bot.guided import GuideModels, canny_edges, fit, load_guide_models
+from i2p2i_bot.guided import GuidedPipelines, GuideModels, canny_edges, fit, load_guide_models
 from i2p2i_bot.guides import parse_guides
 from i2p2i_bot.models import resolve_models
 from i2p2i_bot.request import GenerationError, GenerationRequest
 from i2p2i_bot.smoke import SmokeModels
+from i2p2i_bot.source_images import SourceImages
 
 CPU = torch.device("cpu")
 # Batched or alone, an image may round differently by a level or two of 255 (tests/test_generate.py).
@@ -373,3 +375,121 @@ def test_look_without_its_weights_is_not_offered(
     [line] = [r.getMessage() for r in caplog.records if r.name == "i2p2i_bot.guided"]
     assert line.startswith("the look guide is not offered: its IP-Adapter could not be loaded")
     assert "someone/no-such-adapter" in line
+
+
+@pytest.fixture(scope="module")
+def families(engine: Engine) -> Engine:
+    """The session's engine in a copy (its sd2 and sdxl generators take turns there), whose generators
+    read two sources held in memory."""
+    import skimage.data
+
+    shared = engine.sharing()
+    shared.source_images = SourceImages()
+    shared.source_images.hold(ASTRONAUT, Image.fromarray(skimage.data.astronaut()))
+    shared.source_images.hold(CAT, Image.fromarray(skimage.data.chelsea()))
+    return shared
+
+
+def family_image(
+    engine: Engine, preset: str, keep: str | None, source: str = ASTRONAUT, prompt: str = "a red fox in snow"
+) -> np.ndarray:
+    request = GenerationRequest(
+        prompt,
+        seed=21,
+        steps=4,
+        keep=parse_guides(keep) if keep else (),
+        guide_source=source if keep else None,
+        preset=preset,
+    )
+    (made,) = engine.generate(request).images
+    return np.asarray(made.image, dtype=np.int16)
+
+
+@pytest.mark.parametrize(
+    ("preset", "stock"),
+    [("sd2", "StableDiffusionImg2ImgPipeline"), ("sdxl", "StableDiffusionXLImg2ImgPipeline")],
+)
+def test_sd2_and_sdxl_keep_layout_with_their_own_image_to_image_pipeline(
+    families: Engine, guided: Generator, preset: str, stock: str
+) -> None:
+    """SD 2.x and SDXL presets offer layout alone (edges, depth and look are SD 1.x weights, left out even
+    where loaded), through their family's image-to-image pipeline over the resident modules, SD 2.x's
+    v-prediction kept; a layout image is another than the prompt's alone at the same seed, each source
+    makes its own, and two members' images in one batch keep their own sources."""
+    assert families.guides_for(preset) == ("layout",)
+    generator = families.generator_for(preset)
+    assert generator.offered_guides == ("layout",)
+    every = GuidedPipelines(generator.pipe, guided.guided.models, generator.source_images, family=preset)
+    assert guided.offered_guides == ("layout", "edges", "depth", "look")
+    assert every.models.offered == ("layout",) and every.models.recorded == {}
+    pipe = generator.guided.pipeline(parse_guides("layout"))
+    assert type(pipe).__mro__[1].__name__ == stock
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        assert getattr(pipe, name, None) is getattr(generator.pipe, name, None), name
+
+    plain = family_image(families, preset, None)
+    kept = family_image(families, preset, "layout")
+    assert moved(kept, plain) > CHANGED
+    assert moved(kept, family_image(families, preset, "layout", CAT)) > CHANGED
+    assert np.array_equal(family_image(families, preset, "layout"), kept)
+    wanted = "v_prediction" if preset == "sd2" else "epsilon"
+    assert pipe.scheduler.config.prediction_type == wanted  # the scheduler the batch ran
+
+    planned = [
+        families.plan(
+            GenerationRequest(
+                "a red fox", seed=21, keep=parse_guides("layout"), guide_source=s, preset=preset
+            )
+        )
+        for s in (ASTRONAUT, CAT)
+    ]
+    params = planned[0].params
+    assert planned[1].params == params
+    specs = [planned[0].spec(0), planned[1].spec(0)]
+    together = families.generate_batch(params, specs).images
+    for spec, batched in zip(specs, together, strict=True):
+        (single,) = families.generate_batch(params, [spec]).images
+        difference = np.asarray(batched.image, dtype=np.int16) - np.asarray(single.image, dtype=np.int16)
+        assert np.abs(difference).max() <= BATCH_ROUNDING
+    assert moved(np.asarray(together[0].image, np.int16), np.asarray(together[1].image, np.int16)) > CHANGED
+
+
+def test_an_sdxl_layout_batch_reads_prompt_weights(families: Engine) -> None:
+    """SDXL's image-to-image takes the two-encoder prompt embeddings (pooled one included): (word:1.0) is
+    the plain image, (word:1.5) another, and a weighted negative prompt runs too."""
+    plain = family_image(families, "sdxl", "layout")
+    assert np.array_equal(family_image(families, "sdxl", "layout", prompt="a red (fox:1.0) in snow"), plain)
+    weighted = family_image(families, "sdxl", "layout", prompt="a red (fox:1.5) in snow")
+    assert moved(weighted, plain) > 0
+    request = GenerationRequest(
+        "a (red:1.3) fox",
+        negative_prompt="(blurry:1.4)",
+        seed=21,
+        keep=parse_guides("layout"),
+        guide_source=CAT,
+        preset="sdxl",
+    )
+    (made,) = families.generate(request).images
+    assert made.image.size == (64, 64)
+
+
+def test_a_bot_whose_default_model_is_sd2_loads_the_guides_with_its_first_sd1_generator(
+    base_settings: Settings,
+) -> None:
+    """The edges ControlNet fits SD 1.x: a bot that loads an sd2 generator first does not load it then,
+    yet offers edges to its SD 1.x preset from the start (its weights are on this machine), and loads it
+    with the first SD 1.x generator, whose guided pipelines keep it; sd2 keeps layout alone."""
+    models = dataclasses.replace(base_settings.models, default_preset="sd2")
+    guides = GuideSettings(enabled=["layout", "edges"])
+    sd2_first = Engine.load(dataclasses.replace(base_settings, models=models, guides=guides))
+    assert sd2_first.resident_presets == ("sd2",)
+    assert sd2_first.guides.edges is None
+    assert sd2_first.guides_for("sd-v1-4") == ("layout", "edges")
+    assert sd2_first.guides_for(None) == sd2_first.guides_for("sdxl") == ("layout",)
+    sd1 = sd2_first.generator_for("sd-v1-4")
+    assert sd1.offered_guides == ("layout", "edges") and sd2_first.guides.edges is not None
+    assert sd2_first.guides.recorded == {"edges": "smoke:edges"}
+    assert sd2_first.guides_for("sd-v1-4") == ("layout", "edges")
+    edges = parse_guides("edges")
+    request = GenerationRequest("a red fox", keep=edges, guide_source=CAT, preset="sd-v1-4")
+    assert sd2_first.plan(request).keep == edges

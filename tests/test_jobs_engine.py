@@ -267,7 +267,9 @@ def test_an_engine_that_only_describes_builds_no_generator_and_checks_requests_a
     assert only.available_presets() == ("sd-v1-4", "sd2", "sdxl", "sd1-file")
     assert only.guides_for(None) == ("layout", "edges")  # in canonical order, none of their weights loaded
     assert only.guides_for("sd1-file") == ("layout", "edges")
-    assert only.guides_for("sd2") == only.guides_for("sdxl") == only.guides_for("gone") == ()
+    # Layout fits every family; edges is an SD 1.x ControlNet.
+    assert only.guides_for("sd2") == only.guides_for("sdxl") == ("layout",)
+    assert only.guides_for("gone") == ()
     for preset in only.presets.names:
         assert only.models_for(preset) == engine.models_for(preset)
         plain = GenerationRequest("a red kite", seed=7, preset=preset)
@@ -283,7 +285,7 @@ def test_an_engine_that_only_describes_builds_no_generator_and_checks_requests_a
         "This bot does not offer the look guide (available: layout, edges).": GenerationRequest(
             "a red kite", keep=(Guide("look", 0.5),), guide_source=source
         ),
-        "This bot does not offer the edges guide (available: none).": dataclasses.replace(
+        "This bot does not offer the edges guide (available: layout).": dataclasses.replace(
             edges, preset="sdxl"
         ),
         "The LoRA “ink” was made for another model than this server's": GenerationRequest(
