@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import discord
-import discord.http
-import discord.webhook.async_
 import pytest
 from PIL import Image
 
@@ -27,6 +25,7 @@ from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
 from tests.discord_fake.faults import RateLimitScope
 from tests.discord_fake.world import ATTACH_FILES, SEND_MESSAGES, VIEW_CHANNEL
+from tests.quick_retries import shorten_discord_backoff
 from tests.test_bot import describe, eventually, generate, gpu_blocked
 
 EDIT = "PATCH /webhooks/{app}/{token}/messages/{message}"
@@ -58,18 +57,7 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     Returns the delays discord.py asked for, so a test can still see the backoff it would have waited.
     """
-    asked: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def sleep(delay: float, result: Any = None) -> Any:
-        asked.append(delay)
-        return await real_sleep(delay / 100 if delay >= 1 else delay, result)
-
-    quick = types.SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio)})
-    quick.sleep = sleep
-    monkeypatch.setattr(discord.http, "asyncio", quick)
-    monkeypatch.setattr(discord.webhook.async_, "asyncio", quick)
-    return asked
+    return shorten_discord_backoff(monkeypatch.setattr)
 
 
 @pytest.fixture
