@@ -25,7 +25,7 @@ from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
 from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
 from tests.discord_fake.faults import RateLimitScope
 from tests.discord_fake.world import ATTACH_FILES, SEND_MESSAGES, VIEW_CHANNEL
-from tests.quick_retries import shorten_discord_backoff
+from tests.quick_retries import shorten_retries
 from tests.test_bot import describe, eventually, generate, gpu_blocked
 
 EDIT = "PATCH /webhooks/{app}/{token}/messages/{message}"
@@ -53,11 +53,12 @@ def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Setti
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """discord.py's 5xx backoff (1, 3, 5, 7, 9 s), a hundred times shorter.
+    """discord.py's 5xx backoff (1, 3, 5, 7, 9 s) and the bot's pause between tries of one way of posting,
+    a hundred times shorter.
 
     Returns the delays discord.py asked for, so a test can still see the backoff it would have waited.
     """
-    return shorten_discord_backoff(monkeypatch.setattr)
+    return shorten_retries(monkeypatch.setattr)
 
 
 @pytest.fixture

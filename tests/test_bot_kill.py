@@ -39,8 +39,8 @@ async def server() -> AsyncIterator[FakeDiscord]:
 
 
 class BotProcess:
-    """bot.py runs, one at a time, on one config, with discord.py's 5xx backoff a hundred times shorter (it
-    would wait 25 s for each failed edit); its output is kept in a file per start."""
+    """bot.py runs, one at a time, on one config, with retries a hundred times quicker (each failed edit
+    would wait out 25 s of discord.py's backoff); its output is kept in a file per start."""
 
     def __init__(self, server: FakeDiscord, config: Path, cache_dir: Path, logs: Path) -> None:
         self.server = server
