@@ -8,6 +8,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread for torch, here and in every bot.py, CLI or worker a test starts (they inherit it): the models
+# are tiny, and two threads on a busy 2-core machine spin at each other's barriers (an image took 0.7 s
+# instead of 0.04 s, measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import dataclasses
 import shutil
@@ -24,7 +28,7 @@ from i2p2i_bot.config import GenerateSettings, InterrogateSettings, ModelSetting
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.smoke import SmokeModels, ensure_smoke_models
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Short label lists, so tables embed in a blink. Some entries hold default banned terms on purpose.
 SHORT_LABELS = {
