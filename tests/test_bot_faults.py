@@ -10,8 +10,7 @@ import asyncio
 import logging
 import re
 import types
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import discord
@@ -19,10 +18,9 @@ import pytest
 from PIL import Image
 
 from i2p2i_bot import delivery as result_delivery
-from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
-from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
+from tests.bot_harness import png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord, RecordedCall
 from tests.discord_fake.faults import RateLimitScope
 from tests.discord_fake.world import ATTACH_FILES, SEND_MESSAGES, VIEW_CHANNEL
 from tests.quick_retries import shorten_retries
@@ -35,20 +33,6 @@ READ = "GET /webhooks/{app}/{token}/messages/{message}"
 READ_CHANNEL = "GET /channels/{channel}/messages/{message}"
 # What discord.py makes of one request: the first try and up to four retries.
 DISCORD_PY_TRIES = 5
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
-
-
-@pytest.fixture
-def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Settings]:
-    def make(fake: FakeDiscord, **queue: Any) -> Settings:
-        return bot_settings(base_settings, tmp_path / "data", fake, **queue)
-
-    return make
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,13 @@ from i2p2i_bot.pending_describes import RESTARTED
 from i2p2i_bot.smoke import SmokeModels
 from tests import test_bot_lifecycle as lifecycle
 from tests.bot_harness import png_bytes
-from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
+from tests.discord_fake import FakeDiscord, RecordedCall
 from tests.discord_fake.__main__ import toml_string
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EDIT = "PATCH /webhooks/{app}/{token}/messages/{message}"
 POST = "POST /channels/{channel}/messages"
 START_S = 120.0
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
 
 
 class BotProcess:
