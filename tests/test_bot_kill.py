@@ -1,6 +1,7 @@
 """bot.py killed (SIGKILL) at the worst moment of a delivery: Discord has the result, the store does not know.
 
-The real bot.py in a subprocess against the loopback Discord in this process. The fake kills the bot the
+The real bot.py in a subprocess (started through tests/quick_retries.py, which only shortens the pauses
+between retries) against the loopback Discord in this process. The fake kills the bot the
 moment it has applied the result's upload, before its answer leaves, so the bot never learns that the post
 worked; a second bot.py on the same data directory must then leave exactly one result for the member.
 """
