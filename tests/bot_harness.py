@@ -44,6 +44,13 @@ def bot_settings(base: Settings, data_dir: Path, server: FakeDiscord, **queue: A
     )
 
 
+def moderated_settings(base: Settings, data_dir: Path, server: FakeDiscord) -> Settings:
+    """bot_settings, with the server's Moderator role among the bot's admin roles (server settings)."""
+    made = bot_settings(base, data_dir, server)
+    role = server.role("Moderator").id
+    return dataclasses.replace(made, discord=dataclasses.replace(made.discord, admin_role_ids=[role]))
+
+
 class TestBot(I2P2IBot):
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         """No 5 s pause before a re-IDENTIFY: that is Discord's rate limit, not ours to test."""

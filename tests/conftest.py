@@ -8,23 +8,28 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread for torch (it reads this when imported), here and in every bot.py, CLI or worker a test starts
+# (they inherit it): the models are tiny, and two threads on a busy 2-core machine spin at each other's
+# barriers (an image took 0.7 s instead of 0.04 s, measured). A value set outside is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import dataclasses
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
 from i2p2i_bot.config import GenerateSettings, InterrogateSettings, ModelSettings, Settings
 from i2p2i_bot.engine import Engine
+from i2p2i_bot.gpu import GpuWorker
 from i2p2i_bot.smoke import SmokeModels, ensure_smoke_models
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+from i2p2i_bot.store import Store
+from tests.bot_harness import bot_settings
+from tests.discord_fake import FakeDiscord, running_fake_discord
 
 # Short label lists, so tables embed in a blink. Some entries hold default banned terms on purpose.
 SHORT_LABELS = {
@@ -129,6 +134,45 @@ def engine(base_settings: Settings, smoke_models: SmokeModels) -> Engine:
 def settings(base_settings: Settings, tmp_path: Path) -> Settings:
     """base_settings with a fresh data directory per test."""
     return dataclasses.replace(base_settings, data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture
+def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for a bot that talks to a given loopback Discord, with queue settings changed as asked."""
+
+    def make(server: FakeDiscord, **queue: Any) -> Settings:
+        return bot_settings(base_settings, tmp_path / "data", server, **queue)
+
+    return make
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    """The loopback Discord, fresh for each test."""
+    async with running_fake_discord() as server:
+        yield server
+
+
+@pytest.fixture
+def server(discord_server: FakeDiscord) -> FakeDiscord:
+    """discord_server, by the shorter name the delivery, fault and process tests use."""
+    return discord_server
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """An empty store of jobs and images in this test's folder."""
+    store = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def gpu() -> Iterator[GpuWorker]:
+    """The GPU thread, closed after the test."""
+    worker = GpuWorker()
+    yield worker
+    worker.close(timeout_s=30)
 
 
 @pytest.fixture(scope="session")

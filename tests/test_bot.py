@@ -11,7 +11,6 @@ import itertools
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -28,8 +27,8 @@ from i2p2i_bot.interrogation import Candidate, Interrogation
 from i2p2i_bot.models import resolve_presets
 from i2p2i_bot.replies import WITHDRAWN
 from i2p2i_bot.store import CardChoices, Store, StoredInterrogation
-from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.bot_harness import png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.discord_fake.validation import check_message
 from tests.safety import flagging_everything
 
@@ -38,20 +37,6 @@ FOLLOWUP = "POST /webhooks/{app}/{token}"
 # A real photograph's PNG cut in half: the header is fine, the pixels are not all there.
 TRUNCATED_PNG = png_bytes(Image.effect_noise((128, 128), 64).convert("RGB"))[:6000]
 EDIT_FOLLOWUP = "PATCH /webhooks/{app}/{token}/messages/{message}"
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
-
-
-@pytest.fixture
-def settings_for(base_settings: Settings, tmp_path: Path):
-    def make(server: FakeDiscord, **queue: object) -> Settings:
-        return bot_settings(base_settings, tmp_path / "data", server, **queue)
-
-    return make
 
 
 def card_ids(message) -> list[str]:

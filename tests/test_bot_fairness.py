@@ -8,10 +8,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from i2p2i_bot.app import I2P2IBot
@@ -21,7 +20,7 @@ from i2p2i_bot.gpu import Priority
 from i2p2i_bot.interrogation import Interrogation
 from i2p2i_bot.request import GenerationParams, ImageSpec
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, InteractionHandle, running_fake_discord
+from tests.discord_fake import FakeDiscord, InteractionHandle
 from tests.fake_engine import FakeEngine
 
 CALLBACK = "POST /interactions/{interaction}/{token}/callback"
@@ -49,12 +48,6 @@ class RecordingEngine(FakeEngine):
     ) -> BatchResult:
         self.calls.append(f"generate {len(specs)}")
         return super().generate_batch(params, specs, on_step)
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
 
 
 def settings_with_cap(base: Settings, data_dir: Path, server: FakeDiscord, cap: int) -> Settings:

@@ -10,23 +10,20 @@ import asyncio
 import logging
 import re
 import types
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import discord
-import discord.http
-import discord.webhook.async_
 import pytest
 from PIL import Image
 
 from i2p2i_bot import delivery as result_delivery
-from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
-from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
+from tests.bot_harness import png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord, RecordedCall
 from tests.discord_fake.faults import RateLimitScope
 from tests.discord_fake.world import ATTACH_FILES, SEND_MESSAGES, VIEW_CHANNEL
+from tests.quick_retries import shorten_retries
 from tests.test_bot import describe, eventually, generate, gpu_blocked
 
 EDIT = "PATCH /webhooks/{app}/{token}/messages/{message}"
@@ -38,38 +35,14 @@ READ_CHANNEL = "GET /channels/{channel}/messages/{message}"
 DISCORD_PY_TRIES = 5
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
-
-
-@pytest.fixture
-def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Settings]:
-    def make(fake: FakeDiscord, **queue: Any) -> Settings:
-        return bot_settings(base_settings, tmp_path / "data", fake, **queue)
-
-    return make
-
-
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """discord.py's 5xx backoff (1, 3, 5, 7, 9 s), a hundred times shorter.
+    """discord.py's 5xx backoff (1, 3, 5, 7, 9 s) and the bot's pause between tries of one way of posting,
+    a hundred times shorter.
 
     Returns the delays discord.py asked for, so a test can still see the backoff it would have waited.
     """
-    asked: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def sleep(delay: float, result: Any = None) -> Any:
-        asked.append(delay)
-        return await real_sleep(delay / 100 if delay >= 1 else delay, result)
-
-    quick = types.SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio)})
-    quick.sleep = sleep
-    monkeypatch.setattr(discord.http, "asyncio", quick)
-    monkeypatch.setattr(discord.webhook.async_, "asyncio", quick)
-    return asked
+    return shorten_retries(monkeypatch.setattr)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """bot.py killed (SIGKILL) at the worst moment of a delivery: Discord has the result, the store does not know.
 
-The real bot.py in a subprocess against the loopback Discord in this process. The fake kills the bot the
+The real bot.py in a subprocess (started through tests/quick_retries.py, which only shortens the pauses
+between retries) against the loopback Discord in this process. The fake kills the bot the
 moment it has applied the result's upload, before its answer leaves, so the bot never learns that the post
 worked; a second bot.py on the same data directory must then leave exactly one result for the member.
 """
@@ -12,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from i2p2i_bot.pending_describes import RESTARTED
 from i2p2i_bot.smoke import SmokeModels
 from tests import test_bot_lifecycle as lifecycle
 from tests.bot_harness import png_bytes
-from tests.discord_fake import FakeDiscord, RecordedCall, running_fake_discord
+from tests.discord_fake import FakeDiscord, RecordedCall
 from tests.discord_fake.__main__ import toml_string
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +32,9 @@ POST = "POST /channels/{channel}/messages"
 START_S = 120.0
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
-
-
 class BotProcess:
-    """bot.py runs, one at a time, on one config; its output is kept in a file per start."""
+    """bot.py runs, one at a time, on one config, with retries a hundred times quicker (each failed edit
+    would wait out 25 s of discord.py's backoff); its output is kept in a file per start."""
 
     def __init__(self, server: FakeDiscord, config: Path, cache_dir: Path, logs: Path) -> None:
         self.server = server
@@ -73,7 +68,7 @@ class BotProcess:
         self.starts += 1
         with (self.logs / f"bot-{self.starts}.log").open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "bot.py", "--config", str(self.config)],
+                [sys.executable, "-m", "tests.quick_retries", "--config", str(self.config)],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdout=log,

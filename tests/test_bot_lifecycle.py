@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ import pytest
 from i2p2i_bot import app
 from i2p2i_bot.config import Settings
 from tests.bot_harness import bot_settings, running_i2p2i
-from tests.discord_fake import FakeDiscord, running_fake_discord
+from tests.discord_fake import FakeDiscord
 from tests.discord_fake.__main__ import toml_string
 from tests.fake_engine import FakeEngine
 
@@ -34,12 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # What every test here allows a bot.py stop, well inside the 75 s compose and systemd give it.
 STOP_S = 5.0
 LOGIN = "GET /users/@me"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,15 +26,9 @@ from i2p2i_bot.generate import Generator
 from i2p2i_bot.loras import Lora, LoraLibrary
 from i2p2i_bot.smoke import SmokeModels, write_smoke_lora
 from tests.bot_harness import bot_settings, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.stub_engine import StubEngine
 from tests.test_bot import embed_fields, ephemeral_answer
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,8 +17,8 @@ from PIL import Image
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.flagged import FlaggedPolicy
-from tests.bot_harness import bot_settings, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.bot_harness import moderated_settings, running_i2p2i
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.discord_fake.world import ATTACH_FILES, SEND_MESSAGES
 from tests.safety import flagging_everything
 from tests.test_bot import gpu_blocked
@@ -29,16 +28,8 @@ WITHHELD_ONE = "1 image(s) withheld: the safety checker flagged them."
 
 
 @pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
-
-
-@pytest.fixture
 def settings(base_settings: Settings, tmp_path: Path, discord_server: FakeDiscord) -> Settings:
-    made = bot_settings(base_settings, tmp_path / "data", discord_server)
-    role = discord_server.role("Moderator").id
-    return dataclasses.replace(made, discord=dataclasses.replace(made.discord, admin_role_ids=[role]))
+    return moderated_settings(base_settings, tmp_path / "data", discord_server)
 
 
 async def imagine(server: FakeDiscord, *, count: int = 1, **where: Any) -> tuple[int, Any]:

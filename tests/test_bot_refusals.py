@@ -7,8 +7,7 @@ after a public deferral turns the placeholder into a neutral line and tells the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,26 +16,12 @@ from PIL import Image
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.replies import WITHDRAWN
-from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, running_fake_discord
+from tests.bot_harness import png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord
 from tests.discord_fake.interactions import CHANNEL_MESSAGE, InteractionHandle
 from tests.test_bot import button, describe, ephemeral_answer, gpu_blocked
 
 CALLBACK = "POST /interactions/{interaction}/{token}/callback"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
-
-
-@pytest.fixture
-def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Settings]:
-    def make(fake: FakeDiscord, **queue: Any) -> Settings:
-        return bot_settings(base_settings, tmp_path / "data", fake, **queue)
-
-    return make
 
 
 def public_texts(server: FakeDiscord) -> list[str]:

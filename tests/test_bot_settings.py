@@ -3,8 +3,6 @@ channels; members get them in every command; the settings live in SQLite across 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -13,22 +11,14 @@ from PIL import Image
 
 from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
-from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.bot_harness import moderated_settings, png_bytes, running_i2p2i
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.test_bot import ephemeral_answer
 
 
 @pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
-
-
-@pytest.fixture
 def settings(base_settings: Settings, tmp_path: Path, discord_server: FakeDiscord) -> Settings:
-    made = bot_settings(base_settings, tmp_path / "data", discord_server)
-    role = discord_server.role("Moderator").id
-    return dataclasses.replace(made, discord=dataclasses.replace(made.discord, admin_role_ids=[role]))
+    return moderated_settings(base_settings, tmp_path / "data", discord_server)
 
 
 async def set_setting(server: FakeDiscord, key: str, value: str, *, user: str = "mod") -> str:

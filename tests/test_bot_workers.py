@@ -6,25 +6,18 @@ runs the real one).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from i2p2i_bot.config import Settings
 from tests.bot_harness import bot_settings, running_i2p2i
-from tests.discord_fake import FakeDiscord, running_fake_discord
+from tests.discord_fake import FakeDiscord
 from tests.fake_engine import FakeEngine
 
 EPHEMERAL = 64
 UNREACHABLE = "GPU workers unreachable"
 NOTICE = "⚠️ GPU workers unreachable: jobs wait in the queue and start once the workers can be reached again."
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
 
 
 async def answer(server: FakeDiscord, command: str, user: str) -> dict[str, object]:

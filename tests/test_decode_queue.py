@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import io
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,13 @@ from i2p2i_bot.config import IntakeSettings, Settings
 from i2p2i_bot.decode_queue import WAITING_LINE, DecodeQueue
 from i2p2i_bot.images import ImageError, decode_cost
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, running_fake_discord
+from tests.discord_fake import FakeDiscord
 from tests.fake_engine import FakeEngine
 
 FOLLOWUP = "POST /webhooks/{app}/{token}"
 EDIT = "PATCH /webhooks/{app}/{token}/messages/{message}"
 # Room for one 1500×1500 RGB picture's decoding (8 bytes a pixel: 17.2 MiB), not for two.
 BUDGET_MB = 20
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
 
 
 def budget_settings(base_settings: Settings, tmp_path: Path, server: FakeDiscord) -> Settings:

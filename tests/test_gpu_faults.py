@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,6 @@ from tests.requests import job_request
 
 # Stored PNGs against images made alone: batch composition may move a float by an ulp, not a pixel level.
 PIXEL_TOLERANCE = 2
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images")
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-def gpu() -> Iterator[GpuWorker]:
-    worker = GpuWorker()
-    yield worker
-    worker.close(timeout_s=30)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ from i2p2i_bot.jobs import Job
 from i2p2i_bot.request import GenerationParams
 from i2p2i_bot.store import Store
 from tests.bot_harness import bot_settings, running_i2p2i
-from tests.discord_fake import FakeDiscord, running_fake_discord
+from tests.discord_fake import FakeDiscord
 from tests.fake_engine import FakeEngine
 from tests.requests import job_request
 
@@ -293,12 +293,6 @@ async def read_job(settings: Settings, job_id: int) -> Job:
 
 
 # --- the running bot ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
 
 
 async def test_the_running_bot_keeps_a_heartbeat(

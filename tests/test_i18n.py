@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
 import discord
-import pytest
 from discord import app_commands
 from PIL import Image
 
@@ -29,7 +27,7 @@ from i2p2i_bot.request import GenerationRequest
 from i2p2i_bot.runner import GPU_FAULT_REASON
 from i2p2i_bot.server_settings import SettingError
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.test_bot import button, ephemeral_answer, gpu_blocked
 
 ZH = catalogue("zh-CN")
@@ -81,12 +79,6 @@ def test_finished_sentences_are_matched_to_their_templates() -> None:
     )
     # Without an entry a sentence stays English rather than being lost.
     assert translate("A sentence nobody translated.", "zh-CN") == "A sentence nobody translated."
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
 
 
 async def test_a_zh_cn_member_reads_chinese_and_the_commands_carry_it(

@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -78,13 +78,6 @@ def workers(server: RedisServer, tmp_path: Path) -> Iterator[Workers]:
     pool = Workers(server, tmp_path / "workers", step_s=0.05, lock_s=LOCK_S)
     yield pool
     pool.stop()
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images")
-    yield store
-    await store.close()
 
 
 def remote_settings(server: RedisServer, **more: Any) -> QueueSettings:

@@ -4,7 +4,6 @@ message content only when discord.reply_edits is on."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -15,18 +14,12 @@ from i2p2i_bot.config import Settings
 from i2p2i_bot.engine import Engine
 from i2p2i_bot.smoke import SmokeModels, write_smoke_lora
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.test_bot import button, describe
 
 MESSAGE_CONTENT = 1 << 15
 EDIT_MESSAGE = "PATCH /channels/{channel}/messages/{message}"
 GUILD_MESSAGES = 1 << 9
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
 
 
 @pytest.fixture

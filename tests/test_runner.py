@@ -6,10 +6,8 @@ import asyncio
 import dataclasses
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
-import pytest
 from PIL import Image
 
 from i2p2i_bot.cards import status_text
@@ -28,20 +26,6 @@ from tests.requests import job_request
 PARAMS = GenerationParams("tiny", 3, 7.5, 64, 64, "dpm")
 A, B, C = 1, 2, 3
 ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "db.sqlite3", images_dir=tmp_path / "images")
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-def gpu() -> Iterator[GpuWorker]:
-    worker = GpuWorker()
-    yield worker
-    worker.close(timeout_s=5)
 
 
 def request(owner: int, count: int = 1, prompt: str | None = None) -> JobRequest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -17,7 +16,7 @@ from i2p2i_bot.engine import Engine
 from i2p2i_bot.guides import Guide
 from i2p2i_bot.request import GenerationError, size_for_aspect
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.test_bot import button, ephemeral_answer
 
 SD = GenerateSettings(width=512, height=512, min_side=256, max_side=768)
@@ -41,12 +40,6 @@ def test_an_unknown_aspect_ratio_is_one_sentence() -> None:
     with pytest.raises(GenerationError) as info:
         size_for_aspect("4:3", SD)
     assert str(info.value) == "The aspect ratio must be one of 1:1, 3:2, 2:3, 16:9, 9:16 (got “4:3”)."
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
 
 
 @pytest.fixture

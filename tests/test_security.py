@@ -14,7 +14,7 @@ import logging
 import pkgutil
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +42,6 @@ ATTACHMENT_GETS = (
 # Shaped like a real bot token (base64 user id, timestamp, HMAC), and found nowhere else.
 TOKEN = "MTU3NDQ4NDIxOTExODM1NDQzNQ.GqZ7xK.s3cr3t-T0ken-n0t-t0-b3-f0und-AnywHere_xYz"
 SECRET_DETAIL = "internal-detail-7f3a9c"
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as fake:
-        yield fake
-
-
-@pytest.fixture
-def settings_for(base_settings: Settings, tmp_path: Path) -> Callable[..., Settings]:
-    def make(fake: FakeDiscord, **queue: Any) -> Settings:
-        return bot_settings(base_settings, tmp_path / "data", fake, **queue)
-
-    return make
 
 
 # Bookkeeping of answers in flight: a describe's row goes just after its card is posted, which a test that
