@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -105,6 +106,8 @@ class Workers:
             encoding="utf-8",
         )
         self.processes: list[subprocess.Popen[bytes]] = []
+        # A test that forgets stop() must not leave workers dialling a Redis that is gone, past the run.
+        atexit.register(self.stop)
 
     def spawn(self, n: int = 1) -> list[subprocess.Popen[bytes]]:
         env = {

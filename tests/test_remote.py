@@ -791,59 +791,62 @@ async def test_a_bot_in_redis_mode_loads_no_generator_and_a_worker_makes_what_it
         server, tmp_path / "workers", step_s=0.01, lock_s=LOCK_S, guides=("layout", "edges"), generators=same
     )
     pool.spawn(1)
-    models = dataclasses.replace(base_settings.models, cache_dir=str(describing_cache))
-    describing = dataclasses.replace(
-        base_settings, models=models, guides=GuideSettings(enabled=["edges", "layout"])
-    )
-    queue = {"backend": "redis", "redis_url": server.url, "worker_lock_s": LOCK_S, "max_batch_images": 4}
-    async with running_fake_discord() as discord:
-        settings = bot_settings(describing, tmp_path / "data", discord, **queue)
-        with modules_built() as built:
-            async with running_i2p2i(settings, discord, None) as bot:
-                engine = bot.engine
-                assert isinstance(engine, Engine) and not engine.generates
-                await live_workers(server, 1)
+    try:
+        models = dataclasses.replace(base_settings.models, cache_dir=str(describing_cache))
+        describing = dataclasses.replace(
+            base_settings, models=models, guides=GuideSettings(enabled=["edges", "layout"])
+        )
+        queue = {"backend": "redis", "redis_url": server.url, "worker_lock_s": LOCK_S, "max_batch_images": 4}
+        async with running_fake_discord() as discord:
+            settings = bot_settings(describing, tmp_path / "data", discord, **queue)
+            with modules_built() as built:
+                async with running_i2p2i(settings, discord, None) as bot:
+                    engine = bot.engine
+                    assert isinstance(engine, Engine) and not engine.generates
+                    await live_workers(server, 1)
 
-                _, card = await describe(discord, astronaut)
-                assert card.embeds[0]["title"] == "Prompt · best"
-                keep = button(card, "i2p:card:keep:")
-                select = card.component(keep)
-                assert select is not None
-                assert [o["value"] for o in select["options"]] == ["prompt", "layout", "edges"]
-                await made(discord, card)
-                chosen = await discord.push_select(card, keep, ["edges"])
-                assert (await chosen.wait_response()).json["type"] == 7
-                await made(discord, discord.message(card.id))
-                stored = await bot.store.get_interrogation(1)
-                assert stored is not None
-                batches = started_batches(pool)
-                assert [(b["preset"], b["guides"]) for b in batches] == [
-                    ("sd-v1-4", []),
-                    ("sd-v1-4", ["edges"]),
-                ]
-                assert batches[1]["sources"] == [stored.source_sha256]
-                for job_id in (1, 2):
-                    record = await bot.store.job_record(job_id)
-                    assert record is not None and record.job.status == "complete"
-                    assert len(record.images) == 1
+                    _, card = await describe(discord, astronaut)
+                    assert card.embeds[0]["title"] == "Prompt · best"
+                    keep = button(card, "i2p:card:keep:")
+                    select = card.component(keep)
+                    assert select is not None
+                    assert [o["value"] for o in select["options"]] == ["prompt", "layout", "edges"]
+                    await made(discord, card)
+                    chosen = await discord.push_select(card, keep, ["edges"])
+                    assert (await chosen.wait_response()).json["type"] == 7
+                    await made(discord, discord.message(card.id))
+                    stored = await bot.store.get_interrogation(1)
+                    assert stored is not None
+                    batches = started_batches(pool)
+                    assert [(b["preset"], b["guides"]) for b in batches] == [
+                        ("sd-v1-4", []),
+                        ("sd-v1-4", ["edges"]),
+                    ]
+                    assert batches[1]["sources"] == [stored.source_sha256]
+                    for job_id in (1, 2):
+                        record = await bot.store.job_record(job_id)
+                        assert record is not None and record.job.status == "complete"
+                        assert len(record.images) == 1
 
-                # sdxl's UNet is not on the bot's machine, nor is the preset on the worker: /settings
-                # offers it, and a job of it waits for a worker that has it.
-                answer = await discord.push_slash(
-                    "settings set", {"key": "model", "value": "sdxl"}, user="owner"
-                )
-                assert await ephemeral_answer(answer) == "Set model to sdxl for this server."
-                wanted = await discord.push_slash("imagine", {"prompt": "a red kite"})
-                await wanted.wait_followup(timeout_s=LIMIT_S)
-                waiting = "⏳ Job #3 is queued, waiting for a GPU worker that has the model sdxl."
-                await discord.wait_until(
-                    lambda: waiting in [m.content for m in (wanted.original, *wanted.followups) if m],
-                    timeout_s=LIMIT_S,
-                    what="the waiting line",
-                )
-                assert engine.resident_presets == ()
-        assert built & GENERATOR_MODULES == set()
-        assert {"VisionTransformer", "BlipVisionEmbeddings"} <= built
+                    # sdxl's UNet is not on the bot's machine, nor is the preset on the worker: /settings
+                    # offers it, and a job of it waits for a worker that has it.
+                    answer = await discord.push_slash(
+                        "settings set", {"key": "model", "value": "sdxl"}, user="owner"
+                    )
+                    assert await ephemeral_answer(answer) == "Set model to sdxl for this server."
+                    wanted = await discord.push_slash("imagine", {"prompt": "a red kite"})
+                    await wanted.wait_followup(timeout_s=LIMIT_S)
+                    waiting = "⏳ Job #3 is queued, waiting for a GPU worker that has the model sdxl."
+                    await discord.wait_until(
+                        lambda: waiting in [m.content for m in (wanted.original, *wanted.followups) if m],
+                        timeout_s=LIMIT_S,
+                        what="the waiting line",
+                    )
+                    assert engine.resident_presets == ()
+            assert built & GENERATOR_MODULES == set()
+            assert {"VisionTransformer", "BlipVisionEmbeddings"} <= built
+    finally:
+        pool.stop()
 
 
 async def made(discord: FakeDiscord, card: StoredMessage) -> StoredMessage:
