@@ -755,7 +755,8 @@ def _result_json(
     guide_models = engine.guides.recorded
     return {
         "negative_prompt": first.negative_prompt if first else "",
-        "params": {k: v for k, v in asdict(params).items() if k not in ("model", "keep", "loras")},
+        # (An upscale is a result's control in Discord; the command line makes none.)
+        "params": {k: v for k, v in asdict(params).items() if k not in ("model", "keep", "loras", "upscale")},
         # What the images keep of the source besides the prompt, each guide with its weight (and the
         # model its weights come from, where it has its own).
         "keep": [
