@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,18 +27,12 @@ from i2p2i_bot.smoke import SmokeModels
 from i2p2i_bot.source_images import SourceImages
 from i2p2i_bot.store import StoredImage
 from tests.bot_harness import bot_settings, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.test_bot import button, describe, embed_fields, ephemeral_answer
 
 BOTH = GuideSettings(enabled=["layout", "edges"])
 KEEP = "i2p:card:keep:"
 WEIGHTS = "i2p:card:wts:"
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
 from PIL import Image
 
 from cogs.imagine import preset_choices
@@ -16,15 +14,9 @@ from i2p2i_bot.engine import Engine
 from i2p2i_bot.models import resolve_presets
 from i2p2i_bot.presets import Preset, Presets
 from tests.bot_harness import bot_settings, png_bytes, running_i2p2i
-from tests.discord_fake import FakeDiscord, StoredMessage, running_fake_discord
+from tests.discord_fake import FakeDiscord, StoredMessage
 from tests.fake_engine import FakeEngine, OneModelEngine
 from tests.test_bot import ephemeral_answer
-
-
-@pytest.fixture
-async def discord_server() -> AsyncIterator[FakeDiscord]:
-    async with running_fake_discord() as server:
-        yield server
 
 
 def button(message: StoredMessage, prefix: str) -> str:
