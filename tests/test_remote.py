@@ -631,6 +631,9 @@ async def test_a_worker_whose_config_gives_a_preset_other_weights_gets_none_of_i
                 wanted = await discord.push_slash(
                     "imagine", {"prompt": "a red kite", "model": "other", "count": 1}
                 )
+                # Queued before the plain one, so it is job #1: requests are planned on threads, and two
+                # pushed at once may be numbered in either order.
+                await bounded(wanted.wait_followup(timeout_s=LIMIT_S), "the other job's message")
                 plain = await discord.push_slash("imagine", {"prompt": "a blue kite", "count": 1}, user="bob")
                 await bounded(plain.wait_followup(timeout_s=LIMIT_S), "the plain job's message")
 
