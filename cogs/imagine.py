@@ -262,29 +262,8 @@ class ImagineCog(commands.Cog, name="Imagine"):
         except (ImageError, Refusal) as exc:
             await report_error(interaction, exc)
             return
-        if sampling.preset is not None:
-            await bot.store.set_card_preset(stored.id, sampling.preset)
-        if sampling.sampling:
-            await bot.store.set_card_sampling(
-                stored.id,
-                steps=sampling.steps,
-                guidance=sampling.guidance,
-                aspect=sampling.aspect,
-                scheduler=sampling.scheduler,
-            )
-        # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
-        thumbnail = await asyncio.to_thread(thumbnail_file, intake.image)
-        message = await card_message(
-            bot,
-            stored,
-            interaction.user.display_name,
-            count,
-            thumbnail,
-            guild_id=interaction.guild_id,
-            locale=channel_locale(interaction),
-        )
-        await answer_deferred(interaction, message)
-        placeholder_replaced(interaction)
+        await self._keep_choices(stored.id, sampling)
+        await self._post_card(interaction, stored, count, intake.image)
 
     async def describe_stored(
         self, interaction: discord.Interaction, image: Image.Image, sha256: str, preset: str | None
@@ -304,22 +283,42 @@ class ImagineCog(commands.Cog, name="Imagine"):
             async with bot.pending_describes.held(interaction, deferred):
                 mode = bot.settings.interrogate.mode
                 stored = await describe_for(bot, interaction, image, sha256, mode, sampling.preset)
-                if sampling.preset is not None:
-                    await bot.store.set_card_preset(stored.id, sampling.preset)
+                await self._keep_choices(stored.id, sampling)
                 await asyncio.to_thread(SourceImages(bot.sources_dir).save, sha256, image)
-                thumbnail = await asyncio.to_thread(thumbnail_file, image)
                 count = bot.servers.default_count(interaction.guild_id)
-                message = await card_message(
-                    bot,
-                    stored,
-                    interaction.user.display_name,
-                    count,
-                    thumbnail,
-                    guild_id=interaction.guild_id,
-                    locale=channel_locale(interaction),
-                )
-                await answer_deferred(interaction, message)
-                placeholder_replaced(interaction)
+                await self._post_card(interaction, stored, count, image)
+
+    async def _keep_choices(self, card_id: int, sampling: CardChoices) -> None:
+        """What the member chose with the image, kept by its card: the model and the sampling settings."""
+        store = self.bot.store
+        if sampling.preset is not None:
+            await store.set_card_preset(card_id, sampling.preset)
+        if sampling.sampling:
+            await store.set_card_sampling(
+                card_id,
+                steps=sampling.steps,
+                guidance=sampling.guidance,
+                aspect=sampling.aspect,
+                scheduler=sampling.scheduler,
+            )
+
+    async def _post_card(
+        self, interaction: discord.Interaction, stored: StoredInterrogation, count: int, image: Image.Image
+    ) -> None:
+        """An image's prompt card, in place of the public placeholder that answered `interaction`."""
+        # Shrinking and encoding a large upload takes tens of milliseconds: off the event loop.
+        thumbnail = await asyncio.to_thread(thumbnail_file, image)
+        message = await card_message(
+            self.bot,
+            stored,
+            interaction.user.display_name,
+            count,
+            thumbnail,
+            guild_id=interaction.guild_id,
+            locale=channel_locale(interaction),
+        )
+        await answer_deferred(interaction, message)
+        placeholder_replaced(interaction)
 
     async def download(self, source: ImageSource, limit_bytes: int) -> bytes:
         """Fetch an image from Discord's own hosts only, without redirects, and never past the size cap."""

@@ -35,6 +35,19 @@ KEEP = "i2p:card:keep:"
 WEIGHTS = "i2p:card:wts:"
 
 
+# A two-image result's select where Vary and Upscale are offered: every action of each image, by image.
+EVERY_ACTION_OF_TWO = [
+    (f"#{k + 1} {label}", f"{action}:{k}")
+    for k in range(2)
+    for label, action in (
+        ("Vary (subtle)", "subtle"),
+        ("Vary (strong)", "strong"),
+        ("Upscale (2×)", "upscale"),
+        ("Use as source", "source"),
+    )
+]
+
+
 @pytest.fixture
 def settings(base_settings: Settings, tmp_path: Path, discord_server: FakeDiscord) -> Settings:
     """A bot that enables both guides and keeps its data (its sources too) in this test's folder."""
@@ -282,16 +295,7 @@ async def test_vary_and_use_as_source_start_from_the_chosen_result(
         assert first.sha256 != second.sha256
         select = result.component("i2p:job:image:1")
         assert select is not None
-        assert [(o["label"], o["value"]) for o in select["options"]] == [
-            ("#1 Vary (subtle)", "subtle:0"),
-            ("#1 Vary (strong)", "strong:0"),
-            ("#1 Upscale (2×)", "upscale:0"),
-            ("#1 Use as source", "source:0"),
-            ("#2 Vary (subtle)", "subtle:1"),
-            ("#2 Vary (strong)", "strong:1"),
-            ("#2 Upscale (2×)", "upscale:1"),
-            ("#2 Use as source", "source:1"),
-        ]
+        assert [(o["label"], o["value"]) for o in select["options"]] == EVERY_ACTION_OF_TWO
 
         subtle = await server.push_select(result, "i2p:job:image:1", ["subtle:1"])
         varied = await finished(server, subtle)
@@ -343,16 +347,7 @@ async def test_upscale_makes_the_chosen_result_again_at_twice_its_size(
         select = result.component("i2p:job:image:1")
         assert select is not None
         assert select["placeholder"] == "Image #k → Vary, Upscale or Use as source…"
-        assert [(o["label"], o["value"]) for o in select["options"]] == [
-            ("#1 Vary (subtle)", "subtle:0"),
-            ("#1 Vary (strong)", "strong:0"),
-            ("#1 Upscale (2×)", "upscale:0"),
-            ("#1 Use as source", "source:0"),
-            ("#2 Vary (subtle)", "subtle:1"),
-            ("#2 Vary (strong)", "strong:1"),
-            ("#2 Upscale (2×)", "upscale:1"),
-            ("#2 Use as source", "source:1"),
-        ]
+        assert [(o["label"], o["value"]) for o in select["options"]] == EVERY_ACTION_OF_TWO
 
         theirs = await server.push_select(result, "i2p:job:image:1", ["upscale:1"], user="bob")
         vary = await server.push_select(result, "i2p:job:image:1", ["subtle:1"], user="bob")
