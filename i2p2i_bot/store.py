@@ -736,92 +736,55 @@ class Store:
         now: float | None = None,
     ) -> None:
         """The sampling settings a member chose for a card's images (None: the server's default)."""
-        query = """
-            INSERT INTO cards (interrogation_id, steps, guidance, aspect, scheduler, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?)
-            ON CONFLICT (interrogation_id) DO UPDATE SET
-                steps = excluded.steps,
-                guidance = excluded.guidance,
-                aspect = excluded.aspect,
-                scheduler = excluded.scheduler,
-                updated_at = excluded.updated_at
-        """
-        params = (card_id, steps, guidance, aspect, scheduler, time.time() if now is None else now)
-        await self._execute(query, params)
+        await self._set_card(card_id, now, steps=steps, guidance=guidance, aspect=aspect, scheduler=scheduler)
 
     async def carry_card_choices(self, card_id: int, choices: CardChoices, now: float | None = None) -> None:
         """Give a new card of the same image what the member chose on the old one: its applied negative
         prompt, sampling settings and guides (its prompt and prompt list are the new description's)."""
-        query = """
-            INSERT INTO cards (interrogation_id, negative_prompt, steps, guidance, aspect, scheduler, keep,
-                               updated_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT (interrogation_id) DO UPDATE SET
-                negative_prompt = excluded.negative_prompt,
-                steps = excluded.steps,
-                guidance = excluded.guidance,
-                aspect = excluded.aspect,
-                scheduler = excluded.scheduler,
-                keep = excluded.keep,
-                updated_at = excluded.updated_at
-        """
-        params = (
+        await self._set_card(
             card_id,
-            choices.negative_prompt,
-            choices.steps,
-            choices.guidance,
-            choices.aspect,
-            choices.scheduler,
-            _keep_column(choices.keep),
-            time.time() if now is None else now,
+            now,
+            negative_prompt=choices.negative_prompt,
+            steps=choices.steps,
+            guidance=choices.guidance,
+            aspect=choices.aspect,
+            scheduler=choices.scheduler,
+            keep=_keep_column(choices.keep),
         )
-        await self._execute(query, params)
 
     async def set_card_preset(self, card_id: int, preset: str | None, now: float | None = None) -> None:
         """The model preset a card was described for, which its images are made with (None: the default)."""
-        query = """
-            INSERT INTO cards (interrogation_id, preset, updated_at) VALUES (?, ?, ?)
-            ON CONFLICT (interrogation_id)
-            DO UPDATE SET preset = excluded.preset, updated_at = excluded.updated_at
-        """
-        await self._execute(query, (card_id, preset, time.time() if now is None else now))
+        await self._set_card(card_id, now, preset=preset)
 
     async def set_card_keep(self, card_id: int, keep: Sequence[Guide], now: float | None = None) -> None:
         """What a card's images keep of its image besides the prompt, each guide with its weight."""
-        query = """
-            INSERT INTO cards (interrogation_id, keep, updated_at) VALUES (?, ?, ?)
-            ON CONFLICT (interrogation_id)
-            DO UPDATE SET keep = excluded.keep, updated_at = excluded.updated_at
-        """
-        await self._execute(query, (card_id, _keep_column(tuple(keep)), time.time() if now is None else now))
+        await self._set_card(card_id, now, keep=_keep_column(tuple(keep)))
 
     async def set_card_negative(
         self, card_id: int, negative_prompt: str | None, now: float | None = None
     ) -> None:
         """Apply a negative prompt to a card's images, or (None) leave them to the server's default."""
-        query = """
-            INSERT INTO cards (interrogation_id, negative_prompt, updated_at) VALUES (?, ?, ?)
-            ON CONFLICT (interrogation_id)
-            DO UPDATE SET negative_prompt = excluded.negative_prompt, updated_at = excluded.updated_at
-        """
-        await self._execute(query, (card_id, negative_prompt, time.time() if now is None else now))
+        await self._set_card(card_id, now, negative_prompt=negative_prompt)
 
     async def set_card_prompt(self, card_id: int, prompt: str | None, now: float | None = None) -> None:
         """The prompt a member wrote for a card's images, or (None) the card's described prompt again."""
-        query = """
-            INSERT INTO cards (interrogation_id, prompt, updated_at) VALUES (?, ?, ?)
-            ON CONFLICT (interrogation_id)
-            DO UPDATE SET prompt = excluded.prompt, updated_at = excluded.updated_at
-        """
-        await self._execute(query, (card_id, prompt, time.time() if now is None else now))
+        await self._set_card(card_id, now, prompt=prompt)
 
     async def show_all_card_prompts(self, card_id: int, now: float | None = None) -> None:
         """Make a card list every prompt it offers from now on."""
-        query = """
-            INSERT INTO cards (interrogation_id, all_prompts, updated_at) VALUES (?, 1, ?)
-            ON CONFLICT (interrogation_id) DO UPDATE SET all_prompts = 1, updated_at = excluded.updated_at
+        await self._set_card(card_id, now, all_prompts=1)
+
+    async def _set_card(self, card_id: int, now: float | None, **columns: object) -> None:
+        """Set these columns of a card's row (made if it has none), and when it changed. The column names
+        come from this module, never from a member."""
+        names = [*columns, "updated_at"]
+        values = [*columns.values(), time.time() if now is None else now]
+        query = f"""
+            INSERT INTO cards (interrogation_id, {", ".join(names)}) VALUES (?{", ?" * len(names)})
+            ON CONFLICT (interrogation_id) DO UPDATE SET
+                {", ".join(f"{name} = excluded.{name}" for name in names)}
         """
-        await self._execute(query, (card_id, time.time() if now is None else now))
+        await self._execute(query, (card_id, *values))
 
     # -- servers --------------------------------------------------------------------------------------
 
